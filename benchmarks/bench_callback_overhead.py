@@ -1,0 +1,137 @@
+"""Training-step overhead of SparsityCallback: the same Trainer run with and without it, in one process.
+
+Prints a table and writes JSON. Not a test: timings depend on the machine.
+
+    python benchmarks/bench_callback_overhead.py --device cpu --json outputs/overhead_cpu.json
+    python benchmarks/bench_callback_overhead.py --device cuda --hidden 768 --layers 12 --batch 32 --seq 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+import transformers
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+from hf_semisparse import SparsityCallback, SparsityConfig
+
+
+class StepTimer(TrainerCallback):
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._t0 = 0.0
+
+    def _sync(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._sync()
+        self._t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._sync()
+        self.times.append(time.perf_counter() - self._t0)
+
+
+class RandomTokens(torch.utils.data.Dataset):
+    def __init__(self, n: int, seq: int, vocab: int) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(5, vocab, (n, seq), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": torch.tensor(int(self.ids[i, 0] % 2))}
+
+
+def run(with_callback: bool, a) -> list[float]:
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        hidden_size=a.hidden,
+        num_hidden_layers=a.layers,
+        num_attention_heads=max(1, a.hidden // 64),
+        intermediate_size=4 * a.hidden,
+        vocab_size=4096,
+        num_labels=2,
+    )
+    model = BertForSequenceClassification(cfg)
+    timer = StepTimer()
+    callbacks = [timer] + ([SparsityCallback(SparsityConfig())] if with_callback else [])
+    args = TrainingArguments(
+        "outputs/bench_overhead",
+        max_steps=a.warmup + a.steps,
+        per_device_train_batch_size=a.batch,
+        logging_steps=10_000,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=a.device == "cpu",
+        bf16=a.device == "cuda",
+        disable_tqdm=True,
+        seed=0,
+    )
+    Trainer(
+        model=model,
+        args=args,
+        train_dataset=RandomTokens(a.batch * (a.warmup + a.steps), a.seq, 4096),
+        callbacks=callbacks,
+    ).train()
+    return timer.times[a.warmup :]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=2, help="alternate dense/sparse runs this many times")
+    p.add_argument("--json", default=None)
+    a = p.parse_args()
+
+    plain, sparse = [], []
+    for _ in range(a.repeats):  # alternate, so drift in machine load hits both
+        plain += run(False, a)
+        sparse += run(True, a)
+    med_plain, med_sparse = statistics.median(plain), statistics.median(sparse)
+    result = {
+        "device": torch.cuda.get_device_name()
+        if a.device == "cuda"
+        else platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "args": vars(a),
+        "plain_step_ms": {"median": 1e3 * med_plain, "min": 1e3 * min(plain), "max": 1e3 * max(plain)},
+        "callback_step_ms": {"median": 1e3 * med_sparse, "min": 1e3 * min(sparse), "max": 1e3 * max(sparse)},
+        "overhead": med_sparse / med_plain - 1,
+    }
+    print(f"{'run':<22}{'median ms':>12}{'min ms':>10}{'max ms':>10}")
+    for name, key in (("Trainer", "plain_step_ms"), ("Trainer + callback", "callback_step_ms")):
+        r = result[key]
+        print(f"{name:<22}{r['median']:>12.2f}{r['min']:>10.2f}{r['max']:>10.2f}")
+    print(f"overhead: {100 * result['overhead']:+.1f}% ({result['device']}, {len(plain)} steps each)")
+    if a.json:
+        import os
+
+        os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
+        with open(a.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

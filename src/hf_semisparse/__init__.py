@@ -1,0 +1,35 @@
+"""hf_semisparse: 2:4 semi-structured sparsity for Hugging Face Transformers."""
+
+__version__ = "0.1.0"
+
+from .config import SparsityConfig  # noqa: E402
+from .masks import (  # noqa: E402
+    check_nm_sparse,
+    compute_nm_mask,
+    find_nm_violation,
+    is_nm_sparse,
+    pack_mask,
+    unpack_mask,
+)
+from .pruning import Sparsifier, prune_24  # noqa: E402
+from .targets import NoTargetsError, SparsityReport, select_targets  # noqa: E402
+from .training import SparsityCallback, SparsityTrainer, SparsityTrainingArguments  # noqa: E402
+
+__all__ = [
+    "NoTargetsError",
+    "SparsityCallback",
+    "SparsityConfig",
+    "SparsityReport",
+    "SparsityTrainer",
+    "SparsityTrainingArguments",
+    "Sparsifier",
+    "__version__",
+    "check_nm_sparse",
+    "compute_nm_mask",
+    "find_nm_violation",
+    "is_nm_sparse",
+    "pack_mask",
+    "prune_24",
+    "select_targets",
+    "unpack_mask",
+]

@@ -1,0 +1,282 @@
+"""`Sparsifier`: owns the masks of a model's target weights and keeps the weights N:M.
+
+It is the one piece shared by one-shot pruning (`prune_24`) and training (`SparsityCallback`): it selects
+masks, applies them, masks gradients through parameter hooks, keeps an optional dense shadow for
+straight-through mask re-selection, and saves/loads its masks as safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..config import SparsityConfig
+from ..masks import apply_mask_, compute_partial_nm_mask, find_nm_violation, pack_mask, unpack_mask
+from ..targets import SparsityReport, select_targets
+from ..utils import atomic_write
+from .scores import compute_scores
+
+logger = logging.getLogger(__name__)
+
+MASKS_NAME = "sparsity_masks.safetensors"
+MASKS_FORMAT = "hf_semisparse.masks"
+MASKS_VERSION = "1"
+
+
+class Sparsifier:
+    """Masks for the targets of `config` in `model`.
+
+    Example:
+        >>> sp = Sparsifier(model, SparsityConfig())
+        >>> sp.update_masks(level=1.0)   # choose 2:4 masks and zero the pruned weights
+        >>> sp.register_grad_hooks()     # from now on gradients of pruned weights are zero
+    """
+
+    def __init__(self, model: torch.nn.Module, config: SparsityConfig) -> None:
+        self.config = config
+        self.targets, self.report = select_targets(model, config)
+        self.masks: dict[str, torch.Tensor] = {}  # parameter layout, bool
+        self.dense_shadow: dict[str, torch.Tensor] = {}
+        self.level = 0.0
+        self._hooks: list = []
+
+    # ------------------------------------------------------------------ masks
+    def update_masks(self, level: float = 1.0) -> None:
+        """Choose masks for the share `level` of each target's groups and zero the pruned weights."""
+        cfg = self.config
+        for target in self.targets:
+            source = self.dense_shadow.get(target.name, target.weight)
+            weight = target.linear_view(source)
+            scores = compute_scores(cfg.method, weight)
+            mask = compute_partial_nm_mask(weight, level, cfg.n, cfg.m, scores=scores)
+            self.masks[target.name] = (mask.t() if target.transposed else mask).contiguous()
+        self.level = level
+        self.apply_masks()
+
+    def apply_masks(self) -> None:
+        """Zero every target weight where its mask is False."""
+        for target in self.targets:
+            mask = self.masks.get(target.name)
+            if mask is not None:
+                apply_mask_(target.weight.data, mask)
+
+    @property
+    def has_masks(self) -> bool:
+        return bool(self.masks)
+
+    def zero_fraction(self) -> float:
+        """Share of target weights that the masks prune."""
+        if not self.masks:
+            return 0.0
+        pruned = sum(int((~m).sum()) for m in self.masks.values())
+        return pruned / sum(m.numel() for m in self.masks.values())
+
+    def check(self) -> None:
+        """Raise `ValueError` if a fully pruned target weight is not N:M (names the tensor and group)."""
+        if self.level < 1.0:
+            return
+        for target in self.targets:
+            bad = find_nm_violation(target.linear_view(), self.config.n, self.config.m)
+            if bad is not None:
+                raise ValueError(
+                    f"{target.name}.weight is not {self.config.pattern} sparse: the group at {bad.index} "
+                    f"(in [out, in] layout) has {bad.nonzeros} non-zeros"
+                )
+
+    # ------------------------------------------------------------------ gradients
+    def register_grad_hooks(self) -> None:
+        """Multiply every target weight's gradient by its mask as it is computed (before clipping/all-reduce)."""
+        if self._hooks:
+            return
+        for target in self.targets:
+            self._hooks.append(target.weight.register_hook(self._make_hook(target.name)))
+
+    def _make_hook(self, name: str):
+        def hook(grad: torch.Tensor) -> torch.Tensor:
+            mask = self.masks.get(name)
+            return grad if mask is None else grad * mask.to(grad.device)
+
+        return hook
+
+    def remove_grad_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    # ------------------------------------------------------------------ straight-through shadow
+    def start_dense_shadow(self) -> None:
+        """Keep a dense copy of each target weight; the optimizer updates it, the forward sees it masked."""
+        for target in self.targets:
+            if target.name not in self.dense_shadow:
+                self.dense_shadow[target.name] = target.weight.detach().clone()
+
+    def load_dense_into_weights(self) -> None:
+        """Before the optimizer step: give the optimizer the dense weights (straight-through)."""
+        with torch.no_grad():
+            for target in self.targets:
+                shadow = self.dense_shadow.get(target.name)
+                if shadow is not None:
+                    target.weight.copy_(shadow)
+
+    def store_dense_and_mask(self) -> None:
+        """After the optimizer step: remember the dense weights, then zero the pruned ones."""
+        with torch.no_grad():
+            for target in self.targets:
+                shadow = self.dense_shadow.get(target.name)
+                if shadow is not None:
+                    shadow.copy_(target.weight)
+        self.apply_masks()
+
+    def drop_dense_shadow(self) -> None:
+        self.dense_shadow.clear()
+
+    # ------------------------------------------------------------------ persistence
+    def save_masks(self, directory: str | os.PathLike, step: int) -> str:
+        """Write the masks (packed bits, `[out, in]` layout) and any dense shadow to `directory`, atomically."""
+        tensors = {}
+        shapes = {}
+        for target in self.targets:
+            mask = self.masks.get(target.name)
+            if mask is None:
+                continue
+            linear = mask.t() if target.transposed else mask
+            tensors[f"{target.name}.mask"] = pack_mask(linear.cpu().contiguous())
+            shapes[target.name] = list(linear.shape)
+            if target.name in self.dense_shadow:
+                tensors[f"{target.name}.dense"] = self.dense_shadow[target.name].detach().cpu().contiguous()
+        metadata = {
+            "format": MASKS_FORMAT,
+            "version": MASKS_VERSION,
+            "pattern": self.config.pattern,
+            "step": str(step),
+            "level": repr(self.level),
+            "shapes": json.dumps(shapes),
+            "sparsity_config": json.dumps(self.config.to_dict()),
+        }
+        path = os.path.join(directory, MASKS_NAME)
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        return path
+
+    def load_masks(self, directory: str | os.PathLike) -> int:
+        """Restore masks saved by `save_masks`, check them against the weights, and apply them.
+
+        Everything is checked before anything changes: a missing, corrupted or mismatched file raises
+        `ValueError`/`FileNotFoundError` and leaves the model and the sparsifier as they were.
+
+        Returns:
+            The step recorded in the file.
+        """
+        path = os.path.join(directory, MASKS_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"Resuming sparse training needs {path}, which is missing: was this checkpoint written with "
+                "SparsityCallback? Start from a checkpoint that has it, or train from scratch."
+            )
+        try:
+            tensors = load_file(path)
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:
+                metadata = f.metadata() or {}
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ValueError(f"Mask file {path} is corrupted or unreadable: {exc}") from exc
+        if metadata.get("format") != MASKS_FORMAT:
+            raise ValueError(f"{path} is not an hf_semisparse mask file (format={metadata.get('format')!r})")
+        if metadata.get("version") != MASKS_VERSION:
+            raise ValueError(
+                f"{path} has mask format version {metadata.get('version')!r}; this library reads "
+                f"version {MASKS_VERSION}. Upgrade hf_semisparse."
+            )
+        if metadata.get("pattern") != self.config.pattern:
+            raise ValueError(
+                f"{path} holds {metadata.get('pattern')} masks but the config asks for {self.config.pattern}"
+            )
+        try:
+            shapes = json.loads(metadata["shapes"])
+            level = float(metadata["level"])
+            step = int(metadata["step"])
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"{path} has broken metadata: {exc}") from exc
+
+        masks: dict[str, torch.Tensor] = {}
+        shadows: dict[str, torch.Tensor] = {}
+        for target in self.targets:
+            key = f"{target.name}.mask"
+            if key not in tensors:
+                raise ValueError(
+                    f"{path} has no mask for {target.name}; the checkpoint was trained with other targets"
+                )
+            if list(target.shape) != shapes.get(target.name):
+                raise ValueError(
+                    f"{path}: mask of {target.name} has shape {shapes.get(target.name)}, the weight "
+                    f"is {list(target.shape)}"
+                )
+            try:
+                linear = unpack_mask(tensors[key], target.shape)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{path}: mask of {target.name} is corrupted: {exc}") from exc
+            if level >= 1.0:
+                bad = find_nm_violation(linear, self.config.n, self.config.m)
+                if bad is not None:
+                    raise ValueError(
+                        f"{path}: mask of {target.name} is not {self.config.pattern} "
+                        f"(group at {bad.index} keeps {bad.nonzeros})"
+                    )
+            weight = target.linear_view().detach()
+            if (weight[~linear.to(weight.device)] != 0).any():
+                raise ValueError(
+                    f"{path}: mask of {target.name} does not match the checkpoint's weights "
+                    "(non-zero weights where the mask prunes); the files come from different steps"
+                )
+            device = target.weight.device
+            masks[target.name] = (linear.t() if target.transposed else linear).contiguous().to(device)
+            dense_key = f"{target.name}.dense"
+            if dense_key in tensors:
+                shadows[target.name] = tensors[dense_key].to(device=device, dtype=target.weight.dtype)
+
+        self.masks = masks
+        self.dense_shadow = shadows
+        self.level = level
+        self.apply_masks()
+        return step
+
+
+def prune_24(model: torch.nn.Module, config: SparsityConfig | None = None) -> SparsityReport:
+    """One-shot N:M (default 2:4) pruning in place, for people who do not train.
+
+    Zeros the pruned weights of every target, records the config in `model.config.sparsity_config` (when the
+    model has a config), and returns the per-module report.
+
+    Example:
+        >>> report = prune_24(model)
+        >>> print(report)
+    """
+    config = config or SparsityConfig()
+    sparsifier = Sparsifier(model, config)
+    sparsifier.update_masks(level=1.0)
+    record_sparsity_in_config(model, config, sparsifier.report)
+    logger.info("Pruned %d modules to %s", len(sparsifier.targets), config.pattern)
+    return sparsifier.report
+
+
+def record_sparsity_in_config(model: torch.nn.Module, config: SparsityConfig, report: SparsityReport) -> None:
+    """Store what was pruned in `model.config.sparsity_config`, which `save_pretrained` writes to config.json."""
+    from ..utils import unwrap_model
+
+    hf_config = getattr(unwrap_model(model), "config", None)
+    if hf_config is None:
+        return
+    from .. import __version__
+
+    hf_config.sparsity_config = {
+        **config.to_dict(),
+        "pattern": config.pattern,
+        "targets": report.targets,
+        "library": "hf_semisparse",
+        "library_version": __version__,
+    }

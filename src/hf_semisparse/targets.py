@@ -1,0 +1,185 @@
+"""Which modules of a model get N:M sparsity, and why the others do not."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import SparsityConfig
+from .utils import unwrap_model
+
+try:  # transformers' GPT-2 style linear layer: weight stored [in, out]
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a hard dependency
+    Conv1D = None
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass
+class SparseTarget:
+    """A module whose weight is N:M sparsified."""
+
+    name: str
+    module: nn.Module
+    transposed: bool  # True for Conv1D, whose weight is [in, out]
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.module.weight
+
+    def linear_view(self, tensor: torch.Tensor | None = None) -> torch.Tensor:
+        """`tensor` (default: the weight) seen as `[out, in]`, the layout masks are computed in."""
+        tensor = self.weight if tensor is None else tensor
+        return tensor.t() if self.transposed else tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.linear_view().shape)
+
+
+@dataclass
+class ModuleDecision:
+    name: str
+    module_type: str
+    shape: tuple[int, ...] | None  # [out, in]
+    selected: bool
+    reason: str
+
+
+@dataclass
+class SparsityReport:
+    """Per module: sparsified or skipped, and why."""
+
+    decisions: list[ModuleDecision]
+    pattern: str = "2:4"
+
+    @property
+    def targets(self) -> list[str]:
+        return [d.name for d in self.decisions if d.selected]
+
+    @property
+    def skipped(self) -> list[ModuleDecision]:
+        return [d for d in self.decisions if not d.selected]
+
+    def to_dict(self) -> dict:
+        return {
+            "pattern": self.pattern,
+            "modules": [
+                {
+                    "name": d.name,
+                    "type": d.module_type,
+                    "shape": list(d.shape) if d.shape else None,
+                    "sparsified": d.selected,
+                    "reason": d.reason,
+                }
+                for d in self.decisions
+            ],
+        }
+
+    def __str__(self) -> str:
+        width = max((len(d.name) for d in self.decisions), default=4)
+        lines = [f"{'module':<{width}}  {'shape':>12}  status"]
+        for d in self.decisions:
+            shape = "x".join(map(str, d.shape)) if d.shape else "-"
+            status = f"{self.pattern} sparse" if d.selected else f"skipped: {d.reason}"
+            lines.append(f"{d.name:<{width}}  {shape:>12}  {status}")
+        lines.append(f"{len(self.targets)} of {len(self.decisions)} linear modules sparsified")
+        return "\n".join(lines)
+
+
+class NoTargetsError(ValueError):
+    """The configuration selects no module; the message lists what was skipped and why."""
+
+
+def _matches(name: str, patterns: list[str] | str | None) -> bool:
+    if patterns is None:
+        return False
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def _excluded(name: str, patterns: list[str] | str | None) -> bool:
+    """A name excludes itself and everything below it; a regex must match the full name."""
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    parts = name.split(".")
+    return any(_matches(".".join(parts[: i + 1]), patterns) for i in range(len(parts)))
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or (Conv1D is not None and isinstance(module, Conv1D))
+
+
+def _head_prefixes(model: nn.Module) -> list[str]:
+    """Names of the direct children that sit outside the base model: task heads."""
+    prefix = getattr(model, "base_model_prefix", "")
+    if not prefix or not isinstance(getattr(model, prefix, None), nn.Module):
+        return []
+    return [name for name, _ in model.named_children() if name != prefix]
+
+
+def select_targets(model: nn.Module, config: SparsityConfig) -> tuple[list[SparseTarget], SparsityReport]:
+    """Find the modules `config` sparsifies.
+
+    Raises:
+        NoTargetsError: nothing is selected (the message lists every skipped module and why).
+        ValueError/TypeError: a module named explicitly by `target_modules` cannot be N:M sparsified.
+    """
+    model = unwrap_model(model)
+    heads = _head_prefixes(model)
+    targets: list[SparseTarget] = []
+    decisions: list[ModuleDecision] = []
+    explicit = config.target_modules is not None
+
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        named = _matches(name, config.target_modules)
+        if not _is_linear(module):
+            has_weight = isinstance(getattr(module, "weight", None), torch.Tensor)
+            if named and has_weight and not list(module.children()):
+                raise TypeError(
+                    f"target_modules selects {name} ({type(module).__name__}), but only nn.Linear and "
+                    "transformers' Conv1D can be N:M sparsified. Narrow target_modules."
+                )
+            continue
+
+        transposed = not isinstance(module, nn.Linear)
+        weight = module.weight
+        shape = tuple(weight.t().shape) if transposed else tuple(weight.shape)
+        out_f, in_f = shape
+        reason = ""
+        if explicit and not named:
+            reason = "not in target_modules"
+        elif _excluded(name, config.exclude_modules):
+            reason = "in exclude_modules"
+        elif not explicit and any(name == h or name.startswith(h + ".") for h in heads):
+            reason = "task head (outside the base model)"
+        elif in_f % config.m:
+            msg = f"in_features {in_f} is not a multiple of {config.m}"
+            if explicit:
+                raise ValueError(f"{name}: {msg}, so it has no {config.pattern} groups. Exclude it.")
+            reason = msg
+        elif weight.dtype not in KERNEL_DTYPES:
+            reason = f"dtype {weight.dtype} has no 2:4 kernel"
+        elif min(out_f, in_f) < config.min_features:
+            reason = f"too small (min_features={config.min_features})"
+        elif out_f % config.kernel_multiple or in_f % config.kernel_multiple:
+            reason = f"shape not a multiple of {config.kernel_multiple} (no 2:4 kernel)"
+
+        decisions.append(ModuleDecision(name, type(module).__name__, shape, not reason, reason or "selected"))
+        if not reason:
+            targets.append(SparseTarget(name, module, transposed))
+
+    report = SparsityReport(decisions, pattern=config.pattern)
+    if not targets:
+        raise NoTargetsError(
+            f"SparsityConfig selects no module (target_modules={config.target_modules!r}). "
+            f"What was found:\n{report}"
+        )
+    return targets, report

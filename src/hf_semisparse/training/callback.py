@@ -1,0 +1,184 @@
+"""`SparsityCallback`: N:M prune-and-recover inside any `transformers.Trainer`."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from ..config import SparsityConfig
+from ..pruning.sparsifier import Sparsifier, record_sparsity_in_config
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_config(config: SparsityConfig | dict | str | os.PathLike | None) -> SparsityConfig:
+    """Accept a `SparsityConfig`, its dict form, a path to `sparsity_config.json` (or its folder), or None."""
+    if config is None:
+        return SparsityConfig()
+    if isinstance(config, SparsityConfig):
+        return config
+    if isinstance(config, dict):
+        return SparsityConfig.from_dict(config)
+    if isinstance(config, (str, os.PathLike)):
+        return SparsityConfig.from_pretrained(config)
+    raise TypeError(f"sparsity_config must be a SparsityConfig, dict or path, got {type(config).__name__}")
+
+
+class SparsityCallback(TrainerCallback):
+    """Prunes the model to N:M on schedule and keeps it N:M through training.
+
+    - prunes at `config.start_step` (one-shot) or along a cubic schedule (gradual);
+    - masks gradients of pruned weights as they are computed (so clipping, all-reduce and optimizer state
+      never see them) and re-zeros pruned weights after every optimizer step;
+    - logs `sparsity_level` and `sparsity_zero_fraction`;
+    - saves `sparsity_masks.safetensors` into every checkpoint and restores it on resume;
+    - at train end leaves plain zeros in the weights, no hooks or parametrizations.
+
+    On resume the masks are read from, in order: `resume_from_checkpoint` given here (or set by
+    `SparsityTrainer`), `args.resume_from_checkpoint` when it is a folder, `output_dir/checkpoint-<step>`.
+
+    Example:
+        >>> trainer = Trainer(model=model, args=args, train_dataset=ds,
+        ...                   callbacks=[SparsityCallback(SparsityConfig())])
+        >>> trainer.train()
+    """
+
+    def __init__(
+        self,
+        config: SparsityConfig | dict | str | None = None,
+        resume_from_checkpoint: str | None = None,
+    ) -> None:
+        self.config = resolve_config(config)
+        self.resume_from_checkpoint = resume_from_checkpoint
+        self.sparsifier: Sparsifier | None = None
+        self._last_prune_step: int | None = None
+        self._zero_fraction = 0.0
+
+    # ------------------------------------------------------------------ helpers
+    def sparsity_logs(self) -> dict[str, float]:
+        """What the callback adds to the Trainer's logs."""
+        if self.sparsifier is None:
+            return {}
+        return {"sparsity_level": self.sparsifier.level, "sparsity_zero_fraction": self._zero_fraction}
+
+    def _resume_dir(self, args, state) -> str:
+        candidates = [self.resume_from_checkpoint]
+        if isinstance(getattr(args, "resume_from_checkpoint", None), str):
+            candidates.append(args.resume_from_checkpoint)
+        candidates.append(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
+        for directory in candidates:
+            if directory and os.path.isdir(directory):
+                return directory
+        raise FileNotFoundError(
+            f"Resuming at step {state.global_step} needs the checkpoint's sparsity masks, but no checkpoint folder "
+            f"was found (looked at {[c for c in candidates if c]}). Pass resume_from_checkpoint to "
+            "SparsityCallback, or use SparsityTrainer."
+        )
+
+    def _prune(self, step: int) -> None:
+        cfg, sp = self.config, self.sparsifier
+        if self._last_prune_step == step:
+            return
+        if cfg.uses_dense_shadow(step):
+            sp.start_dense_shadow()
+        sp.update_masks(cfg.level_at(step))
+        self._last_prune_step = step
+        self._zero_fraction = sp.zero_fraction()
+        logger.info(
+            "step %d: %s sparsity level %.3f (%.1f%% of target weights zero)",
+            step,
+            cfg.pattern,
+            sp.level,
+            100 * self._zero_fraction,
+        )
+
+    def _set_gradient_mode(self, step: int) -> None:
+        sp = self.sparsifier
+        if self.config.uses_dense_shadow(step):
+            sp.remove_grad_hooks()
+            return
+        if sp.dense_shadow:
+            sp.drop_dense_shadow()
+        if sp.has_masks:
+            sp.register_grad_hooks()
+
+    # ------------------------------------------------------------------ events
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            raise ValueError("SparsityCallback needs the Trainer to pass `model` to its callbacks")
+        sp = Sparsifier(model, self.config)  # raises before anything changes if the config selects nothing
+        step = state.global_step
+        if step > self.config.start_step:
+            sp.load_masks(self._resume_dir(args, state))
+            if self.config.uses_dense_shadow(step) and not sp.dense_shadow:
+                logger.warning(
+                    "checkpoint has no dense shadow for mask re-selection; starting it from the "
+                    "pruned weights"
+                )
+                sp.start_dense_shadow()
+        self.sparsifier = sp
+        record_sparsity_in_config(model, self.config, sp.report)
+        logger.info("SparsityCallback targets:\n%s", sp.report)
+        if sp.has_masks:
+            self._zero_fraction = sp.zero_fraction()
+        if self.config.is_prune_step(step):
+            self._prune(step)
+        self._set_gradient_mode(step)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        step = state.global_step
+        if self.config.is_prune_step(step):
+            self._prune(step)
+        self._set_gradient_mode(step)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.sparsifier is not None and self.sparsifier.dense_shadow:
+            self.sparsifier.load_dense_into_weights()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        sp = self.sparsifier
+        if sp is None or not sp.has_masks:
+            return
+        if sp.dense_shadow:
+            sp.store_dense_and_mask()
+        else:
+            sp.apply_masks()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        stats = self.sparsity_logs()
+        if logs is None or not stats:
+            return
+        logs.update(stats)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(stats)
+
+    def on_save(self, args, state, control, **kwargs):
+        sp = self.sparsifier
+        if sp is None or not sp.has_masks or not args.should_save:
+            return
+        directory = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if os.path.isdir(directory):
+            sp.save_masks(directory, state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        sp = self.sparsifier
+        if sp is None:
+            return
+        sp.remove_grad_hooks()
+        sp.drop_dense_shadow()
+        sp.apply_masks()
+        if sp.level < 1.0:
+            logger.warning(
+                "Training ended at step %d before the sparsity schedule finished (level %.3f; full %s at step %d): "
+                "the model is NOT fully %s sparse.",
+                state.global_step,
+                sp.level,
+                self.config.pattern,
+                self.config.final_step,
+                self.config.pattern,
+            )
+        else:
+            sp.check()

@@ -1,0 +1,131 @@
+"""Tiny models built from configs, and toy datasets they can learn, for CPU tests."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+from transformers.utils import logging as hf_logging
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+hf_logging.set_verbosity_error()
+
+VOCAB = 128
+HIDDEN = 64
+SEQ = 16
+
+ARCHS = ["bert", "distilbert", "roberta", "gpt2", "llama", "t5"]
+SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
+
+
+def make_model(arch: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, pad_token_id=0)
+    if arch == "bert":
+        cfg = BertConfig(
+            hidden_size=HIDDEN,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=128,
+            max_position_embeddings=64,
+            num_labels=2,
+            **common,
+        )
+        return BertForSequenceClassification(cfg)
+    if arch == "distilbert":
+        cfg = DistilBertConfig(
+            dim=HIDDEN,
+            n_layers=2,
+            n_heads=2,
+            hidden_dim=128,
+            max_position_embeddings=64,
+            num_labels=2,
+            **common,
+        )
+        return DistilBertForSequenceClassification(cfg)
+    if arch == "roberta":
+        cfg = RobertaConfig(
+            hidden_size=HIDDEN,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=128,
+            max_position_embeddings=64,
+            num_labels=2,
+            **common,
+        )
+        return RobertaForSequenceClassification(cfg)
+    if arch == "gpt2":
+        cfg = GPT2Config(
+            n_embd=HIDDEN, n_layer=2, n_head=2, n_positions=64, bos_token_id=1, eos_token_id=2, **common
+        )
+        return GPT2LMHeadModel(cfg)
+    if arch == "llama":
+        cfg = LlamaConfig(
+            hidden_size=HIDDEN,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            bos_token_id=1,
+            eos_token_id=2,
+            **common,
+        )
+        return LlamaForCausalLM(cfg)
+    if arch == "t5":
+        cfg = T5Config(
+            d_model=HIDDEN,
+            d_ff=128,
+            d_kv=32,
+            num_layers=2,
+            num_heads=2,
+            decoder_start_token_id=0,
+            eos_token_id=1,
+            **common,
+        )
+        return T5ForConditionalGeneration(cfg)
+    raise ValueError(arch)
+
+
+class ToyDataset(torch.utils.data.Dataset):
+    """Learnable toy tasks: classify by the first token, or copy a repeating sequence."""
+
+    def __init__(self, arch: str, n: int = 64, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.items = []
+        for _ in range(n):
+            period = torch.randint(3, VOCAB, (4,), generator=g)
+            ids = period.repeat(SEQ // 4)
+            item = {"input_ids": ids, "attention_mask": torch.ones(SEQ, dtype=torch.long)}
+            if arch in ("bert", "distilbert", "roberta"):
+                item["labels"] = torch.tensor(int(ids[0] < VOCAB // 2))
+            else:
+                item["labels"] = ids.clone()
+            self.items.append(item)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.items[i]
+
+
+@pytest.fixture
+def tiny_bert():
+    return make_model("bert")

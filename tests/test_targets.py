@@ -1,0 +1,88 @@
+import pytest
+import torch
+from torch import nn
+
+from hf_semisparse import NoTargetsError, SparsityConfig, select_targets
+from tests.conftest import make_model
+
+
+@pytest.mark.parametrize(
+    "arch,head",
+    [
+        ("bert", "classifier"),
+        ("distilbert", "classifier"),
+        ("roberta", "classifier"),
+        ("gpt2", "lm_head"),
+        ("llama", "lm_head"),
+        ("t5", "lm_head"),
+    ],
+)
+def test_default_targets_skip_heads(arch, head):
+    model = make_model(arch)
+    targets, report = select_targets(model, SparsityConfig())
+    names = [t.name for t in targets]
+    assert names and all(head not in n.split(".") for n in names)
+    skipped = {d.name: d.reason for d in report.skipped}
+    assert any(head in name for name in skipped)
+    for t in targets:
+        out_f, in_f = t.shape
+        assert in_f % 16 == 0 and out_f % 16 == 0
+
+
+def test_gpt2_conv1d_is_transposed():
+    model = make_model("gpt2")
+    targets, _ = select_targets(model, SparsityConfig())
+    c_fc = next(t for t in targets if t.name.endswith("mlp.c_fc"))
+    assert c_fc.transposed
+    assert c_fc.shape == (256, 64)  # [out, in] although the Conv1D weight is [in, out]
+    assert tuple(c_fc.weight.shape) == (64, 256)
+
+
+def test_names_and_regex_selection():
+    model = make_model("bert")
+    targets, _ = select_targets(model, SparsityConfig(target_modules=["query", "value"]))
+    assert {t.name.rsplit(".", 1)[1] for t in targets} == {"query", "value"}
+    targets, _ = select_targets(model, SparsityConfig(target_modules=r".*layer\.0\..*dense"))
+    assert all(".layer.0." in t.name for t in targets) and len(targets) == 3
+    targets, _ = select_targets(model, SparsityConfig(exclude_modules=["classifier", "attention"]))
+    # a user exclude list replaces the defaults, so the pooler is now a target too
+    assert all("attention" not in t.name for t in targets)
+    assert sorted(t.name.split(".")[-2] for t in targets) == [
+        "intermediate",
+        "intermediate",
+        "output",
+        "output",
+        "pooler",
+    ]
+
+
+def test_regex_matching_nothing_lists_skipped_modules():
+    model = make_model("bert")
+    with pytest.raises(NoTargetsError, match="selects no module") as info:
+        select_targets(model, SparsityConfig(target_modules=r".*nonexistent.*"))
+    assert "not in target_modules" in str(info.value)
+    assert "bert.encoder.layer.0.attention.self.query" in str(info.value)
+
+
+def test_explicit_target_with_bad_in_features_raises():
+    model = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 32))
+    with pytest.raises(ValueError, match="in_features 6 is not a multiple of 4"):
+        select_targets(model, SparsityConfig(target_modules=["0"], min_features=1, kernel_multiple=4))
+    # by default it is only skipped, with the reason
+    _, report = select_targets(model, SparsityConfig(min_features=1, kernel_multiple=4))
+    assert "not a multiple of 4" in next(d.reason for d in report.decisions if d.name == "0")
+
+
+def test_unsupported_module_type_raises():
+    model = make_model("bert")
+    with pytest.raises(TypeError, match="Embedding"):
+        select_targets(model, SparsityConfig(target_modules=["word_embeddings"]))
+
+
+def test_small_and_odd_shapes_are_skipped_with_reason():
+    model = nn.Sequential(nn.Linear(64, 8), nn.Linear(8, 64), nn.Linear(64, 40), nn.Linear(64, 64))
+    model[3].weight.data = model[3].weight.data.to(torch.float64)
+    with pytest.raises(NoTargetsError) as info:
+        select_targets(model, SparsityConfig())
+    text = str(info.value)
+    assert "too small" in text and "multiple of 16" in text and "float64" in text

@@ -1,0 +1,337 @@
+import json
+import os
+
+import pytest
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from hf_semisparse import (
+    NoTargetsError,
+    SparsityCallback,
+    SparsityConfig,
+    SparsityTrainer,
+    SparsityTrainingArguments,
+    is_nm_sparse,
+    select_targets,
+)
+from hf_semisparse.pruning import MASKS_NAME
+from tests.conftest import ARCHS, ToyDataset, make_model
+
+
+def training_args(out, **overrides) -> dict:
+    args = dict(
+        output_dir=str(out),
+        per_device_train_batch_size=8,
+        learning_rate=2e-3,
+        max_steps=24,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=0,
+        data_seed=0,
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    args.update(overrides)
+    return args
+
+
+def target_names(model, config=None):
+    return [t.name for t in select_targets(model, config or SparsityConfig())[0]]
+
+
+def assert_targets_24(model, config=None):
+    targets, _ = select_targets(model, config or SparsityConfig())
+    for t in targets:
+        w = t.linear_view().detach()
+        assert is_nm_sparse(w), t.name
+        assert (w == 0).float().mean() >= 0.5, t.name
+
+
+def losses(trainer):
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prune_and_recover_every_architecture(arch, tmp_path):
+    model = make_model(arch)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    targets = target_names(model)
+    trainer = SparsityTrainer(
+        model=model, args=TrainingArguments(**training_args(tmp_path)), train_dataset=ToyDataset(arch)
+    )
+    trainer.train()
+
+    assert_targets_24(model)
+    history = losses(trainer)
+    assert sum(history[-4:]) / 4 < sum(history[:4]) / 4, history
+    logged = [h for h in trainer.state.log_history if "sparsity_zero_fraction" in h]
+    assert logged and logged[-1]["sparsity_zero_fraction"] == pytest.approx(0.5)
+    assert model.config.sparsity_config["targets"] == targets
+    # non-target weights were trained but not masked: no 2:4 structure forced on them
+    target_weights = {f"{n}.weight" for n in targets}
+    for name, p in model.named_parameters():
+        if name not in target_weights and p.dim() == 2 and p.shape[-1] % 4 == 0 and name in before:
+            assert (p == 0).float().mean() < 0.25, name
+    # no hooks left behind
+    for t in select_targets(model, SparsityConfig())[0]:
+        assert not t.weight._backward_hooks
+
+
+def test_masking_touches_only_targets(tmp_path):
+    model = make_model("bert")
+    trainer = SparsityTrainer(
+        model=model,
+        args=TrainingArguments(**training_args(tmp_path, max_steps=1)),
+        train_dataset=ToyDataset("bert"),
+    )
+    trainer.train()
+    cb = trainer.sparsity_callback
+    targets = {f"{n}.weight" for n in target_names(model)}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # every element non-zero again
+    snapshot = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cb.on_optimizer_step(trainer.args, trainer.state, trainer.control)
+    for name, p in model.named_parameters():
+        if name in targets:
+            assert is_nm_sparse(p) and not torch.equal(p, snapshot[name])
+        else:
+            assert torch.equal(p, snapshot[name]), name
+
+
+def test_gradients_of_pruned_weights_are_zero(tmp_path):
+    model = make_model("bert")
+    trainer = SparsityTrainer(
+        model=model,
+        args=TrainingArguments(**training_args(tmp_path, max_steps=1)),
+        train_dataset=ToyDataset("bert"),
+    )
+    cb = trainer.sparsity_callback
+    cb.on_train_begin(trainer.args, trainer.state, trainer.control, model=model)
+    batch = torch.utils.data.default_collate([ToyDataset("bert")[i] for i in range(4)])
+    model(**batch).loss.backward()
+    for t in cb.sparsifier.targets:
+        assert (t.weight.grad[~cb.sparsifier.masks[t.name]] == 0).all()
+        assert (t.weight.grad[cb.sparsifier.masks[t.name]] != 0).any()
+    cb.on_train_end(trainer.args, trainer.state, trainer.control)
+
+
+def test_drop_in_callback_in_plain_trainer(tmp_path):
+    """An existing Trainer script, unchanged but for one callback."""
+    model = make_model("gpt2")
+    trainer = Trainer(
+        model=model,
+        args=TrainingArguments(**training_args(tmp_path)),
+        train_dataset=ToyDataset("gpt2"),
+        callbacks=[SparsityCallback()],
+    )
+    trainer.train()
+    assert_targets_24(model)
+    assert losses(trainer)[-1] < losses(trainer)[0]
+    assert any("sparsity_level" in h for h in trainer.state.log_history)
+
+
+def test_training_arguments_subclass_carries_config(tmp_path):
+    model = make_model("bert")
+    cfg = SparsityConfig(target_modules=["query", "key"])
+    args = SparsityTrainingArguments(**training_args(tmp_path, max_steps=4), sparsity_config=cfg.to_dict())
+    trainer = SparsityTrainer(model=model, args=args, train_dataset=ToyDataset("bert"))
+    trainer.train()
+    assert trainer.sparsity_config == cfg
+    assert_targets_24(model, cfg)
+    value = model.bert.encoder.layer[0].attention.self.value.weight
+    assert (value == 0).float().mean() < 0.1
+
+
+def test_save_model_records_sparsity(tmp_path):
+    model = make_model("bert")
+    trainer = SparsityTrainer(
+        model=model,
+        args=TrainingArguments(**training_args(tmp_path, max_steps=3)),
+        train_dataset=ToyDataset("bert"),
+    )
+    trainer.train()
+    out = tmp_path / "final"
+    trainer.save_model(str(out))
+    config = json.loads((out / "config.json").read_text())
+    assert config["sparsity_config"]["pattern"] == "2:4"
+    assert config["sparsity_config"]["targets"] == target_names(model)
+    assert SparsityConfig.from_pretrained(out) == trainer.sparsity_config
+    reloaded = type(model).from_pretrained(out)
+    assert_targets_24(reloaded)
+
+
+class StopAt(TrainerCallback):
+    """Simulates an interrupted run: stops after `step` optimizer steps."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+
+
+def _train_resumable(tmp_path, stop_at=None, resume=None, config=None, arch="bert"):
+    model = make_model(arch)
+    args = TrainingArguments(
+        **training_args(tmp_path / "run", max_steps=9, save_strategy="steps", save_steps=3)
+    )
+    trainer = SparsityTrainer(
+        model=model,
+        args=args,
+        train_dataset=ToyDataset(arch),
+        sparsity_config=config,
+        callbacks=[StopAt(stop_at)] if stop_at else None,
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    return model
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        None,
+        SparsityConfig(schedule="gradual", start_step=1, end_step=7, prune_every=2),
+        SparsityConfig(mask_update_every=2, freeze_step=7),
+    ],
+    ids=["oneshot", "gradual", "reselect"],
+)
+def test_resume_is_bit_exact(tmp_path, config):
+    straight = _train_resumable(tmp_path / "a", config=config)
+    _train_resumable(tmp_path / "b", stop_at=3, config=config)
+    # the interrupted run stopped after step 3; a fresh process resumes from its checkpoint
+    ckpt = tmp_path / "b" / "run" / "checkpoint-3"
+    assert (ckpt / MASKS_NAME).is_file()
+    resumed = _train_resumable(tmp_path / "b", resume=str(ckpt), config=config)
+    for (name, p), (_, q) in zip(straight.named_parameters(), resumed.named_parameters(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def test_resume_with_missing_or_corrupt_masks_fails_cleanly(tmp_path):
+    _train_resumable(tmp_path, stop_at=3)
+    ckpt = tmp_path / "run" / "checkpoint-3"
+    masks = ckpt / MASKS_NAME
+    good = masks.read_bytes()
+
+    masks.write_bytes(good[: len(good) // 2])
+    with pytest.raises(ValueError, match="corrupted or unreadable"):
+        _train_resumable(tmp_path, resume=str(ckpt))
+
+    masks.unlink()
+    with pytest.raises(FileNotFoundError, match=MASKS_NAME):
+        _train_resumable(tmp_path, resume=str(ckpt))
+    assert not (tmp_path / "run" / "checkpoint-6").exists()  # nothing trained after the error
+
+
+def test_resume_with_masks_that_do_not_match_weights(tmp_path):
+    _train_resumable(tmp_path, stop_at=3)
+    ckpt = tmp_path / "run" / "checkpoint-3"
+    # masks from another model: same shapes, other positions
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = ckpt / MASKS_NAME
+    tensors = load_file(path)
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata()
+    key = next(iter(tensors))
+    tensors[key] = torch.bitwise_not(tensors[key]) & 0b00110011  # keep other 2 of 4: still 2:4, wrong places
+    save_file(tensors, path, metadata=metadata)
+    with pytest.raises(ValueError, match="does not match the checkpoint's weights"):
+        _train_resumable(tmp_path, resume=str(ckpt))
+
+
+def test_config_selecting_nothing_fails_before_training(tmp_path):
+    model = make_model("bert")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(NoTargetsError, match="selects no module"):
+        SparsityTrainer(
+            model=model,
+            args=TrainingArguments(**training_args(tmp_path)),
+            train_dataset=ToyDataset("bert"),
+            sparsity_config=SparsityConfig(target_modules="nope"),
+        )
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n])
+
+
+def test_gradual_schedule_raises_sparsity(tmp_path):
+    model = make_model("llama")
+    cfg = SparsityConfig(schedule="gradual", start_step=2, end_step=12, prune_every=2)
+    trainer = SparsityTrainer(
+        model=model,
+        args=TrainingArguments(**training_args(tmp_path, max_steps=16)),
+        train_dataset=ToyDataset("llama"),
+        sparsity_config=cfg,
+    )
+    trainer.train()
+    zero = [h["sparsity_zero_fraction"] for h in trainer.state.log_history if "sparsity_zero_fraction" in h]
+    assert zero == sorted(zero)
+    assert 0.0 < min(z for z in zero if z > 0) < 0.5 and zero[-1] == pytest.approx(0.5)
+    assert_targets_24(model)
+
+
+def test_gradual_schedule_cut_short_warns(tmp_path, caplog):
+    model = make_model("bert")
+    cfg = SparsityConfig(schedule="gradual", start_step=0, end_step=50)
+    trainer = SparsityTrainer(
+        model=model,
+        args=TrainingArguments(**training_args(tmp_path, max_steps=5)),
+        train_dataset=ToyDataset("bert"),
+        sparsity_config=cfg,
+    )
+    with caplog.at_level("WARNING", logger="hf_semisparse"):
+        trainer.train()
+    assert "NOT fully 2:4 sparse" in caplog.text
+
+
+def test_mask_reselection_changes_masks_then_freezes(tmp_path):
+    model = make_model("bert")
+    cfg = SparsityConfig(mask_update_every=2, freeze_step=10)
+    trainer = SparsityTrainer(
+        model=model,
+        args=TrainingArguments(**training_args(tmp_path, max_steps=16, learning_rate=2e-2)),
+        train_dataset=ToyDataset("bert"),
+        sparsity_config=cfg,
+    )
+    cb = trainer.sparsity_callback
+    seen = {}
+
+    class Spy(SparsityCallback.__mro__[1]):  # a plain TrainerCallback recording masks after each step
+        def on_step_end(self, args, state, control, **kwargs):
+            seen[state.global_step] = {k: v.clone() for k, v in cb.sparsifier.masks.items()}
+
+    trainer.add_callback(Spy())
+    trainer.train()
+    changed_early = any(not torch.equal(seen[1][k], seen[9][k]) for k in seen[1])
+    assert changed_early, "re-selection from the dense shadow never changed a mask"
+    # the last selection happens as optimizer step 10 begins; seen[s] is recorded once s steps are done
+    for step in range(12, 17):
+        for k in seen[11]:
+            assert torch.equal(seen[11][k], seen[step][k])
+    assert_targets_24(model)
+
+
+def test_bf16_gradient_accumulation(tmp_path):
+    model = make_model("roberta")
+    args = TrainingArguments(
+        **training_args(tmp_path, bf16=True, gradient_accumulation_steps=2, max_steps=10)
+    )
+    trainer = SparsityTrainer(model=model, args=args, train_dataset=ToyDataset("roberta"))
+    trainer.train()
+    assert_targets_24(model)
+    assert losses(trainer)[-1] < losses(trainer)[0]
+
+
+def test_torch_compile_training(tmp_path):
+    model = make_model("bert")
+    args = TrainingArguments(
+        **training_args(tmp_path, max_steps=6, torch_compile=True, torch_compile_backend="aot_eager")
+    )
+    trainer = SparsityTrainer(model=model, args=args, train_dataset=ToyDataset("bert"))
+    trainer.train()
+    assert_targets_24(model)
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
