@@ -1,0 +1,169 @@
+"""Running 2:4 weights fast: backend choice, sparse GEMM dispatch, fallbacks.
+
+`accelerate_24(model)` swaps every 2:4 `nn.Linear` of a CUDA fp16/bf16 model for a `SemiSparseLinear`. Where
+that cannot help (CPU, GPU older than compute capability 8.0, no cuSPARSELt, fp32) it changes nothing and says
+why, once.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..masks import find_nm_violation
+from ..utils import unwrap_model
+
+logger = logging.getLogger(__name__)
+_SAID: set[str] = set()
+
+MIN_CAPABILITY = (8, 0)
+SHAPE_MULTIPLE = 16
+
+
+@dataclass
+class AccelerationReport:
+    """What `accelerate_24` did: which layers run on 2:4 kernels, which not and why."""
+
+    accelerated: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    reason: str = ""  # set when nothing could be accelerated at all
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.accelerated)
+
+    def __str__(self) -> str:
+        if self.reason:
+            return f"not accelerated: {self.reason}"
+        lines = [f"{len(self.accelerated)} layers on 2:4 kernels"]
+        lines += [f"  skipped {name}: {why}" for name, why in self.skipped.items()]
+        return "\n".join(lines)
+
+
+def _say_once(message: str) -> None:
+    if message not in _SAID:
+        _SAID.add(message)
+        logger.warning("hf_semisparse: %s", message)
+
+
+def why_not_accelerated(device: torch.device, dtype: torch.dtype) -> str | None:
+    """None if 2:4 kernels can run for `device`/`dtype`, else the reason."""
+    if device.type != "cuda":
+        return f"the model is on {device.type}; 2:4 kernels need a CUDA GPU (weights stay dense with zeros)"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < MIN_CAPABILITY:
+        return (
+            f"{torch.cuda.get_device_name(device)} has compute capability {capability[0]}.{capability[1]}; "
+            "2:4 tensor cores need 8.0 or newer"
+        )
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"the weights are {dtype}; 2:4 kernels run fp16 or bf16 (load with torch_dtype=torch.float16)"
+    from .cusparselt import CusparseLtUnavailable, load_library
+
+    try:
+        load_library()
+    except CusparseLtUnavailable as exc:
+        return str(exc)
+    return None
+
+
+def _linear_weight(module: nn.Module) -> torch.Tensor | None:
+    from ..targets import _is_linear
+
+    if not _is_linear(module):
+        return None
+    return module.weight if isinstance(module, nn.Linear) else module.weight.t()
+
+
+def accelerate_24(
+    model: nn.Module,
+    keep_dense: bool = True,
+    targets: list[str] | None = None,
+) -> AccelerationReport:
+    """Run every 2:4 linear layer of `model` on cuSPARSELt, in place.
+
+    Args:
+        model: a model on a CUDA device in fp16 or bf16 whose pruned weights are exactly 2:4.
+        keep_dense: keep dense weights too so shapes where sparse is slower run dense (never slower than dense,
+            1.5x weight memory); False keeps only compressed weights (about 0.56x) and always runs sparse.
+        targets: names of the layers to convert. Default: `model.config.sparsity_config["targets"]` when the model
+            records them (each must be 2:4, else `ValueError`), otherwise every linear layer that is exactly 2:4.
+
+    Returns:
+        An `AccelerationReport`. Where nothing can run on 2:4 kernels it says why, logs it once, and the model
+        is left unchanged (correct dense weights with zeros).
+
+    Example:
+        >>> model = AutoModelForQuestionAnswering.from_pretrained(path, torch_dtype=torch.float16).cuda()
+        >>> print(accelerate_24(model))
+    """
+    root = unwrap_model(model)
+    try:
+        param = next(root.parameters())
+    except StopIteration:
+        return AccelerationReport(reason="the model has no parameters")
+    reason = why_not_accelerated(param.device, param.dtype)
+    if reason:
+        _say_once(f"not accelerated: {reason}")
+        return AccelerationReport(reason=reason)
+
+    if targets is None:
+        recorded = getattr(getattr(root, "config", None), "sparsity_config", None)
+        if isinstance(recorded, dict) and recorded.get("targets"):
+            targets = list(recorded["targets"])
+    strict = targets is not None
+
+    from .linear import SemiSparseLinear
+
+    report = AccelerationReport()
+    modules = dict(root.named_modules())
+    for name in targets if strict else list(modules):
+        module = modules.get(name)
+        if module is None:
+            raise ValueError(f"accelerate_24: no module named {name!r} in the model")
+        weight = _linear_weight(module)
+        if weight is None:
+            if strict:
+                raise TypeError(f"accelerate_24: {name} is {type(module).__name__}, not a linear layer")
+            continue
+        out_f, in_f = weight.shape
+        why = None
+        if weight.dtype not in (torch.float16, torch.bfloat16):
+            why = f"dtype {weight.dtype}"
+        elif weight.device.type != "cuda":
+            why = f"on {weight.device}"
+        elif out_f % SHAPE_MULTIPLE or in_f % SHAPE_MULTIPLE:
+            why = f"shape {out_f}x{in_f} is not a multiple of {SHAPE_MULTIPLE}"
+        else:
+            bad = find_nm_violation(weight)
+            if bad is not None:
+                if strict:
+                    raise ValueError(
+                        f"accelerate_24: {name}.weight is recorded as 2:4 but is not: the group at "
+                        f"{bad.index} ([out, in] layout) has {bad.nonzeros} non-zeros"
+                    )
+                why = "not 2:4 sparse"
+        if why:
+            report.skipped[name] = why
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = modules[parent_name] if parent_name else root
+        setattr(parent, child, SemiSparseLinear(module, keep_dense=keep_dense))
+        report.accelerated.append(name)
+
+    if not report.accelerated:
+        report.reason = "no linear layer is exactly 2:4 (prune it first, e.g. with prune_24)"
+        _say_once(f"not accelerated: {report.reason}")
+    else:
+        logger.info(
+            "hf_semisparse: %d layers on 2:4 kernels (%d skipped)",
+            len(report.accelerated),
+            len(report.skipped),
+        )
+    return report
+
+
+__all__ = ["AccelerationReport", "accelerate_24", "why_not_accelerated"]

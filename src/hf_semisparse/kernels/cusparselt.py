@@ -1,0 +1,439 @@
+"""A thin ctypes binding to cuSPARSELt, the 2:4 sparse GEMM library that PyTorch already ships.
+
+Why ctypes and not torch's `torch._cslt_sparse_mm`: torch builds and destroys a matmul plan on every call
+(about 1.3 ms of host time on an H100, against a 41 us kernel) and uses algorithm 0. Here a plan is built once
+per (weight, token count) and reused, with the algorithm our own search timed fastest for that shape
+(`tuning.search_alg`; cuSPARSELt 0.8's `cusparseLtMatmulSearch` returns an internal error for this layout on
+an H100). Why not a
+compiled extension: nothing to build on the user's machine, and the library is already on disk wherever torch
+has CUDA. The C API used is the documented one of cuSPARSELt 0.6+ (enums and struct sizes from its header).
+
+Layout: y[M, N] = x[M, K] @ W[N, K]^T is computed as D = A @ op(B) with A = W (structured, row-major),
+B = x described as a row-major [M, K] matrix with op = TRANSPOSE, and D described column-major [N, M] with
+leading dimension N, which is exactly row-major y[M, N] in memory: no copies and no transposes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import glob
+import os
+import sys
+import threading
+from dataclasses import dataclass
+
+import torch
+
+# ---- enums (cusparseLt.h, library_types.h, cusparse.h) ----
+CUDA_R_32F, CUDA_R_16F, CUDA_R_16BF = 0, 2, 14
+CUSPARSE_ORDER_COL, CUSPARSE_ORDER_ROW = 1, 2
+OP_N, OP_T = 0, 1
+CUSPARSELT_SPARSITY_50_PERCENT = 0
+CUSPARSE_COMPUTE_32F = 2
+MATMUL_ACTIVATION_GELU = 3
+MATMUL_BIAS_POINTER = 8
+ALG_DEFAULT = 0
+(
+    ALG_CONFIG_ID,
+    ALG_CONFIG_MAX_ID,
+    ALG_SEARCH_ITERATIONS,
+    ALG_SPLIT_K,
+    ALG_SPLIT_K_MODE,
+    ALG_SPLIT_K_BUFFERS,
+) = range(6)
+
+DTYPES = {torch.float16: CUDA_R_16F, torch.bfloat16: CUDA_R_16BF}
+ALIGNMENT = 16  # bytes; every pointer torch's allocator returns is 512-byte aligned
+
+_OPAQUE_BYTES = 1024  # the header says 512 bytes, 16-aligned; twice that costs nothing and is safe
+
+
+def _opaque():
+    # c_longdouble is 16-byte aligned on x86-64, so the array is too
+    return (ctypes.c_longdouble * (_OPAQUE_BYTES // 16))()
+
+
+class CusparseLtError(RuntimeError):
+    pass
+
+
+class CusparseLtUnavailable(RuntimeError):
+    """cuSPARSELt cannot be used here; the message says why."""
+
+
+def _candidate_paths() -> list[str]:
+    paths = []
+    env = os.environ.get("HF_SEMISPARSE_CUSPARSELT")
+    if env:
+        paths.append(env)
+    # already loaded into this process (torch loads it with CUDA): reuse that copy
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                if "libcusparseLt.so" in line:
+                    paths.append(line.split()[-1])
+    except OSError:
+        pass
+    paths.append("libcusparseLt.so.0")
+    for root in sys.path + [os.path.dirname(os.path.dirname(torch.__file__))]:
+        for pattern in (
+            "nvidia/cusparselt/lib/libcusparseLt.so*",
+            "nvidia/cu*/lib/libcusparseLt.so*",
+            "torch/lib/libcusparseLt.so*",
+        ):
+            paths.extend(sorted(glob.glob(os.path.join(root, pattern))))
+    return list(dict.fromkeys(paths))
+
+
+_LIB = None
+_LIB_LOCK = threading.Lock()
+
+
+def load_library() -> ctypes.CDLL:
+    """Load libcusparseLt once; raise `CusparseLtUnavailable` with what was tried."""
+    global _LIB
+    with _LIB_LOCK:
+        if _LIB is not None:
+            return _LIB
+        tried = []
+        for path in _candidate_paths():
+            try:
+                lib = ctypes.CDLL(path)
+            except OSError as exc:
+                tried.append(f"{path}: {exc}")
+                continue
+            _declare(lib)
+            _LIB = lib
+            return lib
+        raise CusparseLtUnavailable(
+            "libcusparseLt was not found (install torch with CUDA, or set "
+            "HF_SEMISPARSE_CUSPARSELT to its path). Tried: " + "; ".join(tried[:6])
+        )
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i64, u32, i32, sz = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint32, ctypes.c_int, ctypes.c_size_t
+    sigs = {
+        "cusparseLtInit": [p],
+        "cusparseLtDestroy": [p],
+        "cusparseLtGetVersion": [p, ctypes.POINTER(i32)],
+        "cusparseLtDenseDescriptorInit": [p, p, i64, i64, i64, u32, i32, i32],
+        "cusparseLtStructuredDescriptorInit": [p, p, i64, i64, i64, u32, i32, i32, i32],
+        "cusparseLtMatDescriptorDestroy": [p],
+        "cusparseLtMatmulDescriptorInit": [p, p, i32, i32, p, p, p, p, i32],
+        "cusparseLtMatmulDescSetAttribute": [p, p, i32, p, sz],
+        "cusparseLtMatmulAlgSelectionInit": [p, p, p, i32],
+        "cusparseLtMatmulAlgSetAttribute": [p, p, i32, p, sz],
+        "cusparseLtMatmulAlgGetAttribute": [p, p, i32, p, sz],
+        "cusparseLtMatmulGetWorkspace": [p, p, ctypes.POINTER(sz)],
+        "cusparseLtMatmulPlanInit": [p, p, p, p],
+        "cusparseLtMatmulPlanDestroy": [p],
+        "cusparseLtMatmul": [p, p, p, p, p, p, p, p, p, p, i32],
+        "cusparseLtSpMMACompressedSize2": [p, p, ctypes.POINTER(sz), ctypes.POINTER(sz)],
+        "cusparseLtSpMMACompress2": [p, p, i32, i32, p, p, p, p],
+    }
+    for name, argtypes in sigs.items():
+        fn = getattr(lib, name)
+        fn.argtypes = argtypes
+        fn.restype = ctypes.c_int
+    if hasattr(lib, "cusparseLtMatmulAlgSelectionDestroy"):
+        lib.cusparseLtMatmulAlgSelectionDestroy.argtypes = [p]
+        lib.cusparseLtMatmulAlgSelectionDestroy.restype = ctypes.c_int
+    if hasattr(lib, "cusparseLtGetErrorString"):
+        lib.cusparseLtGetErrorString.argtypes = [ctypes.c_int]
+        lib.cusparseLtGetErrorString.restype = ctypes.c_char_p
+
+
+def _check(lib, status: int, what: str) -> None:
+    if status != 0:
+        detail = ""
+        if hasattr(lib, "cusparseLtGetErrorString"):
+            detail = ": " + (lib.cusparseLtGetErrorString(status) or b"").decode(errors="replace")
+        raise CusparseLtError(f"{what} failed with cuSPARSELt status {status}{detail}")
+
+
+def _ref(obj) -> ctypes.c_void_p:
+    return ctypes.cast(ctypes.byref(obj), ctypes.c_void_p)
+
+
+@dataclass(frozen=True)
+class AlgConfig:
+    """What `cusparseLtMatmulSearch` chose for one problem shape."""
+
+    alg_id: int = 0
+    split_k: int = 1
+    split_k_mode: int = 1
+    split_k_buffers: int = 1
+
+    def to_dict(self) -> dict:
+        return {
+            "alg_id": self.alg_id,
+            "split_k": self.split_k,
+            "split_k_mode": self.split_k_mode,
+            "split_k_buffers": self.split_k_buffers,
+        }
+
+
+class Handle:
+    """A cuSPARSELt handle for one device, used from one thread."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.lib = load_library()
+        self.device = device
+        self.handle = _opaque()
+        with torch.cuda.device(device):
+            _check(self.lib, self.lib.cusparseLtInit(_ref(self.handle)), "cusparseLtInit")
+        version = ctypes.c_int(0)
+        self.lib.cusparseLtGetVersion(_ref(self.handle), ctypes.byref(version))
+        self.version = version.value
+
+    @property
+    def ref(self):
+        return _ref(self.handle)
+
+    def compress(self, weight: torch.Tensor) -> torch.Tensor:
+        """cuSPARSELt's compressed form of a 2:4 weight `[N, K]` (values plus metadata, opaque bytes)."""
+        n, k = weight.shape
+        desc = _opaque()
+        lib = self.lib
+        _check(
+            lib,
+            lib.cusparseLtStructuredDescriptorInit(
+                self.ref,
+                _ref(desc),
+                n,
+                k,
+                k,
+                ALIGNMENT,
+                DTYPES[weight.dtype],
+                CUSPARSE_ORDER_ROW,
+                CUSPARSELT_SPARSITY_50_PERCENT,
+            ),
+            "cusparseLtStructuredDescriptorInit",
+        )
+        try:
+            size, buf_size = ctypes.c_size_t(0), ctypes.c_size_t(0)
+            _check(
+                lib,
+                lib.cusparseLtSpMMACompressedSize2(
+                    self.ref, _ref(desc), ctypes.byref(size), ctypes.byref(buf_size)
+                ),
+                "CompressedSize2",
+            )
+            out = torch.empty(size.value, dtype=torch.uint8, device=weight.device)
+            buf = torch.empty(max(buf_size.value, 1), dtype=torch.uint8, device=weight.device)
+            stream = torch.cuda.current_stream(weight.device).cuda_stream
+            _check(
+                lib,
+                lib.cusparseLtSpMMACompress2(
+                    self.ref, _ref(desc), 1, OP_N, weight.data_ptr(), out.data_ptr(), buf.data_ptr(), stream
+                ),
+                "Compress2",
+            )
+        finally:
+            lib.cusparseLtMatDescriptorDestroy(_ref(desc))
+        return out
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # interpreter shutdown
+            self.lib.cusparseLtDestroy(_ref(self.handle))
+
+
+class MatmulPlan:
+    """A reusable plan for y[M, N] = x[M, K] @ W^T (+ bias) (optionally GELU), for one weight and one M."""
+
+    def __init__(
+        self,
+        handle: Handle,
+        n: int,
+        k: int,
+        m: int,
+        dtype: torch.dtype,
+        bias: torch.Tensor | None = None,
+        gelu: bool = False,
+        alg: AlgConfig | None = None,
+    ) -> None:
+        self.handle, self.n, self.k, self.m, self.dtype = handle, n, k, m, dtype
+        lib, h = handle.lib, handle.ref
+        cuda_type = DTYPES[dtype]
+        self.mat_a, self.mat_b, self.mat_c = _opaque(), _opaque(), _opaque()
+        self.matmul, self.alg_sel, self.plan = _opaque(), _opaque(), _opaque()
+        self._alive = []
+        _check(
+            lib,
+            lib.cusparseLtStructuredDescriptorInit(
+                h,
+                _ref(self.mat_a),
+                n,
+                k,
+                k,
+                ALIGNMENT,
+                cuda_type,
+                CUSPARSE_ORDER_ROW,
+                CUSPARSELT_SPARSITY_50_PERCENT,
+            ),
+            "StructuredDescriptorInit(A)",
+        )
+        self._alive.append("a")
+        _check(
+            lib,
+            lib.cusparseLtDenseDescriptorInit(
+                h, _ref(self.mat_b), m, k, k, ALIGNMENT, cuda_type, CUSPARSE_ORDER_ROW
+            ),
+            "DenseDescriptorInit(B)",
+        )
+        self._alive.append("b")
+        _check(
+            lib,
+            lib.cusparseLtDenseDescriptorInit(
+                h, _ref(self.mat_c), n, m, n, ALIGNMENT, cuda_type, CUSPARSE_ORDER_COL
+            ),
+            "DenseDescriptorInit(C)",
+        )
+        self._alive.append("c")
+        _check(
+            lib,
+            lib.cusparseLtMatmulDescriptorInit(
+                h,
+                _ref(self.matmul),
+                OP_N,
+                OP_T,
+                _ref(self.mat_a),
+                _ref(self.mat_b),
+                _ref(self.mat_c),
+                _ref(self.mat_c),
+                CUSPARSE_COMPUTE_32F,
+            ),
+            "MatmulDescriptorInit",
+        )
+        if bias is not None:
+            self._bias_ptr = ctypes.c_void_p(bias.data_ptr())
+            _check(
+                lib,
+                lib.cusparseLtMatmulDescSetAttribute(
+                    h, _ref(self.matmul), MATMUL_BIAS_POINTER, ctypes.byref(self._bias_ptr), 8
+                ),
+                "bias pointer",
+            )
+        if gelu:
+            one = ctypes.c_int(1)
+            _check(
+                lib,
+                lib.cusparseLtMatmulDescSetAttribute(
+                    h, _ref(self.matmul), MATMUL_ACTIVATION_GELU, ctypes.byref(one), 4
+                ),
+                "GELU epilogue",
+            )
+        _check(
+            lib,
+            lib.cusparseLtMatmulAlgSelectionInit(h, _ref(self.alg_sel), _ref(self.matmul), ALG_DEFAULT),
+            "AlgSelectionInit",
+        )
+        self._alive.append("alg")
+        if alg is not None:
+            self._set_alg(alg)
+        _check(
+            lib,
+            lib.cusparseLtMatmulPlanInit(h, _ref(self.plan), _ref(self.matmul), _ref(self.alg_sel)),
+            "PlanInit",
+        )
+        self._alive.append("plan")
+        self.workspace_size = self._workspace_size()
+        self._alpha, self._beta = ctypes.c_float(1.0), ctypes.c_float(0.0)
+
+    def _set_alg(self, alg: AlgConfig) -> None:
+        lib, h = self.handle.lib, self.handle.ref
+        for attr, value in (
+            (ALG_CONFIG_ID, alg.alg_id),
+            (ALG_SPLIT_K, alg.split_k),
+            (ALG_SPLIT_K_MODE, alg.split_k_mode),
+            (ALG_SPLIT_K_BUFFERS, alg.split_k_buffers),
+        ):
+            if attr != ALG_CONFIG_ID and alg.split_k <= 1:
+                continue
+            v = ctypes.c_int(value)
+            _check(
+                lib,
+                lib.cusparseLtMatmulAlgSetAttribute(h, _ref(self.alg_sel), attr, ctypes.byref(v), 4),
+                f"AlgSetAttribute({attr}={value})",
+            )
+
+    def _workspace_size(self) -> int:
+        size = ctypes.c_size_t(0)
+        _check(
+            self.handle.lib,
+            self.handle.lib.cusparseLtMatmulGetWorkspace(
+                self.handle.ref, _ref(self.plan), ctypes.byref(size)
+            ),
+            "GetWorkspace",
+        )
+        return size.value
+
+    def alg_config(self) -> AlgConfig:
+        lib, h = self.handle.lib, self.handle.ref
+        values = []
+        for attr in (ALG_CONFIG_ID, ALG_SPLIT_K, ALG_SPLIT_K_MODE, ALG_SPLIT_K_BUFFERS):
+            v = ctypes.c_int(0)
+            _check(
+                lib,
+                lib.cusparseLtMatmulAlgGetAttribute(h, _ref(self.alg_sel), attr, ctypes.byref(v), 4),
+                f"AlgGetAttribute({attr})",
+            )
+            values.append(v.value)
+        return AlgConfig(*values)
+
+    def _launch(self, fn, compressed, x, out, workspace, stream: int) -> None:
+        streams = (ctypes.c_void_p * 1)(stream)
+        _check(
+            self.handle.lib,
+            fn(
+                self.handle.ref,
+                _ref(self.plan),
+                ctypes.byref(self._alpha),
+                compressed.data_ptr(),
+                x.data_ptr(),
+                ctypes.byref(self._beta),
+                out.data_ptr(),
+                out.data_ptr(),
+                workspace.data_ptr() if workspace is not None else None,
+                streams,
+                1,
+            ),
+            fn.__name__,
+        )
+
+    def run(
+        self,
+        compressed: torch.Tensor,
+        x: torch.Tensor,
+        out: torch.Tensor,
+        workspace: torch.Tensor | None,
+        stream: int,
+    ) -> None:
+        """out[M, N] = x[M, K] @ W^T on `stream` (all tensors contiguous, on the plan's device)."""
+        self._launch(self.handle.lib.cusparseLtMatmul, compressed, x, out, workspace, stream)
+
+    def max_alg_id(self) -> int:
+        v = ctypes.c_int(0)
+        _check(
+            self.handle.lib,
+            self.handle.lib.cusparseLtMatmulAlgGetAttribute(
+                self.handle.ref, _ref(self.alg_sel), ALG_CONFIG_MAX_ID, ctypes.byref(v), 4
+            ),
+            "AlgGetAttribute(MAX_ID)",
+        )
+        return v.value
+
+    def __del__(self) -> None:
+        try:
+            lib = self.handle.lib
+            if "plan" in self._alive:
+                lib.cusparseLtMatmulPlanDestroy(_ref(self.plan))
+            if "alg" in self._alive and hasattr(lib, "cusparseLtMatmulAlgSelectionDestroy"):
+                lib.cusparseLtMatmulAlgSelectionDestroy(_ref(self.alg_sel))
+            for name, desc in (("a", self.mat_a), ("b", self.mat_b), ("c", self.mat_c)):
+                if name in self._alive:
+                    lib.cusparseLtMatDescriptorDestroy(_ref(desc))
+        except Exception:  # interpreter shutdown
+            pass

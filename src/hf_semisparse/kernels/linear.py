@@ -1,0 +1,236 @@
+"""`SemiSparseLinear`: an `nn.Linear` whose 2:4 weight runs on cuSPARSELt with cached plans.
+
+Per call the host work is a dictionary look-up, one output allocation and one ctypes call: the matmul plan for
+this (weight, token count) was built once, with the algorithm our search timed fastest for this shape, and
+the shape was timed against dense once (`tuning.py`): where sparse lost, the dense weight is used instead.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cusparselt import DTYPES, Handle, MatmulPlan
+from .tuning import Decision, ShapeKey, TuningCache, choose, default_cache_path, search_alg, time_cuda_us
+
+logger = logging.getLogger(__name__)
+
+M_MULTIPLE = 16  # token counts are padded up to this for the sparse kernel
+
+
+class SparseGemmBackend:
+    """Process-wide state: one cuSPARSELt handle per (thread, device), workspaces, and shape decisions."""
+
+    def __init__(self, cache: TuningCache | None = None, margin: float = 0.03) -> None:
+        self.cache = cache if cache is not None else TuningCache(default_cache_path())
+        self.margin = margin
+        self._local = threading.local()
+        self._workspaces: dict[tuple[int, int], torch.Tensor] = {}
+        self._lock = threading.Lock()
+
+    def handle(self, device: torch.device) -> Handle:
+        handles = getattr(self._local, "handles", None)
+        if handles is None:
+            handles = self._local.handles = {}
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in handles:
+            handles[index] = Handle(torch.device("cuda", index))
+        return handles[index]
+
+    def workspace(self, device: torch.device, stream: int, size: int) -> torch.Tensor | None:
+        if size == 0:
+            return None
+        key = (device.index, stream)
+        ws = self._workspaces.get(key)
+        if ws is None or ws.numel() < size:
+            with self._lock:
+                ws = torch.empty(size, dtype=torch.uint8, device=device)
+                self._workspaces[key] = ws
+        return ws
+
+
+_BACKEND: SparseGemmBackend | None = None
+
+
+def get_backend() -> SparseGemmBackend:
+    global _BACKEND
+    if _BACKEND is None:
+        _BACKEND = SparseGemmBackend()
+    return _BACKEND
+
+
+_LAYERS: weakref.WeakValueDictionary[int, SemiSparseLinear] = weakref.WeakValueDictionary()
+_IDS = itertools.count()
+
+
+class SemiSparseLinear(nn.Module):
+    """Drop-in replacement of a 2:4 `nn.Linear` (or transformers `Conv1D`) for CUDA inference.
+
+    Args:
+        linear: the module to replace; its weight must be exactly 2:4 along the input dimension, fp16 or bf16,
+            on a CUDA device of compute capability 8.0+.
+        keep_dense: keep the dense weight too, so token counts where sparse measured slower run dense (the model
+            is then never slower than dense, and uses 1.5x the weight memory). False: only the compressed
+            weight is kept (about 0.56x the dense bytes) and every call runs sparse.
+        gelu: fuse GELU (tanh approximation) into the GEMM epilogue; only for layers followed by such a GELU.
+    """
+
+    def __init__(self, linear: nn.Module, keep_dense: bool = True, gelu: bool = False) -> None:
+        super().__init__()
+        weight = linear.weight.detach()
+        if not isinstance(linear, nn.Linear):  # Conv1D stores [in, out]
+            weight = weight.t()
+        weight = weight.contiguous()
+        self.out_features, self.in_features = weight.shape
+        self.gelu = gelu
+        self.keep_dense = keep_dense
+        self.compute_dtype = weight.dtype  # the compressed buffer itself is opaque bytes
+        backend = get_backend()
+        self.register_buffer("compressed", backend.handle(weight.device).compress(weight), persistent=False)
+        self.weight = nn.Parameter(weight, requires_grad=False) if keep_dense else None
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+        self._id = next(_IDS)
+        _LAYERS[self._id] = self
+        self._plans: dict[tuple[int, int], MatmulPlan] = {}
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"keep_dense={self.keep_dense}, gelu={self.gelu}"
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.hf_semisparse.linear_24(
+            x, self.compressed, self.weight, self.bias, self._id, self.out_features
+        )
+
+    # ---------------------------------------------------------------- the CUDA path
+    def _shape_key(self, handle: Handle, m: int, dtype: torch.dtype) -> ShapeKey:
+        name = torch.cuda.get_device_name(handle.device)
+        return ShapeKey(
+            name,
+            handle.version,
+            self.out_features,
+            self.in_features,
+            m,
+            str(dtype).split(".")[-1],
+            self.bias is not None,
+            self.gelu,
+        )
+
+    def _plan(self, handle: Handle, m: int, dtype: torch.dtype, decision: Decision) -> MatmulPlan:
+        key = (handle.device.index, m)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = MatmulPlan(
+                handle,
+                self.out_features,
+                self.in_features,
+                m,
+                dtype,
+                bias=self.bias,
+                gelu=self.gelu,
+                alg=decision.alg,
+            )
+            self._plans[key] = plan
+        return plan
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        return F.gelu(y, approximate="tanh") if self.gelu else y
+
+    def _decide(self, handle: Handle, x2: torch.Tensor, stream: int) -> Decision:
+        backend = get_backend()
+        key = self._shape_key(handle, x2.shape[0], x2.dtype)
+        decision = backend.cache.get(key)
+        if decision is not None:
+            return decision
+        if torch.cuda.is_current_stream_capturing():
+            # no timing inside a graph capture: dense if we can, else sparse with cuSPARSELt's default algorithm
+            from .cusparselt import AlgConfig
+
+            return Decision(not self.keep_dense, AlgConfig(), None, None, "untuned during graph capture")
+        alg, sparse_us = search_alg(
+            handle,
+            self.out_features,
+            self.in_features,
+            x2.shape[0],
+            x2.dtype,
+            self.bias,
+            self.gelu,
+            self.compressed,
+            x2,
+            stream,
+        )
+        dense_us = time_cuda_us(lambda: self._dense(x2)) if self.keep_dense else None
+        use_sparse, reason = choose(sparse_us, dense_us, backend.margin)
+        decision = Decision(use_sparse, alg, sparse_us, dense_us, reason)
+        backend.cache.put(key, decision)
+        logger.info("%s: %s (alg %s)", key, reason, alg)
+        return decision
+
+    def sparse_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self.compute_dtype:
+            if self.weight is None:
+                raise TypeError(
+                    f"SemiSparseLinear holds {self.compute_dtype} weights but got {x.dtype} input; "
+                    "cast the input (or the model) to match"
+                )
+            return self._dense(x.to(self.weight.dtype)).to(x.dtype)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        m = x2.shape[0]
+        if m == 0:
+            return x.new_empty(*lead, self.out_features)
+        padded = -(-m // M_MULTIPLE) * M_MULTIPLE
+        if padded != m:
+            x2 = F.pad(x2, (0, 0, 0, padded - m))
+        elif not x2.is_contiguous():
+            x2 = x2.contiguous()
+        backend = get_backend()
+        handle = backend.handle(x.device)
+        stream = torch.cuda.current_stream(x.device).cuda_stream
+        decision = self._decide(handle, x2, stream)
+        if not decision.use_sparse:
+            return self._dense(x)
+        plan = self._plan(handle, padded, x2.dtype, decision)
+        out = torch.empty(padded, self.out_features, dtype=x2.dtype, device=x2.device)
+        plan.run(self.compressed, x2, out, backend.workspace(x.device, stream, plan.workspace_size), stream)
+        if padded != m:
+            out = out[:m]
+        return out.view(*lead, self.out_features)
+
+
+@torch.library.custom_op("hf_semisparse::linear_24", mutates_args=())
+def linear_24(
+    x: torch.Tensor,
+    compressed: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    layer_id: int,
+    out_features: int,
+) -> torch.Tensor:
+    """y = x @ W^T + b for a 2:4 W, on cuSPARSELt (or dense where that measured faster)."""
+    layer = _LAYERS.get(layer_id)
+    if layer is None:
+        raise RuntimeError(f"SemiSparseLinear {layer_id} no longer exists")
+    if x.device.type != "cuda":
+        if weight is None:
+            raise RuntimeError("SemiSparseLinear without a dense weight runs on CUDA only")
+        return layer._dense(x)
+    return layer.sparse_forward(x)
+
+
+@linear_24.register_fake
+def _(x, compressed, weight, bias, layer_id, out_features):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+def is_supported_dtype(dtype: torch.dtype) -> bool:
+    return dtype in DTYPES

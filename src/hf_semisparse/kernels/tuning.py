@@ -1,0 +1,190 @@
+"""Per-shape decisions: cuSPARSELt's searched algorithm, and whether sparse beats dense at all.
+
+A decision is measured once per (GPU, N, K, M, dtype, epilogue) on the real inputs, kept in memory, and
+optionally in a JSON file so a restarted process neither searches nor times again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..utils import atomic_write_text
+from .cusparselt import AlgConfig, CusparseLtError, Handle, MatmulPlan
+
+logger = logging.getLogger(__name__)
+
+CACHE_ENV = "HF_SEMISPARSE_TUNING_CACHE"  # a file path, or "0" to keep decisions in memory only
+CACHE_VERSION = 1
+
+
+def default_cache_path() -> str | None:
+    value = os.environ.get(CACHE_ENV)
+    if value == "0":
+        return None
+    if value:
+        return value
+    root = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
+    return os.path.join(root, "hf_semisparse", "cusparselt_tuning.json")
+
+
+@dataclass(frozen=True)
+class ShapeKey:
+    device_name: str
+    library_version: int
+    n: int
+    k: int
+    m: int
+    dtype: str
+    bias: bool
+    gelu: bool
+
+    def __str__(self) -> str:
+        epilogue = ("+bias" if self.bias else "") + ("+gelu" if self.gelu else "")
+        return (
+            f"{self.device_name}|cusparselt{self.library_version}|{self.dtype}|"
+            f"N{self.n}xK{self.k}xM{self.m}{epilogue}"
+        )
+
+
+@dataclass
+class Decision:
+    use_sparse: bool
+    alg: AlgConfig
+    sparse_us: float | None
+    dense_us: float | None
+    reason: str
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["alg"] = self.alg.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Decision:
+        return cls(d["use_sparse"], AlgConfig(**d["alg"]), d["sparse_us"], d["dense_us"], d["reason"])
+
+
+class TuningCache:
+    """Thread-safe map ShapeKey -> Decision, mirrored to a JSON file when `path` is set."""
+
+    def __init__(self, path: str | None = None) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._entries: dict[str, Decision] = {}
+        if path and os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    data = json.load(f)
+                if data.get("version") == CACHE_VERSION:
+                    self._entries = {k: Decision.from_dict(v) for k, v in data["entries"].items()}
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                logger.warning("ignoring unreadable tuning cache %s (%s); it will be rewritten", path, exc)
+
+    def get(self, key: ShapeKey) -> Decision | None:
+        with self._lock:
+            return self._entries.get(str(key))
+
+    def put(self, key: ShapeKey, decision: Decision) -> None:
+        with self._lock:
+            self._entries[str(key)] = decision
+            if self.path:
+                os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+                text = json.dumps(
+                    {"version": CACHE_VERSION, "entries": {k: v.to_dict() for k, v in self._entries.items()}},
+                    indent=1,
+                )
+                try:
+                    atomic_write_text(self.path, text)
+                except OSError as exc:
+                    logger.warning("could not write tuning cache %s: %s", self.path, exc)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def time_cuda_us(fn, warmup: int = 3, repeats: int = 15, inner: int = 5) -> float:
+    """Median over `repeats` of the CUDA-event time of `inner` back-to-back calls of `fn()`, per call, in us.
+
+    Several calls between the events keep the GPU busy, so host launch cost shows only where it exceeds the
+    kernel time, as it would inside a model.
+    """
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / inner)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def choose(sparse_us: float, dense_us: float | None, margin: float) -> tuple[bool, str]:
+    """Sparse only where it measured faster than dense by at least `margin` (a fraction)."""
+    if dense_us is None:
+        return True, "no dense weight kept: sparse always"
+    if sparse_us < dense_us * (1.0 - margin):
+        return True, f"sparse {sparse_us:.1f} us < dense {dense_us:.1f} us"
+    return False, f"sparse {sparse_us:.1f} us >= dense {dense_us:.1f} us (margin {margin:.0%})"
+
+
+SPLIT_K_CANDIDATES = ((2, 1), (4, 1), (2, 2), (4, 2))  # (split_k, mode: 1 one kernel, 2 two kernels)
+
+
+def search_alg(
+    handle: Handle,
+    n: int,
+    k: int,
+    m: int,
+    dtype: torch.dtype,
+    bias: torch.Tensor | None,
+    gelu: bool,
+    compressed: torch.Tensor,
+    x: torch.Tensor,
+    stream: int,
+) -> tuple[AlgConfig, float]:
+    """Time every cuSPARSELt algorithm id on these inputs, then split-K variants of the best one.
+
+    Returns the fastest configuration and its median time in microseconds.
+    """
+    out = torch.empty(m, n, dtype=dtype, device=x.device)
+
+    def measure(alg: AlgConfig) -> float | None:
+        try:
+            plan = MatmulPlan(handle, n, k, m, dtype, bias=bias, gelu=gelu, alg=alg)
+        except CusparseLtError:
+            return None  # this configuration does not exist for the shape
+        ws = torch.empty(max(plan.workspace_size, 1), dtype=torch.uint8, device=x.device)
+        try:
+            return time_cuda_us(lambda: plan.run(compressed, x, out, ws, stream), warmup=2, repeats=5)
+        except CusparseLtError:
+            return None
+
+    probe = MatmulPlan(handle, n, k, m, dtype, bias=bias, gelu=gelu)
+    timings: dict[AlgConfig, float] = {}
+    for alg_id in range(probe.max_alg_id() + 1):
+        t = measure(AlgConfig(alg_id))
+        if t is not None:
+            timings[AlgConfig(alg_id)] = t
+    if not timings:
+        raise CusparseLtError(f"no cuSPARSELt algorithm runs N{n} K{k} M{m} {dtype}")
+    best = min(timings, key=timings.get)
+    for split_k, mode in SPLIT_K_CANDIDATES:
+        if k // split_k < 64:
+            continue
+        alg = AlgConfig(best.alg_id, split_k, mode, split_k - 1)
+        t = measure(alg)
+        if t is not None:
+            timings[alg] = t
+    best = min(timings, key=timings.get)
+    return best, timings[best]

@@ -1,0 +1,218 @@
+"""GPU-only checks of the cuSPARSELt backend. Not collected by the CPU suite (the file name does not start with
+`test_`); run on a CUDA machine with:
+
+    PYTHONPATH=src python -m pytest -q tests/gpu/check_kernels_gpu.py
+
+Numerical checks compare against a float64 reference: ||y - ref|| / ||ref|| under 2e-3 for fp16 and 1e-2 for
+bf16 (fp32 accumulation in both).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import threading
+
+import pytest
+import torch
+from transformers import BertConfig, BertForQuestionAnswering
+
+from hf_semisparse import compute_nm_mask, prune_24
+from hf_semisparse.kernels import accelerate_24, why_not_accelerated
+from hf_semisparse.kernels import linear as linear_mod
+from hf_semisparse.kernels.cusparselt import AlgConfig, CusparseLtError, Handle, MatmulPlan
+from hf_semisparse.kernels.linear import SemiSparseLinear, SparseGemmBackend
+from hf_semisparse.kernels.tuning import TuningCache, search_alg
+
+if not torch.cuda.is_available():
+    pytest.fail("these checks need a CUDA GPU", pytrace=False)
+
+DEV = torch.device("cuda")
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture(autouse=True)
+def fresh_backend(tmp_path):
+    linear_mod._BACKEND = SparseGemmBackend(cache=TuningCache(str(tmp_path / "tuning.json")))
+    yield
+    linear_mod._BACKEND = None
+
+
+def sparse_linear(n, k, dtype, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lin = torch.nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        w = torch.randn(n, k, generator=g) / k**0.5
+        lin.weight.copy_(w * compute_nm_mask(w))
+        if bias:
+            lin.bias.copy_(torch.randn(n, generator=g))
+    return lin.to(DEV, dtype)
+
+
+def rel_err(y, ref):
+    assert torch.isfinite(y).all()
+    return ((y.double() - ref).norm() / ref.norm()).item()
+
+
+def reference(lin, x):
+    y = x.double() @ lin.weight.double().t()
+    return y + lin.bias.double() if lin.bias is not None else y
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,k,m", [(768, 768, 1536), (3072, 768, 6144), (768, 3072, 100), (64, 64, 16)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_plan_matches_float64_reference(dtype, n, k, m, bias):
+    lin = sparse_linear(n, k, dtype, bias)
+    handle = Handle(DEV)
+    compressed = handle.compress(lin.weight.detach())
+    assert compressed.numel() * 1 < lin.weight.numel() * 2 * 0.6  # bytes: values + metadata < 0.6x dense
+    mp = -(-m // 16) * 16
+    x = torch.randn(mp, k, device=DEV, dtype=dtype)
+    out = torch.full(
+        (mp, n), float("nan"), device=DEV, dtype=dtype
+    )  # poisoned: every element must be written
+    plan = MatmulPlan(handle, n, k, mp, dtype, bias=lin.bias)
+    ws = torch.empty(max(plan.workspace_size, 1), dtype=torch.uint8, device=DEV)
+    stream = torch.cuda.current_stream().cuda_stream
+    plan.run(compressed, x, out, ws, stream)
+    torch.cuda.synchronize()
+    assert rel_err(out, reference(lin, x)) < TOL[dtype]
+    # every algorithm the search may pick computes the same function
+    for alg_id in range(plan.max_alg_id() + 1):
+        try:
+            other = MatmulPlan(handle, n, k, mp, dtype, bias=lin.bias, alg=AlgConfig(alg_id))
+        except CusparseLtError:
+            continue
+        out.fill_(float("nan"))
+        ws = torch.empty(max(other.workspace_size, 1), dtype=torch.uint8, device=DEV)
+        other.run(compressed, x, out, ws, stream)
+        torch.cuda.synchronize()
+        assert rel_err(out, reference(lin, x)) < TOL[dtype], alg_id
+    alg, us = search_alg(handle, n, k, mp, dtype, lin.bias, False, compressed, x, stream)
+    assert us > 0 and alg.alg_id <= plan.max_alg_id()
+
+
+@pytest.mark.parametrize("keep_dense", [True, False])
+def test_semisparse_linear_module(keep_dense):
+    lin = sparse_linear(1024, 512, torch.float16)
+    layer = SemiSparseLinear(lin, keep_dense=keep_dense)
+    for m in (48, 4096, 4096, 37):  # new M -> one new decision; odd M is padded
+        x = torch.randn(m, 512, device=DEV, dtype=torch.float16)
+        with torch.inference_mode():
+            y = layer(x)
+        assert y.shape == (m, 1024)
+        assert rel_err(y, reference(lin, x)) < 2e-3
+    assert len(linear_mod.get_backend().cache) == 3
+    x3 = torch.randn(2, 24, 512, device=DEV, dtype=torch.float16)
+    assert rel_err(layer(x3), reference(lin, x3)) < 2e-3
+    if not keep_dense:
+        assert layer.weight is None
+        assert all(d.use_sparse for d in linear_mod.get_backend().cache._entries.values())
+
+
+def test_decisions_persist_across_processes(tmp_path, monkeypatch):
+    path = str(tmp_path / "persist.json")
+    linear_mod._BACKEND = SparseGemmBackend(cache=TuningCache(path))
+    lin = sparse_linear(768, 768, torch.float16)
+    layer = SemiSparseLinear(lin)
+    x = torch.randn(2048, 768, device=DEV, dtype=torch.float16)
+    y1 = layer(x)
+    assert os.path.isfile(path)
+    # a "restarted process": new backend reading the file must not search again
+    linear_mod._BACKEND = SparseGemmBackend(cache=TuningCache(path))
+    calls = []
+    monkeypatch.setattr(linear_mod, "search_alg", lambda *a, **k: calls.append(1))
+    y2 = SemiSparseLinear(lin)(x)
+    assert not calls
+    torch.testing.assert_close(y1, y2)
+
+
+def test_cuda_graph_capture_after_warmup():
+    lin = sparse_linear(3072, 768, torch.float16)
+    layer = SemiSparseLinear(lin, keep_dense=False)
+    x = torch.randn(4096, 768, device=DEV, dtype=torch.float16)
+    eager = layer(x)  # warm-up: tunes and builds the plan
+    graph = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        layer(x)  # plan and workspace for this stream
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(graph):
+        captured = layer(x)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(captured, reference(lin, x)) < 2e-3
+    assert not torch.equal(captured, eager)
+
+
+def test_torch_compile_fullgraph():
+    lin = sparse_linear(1024, 1024, torch.float16)
+    model = torch.nn.Sequential(SemiSparseLinear(lin), torch.nn.GELU())
+    x = torch.randn(2048, 1024, device=DEV, dtype=torch.float16)
+    eager = model(x)
+    compiled = torch.compile(model, fullgraph=True)
+    torch.testing.assert_close(compiled(x), eager, rtol=2e-3, atol=2e-3)
+
+
+def test_threads_and_devices():
+    lin = sparse_linear(1024, 1024, torch.float16)
+    layer = SemiSparseLinear(lin)
+    xs = [torch.randn(1024 * (i + 1), 1024, device=DEV, dtype=torch.float16) for i in range(4)]
+    errors = []
+
+    def work(x):
+        try:
+            for _ in range(5):
+                assert rel_err(layer(x), reference(lin, x)) < 2e-3
+        except Exception as exc:  # noqa: BLE001 - report any failure from the thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(x,)) for x in xs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
+def tiny_bert():
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        hidden_size=256, num_hidden_layers=2, num_attention_heads=4, intermediate_size=1024, vocab_size=1000
+    )
+    model = BertForQuestionAnswering(cfg).eval()
+    prune_24(model)
+    return model
+
+
+def test_accelerate_24_model_logits():
+    model = tiny_bert().to(DEV, torch.float16)
+    fast = copy.deepcopy(model)
+    report = accelerate_24(fast)
+    assert len(report.accelerated) == 12 and not report.reason
+    ids = torch.randint(0, 1000, (16, 128), device=DEV)
+    with torch.inference_mode():
+        ref = model(input_ids=ids)
+        out = fast(input_ids=ids)
+    for name in ("start_logits", "end_logits"):
+        assert rel_err(out[name], ref[name].double()) < 2e-3
+
+
+def test_fallbacks_say_why():
+    model = tiny_bert()
+    assert "cpu" in accelerate_24(model).reason
+    assert "float32" in accelerate_24(model.to(DEV)).reason
+    assert why_not_accelerated(DEV, torch.float16) is None
+    dense = BertForQuestionAnswering(
+        BertConfig(
+            hidden_size=256,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            intermediate_size=1024,
+            vocab_size=1000,
+        )
+    ).to(DEV, torch.float16)
+    assert "no linear layer is exactly 2:4" in accelerate_24(dense).reason
