@@ -221,36 +221,39 @@ def torch_best(w, x):
         return fn0, [alg]
 
 
+def bench_gemm(m: int, k: int, n: int) -> dict:
+    torch.manual_seed(0)
+    w = torch.randn(n, k, device="cuda", dtype=torch.float16)
+    w = w * compute_nm_mask(w)
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.float16)
+    lin.weight.data.copy_(w)
+    ours = SemiSparseLinear(lin, keep_dense=False)
+    err = rel_err(ours(x).double(), F.linear(x.double(), w.double()))
+    best_fn, alg = torch_best(w, x)
+    return {
+        "M": m,
+        "K": k,
+        "N": n,
+        "dense_us": time_calls_us(lambda: F.linear(x, w)),
+        "torch_best_graph_us": graph_us(best_fn),
+        "torch_alg": alg,
+        "ours_eager_us": time_calls_us(lambda: ours(x)),
+        "ours_graph_us": graph_us(lambda: ours(x)),
+        "ours_rel_err": err,
+    }
+
+
 def bench_gemms(args) -> list[dict]:
     rows = []
     for m, k, n in GEMMS:
-        torch.manual_seed(0)
-        w = torch.randn(n, k, device="cuda", dtype=torch.float16)
-        w = w * compute_nm_mask(w)
-        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-        lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.float16)
-        lin.weight.data.copy_(w)
-        ours = SemiSparseLinear(lin, keep_dense=False)
-        ref = F.linear(x.double(), w.double())
-        err = rel_err(ours(x).double(), ref)
-        best_fn, alg = torch_best(w, x)
-        row = {
-            "M": m,
-            "K": k,
-            "N": n,
-            "dense_us": time_calls_us(lambda: F.linear(x, w)),
-            "torch_best_graph_us": graph_us(best_fn),
-            "torch_alg": alg,
-            "ours_eager_us": time_calls_us(lambda: ours(x)),
-            "ours_graph_us": graph_us(lambda: ours(x)),
-            "ours_rel_err": err,
-        }
+        row = bench_gemm(m, k, n)
         rows.append(row)
         print(
-            f"GEMM {m}x{k}x{n}: dense {row['dense_us']:.1f} us, ours {row['ours_eager_us']:.1f} us",
+            f"GEMM {m}x{k}x{n}: dense {row['dense_us']:.1f} us, ours {row['ours_eager_us']:.1f} us, "
+            f"err {row['ours_rel_err']:.1e}",
             flush=True,
         )
-        del w, x, lin, ours
     return rows
 
 
