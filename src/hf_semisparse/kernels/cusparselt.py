@@ -175,6 +175,19 @@ class AlgConfig:
         }
 
 
+# Two ways to compute y[M, N] = x[M, K] @ W[N, K]^T without copies, W being 2:4 along K:
+#   "sparse_a": D[N, M] = W @ x^T with W the structured A (row-major), x read as B = [M, K] row-major with op T,
+#               D column-major with ld N, which is y row-major. Bias fuses (one value per row of D).
+#   "sparse_b": D[M, N] = x @ W^T with x the dense A, W the structured B read as [K, N] column-major (W's own
+#               row-major bytes), D row-major. Bias cannot fuse (it is per row of D = per token): added after.
+LAYOUTS = ("sparse_a", "sparse_b")
+
+
+def _structured_desc_args(layout: str, n: int, k: int) -> tuple[int, int, int, int]:
+    """(rows, cols, ld, order) of the structured descriptor of W for `layout`."""
+    return (n, k, k, CUSPARSE_ORDER_ROW) if layout == "sparse_a" else (k, n, k, CUSPARSE_ORDER_COL)
+
+
 class Handle:
     """A cuSPARSELt handle for one device, used from one thread."""
 
@@ -192,25 +205,25 @@ class Handle:
     def ref(self):
         return _ref(self.handle)
 
-    def compress(self, weight: torch.Tensor) -> torch.Tensor:
-        """cuSPARSELt's compressed form of a 2:4 weight `[N, K]` (values plus metadata, opaque bytes)."""
+    def compress(self, weight: torch.Tensor, layout: str = "sparse_a") -> torch.Tensor:
+        """cuSPARSELt's compressed form of a 2:4 weight `[N, K]` for `layout` (values plus metadata, opaque)."""
         n, k = weight.shape
-        desc = _opaque()
-        lib = self.lib
+        rows, cols, ld, order = _structured_desc_args(layout, n, k)
+        desc, lib = _opaque(), self.lib
         _check(
             lib,
             lib.cusparseLtStructuredDescriptorInit(
                 self.ref,
                 _ref(desc),
-                n,
-                k,
-                k,
+                rows,
+                cols,
+                ld,
                 ALIGNMENT,
                 DTYPES[weight.dtype],
-                CUSPARSE_ORDER_ROW,
+                order,
                 CUSPARSELT_SPARSITY_50_PERCENT,
             ),
-            "cusparseLtStructuredDescriptorInit",
+            "StructuredDescriptorInit",
         )
         try:
             size, buf_size = ctypes.c_size_t(0), ctypes.c_size_t(0)
@@ -227,7 +240,14 @@ class Handle:
             _check(
                 lib,
                 lib.cusparseLtSpMMACompress2(
-                    self.ref, _ref(desc), 1, OP_N, weight.data_ptr(), out.data_ptr(), buf.data_ptr(), stream
+                    self.ref,
+                    _ref(desc),
+                    int(layout == "sparse_a"),
+                    OP_N,
+                    weight.data_ptr(),
+                    out.data_ptr(),
+                    buf.data_ptr(),
+                    stream,
                 ),
                 "Compress2",
             )
@@ -241,7 +261,10 @@ class Handle:
 
 
 class MatmulPlan:
-    """A reusable plan for y[M, N] = x[M, K] @ W^T (+ bias) (optionally GELU), for one weight and one M."""
+    """A reusable plan for y[M, N] = x[M, K] @ W^T (+ bias) (optionally GELU), for one weight and one M.
+
+    With layout "sparse_b" a bias is not fused; `run` adds it after the GEMM.
+    """
 
     def __init__(
         self,
@@ -253,43 +276,53 @@ class MatmulPlan:
         bias: torch.Tensor | None = None,
         gelu: bool = False,
         alg: AlgConfig | None = None,
+        layout: str = "sparse_a",
     ) -> None:
-        self.handle, self.n, self.k, self.m, self.dtype = handle, n, k, m, dtype
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        if gelu and bias is not None and layout == "sparse_b":
+            raise ValueError("layout 'sparse_b' cannot fuse GELU after an unfused bias")
+        self.handle, self.n, self.k, self.m, self.dtype, self.layout = handle, n, k, m, dtype, layout
         lib, h = handle.lib, handle.ref
-        cuda_type = DTYPES[dtype]
-        self.mat_a, self.mat_b, self.mat_c = _opaque(), _opaque(), _opaque()
+        t = DTYPES[dtype]
+        self.mat_w, self.mat_x, self.mat_c = _opaque(), _opaque(), _opaque()
         self.matmul, self.alg_sel, self.plan = _opaque(), _opaque(), _opaque()
-        self._alive = []
+        self._alive: list[str] = []
+        rows, cols, ld, order = _structured_desc_args(layout, n, k)
         _check(
             lib,
             lib.cusparseLtStructuredDescriptorInit(
-                h,
-                _ref(self.mat_a),
-                n,
-                k,
-                k,
-                ALIGNMENT,
-                cuda_type,
-                CUSPARSE_ORDER_ROW,
-                CUSPARSELT_SPARSITY_50_PERCENT,
+                h, _ref(self.mat_w), rows, cols, ld, ALIGNMENT, t, order, CUSPARSELT_SPARSITY_50_PERCENT
             ),
-            "StructuredDescriptorInit(A)",
+            "descriptor(W)",
         )
-        self._alive.append("a")
+        self._alive.append("w")
         _check(
             lib,
-            lib.cusparseLtDenseDescriptorInit(
-                h, _ref(self.mat_b), m, k, k, ALIGNMENT, cuda_type, CUSPARSE_ORDER_ROW
-            ),
-            "DenseDescriptorInit(B)",
+            lib.cusparseLtDenseDescriptorInit(h, _ref(self.mat_x), m, k, k, ALIGNMENT, t, CUSPARSE_ORDER_ROW),
+            "descriptor(x)",
         )
-        self._alive.append("b")
+        self._alive.append("x")
+        if layout == "sparse_a":
+            c_args, op_a, op_b, mat_a, mat_b = (
+                (n, m, n, CUSPARSE_ORDER_COL),
+                OP_N,
+                OP_T,
+                self.mat_w,
+                self.mat_x,
+            )
+        else:
+            c_args, op_a, op_b, mat_a, mat_b = (
+                (m, n, n, CUSPARSE_ORDER_ROW),
+                OP_N,
+                OP_N,
+                self.mat_x,
+                self.mat_w,
+            )
         _check(
             lib,
-            lib.cusparseLtDenseDescriptorInit(
-                h, _ref(self.mat_c), n, m, n, ALIGNMENT, cuda_type, CUSPARSE_ORDER_COL
-            ),
-            "DenseDescriptorInit(C)",
+            lib.cusparseLtDenseDescriptorInit(h, _ref(self.mat_c), *c_args[:3], ALIGNMENT, t, c_args[3]),
+            "descriptor(y)",
         )
         self._alive.append("c")
         _check(
@@ -297,17 +330,18 @@ class MatmulPlan:
             lib.cusparseLtMatmulDescriptorInit(
                 h,
                 _ref(self.matmul),
-                OP_N,
-                OP_T,
-                _ref(self.mat_a),
-                _ref(self.mat_b),
+                op_a,
+                op_b,
+                _ref(mat_a),
+                _ref(mat_b),
                 _ref(self.mat_c),
                 _ref(self.mat_c),
                 CUSPARSE_COMPUTE_32F,
             ),
             "MatmulDescriptorInit",
         )
-        if bias is not None:
+        self.bias_after = bias if (bias is not None and layout == "sparse_b") else None
+        if bias is not None and layout == "sparse_a":
             self._bias_ptr = ctypes.c_void_p(bias.data_ptr())
             _check(
                 lib,
@@ -370,50 +404,6 @@ class MatmulPlan:
         )
         return size.value
 
-    def alg_config(self) -> AlgConfig:
-        lib, h = self.handle.lib, self.handle.ref
-        values = []
-        for attr in (ALG_CONFIG_ID, ALG_SPLIT_K, ALG_SPLIT_K_MODE, ALG_SPLIT_K_BUFFERS):
-            v = ctypes.c_int(0)
-            _check(
-                lib,
-                lib.cusparseLtMatmulAlgGetAttribute(h, _ref(self.alg_sel), attr, ctypes.byref(v), 4),
-                f"AlgGetAttribute({attr})",
-            )
-            values.append(v.value)
-        return AlgConfig(*values)
-
-    def _launch(self, fn, compressed, x, out, workspace, stream: int) -> None:
-        streams = (ctypes.c_void_p * 1)(stream)
-        _check(
-            self.handle.lib,
-            fn(
-                self.handle.ref,
-                _ref(self.plan),
-                ctypes.byref(self._alpha),
-                compressed.data_ptr(),
-                x.data_ptr(),
-                ctypes.byref(self._beta),
-                out.data_ptr(),
-                out.data_ptr(),
-                workspace.data_ptr() if workspace is not None else None,
-                streams,
-                1,
-            ),
-            fn.__name__,
-        )
-
-    def run(
-        self,
-        compressed: torch.Tensor,
-        x: torch.Tensor,
-        out: torch.Tensor,
-        workspace: torch.Tensor | None,
-        stream: int,
-    ) -> None:
-        """out[M, N] = x[M, K] @ W^T on `stream` (all tensors contiguous, on the plan's device)."""
-        self._launch(self.handle.lib.cusparseLtMatmul, compressed, x, out, workspace, stream)
-
     def max_alg_id(self) -> int:
         v = ctypes.c_int(0)
         _check(
@@ -425,15 +415,44 @@ class MatmulPlan:
         )
         return v.value
 
+    def run(
+        self,
+        compressed: torch.Tensor,
+        x: torch.Tensor,
+        out: torch.Tensor,
+        workspace: torch.Tensor | None,
+        stream: int,
+    ) -> None:
+        """out[M, N] = x[M, K] @ W^T (+ bias) on `stream`; all tensors contiguous, on the plan's device."""
+        a, b = (compressed, x) if self.layout == "sparse_a" else (x, compressed)
+        streams = (ctypes.c_void_p * 1)(stream)
+        _check(
+            self.handle.lib,
+            self.handle.lib.cusparseLtMatmul(
+                self.handle.ref,
+                _ref(self.plan),
+                ctypes.byref(self._alpha),
+                a.data_ptr(),
+                b.data_ptr(),
+                ctypes.byref(self._beta),
+                out.data_ptr(),
+                out.data_ptr(),
+                workspace.data_ptr() if workspace is not None else None,
+                streams,
+                1,
+            ),
+            "cusparseLtMatmul",
+        )
+        if self.bias_after is not None:
+            out.add_(self.bias_after)
+
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # interpreter shutdown
             lib = self.handle.lib
             if "plan" in self._alive:
                 lib.cusparseLtMatmulPlanDestroy(_ref(self.plan))
             if "alg" in self._alive and hasattr(lib, "cusparseLtMatmulAlgSelectionDestroy"):
                 lib.cusparseLtMatmulAlgSelectionDestroy(_ref(self.alg_sel))
-            for name, desc in (("a", self.mat_a), ("b", self.mat_b), ("c", self.mat_c)):
+            for name, desc in (("w", self.mat_w), ("x", self.mat_x), ("c", self.mat_c)):
                 if name in self._alive:
                     lib.cusparseLtMatDescriptorDestroy(_ref(desc))
-        except Exception:  # interpreter shutdown
-            pass

@@ -140,6 +140,11 @@ def choose(sparse_us: float, dense_us: float | None, margin: float) -> tuple[boo
 
 SPLIT_K_CANDIDATES = ((2, 1), (4, 1), (2, 2), (4, 2))  # (split_k, mode: 1 one kernel, 2 two kernels)
 
+# On an H100 with cuSPARSELt 0.8, algorithm ids 36-49 of the "sparse_a" layout (column-major output) raise an
+# illegal instruction, which kills the CUDA context (benchmarks/probe_cusparselt_algs.py, docs/benchmarks.md).
+# The search never tries ids above this; HF_SEMISPARSE_MAX_ALG_ID overrides it.
+SAFE_MAX_ALG_ID = int(os.environ.get("HF_SEMISPARSE_MAX_ALG_ID", "35"))
+
 
 def search_alg(
     handle: Handle,
@@ -172,7 +177,7 @@ def search_alg(
 
     probe = MatmulPlan(handle, n, k, m, dtype, bias=bias, gelu=gelu)
     timings: dict[AlgConfig, float] = {}
-    for alg_id in range(probe.max_alg_id() + 1):
+    for alg_id in range(min(probe.max_alg_id(), SAFE_MAX_ALG_ID) + 1):
         t = measure(AlgConfig(alg_id))
         if t is not None:
             timings[AlgConfig(alg_id)] = t
