@@ -78,8 +78,9 @@ def test_plan_matches_float64_reference(dtype, n, k, m, bias):
     plan.run(compressed, x, out, ws, stream)
     torch.cuda.synchronize()
     assert rel_err(out, reference(lin, x)) < TOL[dtype]
-    # every algorithm the search may pick computes the same function
-    for alg_id in range(min(plan.max_alg_id(), SAFE_MAX_ALG_ID) + 1):
+    # every algorithm the search may pick computes the same function (checked on one shape, to keep this fast)
+    all_ids = range(min(plan.max_alg_id(), SAFE_MAX_ALG_ID) + 1)
+    for alg_id in all_ids if (n, k, m) == (768, 768, 1536) else []:
         try:
             other = MatmulPlan(handle, n, k, mp, dtype, bias=lin.bias, alg=AlgConfig(alg_id))
         except CusparseLtError:
@@ -90,7 +91,14 @@ def test_plan_matches_float64_reference(dtype, n, k, m, bias):
         torch.cuda.synchronize()
         assert rel_err(out, reference(lin, x)) < TOL[dtype], alg_id
     alg, us = search_alg(handle, n, k, mp, dtype, lin.bias, False, compressed, x, stream)
-    assert us > 0 and alg.alg_id <= plan.max_alg_id()
+    assert us > 0 and alg.alg_id <= SAFE_MAX_ALG_ID
+    best = MatmulPlan(handle, n, k, mp, dtype, bias=lin.bias, alg=alg)
+    out.fill_(float("nan"))
+    best.run(
+        compressed, x, out, torch.empty(max(best.workspace_size, 1), dtype=torch.uint8, device=DEV), stream
+    )
+    torch.cuda.synchronize()
+    assert rel_err(out, reference(lin, x)) < TOL[dtype]
 
 
 @pytest.mark.parametrize("keep_dense", [True, False])
@@ -199,6 +207,17 @@ def test_accelerate_24_model_logits():
         out = fast(input_ids=ids)
     for name in ("start_logits", "end_logits"):
         assert rel_err(out[name], ref[name].double()) < 2e-3
+
+
+def test_plans_follow_the_module_when_it_moves():
+    lin = sparse_linear(512, 512, torch.float16)
+    layer = SemiSparseLinear(lin)
+    x = torch.randn(256, 512, device=DEV, dtype=torch.float16)
+    layer(x)
+    layer.to(torch.device("cuda", 0))  # new bias storage: cached plans are dropped and rebuilt
+    layer.bias.data = layer.bias.data.clone()
+    layer._apply(lambda t: t)
+    assert rel_err(layer(x), reference(lin, x)) < 2e-3
 
 
 def test_fallbacks_say_why():

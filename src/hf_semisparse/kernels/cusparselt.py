@@ -200,10 +200,8 @@ class Handle:
         version = ctypes.c_int(0)
         self.lib.cusparseLtGetVersion(_ref(self.handle), ctypes.byref(version))
         self.version = version.value
-
-    @property
-    def ref(self):
-        return _ref(self.handle)
+        self.device_name = torch.cuda.get_device_name(device)
+        self.ref = _ref(self.handle)
 
     def compress(self, weight: torch.Tensor, layout: str = "sparse_a") -> torch.Tensor:
         """cuSPARSELt's compressed form of a 2:4 weight `[N, K]` for `layout` (values plus metadata, opaque)."""
@@ -375,6 +373,10 @@ class MatmulPlan:
         self._alive.append("plan")
         self.workspace_size = self._workspace_size()
         self._alpha, self._beta = ctypes.c_float(1.0), ctypes.c_float(0.0)
+        # everything the hot path passes, prepared once
+        self._matmul_fn = lib.cusparseLtMatmul
+        self._args = (h, _ref(self.plan), ctypes.byref(self._alpha), ctypes.byref(self._beta))
+        self._streams: dict[int, ctypes.Array] = {}
 
     def _set_alg(self, alg: AlgConfig) -> None:
         lib, h = self.handle.lib, self.handle.ref
@@ -425,24 +427,26 @@ class MatmulPlan:
     ) -> None:
         """out[M, N] = x[M, K] @ W^T (+ bias) on `stream`; all tensors contiguous, on the plan's device."""
         a, b = (compressed, x) if self.layout == "sparse_a" else (x, compressed)
-        streams = (ctypes.c_void_p * 1)(stream)
-        _check(
-            self.handle.lib,
-            self.handle.lib.cusparseLtMatmul(
-                self.handle.ref,
-                _ref(self.plan),
-                ctypes.byref(self._alpha),
-                a.data_ptr(),
-                b.data_ptr(),
-                ctypes.byref(self._beta),
-                out.data_ptr(),
-                out.data_ptr(),
-                workspace.data_ptr() if workspace is not None else None,
-                streams,
-                1,
-            ),
-            "cusparseLtMatmul",
+        streams = self._streams.get(stream)
+        if streams is None:
+            streams = self._streams[stream] = (ctypes.c_void_p * 1)(stream)
+        h, plan, alpha, beta = self._args
+        d = out.data_ptr()
+        status = self._matmul_fn(
+            h,
+            plan,
+            alpha,
+            a.data_ptr(),
+            b.data_ptr(),
+            beta,
+            d,
+            d,
+            workspace.data_ptr() if workspace is not None else None,
+            streams,
+            1,
         )
+        if status:
+            _check(self.handle.lib, status, "cusparseLtMatmul")
         if self.bias_after is not None:
             out.add_(self.bias_after)
 

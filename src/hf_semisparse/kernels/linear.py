@@ -22,6 +22,7 @@ from .tuning import Decision, ShapeKey, TuningCache, choose, default_cache_path,
 logger = logging.getLogger(__name__)
 
 M_MULTIPLE = 16  # token counts are padded up to this for the sparse kernel
+_UNSET = object()
 
 
 class SparseGemmBackend:
@@ -98,6 +99,8 @@ class SemiSparseLinear(nn.Module):
         self._id = next(_IDS)
         _LAYERS[self._id] = self
         self._plans: dict[tuple[int, int], MatmulPlan] = {}
+        self._fast: dict[tuple[int, int], MatmulPlan | None] = {}  # (device, padded M) -> plan, None = dense
+        self._workspaces: dict[int, torch.Tensor] = {}  # stream -> workspace
 
     def extra_repr(self) -> str:
         return (
@@ -106,15 +109,30 @@ class SemiSparseLinear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.hf_semisparse.linear_24(
-            x, self.compressed, self.weight, self.bias, self._id, self.out_features
-        )
+        if torch.compiler.is_compiling():  # an opaque custom op: no graph break under torch.compile
+            return torch.ops.hf_semisparse.linear_24(
+                x, self.compressed, self.weight, self.bias, self._id, self.out_features
+            )
+        return self.run(x)  # eager: skip the dispatcher, every microsecond of host time counts here
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .cuda() / .half() move the tensors the cached plans point at (the fused bias): rebuild them
+        self._plans.clear()
+        self._fast.clear()
+        self._workspaces.clear()
+        return super()._apply(fn, recurse)
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cuda":
+            if self.weight is None:
+                raise RuntimeError("SemiSparseLinear without a dense weight runs on CUDA only")
+            return self._dense(x)
+        return self.sparse_forward(x)
 
     # ---------------------------------------------------------------- the CUDA path
     def _shape_key(self, handle: Handle, m: int, dtype: torch.dtype) -> ShapeKey:
-        name = torch.cuda.get_device_name(handle.device)
         return ShapeKey(
-            name,
+            handle.device_name,
             handle.version,
             self.out_features,
             self.in_features,
@@ -175,6 +193,14 @@ class SemiSparseLinear(nn.Module):
         logger.info("%s: %s (alg %s)", key, reason, alg)
         return decision
 
+    def _prepare(self, x2: torch.Tensor, stream: int) -> MatmulPlan | None:
+        """First call for this token count: the plan to use, or None to run dense."""
+        handle = get_backend().handle(x2.device)
+        decision = self._decide(handle, x2, stream)
+        if not decision.use_sparse and self.weight is not None:
+            return None
+        return self._plan(handle, x2.shape[0], x2.dtype, decision)
+
     def sparse_forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != self.compute_dtype:
             if self.weight is None:
@@ -193,15 +219,21 @@ class SemiSparseLinear(nn.Module):
             x2 = F.pad(x2, (0, 0, 0, padded - m))
         elif not x2.is_contiguous():
             x2 = x2.contiguous()
-        backend = get_backend()
-        handle = backend.handle(x.device)
         stream = torch.cuda.current_stream(x.device).cuda_stream
-        decision = self._decide(handle, x2, stream)
-        if not decision.use_sparse:
+        key = (x.device.index, padded)
+        plan = self._fast.get(key, _UNSET)
+        if plan is _UNSET:
+            plan = self._prepare(x2, stream)
+            if not torch.cuda.is_current_stream_capturing():
+                self._fast[key] = plan
+        if plan is None:
             return self._dense(x)
-        plan = self._plan(handle, padded, x2.dtype, decision)
+        ws = self._workspaces.get(stream)
+        if ws is None or ws.numel() < plan.workspace_size:
+            ws = get_backend().workspace(x.device, stream, plan.workspace_size)
+            self._workspaces[stream] = ws
         out = torch.empty(padded, self.out_features, dtype=x2.dtype, device=x2.device)
-        plan.run(self.compressed, x2, out, backend.workspace(x.device, stream, plan.workspace_size), stream)
+        plan.run(self.compressed, x2, out, ws, stream)
         if padded != m:
             out = out[:m]
         return out.view(*lead, self.out_features)
@@ -220,11 +252,7 @@ def linear_24(
     layer = _LAYERS.get(layer_id)
     if layer is None:
         raise RuntimeError(f"SemiSparseLinear {layer_id} no longer exists")
-    if x.device.type != "cuda":
-        if weight is None:
-            raise RuntimeError("SemiSparseLinear without a dense weight runs on CUDA only")
-        return layer._dense(x)
-    return layer.sparse_forward(x)
+    return layer.run(x)
 
 
 @linear_24.register_fake
