@@ -171,7 +171,9 @@ def search_alg(
             return None  # this configuration does not exist for the shape
         ws = torch.empty(max(plan.workspace_size, 1), dtype=torch.uint8, device=x.device)
         try:
-            return time_cuda_us(lambda: plan.run(compressed, x, out, ws, stream), warmup=2, repeats=5)
+            return time_cuda_us(
+                lambda: plan.run(compressed, x, out, ws, stream), warmup=1, repeats=3, inner=3
+            )
         except CusparseLtError:
             return None
 
@@ -191,5 +193,11 @@ def search_alg(
         t = measure(alg)
         if t is not None:
             timings[alg] = t
-    best = min(timings, key=timings.get)
+    # re-time the three fastest more carefully: one noisy sample should not pick the algorithm
+    finalists = sorted(timings, key=timings.get)[:3]
+    for alg in finalists:
+        plan = MatmulPlan(handle, n, k, m, dtype, bias=bias, gelu=gelu, alg=alg)
+        ws = torch.empty(max(plan.workspace_size, 1), dtype=torch.uint8, device=x.device)
+        timings[alg] = time_cuda_us(lambda plan=plan, ws=ws: plan.run(compressed, x, out, ws, stream))
+    best = min(finalists, key=timings.get)
     return best, timings[best]
