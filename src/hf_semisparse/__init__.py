@@ -11,11 +11,15 @@ from .masks import (  # noqa: E402
     pack_mask,
     unpack_mask,
 )
+from .modeling import AutoSparseModel  # noqa: E402
 from .pruning import Sparsifier, prune_24  # noqa: E402
+from .serialization import SparseCheckpointError, save_sparse_pretrained  # noqa: E402
 from .targets import NoTargetsError, SparsityReport, select_targets  # noqa: E402
 from .training import SparsityCallback, SparsityTrainer, SparsityTrainingArguments  # noqa: E402
 
 __all__ = [
+    "AutoSparseModel",
+    "SparseCheckpointError",
     "NoTargetsError",
     "SparsityCallback",
     "SparsityConfig",
@@ -30,6 +34,7 @@ __all__ = [
     "is_nm_sparse",
     "pack_mask",
     "prune_24",
+    "save_sparse_pretrained",
     "select_targets",
     "unpack_mask",
 ]
