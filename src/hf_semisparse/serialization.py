@@ -250,6 +250,7 @@ def save_sparse_pretrained(
             "version": CHECKPOINT_VERSION,
             "library_version": __version__,
             "transposed": transposed,
+            "target_bytes_ratio": round(compressed_bytes / dense_bytes, 4),
         },
     }
     summary_meta = json.dumps(

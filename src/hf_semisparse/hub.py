@@ -1,0 +1,130 @@
+"""Model cards and `push_to_hub` for sparse checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from huggingface_hub import HfApi, ModelCard, ModelCardData
+from torch import nn
+
+from .serialization import save_sparse_pretrained
+from .utils import unwrap_model
+
+TEMPLATE = Path(__file__).parent / "model_cards" / "sparse_24.md"
+
+
+def render_model_card(
+    model: nn.Module | None = None,
+    *,
+    checkpoint_dir: str | os.PathLike | None = None,
+    repo_id: str = "path/to/this/model",
+    base_model: str | None = None,
+    license: str = "apache-2.0",  # noqa: A002 - the Hub's field name
+    datasets: list[str] | None = None,
+    results: list[dict] | None = None,
+    results_command: str | None = None,
+    speedups: list[dict] | None = None,
+    speed_command: str | None = None,
+    recovered: bool = False,
+) -> str:
+    """Render the model card (YAML metadata + Markdown) of a 2:4 model.
+
+    The sparsity facts come from a saved checkpoint's `config.json` (`checkpoint_dir`) or from `model.config`.
+    `results` and `speedups` are table rows: dicts with a "name" and one value per column, e.g.
+    `{"name": "dense", "EM": 78.5, "F1": 86.9}`.
+    """
+    if checkpoint_dir is not None:
+        with open(os.path.join(checkpoint_dir, "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    elif model is not None:
+        config = unwrap_model(model).config.to_dict()
+    else:
+        raise ValueError("render_model_card needs a model or a checkpoint_dir")
+    sparsity = (config.get("quantization_config") or {}).get("sparsity_config") or {}
+    ours = config.get("sparsity_config") or {}
+    targets = list(sparsity.get("targets") or ours.get("targets") or [])
+    if not targets:
+        raise ValueError("the model records no 2:4 targets; prune it with hf_semisparse first")
+    ignore = list(sparsity.get("ignore") or [])
+    card_data = ModelCardData(
+        license=license,
+        base_model=base_model,
+        datasets=datasets,
+        library_name="transformers",
+        tags=["sparse", "2:4", "semi-structured-sparsity", "hf_semisparse", "compressed-tensors"],
+        pipeline_tag=None,
+    )
+
+    def columns(rows):
+        return [k for k in dict.fromkeys(k for r in rows for k in r) if k != "name"]
+
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATE),
+        model_name=repo_id.split("/")[-1],
+        repo_id=repo_id,
+        base_model=base_model,
+        method=ours.get("method", "magnitude"),
+        pattern=ours.get("pattern", sparsity.get("sparsity_structure", "2:4")),
+        recovered=recovered,
+        targets=targets,
+        num_targets=len(targets),
+        num_linear=len(targets) + len(ignore),
+        skipped=", ".join(f"`{n}`" for n in ignore[:8]) + (" …" if len(ignore) > 8 else "") or "none",
+        global_sparsity=f"{sparsity['global_sparsity']:.1%}" if "global_sparsity" in sparsity else "n/a",
+        target_ratio=_ratio_text(config),
+        results=results,
+        result_columns=columns(results or []),
+        results_command=results_command,
+        speedups=speedups,
+        speed_columns=columns(speedups or []),
+        speed_command=speed_command,
+    )
+    return str(card)
+
+
+def _ratio_text(config: dict) -> str:
+    ours = (config.get("quantization_config") or {}).get("hf_semisparse") or {}
+    if "target_bytes_ratio" in ours:
+        return f"{ours['target_bytes_ratio']:.3f}x"
+    return (
+        "1.0x (stored dense, with zeros)" if not config.get("quantization_config") else "about 0.56x (fp16)"
+    )
+
+
+def push_to_hub(
+    model: nn.Module,
+    repo_id: str,
+    *,
+    tokenizer=None,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str = "Upload 2:4 sparse model (hf_semisparse)",
+    create_pr: bool = False,
+    max_shard_size: int | str = "5GB",
+    **card_kwargs,
+):
+    """Save `model` as a compressed sparse checkpoint with a model card and upload it to the Hub.
+
+    Everything is written to a temporary folder first (the same files `save_sparse_pretrained` writes, plus
+    README.md and the tokenizer's files); then one `upload_folder` call sends it.
+
+    Returns:
+        The `CommitInfo` of the upload.
+    """
+    api = HfApi(token=token)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = os.path.join(tmp, "model")
+        save_sparse_pretrained(model, folder, max_shard_size=max_shard_size)
+        card = render_model_card(checkpoint_dir=folder, repo_id=repo_id, **card_kwargs)
+        with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
+            f.write(card)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        return api.upload_folder(
+            repo_id=repo_id, folder_path=folder, commit_message=commit_message, create_pr=create_pr
+        )

@@ -1,0 +1,114 @@
+import json
+import os
+
+import pytest
+import torch
+from huggingface_hub import HfApi
+
+from hf_semisparse import AutoSparseModel, prune_24, save_sparse_pretrained
+from hf_semisparse.cli import inspect_checkpoint, main
+from hf_semisparse.hub import push_to_hub, render_model_card
+from tests.conftest import make_model
+
+
+@pytest.fixture
+def sparse_ckpt(tmp_path):
+    model = make_model("bert").eval()
+    prune_24(model)
+    save_sparse_pretrained(model, tmp_path / "ckpt")
+    return model, tmp_path / "ckpt"
+
+
+def test_model_card(sparse_ckpt):
+    model, path = sparse_ckpt
+    card = render_model_card(
+        checkpoint_dir=path,
+        repo_id="me/bert-24",
+        base_model="bert-base-cased",
+        datasets=["squad"],
+        results=[{"name": "dense", "F1": 86.9}, {"name": "2:4", "F1": 86.5}],
+        results_command="python examples/x.py",
+        recovered=True,
+    )
+    head, body = card.split("---\n")[1], card.split("---\n", 2)[2]
+    assert "license: apache-2.0" in head and "base_model: bert-base-cased" in head and "- squad" in head
+    assert 'AutoSparseModel.from_pretrained("me/bert-24"' in body
+    assert "| dense | 86.9 |" in body and "| 2:4 | 86.5 |" in body and "python examples/x.py" in body
+    for name in model.config.sparsity_config["targets"]:
+        assert f"`{name}`" in body
+    assert "0.531x" in body  # fp32 weights: half the values plus 1 bit in 32
+    with pytest.raises(ValueError, match="no 2:4 targets"):
+        render_model_card(make_model("bert"))
+
+
+def test_push_to_hub_uploads_checkpoint_and_card(monkeypatch):
+    model = make_model("gpt2")
+    prune_24(model)
+    uploaded = {}
+
+    def fake_create_repo(self, repo_id, **kwargs):
+        uploaded["created"] = (repo_id, kwargs.get("private"))
+
+    def fake_upload_folder(self, *, repo_id, folder_path, **kwargs):
+        uploaded["files"] = sorted(os.listdir(folder_path))
+        with open(os.path.join(folder_path, "README.md")) as f:
+            uploaded["card"] = f.read()
+        uploaded["loaded"] = AutoSparseModel.from_pretrained(folder_path)
+        return "commit-info"
+
+    monkeypatch.setattr(HfApi, "create_repo", fake_create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", fake_upload_folder)
+    assert push_to_hub(model, "me/gpt2-24", private=True, base_model="gpt2") == "commit-info"
+    assert uploaded["created"] == ("me/gpt2-24", True)
+    assert uploaded["files"] == ["README.md", "config.json", "generation_config.json", "model.safetensors"]
+    assert "me/gpt2-24" in uploaded["card"] and "base_model: gpt2" in uploaded["card"]
+    for key, value in model.state_dict().items():
+        assert torch.equal(uploaded["loaded"].state_dict()[key], value), key
+
+
+def test_cli_convert_and_inspect(tmp_path, capsys):
+    model = make_model("gpt2").eval()
+    prune_24(model)
+    model.save_pretrained(tmp_path / "dense")  # dense with zeros; config records the targets
+    dense_report = inspect_checkpoint(str(tmp_path / "dense"))
+    assert dense_report["format"] == "dense" and all(layer["is_24"] for layer in dense_report["layers"])
+    assert main(["convert", str(tmp_path / "dense"), str(tmp_path / "sparse")]) == 0
+    assert "2:4 layers" in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path / "sparse"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["format"] == "sparse-24-bitmask"
+    assert sorted(layer["module"] for layer in report["layers"]) == sorted(
+        model.config.sparsity_config["targets"]
+    )
+    loaded = AutoSparseModel.from_pretrained(tmp_path / "sparse")
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_cli_inspect_flags_a_layer_that_is_not_24(tmp_path, capsys):
+    model = make_model("bert")
+    prune_24(model)
+    with torch.no_grad():
+        model.bert.encoder.layer[0].output.dense.weight.fill_(0.5)
+    model.save_pretrained(tmp_path / "dense")
+    assert main(["inspect", str(tmp_path / "dense")]) == 1
+    assert "layer.0.output.dense" in capsys.readouterr().out.split("NOT 2:4")[0].splitlines()[-1]
+
+
+def test_cli_errors_and_push(tmp_path, sparse_ckpt, monkeypatch, capsys):
+    assert main(["inspect", str(tmp_path / "missing")]) == 2
+    assert "error" in capsys.readouterr().err
+    calls = {}
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: calls.setdefault("repo", repo_id))
+    monkeypatch.setattr(
+        HfApi,
+        "upload_folder",
+        lambda self, **kw: calls.setdefault("files", sorted(os.listdir(kw["folder_path"]))),
+    )
+    _, path = sparse_ckpt
+    assert main(["push", str(path), "me/bert-24"]) == 0
+    assert calls["repo"] == "me/bert-24" and calls["files"] == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+    ]
