@@ -1,0 +1,287 @@
+"""The reference tutorial's BERT/SQuAD workflow through hf_semisparse's public API, in one command.
+
+dense fine-tune -> evaluate -> one-shot 2:4 prune -> evaluate -> recovery fine-tune (SparsityTrainer) -> evaluate
+-> save a compressed checkpoint with a model card -> load it with AutoSparseModel -> evaluate, and time dense
+vs sparse (GPU only). Prints a results table and writes results.json and results.md to --output-dir.
+
+Real run (GPU), offline data and model:
+    python examples/squad/run_squad.py --model ../shared/models/all-MiniLM-L6-v2 \
+        --train-file ../shared/data/squad/squad-v1.1-train-first11.json \
+        --validation-file ../shared/data/squad/xquad-en.json --output-dir outputs/squad-minilm
+
+Tutorial setting (Hub reachable): python examples/squad/run_squad.py --model bert-base-cased --batch-size 64
+
+Smoke run (CPU, minutes; a tiny model from a config and a few dozen examples; its numbers mean nothing):
+    python examples/squad/run_squad.py --smoke --model ../shared/models/all-MiniLM-L6-v2 \
+        --train-file ../shared/data/squad/squad-v1.1-train-first11.json \
+        --validation-file ../shared/data/squad/xquad-en.json --output-dir outputs/squad-smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import (
+    AutoModelForQuestionAnswering,
+    AutoTokenizer,
+    BertConfig,
+    BertForQuestionAnswering,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from squad_data import (  # noqa: E402
+    SquadDataError,
+    load_squad,
+    postprocess,
+    prepare_eval_features,
+    prepare_train_features,
+    squad_metric,
+)
+
+from hf_semisparse import (  # noqa: E402
+    AutoSparseModel,
+    SparsityConfig,
+    SparsityTrainer,
+    is_nm_sparse,
+    prune_24,
+    save_sparse_pretrained,
+    select_targets,
+)
+from hf_semisparse.hub import render_model_card  # noqa: E402
+from hf_semisparse.utils import atomic_write_text  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="bert-base-cased", help="Hub id or local folder (with a tokenizer)")
+    p.add_argument("--train-file", default=None, help="local SQuAD v1.1 JSON; default: the Hub's 'squad'")
+    p.add_argument("--validation-file", default=None)
+    p.add_argument("--output-dir", default="outputs/squad")
+    p.add_argument("--max-length", type=int, default=384)
+    p.add_argument("--doc-stride", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--eval-batch-size", type=int, default=64)
+    p.add_argument("--epochs", type=float, default=1.0, help="for the dense and for the recovery fine-tune")
+    p.add_argument("--learning-rate", type=float, default=5e-5)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--limit-train", type=int, default=None)
+    p.add_argument("--limit-eval", type=int, default=None)
+    p.add_argument("--smoke", action="store_true", help="tiny model, few examples: checks the pipeline only")
+    return p.parse_args(argv)
+
+
+def load_tokenizer(name: str):
+    if os.path.isdir(name) and not any(f.startswith(("tokenizer", "vocab")) for f in os.listdir(name)):
+        raise SquadDataError(
+            f"{name} has no tokenizer files (tokenizer.json / vocab.txt); add them or pass a "
+            "folder that has them"
+        )
+    return AutoTokenizer.from_pretrained(name)
+
+
+def predict(
+    model, features, batch_size: int, device: torch.device, desc: str
+) -> tuple[np.ndarray, np.ndarray]:
+    model.eval()
+    loader = torch.utils.data.DataLoader(features.with_format("torch"), batch_size=batch_size)
+    starts, ends = [], []
+    autocast = device.type == "cuda" and next(model.parameters()).dtype == torch.float32
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=autocast):
+        for batch in tqdm(loader, desc=desc, leave=False):
+            out = model(**{k: v.to(device) for k, v in batch.items()})
+            starts.append(out.start_logits.float().cpu())
+            ends.append(out.end_logits.float().cpu())
+    return torch.cat(starts).numpy(), torch.cat(ends).numpy()
+
+
+def evaluate(model, valid, eval_features, eval_inputs, args, device, desc) -> dict:
+    start, end = predict(model, eval_inputs, args.eval_batch_size, device, desc)
+    return squad_metric(postprocess(valid, eval_features, start, end), valid)
+
+
+def time_forward_ms(model, batch: dict, repeats: int = 20) -> float:
+    with torch.inference_mode():
+        for _ in range(3):
+            model(**batch)
+        times = []
+        for _ in range(repeats):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            model(**batch)
+            e.record()
+            e.synchronize()
+            times.append(s.elapsed_time(e))
+    return statistics.median(times)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.smoke:
+        args.limit_train = args.limit_train or 48
+        args.limit_eval = args.limit_eval or 24
+        args.max_length, args.doc_stride, args.batch_size, args.eval_batch_size = 128, 32, 8, 16
+    set_seed(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    # everything that can be wrong with the inputs fails here, before any training
+    tokenizer = load_tokenizer(args.model)
+    train, valid = load_squad(args.train_file, args.validation_file, args.limit_train, args.limit_eval)
+    if args.smoke:
+        model = BertForQuestionAnswering(
+            BertConfig(
+                vocab_size=tokenizer.vocab_size,
+                hidden_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=128,
+            )
+        )
+    else:
+        model = AutoModelForQuestionAnswering.from_pretrained(args.model, dtype=torch.float32)
+
+    fmt = {"tokenizer": tokenizer, "max_length": args.max_length, "stride": args.doc_stride}
+    train_features = train.map(
+        prepare_train_features,
+        batched=True,
+        remove_columns=train.column_names,
+        fn_kwargs=fmt,
+        desc="train features",
+    )
+    eval_features = valid.map(
+        prepare_eval_features,
+        batched=True,
+        remove_columns=valid.column_names,
+        fn_kwargs=fmt,
+        desc="eval features",
+    )
+    eval_inputs = eval_features.remove_columns(["example_id", "offset_mapping"])
+
+    def training_args(name: str) -> TrainingArguments:
+        return TrainingArguments(
+            os.path.join(args.output_dir, name),
+            per_device_train_batch_size=args.batch_size,
+            learning_rate=args.learning_rate,
+            num_train_epochs=args.epochs,
+            lr_scheduler_type="constant",
+            seed=args.seed,
+            data_seed=args.seed,
+            save_strategy="no",
+            report_to=[],
+            logging_steps=50,
+            bf16=device.type == "cuda",
+            use_cpu=device.type == "cpu",
+        )
+
+    results = {}
+    Trainer(model=model, args=training_args("dense"), train_dataset=train_features).train()
+    results["dense"] = evaluate(model, valid, eval_features, eval_inputs, args, device, "eval dense")
+
+    pruned = copy.deepcopy(model)
+    sparsity = SparsityConfig()
+    report = prune_24(pruned, sparsity)
+    results["one-shot 2:4"] = evaluate(
+        pruned, valid, eval_features, eval_inputs, args, device, "eval one-shot"
+    )
+
+    SparsityTrainer(
+        model=pruned, args=training_args("recover"), train_dataset=train_features, sparsity_config=sparsity
+    ).train()
+    results["recovered 2:4"] = evaluate(
+        pruned, valid, eval_features, eval_inputs, args, device, "eval recovered"
+    )
+
+    sparse_dir = os.path.join(args.output_dir, "sparse")
+    summary = save_sparse_pretrained(pruned.cpu(), sparse_dir)
+    tokenizer.save_pretrained(sparse_dir)
+    half = device.type == "cuda"
+    loaded = AutoSparseModel.from_pretrained(
+        sparse_dir, torch_dtype=torch.float16 if half else None, device_map=str(device)
+    )
+    results["loaded sparse checkpoint"] = evaluate(
+        loaded, valid, eval_features, eval_inputs, args, device, "eval loaded"
+    )
+
+    speed = []
+    if device.type == "cuda":
+        dense_fp16 = copy.deepcopy(pruned).half().to(device).eval()
+        for batch_size in (16, 64):
+            rows = eval_inputs.with_format("torch")[:batch_size]
+            batch = {k: v.to(device) for k, v in rows.items()}
+            d, s = time_forward_ms(dense_fp16, batch), time_forward_ms(loaded, batch)
+            speed.append(
+                {
+                    "name": f"batch {len(batch['input_ids'])}, seq {args.max_length}",
+                    "dense ms": f"{d:.2f}",
+                    "2:4 ms": f"{s:.2f}",
+                    "speedup": f"{d / s:.2f}x",
+                }
+            )
+
+    command = (
+        " ".join([os.path.basename(sys.executable), *sys.argv])
+        if argv is None
+        else "run_squad.py " + " ".join(argv)
+    )
+    table = [
+        {"name": name, "EM": f"{r['exact_match']:.2f}", "F1": f"{r['f1']:.2f}"} for name, r in results.items()
+    ]
+    card = render_model_card(
+        checkpoint_dir=sparse_dir,
+        repo_id=os.path.basename(os.path.abspath(args.output_dir)),
+        base_model=None if os.path.isdir(args.model) else args.model,
+        datasets=["squad"],
+        results=table,
+        results_command=command,
+        speedups=speed or None,
+        recovered=True,
+    )
+    atomic_write_text(os.path.join(sparse_dir, "README.md"), card)
+
+    label = "SMOKE RUN: tiny model, few examples; these numbers mean nothing" if args.smoke else ""
+    out = {
+        "label": label,
+        "command": command,
+        "seed": args.seed,
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
+        "train_questions": len(train),
+        "eval_questions": len(valid),
+        "results": results,
+        "speed": speed,
+        "sparsified_layers": len(report.targets),
+        "checkpoint": sparse_dir,
+        "target_bytes_ratio": summary["target_ratio"],
+        "targets_all_24": all(is_nm_sparse(t.linear_view()) for t in select_targets(pruned, sparsity)[0]),
+    }
+    lines = ["| model | EM | F1 |", "| --- | --- | --- |"]
+    lines += [f"| {row['name']} | {row['EM']} | {row['F1']} |" for row in table]
+    markdown = (
+        "\n".join(([f"**{label}**", ""] if label else []) + lines + ["", f"Command: `{command}`"]) + "\n"
+    )
+    os.makedirs(args.output_dir, exist_ok=True)
+    atomic_write_text(os.path.join(args.output_dir, "results.json"), json.dumps(out, indent=2) + "\n")
+    atomic_write_text(os.path.join(args.output_dir, "results.md"), markdown)
+    print(("\n" + label) if label else "")
+    print(markdown)
+    for row in speed:
+        print(row)
+    return out
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except SquadDataError as exc:
+        sys.exit(f"run_squad.py: {exc}")

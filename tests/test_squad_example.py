@@ -1,0 +1,84 @@
+"""The SQuAD workflow (examples/squad) end to end in its smoke configuration, on the real offline data."""
+
+import json
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+
+from hf_semisparse import AutoSparseModel
+from tests.conftest import SHARED
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples", "squad"))
+
+import run_squad  # noqa: E402
+from squad_data import SquadDataError, read_squad_json  # noqa: E402
+
+TRAIN = os.path.join(SHARED, "data", "squad", "squad-v1.1-train-first11.json")
+VALID = os.path.join(SHARED, "data", "squad", "xquad-en.json")
+MODEL = os.path.join(SHARED, "models", "all-MiniLM-L6-v2")
+
+
+def smoke_args(out, model=MODEL, train=TRAIN, valid=VALID):
+    return [
+        "--smoke",
+        "--model",
+        model,
+        "--train-file",
+        train,
+        "--validation-file",
+        valid,
+        "--output-dir",
+        str(out),
+    ]
+
+
+def test_smoke_run_end_to_end(tmp_path):
+    out = run_squad.main(smoke_args(tmp_path))
+    assert out["label"].startswith("SMOKE RUN")
+    assert list(out["results"]) == ["dense", "one-shot 2:4", "recovered 2:4", "loaded sparse checkpoint"]
+    for r in out["results"].values():
+        assert 0.0 <= r["exact_match"] <= 100.0 and 0.0 <= r["f1"] <= 100.0
+    assert out["targets_all_24"] and out["sparsified_layers"] == 12
+    # the checkpoint holds exactly the recovered weights: same answers after the round trip (CPU, fp32)
+    assert out["results"]["loaded sparse checkpoint"]["f1"] == out["results"]["recovered 2:4"]["f1"]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["results"] == out["results"] and "--smoke" in saved["command"]
+    card = (tmp_path / "sparse" / "README.md").read_text()
+    assert "| recovered 2:4 |" in card and "run_squad.py" in card
+    assert "| dense |" in (tmp_path / "results.md").read_text()
+    loaded = AutoSparseModel.from_pretrained(tmp_path / "sparse")
+    assert isinstance(loaded, torch.nn.Module) and (tmp_path / "sparse" / "tokenizer.json").exists()
+
+
+def test_not_squad_shaped_file(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"rows": [1, 2]}))
+    with pytest.raises(SquadDataError, match="not SQuAD-shaped"):
+        run_squad.main(smoke_args(tmp_path / "out", train=str(bad)))
+    assert not (tmp_path / "out").exists()  # failed before any training
+
+
+def test_answer_offsets_that_do_not_match(tmp_path):
+    with open(VALID) as f:
+        data = json.load(f)
+    qa = data["data"][0]["paragraphs"][0]["qas"][0]
+    qa["answers"][0]["answer_start"] += 3
+    bad = tmp_path / "shifted.json"
+    bad.write_text(json.dumps(data))
+    with pytest.raises(SquadDataError, match=qa["id"]):
+        read_squad_json(str(bad))
+    with pytest.raises(SquadDataError, match="does not occur at offset"):
+        run_squad.main(smoke_args(tmp_path / "out", valid=str(bad)))
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_folder_without_tokenizer(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    shutil.copy(os.path.join(MODEL, "config.json"), folder / "config.json")
+    with pytest.raises(SquadDataError, match="no tokenizer"):
+        run_squad.main(smoke_args(tmp_path / "out", model=str(folder)))
+    assert not (tmp_path / "out").exists()
