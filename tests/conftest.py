@@ -31,7 +31,10 @@ HIDDEN = 64
 SEQ = 16
 
 ARCHS = ["bert", "distilbert", "roberta", "gpt2", "llama", "t5"]
-SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
+# the offline data and models beside the checkout (CI clones next to it); override with HF_SEMISPARSE_SHARED
+SHARED = os.environ.get(
+    "HF_SEMISPARSE_SHARED", os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
+)
 
 
 def make_model(arch: str, seed: int = 0) -> torch.nn.Module:

@@ -16,6 +16,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples", "sq
 import run_squad  # noqa: E402
 from squad_data import SquadDataError, read_squad_json  # noqa: E402
 
+if not os.path.isdir(os.path.join(SHARED, "data", "squad")):
+    pytest.fail(
+        f"the SQuAD workflow tests need the offline data in {SHARED} (set HF_SEMISPARSE_SHARED)",
+        pytrace=False,
+    )
+
 TRAIN = os.path.join(SHARED, "data", "squad", "squad-v1.1-train-first11.json")
 VALID = os.path.join(SHARED, "data", "squad", "xquad-en.json")
 MODEL = os.path.join(SHARED, "models", "all-MiniLM-L6-v2")
