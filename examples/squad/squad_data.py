@@ -90,9 +90,10 @@ def load_squad(
     return train, valid
 
 
-def prepare_train_features(examples, tokenizer, max_length: int = 384, stride: int = 128):
+def _tokenize_windows(examples, tokenizer, max_length: int, stride: int):
+    """Question + context, the context cut into overlapping windows of `max_length` tokens."""
     questions = [q.lstrip() for q in examples["question"]]
-    enc = tokenizer(
+    return tokenizer(
         questions,
         examples["context"],
         truncation="only_second",
@@ -102,6 +103,10 @@ def prepare_train_features(examples, tokenizer, max_length: int = 384, stride: i
         return_offsets_mapping=True,
         padding="max_length",
     )
+
+
+def prepare_train_features(examples, tokenizer, max_length: int = 384, stride: int = 128):
+    enc = _tokenize_windows(examples, tokenizer, max_length, stride)
     sample_map = enc.pop("overflow_to_sample_mapping")
     starts, ends = [], []
     for i, offsets in enumerate(enc.pop("offset_mapping")):
@@ -129,17 +134,7 @@ def prepare_train_features(examples, tokenizer, max_length: int = 384, stride: i
 
 
 def prepare_eval_features(examples, tokenizer, max_length: int = 384, stride: int = 128):
-    questions = [q.lstrip() for q in examples["question"]]
-    enc = tokenizer(
-        questions,
-        examples["context"],
-        truncation="only_second",
-        max_length=max_length,
-        stride=stride,
-        return_overflowing_tokens=True,
-        return_offsets_mapping=True,
-        padding="max_length",
-    )
+    enc = _tokenize_windows(examples, tokenizer, max_length, stride)
     sample_map = enc.pop("overflow_to_sample_mapping")
     enc["example_id"] = []
     for i in range(len(enc["input_ids"])):

@@ -148,7 +148,7 @@ class AutoSparseModel:
         klass = _model_class(config, model_class)
         with init_empty_weights(include_buffers=False):
             model = klass(config)
-        missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+        _, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
         if unexpected:
             raise SparseCheckpointError(
                 f"checkpoint tensors the {klass.__name__} does not have: {unexpected[:5]} "
@@ -160,7 +160,6 @@ class AutoSparseModel:
             raise SparseCheckpointError(
                 f"checkpoint lacks tensors {still_meta[:5]} (missing shard or wrong config)"
             )
-        del missing
 
         recorded = getattr(model.config, "sparsity_config", None)
         if compressed_modules:

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .masks import compute_nm_mask, find_nm_violation, pack_mask, unpack_mask
-from .targets import _is_linear
+from .targets import is_linear_module
 from .utils import unwrap_model
 
 logger = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ def sparse_targets(model: nn.Module) -> dict[str, nn.Module]:
         return {n: modules[n] for n in recorded["targets"]}
     out = {}
     for name, module in modules.items():
-        if not _is_linear(module):
+        if not is_linear_module(module):
             continue
         weight = module.weight if isinstance(module, nn.Linear) else module.weight.t()
         if (
@@ -232,7 +232,7 @@ def save_sparse_pretrained(
             groups.append([name])
 
     target_names = sorted(targets)
-    total_linear = [n for n, m in root.named_modules() if _is_linear(m)]
+    total_linear = [n for n, m in root.named_modules() if is_linear_module(m)]
     config = root.config
     sparsity_cfg = {
         "format": SPARSITY_FORMAT,

@@ -111,7 +111,8 @@ def _excluded(name: str, patterns: list[str] | str | None) -> bool:
     return any(_matches(".".join(parts[: i + 1]), patterns) for i in range(len(parts)))
 
 
-def _is_linear(module: nn.Module) -> bool:
+def is_linear_module(module: nn.Module) -> bool:
+    """nn.Linear or transformers' Conv1D (whose weight is stored [in, out])."""
     return isinstance(module, nn.Linear) or (Conv1D is not None and isinstance(module, Conv1D))
 
 
@@ -140,7 +141,7 @@ def select_targets(model: nn.Module, config: SparsityConfig) -> tuple[list[Spars
         if not name:
             continue
         named = _matches(name, config.target_modules)
-        if not _is_linear(module):
+        if not is_linear_module(module):
             has_weight = isinstance(getattr(module, "weight", None), torch.Tensor)
             if named and has_weight and not list(module.children()):
                 raise TypeError(

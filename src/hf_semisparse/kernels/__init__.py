@@ -71,9 +71,9 @@ def why_not_accelerated(device: torch.device, dtype: torch.dtype) -> str | None:
 
 
 def _linear_weight(module: nn.Module) -> torch.Tensor | None:
-    from ..targets import _is_linear
+    from ..targets import is_linear_module
 
-    if not _is_linear(module):
+    if not is_linear_module(module):
         return None
     return module.weight if isinstance(module, nn.Linear) else module.weight.t()
 
