@@ -1,0 +1,70 @@
+"""One rank of the DDP check in tests/test_distributed.py (not collected by pytest: no test_ prefix).
+
+    torchrun --nproc_per_node=2 tests/ddp_worker.py OUT_DIR     # two ranks, gloo on CPU
+    python tests/ddp_worker.py OUT_DIR                           # the single-process reference
+
+Trains a tiny BERT (dropout off) with SparsityCallback on 8 examples: the global batch is the whole dataset at
+every step, so the two-rank run and the single-process run compute the same averaged gradient
+(`average_tokens_across_devices=False`: otherwise the Trainer scales the loss by the world size).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from hf_semisparse import SparsityCallback, SparsityConfig  # noqa: E402
+from tests.conftest import ToyDataset  # noqa: E402
+
+
+def main(out_dir: str) -> None:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(
+        BertConfig(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=128,
+            vocab_size=128,
+            max_position_embeddings=64,
+            num_labels=2,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+    )
+    callback = SparsityCallback(SparsityConfig())
+    args = TrainingArguments(
+        os.path.join(out_dir, f"run-{world}"),
+        per_device_train_batch_size=8 // world,
+        max_steps=6,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        average_tokens_across_devices=False,
+        ddp_backend="gloo" if world > 1 else None,
+    )
+    Trainer(model=model, args=args, train_dataset=ToyDataset("bert", n=8), callbacks=[callback]).train()
+    sp = callback.sparsifier
+    state = {
+        "weights": {t.name: t.weight.detach().clone() for t in sp.targets},
+        "masks": {name: mask.clone() for name, mask in sp.masks.items()},
+        "all": {k: v.detach().clone() for k, v in model.state_dict().items()},
+    }
+    torch.save(state, os.path.join(out_dir, f"world{world}-rank{rank}.pt"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
