@@ -88,3 +88,9 @@ def test_model_folder_without_tokenizer(tmp_path):
     with pytest.raises(SquadDataError, match="no tokenizer"):
         run_squad.main(smoke_args(tmp_path / "out", model=str(folder)))
     assert not (tmp_path / "out").exists()
+
+
+def test_smoke_run_with_a_calibrated_method(tmp_path):
+    out = run_squad.main(smoke_args(tmp_path) + ["--method", "wanda"])
+    assert out["method"] == "wanda" and out["targets_all_24"]
+    assert out["results"]["loaded sparse checkpoint"]["f1"] == out["results"]["recovered 2:4"]["f1"]

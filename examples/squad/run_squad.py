@@ -78,6 +78,12 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--limit-train", type=int, default=None)
     p.add_argument("--limit-eval", type=int, default=None)
+    p.add_argument(
+        "--method",
+        choices=["magnitude", "wanda", "sparsegpt"],
+        default="magnitude",
+        help="one-shot mask selection; wanda/sparsegpt calibrate on the first training batches",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny model, few examples: checks the pipeline only")
     return p.parse_args(argv)
 
@@ -189,14 +195,25 @@ def main(argv=None) -> dict:
     results["dense"] = evaluate(model, valid, eval_features, eval_inputs, args, device, "eval dense")
 
     pruned = copy.deepcopy(model)
-    sparsity = SparsityConfig()
-    report = prune_24(pruned, sparsity)
+    sparsity = SparsityConfig(method=args.method)
+    calibration = None
+    if args.method != "magnitude":
+        inputs = train_features.remove_columns(["start_positions", "end_positions"]).with_format("torch")
+        calibration = [
+            inputs[i : i + args.batch_size]
+            for i in range(
+                0, min(len(inputs), sparsity.calibration_batches * args.batch_size), args.batch_size
+            )
+        ]
+    report = prune_24(pruned, sparsity, calibration_data=calibration)
     results["one-shot 2:4"] = evaluate(
         pruned, valid, eval_features, eval_inputs, args, device, "eval one-shot"
     )
 
+    # recovery keeps the one-shot masks: magnitude selection on the pruned weights finds exactly their zeros
+    recovery = SparsityConfig()
     SparsityTrainer(
-        model=pruned, args=training_args("recover"), train_dataset=train_features, sparsity_config=sparsity
+        model=pruned, args=training_args("recover"), train_dataset=train_features, sparsity_config=recovery
     ).train()
     results["recovered 2:4"] = evaluate(
         pruned, valid, eval_features, eval_inputs, args, device, "eval recovered"
@@ -254,6 +271,7 @@ def main(argv=None) -> dict:
         "label": label,
         "command": command,
         "seed": args.seed,
+        "method": args.method,
         "device": str(device),
         "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
         "train_questions": len(train),

@@ -10,7 +10,7 @@ from typing import Any
 
 CONFIG_NAME = "sparsity_config.json"
 
-METHODS = ("magnitude",)
+METHODS = ("magnitude", "wanda", "sparsegpt")
 SCHEDULES = ("oneshot", "gradual")
 
 # Modules that are task heads or poolers in transformers models; never pruned by default.
@@ -52,7 +52,16 @@ class SparsityConfig:
             "excludes everything below it)."
         },
     )
-    method: str = field(default="magnitude", metadata={"help": f"Mask selection method, one of {METHODS}."})
+    method: str = field(
+        default="magnitude",
+        metadata={
+            "help": f"Mask selection, one of {METHODS}. 'wanda' and 'sparsegpt' calibrate on data: "
+            "prune_24(calibration_data=...) or, in training, the first calibration_batches batches."
+        },
+    )
+    calibration_batches: int = field(
+        default=16, metadata={"help": "Batches used to calibrate wanda/sparsegpt."}
+    )
     n: int = field(default=2, metadata={"help": "Weights kept in each group of m."})
     m: int = field(default=4, metadata={"help": "Group size along the input dimension."})
     schedule: str = field(
@@ -116,6 +125,15 @@ class SparsityConfig:
         if self.method not in METHODS:
             raise ValueError(
                 f"SparsityConfig.method={self.method!r} is not supported; choose one of {METHODS}"
+            )
+        if self.method != "magnitude" and (self.schedule != "oneshot" or self.mask_update_every is not None):
+            raise ValueError(
+                f"SparsityConfig.method={self.method!r} prunes once from calibration data: it needs "
+                "schedule='oneshot' and no mask_update_every"
+            )
+        if self.calibration_batches < 1:
+            raise ValueError(
+                f"SparsityConfig.calibration_batches must be >= 1, got {self.calibration_batches}"
             )
         if self.schedule not in SCHEDULES:
             raise ValueError(f"SparsityConfig.schedule={self.schedule!r}; choose one of {SCHEDULES}")

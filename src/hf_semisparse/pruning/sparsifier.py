@@ -246,22 +246,54 @@ class Sparsifier:
         return step
 
 
-def prune_24(model: torch.nn.Module, config: SparsityConfig | None = None) -> SparsityReport:
+def prune_24(
+    model: torch.nn.Module,
+    config: SparsityConfig | None = None,
+    calibration_data=None,
+    show_progress: bool = True,
+) -> SparsityReport:
     """One-shot N:M (default 2:4) pruning in place, for people who do not train.
 
-    Zeros the pruned weights of every target, records the config in `model.config.sparsity_config` (when the
-    model has a config), and returns the per-module report.
+    Zeros the pruned weights of every target (SparseGPT also updates the kept ones), records the config in
+    `model.config.sparsity_config` (when the model has a config), and returns the per-module report.
+
+    Args:
+        config: what to prune and how; default 2:4 magnitude.
+        calibration_data: batches of model inputs (dicts of tensors), needed by method "wanda" and "sparsegpt".
 
     Example:
-        >>> report = prune_24(model)
+        >>> report = prune_24(model, SparsityConfig(method="sparsegpt"), calibration_data=batches)
         >>> print(report)
     """
     config = config or SparsityConfig()
     sparsifier = Sparsifier(model, config)
+    if config.method != "magnitude":
+        if calibration_data is None:
+            raise ValueError(
+                f"method {config.method!r} needs calibration_data (a few batches of model inputs)"
+            )
+        calibrate(model, sparsifier, calibration_data, show_progress)
     sparsifier.update_masks(level=1.0)
     record_sparsity_in_config(model, config, sparsifier.report)
     logger.info("Pruned %d modules to %s", len(sparsifier.targets), config.pattern)
     return sparsifier.report
+
+
+def calibrate(model: torch.nn.Module, sparsifier: Sparsifier, batches, show_progress: bool = True) -> None:
+    """Run the config's calibrated method (wanda / sparsegpt) on the sparsifier's targets."""
+    from ..utils import unwrap_model
+    from .calibrated import calibrated_prune_
+
+    cfg = sparsifier.config
+    calibrated_prune_(
+        unwrap_model(model),
+        sparsifier.targets,
+        cfg.method,
+        batches,
+        cfg.n,
+        cfg.m,
+        show_progress=show_progress,
+    )
 
 
 def record_sparsity_in_config(model: torch.nn.Module, config: SparsityConfig, report: SparsityReport) -> None:

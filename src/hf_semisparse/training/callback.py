@@ -9,7 +9,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..config import SparsityConfig
-from ..pruning.sparsifier import Sparsifier, record_sparsity_in_config
+from ..pruning.sparsifier import Sparsifier, calibrate, record_sparsity_in_config
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +25,17 @@ def resolve_config(config: SparsityConfig | dict | str | os.PathLike | None) -> 
     if isinstance(config, (str, os.PathLike)):
         return SparsityConfig.from_pretrained(config)
     raise TypeError(f"sparsity_config must be a SparsityConfig, dict or path, got {type(config).__name__}")
+
+
+def _first_batches(dataloader, count: int) -> list | None:
+    if dataloader is None:
+        return None
+    batches = []
+    for batch in dataloader:
+        batches.append({k: v for k, v in batch.items() if k != "labels"})
+        if len(batches) >= count:
+            break
+    return batches
 
 
 class SparsityCallback(TrainerCallback):
@@ -56,6 +67,8 @@ class SparsityCallback(TrainerCallback):
         self.sparsifier: Sparsifier | None = None
         self._last_prune_step: int | None = None
         self._zero_fraction = 0.0
+        self._model = None
+        self._calibration_batches: list | None = None
 
     # ------------------------------------------------------------------ helpers
     def sparsity_logs(self) -> dict[str, float]:
@@ -82,6 +95,14 @@ class SparsityCallback(TrainerCallback):
         cfg, sp = self.config, self.sparsifier
         if self._last_prune_step == step:
             return
+        if cfg.method != "magnitude" and not sp.has_masks:
+            if self._calibration_batches is None:
+                raise ValueError(
+                    f"method {cfg.method!r} needs calibration batches, but the Trainer passed no "
+                    "train_dataloader to the callback"
+                )
+            calibrate(self._model, sp, self._calibration_batches)
+            self._calibration_batches = None
         if cfg.uses_dense_shadow(step):
             sp.start_dense_shadow()
         sp.update_masks(cfg.level_at(step))
@@ -106,9 +127,12 @@ class SparsityCallback(TrainerCallback):
             sp.register_grad_hooks()
 
     # ------------------------------------------------------------------ events
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         if model is None:
             raise ValueError("SparsityCallback needs the Trainer to pass `model` to its callbacks")
+        self._model = model
+        if self.config.method != "magnitude" and state.global_step <= self.config.start_step:
+            self._calibration_batches = _first_batches(train_dataloader, self.config.calibration_batches)
         sp = Sparsifier(model, self.config)  # raises before anything changes if the config selects nothing
         step = state.global_step
         if step > self.config.start_step:

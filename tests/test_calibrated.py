@@ -1,0 +1,111 @@
+import pytest
+import torch
+from torch import nn
+from transformers import TrainingArguments
+
+from hf_semisparse import (
+    SparsityConfig,
+    SparsityTrainer,
+    compute_nm_mask,
+    is_nm_sparse,
+    prune_24,
+    select_targets,
+)
+from hf_semisparse.pruning.calibrated import calibrated_prune_
+from hf_semisparse.targets import SparseTarget
+from tests.conftest import ToyDataset, make_model
+
+
+class OneLayer(nn.Module):
+    def __init__(self, k, n):
+        super().__init__()
+        self.lin = nn.Linear(k, n, bias=False)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def reconstruction_errors(seed):
+    g = torch.Generator().manual_seed(seed)
+    k, n = 128, 64
+    scales = torch.exp(torch.randn(k, generator=g))  # channels of very different size, as in real activations
+    x = torch.randn(1024, k, generator=g) * scales
+    base = OneLayer(k, n)
+    with torch.no_grad():
+        base.lin.weight.copy_(torch.randn(n, k, generator=g))
+    reference = base(x).double()
+    errors = {}
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        layer = OneLayer(k, n)
+        layer.load_state_dict(base.state_dict())
+        if method == "magnitude":
+            with torch.no_grad():
+                layer.lin.weight.mul_(compute_nm_mask(layer.lin.weight))
+        else:
+            calibrated_prune_(
+                layer,
+                [SparseTarget("lin", layer.lin, False)],
+                method,
+                [{"x": x[:512]}, {"x": x[512:]}],
+                show_progress=False,
+            )
+        assert is_nm_sparse(layer.lin.weight), method
+        errors[method] = ((layer(x).double() - reference).norm() / reference.norm()).item()
+    return errors
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_reconstruction_error_orders_sparsegpt_wanda_magnitude(seed):
+    e = reconstruction_errors(seed)
+    assert e["sparsegpt"] <= e["wanda"] <= e["magnitude"], e
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_one_shot_on_a_model_touches_only_targets(method):
+    model = make_model("bert")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = ToyDataset("bert", n=16)
+    batches = [torch.utils.data.default_collate([data[i] for i in range(j, j + 8)]) for j in (0, 8)]
+    batches = [{k: v for k, v in b.items() if k != "labels"} for b in batches]
+    config = SparsityConfig(method=method)
+    report = prune_24(model, config, calibration_data=batches, show_progress=False)
+    targets = {f"{name}.weight" for name in report.targets}
+    for t in select_targets(model, config)[0]:
+        assert is_nm_sparse(t.linear_view()), t.name
+    for key, value in model.state_dict().items():
+        if key not in targets:
+            assert torch.equal(value, before[key]), key
+    assert model.training  # calibration ran in eval mode and put the mode back
+
+
+def test_calibrated_methods_need_data_and_oneshot():
+    with pytest.raises(ValueError, match="needs calibration_data"):
+        prune_24(make_model("bert"), SparsityConfig(method="wanda"))
+    with pytest.raises(ValueError, match="oneshot"):
+        SparsityConfig(method="sparsegpt", schedule="gradual", end_step=10)
+
+
+def test_sparsegpt_as_first_step_of_training(tmp_path):
+    model = make_model("bert")
+    args = TrainingArguments(
+        str(tmp_path),
+        max_steps=12,
+        per_device_train_batch_size=8,
+        learning_rate=2e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+    )
+    trainer = SparsityTrainer(
+        model=model,
+        args=args,
+        train_dataset=ToyDataset("bert"),
+        sparsity_config=SparsityConfig(method="sparsegpt", calibration_batches=2),
+    )
+    trainer.train()
+    for t in select_targets(model, trainer.sparsity_config)[0]:
+        assert is_nm_sparse(t.linear_view()), t.name
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses[-1] < losses[0]
