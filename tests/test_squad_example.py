@@ -90,7 +90,7 @@ def test_model_folder_without_tokenizer(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_smoke_run_with_a_calibrated_method(tmp_path):
-    out = run_squad.main(smoke_args(tmp_path) + ["--method", "wanda"])
-    assert out["method"] == "wanda" and out["targets_all_24"]
+def test_smoke_run_with_a_calibrated_method_and_distillation(tmp_path):
+    out = run_squad.main(smoke_args(tmp_path) + ["--method", "wanda", "--distill"])
+    assert out["method"] == "wanda" and out["distill"] and out["targets_all_24"]
     assert out["results"]["loaded sparse checkpoint"]["f1"] == out["results"]["recovered 2:4"]["f1"]

@@ -84,6 +84,11 @@ def parse_args(argv=None):
         default="magnitude",
         help="one-shot mask selection; wanda/sparsegpt calibrate on the first training batches",
     )
+    p.add_argument(
+        "--distill",
+        action="store_true",
+        help="recover with the fine-tuned dense model as a teacher (KL on start/end logits)",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny model, few examples: checks the pipeline only")
     return p.parse_args(argv)
 
@@ -212,9 +217,18 @@ def main(argv=None) -> dict:
 
     # recovery keeps the one-shot masks: magnitude selection on the pruned weights finds exactly their zeros
     recovery = SparsityConfig()
+    teacher = None
+    if args.distill:
+        teacher = copy.deepcopy(model)
+        teacher = teacher.half() if device.type == "cuda" else teacher
     SparsityTrainer(
-        model=pruned, args=training_args("recover"), train_dataset=train_features, sparsity_config=recovery
+        model=pruned,
+        args=training_args("recover"),
+        train_dataset=train_features,
+        sparsity_config=recovery,
+        teacher_model=teacher,
     ).train()
+    del teacher
     results["recovered 2:4"] = evaluate(
         pruned, valid, eval_features, eval_inputs, args, device, "eval recovered"
     )
@@ -272,6 +286,7 @@ def main(argv=None) -> dict:
         "command": command,
         "seed": args.seed,
         "method": args.method,
+        "distill": args.distill,
         "device": str(device),
         "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
         "train_questions": len(train),

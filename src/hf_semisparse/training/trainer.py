@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -36,6 +37,9 @@ class SparsityTrainer(Trainer):
     Args:
         sparsity_config: a `SparsityConfig`, its dict, or a path. Defaults to `args.sparsity_config` when `args`
             is a `SparsityTrainingArguments`, else `SparsityConfig()`.
+        teacher_model: a dense model to distill from during recovery (never trained; may be fp16/bf16).
+        distillation_weight: w in (1 - w) * task loss + w * distillation loss.
+        distillation_temperature: softmax temperature T of the distillation loss (scaled by T^2).
         *args, **kwargs: as for `transformers.Trainer`.
 
     Example:
@@ -45,8 +49,27 @@ class SparsityTrainer(Trainer):
         >>> trainer.save_model("out/final")  # dense weights with 2:4 zeros, config.json records the sparsity
     """
 
-    def __init__(self, *args, sparsity_config: SparsityConfig | dict | str | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        sparsity_config: SparsityConfig | dict | str | None = None,
+        teacher_model: torch.nn.Module | None = None,
+        distillation_weight: float = 0.5,
+        distillation_temperature: float = 2.0,
+        **kwargs,
+    ) -> None:
         super().__init__(*args, **kwargs)
+        if not 0.0 <= distillation_weight <= 1.0 or distillation_temperature <= 0:
+            raise ValueError(
+                "distillation_weight must be in [0, 1] and distillation_temperature > 0, got "
+                f"{distillation_weight}, {distillation_temperature}"
+            )
+        self.teacher_model = teacher_model
+        self.distillation_weight = distillation_weight
+        self.distillation_temperature = distillation_temperature
+        if teacher_model is not None:
+            teacher_model.eval().requires_grad_(False)  # the teacher never trains; it may be fp16/bf16
+            teacher_model.to(self.args.device)
         if sparsity_config is None:
             sparsity_config = getattr(self.args, "sparsity_config", None)
         config = resolve_config(sparsity_config)
@@ -55,6 +78,30 @@ class SparsityTrainer(Trainer):
         )  # fail now, not after the first epoch, on a config that selects nothing
         self.sparsity_callback = SparsityCallback(config)
         self.add_callback(self.sparsity_callback)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The task loss, mixed with a KL loss towards the dense teacher's logits when a teacher is given:
+        (1 - w) * task + w * T^2 * KL(teacher || student) at temperature T, over every `*logits` output."""
+        if self.teacher_model is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        label_keys = set(self.label_names or []) | {"labels", "start_positions", "end_positions"}
+        with torch.no_grad():
+            teacher_out = self.teacher_model(**{k: v for k, v in inputs.items() if k not in label_keys})
+        t = self.distillation_temperature
+        kd, count = 0.0, 0
+        for key, student_logits in outputs.items():
+            if not key.endswith("logits") or key not in teacher_out:
+                continue
+            s_log = torch.log_softmax(student_logits.float() / t, dim=-1)
+            t_log = torch.log_softmax(teacher_out[key].float() / t, dim=-1)
+            kd = kd + torch.nn.functional.kl_div(s_log, t_log, log_target=True, reduction="batchmean") * t * t
+            count += 1
+        if count == 0:
+            raise ValueError("distillation found no '*logits' output shared by the student and the teacher")
+        w = self.distillation_weight
+        loss = (1 - w) * loss + w * kd / count
+        return (loss, outputs) if return_outputs else loss
 
     @property
     def sparsity_config(self) -> SparsityConfig:

@@ -1,0 +1,64 @@
+import copy
+
+import pytest
+import torch
+from transformers import TrainingArguments
+
+from hf_semisparse import SparsityTrainer, is_nm_sparse, select_targets
+from hf_semisparse.config import SparsityConfig
+from tests.conftest import ToyDataset, make_model
+
+
+def trainer_for(tmp_path, model, teacher, **kwargs):
+    args = TrainingArguments(
+        str(tmp_path),
+        max_steps=10,
+        per_device_train_batch_size=8,
+        learning_rate=2e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+    )
+    return SparsityTrainer(
+        model=model, args=args, train_dataset=ToyDataset("bert"), teacher_model=teacher, **kwargs
+    )
+
+
+def batch():
+    data = ToyDataset("bert")
+    return torch.utils.data.default_collate([data[i] for i in range(8)])
+
+
+def test_distillation_loss_mixes_task_and_kl(tmp_path):
+    student = make_model("bert").eval()
+    teacher = copy.deepcopy(student)
+    inputs = batch()
+    task = student(**inputs).loss
+    only_kd = trainer_for(tmp_path, student, teacher, distillation_weight=1.0)
+    assert only_kd.compute_loss(student, inputs).item() == pytest.approx(0.0, abs=1e-6)  # identical logits
+    only_task = trainer_for(tmp_path, student, teacher, distillation_weight=0.0)
+    assert only_task.compute_loss(student, inputs).item() == pytest.approx(task.item(), rel=1e-6)
+    with torch.no_grad():
+        teacher.classifier.bias[0] += 2.0  # one class favoured: a different distribution, a positive KL
+    assert only_kd.compute_loss(student, inputs).item() > 1e-4
+
+
+def test_recovery_with_a_bf16_teacher(tmp_path):
+    teacher = make_model("bert").to(torch.bfloat16)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student = make_model("bert")
+    trainer = trainer_for(tmp_path, student, teacher, distillation_temperature=3.0)
+    trainer.train()
+    for key, value in teacher.state_dict().items():
+        assert torch.equal(value, before[key]), key  # the teacher never trains
+    for t in select_targets(student, SparsityConfig())[0]:
+        assert is_nm_sparse(t.linear_view()), t.name
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses[-1] < losses[0]
+
+
+def test_bad_distillation_settings(tmp_path):
+    with pytest.raises(ValueError, match="distillation_weight"):
+        trainer_for(tmp_path, make_model("bert"), make_model("bert"), distillation_weight=1.5)
