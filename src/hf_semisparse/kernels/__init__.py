@@ -87,8 +87,10 @@ def accelerate_24(
 
     Args:
         model: a model on a CUDA device in fp16 or bf16 whose pruned weights are exactly 2:4.
-        keep_dense: keep dense weights too so shapes where sparse is slower run dense (never slower than dense,
-            1.5x weight memory); False keeps only compressed weights (about 0.56x) and always runs sparse.
+        keep_dense: keep dense weights too so shapes where sparse measured slower run dense (1.56x weight memory;
+            at small batches the wrapper's host time can still make the model slower than dense, see
+            docs/benchmarks.md); False keeps only compressed weights (about 0.56x) and always runs sparse.
+            Move and cast the model before calling this: `.to()`/`.half()` afterwards are not supported.
         targets: names of the layers to convert. Default: `model.config.sparsity_config["targets"]` when the model
             records them (each must be 2:4, else `ValueError`), otherwise every linear layer that is exactly 2:4.
 
