@@ -2,6 +2,7 @@
 
     torchrun --nproc_per_node=2 tests/ddp_worker.py OUT_DIR     # two ranks, gloo on CPU
     python tests/ddp_worker.py OUT_DIR                           # the single-process reference
+    python tests/ddp_worker.py OUT_DIR CHECKPOINT                # one process resuming a checkpoint
 
 Trains a tiny BERT (dropout off) with SparsityCallback on 8 examples: the global batch is the whole dataset at
 every step, so the two-rank run and the single-process run compute the same averaged gradient
@@ -22,7 +23,7 @@ from hf_semisparse import SparsityCallback, SparsityConfig  # noqa: E402
 from tests.conftest import ToyDataset  # noqa: E402
 
 
-def main(out_dir: str) -> None:
+def main(out_dir: str, resume: str | None = None) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     torch.manual_seed(0)
@@ -39,14 +40,17 @@ def main(out_dir: str) -> None:
             attention_probs_dropout_prob=0.0,
         )
     )
-    callback = SparsityCallback(SparsityConfig())
+    callback = SparsityCallback(
+        SparsityConfig(), resume_from_checkpoint=resume
+    )  # a plain Trainer cannot tell it
     args = TrainingArguments(
         os.path.join(out_dir, f"run-{world}"),
         per_device_train_batch_size=8 // world,
         max_steps=6,
         learning_rate=1e-3,
         logging_steps=1,
-        save_strategy="no",
+        save_strategy="steps",
+        save_steps=3,
         report_to=[],
         use_cpu=True,
         seed=0,
@@ -56,15 +60,17 @@ def main(out_dir: str) -> None:
         average_tokens_across_devices=False,
         ddp_backend="gloo" if world > 1 else None,
     )
-    Trainer(model=model, args=args, train_dataset=ToyDataset("bert", n=8), callbacks=[callback]).train()
+    trainer = Trainer(model=model, args=args, train_dataset=ToyDataset("bert", n=8), callbacks=[callback])
+    trainer.train(resume_from_checkpoint=resume)
     sp = callback.sparsifier
     state = {
         "weights": {t.name: t.weight.detach().clone() for t in sp.targets},
         "masks": {name: mask.clone() for name, mask in sp.masks.items()},
         "all": {k: v.detach().clone() for k, v in model.state_dict().items()},
     }
-    torch.save(state, os.path.join(out_dir, f"world{world}-rank{rank}.pt"))
+    tag = "-resumed" if resume else ""
+    torch.save(state, os.path.join(out_dir, f"world{world}{tag}-rank{rank}.pt"))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)

@@ -18,14 +18,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(cmd, out):
+def run(cmd, out, *extra):
     env = {
         **os.environ,
         "MASTER_ADDR": "127.0.0.1",
         "OMP_NUM_THREADS": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
-    proc = subprocess.run(cmd + [str(out)], capture_output=True, text=True, timeout=600, env=env, check=False)
+    proc = subprocess.run(
+        cmd + [str(out), *extra], capture_output=True, text=True, timeout=600, env=env, check=False
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -58,3 +60,26 @@ def test_ddp_two_ranks_match_each_other_and_one_process(tmp_path):
         assert torch.equal(rank0["all"][key], rank1["all"][key]), key  # replicas never drift apart
         # same averaged gradient as one process over the same 8 examples; only summation order differs
         torch.testing.assert_close(rank0["all"][key], single["all"][key], rtol=0, atol=1e-5)
+
+
+def test_two_rank_checkpoint_resumes_in_one_process(tmp_path):
+    run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={free_port()}",
+            WORKER,
+        ],
+        tmp_path,
+    )
+    checkpoint = tmp_path / "run-2" / "checkpoint-3"
+    assert (checkpoint / "sparsity_masks.safetensors").is_file()  # written once, by rank 0
+    run([sys.executable, WORKER], tmp_path, str(checkpoint))
+    two_ranks, resumed = load(tmp_path / "world2-rank0.pt"), load(tmp_path / "world1-resumed-rank0.pt")
+    for name in two_ranks["masks"]:
+        assert torch.equal(two_ranks["masks"][name], resumed["masks"][name]), name
+        assert is_nm_sparse(resumed["weights"][name]), name
+    for key in two_ranks["all"]:
+        torch.testing.assert_close(resumed["all"][key], two_ranks["all"][key], rtol=0, atol=1e-5)
