@@ -129,6 +129,26 @@ class ToyDataset(torch.utils.data.Dataset):
         return self.items[i]
 
 
+def training_args(out, **overrides) -> dict:
+    """TrainingArguments keywords for short, deterministic CPU runs (override any of them)."""
+    args = dict(
+        output_dir=str(out),
+        per_device_train_batch_size=8,
+        learning_rate=2e-3,
+        max_steps=24,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=0,
+        data_seed=0,
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    args.update(overrides)
+    return args
+
+
 @pytest.fixture
 def tiny_bert():
     return make_model("bert")

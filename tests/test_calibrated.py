@@ -13,7 +13,7 @@ from hf_semisparse import (
 )
 from hf_semisparse.pruning.calibrated import calibrated_prune_
 from hf_semisparse.targets import SparseTarget
-from tests.conftest import ToyDataset, make_model
+from tests.conftest import ToyDataset, make_model, training_args
 
 
 class OneLayer(nn.Module):
@@ -87,17 +87,7 @@ def test_calibrated_methods_need_data_and_oneshot():
 
 def test_sparsegpt_as_first_step_of_training(tmp_path):
     model = make_model("bert")
-    args = TrainingArguments(
-        str(tmp_path),
-        max_steps=12,
-        per_device_train_batch_size=8,
-        learning_rate=2e-3,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-    )
+    args = TrainingArguments(**training_args(tmp_path, max_steps=12))
     trainer = SparsityTrainer(
         model=model,
         args=args,

@@ -6,21 +6,11 @@ from transformers import TrainingArguments
 
 from hf_semisparse import SparsityTrainer, is_nm_sparse, select_targets
 from hf_semisparse.config import SparsityConfig
-from tests.conftest import ToyDataset, make_model
+from tests.conftest import ToyDataset, make_model, training_args
 
 
 def trainer_for(tmp_path, model, teacher, **kwargs):
-    args = TrainingArguments(
-        str(tmp_path),
-        max_steps=10,
-        per_device_train_batch_size=8,
-        learning_rate=2e-3,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-    )
+    args = TrainingArguments(**training_args(tmp_path, max_steps=10))
     return SparsityTrainer(
         model=model, args=args, train_dataset=ToyDataset("bert"), teacher_model=teacher, **kwargs
     )

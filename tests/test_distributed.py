@@ -31,11 +31,7 @@ def run(cmd, out, *extra):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def load(path):
-    return torch.load(path, weights_only=True)
-
-
-def test_ddp_two_ranks_match_each_other_and_one_process(tmp_path):
+def run_two_ranks(out):
     run(
         [
             sys.executable,
@@ -45,8 +41,16 @@ def test_ddp_two_ranks_match_each_other_and_one_process(tmp_path):
             f"--master_port={free_port()}",
             WORKER,
         ],
-        tmp_path,
+        out,
     )
+
+
+def load(path):
+    return torch.load(path, weights_only=True)
+
+
+def test_ddp_two_ranks_match_each_other_and_one_process(tmp_path):
+    run_two_ranks(tmp_path)
     run([sys.executable, WORKER], tmp_path)
     rank0, rank1 = load(tmp_path / "world2-rank0.pt"), load(tmp_path / "world2-rank1.pt")
     single = load(tmp_path / "world1-rank0.pt")
@@ -63,17 +67,7 @@ def test_ddp_two_ranks_match_each_other_and_one_process(tmp_path):
 
 
 def test_two_rank_checkpoint_resumes_in_one_process(tmp_path):
-    run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            f"--master_port={free_port()}",
-            WORKER,
-        ],
-        tmp_path,
-    )
+    run_two_ranks(tmp_path)
     checkpoint = tmp_path / "run-2" / "checkpoint-3"
     assert (checkpoint / "sparsity_masks.safetensors").is_file()  # written once, by rank 0
     run([sys.executable, WORKER], tmp_path, str(checkpoint))

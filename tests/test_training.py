@@ -15,26 +15,7 @@ from hf_semisparse import (
     select_targets,
 )
 from hf_semisparse.pruning import MASKS_NAME
-from tests.conftest import ARCHS, ToyDataset, make_model
-
-
-def training_args(out, **overrides) -> dict:
-    args = dict(
-        output_dir=str(out),
-        per_device_train_batch_size=8,
-        learning_rate=2e-3,
-        max_steps=24,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        seed=0,
-        data_seed=0,
-        use_cpu=True,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-    )
-    args.update(overrides)
-    return args
+from tests.conftest import ARCHS, ToyDataset, make_model, training_args
 
 
 def target_names(model, config=None):

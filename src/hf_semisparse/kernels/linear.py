@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cusparselt import DTYPES, Handle, MatmulPlan
+from .cusparselt import Handle, MatmulPlan
 from .tuning import Decision, ShapeKey, TuningCache, choose, default_cache_path, search_alg, time_cuda_us
 
 logger = logging.getLogger(__name__)
@@ -258,7 +258,3 @@ def linear_24(
 @linear_24.register_fake
 def _(x, compressed, weight, bias, layer_id, out_features):
     return x.new_empty(*x.shape[:-1], out_features)
-
-
-def is_supported_dtype(dtype: torch.dtype) -> bool:
-    return dtype in DTYPES
