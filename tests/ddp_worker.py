@@ -70,6 +70,10 @@ def main(out_dir: str, resume: str | None = None) -> None:
     }
     tag = "-resumed" if resume else ""
     torch.save(state, os.path.join(out_dir, f"world{world}{tag}-rank{rank}.pt"))
+    if torch.distributed.is_initialized():
+        # leaving a gloo group alive at exit can abort a rank ("terminate called without an active exception")
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
