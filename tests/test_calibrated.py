@@ -11,7 +11,7 @@ from hf_semisparse import (
     prune_24,
     select_targets,
 )
-from hf_semisparse.pruning.calibrated import calibrated_prune_
+from hf_semisparse.pruning.calibrated import calibrated_prune_, sparsegpt_nm
 from hf_semisparse.targets import SparseTarget
 from tests.conftest import ToyDataset, make_model, training_args
 
@@ -99,3 +99,24 @@ def test_sparsegpt_as_first_step_of_training(tmp_path):
         assert is_nm_sparse(t.linear_view()), t.name
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert losses[-1] < losses[0]
+
+
+def test_sparsegpt_raises_damping_for_an_indefinite_hessian(caplog):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 64, generator=g)  # fewer samples than columns: X^T X is singular
+    h = x.t() @ x
+    h -= 0.005 * h.diagonal().mean() * torch.eye(64)  # rounding noise made visible: now indefinite
+    weight = torch.randn(32, 64, generator=g)
+    with pytest.raises(torch.linalg.LinAlgError):
+        torch.linalg.cholesky(h + 0.001 * h.diagonal().mean() * torch.eye(64))
+    with caplog.at_level("WARNING"):
+        pruned = sparsegpt_nm(weight, h, damp=0.001)
+    assert is_nm_sparse(pruned) and torch.isfinite(pruned).all()
+    assert "needed damping" in caplog.text
+
+
+def test_sparsegpt_unusable_hessian_is_a_clear_error():
+    h = torch.eye(8)
+    h[3, 3] = float("nan")
+    with pytest.raises(torch.linalg.LinAlgError, match="not positive definite"):
+        sparsegpt_nm(torch.randn(4, 8), h)

@@ -12,6 +12,7 @@ ones, as in both papers.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable
 
@@ -21,6 +22,8 @@ from tqdm.auto import tqdm
 
 from ..masks import compute_nm_mask
 from ..targets import SparseTarget
+
+logger = logging.getLogger(__name__)
 
 CALIBRATED_METHODS = ("wanda", "sparsegpt")
 
@@ -45,8 +48,7 @@ def sparsegpt_nm(
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(cols, dtype=h.dtype, device=h.device)
-    h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    h_inv = _inverse_cholesky(h, damp)
     prune_count = m - n
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
@@ -68,6 +70,31 @@ def sparsegpt_nm(
         w[:, i1:i2] = q1
         w[:, i2:] -= err1 @ h_inv[i1:i2, i2:]
     return w
+
+
+def _inverse_cholesky(h: torch.Tensor, damp: float, tries: int = 4) -> torch.Tensor:
+    """Upper Cholesky factor of (H + d I)^-1 (float64 math, float32 result), d = damp * mean(diag H).
+
+    Activations with near-constant channels (padding tokens, dead GELU units) can leave H numerically
+    singular even after the usual 1% damping; then the damping grows tenfold, up to `tries` times.
+    """
+    h64 = h.double()
+    eye = torch.eye(h.shape[0], dtype=torch.float64, device=h.device)
+    mean_diag = torch.mean(torch.diag(h64))
+    for attempt in range(tries):
+        factor, info = torch.linalg.cholesky_ex(h64 + damp * mean_diag * eye)
+        if int(info) == 0:
+            inverse = torch.cholesky_inverse(factor)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if int(info) == 0:
+                if attempt:
+                    logger.warning("SparseGPT: Hessian needed damping %.3g to be positive definite", damp)
+                return upper.float()
+        damp *= 10.0
+    raise torch.linalg.LinAlgError(
+        f"SparseGPT: the calibration Hessian is not positive definite even with damping {damp / 10:.3g}; "
+        "calibrate on more (or more varied) data"
+    )
 
 
 def wanda_scores(weight: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
