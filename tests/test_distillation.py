@@ -43,6 +43,7 @@ def test_recovery_with_a_bf16_teacher(tmp_path):
     trainer.train()
     for key, value in teacher.state_dict().items():
         assert torch.equal(value, before[key]), key  # the teacher never trains
+    assert all(p.requires_grad for p in teacher.parameters())  # and the user's flags are left alone
     for t in select_targets(student, SparsityConfig())[0]:
         assert is_nm_sparse(t.linear_view()), t.name
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -52,3 +53,10 @@ def test_recovery_with_a_bf16_teacher(tmp_path):
 def test_bad_distillation_settings(tmp_path):
     with pytest.raises(ValueError, match="distillation_weight"):
         trainer_for(tmp_path, make_model("bert"), make_model("bert"), distillation_weight=1.5)
+
+
+def test_teacher_must_not_be_the_student(tmp_path):
+    model = make_model("bert")
+    with pytest.raises(ValueError, match="pass a copy"):
+        trainer_for(tmp_path, model, model)
+    assert all(p.requires_grad for p in model.parameters())

@@ -37,7 +37,9 @@ class SparsityTrainer(Trainer):
     Args:
         sparsity_config: a `SparsityConfig`, its dict, or a path. Defaults to `args.sparsity_config` when `args`
             is a `SparsityTrainingArguments`, else `SparsityConfig()`.
-        teacher_model: a dense model to distill from during recovery (never trained; may be fp16/bf16).
+        teacher_model: a dense model to distill from during recovery: never trained (it runs under
+            `torch.no_grad`, its `requires_grad` flags are left as they are), put in eval mode and moved to the
+            training device; may be fp16/bf16. It must be another object than `model` (pass a copy).
         distillation_weight: w in (1 - w) * task loss + w * distillation loss.
         distillation_temperature: softmax temperature T of the distillation loss (scaled by T^2).
         *args, **kwargs: as for `transformers.Trainer`.
@@ -68,8 +70,9 @@ class SparsityTrainer(Trainer):
         self.distillation_weight = distillation_weight
         self.distillation_temperature = distillation_temperature
         if teacher_model is not None:
-            teacher_model.eval().requires_grad_(False)  # the teacher never trains; it may be fp16/bf16
-            teacher_model.to(self.args.device)
+            if teacher_model is self.model:
+                raise ValueError("teacher_model is the model being trained; pass a copy of the dense model")
+            teacher_model.eval().to(self.args.device)
         if sparsity_config is None:
             sparsity_config = getattr(self.args, "sparsity_config", None)
         config = resolve_config(sparsity_config)
