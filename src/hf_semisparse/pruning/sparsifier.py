@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..config import SparsityConfig
-from ..masks import apply_mask_, compute_partial_nm_mask, find_nm_violation, pack_mask, unpack_mask
+from ..masks import compute_partial_nm_mask, find_nm_violation, pack_mask, unpack_mask
 from ..targets import SparsityReport, select_targets
 from ..utils import atomic_write
 from .scores import compute_scores
@@ -59,11 +59,21 @@ class Sparsifier:
         self.apply_masks()
 
     def apply_masks(self) -> None:
-        """Zero every target weight where its mask is False."""
+        """Zero every target weight where its mask is False, in one `_foreach_mul_` call (no Python loop over
+        kernels; with bool masks torch still runs one multiply per weight)."""
+        weights, masks = [], []
         for target in self.targets:
             mask = self.masks.get(target.name)
-            if mask is not None:
-                apply_mask_(target.weight.data, mask)
+            if mask is None:
+                continue
+            weight = target.weight.data
+            if mask.device != weight.device:  # once, e.g. after loading masks or moving the model
+                mask = self.masks[target.name] = mask.to(weight.device)
+            weights.append(weight)
+            masks.append(mask)
+        if weights:
+            with torch.no_grad():
+                torch._foreach_mul_(weights, masks)
 
     @property
     def has_masks(self) -> bool:
@@ -99,7 +109,11 @@ class Sparsifier:
     def _make_hook(self, name: str):
         def hook(grad: torch.Tensor) -> torch.Tensor:
             mask = self.masks.get(name)
-            return grad if mask is None else grad * mask.to(grad.device)
+            if mask is None:
+                return grad
+            if mask.device != grad.device:
+                mask = self.masks[name] = mask.to(grad.device)
+            return grad * mask
 
         return hook
 
