@@ -101,6 +101,32 @@ def test_plan_matches_float64_reference(dtype, n, k, m, bias):
     assert rel_err(out, reference(lin, x)) < TOL[dtype]
 
 
+def test_plans_sharing_one_selection():
+    """Plans of two layers (own weights, own biases) made from one cached selection are each right."""
+    dtype, n, k, m = torch.float16, 1536, 384, 4096
+    handle = Handle(DEV)
+    layers = [sparse_linear(n, k, dtype, seed=s) for s in (1, 2)]
+    proto = handle.selection(n, k, m, dtype, True, False, AlgConfig(1))
+    assert handle.selection(n, k, m, dtype, True, False, AlgConfig(1)) is proto  # made once per problem
+    assert handle.selection(n, k, m, dtype, True, False, AlgConfig(0)) is not proto
+    x = torch.randn(m, k, device=DEV, dtype=dtype)
+    stream = torch.cuda.current_stream().cuda_stream
+    plans = [
+        MatmulPlan(handle, n, k, m, dtype, bias=lin.bias, alg=AlgConfig(1), selection=proto) for lin in layers
+    ]
+    assert proto.selected_alg == AlgConfig(1)  # a cached selection is never changed
+    with pytest.raises(ValueError, match="cannot share"):
+        MatmulPlan(handle, n, k, m + 16, dtype, bias=layers[0].bias, alg=AlgConfig(1), selection=proto)
+    with pytest.raises(ValueError, match="never changed"):
+        MatmulPlan(handle, n, k, m, dtype, bias=layers[0].bias, alg=AlgConfig(0), selection=proto)
+    for lin, plan in zip(layers, plans, strict=True):
+        out = torch.full((m, n), float("nan"), device=DEV, dtype=dtype)
+        ws = torch.empty(max(plan.workspace_size, 1), dtype=torch.uint8, device=DEV)
+        plan.run(handle.compress(lin.weight.detach()), x, out, ws, stream)
+        torch.cuda.synchronize()
+        assert rel_err(out, reference(lin, x)) < TOL[dtype]
+
+
 @pytest.mark.parametrize("keep_dense", [True, False])
 def test_semisparse_linear_module(keep_dense):
     lin = sparse_linear(1024, 512, torch.float16)

@@ -202,6 +202,34 @@ class Handle:
         self.version = version.value
         self.device_name = torch.cuda.get_device_name(device)
         self.ref = _ref(self.handle)
+        self._selections: dict[tuple, MatmulPlan] = {}
+
+    def selection(
+        self,
+        n: int,
+        k: int,
+        m: int,
+        dtype: torch.dtype,
+        bias: bool,
+        gelu: bool,
+        alg: AlgConfig | None = None,
+        layout: str = "sparse_a",
+    ) -> MatmulPlan:
+        """A plan whose algorithm selection (set to `alg`) every plan of this problem and algorithm shares.
+
+        Made once per (problem, algorithm) and never changed afterwards: `cusparseLtMatmulAlgSelectionInit`
+        costs about 0.2 s of host time per call on an H100 with cuSPARSELt 0.8, a plan made from an existing
+        selection under 1 ms (`benchmarks/probe_alg_selection.py`), and a model has many layers of one shape.
+        """
+        alg = alg or AlgConfig()
+        key = (n, k, m, dtype, layout, bias, gelu, alg)
+        proto = self._selections.get(key)
+        if proto is None:
+            placeholder = torch.zeros(n, dtype=dtype, device=self.device) if bias else None
+            proto = MatmulPlan(self, n, k, m, dtype, bias=placeholder, gelu=gelu, alg=alg, layout=layout)
+            proto.placeholder_bias = placeholder  # the prototype never runs; keep its pointer valid anyway
+            self._selections[key] = proto
+        return proto
 
     def compress(self, weight: torch.Tensor, layout: str = "sparse_a") -> torch.Tensor:
         """cuSPARSELt's compressed form of a 2:4 weight `[N, K]` for `layout` (values plus metadata, opaque)."""
@@ -262,6 +290,13 @@ class MatmulPlan:
     """A reusable plan for y[M, N] = x[M, K] @ W^T (+ bias) (optionally GELU), for one weight and one M.
 
     With layout "sparse_b" a bias is not fused; `run` adds it after the GEMM.
+
+    `selection`: another plan of the same problem (shape, dtype, layout, bias or not, GELU or not) whose
+    algorithm selection this plan is built from, instead of making its own: cuSPARSELt's
+    `cusparseLtMatmulAlgSelectionInit` costs about 0.2 s of host time per call on an H100 (cuSPARSELt 0.8),
+    and a model has many layers of one shape (`Handle.selection`). The selection must hold `alg` already: a
+    shared selection is never changed (changing one and planning from it again crashed the process on an H100
+    with cuSPARSELt 0.8 inside the algorithm search, though not in `benchmarks/probe_shared_selection.py`).
     """
 
     def __init__(
@@ -275,6 +310,7 @@ class MatmulPlan:
         gelu: bool = False,
         alg: AlgConfig | None = None,
         layout: str = "sparse_a",
+        selection: MatmulPlan | None = None,
     ) -> None:
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -357,19 +393,38 @@ class MatmulPlan:
                 ),
                 "GELU epilogue",
             )
-        _check(
-            lib,
-            lib.cusparseLtMatmulAlgSelectionInit(h, _ref(self.alg_sel), _ref(self.matmul), ALG_DEFAULT),
-            "AlgSelectionInit",
-        )
-        self._alive.append("alg")
-        if alg is not None:
-            self._set_alg(alg)
-        _check(
-            lib,
-            lib.cusparseLtMatmulPlanInit(h, _ref(self.plan), _ref(self.matmul), _ref(self.alg_sel)),
-            "PlanInit",
-        )
+        self.problem = (n, k, m, dtype, layout, bias is not None, gelu)
+        if selection is None:
+            _check(
+                lib,
+                lib.cusparseLtMatmulAlgSelectionInit(h, _ref(self.alg_sel), _ref(self.matmul), ALG_DEFAULT),
+                "AlgSelectionInit",
+            )
+            self._alive.append("alg")
+            if alg is not None:
+                self._set_alg(alg)
+            self.selected_alg = alg or AlgConfig()
+            _check(
+                lib,
+                lib.cusparseLtMatmulPlanInit(h, _ref(self.plan), _ref(self.matmul), _ref(self.alg_sel)),
+                "PlanInit",
+            )
+        else:
+            if selection.problem != self.problem or selection.handle is not handle:
+                raise ValueError(
+                    f"a plan for {self.problem} cannot share the selection of a plan for {selection.problem}"
+                )
+            self.selected_alg = alg or AlgConfig()
+            if selection.selected_alg != self.selected_alg:
+                raise ValueError(
+                    f"a plan for algorithm {self.selected_alg} cannot share a selection of algorithm "
+                    f"{selection.selected_alg}; a shared selection is never changed"
+                )
+            _check(
+                lib,
+                lib.cusparseLtMatmulPlanInit(h, _ref(self.plan), _ref(self.matmul), _ref(selection.alg_sel)),
+                "PlanInit",
+            )
         self._alive.append("plan")
         self.workspace_size = self._workspace_size()
         self._alpha, self._beta = ctypes.c_float(1.0), ctypes.c_float(0.0)
@@ -378,7 +433,8 @@ class MatmulPlan:
         self._args = (h, _ref(self.plan), ctypes.byref(self._alpha), ctypes.byref(self._beta))
         self._streams: dict[int, ctypes.Array] = {}
 
-    def _set_alg(self, alg: AlgConfig) -> None:
+    def _set_alg(self, alg: AlgConfig, reset: bool = False) -> None:
+        """Set `alg` on this plan's selection; `reset` also writes split-K 1 (used by the probes)."""
         lib, h = self.handle.lib, self.handle.ref
         for attr, value in (
             (ALG_CONFIG_ID, alg.alg_id),
@@ -386,7 +442,7 @@ class MatmulPlan:
             (ALG_SPLIT_K_MODE, alg.split_k_mode),
             (ALG_SPLIT_K_BUFFERS, alg.split_k_buffers),
         ):
-            if attr != ALG_CONFIG_ID and alg.split_k <= 1:
+            if alg.split_k <= 1 and (attr != ALG_SPLIT_K or not reset) and attr != ALG_CONFIG_ID:
                 continue
             v = ctypes.c_int(value)
             _check(

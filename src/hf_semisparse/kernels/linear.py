@@ -155,6 +155,15 @@ class SemiSparseLinear(nn.Module):
                 bias=self.bias,
                 gelu=self.gelu,
                 alg=decision.alg,
+                selection=handle.selection(
+                    self.out_features,
+                    self.in_features,
+                    m,
+                    dtype,
+                    self.bias is not None,
+                    self.gelu,
+                    decision.alg,
+                ),
             )
             self._plans[key] = plan
         return plan
