@@ -25,6 +25,8 @@ import json
 import os
 import statistics
 import sys
+import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -59,11 +61,12 @@ from hf_semisparse import (  # noqa: E402
     save_sparse_pretrained,
     select_targets,
 )
+from hf_semisparse.config import METHODS  # noqa: E402
 from hf_semisparse.hub import render_model_card  # noqa: E402
 from hf_semisparse.utils import atomic_write_text  # noqa: E402
 
 
-def parse_args(argv=None):
+def build_parser(with_method: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="bert-base-cased", help="Hub id or local folder (with a tokenizer)")
     p.add_argument("--train-file", default=None, help="local SQuAD v1.1 JSON; default: the Hub's 'squad'")
@@ -73,24 +76,45 @@ def parse_args(argv=None):
     p.add_argument("--doc-stride", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--eval-batch-size", type=int, default=64)
-    p.add_argument("--epochs", type=float, default=1.0, help="for the dense and for the recovery fine-tune")
+    p.add_argument("--epochs", type=float, default=1.0, help="epochs of the dense fine-tune")
+    p.add_argument(
+        "--recovery-epochs",
+        type=float,
+        default=None,
+        help="epochs of the recovery fine-tune; default --epochs",
+    )
     p.add_argument("--learning-rate", type=float, default=5e-5)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--limit-train", type=int, default=None)
     p.add_argument("--limit-eval", type=int, default=None)
-    p.add_argument(
-        "--method",
-        choices=["magnitude", "wanda", "sparsegpt"],
-        default="magnitude",
-        help="one-shot mask selection; wanda/sparsegpt calibrate on the first training batches",
-    )
-    p.add_argument(
-        "--distill",
-        action="store_true",
-        help="recover with the fine-tuned dense model as a teacher (KL on start/end logits)",
-    )
+    if with_method:
+        p.add_argument(
+            "--method",
+            choices=list(METHODS),
+            default="magnitude",
+            help="one-shot mask selection; wanda/sparsegpt calibrate on the first training batches",
+        )
+        p.add_argument(
+            "--distill",
+            action="store_true",
+            help="recover with the fine-tuned dense model as a teacher (KL on start/end logits)",
+        )
     p.add_argument("--smoke", action="store_true", help="tiny model, few examples: checks the pipeline only")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return finish_args(build_parser().parse_args(argv))
+
+
+def finish_args(args):
+    if args.smoke:
+        args.limit_train = args.limit_train or 48
+        args.limit_eval = args.limit_eval or 24
+        args.max_length, args.doc_stride, args.batch_size, args.eval_batch_size = 128, 32, 8, 16
+    if args.recovery_epochs is None:
+        args.recovery_epochs = args.epochs
+    return args
 
 
 def load_tokenizer(name: str):
@@ -100,6 +124,85 @@ def load_tokenizer(name: str):
             "folder that has them"
         )
     return AutoTokenizer.from_pretrained(name)
+
+
+@dataclass
+class Squad:
+    """Everything a run needs besides the model: arguments, device, tokenizer, examples and features."""
+
+    args: argparse.Namespace
+    device: torch.device
+    tokenizer: object
+    train: object
+    valid: object
+    train_features: object
+    eval_features: object
+    eval_inputs: object
+
+    def training_args(self, name: str, epochs: float) -> TrainingArguments:
+        cuda = self.device.type == "cuda"
+        return TrainingArguments(
+            os.path.join(self.args.output_dir, name),
+            per_device_train_batch_size=self.args.batch_size,
+            learning_rate=self.args.learning_rate,
+            num_train_epochs=epochs,
+            lr_scheduler_type="constant",
+            seed=self.args.seed,
+            data_seed=self.args.seed,
+            save_strategy="no",
+            report_to=[],
+            logging_steps=50,
+            bf16=cuda,
+            use_cpu=not cuda,
+        )
+
+    def calibration_batches(self, count: int) -> list[dict]:
+        """The first `count` training batches, model inputs only (for wanda / sparsegpt)."""
+        inputs = self.train_features.remove_columns(["start_positions", "end_positions"]).with_format("torch")
+        size = self.args.batch_size
+        return [inputs[i : i + size] for i in range(0, min(len(inputs), count * size), size)]
+
+    def evaluate(self, model, desc: str) -> dict:
+        start, end = predict(model, self.eval_inputs, self.args.eval_batch_size, self.device, desc)
+        return squad_metric(postprocess(self.valid, self.eval_features, start, end), self.valid)
+
+
+def prepare(args) -> tuple[Squad, torch.nn.Module]:
+    """Load and check tokenizer, data and model; everything that can be wrong with the inputs fails here."""
+    set_seed(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = load_tokenizer(args.model)
+    train, valid = load_squad(args.train_file, args.validation_file, args.limit_train, args.limit_eval)
+    if args.smoke:
+        model = BertForQuestionAnswering(
+            BertConfig(
+                vocab_size=tokenizer.vocab_size,
+                hidden_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=128,
+            )
+        )
+    else:
+        model = AutoModelForQuestionAnswering.from_pretrained(args.model, dtype=torch.float32)
+    fmt = {"tokenizer": tokenizer, "max_length": args.max_length, "stride": args.doc_stride}
+    train_features = train.map(
+        prepare_train_features,
+        batched=True,
+        remove_columns=train.column_names,
+        fn_kwargs=fmt,
+        desc="train features",
+    )
+    eval_features = valid.map(
+        prepare_eval_features,
+        batched=True,
+        remove_columns=valid.column_names,
+        fn_kwargs=fmt,
+        desc="eval features",
+    )
+    eval_inputs = eval_features.remove_columns(["example_id", "offset_mapping"])
+    squad = Squad(args, device, tokenizer, train, valid, train_features, eval_features, eval_inputs)
+    return squad, model
 
 
 def predict(
@@ -117,9 +220,44 @@ def predict(
     return torch.cat(starts).numpy(), torch.cat(ends).numpy()
 
 
-def evaluate(model, valid, eval_features, eval_inputs, args, device, desc) -> dict:
-    start, end = predict(model, eval_inputs, args.eval_batch_size, device, desc)
-    return squad_metric(postprocess(valid, eval_features, start, end), valid)
+def fine_tune_dense(model, squad: Squad) -> None:
+    Trainer(
+        model=model, args=squad.training_args("dense", squad.args.epochs), train_dataset=squad.train_features
+    ).train()
+
+
+def one_shot(model, squad: Squad, method: str) -> tuple[torch.nn.Module, object, dict]:
+    """A pruned copy of `model` (2:4, `method`), its report, and the pruning's seconds and peak GPU memory."""
+    pruned = copy.deepcopy(model).to(squad.device)
+    config = SparsityConfig(method=method)
+    calibration = squad.calibration_batches(config.calibration_batches) if method != "magnitude" else None
+    cuda = squad.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    report = prune_24(pruned, config, calibration_data=calibration)
+    if cuda:
+        torch.cuda.synchronize()
+    cost = {
+        "seconds": round(time.perf_counter() - start, 2),
+        "peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20) if cuda else None,
+    }
+    return pruned, report, cost
+
+
+def recover(pruned, squad: Squad, teacher=None, name: str = "recover") -> None:
+    """Recovery fine-tune in place; the one-shot masks are kept (magnitude re-selection finds their zeros)."""
+    if teacher is not None:  # a copy: the dense model goes on being used; fp16 on the GPU
+        teacher = copy.deepcopy(teacher)
+        teacher = teacher.half() if squad.device.type == "cuda" else teacher
+    SparsityTrainer(
+        model=pruned,
+        args=squad.training_args(name, squad.args.recovery_epochs),
+        train_dataset=squad.train_features,
+        sparsity_config=SparsityConfig(),
+        teacher_model=teacher,
+    ).train()
 
 
 def time_forward_ms(model, batch: dict, repeats: int = 20) -> float:
@@ -137,118 +275,51 @@ def time_forward_ms(model, batch: dict, repeats: int = 20) -> float:
     return statistics.median(times)
 
 
+def run_command(argv, script: str) -> str:
+    if argv is None:
+        return " ".join([os.path.basename(sys.executable), *sys.argv])
+    return f"{script} " + " ".join(argv)
+
+
+def smoke_label(args) -> str:
+    return "SMOKE RUN: tiny model, few examples; these numbers mean nothing" if args.smoke else ""
+
+
+def write_results(output_dir: str, out: dict, markdown: str) -> None:
+    os.makedirs(output_dir, exist_ok=True)
+    atomic_write_text(os.path.join(output_dir, "results.json"), json.dumps(out, indent=2) + "\n")
+    atomic_write_text(os.path.join(output_dir, "results.md"), markdown)
+    print(markdown)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.smoke:
-        args.limit_train = args.limit_train or 48
-        args.limit_eval = args.limit_eval or 24
-        args.max_length, args.doc_stride, args.batch_size, args.eval_batch_size = 128, 32, 8, 16
-    set_seed(args.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-    # everything that can be wrong with the inputs fails here, before any training
-    tokenizer = load_tokenizer(args.model)
-    train, valid = load_squad(args.train_file, args.validation_file, args.limit_train, args.limit_eval)
-    if args.smoke:
-        model = BertForQuestionAnswering(
-            BertConfig(
-                vocab_size=tokenizer.vocab_size,
-                hidden_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                intermediate_size=128,
-            )
-        )
-    else:
-        model = AutoModelForQuestionAnswering.from_pretrained(args.model, dtype=torch.float32)
-
-    fmt = {"tokenizer": tokenizer, "max_length": args.max_length, "stride": args.doc_stride}
-    train_features = train.map(
-        prepare_train_features,
-        batched=True,
-        remove_columns=train.column_names,
-        fn_kwargs=fmt,
-        desc="train features",
-    )
-    eval_features = valid.map(
-        prepare_eval_features,
-        batched=True,
-        remove_columns=valid.column_names,
-        fn_kwargs=fmt,
-        desc="eval features",
-    )
-    eval_inputs = eval_features.remove_columns(["example_id", "offset_mapping"])
-
-    def training_args(name: str) -> TrainingArguments:
-        return TrainingArguments(
-            os.path.join(args.output_dir, name),
-            per_device_train_batch_size=args.batch_size,
-            learning_rate=args.learning_rate,
-            num_train_epochs=args.epochs,
-            lr_scheduler_type="constant",
-            seed=args.seed,
-            data_seed=args.seed,
-            save_strategy="no",
-            report_to=[],
-            logging_steps=50,
-            bf16=device.type == "cuda",
-            use_cpu=device.type == "cpu",
-        )
+    squad, model = prepare(args)
+    device = squad.device
 
     results = {}
-    Trainer(model=model, args=training_args("dense"), train_dataset=train_features).train()
-    results["dense"] = evaluate(model, valid, eval_features, eval_inputs, args, device, "eval dense")
+    fine_tune_dense(model, squad)
+    results["dense"] = squad.evaluate(model, "eval dense")
 
-    pruned = copy.deepcopy(model)
-    sparsity = SparsityConfig(method=args.method)
-    calibration = None
-    if args.method != "magnitude":
-        inputs = train_features.remove_columns(["start_positions", "end_positions"]).with_format("torch")
-        calibration = [
-            inputs[i : i + args.batch_size]
-            for i in range(
-                0, min(len(inputs), sparsity.calibration_batches * args.batch_size), args.batch_size
-            )
-        ]
-    report = prune_24(pruned, sparsity, calibration_data=calibration)
-    results["one-shot 2:4"] = evaluate(
-        pruned, valid, eval_features, eval_inputs, args, device, "eval one-shot"
-    )
-
-    # recovery keeps the one-shot masks: magnitude selection on the pruned weights finds exactly their zeros
-    recovery = SparsityConfig()
-    teacher = None
-    if args.distill:
-        teacher = copy.deepcopy(model)
-        teacher = teacher.half() if device.type == "cuda" else teacher
-    SparsityTrainer(
-        model=pruned,
-        args=training_args("recover"),
-        train_dataset=train_features,
-        sparsity_config=recovery,
-        teacher_model=teacher,
-    ).train()
-    del teacher
-    results["recovered 2:4"] = evaluate(
-        pruned, valid, eval_features, eval_inputs, args, device, "eval recovered"
-    )
+    pruned, report, prune_cost = one_shot(model, squad, args.method)
+    results["one-shot 2:4"] = squad.evaluate(pruned, "eval one-shot")
+    recover(pruned, squad, teacher=model if args.distill else None)
+    results["recovered 2:4"] = squad.evaluate(pruned, "eval recovered")
 
     sparse_dir = os.path.join(args.output_dir, "sparse")
     summary = save_sparse_pretrained(pruned.cpu(), sparse_dir)
-    tokenizer.save_pretrained(sparse_dir)
+    squad.tokenizer.save_pretrained(sparse_dir)
     half = device.type == "cuda"
     loaded = AutoSparseModel.from_pretrained(
         sparse_dir, torch_dtype=torch.float16 if half else None, device_map=str(device)
     )
-    results["loaded sparse checkpoint"] = evaluate(
-        loaded, valid, eval_features, eval_inputs, args, device, "eval loaded"
-    )
+    results["loaded sparse checkpoint"] = squad.evaluate(loaded, "eval loaded")
 
     speed = []
     if device.type == "cuda":
         dense_fp16 = copy.deepcopy(pruned).half().to(device).eval()
         for batch_size in (16, 64):
-            rows = eval_inputs.with_format("torch")[:batch_size]
+            rows = squad.eval_inputs.with_format("torch")[:batch_size]
             batch = {k: v.to(device) for k, v in rows.items()}
             d, s = time_forward_ms(dense_fp16, batch), time_forward_ms(loaded, batch)
             speed.append(
@@ -260,11 +331,7 @@ def main(argv=None) -> dict:
                 }
             )
 
-    command = (
-        " ".join([os.path.basename(sys.executable), *sys.argv])
-        if argv is None
-        else "run_squad.py " + " ".join(argv)
-    )
+    command = run_command(argv, "run_squad.py")
     table = [
         {"name": name, "EM": f"{r['exact_match']:.2f}", "F1": f"{r['f1']:.2f}"} for name, r in results.items()
     ]
@@ -280,7 +347,7 @@ def main(argv=None) -> dict:
     )
     atomic_write_text(os.path.join(sparse_dir, "README.md"), card)
 
-    label = "SMOKE RUN: tiny model, few examples; these numbers mean nothing" if args.smoke else ""
+    label = smoke_label(args)
     out = {
         "label": label,
         "command": command,
@@ -289,25 +356,24 @@ def main(argv=None) -> dict:
         "distill": args.distill,
         "device": str(device),
         "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
-        "train_questions": len(train),
-        "eval_questions": len(valid),
+        "train_questions": len(squad.train),
+        "eval_questions": len(squad.valid),
         "results": results,
+        "prune_cost": prune_cost,
         "speed": speed,
         "sparsified_layers": len(report.targets),
         "checkpoint": sparse_dir,
         "target_bytes_ratio": summary["target_ratio"],
-        "targets_all_24": all(is_nm_sparse(t.linear_view()) for t in select_targets(pruned, sparsity)[0]),
+        "targets_all_24": all(
+            is_nm_sparse(t.linear_view()) for t in select_targets(pruned, SparsityConfig())[0]
+        ),
     }
     lines = ["| model | EM | F1 |", "| --- | --- | --- |"]
     lines += [f"| {row['name']} | {row['EM']} | {row['F1']} |" for row in table]
     markdown = (
         "\n".join(([f"**{label}**", ""] if label else []) + lines + ["", f"Command: `{command}`"]) + "\n"
     )
-    os.makedirs(args.output_dir, exist_ok=True)
-    atomic_write_text(os.path.join(args.output_dir, "results.json"), json.dumps(out, indent=2) + "\n")
-    atomic_write_text(os.path.join(args.output_dir, "results.md"), markdown)
-    print(("\n" + label) if label else "")
-    print(markdown)
+    write_results(args.output_dir, out, markdown)
     for row in speed:
         print(row)
     return out

@@ -1,0 +1,117 @@
+"""One-shot 2:4 mask methods side by side on SQuAD, and recovery with and without distillation.
+
+One dense fine-tune, then for each method (magnitude, wanda, sparsegpt): a one-shot pruned copy (evaluated,
+with the pruning's seconds and peak GPU memory), recovered without a teacher, and recovered with the dense
+model as a teacher (KL on the start/end logits). Every recovery starts from the same one-shot copy, with the
+same seed and data order. Prints one table and writes results.json and results.md to --output-dir.
+
+Real run (GPU), offline data and model:
+    python examples/squad/compare_methods.py --model ../shared/models/all-MiniLM-L6-v2 \\
+        --train-file ../shared/data/squad/squad-v1.1-train-first11.json \\
+        --validation-file ../shared/data/squad/xquad-en.json --output-dir outputs/squad-methods
+
+Smoke run (CPU; its numbers mean nothing): add --smoke.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from run_squad import (  # noqa: E402
+    build_parser,
+    fine_tune_dense,
+    finish_args,
+    one_shot,
+    prepare,
+    recover,
+    run_command,
+    smoke_label,
+    write_results,
+)
+from squad_data import SquadDataError  # noqa: E402
+
+from hf_semisparse import is_nm_sparse, select_targets  # noqa: E402
+from hf_semisparse.config import METHODS, SparsityConfig  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = build_parser(with_method=False)
+    p.description = __doc__
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    p.add_argument("--no-recovery", action="store_true", help="one-shot only: skip both recovery fine-tunes")
+    return finish_args(p.parse_args(argv))
+
+
+def _cell(result: dict | None) -> str:
+    return "-" if result is None else f"{result['exact_match']:.2f} / {result['f1']:.2f}"
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    squad, model = prepare(args)
+    fine_tune_dense(model, squad)
+    dense = squad.evaluate(model, "eval dense")
+
+    rows = []
+    for method in args.methods:
+        pruned, _, cost = one_shot(model, squad, method)
+        row = {"method": method, "one-shot": squad.evaluate(pruned, f"eval one-shot {method}"), **cost}
+        if not args.no_recovery:
+            for name, teacher in (("recovered", None), ("recovered + distillation", model)):
+                student = copy.deepcopy(pruned)
+                recover(student, squad, teacher=teacher, name=f"recover-{method}")
+                row[name] = squad.evaluate(student, f"eval {name} {method}")
+                row[f"{name} is 2:4"] = all(
+                    is_nm_sparse(t.linear_view()) for t in select_targets(student, SparsityConfig())[0]
+                )
+                del student
+        rows.append(row)
+        del pruned
+        if squad.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    command = run_command(argv, "compare_methods.py")
+    label = smoke_label(args)
+    lines = [
+        f"Dense: EM {dense['exact_match']:.2f}, F1 {dense['f1']:.2f}. Cells are EM / F1.",
+        "",
+        "| method | one-shot | recovered | recovered + distillation | pruning s | pruning peak GPU MiB |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {_cell(r['one-shot'])} | {_cell(r.get('recovered'))} | "
+            f"{_cell(r.get('recovered + distillation'))} | {r['seconds']} | {r['peak_gpu_mib'] or '-'} |"
+        )
+    markdown = (
+        "\n".join(([f"**{label}**", ""] if label else []) + lines + ["", f"Command: `{command}`"]) + "\n"
+    )
+    out = {
+        "label": label,
+        "command": command,
+        "seed": args.seed,
+        "device": str(squad.device),
+        "gpu": torch.cuda.get_device_name() if squad.device.type == "cuda" else None,
+        "train_questions": len(squad.train),
+        "eval_questions": len(squad.valid),
+        "epochs": args.epochs,
+        "recovery_epochs": args.recovery_epochs,
+        "learning_rate": args.learning_rate,
+        "dense": dense,
+        "methods": rows,
+    }
+    write_results(args.output_dir, out, markdown)
+    return out
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except SquadDataError as exc:
+        sys.exit(f"compare_methods.py: {exc}")
