@@ -120,3 +120,28 @@ def test_sparsegpt_unusable_hessian_is_a_clear_error():
     h[3, 3] = float("nan")
     with pytest.raises(torch.linalg.LinAlgError, match="not positive definite"):
         sparsegpt_nm(torch.randn(4, 8), h)
+
+
+def test_recovery_after_a_calibrated_one_shot_records_where_the_masks_came_from(tmp_path):
+    from hf_semisparse.hub import render_model_card
+
+    model = make_model("bert")
+    data = ToyDataset("bert")
+    batches = [torch.utils.data.default_collate([data[i] for i in range(8)])]
+    batches = [{k: v for k, v in b.items() if k != "labels"} for b in batches]
+    prune_24(model, SparsityConfig(method="wanda"), calibration_data=batches, show_progress=False)
+    zeros = {t.name: t.weight.detach() == 0 for t in select_targets(model, SparsityConfig())[0]}
+    args = TrainingArguments(**training_args(tmp_path, max_steps=3))
+    SparsityTrainer(model=model, args=args, train_dataset=data, sparsity_config=SparsityConfig()).train()
+    record = model.config.sparsity_config
+    assert record["method"] == "magnitude" and record["mask_source"] == "wanda"
+    for t in select_targets(model, SparsityConfig())[0]:  # the recovery kept the one-shot zeros
+        assert (t.weight.detach() == 0)[zeros[t.name]].all(), t.name
+    assert "Method: wanda" in render_model_card(model, recovered=True)
+
+
+def test_magnitude_on_a_dense_model_records_no_mask_source():
+    model = make_model("bert")
+    model.config.sparsity_config = {"method": "wanda", "pattern": "2:4", "targets": []}  # stale, not 2:4
+    prune_24(model)
+    assert "mask_source" not in model.config.sparsity_config

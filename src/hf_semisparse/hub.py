@@ -67,7 +67,7 @@ def render_model_card(
         model_name=repo_id.split("/")[-1],
         repo_id=repo_id,
         base_model=base_model,
-        method=ours.get("method", "magnitude"),
+        method=ours.get("mask_source") or ours.get("method", "magnitude"),
         pattern=ours.get("pattern", sparsity.get("sparsity_structure", "2:4")),
         recovered=recovered,
         targets=targets,

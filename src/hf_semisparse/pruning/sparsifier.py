@@ -319,10 +319,37 @@ def record_sparsity_in_config(model: torch.nn.Module, config: SparsityConfig, re
         return
     from .. import __version__
 
-    hf_config.sparsity_config = {
+    record = {
         **config.to_dict(),
         "pattern": config.pattern,
         "targets": report.targets,
         "library": "hf_semisparse",
         "library_version": __version__,
     }
+    source = _inherited_mask_source(unwrap_model(model), hf_config, config, report)
+    if source is not None:
+        record["mask_source"] = source
+    hf_config.sparsity_config = record
+
+
+def _inherited_mask_source(model, hf_config, config: SparsityConfig, report: SparsityReport) -> str | None:
+    """The method that chose the zeros, when magnitude selection only finds zeros an earlier method left.
+
+    A recovery fine-tune after a Wanda/SparseGPT one-shot prune uses magnitude selection, which on weights that
+    are already exactly N:M keeps exactly their zeros: the masks still come from the one-shot method.
+    """
+    previous = getattr(hf_config, "sparsity_config", None)
+    if config.method != "magnitude" or not isinstance(previous, dict):
+        return None
+    source = previous.get("mask_source") or previous.get("method")
+    if source in (None, "magnitude") or previous.get("pattern") != config.pattern:
+        return None
+    if sorted(previous.get("targets") or []) != sorted(report.targets):
+        return None
+    modules = dict(model.named_modules())
+    for name in report.targets:
+        module = modules.get(name)
+        weight = module.weight if isinstance(module, torch.nn.Linear) else module.weight.t()
+        if find_nm_violation(weight.detach(), config.n, config.m) is not None:
+            return None
+    return source
