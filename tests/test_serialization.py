@@ -267,3 +267,14 @@ def test_save_refuses_model_without_24_layers(tmp_path):
     with pytest.raises(SparseCheckpointError, match=r"layer\.1\.output\.dense\.weight claims 2:4"):
         save_sparse_pretrained(model, tmp_path / "y")
     assert not (tmp_path / "y").exists()
+
+
+def test_accelerate_device_map_dict(tmp_path):
+    model = pruned("llama")
+    save_sparse_pretrained(model, tmp_path / "ckpt")
+    device_map = {"model.embed_tokens": "cpu", "model.layers": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
+    loaded = AutoSparseModel.from_pretrained(tmp_path / "ckpt", device_map=device_map)
+    assert loaded.hf_device_map == device_map
+    assert torch.equal(forward(model, "llama"), forward(loaded, "llama"))
+    with pytest.raises(ValueError, match="does not give any device"):
+        AutoSparseModel.from_pretrained(tmp_path / "ckpt", device_map={"model.layers": "cpu"})  # incomplete
