@@ -1,4 +1,5 @@
-"""DDP on CPU (gloo, 2 processes): the callback keeps the ranks identical and matches a single-process run."""
+"""DDP on CPU (gloo, 2 processes): the callback keeps the ranks identical and matches a single-process run, and
+checkpoints resume on the other number of processes (2 -> 1 and 1 -> 2)."""
 
 import os
 import socket
@@ -31,7 +32,7 @@ def run(cmd, out, *extra):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def run_two_ranks(out):
+def run_two_ranks(out, *extra):
     run(
         [
             sys.executable,
@@ -42,6 +43,7 @@ def run_two_ranks(out):
             WORKER,
         ],
         out,
+        *extra,
     )
 
 
@@ -77,3 +79,19 @@ def test_two_rank_checkpoint_resumes_in_one_process(tmp_path):
         assert is_nm_sparse(resumed["weights"][name]), name
     for key in two_ranks["all"]:
         torch.testing.assert_close(resumed["all"][key], two_ranks["all"][key], rtol=0, atol=1e-5)
+
+
+def test_one_process_checkpoint_resumes_on_two_ranks(tmp_path):
+    run([sys.executable, WORKER], tmp_path)
+    checkpoint = tmp_path / "run-1" / "checkpoint-3"
+    assert (checkpoint / "sparsity_masks.safetensors").is_file()
+    run_two_ranks(tmp_path, str(checkpoint))
+    single = load(tmp_path / "world1-rank0.pt")
+    rank0, rank1 = load(tmp_path / "world2-resumed-rank0.pt"), load(tmp_path / "world2-resumed-rank1.pt")
+    for name in single["masks"]:
+        assert torch.equal(rank0["masks"][name], single["masks"][name]), name
+        assert torch.equal(rank1["masks"][name], single["masks"][name]), name
+        assert is_nm_sparse(rank0["weights"][name]) and is_nm_sparse(rank1["weights"][name]), name
+    for key in single["all"]:
+        assert torch.equal(rank0["all"][key], rank1["all"][key]), key
+        torch.testing.assert_close(rank0["all"][key], single["all"][key], rtol=0, atol=1e-5)
