@@ -95,3 +95,35 @@ def test_one_process_checkpoint_resumes_on_two_ranks(tmp_path):
     for key in single["all"]:
         assert torch.equal(rank0["all"][key], rank1["all"][key]), key
         torch.testing.assert_close(rank0["all"][key], single["all"][key], rtol=0, atol=1e-5)
+
+
+FSDP_WORKER = os.path.join(os.path.dirname(__file__), "fsdp_worker.py")
+
+
+def test_fsdp2_sharded_masks_match_one_process_and_resume_in_one(tmp_path):
+    run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={free_port()}",
+            FSDP_WORKER,
+        ],
+        tmp_path,
+    )
+    run([sys.executable, FSDP_WORKER], tmp_path)
+    checkpoint = tmp_path / "fsdp-checkpoint"
+    run([sys.executable, FSDP_WORKER], tmp_path, str(checkpoint))
+    rank0, rank1 = load(tmp_path / "fsdp-world2-rank0.pt"), load(tmp_path / "fsdp-world2-rank1.pt")
+    single, resumed = load(tmp_path / "fsdp-world1-rank0.pt"), load(tmp_path / "fsdp-resumed.pt")
+    assert rank0["sharded"] and rank1["sharded"] and not single["sharded"]  # masks were DTensor shards
+    assert resumed["step"] == 3 and single["masks"]
+    for name, mask in single["masks"].items():
+        for state in (rank0, rank1, resumed):
+            assert torch.equal(state["masks"][name], mask), name
+        assert is_nm_sparse(rank0["all"][f"{name}.weight"]), name
+        assert is_nm_sparse(resumed["all"][f"{name}.weight"]), name
+    for key in single["all"]:
+        assert torch.equal(rank0["all"][key], rank1["all"][key]), key
+        torch.testing.assert_close(rank0["all"][key], single["all"][key], rtol=0, atol=1e-5)

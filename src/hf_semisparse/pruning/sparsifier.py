@@ -16,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..config import SparsityConfig
+from ..distributed import full_tensor, is_dtensor, like
 from ..masks import compute_partial_nm_mask, find_nm_violation, pack_mask, unpack_mask
 from ..targets import SparsityReport, select_targets
 from ..utils import atomic_write
@@ -83,7 +84,7 @@ class Sparsifier:
         """Share of target weights that the masks prune."""
         if not self.masks:
             return 0.0
-        pruned = sum(int((~m).sum()) for m in self.masks.values())
+        pruned = sum(int((~full_tensor(m)).sum()) for m in self.masks.values())
         return pruned / sum(m.numel() for m in self.masks.values())
 
     def check(self) -> None:
@@ -91,7 +92,7 @@ class Sparsifier:
         if self.level < 1.0:
             return
         for target in self.targets:
-            bad = find_nm_violation(target.linear_view(), self.config.n, self.config.m)
+            bad = find_nm_violation(full_tensor(target.linear_view()), self.config.n, self.config.m)
             if bad is not None:
                 raise ValueError(
                     f"{target.name}.weight is not {self.config.pattern} sparse: the group at {bad.index} "
@@ -150,19 +151,29 @@ class Sparsifier:
         self.dense_shadow.clear()
 
     # ------------------------------------------------------------------ persistence
-    def save_masks(self, directory: str | os.PathLike, step: int) -> str:
-        """Write the masks (packed bits, `[out, in]` layout) and any dense shadow to `directory`, atomically."""
+    @property
+    def sharded(self) -> bool:
+        """Whether the masks are DTensors (FSDP2): saving and loading them are collectives."""
+        return any(is_dtensor(m) for m in self.masks.values())
+
+    def save_masks(self, directory: str | os.PathLike, step: int, write: bool = True) -> str:
+        """Write the masks (packed bits, `[out, in]` layout) and any dense shadow to `directory`, atomically.
+
+        With sharded masks every rank must call this (the shards are gathered); only ranks with `write` write.
+        """
         tensors = {}
         shapes = {}
         for target in self.targets:
             mask = self.masks.get(target.name)
             if mask is None:
                 continue
+            mask = full_tensor(mask)
             linear = mask.t() if target.transposed else mask
             tensors[f"{target.name}.mask"] = pack_mask(linear.cpu().contiguous())
             shapes[target.name] = list(linear.shape)
             if target.name in self.dense_shadow:
-                tensors[f"{target.name}.dense"] = self.dense_shadow[target.name].detach().cpu().contiguous()
+                shadow = full_tensor(self.dense_shadow[target.name].detach())
+                tensors[f"{target.name}.dense"] = shadow.cpu().contiguous()
         metadata = {
             "format": MASKS_FORMAT,
             "version": MASKS_VERSION,
@@ -173,7 +184,8 @@ class Sparsifier:
             "sparsity_config": json.dumps(self.config.to_dict()),
         }
         path = os.path.join(directory, MASKS_NAME)
-        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        if write:
+            atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
         return path
 
     def load_masks(self, directory: str | os.PathLike) -> int:
@@ -241,17 +253,18 @@ class Sparsifier:
                         f"{path}: mask of {target.name} is not {self.config.pattern} "
                         f"(group at {bad.index} keeps {bad.nonzeros})"
                     )
-            weight = target.linear_view().detach()
+            weight = full_tensor(target.linear_view().detach())
             if (weight[~linear.to(weight.device)] != 0).any():
                 raise ValueError(
                     f"{path}: mask of {target.name} does not match the checkpoint's weights "
                     "(non-zero weights where the mask prunes); the files come from different steps"
                 )
-            device = target.weight.device
-            masks[target.name] = (linear.t() if target.transposed else linear).contiguous().to(device)
+            masks[target.name] = like(
+                (linear.t() if target.transposed else linear).contiguous(), target.weight
+            )
             dense_key = f"{target.name}.dense"
             if dense_key in tensors:
-                shadows[target.name] = tensors[dense_key].to(device=device, dtype=target.weight.dtype)
+                shadows[target.name] = like(tensors[dense_key].to(target.weight.dtype), target.weight)
 
         self.masks = masks
         self.dense_shadow = shadows
@@ -350,6 +363,6 @@ def _inherited_mask_source(model, hf_config, config: SparsityConfig, report: Spa
     for name in report.targets:
         module = modules.get(name)
         weight = module.weight if isinstance(module, torch.nn.Linear) else module.weight.t()
-        if find_nm_violation(weight.detach(), config.n, config.m) is not None:
+        if find_nm_violation(full_tensor(weight.detach()), config.n, config.m) is not None:
             return None
     return source

@@ -181,11 +181,11 @@ class SparsityCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         sp = self.sparsifier
-        if sp is None or not sp.has_masks or not args.should_save:
+        if sp is None or not sp.has_masks or not (args.should_save or sp.sharded):
             return
         directory = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        if os.path.isdir(directory):
-            sp.save_masks(directory, state.global_step)
+        # sharded (FSDP2) masks are gathered on every rank; the main process writes them
+        sp.save_masks(directory, state.global_step, write=args.should_save and os.path.isdir(directory))
 
     def on_train_end(self, args, state, control, **kwargs):
         sp = self.sparsifier

@@ -1,0 +1,99 @@
+"""One rank of the FSDP2 check in tests/test_distributed.py (not collected by pytest: no test_ prefix).
+
+    torchrun --nproc_per_node=2 tests/fsdp_worker.py OUT_DIR     # two ranks, fully_shard, gloo on CPU
+    python tests/fsdp_worker.py OUT_DIR                           # the single-process reference, no sharding
+    python tests/fsdp_worker.py OUT_DIR CHECKPOINT_DIR            # one process loading the 2-rank checkpoint
+
+Trains a tiny BERT (dropout off) with a Sparsifier for 6 AdamW steps on 8 fixed examples; each rank takes
+its share of every batch, so the ranks' averaged gradient equals the single process's. The parameters under
+FSDP2 are DTensors sharded on dim 0: masks, gradient hooks and weight masking run on the shards. At step 3 the
+masks (gathered, written by rank 0) and the full weights are saved.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from hf_semisparse import SparsityConfig  # noqa: E402
+from hf_semisparse.distributed import full_tensor  # noqa: E402
+from hf_semisparse.pruning import Sparsifier  # noqa: E402
+from tests.conftest import ToyDataset  # noqa: E402
+
+
+def build_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return BertForSequenceClassification(
+        BertConfig(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=128,
+            vocab_size=128,
+            max_position_embeddings=64,
+            num_labels=2,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+    )
+
+
+def full_state(model, sp) -> dict:
+    return {
+        "masks": {name: full_tensor(mask).clone() for name, mask in sp.masks.items()},
+        "all": {k: full_tensor(v.detach()).clone() for k, v in model.state_dict().items()},
+    }
+
+
+def main(out_dir: str, resume: str | None = None) -> None:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1:
+        torch.distributed.init_process_group("gloo")
+    model = build_model()
+    if resume:  # a single process picks up the 2-rank checkpoint: weights, then masks
+        model.load_state_dict(torch.load(os.path.join(resume, "weights.pt"), weights_only=True))
+        sp = Sparsifier(model, SparsityConfig())
+        step = sp.load_masks(resume)
+        torch.save({**full_state(model, sp), "step": step}, os.path.join(out_dir, "fsdp-resumed.pt"))
+        return
+    if world > 1:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.bert.encoder.layer:
+            fully_shard(layer)
+        fully_shard(model)
+    sp = Sparsifier(model, SparsityConfig())
+    sp.update_masks(level=1.0)
+    sp.register_grad_hooks()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    data = ToyDataset("bert", n=8)
+    batch = torch.utils.data.default_collate([data[i] for i in range(rank, 8, world)])
+    checkpoint = os.path.join(out_dir, "fsdp-checkpoint")
+    for step in range(1, 7):
+        optimizer.zero_grad()
+        model(**batch).loss.backward()
+        optimizer.step()
+        sp.apply_masks()
+        if step == 3 and world > 1:
+            os.makedirs(checkpoint, exist_ok=True)
+            sp.save_masks(checkpoint, step, write=rank == 0)  # every rank gathers, rank 0 writes
+            weights = full_state(model, sp)["all"]
+            if rank == 0:
+                torch.save(weights, os.path.join(checkpoint, "weights.pt"))
+    torch.save(
+        {**full_state(model, sp), "sharded": sp.sharded},
+        os.path.join(out_dir, f"fsdp-world{world}-rank{rank}.pt"),
+    )
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)
