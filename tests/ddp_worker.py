@@ -23,11 +23,10 @@ from hf_semisparse import SparsityCallback, SparsityConfig  # noqa: E402
 from tests.conftest import ToyDataset  # noqa: E402
 
 
-def main(out_dir: str, resume: str | None = None) -> None:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+def build_model() -> torch.nn.Module:
+    """A tiny BERT classifier, dropout off (so every run computes the same function), seeded."""
     torch.manual_seed(0)
-    model = BertForSequenceClassification(
+    return BertForSequenceClassification(
         BertConfig(
             hidden_size=64,
             num_hidden_layers=2,
@@ -40,6 +39,12 @@ def main(out_dir: str, resume: str | None = None) -> None:
             attention_probs_dropout_prob=0.0,
         )
     )
+
+
+def main(out_dir: str, resume: str | None = None) -> None:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    model = build_model()
     callback = SparsityCallback(
         SparsityConfig(), resume_from_checkpoint=resume
     )  # a plain Trainer cannot tell it

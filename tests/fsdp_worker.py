@@ -16,7 +16,6 @@ import os
 import sys
 
 import torch
-from transformers import BertConfig, BertForSequenceClassification
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -24,23 +23,7 @@ from hf_semisparse import SparsityConfig  # noqa: E402
 from hf_semisparse.distributed import full_tensor  # noqa: E402
 from hf_semisparse.pruning import Sparsifier  # noqa: E402
 from tests.conftest import ToyDataset  # noqa: E402
-
-
-def build_model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return BertForSequenceClassification(
-        BertConfig(
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=128,
-            vocab_size=128,
-            max_position_embeddings=64,
-            num_labels=2,
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
-        )
-    )
+from tests.ddp_worker import build_model  # noqa: E402
 
 
 def full_state(model, sp) -> dict:

@@ -32,7 +32,7 @@ def run(cmd, out, *extra):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def run_two_ranks(out, *extra):
+def run_two_ranks(out, *extra, worker=WORKER):
     run(
         [
             sys.executable,
@@ -40,7 +40,7 @@ def run_two_ranks(out, *extra):
             "torch.distributed.run",
             "--nproc_per_node=2",
             f"--master_port={free_port()}",
-            WORKER,
+            worker,
         ],
         out,
         *extra,
@@ -101,17 +101,7 @@ FSDP_WORKER = os.path.join(os.path.dirname(__file__), "fsdp_worker.py")
 
 
 def test_fsdp2_sharded_masks_match_one_process_and_resume_in_one(tmp_path):
-    run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            f"--master_port={free_port()}",
-            FSDP_WORKER,
-        ],
-        tmp_path,
-    )
+    run_two_ranks(tmp_path, worker=FSDP_WORKER)
     run([sys.executable, FSDP_WORKER], tmp_path)
     checkpoint = tmp_path / "fsdp-checkpoint"
     run([sys.executable, FSDP_WORKER], tmp_path, str(checkpoint))
