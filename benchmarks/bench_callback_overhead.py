@@ -24,7 +24,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from hf_semisparse import SparsityCallback, SparsityConfig
+from hf_semisparse import SparsityCallback, SparsityConfig, SparsityTrainer
 
 
 class StepTimer(TrainerCallback):
@@ -74,7 +74,14 @@ class RandomTokens(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": torch.tensor(int(self.ids[i, 0] % 2))}
 
 
-def run(with_callback: bool, a, profile: bool = False) -> float:
+VARIANTS = {
+    "plain": "Trainer",
+    "callback": "Trainer + SparsityCallback (per-weight gradient hooks)",
+    "trainer": "SparsityTrainer (one fused gradient mask before clipping)",
+}
+
+
+def run(variant: str, a, profile: bool = False) -> float:
     """Milliseconds per training step after the warm-up."""
     torch.manual_seed(0)
     cfg = BertConfig(
@@ -87,7 +94,10 @@ def run(with_callback: bool, a, profile: bool = False) -> float:
     )
     model = BertForSequenceClassification(cfg)
     timer = StepTimer(a.warmup, profile)
-    callbacks = [timer] + ([SparsityCallback(SparsityConfig())] if with_callback else [])
+    callbacks = [timer]
+    config = SparsityConfig()
+    if variant == "callback":
+        callbacks.append(SparsityCallback(config))
     args = TrainingArguments(
         "outputs/bench_overhead",
         max_steps=a.warmup + a.steps,
@@ -100,15 +110,17 @@ def run(with_callback: bool, a, profile: bool = False) -> float:
         disable_tqdm=True,
         seed=0,
     )
-    Trainer(
-        model=model,
-        args=args,
-        train_dataset=RandomTokens(a.batch * (a.warmup + a.steps), a.seq, 4096),
-        callbacks=callbacks,
-    ).train()
+    data = RandomTokens(a.batch * (a.warmup + a.steps), a.seq, 4096)
+    if variant == "trainer":
+        trainer = SparsityTrainer(
+            model=model, args=args, train_dataset=data, callbacks=callbacks, sparsity_config=config
+        )
+    else:
+        trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
+    trainer.train()
     if timer.profiler is not None:
         sort = "self_cuda_time_total" if a.device == "cuda" else "self_cpu_time_total"
-        print(f"profile, {'with' if with_callback else 'without'} the callback, {timer.steps} steps:")
+        print(f"profile, {VARIANTS[variant]}, {timer.steps} steps:")
         print(timer.profiler.key_averages().table(sort_by=sort, row_limit=25))
     return 1e3 * timer.seconds / timer.steps
 
@@ -123,20 +135,22 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=3, help="alternate plain/callback runs this many times")
+    p.add_argument("--variants", nargs="+", default=["callback", "trainer"], choices=list(VARIANTS)[1:])
     p.add_argument(
         "--profile", action="store_true", help="then profile one run of each and print the top ops"
     )
     p.add_argument("--json", default=None)
     a = p.parse_args()
 
-    plain, sparse = [], []
-    for _ in range(a.repeats):  # alternate, so drift in machine load hits both
-        plain.append(run(False, a))
-        sparse.append(run(True, a))
+    variants = ["plain", *a.variants]
+    runs: dict = {v: [] for v in variants}
+    for _ in range(a.repeats):  # alternate, so drift in machine load hits every variant
+        for v in variants:
+            runs[v].append(run(v, a))
     if a.profile:
-        run(False, a, profile=True)
-        run(True, a, profile=True)
-    med_plain, med_sparse = statistics.median(plain), statistics.median(sparse)
+        for v in variants:
+            run(v, a, profile=True)
+    plain = statistics.median(runs["plain"])
     result = {
         "device": torch.cuda.get_device_name()
         if a.device == "cuda"
@@ -145,17 +159,18 @@ def main() -> None:
         "transformers": transformers.__version__,
         "args": vars(a),
         "method": "wall time of the steps after warm-up, one sync at each end, per step; median over repeats",
-        "plain_step_ms": {"median": med_plain, "min": min(plain), "max": max(plain), "runs": plain},
-        "callback_step_ms": {"median": med_sparse, "min": min(sparse), "max": max(sparse), "runs": sparse},
-        "overhead": med_sparse / med_plain - 1,
+        "step_ms": {
+            VARIANTS[v]: {"median": statistics.median(r), "min": min(r), "max": max(r), "runs": r}
+            for v, r in runs.items()
+        },
+        "overhead": {VARIANTS[v]: statistics.median(runs[v]) / plain - 1 for v in a.variants},
     }
-    print(f"{'run':<22}{'median ms':>12}{'min ms':>10}{'max ms':>10}")
-    for name, key in (("Trainer", "plain_step_ms"), ("Trainer + callback", "callback_step_ms")):
-        r = result[key]
-        print(f"{name:<22}{r['median']:>12.2f}{r['min']:>10.2f}{r['max']:>10.2f}")
-    print(
-        f"overhead: {100 * result['overhead']:+.1f}% ({result['device']}, {a.repeats} runs of {a.steps} steps each)"
-    )
+    print(f"{'run':<58}{'median ms':>10}{'min ms':>9}{'max ms':>9}{'overhead':>10}")
+    for v in variants:
+        r = result["step_ms"][VARIANTS[v]]
+        extra = f"{100 * result['overhead'][VARIANTS[v]]:+.1f}%" if v != "plain" else ""
+        print(f"{VARIANTS[v]:<58}{r['median']:>10.2f}{r['min']:>9.2f}{r['max']:>9.2f}{extra:>10}")
+    print(f"({result['device']}, {a.repeats} runs of {a.steps} steps each)")
     if a.json:
         import os
 

@@ -84,12 +84,13 @@ def test_masking_touches_only_targets(tmp_path):
 
 def test_gradients_of_pruned_weights_are_zero(tmp_path):
     model = make_model("bert")
-    trainer = SparsityTrainer(
+    cb = SparsityCallback(SparsityConfig())  # in a plain Trainer: per-weight hooks
+    trainer = Trainer(
         model=model,
         args=TrainingArguments(**training_args(tmp_path, max_steps=1)),
         train_dataset=ToyDataset("bert"),
+        callbacks=[cb],
     )
-    cb = trainer.sparsity_callback
     cb.on_train_begin(trainer.args, trainer.state, trainer.control, model=model)
     batch = torch.utils.data.default_collate([ToyDataset("bert")[i] for i in range(4)])
     model(**batch).loss.backward()
@@ -316,3 +317,50 @@ def test_torch_compile_training(tmp_path):
     trainer.train()
     assert_targets_24(model)
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def test_sparsity_trainer_masks_gradients_before_clipping_without_hooks(tmp_path):
+    """SparsityTrainer's one fused gradient mask gives exactly what the per-weight hooks give, clipping included."""
+    runs = {}
+    for name in ("hooks", "fused"):
+        model = make_model("bert")
+        args = TrainingArguments(**training_args(tmp_path / name, max_steps=6, max_grad_norm=0.05))
+        if name == "hooks":
+            trainer = Trainer(
+                model=model, args=args, train_dataset=ToyDataset("bert"), callbacks=[SparsityCallback()]
+            )
+        else:
+            trainer = SparsityTrainer(model=model, args=args, train_dataset=ToyDataset("bert"))
+            assert trainer.sparsity_callback.hook_free_gradients
+        seen = GradientSpy()
+        trainer.add_callback(seen)
+        trainer.train()
+        assert seen.pruned_grad_max == 0.0 and seen.calls == 6  # what the optimizer saw
+        runs[name] = (
+            model.state_dict(),
+            [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h],
+        )
+    (hooks, hooks_norms), (fused, fused_norms) = runs["hooks"], runs["fused"]
+    assert (
+        hooks_norms == fused_norms and max(hooks_norms) > 0.05
+    )  # clipping was active and saw the same grads
+    for key in hooks:
+        assert torch.equal(hooks[key], fused[key]), key
+
+
+class GradientSpy(TrainerCallback):
+    """Largest |grad| of a pruned weight at each optimizer step (after every other callback's pre-step work)."""
+
+    def __init__(self) -> None:
+        self.pruned_grad_max, self.calls, self.sparsity = 0.0, 0, None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.model = model
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        for target in select_targets(self.model, SparsityConfig())[0]:
+            pruned = target.weight.detach() == 0
+            grad = target.weight.grad
+            if grad is not None and pruned.any():
+                self.pruned_grad_max = max(self.pruned_grad_max, grad[pruned].abs().max().item())
+        self.calls += 1

@@ -59,19 +59,23 @@ class Sparsifier:
         self.level = level
         self.apply_masks()
 
+    def _mask_on(self, name: str, device: torch.device) -> torch.Tensor:
+        """The mask of `name` on `device` (moved there once, e.g. after loading masks or moving the model)."""
+        mask = self.masks[name]
+        if mask.device != device:
+            mask = self.masks[name] = mask.to(device)
+        return mask
+
     def apply_masks(self) -> None:
         """Zero every target weight where its mask is False, in one `_foreach_mul_` call (no Python loop over
         kernels; with bool masks torch still runs one multiply per weight)."""
         weights, masks = [], []
         for target in self.targets:
-            mask = self.masks.get(target.name)
-            if mask is None:
+            if target.name not in self.masks:
                 continue
             weight = target.weight.data
-            if mask.device != weight.device:  # once, e.g. after loading masks or moving the model
-                mask = self.masks[target.name] = mask.to(weight.device)
             weights.append(weight)
-            masks.append(mask)
+            masks.append(self._mask_on(target.name, weight.device))
         if weights:
             with torch.no_grad():
                 torch._foreach_mul_(weights, masks)
@@ -109,14 +113,25 @@ class Sparsifier:
 
     def _make_hook(self, name: str):
         def hook(grad: torch.Tensor) -> torch.Tensor:
-            mask = self.masks.get(name)
-            if mask is None:
+            if name not in self.masks:
                 return grad
-            if mask.device != grad.device:
-                mask = self.masks[name] = mask.to(grad.device)
-            return grad * mask
+            return grad * self._mask_on(name, grad.device)
 
         return hook
+
+    def mask_gradients(self) -> None:
+        """Zero the `.grad` of every pruned weight, in one `_foreach_mul_` call (the hook-free alternative to
+        `register_grad_hooks`, for trainers that can call it between backward and gradient clipping)."""
+        grads, factors = [], []
+        for target in self.targets:
+            grad = target.weight.grad
+            if grad is None or target.name not in self.masks:
+                continue
+            grads.append(grad)
+            factors.append(self._mask_on(target.name, grad.device))
+        if grads:
+            with torch.no_grad():
+                torch._foreach_mul_(grads, factors)
 
     def remove_grad_hooks(self) -> None:
         for handle in self._hooks:

@@ -48,6 +48,11 @@ class SparsityCallback(TrainerCallback):
     - saves `sparsity_masks.safetensors` into every checkpoint and restores it on resume;
     - at train end leaves plain zeros in the weights, no hooks or parametrizations.
 
+    Gradient masking: with a plain `Trainer` the callback registers one hook per target weight (the only way
+    to reach the gradients before clipping from a callback). `SparsityTrainer` instead calls
+    `mask_gradients()` once between backward and clipping (`hook_free_gradients = True`): one fused multiply
+    over all targets, no per-parameter Python hooks.
+
     On resume the masks are read from, in order: `resume_from_checkpoint` given here (or set by
     `SparsityTrainer`), `args.resume_from_checkpoint` when it is a folder, `output_dir/checkpoint-<step>`.
 
@@ -69,6 +74,10 @@ class SparsityCallback(TrainerCallback):
         self._zero_fraction = 0.0
         self._model = None
         self._calibration_batches: list | None = None
+        self.hook_free_gradients = (
+            False  # set by SparsityTrainer, which calls mask_gradients() before clipping
+        )
+        self._gradients_masked = False
 
     # ------------------------------------------------------------------ helpers
     def sparsity_logs(self) -> dict[str, float]:
@@ -123,8 +132,17 @@ class SparsityCallback(TrainerCallback):
             return
         if sp.dense_shadow:
             sp.drop_dense_shadow()
-        if sp.has_masks:
+        if sp.has_masks and not self.hook_free_gradients:
             sp.register_grad_hooks()
+
+    def mask_gradients(self) -> None:
+        """Zero the gradients of pruned weights now (between backward and clipping); no-op while the masks are
+        being re-selected with a dense shadow (the optimizer then needs the dense gradients)."""
+        sp = self.sparsifier
+        if sp is None or not sp.has_masks or sp.dense_shadow or self._gradients_masked:
+            return
+        sp.mask_gradients()
+        self._gradients_masked = True
 
     # ------------------------------------------------------------------ events
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
@@ -153,12 +171,15 @@ class SparsityCallback(TrainerCallback):
         self._set_gradient_mode(step)
 
     def on_step_begin(self, args, state, control, **kwargs):
+        self._gradients_masked = False
         step = state.global_step
         if self.config.is_prune_step(step):
             self._prune(step)
         self._set_gradient_mode(step)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.hook_free_gradients:
+            self.mask_gradients()  # when no clipping ran, this is the first chance
         if self.sparsifier is not None and self.sparsifier.dense_shadow:
             self.sparsifier.load_dense_into_weights()
 

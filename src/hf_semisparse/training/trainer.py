@@ -80,7 +80,14 @@ class SparsityTrainer(Trainer):
             self.model, config
         )  # fail now, not after the first epoch, on a config that selects nothing
         self.sparsity_callback = SparsityCallback(config)
+        # one fused gradient mask between backward and clipping instead of a Python hook per weight; kept as
+        # hooks if this transformers version has no `_clip_grad_norm` to hook into
+        self.sparsity_callback.hook_free_gradients = callable(getattr(Trainer, "_clip_grad_norm", None))
         self.add_callback(self.sparsity_callback)
+
+    def _clip_grad_norm(self, model):
+        self.sparsity_callback.mask_gradients()  # clipping must see the gradients of the sparse model
+        return super()._clip_grad_norm(model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The task loss, mixed with a KL loss towards the dense teacher's logits when a teacher is given:
