@@ -74,9 +74,8 @@ class SparsityCallback(TrainerCallback):
         self._zero_fraction = 0.0
         self._model = None
         self._calibration_batches: list | None = None
-        self.hook_free_gradients = (
-            False  # set by SparsityTrainer, which calls mask_gradients() before clipping
-        )
+        # set by SparsityTrainer, which calls mask_gradients() before clipping
+        self.hook_free_gradients = False
         self._gradients_masked = False
 
     # ------------------------------------------------------------------ helpers
