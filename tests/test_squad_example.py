@@ -94,3 +94,20 @@ def test_smoke_run_with_a_calibrated_method_and_distillation(tmp_path):
     out = run_squad.main(smoke_args(tmp_path) + ["--method", "wanda", "--distill"])
     assert out["method"] == "wanda" and out["distill"] and out["targets_all_24"]
     assert out["results"]["loaded sparse checkpoint"]["f1"] == out["results"]["recovered 2:4"]["f1"]
+
+
+def test_compare_methods_smoke(tmp_path):
+    import compare_methods
+
+    out = compare_methods.main(smoke_args(tmp_path) + ["--methods", "magnitude", "sparsegpt"])
+    assert out["label"].startswith("SMOKE RUN")
+    assert [row["method"] for row in out["methods"]] == ["magnitude", "sparsegpt"]
+    for row in out["methods"]:
+        for key in ("one-shot", "recovered", "recovered + distillation"):
+            assert 0.0 <= row[key]["f1"] <= 100.0, (row["method"], key)
+        assert row["recovered is 2:4"] and row["recovered + distillation is 2:4"]
+        assert row["seconds"] >= 0 and row["peak_gpu_mib"] is None  # CPU: no GPU memory to report
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["methods"] == out["methods"] and "--smoke" in saved["command"]
+    table = (tmp_path / "results.md").read_text()
+    assert "| magnitude |" in table and "| sparsegpt |" in table and "| wanda |" not in table
