@@ -364,3 +364,28 @@ class GradientSpy(TrainerCallback):
             if grad is not None and pruned.any():
                 self.pruned_grad_max = max(self.pruned_grad_max, grad[pruned].abs().max().item())
         self.calls += 1
+
+
+@pytest.mark.parametrize(
+    "should_save,sharded,calls", [(True, False, [True]), (False, False, []), (False, True, [False])]
+)
+def test_on_save_gathers_sharded_masks_on_every_rank_and_writes_on_the_main_one(
+    tmp_path, monkeypatch, should_save, sharded, calls
+):
+    """Non-main ranks must join the gather of FSDP2-sharded masks (a collective) but never write."""
+    model = make_model("bert")
+    cb = SparsityCallback()
+    trainer = Trainer(
+        model=model,
+        args=TrainingArguments(**training_args(tmp_path, max_steps=1)),
+        train_dataset=ToyDataset("bert"),
+        callbacks=[cb],
+    )
+    trainer.train()
+    writes = []
+    monkeypatch.setattr(type(cb.sparsifier), "sharded", property(lambda self: sharded))
+    monkeypatch.setattr(cb.sparsifier, "save_masks", lambda directory, step, write=True: writes.append(write))
+    monkeypatch.setattr(type(trainer.args), "should_save", property(lambda self: should_save))
+    (tmp_path / f"checkpoint-{trainer.state.global_step}").mkdir()
+    cb.on_save(trainer.args, trainer.state, trainer.control)
+    assert writes == calls
