@@ -15,24 +15,34 @@ import sys
 
 
 def child(variant: str, n: int, k: int, m: int) -> None:
+    import ctypes
+
     import torch
 
     from hf_semisparse.kernels import cusparselt as cl
+    from hf_semisparse.kernels.tuning import SAFE_MAX_ALG_ID
 
     dt = torch.float16
     handle = cl.Handle(torch.device("cuda"))
+    lib = handle.lib
     bias = torch.randn(n, device="cuda", dtype=dt)
     scratch = cl.MatmulPlan(handle, n, k, m, dt, bias=bias)
-    for alg_id in range(min(scratch.max_alg_id(), cl_max()) + 1):
+    for alg_id in range(min(scratch.max_alg_id(), SAFE_MAX_ALG_ID) + 1):
         print(f"TRY {alg_id}", flush=True)
         try:
             if variant == "fresh":
                 cl.MatmulPlan(handle, n, k, m, dt, bias=bias, alg=cl.AlgConfig(alg_id))
             else:
-                scratch._set_alg(cl.AlgConfig(alg_id), reset=variant == "reset")
-                plan = cl.MatmulPlan.__new__(cl.MatmulPlan)
-                cl.MatmulPlan.__init__(plan, handle, n, k, m, dt, bias=bias, alg=None, selection=None)
-                lib = handle.lib
+                scratch._set_alg(cl.AlgConfig(alg_id))
+                if variant == "reset":  # also write split-K 1 explicitly
+                    one = ctypes.c_int(1)
+                    status = lib.cusparseLtMatmulAlgSetAttribute(
+                        handle.ref, cl._ref(scratch.alg_sel), cl.ALG_SPLIT_K, ctypes.byref(one), 4
+                    )
+                    if status:
+                        raise cl.CusparseLtError(f"split-K status {status}")
+                # a plan with descriptors of its own, re-planned from the scratch selection
+                plan = cl.MatmulPlan(handle, n, k, m, dt, bias=bias)
                 lib.cusparseLtMatmulPlanDestroy(cl._ref(plan.plan))
                 status = lib.cusparseLtMatmulPlanInit(
                     handle.ref, cl._ref(plan.plan), cl._ref(plan.matmul), cl._ref(scratch.alg_sel)
@@ -43,12 +53,6 @@ def child(variant: str, n: int, k: int, m: int) -> None:
         except cl.CusparseLtError as exc:
             print(f"ERR {alg_id} {exc}", flush=True)
     print("DONE", flush=True)
-
-
-def cl_max() -> int:
-    from hf_semisparse.kernels.tuning import SAFE_MAX_ALG_ID
-
-    return SAFE_MAX_ALG_ID
 
 
 def main() -> None:

@@ -37,9 +37,10 @@ SHARED = os.environ.get(
 )
 
 
-def make_model(arch: str, seed: int = 0) -> torch.nn.Module:
+def make_model(arch: str, seed: int = 0, **config_overrides) -> torch.nn.Module:
+    """A tiny `arch` model, seeded; `config_overrides` go to its config (e.g. dropout off)."""
     torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, pad_token_id=0)
+    common = dict(vocab_size=VOCAB, pad_token_id=0, **config_overrides)
     if arch == "bert":
         cfg = BertConfig(
             hidden_size=HIDDEN,

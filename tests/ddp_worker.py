@@ -15,30 +15,17 @@ import os
 import sys
 
 import torch
-from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from hf_semisparse import SparsityCallback, SparsityConfig  # noqa: E402
-from tests.conftest import ToyDataset  # noqa: E402
+from tests.conftest import ToyDataset, make_model  # noqa: E402
 
 
 def build_model() -> torch.nn.Module:
-    """A tiny BERT classifier, dropout off (so every run computes the same function), seeded."""
-    torch.manual_seed(0)
-    return BertForSequenceClassification(
-        BertConfig(
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=128,
-            vocab_size=128,
-            max_position_embeddings=64,
-            num_labels=2,
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
-        )
-    )
+    """conftest's tiny BERT with dropout off, so every run computes the same function."""
+    return make_model("bert", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
 def main(out_dir: str, resume: str | None = None) -> None:

@@ -160,34 +160,42 @@ def test_truncated_file(tmp_path):
         AutoSparseModel.from_pretrained(tmp_path / "ckpt")
 
 
+def load_with_config(checkpoint, edit, error_match):
+    """Edit the checkpoint's config.json in place with `edit(data)`, then expect loading to fail."""
+    config_path = checkpoint / "config.json"
+    data = json.loads(config_path.read_text())
+    edit(data)
+    config_path.write_text(json.dumps(data))
+    with pytest.raises(SparseCheckpointError, match=error_match):
+        AutoSparseModel.from_pretrained(checkpoint)
+
+
 def test_config_that_disagrees_with_tensors(tmp_path):
     save_sparse_pretrained(pruned("bert"), tmp_path / "ckpt")
-    config_path = tmp_path / "ckpt" / "config.json"
-    data = json.loads(config_path.read_text())
-    data["quantization_config"]["sparsity_config"]["targets"].append("bert.encoder.layer.9.output.dense")
-    config_path.write_text(json.dumps(data))
-    with pytest.raises(SparseCheckpointError, match="no compressed tensors"):
-        AutoSparseModel.from_pretrained(tmp_path / "ckpt")
-    data["quantization_config"]["sparsity_config"]["targets"].pop()
-    data["num_hidden_layers"] = 1  # the tensors hold two layers
-    config_path.write_text(json.dumps(data))
-    with pytest.raises(SparseCheckpointError, match="does not have"):
-        AutoSparseModel.from_pretrained(tmp_path / "ckpt")
+    targets = lambda d: d["quantization_config"]["sparsity_config"]["targets"]  # noqa: E731
+    load_with_config(
+        tmp_path / "ckpt",
+        lambda d: targets(d).append("bert.encoder.layer.9.output.dense"),
+        "no compressed tensors",
+    )
+
+    def fewer_layers(d):
+        targets(d).pop()
+        d["num_hidden_layers"] = 1  # the tensors hold two layers
+
+    load_with_config(tmp_path / "ckpt", fewer_layers, "does not have")
 
 
 def test_unknown_format_version(tmp_path):
     save_sparse_pretrained(pruned("bert"), tmp_path / "ckpt")
-    config_path = tmp_path / "ckpt" / "config.json"
-    data = json.loads(config_path.read_text())
-    data["quantization_config"]["hf_semisparse"]["version"] = 99
-    config_path.write_text(json.dumps(data))
-    with pytest.raises(SparseCheckpointError, match="version 99"):
-        AutoSparseModel.from_pretrained(tmp_path / "ckpt")
-    data["quantization_config"]["hf_semisparse"]["version"] = 1
-    data["quantization_config"]["sparsity_config"]["format"] = "sparse-bitmask"
-    config_path.write_text(json.dumps(data))
-    with pytest.raises(SparseCheckpointError, match="not supported"):
-        AutoSparseModel.from_pretrained(tmp_path / "ckpt")
+    quant = lambda d: d["quantization_config"]  # noqa: E731
+    load_with_config(tmp_path / "ckpt", lambda d: quant(d)["hf_semisparse"].update(version=99), "version 99")
+
+    def other_format(d):
+        quant(d)["hf_semisparse"]["version"] = 1
+        quant(d)["sparsity_config"]["format"] = "sparse-bitmask"
+
+    load_with_config(tmp_path / "ckpt", other_format, "not supported")
 
 
 def test_pickle_only_checkpoint_is_refused(tmp_path):

@@ -77,7 +77,6 @@ def main(argv=None) -> dict:
             torch.cuda.empty_cache()
 
     command = run_command(argv, "compare_methods.py")
-    label = smoke_label(args)
     lines = [
         f"Dense: EM {dense['exact_match']:.2f}, F1 {dense['f1']:.2f}. Cells are EM / F1.",
         "",
@@ -89,11 +88,8 @@ def main(argv=None) -> dict:
             f"| {r['method']} | {_cell(r['one-shot'])} | {_cell(r.get('recovered'))} | "
             f"{_cell(r.get('recovered + distillation'))} | {r['seconds']} | {r['peak_gpu_mib'] or '-'} |"
         )
-    markdown = (
-        "\n".join(([f"**{label}**", ""] if label else []) + lines + ["", f"Command: `{command}`"]) + "\n"
-    )
     out = {
-        "label": label,
+        "label": smoke_label(args),
         "command": command,
         "seed": args.seed,
         "device": str(squad.device),
@@ -106,7 +102,7 @@ def main(argv=None) -> dict:
         "dense": dense,
         "methods": rows,
     }
-    write_results(args.output_dir, out, markdown)
+    write_results(args.output_dir, out, lines)
     return out
 
 

@@ -186,20 +186,14 @@ def prepare(args) -> tuple[Squad, torch.nn.Module]:
     else:
         model = AutoModelForQuestionAnswering.from_pretrained(args.model, dtype=torch.float32)
     fmt = {"tokenizer": tokenizer, "max_length": args.max_length, "stride": args.doc_stride}
-    train_features = train.map(
-        prepare_train_features,
-        batched=True,
-        remove_columns=train.column_names,
-        fn_kwargs=fmt,
-        desc="train features",
-    )
-    eval_features = valid.map(
-        prepare_eval_features,
-        batched=True,
-        remove_columns=valid.column_names,
-        fn_kwargs=fmt,
-        desc="eval features",
-    )
+
+    def windows(examples, prepare, desc):
+        return examples.map(
+            prepare, batched=True, remove_columns=examples.column_names, fn_kwargs=fmt, desc=desc
+        )
+
+    train_features = windows(train, prepare_train_features, "train features")
+    eval_features = windows(valid, prepare_eval_features, "eval features")
     eval_inputs = eval_features.remove_columns(["example_id", "offset_mapping"])
     squad = Squad(args, device, tokenizer, train, valid, train_features, eval_features, eval_inputs)
     return squad, model
@@ -285,7 +279,10 @@ def smoke_label(args) -> str:
     return "SMOKE RUN: tiny model, few examples; these numbers mean nothing" if args.smoke else ""
 
 
-def write_results(output_dir: str, out: dict, markdown: str) -> None:
+def write_results(output_dir: str, out: dict, table_lines: list[str]) -> None:
+    """results.json (`out`) and results.md (the table, under the smoke label if any, over the command)."""
+    label = [f"**{out['label']}**", ""] if out["label"] else []
+    markdown = "\n".join(label + table_lines + ["", f"Command: `{out['command']}`"]) + "\n"
     os.makedirs(output_dir, exist_ok=True)
     atomic_write_text(os.path.join(output_dir, "results.json"), json.dumps(out, indent=2) + "\n")
     atomic_write_text(os.path.join(output_dir, "results.md"), markdown)
@@ -347,9 +344,8 @@ def main(argv=None) -> dict:
     )
     atomic_write_text(os.path.join(sparse_dir, "README.md"), card)
 
-    label = smoke_label(args)
     out = {
-        "label": label,
+        "label": smoke_label(args),
         "command": command,
         "seed": args.seed,
         "method": args.method,
@@ -370,10 +366,7 @@ def main(argv=None) -> dict:
     }
     lines = ["| model | EM | F1 |", "| --- | --- | --- |"]
     lines += [f"| {row['name']} | {row['EM']} | {row['F1']} |" for row in table]
-    markdown = (
-        "\n".join(([f"**{label}**", ""] if label else []) + lines + ["", f"Command: `{command}`"]) + "\n"
-    )
-    write_results(args.output_dir, out, markdown)
+    write_results(args.output_dir, out, lines)
     for row in speed:
         print(row)
     return out

@@ -433,8 +433,7 @@ class MatmulPlan:
         self._args = (h, _ref(self.plan), ctypes.byref(self._alpha), ctypes.byref(self._beta))
         self._streams: dict[int, ctypes.Array] = {}
 
-    def _set_alg(self, alg: AlgConfig, reset: bool = False) -> None:
-        """Set `alg` on this plan's selection; `reset` also writes split-K 1 (used by the probes)."""
+    def _set_alg(self, alg: AlgConfig) -> None:
         lib, h = self.handle.lib, self.handle.ref
         for attr, value in (
             (ALG_CONFIG_ID, alg.alg_id),
@@ -442,7 +441,7 @@ class MatmulPlan:
             (ALG_SPLIT_K_MODE, alg.split_k_mode),
             (ALG_SPLIT_K_BUFFERS, alg.split_k_buffers),
         ):
-            if alg.split_k <= 1 and (attr != ALG_SPLIT_K or not reset) and attr != ALG_CONFIG_ID:
+            if attr != ALG_CONFIG_ID and alg.split_k <= 1:
                 continue
             v = ctypes.c_int(value)
             _check(
