@@ -7,6 +7,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_semisparse import (
     NoTargetsError,
+    Sparsifier,
     SparsityCallback,
     SparsityConfig,
     SparsityTrainer,
@@ -319,33 +320,60 @@ def test_torch_compile_training(tmp_path):
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
 
 
-def test_sparsity_trainer_masks_gradients_before_clipping_without_hooks(tmp_path):
-    """SparsityTrainer's one fused gradient mask gives exactly what the per-weight hooks give, clipping included."""
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_every_gradient_masking_path_gives_the_same_training(tmp_path, monkeypatch, accumulation):
+    """Per-weight masking hooks (what DDP/FSDP get), the callback's queued fused mask (a plain Trainer in one
+    process) and SparsityTrainer's fused mask before clipping: bit-identical weights and clipped grad norms."""
     runs = {}
-    for name in ("hooks", "fused"):
+    for name in ("per-weight hooks", "queued fused mask", "SparsityTrainer"):
         model = make_model("bert")
-        args = TrainingArguments(**training_args(tmp_path / name, max_steps=6, max_grad_norm=0.05))
-        if name == "hooks":
-            trainer = Trainer(
-                model=model, args=args, train_dataset=ToyDataset("bert"), callbacks=[SparsityCallback()]
+        args = TrainingArguments(
+            **training_args(
+                tmp_path / name, max_steps=6, max_grad_norm=0.05, gradient_accumulation_steps=accumulation
             )
-        else:
-            trainer = SparsityTrainer(model=model, args=args, train_dataset=ToyDataset("bert"))
-            assert trainer.sparsity_callback.hook_free_gradients
-        seen = GradientSpy()
-        trainer.add_callback(seen)
-        trainer.train()
-        assert seen.pruned_grad_max == 0.0 and seen.calls == 6  # what the optimizer saw
+        )
+        with monkeypatch.context() as patch:
+            if name == "per-weight hooks":  # as in a multi-process run
+                patch.setattr("hf_semisparse.pruning.sparsifier._multi_process", lambda: True)
+            if name == "SparsityTrainer":
+                trainer = SparsityTrainer(model=model, args=args, train_dataset=ToyDataset("bert"))
+                assert trainer.sparsity_callback.hook_free_gradients
+            else:
+                trainer = Trainer(
+                    model=model, args=args, train_dataset=ToyDataset("bert"), callbacks=[SparsityCallback()]
+                )
+            seen = GradientSpy()
+            trainer.add_callback(seen)
+            trainer.train()
+        assert seen.pruned_grad_max == 0.0 and seen.calls == 6, name  # what the optimizer saw
         runs[name] = (
             model.state_dict(),
             [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h],
         )
-    (hooks, hooks_norms), (fused, fused_norms) = runs["hooks"], runs["fused"]
-    assert (
-        hooks_norms == fused_norms and max(hooks_norms) > 0.05
-    )  # clipping was active and saw the same grads
-    for key in hooks:
-        assert torch.equal(hooks[key], fused[key]), key
+    reference, reference_norms = runs.pop("per-weight hooks")
+    assert max(reference_norms) > 0.05  # clipping was active
+    for name, (weights, norms) in runs.items():
+        assert norms == reference_norms, name  # clipping saw the same (masked) gradients
+        for key in reference:
+            assert torch.equal(reference[key], weights[key]), (name, key)
+
+
+@pytest.mark.parametrize("multi_process", [False, True])
+def test_callback_hooks_are_per_weight_only_when_distributed(monkeypatch, multi_process):
+    monkeypatch.setattr("hf_semisparse.pruning.sparsifier._multi_process", lambda: multi_process)
+    model = make_model("bert")
+    sp = Sparsifier(model, SparsityConfig())
+    sp.update_masks(1.0)
+    sp.register_grad_hooks()
+    calls = []
+    monkeypatch.setattr(sp, "mask_gradients", lambda: calls.append(1))
+    batch = torch.utils.data.default_collate([ToyDataset("bert")[i] for i in range(4)])
+    model(**batch).loss.backward()
+    # fused: one queued mask for the whole backward; per-weight: each hook masked its own gradient
+    assert calls == ([] if multi_process else [1])
+    pruned_grads_zero = all((t.weight.grad[~sp.masks[t.name]] == 0).all() for t in sp.targets)
+    assert pruned_grads_zero == multi_process
+    sp.remove_grad_hooks()
 
 
 class GradientSpy(TrainerCallback):

@@ -29,6 +29,11 @@ MASKS_FORMAT = "hf_semisparse.masks"
 MASKS_VERSION = "1"
 
 
+def _multi_process() -> bool:
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 class Sparsifier:
     """Masks for the targets of `config` in `model`.
 
@@ -45,6 +50,7 @@ class Sparsifier:
         self.dense_shadow: dict[str, torch.Tensor] = {}
         self.level = 0.0
         self._hooks: list = []
+        self._mask_queued = False
 
     # ------------------------------------------------------------------ masks
     def update_masks(self, level: float = 1.0) -> None:
@@ -104,12 +110,32 @@ class Sparsifier:
                 )
 
     # ------------------------------------------------------------------ gradients
-    def register_grad_hooks(self) -> None:
-        """Multiply every target weight's gradient by its mask as it is computed (before clipping/all-reduce)."""
+    def register_grad_hooks(self, fused: bool | None = None) -> None:
+        """Zero the gradients of pruned weights during every backward, before clipping and the optimizer.
+
+        fused=True: the hook of each target weight only queues, once per backward, one `mask_gradients()` call
+        that autograd runs when the backward has finished (one fused multiply over all `.grad`s, little Python
+        per weight). fused=False: each hook multiplies its own gradient before it is accumulated, which is what
+        DDP and FSDP need (they reduce gradients during the backward). Default: fused unless a multi-process
+        group is running or the masks are sharded.
+        """
         if self._hooks:
             return
+        if fused is None:
+            fused = not (_multi_process() or self.sharded)
+        self._mask_queued = False
         for target in self.targets:
-            self._hooks.append(target.weight.register_hook(self._make_hook(target.name)))
+            hook = self._queue_fused_mask if fused else self._make_hook(target.name)
+            self._hooks.append(target.weight.register_hook(hook))
+
+    def _queue_fused_mask(self, grad: torch.Tensor) -> None:
+        if not self._mask_queued:
+            self._mask_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._run_fused_mask)
+
+    def _run_fused_mask(self) -> None:
+        self._mask_queued = False
+        self.mask_gradients()
 
     def _make_hook(self, name: str):
         def hook(grad: torch.Tensor) -> torch.Tensor:

@@ -48,10 +48,11 @@ class SparsityCallback(TrainerCallback):
     - saves `sparsity_masks.safetensors` into every checkpoint and restores it on resume;
     - at train end leaves plain zeros in the weights, no hooks or parametrizations.
 
-    Gradient masking: with a plain `Trainer` the callback registers one hook per target weight (the only way
-    to reach the gradients before clipping from a callback). `SparsityTrainer` instead calls
-    `mask_gradients()` once between backward and clipping (`hook_free_gradients = True`): one fused multiply
-    over all targets, no per-parameter Python hooks.
+    Gradient masking: with a plain `Trainer` the callback registers a gradient hook on every target weight (the
+    only way to reach the gradients before clipping from a callback). In one process those hooks only queue
+    one fused multiply over all targets, run by autograd when the backward ends; under DDP/FSDP each hook
+    masks its own gradient before it is reduced. `SparsityTrainer` needs no hooks: it calls
+    `mask_gradients()` once between backward and clipping (`hook_free_gradients = True`).
 
     On resume the masks are read from, in order: `resume_from_checkpoint` given here (or set by
     `SparsityTrainer`), `args.resume_from_checkpoint` when it is a folder, `output_dir/checkpoint-<step>`.
