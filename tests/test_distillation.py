@@ -60,3 +60,44 @@ def test_teacher_must_not_be_the_student(tmp_path):
     with pytest.raises(ValueError, match="pass a copy"):
         trainer_for(tmp_path, model, model)
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_hidden_state_distillation_adds_mse_of_every_layer(tmp_path):
+    student = make_model("bert").eval()
+    teacher = copy.deepcopy(student)
+    inputs = batch()
+    trainer = trainer_for(tmp_path, student, teacher, distillation_weight=1.0, distillation_hidden_weight=2.0)
+    assert trainer.compute_loss(student, inputs).item() == pytest.approx(0.0, abs=1e-6)  # same model
+    with torch.no_grad():
+        teacher.bert.encoder.layer[-1].output.dense.bias[:8] += 2.0  # only the last hidden state moves
+    out_s = student(**inputs, output_hidden_states=True)
+    out_t = teacher(**inputs, output_hidden_states=True)
+    layers = len(out_s.hidden_states)
+    last = torch.nn.functional.mse_loss(out_s.hidden_states[-1], out_t.hidden_states[-1])
+    kd_only = trainer_for(tmp_path, student, teacher, distillation_weight=1.0).compute_loss(student, inputs)
+    total = trainer.compute_loss(student, inputs)
+    # the earlier layers agree exactly, so the hidden term is 2.0 * (last layer's MSE) / number of layers
+    assert (total - kd_only).item() == pytest.approx(2.0 * last.item() / layers, rel=1e-4)
+    assert last.item() > 1e-3
+
+
+def test_hidden_state_distillation_needs_matching_layers(tmp_path):
+    student = make_model("bert")
+    teacher = make_model("bert")
+    teacher.bert.encoder.layer = teacher.bert.encoder.layer[:1]  # one layer fewer than the student
+    trainer = trainer_for(tmp_path, student, teacher, distillation_hidden_weight=1.0)
+    with pytest.raises(ValueError, match="layers and hidden size"):
+        trainer.compute_loss(student, batch())
+    with pytest.raises(ValueError, match="distillation_hidden_weight"):
+        trainer_for(tmp_path, make_model("bert"), make_model("bert"), distillation_hidden_weight=-1.0)
+
+
+def test_recovery_with_hidden_state_distillation_trains(tmp_path):
+    teacher = make_model("bert")
+    student = copy.deepcopy(teacher)
+    trainer = trainer_for(tmp_path, student, teacher, distillation_hidden_weight=1.0)
+    trainer.train()
+    for t in select_targets(student, SparsityConfig())[0]:
+        assert is_nm_sparse(t.linear_view()), t.name
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses[-1] < losses[0]

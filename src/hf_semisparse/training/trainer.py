@@ -29,6 +29,45 @@ class SparsityTrainingArguments(TrainingArguments):
     )
 
 
+def logits_distillation_loss(student_out, teacher_out, temperature: float) -> torch.Tensor:
+    """T^2 * KL(teacher || student) of the softmaxes at temperature T, averaged over the `*logits` outputs the
+    two share (e.g. `start_logits` and `end_logits` for question answering)."""
+    t = temperature
+    losses = []
+    for key, student_logits in student_out.items():
+        if not key.endswith("logits") or key not in teacher_out:
+            continue
+        s_log = torch.log_softmax(student_logits.float() / t, dim=-1)
+        t_log = torch.log_softmax(teacher_out[key].float() / t, dim=-1)
+        losses.append(
+            torch.nn.functional.kl_div(s_log, t_log, log_target=True, reduction="batchmean") * t * t
+        )
+    if not losses:
+        raise ValueError("distillation found no '*logits' output shared by the student and the teacher")
+    return sum(losses) / len(losses)
+
+
+def hidden_states_loss(student_out, teacher_out) -> torch.Tensor:
+    """Mean over layers of the mean squared error between the student's and the teacher's hidden states."""
+    student, teacher = student_out.get("hidden_states"), teacher_out.get("hidden_states")
+    if student is None or teacher is None:
+        raise ValueError(
+            "distillation_hidden_weight > 0 needs hidden states from both models, but one returned none "
+            "for output_hidden_states=True"
+        )
+    if len(student) != len(teacher) or any(
+        s.shape != t.shape for s, t in zip(student, teacher, strict=False)
+    ):
+        raise ValueError(
+            "distillation_hidden_weight > 0 needs a teacher with the student's layers and hidden size, got "
+            f"{[tuple(s.shape) for s in student]} and {[tuple(t.shape) for t in teacher]}"
+        )
+    losses = [
+        torch.nn.functional.mse_loss(s.float(), t.float()) for s, t in zip(student, teacher, strict=True)
+    ]
+    return sum(losses) / len(losses)
+
+
 class SparsityTrainer(Trainer):
     """`Trainer` that prunes the model to N:M (default 2:4) and keeps it so while fine-tuning.
 
@@ -42,6 +81,10 @@ class SparsityTrainer(Trainer):
             training device; may be fp16/bf16. It must be another object than `model` (pass a copy).
         distillation_weight: w in (1 - w) * task loss + w * distillation loss.
         distillation_temperature: softmax temperature T of the distillation loss (scaled by T^2).
+        distillation_hidden_weight: h, the weight of a loss on the hidden states, added on top: the mean over
+            layers of the mean squared error between student and teacher hidden states (both models are run
+            with `output_hidden_states=True`; they must have the same number of layers and hidden size).
+            0 (the default) distills the logits only.
         *args, **kwargs: as for `transformers.Trainer`.
 
     Example:
@@ -58,17 +101,24 @@ class SparsityTrainer(Trainer):
         teacher_model: torch.nn.Module | None = None,
         distillation_weight: float = 0.5,
         distillation_temperature: float = 2.0,
+        distillation_hidden_weight: float = 0.0,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
-        if not 0.0 <= distillation_weight <= 1.0 or distillation_temperature <= 0:
+        if (
+            not 0.0 <= distillation_weight <= 1.0
+            or distillation_temperature <= 0
+            or distillation_hidden_weight < 0
+        ):
             raise ValueError(
-                "distillation_weight must be in [0, 1] and distillation_temperature > 0, got "
-                f"{distillation_weight}, {distillation_temperature}"
+                "distillation_weight must be in [0, 1], distillation_temperature > 0 and "
+                f"distillation_hidden_weight >= 0, got {distillation_weight}, {distillation_temperature}, "
+                f"{distillation_hidden_weight}"
             )
         self.teacher_model = teacher_model
         self.distillation_weight = distillation_weight
         self.distillation_temperature = distillation_temperature
+        self.distillation_hidden_weight = distillation_hidden_weight
         if teacher_model is not None:
             if teacher_model is self.model:
                 raise ValueError("teacher_model is the model being trained; pass a copy of the dense model")
@@ -91,26 +141,22 @@ class SparsityTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The task loss, mixed with a KL loss towards the dense teacher's logits when a teacher is given:
-        (1 - w) * task + w * T^2 * KL(teacher || student) at temperature T, over every `*logits` output."""
+        (1 - w) * task + w * T^2 * KL(teacher || student) at temperature T, over every `*logits` output, plus
+        h * the mean over layers of MSE(student hidden states, teacher hidden states) when h > 0."""
         if self.teacher_model is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        hidden = self.distillation_hidden_weight > 0
+        if hidden:
+            inputs = {**inputs, "output_hidden_states": True}
         loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
         label_keys = set(self.label_names or []) | {"labels", "start_positions", "end_positions"}
         with torch.no_grad():
             teacher_out = self.teacher_model(**{k: v for k, v in inputs.items() if k not in label_keys})
-        t = self.distillation_temperature
-        kd, count = 0.0, 0
-        for key, student_logits in outputs.items():
-            if not key.endswith("logits") or key not in teacher_out:
-                continue
-            s_log = torch.log_softmax(student_logits.float() / t, dim=-1)
-            t_log = torch.log_softmax(teacher_out[key].float() / t, dim=-1)
-            kd = kd + torch.nn.functional.kl_div(s_log, t_log, log_target=True, reduction="batchmean") * t * t
-            count += 1
-        if count == 0:
-            raise ValueError("distillation found no '*logits' output shared by the student and the teacher")
+        kd = logits_distillation_loss(outputs, teacher_out, self.distillation_temperature)
         w = self.distillation_weight
-        loss = (1 - w) * loss + w * kd / count
+        loss = (1 - w) * loss + w * kd
+        if hidden:
+            loss = loss + self.distillation_hidden_weight * hidden_states_loss(outputs, teacher_out)
         return (loss, outputs) if return_outputs else loss
 
     @property
