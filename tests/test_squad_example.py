@@ -111,3 +111,45 @@ def test_compare_methods_smoke(tmp_path):
     assert saved["methods"] == out["methods"] and "--smoke" in saved["command"]
     table = (tmp_path / "results.md").read_text()
     assert "| magnitude |" in table and "| sparsegpt |" in table and "| wanda |" not in table
+
+
+def test_sweep_recovery_smoke(tmp_path):
+    import sweep_recovery
+
+    recipes = [
+        "plain:method=magnitude",
+        "hidden:method=magnitude,distill=true,distill_hidden=1.0,scheduler=linear,warmup_ratio=0.1,epochs=2",
+    ]
+    argv = smoke_args(tmp_path) + [arg for r in recipes for arg in ("--recipe", r)]
+    out = sweep_recovery.main(argv)
+    assert [r["name"] for r in out["recipes"]] == ["plain", "hidden"]
+    hidden = out["recipes"][1]["recipe"]
+    assert hidden["distill"] and hidden["distill_hidden"] == 1.0 and hidden["epochs"] == 2.0
+    assert hidden["scheduler"] == "linear" and out["recipes"][0]["recipe"]["distill_hidden"] == 0.0
+    for row in out["recipes"]:
+        assert row["all 2:4"] and 0.0 <= row["recovered"]["f1"] <= 100.0
+        assert row["f1 gap to dense"] == pytest.approx(row["recovered"]["f1"] - out["dense"]["f1"], abs=0.01)
+    # both recipes started from one one-shot copy of one dense model
+    assert out["recipes"][0]["one-shot"] == out["recipes"][1]["one-shot"]
+    assert "| hidden |" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("no-colon", "is not 'name:key=value"),
+        ("x:epochs", "is not key=value"),
+        ("x:speed=3", "is not key=value"),
+        ("x:distill=maybe", "true or false"),
+        ("x:method=random", "unknown method"),
+        ("x:scheduler=step", "unknown scheduler"),
+        ("x:distill_hidden=1.0", "needs distillation"),
+    ],
+)
+def test_sweep_recovery_rejects_bad_recipes_before_training(tmp_path, capsys, spec, message):
+    import sweep_recovery
+
+    with pytest.raises(SystemExit):
+        sweep_recovery.parse_args(smoke_args(tmp_path) + ["--recipe", spec])
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "results.json").exists()

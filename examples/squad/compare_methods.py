@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from run_squad import (  # noqa: E402
+    Recipe,
     build_parser,
     fine_tune_dense,
     finish_args,
@@ -63,9 +64,11 @@ def main(argv=None) -> dict:
         pruned, _, cost = one_shot(model, squad, method)
         row = {"method": method, "one-shot": squad.evaluate(pruned, f"eval one-shot {method}"), **cost}
         if not args.no_recovery:
-            for name, teacher in (("recovered", None), ("recovered + distillation", model)):
+            for name, distill in (("recovered", False), ("recovered + distillation", True)):
                 student = copy.deepcopy(pruned)
-                recover(student, squad, teacher=teacher, name=f"recover-{method}")
+                hidden = args.distill_hidden if distill else 0.0
+                recipe = Recipe.from_args(args, method=method, distill=distill, distill_hidden=hidden)
+                recover(student, squad, recipe, teacher=model, name=f"recover-{method}")
                 row[name] = squad.evaluate(student, f"eval {name} {method}")
                 row[f"{name} is 2:4"] = all(
                     is_nm_sparse(t.linear_view()) for t in select_targets(student, SparsityConfig())[0]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import statistics
@@ -99,6 +100,22 @@ def build_parser(with_method: bool = True) -> argparse.ArgumentParser:
             action="store_true",
             help="recover with the fine-tuned dense model as a teacher (KL on start/end logits)",
         )
+    p.add_argument("--recovery-learning-rate", type=float, default=None, help="default --learning-rate")
+    p.add_argument(
+        "--recovery-scheduler",
+        choices=["constant", "linear", "cosine"],
+        default="constant",
+        help="learning-rate schedule of the recovery fine-tune (the dense one is constant, as in the tutorial)",
+    )
+    p.add_argument("--recovery-warmup-ratio", type=float, default=0.0)
+    p.add_argument("--distill-weight", type=float, default=0.5, help="w in (1 - w) * task + w * KL")
+    p.add_argument("--distill-temperature", type=float, default=2.0)
+    p.add_argument(
+        "--distill-hidden",
+        type=float,
+        default=0.0,
+        help="weight of an MSE loss on every layer's hidden states towards the teacher's (with --distill)",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny model, few examples: checks the pipeline only")
     return p
 
@@ -114,7 +131,47 @@ def finish_args(args):
         args.max_length, args.doc_stride, args.batch_size, args.eval_batch_size = 128, 32, 8, 16
     if args.recovery_epochs is None:
         args.recovery_epochs = args.epochs
+    if args.recovery_learning_rate is None:
+        args.recovery_learning_rate = args.learning_rate
     return args
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How the recovery fine-tune runs: mask method, length, learning rate, and distillation from the dense model."""
+
+    method: str = "magnitude"
+    epochs: float = 1.0
+    learning_rate: float = 5e-5
+    scheduler: str = "constant"
+    warmup_ratio: float = 0.0
+    distill: bool = False
+    distill_weight: float = 0.5
+    distill_temperature: float = 2.0
+    distill_hidden: float = 0.0
+
+    @classmethod
+    def from_args(cls, args, **overrides) -> Recipe:
+        recipe = cls(
+            method=getattr(args, "method", "magnitude"),
+            epochs=args.recovery_epochs,
+            learning_rate=args.recovery_learning_rate,
+            scheduler=args.recovery_scheduler,
+            warmup_ratio=args.recovery_warmup_ratio,
+            distill=getattr(args, "distill", False),
+            distill_weight=args.distill_weight,
+            distill_temperature=args.distill_temperature,
+            distill_hidden=args.distill_hidden,
+        )
+        return dataclasses.replace(recipe, **overrides)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose from {list(METHODS)}")
+        if self.scheduler not in ("constant", "linear", "cosine"):
+            raise ValueError(f"unknown scheduler {self.scheduler!r}; choose constant, linear or cosine")
+        if self.distill_hidden and not self.distill:
+            raise ValueError("a hidden-state distillation weight needs distillation (--distill)")
 
 
 def load_tokenizer(name: str):
@@ -139,14 +196,22 @@ class Squad:
     eval_features: object
     eval_inputs: object
 
-    def training_args(self, name: str, epochs: float) -> TrainingArguments:
+    def training_args(
+        self,
+        name: str,
+        epochs: float,
+        learning_rate: float | None = None,
+        scheduler: str = "constant",
+        warmup_ratio: float = 0.0,
+    ) -> TrainingArguments:
         cuda = self.device.type == "cuda"
         return TrainingArguments(
             os.path.join(self.args.output_dir, name),
             per_device_train_batch_size=self.args.batch_size,
-            learning_rate=self.args.learning_rate,
+            learning_rate=learning_rate or self.args.learning_rate,
             num_train_epochs=epochs,
-            lr_scheduler_type="constant",
+            lr_scheduler_type=scheduler,
+            warmup_steps=warmup_ratio,
             seed=self.args.seed,
             data_seed=self.args.seed,
             save_strategy="no",
@@ -240,17 +305,25 @@ def one_shot(model, squad: Squad, method: str) -> tuple[torch.nn.Module, object,
     return pruned, report, cost
 
 
-def recover(pruned, squad: Squad, teacher=None, name: str = "recover") -> None:
-    """Recovery fine-tune in place; the one-shot masks are kept (magnitude re-selection finds their zeros)."""
-    if teacher is not None:  # a copy: the dense model goes on being used; fp16 on the GPU
-        teacher = copy.deepcopy(teacher)
+def recover(pruned, squad: Squad, recipe: Recipe, teacher=None, name: str = "recover") -> None:
+    """Recovery fine-tune in place; the one-shot masks are kept (magnitude re-selection finds their zeros).
+    `teacher` (the dense model) is used when `recipe.distill` is set."""
+    if recipe.distill:
+        if teacher is None:
+            raise ValueError("recipe.distill needs the dense model as teacher")
+        teacher = copy.deepcopy(teacher)  # the dense model goes on being used; fp16 on the GPU
         teacher = teacher.half() if squad.device.type == "cuda" else teacher
     SparsityTrainer(
         model=pruned,
-        args=squad.training_args(name, squad.args.recovery_epochs),
+        args=squad.training_args(
+            name, recipe.epochs, recipe.learning_rate, recipe.scheduler, recipe.warmup_ratio
+        ),
         train_dataset=squad.train_features,
         sparsity_config=SparsityConfig(),
-        teacher_model=teacher,
+        teacher_model=teacher if recipe.distill else None,
+        distillation_weight=recipe.distill_weight,
+        distillation_temperature=recipe.distill_temperature,
+        distillation_hidden_weight=recipe.distill_hidden,
     ).train()
 
 
@@ -300,7 +373,8 @@ def main(argv=None) -> dict:
 
     pruned, report, prune_cost = one_shot(model, squad, args.method)
     results["one-shot 2:4"] = squad.evaluate(pruned, "eval one-shot")
-    recover(pruned, squad, teacher=model if args.distill else None)
+    recipe = Recipe.from_args(args)
+    recover(pruned, squad, recipe, teacher=model)
     results["recovered 2:4"] = squad.evaluate(pruned, "eval recovered")
 
     sparse_dir = os.path.join(args.output_dir, "sparse")
@@ -350,6 +424,7 @@ def main(argv=None) -> dict:
         "seed": args.seed,
         "method": args.method,
         "distill": args.distill,
+        "recovery": dataclasses.asdict(recipe),
         "device": str(device),
         "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
         "train_questions": len(squad.train),
