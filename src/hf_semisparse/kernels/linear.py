@@ -23,6 +23,13 @@ logger = logging.getLogger(__name__)
 
 M_MULTIPLE = 16  # token counts are padded up to this for the sparse kernel
 _UNSET = object()
+_RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # no Stream object per call
+
+
+def _current_stream(device: torch.device) -> int:
+    if _RAW_STREAM is not None:
+        return _RAW_STREAM(device.index)
+    return torch.cuda.current_stream(device).cuda_stream
 
 
 class SparseGemmBackend:
@@ -99,7 +106,9 @@ class SemiSparseLinear(nn.Module):
         self._id = next(_IDS)
         _LAYERS[self._id] = self
         self._plans: dict[tuple[int, int], MatmulPlan] = {}
-        self._fast: dict[tuple[int, int], MatmulPlan | None] = {}  # (device, padded M) -> plan, None = dense
+        self._fast: dict[
+            tuple[int, int], MatmulPlan | None
+        ] = {}  # (device, token count) -> plan, None = dense
         self._workspaces: dict[int, torch.Tensor] = {}  # stream -> workspace
 
     def extra_repr(self) -> str:
@@ -218,25 +227,31 @@ class SemiSparseLinear(nn.Module):
                     "cast the input (or the model) to match"
                 )
             return self._dense(x.to(self.weight.dtype)).to(x.dtype)
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"expected input with last dimension {self.in_features}, got shape {tuple(x.shape)}"
+            )
+        m = x.numel() // self.in_features
+        key = (x.device.index, m)
+        plan = self._fast.get(key, _UNSET)
+        if plan is None:  # this token count measured faster dense: no more host work than nn.Linear
+            return self._dense(x)
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        m = x2.shape[0]
         if m == 0:
             return x.new_empty(*lead, self.out_features)
+        x2 = x.reshape(m, self.in_features)
         padded = -(-m // M_MULTIPLE) * M_MULTIPLE
         if padded != m:
             x2 = F.pad(x2, (0, 0, 0, padded - m))
         elif not x2.is_contiguous():
             x2 = x2.contiguous()
-        stream = torch.cuda.current_stream(x.device).cuda_stream
-        key = (x.device.index, padded)
-        plan = self._fast.get(key, _UNSET)
+        stream = _current_stream(x.device)
         if plan is _UNSET:
             plan = self._prepare(x2, stream)
             if not torch.cuda.is_current_stream_capturing():
                 self._fast[key] = plan
-        if plan is None:
-            return self._dense(x)
+            if plan is None:
+                return self._dense(x)
         ws = self._workspaces.get(stream)
         if ws is None or ws.numel() < plan.workspace_size:
             ws = get_backend().workspace(x.device, stream, plan.workspace_size)
