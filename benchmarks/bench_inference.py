@@ -8,6 +8,9 @@ does not depend on the values), fp16, sequence 384, batch 4/16/64/256, eager, `t
 - torch-2:4: every target weight replaced by `to_sparse_semi_structured` (torch's default cuSPARSELt path);
 - ours: `accelerate_24(model)` (keep_dense=True: per-shape dispatch to dense where sparse measured slower);
 - ours-sparse-only: `accelerate_24(model, keep_dense=False)` (every target runs sparse; compressed weights only).
+With --graphs (default) also, each forward replayed from a CUDA graph per batch size (`CUDAGraphedModel`):
+- dense+graphs: the dense model so wrapped, the fair baseline for graph replay;
+- ours+graphs: `accelerate_24(model)` so wrapped.
 Timing: CUDA events around one forward; 3 warm-ups per variant (ours tunes there), 0.3 s of dense forwards to
 raise the clocks, then rounds in which each variant runs once, in turn (at least 5 rounds); min/median/max ms.
 Correctness: ||logits - dense logits|| / ||dense logits|| for start and end logits (must be < 2e-3).
@@ -37,7 +40,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from hf_semisparse import compute_nm_mask, prune_24, select_targets  # noqa: E402
 from hf_semisparse.config import SparsityConfig  # noqa: E402
-from hf_semisparse.kernels import accelerate_24  # noqa: E402
+from hf_semisparse.kernels import CUDAGraphedModel, accelerate_24  # noqa: E402
 from hf_semisparse.kernels.linear import SemiSparseLinear  # noqa: E402
 
 MODELS = {
@@ -152,6 +155,9 @@ def bench_models(args, save) -> list[dict]:
         lean = copy.deepcopy(dense)
         accelerate_24(lean, keep_dense=False)
         variants["ours-sparse-only"] = lean
+        if args.graphs:
+            variants["dense+graphs"] = CUDAGraphedModel(dense)
+            variants["ours+graphs"] = CUDAGraphedModel(ours)
         memory = weight_bytes(lean)
         for batch in args.batches:
             ids = torch.randint(1000, 30000, (batch, args.seq), device="cuda")
@@ -281,6 +287,19 @@ def print_tables(rows, gemms, info) -> None:
             f"{r['model']:<11}{r['batch']:>6}{d:>9.2f}{st:>10.2f}{o:>9.2f}{d / o:>8.2f}x{so:>12.2f}{d / so:>8.2f}x"
             f"{r['ours']['rel_err']:>10.1e}"
         )
+    graphed = [r for r in rows if "ours+graphs" in r]
+    if graphed:
+        print("\nReplayed from CUDA graphs (CUDAGraphedModel), median ms")
+        print(
+            f"{'model':<11}{'batch':>6}{'dense':>9}{'dense+graphs':>14}{'ours+graphs':>13}"
+            f"{'vs dense+graphs':>17}{'vs dense':>10}{'err':>9}"
+        )
+        for r in graphed:
+            d, dg, og = (r[k]["median_ms"] for k in ("dense", "dense+graphs", "ours+graphs"))
+            print(
+                f"{r['model']:<11}{r['batch']:>6}{d:>9.2f}{dg:>14.2f}{og:>13.2f}{dg / og:>16.2f}x{d / og:>9.2f}x"
+                f"{r['ours+graphs']['rel_err']:>9.1e}"
+            )
     if rows:
         w = rows[-1]["weights"]
         print(
@@ -308,6 +327,12 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=384)
     p.add_argument("--budget-ms", type=float, default=4000.0, help="timing budget per batch, all variants")
     p.add_argument("--max-stock-batch", type=int, default=256, help="skip torch's slow path above this batch")
+    p.add_argument(
+        "--graphs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time dense and ours replayed from CUDA graphs",
+    )
     p.add_argument("--skip-models", action="store_true")
     p.add_argument("--skip-gemms", action="store_true")
     p.add_argument("--json", default="outputs/bench_inference.json")

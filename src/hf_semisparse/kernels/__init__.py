@@ -15,6 +15,7 @@ from torch import nn
 
 from ..masks import find_nm_violation
 from ..utils import unwrap_model
+from .graphs import CUDAGraphedModel
 
 logger = logging.getLogger(__name__)
 _SAID: set[str] = set()
@@ -168,4 +169,4 @@ def accelerate_24(
     return report
 
 
-__all__ = ["AccelerationReport", "accelerate_24", "why_not_accelerated"]
+__all__ = ["AccelerationReport", "CUDAGraphedModel", "accelerate_24", "why_not_accelerated"]

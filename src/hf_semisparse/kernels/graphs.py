@@ -1,0 +1,142 @@
+"""`CUDAGraphedModel`: a model's inference forward replayed from CUDA graphs, one graph per input signature.
+
+At small batches an eager forward is bound by host time (Python, module calls, kernel launches), not by the GPU,
+so no kernel, 2:4 or dense, can make it faster. A CUDA graph replays all of a forward's kernels with one launch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+logger = logging.getLogger(__name__)
+
+
+def input_signature(args: tuple, kwargs: dict) -> tuple | None:
+    """What a captured graph depends on: the call's structure and, per tensor, shape, dtype and device; other
+    values must be hashable and are part of the signature. None if one is not hashable (run eagerly)."""
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    parts = []
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            parts.append(("tensor", tuple(leaf.shape), leaf.dtype, leaf.device, tuple(leaf.stride())))
+        else:
+            try:
+                hash(leaf)
+            except TypeError:
+                return None
+            parts.append(("value", type(leaf), leaf))
+    return (str(spec), tuple(parts))
+
+
+class _Graph:
+    """One captured forward: its input buffers, its graph, its output buffers."""
+
+    def __init__(self, module: nn.Module, args: tuple, kwargs: dict, warmup: int) -> None:
+        leaves, self.spec = pytree.tree_flatten((args, kwargs))
+        self.inputs = [x.clone() if isinstance(x, torch.Tensor) else x for x in leaves]
+        static_args, static_kwargs = pytree.tree_unflatten(self.inputs, self.spec)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+            for _ in range(warmup):
+                module(*static_args, **static_kwargs)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.outputs = module(*static_args, **static_kwargs)
+
+    def replay(self, args: tuple, kwargs: dict) -> Any:
+        leaves = pytree.tree_leaves((args, kwargs))
+        for buffer, value in zip(self.inputs, leaves, strict=True):
+            if isinstance(buffer, torch.Tensor):
+                buffer.copy_(value)
+        self.graph.replay()
+        return pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, self.outputs)
+
+
+class CUDAGraphedModel(nn.Module):
+    """Runs `model`'s forward for inference from CUDA graphs: one graph per input signature, captured on first
+    use and replayed after, so a forward costs one launch of host time instead of one per kernel.
+
+    Each new signature (the call's structure; each tensor's shape, dtype, device and strides; every other
+    argument's value) is first run eagerly `warmup` times (where `SemiSparseLinear` layers search and time their
+    kernels for the new token count), then captured. Later calls with that signature copy their tensors into
+    the captured inputs and replay. Outputs are new tensors, not the graph's buffers. Everything runs under
+    `torch.inference_mode()`: for inference only, no gradients.
+
+    Args:
+        model: the model (dense, or after `accelerate_24`), on a CUDA device, in eval mode, whose forward
+            launches the same kernels for the same input signature (no data-dependent control flow on the host).
+        max_graphs: signatures kept; the least recently used graph (and its memory) is dropped beyond this.
+        warmup: eager runs before a capture.
+
+    A model not on CUDA runs eagerly, with one log line saying so. Every graph keeps the activation memory of
+    its signature's forward: cap `max_graphs`, or use this for the small batches where host time dominates.
+
+    Example:
+        >>> model = AutoSparseModel.from_pretrained(path, torch_dtype=torch.float16, device_map="cuda")
+        >>> fast = CUDAGraphedModel(model)
+        >>> out = fast(input_ids=ids, attention_mask=mask)  # first call per shape: warm-up and capture
+    """
+
+    def __init__(self, model: nn.Module, max_graphs: int = 8, warmup: int = 2) -> None:
+        super().__init__()
+        if max_graphs < 1 or warmup < 1:
+            raise ValueError(f"max_graphs and warmup must be >= 1, got {max_graphs}, {warmup}")
+        self.module = model
+        self.max_graphs = max_graphs
+        self.warmup = warmup
+        self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()
+        self.captures = 0  # graphs captured so far (a new signature, or one dropped and seen again)
+        self._said: set[str] = set()
+
+    def _eager_reason(self, signature: tuple | None) -> str | None:
+        try:
+            device = next(self.module.parameters()).device
+        except StopIteration:
+            return "the model has no parameters"
+        if device.type != "cuda":
+            return f"the model is on {device.type}; CUDA graphs need a CUDA device"
+        if signature is None:
+            return "an argument is neither a tensor nor hashable, so its graph cannot be looked up"
+        if self.module.training:
+            return "the model is in training mode; CUDA graphs here are for inference (call .eval())"
+        return None
+
+    def forward(self, *args, **kwargs):
+        signature = input_signature(args, kwargs)
+        reason = self._eager_reason(signature)
+        with torch.inference_mode():
+            if reason is not None:
+                if reason not in self._said:
+                    self._said.add(reason)
+                    logger.warning("CUDAGraphedModel runs eagerly: %s", reason)
+                return self.module(*args, **kwargs)
+            graph = self._graphs.get(signature)
+            if graph is None:
+                graph = _Graph(self.module, args, kwargs, self.warmup)
+                self.captures += 1
+                self._graphs[signature] = graph
+                while len(self._graphs) > self.max_graphs:
+                    self._graphs.popitem(last=False)
+            else:
+                self._graphs.move_to_end(signature)
+            return graph.replay(args, kwargs)
+
+    def clear(self) -> None:
+        """Drop every captured graph (e.g. after changing the model's weights in place)."""
+        self._graphs.clear()
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "module":
+                raise
+            return getattr(self.module, name)  # config, device, ... of the wrapped model
