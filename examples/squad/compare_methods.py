@@ -53,32 +53,8 @@ def _cell(result: dict | None) -> str:
     return "-" if result is None else f"{result['exact_match']:.2f} / {result['f1']:.2f}"
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    squad, model = prepare(args)
-    fine_tune_dense(model, squad)
-    dense = squad.evaluate(model, "eval dense")
-
-    rows = []
-    for method in args.methods:
-        pruned, _, cost = one_shot(model, squad, method)
-        row = {"method": method, "one-shot": squad.evaluate(pruned, f"eval one-shot {method}"), **cost}
-        if not args.no_recovery:
-            for name, distill in (("recovered", False), ("recovered + distillation", True)):
-                student = copy.deepcopy(pruned)
-                hidden = args.distill_hidden if distill else 0.0
-                recipe = Recipe.from_args(args, method=method, distill=distill, distill_hidden=hidden)
-                recover(student, squad, recipe, teacher=model, name=f"recover-{method}")
-                row[name] = squad.evaluate(student, f"eval {name} {method}")
-                row[f"{name} is 2:4"] = all(
-                    is_nm_sparse(t.linear_view()) for t in select_targets(student, SparsityConfig())[0]
-                )
-                del student
-        rows.append(row)
-        del pruned
-        if squad.device.type == "cuda":
-            torch.cuda.empty_cache()
-
+def _write(args, squad, argv, dense: dict, rows: list[dict]) -> dict:
+    """results.json and results.md for the rows so far (a run cut short keeps the methods it finished)."""
     command = run_command(argv, "compare_methods.py")
     lines = [
         f"Dense: EM {dense['exact_match']:.2f}, F1 {dense['f1']:.2f}. Cells are EM / F1.",
@@ -106,6 +82,36 @@ def main(argv=None) -> dict:
         "methods": rows,
     }
     write_results(args.output_dir, out, lines)
+    return out
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    squad, model = prepare(args)
+    fine_tune_dense(model, squad)
+    dense = squad.evaluate(model, "eval dense")
+
+    rows = []
+    for method in args.methods:
+        pruned, _, cost = one_shot(model, squad, method)
+        row = {"method": method, "one-shot": squad.evaluate(pruned, f"eval one-shot {method}"), **cost}
+        if not args.no_recovery:
+            for name, distill in (("recovered", False), ("recovered + distillation", True)):
+                student = copy.deepcopy(pruned)
+                hidden = args.distill_hidden if distill else 0.0
+                recipe = Recipe.from_args(args, method=method, distill=distill, distill_hidden=hidden)
+                recover(student, squad, recipe, teacher=model, name=f"recover-{method}")
+                row[name] = squad.evaluate(student, f"eval {name} {method}")
+                row[f"{name} is 2:4"] = all(
+                    is_nm_sparse(t.linear_view()) for t in select_targets(student, SparsityConfig())[0]
+                )
+                del student
+        rows.append(row)
+        out = _write(args, squad, argv, dense, rows)
+        del pruned
+        if squad.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     return out
 
 

@@ -327,19 +327,23 @@ def recover(pruned, squad: Squad, recipe: Recipe, teacher=None, name: str = "rec
     ).train()
 
 
-def time_forward_ms(model, batch: dict, repeats: int = 20) -> float:
+def time_forwards_ms(models: dict, batch: dict, rounds: int = 30) -> dict[str, float]:
+    """Median ms of one forward of each model, timed in turn round after round (so clock drift hits all alike),
+    after 3 warm-up forwards each (where 2:4 layers tune a new token count)."""
+    times: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode():
-        for _ in range(3):
-            model(**batch)
-        times = []
-        for _ in range(repeats):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            model(**batch)
-            e.record()
-            e.synchronize()
-            times.append(s.elapsed_time(e))
-    return statistics.median(times)
+        for model in models.values():
+            for _ in range(3):
+                model(**batch)
+        for _ in range(rounds):
+            for name, model in models.items():
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record()
+                model(**batch)
+                e.record()
+                e.synchronize()
+                times[name].append(s.elapsed_time(e))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def run_command(argv, script: str) -> str:
@@ -392,7 +396,8 @@ def main(argv=None) -> dict:
         for batch_size in (16, 64):
             rows = squad.eval_inputs.with_format("torch")[:batch_size]
             batch = {k: v.to(device) for k, v in rows.items()}
-            d, s = time_forward_ms(dense_fp16, batch), time_forward_ms(loaded, batch)
+            ms = time_forwards_ms({"dense": dense_fp16, "2:4": loaded}, batch)
+            d, s = ms["dense"], ms["2:4"]
             speed.append(
                 {
                     "name": f"batch {len(batch['input_ids'])}, seq {args.max_length}",
