@@ -9,7 +9,6 @@ Each run times its steps after the warm-up as one window (a sync at each end onl
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -26,6 +25,7 @@ from transformers import (
 )
 
 from hf_semisparse import Sparsifier, SparsityCallback, SparsityConfig, SparsityTrainer
+from hf_semisparse.utils import write_json
 
 
 class StepTimer(TrainerCallback):
@@ -226,11 +226,7 @@ def main() -> None:
         f"{100 * masking_ms / plain:.1f}% of the plain step"
     )
     if a.json:
-        import os
-
-        os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
-        with open(a.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(a.json, result)
 
 
 if __name__ == "__main__":

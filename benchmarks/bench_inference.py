@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import subprocess
@@ -42,6 +41,7 @@ from hf_semisparse import compute_nm_mask, prune_24, select_targets  # noqa: E40
 from hf_semisparse.config import SparsityConfig  # noqa: E402
 from hf_semisparse.kernels import CUDAGraphedModel, accelerate_24  # noqa: E402
 from hf_semisparse.kernels.linear import SemiSparseLinear  # noqa: E402
+from hf_semisparse.utils import write_json  # noqa: E402
 
 MODELS = {
     "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
@@ -340,7 +340,6 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench_inference.py needs a CUDA GPU")
     info = env_info()
-    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     result = {"env": info, "args": vars(args), "models": [], "gemms": []}
 
     def save(models=None, gemms=None):
@@ -348,8 +347,7 @@ def main() -> None:
             result["models"] = models
         if gemms is not None:
             result["gemms"] = gemms
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.json, result)
 
     if not args.skip_gemms:
         save(gemms=bench_gemms(args))

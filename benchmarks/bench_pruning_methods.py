@@ -11,7 +11,6 @@ every method adds to. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
@@ -19,6 +18,7 @@ from transformers import BertConfig, BertForQuestionAnswering
 
 from hf_semisparse import SparsityConfig, is_nm_sparse, prune_24, select_targets
 from hf_semisparse.config import METHODS
+from hf_semisparse.utils import write_json
 
 
 def run(method: str, args) -> dict:
@@ -73,17 +73,16 @@ def main() -> None:
             f"{r['extra_mib']:.0f} | {r['all_24']} |"
         )
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(
-                {
-                    "gpu": torch.cuda.get_device_name(),
-                    "torch": torch.__version__,
-                    "args": vars(args),
-                    "rows": rows,
-                },
-                f,
-                indent=1,
-            )
+        write_json(
+            args.json,
+            {
+                "gpu": torch.cuda.get_device_name(),
+                "torch": torch.__version__,
+                "args": vars(args),
+                "rows": rows,
+            },
+            indent=1,
+        )
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import torch
 from hf_semisparse import compute_nm_mask
 from hf_semisparse.kernels import cusparselt as cl
 from hf_semisparse.kernels.tuning import time_cuda_us
+from hf_semisparse.utils import write_json
 
 
 def timed(fn):
@@ -108,8 +109,7 @@ def main() -> None:
     out["shared selection"] = {"slow_id": slow, "fast_id": fast, **results}
     print(json.dumps(out, indent=1))
     if len(sys.argv) > 1:
-        with open(sys.argv[1], "w") as f:
-            json.dump(out, f, indent=1)
+        write_json(sys.argv[1], out, indent=1)
 
 
 if __name__ == "__main__":

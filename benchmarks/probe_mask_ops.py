@@ -8,13 +8,12 @@ writes JSON. Not a test.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 
 import torch
 
 from hf_semisparse.masks import compute_nm_mask
+from hf_semisparse.utils import write_json
 
 
 def shapes(hidden: int = 768, layers: int = 12) -> list[tuple[int, int]]:
@@ -78,9 +77,7 @@ def main() -> None:
         "ms_per_pass": rows,
     }
     if a.json:
-        os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
-        with open(a.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(a.json, result)
 
 
 if __name__ == "__main__":

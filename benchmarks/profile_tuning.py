@@ -9,7 +9,6 @@ time of timing it (which includes its kernel time), and the dense timing. Prints
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
@@ -17,6 +16,7 @@ import torch
 from hf_semisparse import compute_nm_mask
 from hf_semisparse.kernels import cusparselt, tuning
 from hf_semisparse.kernels.cusparselt import Handle
+from hf_semisparse.utils import write_json
 
 # (N, K, M): MiniLM-L6 and bert-base layers at eval batch 64 x 384 tokens, and a small batch
 SHAPES = [
@@ -177,17 +177,11 @@ def main() -> None:
             f"{r['max_plan_init_s']:11.3f} {r['timing_s']:9.2f} {r['best']['us']:8.1f} {r['dense_us']:9.1f}"
         )
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(
-                {
-                    "handle_init_s": handle_s,
-                    "steps": steps,
-                    "gpu": torch.cuda.get_device_name(),
-                    "rows": rows,
-                },
-                f,
-                indent=1,
-            )
+        write_json(
+            args.json,
+            {"handle_init_s": handle_s, "steps": steps, "gpu": torch.cuda.get_device_name(), "rows": rows},
+            indent=1,
+        )
 
 
 if __name__ == "__main__":

@@ -26,19 +26,20 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from run_squad import (  # noqa: E402
     Recipe,
     build_parser,
+    em_f1,
     fine_tune_dense,
     finish_args,
     one_shot,
     prepare,
     recover,
     run_command,
-    smoke_label,
+    run_header,
+    targets_all_24,
     write_results,
 )
 from squad_data import SquadDataError  # noqa: E402
 
-from hf_semisparse import is_nm_sparse, select_targets  # noqa: E402
-from hf_semisparse.config import METHODS, SparsityConfig  # noqa: E402
+from hf_semisparse.config import METHODS  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -47,10 +48,6 @@ def parse_args(argv=None):
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     p.add_argument("--no-recovery", action="store_true", help="one-shot only: skip both recovery fine-tunes")
     return finish_args(p.parse_args(argv))
-
-
-def _cell(result: dict | None) -> str:
-    return "-" if result is None else f"{result['exact_match']:.2f} / {result['f1']:.2f}"
 
 
 def _write(args, squad, argv, dense: dict, rows: list[dict]) -> dict:
@@ -64,17 +61,11 @@ def _write(args, squad, argv, dense: dict, rows: list[dict]) -> dict:
     ]
     for r in rows:
         lines.append(
-            f"| {r['method']} | {_cell(r['one-shot'])} | {_cell(r.get('recovered'))} | "
-            f"{_cell(r.get('recovered + distillation'))} | {r['seconds']} | {r['peak_gpu_mib'] or '-'} |"
+            f"| {r['method']} | {em_f1(r['one-shot'])} | {em_f1(r.get('recovered'))} | "
+            f"{em_f1(r.get('recovered + distillation'))} | {r['seconds']} | {r['peak_gpu_mib'] or '-'} |"
         )
     out = {
-        "label": smoke_label(args),
-        "command": command,
-        "seed": args.seed,
-        "device": str(squad.device),
-        "gpu": torch.cuda.get_device_name() if squad.device.type == "cuda" else None,
-        "train_questions": len(squad.train),
-        "eval_questions": len(squad.valid),
+        **run_header(squad, command),
         "epochs": args.epochs,
         "recovery_epochs": args.recovery_epochs,
         "learning_rate": args.learning_rate,
@@ -102,9 +93,7 @@ def main(argv=None) -> dict:
                 recipe = Recipe.from_args(args, method=method, distill=distill, distill_hidden=hidden)
                 recover(student, squad, recipe, teacher=model, name=f"recover-{method}")
                 row[name] = squad.evaluate(student, f"eval {name} {method}")
-                row[f"{name} is 2:4"] = all(
-                    is_nm_sparse(t.linear_view()) for t in select_targets(student, SparsityConfig())[0]
-                )
+                row[f"{name} is 2:4"] = targets_all_24(student)
                 del student
         rows.append(row)
         out = _write(args, squad, argv, dense, rows)

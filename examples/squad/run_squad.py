@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import os
 import statistics
 import sys
@@ -67,7 +66,7 @@ from hf_semisparse import (  # noqa: E402
 )
 from hf_semisparse.config import METHODS  # noqa: E402
 from hf_semisparse.hub import render_model_card  # noqa: E402
-from hf_semisparse.utils import atomic_write_text  # noqa: E402
+from hf_semisparse.utils import atomic_write_text, write_json  # noqa: E402
 
 
 def build_parser(with_method: bool = True) -> argparse.ArgumentParser:
@@ -141,17 +140,18 @@ def finish_args(args):
 
 @dataclass(frozen=True)
 class Recipe:
-    """How the recovery fine-tune runs: mask method, length, learning rate, and distillation from the dense model."""
+    """How the recovery fine-tune runs: mask method, length, learning rate, and distillation from the dense model.
+    Built from the command line (`from_args`), whose flags hold the defaults."""
 
-    method: str = "magnitude"
-    epochs: float = 1.0
-    learning_rate: float = 5e-5
-    scheduler: str = "constant"
-    warmup_ratio: float = 0.0
-    distill: bool = False
-    distill_weight: float = 0.5
-    distill_temperature: float = 2.0
-    distill_hidden: float = 0.0
+    method: str
+    epochs: float
+    learning_rate: float
+    scheduler: str
+    warmup_ratio: float
+    distill: bool
+    distill_weight: float
+    distill_temperature: float
+    distill_hidden: float
 
     @classmethod
     def from_args(cls, args, **overrides) -> Recipe:
@@ -362,12 +362,34 @@ def smoke_label(args) -> str:
     return "SMOKE RUN: tiny model, few examples; these numbers mean nothing" if args.smoke else ""
 
 
+def run_header(squad: Squad, command: str) -> dict:
+    """What every results.json of the SQuAD scripts starts with: label, command, seed, device and data sizes."""
+    return {
+        "label": smoke_label(squad.args),
+        "command": command,
+        "seed": squad.args.seed,
+        "device": str(squad.device),
+        "gpu": torch.cuda.get_device_name() if squad.device.type == "cuda" else None,
+        "train_questions": len(squad.train),
+        "eval_questions": len(squad.valid),
+    }
+
+
+def em_f1(result: dict | None) -> str:
+    """A table cell: 'EM / F1', or '-' for a result not measured."""
+    return "-" if result is None else f"{result['exact_match']:.2f} / {result['f1']:.2f}"
+
+
+def targets_all_24(model) -> bool:
+    """Whether every weight the default config targets is exactly 2:4."""
+    return all(is_nm_sparse(t.linear_view()) for t in select_targets(model, SparsityConfig())[0])
+
+
 def write_results(output_dir: str, out: dict, table_lines: list[str]) -> None:
     """results.json (`out`) and results.md (the table, under the smoke label if any, over the command)."""
     label = [f"**{out['label']}**", ""] if out["label"] else []
     markdown = "\n".join(label + table_lines + ["", f"Command: `{out['command']}`"]) + "\n"
-    os.makedirs(output_dir, exist_ok=True)
-    atomic_write_text(os.path.join(output_dir, "results.json"), json.dumps(out, indent=2) + "\n")
+    write_json(os.path.join(output_dir, "results.json"), out)
     atomic_write_text(os.path.join(output_dir, "results.md"), markdown)
     print(markdown)
 
@@ -430,25 +452,17 @@ def main(argv=None) -> dict:
     atomic_write_text(os.path.join(sparse_dir, "README.md"), card)
 
     out = {
-        "label": smoke_label(args),
-        "command": command,
-        "seed": args.seed,
+        **run_header(squad, command),
         "method": args.method,
         "distill": args.distill,
         "recovery": dataclasses.asdict(recipe),
-        "device": str(device),
-        "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
-        "train_questions": len(squad.train),
-        "eval_questions": len(squad.valid),
         "results": results,
         "prune_cost": prune_cost,
         "speed": speed,
         "sparsified_layers": len(report.targets),
         "checkpoint": sparse_dir,
         "target_bytes_ratio": summary["target_ratio"],
-        "targets_all_24": all(
-            is_nm_sparse(t.linear_view()) for t in select_targets(pruned, SparsityConfig())[0]
-        ),
+        "targets_all_24": targets_all_24(pruned),
     }
     lines = ["| model | EM | F1 |", "| --- | --- | --- |"]
     lines += [f"| {row['name']} | {row['EM']} | {row['F1']} |" for row in table]

@@ -31,19 +31,18 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from run_squad import (  # noqa: E402
     Recipe,
     build_parser,
+    em_f1,
     fine_tune_dense,
     finish_args,
     one_shot,
     prepare,
     recover,
     run_command,
-    smoke_label,
+    run_header,
+    targets_all_24,
     write_results,
 )
 from squad_data import SquadDataError  # noqa: E402
-
-from hf_semisparse import is_nm_sparse, select_targets  # noqa: E402
-from hf_semisparse.config import SparsityConfig  # noqa: E402
 
 RECIPES = [
     "tutorial:method=magnitude",
@@ -98,10 +97,6 @@ def parse_args(argv=None):
     return args
 
 
-def _cell(result: dict) -> str:
-    return f"{result['exact_match']:.2f} / {result['f1']:.2f}"
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     squad, model = prepare(args)
@@ -121,7 +116,6 @@ def main(argv=None) -> dict:
         recover(student, squad, recipe, teacher=model, name=f"recover-{name}")
         seconds = round(time.perf_counter() - start, 1)
         after = squad.evaluate(student, f"eval {name}")
-        all_24 = all(is_nm_sparse(t.linear_view()) for t in select_targets(student, SparsityConfig())[0])
         rows.append(
             {
                 "name": name,
@@ -130,7 +124,7 @@ def main(argv=None) -> dict:
                 "recovered": after,
                 "f1 gap to dense": round(after["f1"] - dense["f1"], 2),
                 "recovery seconds": seconds,
-                "all 2:4": all_24,
+                "all 2:4": targets_all_24(student),
             }
         )
         del student
@@ -143,18 +137,12 @@ def main(argv=None) -> dict:
             "| --- | --- | --- | --- | --- | --- |",
         ]
         lines += [
-            f"| {r['name']} | {_cell(r['one-shot'])} | {_cell(r['recovered'])} | {r['f1 gap to dense']:+.2f} | "
+            f"| {r['name']} | {em_f1(r['one-shot'])} | {em_f1(r['recovered'])} | {r['f1 gap to dense']:+.2f} | "
             f"{r['recovery seconds']} | {'yes' if r['all 2:4'] else 'NO'} |"
             for r in rows
         ]
         out = {
-            "label": smoke_label(args),
-            "command": command,
-            "seed": args.seed,
-            "device": str(squad.device),
-            "gpu": torch.cuda.get_device_name() if squad.device.type == "cuda" else None,
-            "train_questions": len(squad.train),
-            "eval_questions": len(squad.valid),
+            **run_header(squad, command),
             "dense_epochs": args.epochs,
             "dense_learning_rate": args.learning_rate,
             "dense": dense,

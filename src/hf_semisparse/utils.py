@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -35,6 +36,12 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             f.write(text)
 
     atomic_write(path, write)
+
+
+def write_json(path: str | os.PathLike, obj, indent: int = 2) -> None:
+    """`obj` as JSON at `path`, atomically; missing parent folders are made."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -18,9 +18,12 @@ logger = logging.getLogger(__name__)
 
 
 def input_signature(args: tuple, kwargs: dict) -> tuple | None:
-    """What a captured graph depends on: the call's structure and, per tensor, shape, dtype and device; other
-    values must be hashable and are part of the signature. None if one is not hashable (run eagerly)."""
-    leaves, spec = pytree.tree_flatten((args, kwargs))
+    """What a captured graph depends on: the call's structure and, per tensor, shape, dtype, device and strides;
+    other values must be hashable and are part of the signature. None if one is not hashable (run eagerly)."""
+    return _signature(*pytree.tree_flatten((args, kwargs)))
+
+
+def _signature(leaves: list, spec) -> tuple | None:
     parts = []
     for leaf in leaves:
         if isinstance(leaf, torch.Tensor):
@@ -37,10 +40,9 @@ def input_signature(args: tuple, kwargs: dict) -> tuple | None:
 class _Graph:
     """One captured forward: its input buffers, its graph, its output buffers."""
 
-    def __init__(self, module: nn.Module, args: tuple, kwargs: dict, warmup: int) -> None:
-        leaves, self.spec = pytree.tree_flatten((args, kwargs))
+    def __init__(self, module: nn.Module, leaves: list, spec, warmup: int) -> None:
         self.inputs = [x.clone() if isinstance(x, torch.Tensor) else x for x in leaves]
-        static_args, static_kwargs = pytree.tree_unflatten(self.inputs, self.spec)
+        static_args, static_kwargs = pytree.tree_unflatten(self.inputs, spec)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
@@ -51,8 +53,7 @@ class _Graph:
         with torch.cuda.graph(self.graph):
             self.outputs = module(*static_args, **static_kwargs)
 
-    def replay(self, args: tuple, kwargs: dict) -> Any:
-        leaves = pytree.tree_leaves((args, kwargs))
+    def replay(self, leaves: list) -> Any:
         for buffer, value in zip(self.inputs, leaves, strict=True):
             if isinstance(buffer, torch.Tensor):
                 buffer.copy_(value)
@@ -110,7 +111,8 @@ class CUDAGraphedModel(nn.Module):
         return None
 
     def forward(self, *args, **kwargs):
-        signature = input_signature(args, kwargs)
+        leaves, spec = pytree.tree_flatten((args, kwargs))  # once per call: signature and replay share it
+        signature = _signature(leaves, spec)
         reason = self._eager_reason(signature)
         with torch.inference_mode():
             if reason is not None:
@@ -120,14 +122,14 @@ class CUDAGraphedModel(nn.Module):
                 return self.module(*args, **kwargs)
             graph = self._graphs.get(signature)
             if graph is None:
-                graph = _Graph(self.module, args, kwargs, self.warmup)
+                graph = _Graph(self.module, leaves, spec, self.warmup)
                 self.captures += 1
                 self._graphs[signature] = graph
                 while len(self._graphs) > self.max_graphs:
                     self._graphs.popitem(last=False)
             else:
                 self._graphs.move_to_end(signature)
-            return graph.replay(args, kwargs)
+            return graph.replay(leaves)
 
     def clear(self) -> None:
         """Drop every captured graph (e.g. after changing the model's weights in place)."""

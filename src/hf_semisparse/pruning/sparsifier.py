@@ -73,18 +73,22 @@ class Sparsifier:
         return mask
 
     def apply_masks(self) -> None:
-        """Zero every target weight where its mask is False, in one `_foreach_mul_` call (no Python loop over
-        kernels; with bool masks torch still runs one multiply per weight)."""
-        weights, masks = [], []
+        """Zero every target weight where its mask is False."""
+        self._multiply_by_masks(lambda target: target.weight.data)
+
+    def _multiply_by_masks(self, tensor_of) -> None:
+        """Multiply `tensor_of(target)` (skipped when None) of every masked target by its mask, in one
+        `_foreach_mul_` call (no Python loop over kernels; with bool masks torch still runs one multiply each)."""
+        tensors, masks = [], []
         for target in self.targets:
-            if target.name not in self.masks:
+            tensor = tensor_of(target)
+            if tensor is None or target.name not in self.masks:
                 continue
-            weight = target.weight.data
-            weights.append(weight)
-            masks.append(self._mask_on(target.name, weight.device))
-        if weights:
+            tensors.append(tensor)
+            masks.append(self._mask_on(target.name, tensor.device))
+        if tensors:
             with torch.no_grad():
-                torch._foreach_mul_(weights, masks)
+                torch._foreach_mul_(tensors, masks)
 
     @property
     def has_masks(self) -> bool:
@@ -146,18 +150,9 @@ class Sparsifier:
         return hook
 
     def mask_gradients(self) -> None:
-        """Zero the `.grad` of every pruned weight, in one `_foreach_mul_` call (the hook-free alternative to
+        """Zero the `.grad` of every pruned weight in one fused multiply (the hook-free alternative to
         `register_grad_hooks`, for trainers that can call it between backward and gradient clipping)."""
-        grads, factors = [], []
-        for target in self.targets:
-            grad = target.weight.grad
-            if grad is None or target.name not in self.masks:
-                continue
-            grads.append(grad)
-            factors.append(self._mask_on(target.name, grad.device))
-        if grads:
-            with torch.no_grad():
-                torch._foreach_mul_(grads, factors)
+        self._multiply_by_masks(lambda target: target.weight.grad)
 
     def remove_grad_hooks(self) -> None:
         for handle in self._hooks:
