@@ -57,11 +57,13 @@ class Sparsifier:
         """Choose masks for the share `level` of each target's groups and zero the pruned weights."""
         cfg = self.config
         for target in self.targets:
-            source = self.dense_shadow.get(target.name, target.weight)
-            weight = target.linear_view(source)
+            source = self.dense_shadow.get(target.name, target.weight).detach()
+            # a sharded (FSDP2) weight is gathered: the groups may straddle shards, and every rank gets the same
+            # mask; the mask is then sharded as the weight is
+            weight = target.linear_view(full_tensor(source))
             scores = compute_scores(cfg.method, weight)
             mask = compute_partial_nm_mask(weight, level, cfg.n, cfg.m, scores=scores)
-            self.masks[target.name] = (mask.t() if target.transposed else mask).contiguous()
+            self.masks[target.name] = like((mask.t() if target.transposed else mask).contiguous(), source)
         self.level = level
         self.apply_masks()
 
@@ -74,21 +76,44 @@ class Sparsifier:
 
     def apply_masks(self) -> None:
         """Zero every target weight where its mask is False."""
-        self._multiply_by_masks(lambda target: target.weight.data)
+        self._multiply_by_masks(lambda target: [target.weight.data])
 
-    def _multiply_by_masks(self, tensor_of) -> None:
-        """Multiply `tensor_of(target)` (skipped when None) of every masked target by its mask, in one
-        `_foreach_mul_` call (no Python loop over kernels; with bool masks torch still runs one multiply each)."""
+    def _multiply_by_masks(self, tensors_of) -> None:
+        """Multiply the tensors `tensors_of(target)` (None entries skipped) of every masked target by its mask, in
+        one `_foreach_mul_` call (no Python loop over kernels; with bool masks torch still runs one multiply each).
+        """
         tensors, masks = [], []
         for target in self.targets:
-            tensor = tensor_of(target)
-            if tensor is None or target.name not in self.masks:
+            if target.name not in self.masks:
                 continue
-            tensors.append(tensor)
-            masks.append(self._mask_on(target.name, tensor.device))
+            for tensor in tensors_of(target):
+                if tensor is not None:
+                    tensors.append(tensor)
+                    masks.append(self._mask_on(target.name, tensor.device))
         if tensors:
             with torch.no_grad():
                 torch._foreach_mul_(tensors, masks)
+
+    def mask_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
+        """Zero the optimizer state of pruned weights (every state tensor shaped like the weight: momentum,
+        moments), so that a zero-preserving optimizer keeps them at zero from now on (see `optimizers.py`)."""
+        self._multiply_by_masks(
+            lambda target: [
+                value
+                for value in optimizer.state.get(target.weight, {}).values()
+                if isinstance(value, torch.Tensor) and value.shape == target.weight.shape
+            ]
+        )
+
+    def pruned_nonzeros(self) -> int:
+        """How many target weights are non-zero where their mask prunes (0 when the model is as masked)."""
+        total = 0
+        with torch.no_grad():
+            for target in self.targets:
+                if target.name in self.masks:
+                    weight = target.weight.detach()
+                    total += int(((weight != 0) & ~self._mask_on(target.name, weight.device)).sum())
+        return total
 
     @property
     def has_masks(self) -> bool:
@@ -152,7 +177,7 @@ class Sparsifier:
     def mask_gradients(self) -> None:
         """Zero the `.grad` of every pruned weight in one fused multiply (the hook-free alternative to
         `register_grad_hooks`, for trainers that can call it between backward and gradient clipping)."""
-        self._multiply_by_masks(lambda target: target.weight.grad)
+        self._multiply_by_masks(lambda target: [target.weight.grad])
 
     def remove_grad_hooks(self) -> None:
         for handle in self._hooks:

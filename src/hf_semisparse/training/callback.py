@@ -9,6 +9,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..config import SparsityConfig
+from ..pruning.optimizers import zero_preserving_optimizer
 from ..pruning.sparsifier import Sparsifier, calibrate, record_sparsity_in_config
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ class SparsityCallback(TrainerCallback):
 
     - prunes at `config.start_step` (one-shot) or along a cubic schedule (gradual);
     - masks gradients of pruned weights as they are computed (so clipping, all-reduce and optimizer state
-      never see them) and re-zeros pruned weights after every optimizer step;
+      never see them) and keeps pruned weights at zero after every optimizer step (see `weight_pass`);
     - logs `sparsity_level` and `sparsity_zero_fraction`;
     - saves `sparsity_masks.safetensors` into every checkpoint and restores it on resume;
     - at train end leaves plain zeros in the weights, no hooks or parametrizations.
@@ -53,6 +54,14 @@ class SparsityCallback(TrainerCallback):
     one fused multiply over all targets, run by autograd when the backward ends; under DDP/FSDP each hook
     masks its own gradient before it is reduced. `SparsityTrainer` needs no hooks: it calls
     `mask_gradients()` once between backward and clipping (`hook_free_gradients = True`).
+
+    Weight pass (`weight_pass`): "always" multiplies every target weight by its mask after every optimizer
+    step. "auto" (the default) does so after the first step following each (re-)selection of the masks, zeros
+    the optimizer state of the pruned weights once, and from then on skips the pass while the optimizer is
+    torch's `SGD`, `Adam` or `AdamW`: with zero gradients and zero state their step provably leaves those
+    weights at exactly zero (`hf_semisparse.pruning.optimizers`). Any other optimizer, sharded (FSDP2) masks or a
+    dense shadow get the pass every step. Before every checkpoint the skipped pass is checked (one pass over the
+    weights): a non-zero pruned weight is re-zeroed, logged as an error, and the pass runs every step from then.
 
     On resume the masks are read from, in order: `resume_from_checkpoint` given here (or set by
     `SparsityTrainer`), `args.resume_from_checkpoint` when it is a folder, `output_dir/checkpoint-<step>`.
@@ -67,8 +76,12 @@ class SparsityCallback(TrainerCallback):
         self,
         config: SparsityConfig | dict | str | None = None,
         resume_from_checkpoint: str | None = None,
+        weight_pass: str = "auto",
     ) -> None:
+        if weight_pass not in ("auto", "always"):
+            raise ValueError(f"weight_pass must be 'auto' or 'always', got {weight_pass!r}")
         self.config = resolve_config(config)
+        self.weight_pass = weight_pass
         self.resume_from_checkpoint = resume_from_checkpoint
         self.sparsifier: Sparsifier | None = None
         self._last_prune_step: int | None = None
@@ -78,6 +91,9 @@ class SparsityCallback(TrainerCallback):
         # set by SparsityTrainer, which calls mask_gradients() before clipping
         self.hook_free_gradients = False
         self._gradients_masked = False
+        # True while the optimizer is known to keep pruned weights at zero (weight_pass="auto")
+        self.optimizer_keeps_zeros = False
+        self.skipped_weight_passes = 0
 
     # ------------------------------------------------------------------ helpers
     def sparsity_logs(self) -> dict[str, float]:
@@ -115,6 +131,8 @@ class SparsityCallback(TrainerCallback):
         if cfg.uses_dense_shadow(step):
             sp.start_dense_shadow()
         sp.update_masks(cfg.level_at(step))
+        # new zeros: the next step masks the weights and the optimizer state again
+        self.optimizer_keeps_zeros = False
         self._last_prune_step = step
         self._zero_fraction = sp.zero_fraction()
         logger.info(
@@ -149,6 +167,7 @@ class SparsityCallback(TrainerCallback):
         if model is None:
             raise ValueError("SparsityCallback needs the Trainer to pass `model` to its callbacks")
         self._model = model
+        self.optimizer_keeps_zeros = False  # the first step masks the weights and the (maybe resumed) state
         if self.config.method != "magnitude" and state.global_step <= self.config.start_step:
             self._calibration_batches = _first_batches(train_dataloader, self.config.calibration_batches)
         sp = Sparsifier(model, self.config)  # raises before anything changes if the config selects nothing
@@ -183,14 +202,48 @@ class SparsityCallback(TrainerCallback):
         if self.sparsifier is not None and self.sparsifier.dense_shadow:
             self.sparsifier.load_dense_into_weights()
 
-    def on_optimizer_step(self, args, state, control, **kwargs):
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         sp = self.sparsifier
         if sp is None or not sp.has_masks:
             return
         if sp.dense_shadow:
+            self.optimizer_keeps_zeros = False
             sp.store_dense_and_mask()
-        else:
+            return
+        if self.optimizer_keeps_zeros:
+            self.skipped_weight_passes += 1
+            return
+        sp.apply_masks()
+        if self.weight_pass == "auto" and not sp.sharded and optimizer is not None:
+            inner = zero_preserving_optimizer(optimizer, [t.weight for t in sp.targets])
+            if inner is not None:
+                sp.mask_optimizer_state(inner)
+                self.optimizer_keeps_zeros = True
+                logger.info(
+                    "%s keeps pruned weights at zero: skipping the weight pass after each step",
+                    type(inner).__name__,
+                )
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save and self.optimizer_keeps_zeros:
+            self.verify_zeros(state.global_step)
+
+    def verify_zeros(self, step: int) -> None:
+        """Check that the skipped weight passes lost nothing; on a non-zero pruned weight, re-zero, log an error
+        and go back to a weight pass after every step."""
+        sp = self.sparsifier
+        stray = sp.pruned_nonzeros()
+        if stray:
+            logger.error(
+                "step %d: %d pruned weights were non-zero although the optimizer should keep them at zero "
+                "(did something else write to the weights?); re-zeroed, and masking weights after every step "
+                "from now on",
+                step,
+                stray,
+            )
             sp.apply_masks()
+            self.optimizer_keeps_zeros = False
+            self.weight_pass = "always"
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         stats = self.sparsity_logs()
@@ -212,6 +265,9 @@ class SparsityCallback(TrainerCallback):
         sp = self.sparsifier
         if sp is None:
             return
+        if self.optimizer_keeps_zeros:
+            self.verify_zeros(state.global_step)
+        self.optimizer_keeps_zeros = False
         sp.remove_grad_hooks()
         sp.drop_dense_shadow()
         sp.apply_masks()
