@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hf_semisparse.kernels import CUDAGraphedModel
-from hf_semisparse.kernels.graphs import input_signature
+from hf_semisparse.kernels.graphs import input_signature, without_unpadded_attention_mask
 from tests.conftest import make_model
 
 
@@ -43,3 +43,20 @@ def test_a_cpu_model_runs_eagerly_and_says_so_once(caplog):
 def test_bad_settings():
     with pytest.raises(ValueError, match="max_graphs"):
         CUDAGraphedModel(make_model("bert"), max_graphs=0)
+
+
+def test_only_an_unpadded_2d_attention_mask_is_dropped():
+    ids = torch.ones(2, 8, dtype=torch.long)
+    padded = torch.ones(2, 8, dtype=torch.long)
+    padded[1, 6:] = 0
+    kept = {"input_ids": ids, "attention_mask": padded}
+    assert without_unpadded_attention_mask(kept) is kept
+    four_d = {"input_ids": ids, "attention_mask": torch.ones(2, 1, 8, 8, dtype=torch.bool)}
+    assert without_unpadded_attention_mask(four_d) is four_d
+    dropped = without_unpadded_attention_mask({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    assert list(dropped) == ["input_ids"]
+    # what transformers computes either way: an all-ones padding mask is no mask
+    model = make_model("bert").eval()
+    with torch.inference_mode():
+        with_mask = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        assert torch.equal(model(**dropped).logits, with_mask)

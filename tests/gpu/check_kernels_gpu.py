@@ -285,6 +285,38 @@ def test_cuda_graphed_model_replays_what_eager_computes():
     assert not torch.equal(first, second)  # outputs are copies, not the graph's buffers
 
 
+def test_captured_attention_gets_a_mask_only_where_eager_does(monkeypatch):
+    """An unpadded batch replays attention without a mask (SDPA's fused kernels, as eager); a padded one keeps its
+    mask, in its own graph. Both replay what eager computes. Needs transformers >= 5.18 for the unpadded case."""
+    from hf_semisparse.kernels import CUDAGraphedModel
+
+    model = tiny_bert().to(DEV, torch.float16)
+    accelerate_24(model)
+    graphed = CUDAGraphedModel(model)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    captured_masks = []
+
+    def spy(*args, **kwargs):
+        if torch.cuda.is_current_stream_capturing():
+            captured_masks.append(kwargs.get("attn_mask") is not None)
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    ids = torch.randint(0, 1000, (4, 128), device=DEV)
+    padded = torch.ones_like(ids)
+    padded[1:, 100:] = 0
+    for mask, expect_masked in ((torch.ones_like(ids), False), (padded, True)):
+        captured_masks.clear()
+        for _ in range(2):  # capture, then replay
+            out = graphed(input_ids=ids, attention_mask=mask)
+        assert captured_masks == [expect_masked] * 2, captured_masks  # one capture, 2 layers
+        with torch.inference_mode():
+            eager = model(input_ids=ids, attention_mask=mask)
+        for name in ("start_logits", "end_logits"):
+            assert rel_err(out[name], eager[name].double()) < 1e-3, (expect_masked, name)
+    assert graphed.captures == 2
+
+
 def test_wrong_input_width_is_an_error():
     layer = SemiSparseLinear(sparse_linear(256, 512, torch.float16))
     with pytest.raises(ValueError, match="last dimension 512"):

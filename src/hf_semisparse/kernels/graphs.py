@@ -2,6 +2,12 @@
 
 At small batches an eager forward is bound by host time (Python, module calls, kernel launches), not by the GPU,
 so no kernel, 2:4 or dense, can make it faster. A CUDA graph replays all of a forward's kernels with one launch.
+
+The captured forward must be the eager one. transformers' mask code treats CUDA stream capture as tracing: it
+cannot look at the mask's values there, so it builds a full 4D attention mask even when eager would pass none,
+and SDPA then leaves its fused kernels for the math path (2x to 4x slower at batch 16 and up on an H100). Eager
+drops an attention mask of all ones; so does `CUDAGraphedModel`, before looking up or capturing a graph. Without a
+mask, transformers 5.18 and later skip the mask under capture too; older versions do not (a warning says so).
 """
 
 from __future__ import annotations
@@ -11,10 +17,24 @@ from collections import OrderedDict
 from typing import Any
 
 import torch
+import transformers
+from packaging.version import Version
 from torch import nn
 from torch.utils import _pytree as pytree
 
 logger = logging.getLogger(__name__)
+
+# the first transformers whose masks skip the stream-capture check when there is no padding mask
+MASK_SKIP_UNDER_CAPTURE = Version("5.18.0")
+
+
+def without_unpadded_attention_mask(kwargs: dict) -> dict:
+    """`kwargs` without `attention_mask` when it is a 2D padding mask of all ones, as eager transformers treats it
+    (one host sync, as in eager). A mask with padding, a 4D mask or a non-tensor is left in place."""
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and bool(mask.all()):
+        return {k: v for k, v in kwargs.items() if k != "attention_mask"}
+    return kwargs
 
 
 def input_signature(args: tuple, kwargs: dict) -> tuple | None:
@@ -76,6 +96,9 @@ class CUDAGraphedModel(nn.Module):
             launches the same kernels for the same input signature (no data-dependent control flow on the host).
         max_graphs: signatures kept; the least recently used graph (and its memory) is dropped beyond this.
         warmup: eager runs before a capture.
+        drop_unpadded_attention_mask: drop a 2D `attention_mask` of all ones before the look-up, so the captured
+            forward runs attention without a mask, as eager does (see the module's docstring). A padded batch
+            keeps its mask and gets its own graph.
 
     A model not on CUDA runs eagerly, with one log line saying so. Every graph keeps the activation memory of
     its signature's forward: cap `max_graphs`, or use this for the small batches where host time dominates.
@@ -86,13 +109,20 @@ class CUDAGraphedModel(nn.Module):
         >>> out = fast(input_ids=ids, attention_mask=mask)  # first call per shape: warm-up and capture
     """
 
-    def __init__(self, model: nn.Module, max_graphs: int = 8, warmup: int = 2) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        max_graphs: int = 8,
+        warmup: int = 2,
+        drop_unpadded_attention_mask: bool = True,
+    ) -> None:
         super().__init__()
         if max_graphs < 1 or warmup < 1:
             raise ValueError(f"max_graphs and warmup must be >= 1, got {max_graphs}, {warmup}")
         self.module = model
         self.max_graphs = max_graphs
         self.warmup = warmup
+        self.drop_unpadded_attention_mask = drop_unpadded_attention_mask
         self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()
         self.captures = 0  # graphs captured so far (a new signature, or one dropped and seen again)
         self._said: set[str] = set()
@@ -111,6 +141,8 @@ class CUDAGraphedModel(nn.Module):
         return None
 
     def forward(self, *args, **kwargs):
+        if self.drop_unpadded_attention_mask:
+            kwargs = without_unpadded_attention_mask(kwargs)
         leaves, spec = pytree.tree_flatten((args, kwargs))  # once per call: signature and replay share it
         signature = _signature(leaves, spec)
         reason = self._eager_reason(signature)
@@ -122,6 +154,7 @@ class CUDAGraphedModel(nn.Module):
                 return self.module(*args, **kwargs)
             graph = self._graphs.get(signature)
             if graph is None:
+                self._warn_about_capture_masks()
                 graph = _Graph(self.module, leaves, spec, self.warmup)
                 self.captures += 1
                 self._graphs[signature] = graph
@@ -130,6 +163,17 @@ class CUDAGraphedModel(nn.Module):
             else:
                 self._graphs.move_to_end(signature)
             return graph.replay(leaves)
+
+    def _warn_about_capture_masks(self) -> None:
+        if Version(transformers.__version__) < MASK_SKIP_UNDER_CAPTURE and "masks" not in self._said:
+            self._said.add("masks")
+            logger.warning(
+                "transformers %s builds a full attention mask while a CUDA graph is captured, even without padding: "
+                "the replayed attention runs SDPA's math path and can be slower than eager. Upgrade to "
+                "transformers>=%s.",
+                transformers.__version__,
+                MASK_SKIP_UNDER_CAPTURE,
+            )
 
     def clear(self) -> None:
         """Drop every captured graph (e.g. after changing the model's weights in place)."""
