@@ -3,11 +3,13 @@
     torchrun --nproc_per_node=2 tests/fsdp_worker.py OUT_DIR     # two ranks, fully_shard, gloo on CPU
     python tests/fsdp_worker.py OUT_DIR                           # the single-process reference, no sharding
     python tests/fsdp_worker.py OUT_DIR CHECKPOINT_DIR            # one process loading the 2-rank checkpoint
+    torchrun --nproc_per_node=2 tests/fsdp_worker.py OUT_DIR CHECKPOINT_DIR   # two ranks loading a 1-process one
 
 Trains a tiny BERT (dropout off) with a Sparsifier for 6 AdamW steps on 8 fixed examples; each rank takes
 its share of every batch, so the ranks' averaged gradient equals the single process's. The parameters under
 FSDP2 are DTensors sharded on dim 0: masks, gradient hooks and weight masking run on the shards. At step 3 the
-masks (gathered, written by rank 0) and the full weights are saved.
+masks (gathered, written by rank 0) and the full weights are saved to `fsdp-checkpoint-world<N>`. A resume loads
+the full weights, shards them when there are several ranks, then loads the masks (sharded like the weights).
 """
 
 from __future__ import annotations
@@ -39,31 +41,29 @@ def main(out_dir: str, resume: str | None = None) -> None:
     if world > 1:
         torch.distributed.init_process_group("gloo")
     model = build_model()
-    if resume:  # a single process picks up the 2-rank checkpoint: weights, then masks
+    if resume:  # the other number of processes picks up a checkpoint: full weights, sharding, then masks
         model.load_state_dict(torch.load(os.path.join(resume, "weights.pt"), weights_only=True))
+        shard(model, world)
         sp = Sparsifier(model, SparsityConfig())
         step = sp.load_masks(resume)
-        torch.save({**full_state(model, sp), "step": step}, os.path.join(out_dir, "fsdp-resumed.pt"))
+        state = {**full_state(model, sp), "step": step, "sharded": sp.sharded}
+        torch.save(state, os.path.join(out_dir, f"fsdp-resumed-world{world}-rank{rank}.pt"))
+        finish()
         return
-    if world > 1:
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in model.bert.encoder.layer:
-            fully_shard(layer)
-        fully_shard(model)
+    shard(model, world)
     sp = Sparsifier(model, SparsityConfig())
     sp.update_masks(level=1.0)
     sp.register_grad_hooks()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     data = ToyDataset("bert", n=8)
     batch = torch.utils.data.default_collate([data[i] for i in range(rank, 8, world)])
-    checkpoint = os.path.join(out_dir, "fsdp-checkpoint")
+    checkpoint = os.path.join(out_dir, f"fsdp-checkpoint-world{world}")
     for step in range(1, 7):
         optimizer.zero_grad()
         model(**batch).loss.backward()
         optimizer.step()
         sp.apply_masks()
-        if step == 3 and world > 1:
+        if step == 3:
             os.makedirs(checkpoint, exist_ok=True)
             sp.save_masks(checkpoint, step, write=rank == 0)  # every rank gathers, rank 0 writes
             weights = full_state(model, sp)["all"]
@@ -73,6 +73,19 @@ def main(out_dir: str, resume: str | None = None) -> None:
         {**full_state(model, sp), "sharded": sp.sharded},
         os.path.join(out_dir, f"fsdp-world{world}-rank{rank}.pt"),
     )
+    finish()
+
+
+def shard(model, world: int) -> None:
+    if world > 1:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.bert.encoder.layer:
+            fully_shard(layer)
+        fully_shard(model)
+
+
+def finish() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

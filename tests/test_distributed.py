@@ -103,10 +103,10 @@ FSDP_WORKER = os.path.join(os.path.dirname(__file__), "fsdp_worker.py")
 def test_fsdp2_sharded_masks_match_one_process_and_resume_in_one(tmp_path):
     run_two_ranks(tmp_path, worker=FSDP_WORKER)
     run([sys.executable, FSDP_WORKER], tmp_path)
-    checkpoint = tmp_path / "fsdp-checkpoint"
+    checkpoint = tmp_path / "fsdp-checkpoint-world2"
     run([sys.executable, FSDP_WORKER], tmp_path, str(checkpoint))
     rank0, rank1 = load(tmp_path / "fsdp-world2-rank0.pt"), load(tmp_path / "fsdp-world2-rank1.pt")
-    single, resumed = load(tmp_path / "fsdp-world1-rank0.pt"), load(tmp_path / "fsdp-resumed.pt")
+    single, resumed = load(tmp_path / "fsdp-world1-rank0.pt"), load(tmp_path / "fsdp-resumed-world1-rank0.pt")
     assert rank0["sharded"] and rank1["sharded"] and not single["sharded"]  # masks were DTensor shards
     assert resumed["step"] == 3 and single["masks"]
     for name, mask in single["masks"].items():
@@ -117,3 +117,20 @@ def test_fsdp2_sharded_masks_match_one_process_and_resume_in_one(tmp_path):
     for key in single["all"]:
         assert torch.equal(rank0["all"][key], rank1["all"][key]), key
         torch.testing.assert_close(rank0["all"][key], single["all"][key], rtol=0, atol=1e-5)
+
+
+def test_fsdp2_one_process_checkpoint_resumes_sharded_on_two_ranks(tmp_path):
+    run([sys.executable, FSDP_WORKER], tmp_path)
+    checkpoint = tmp_path / "fsdp-checkpoint-world1"
+    assert (checkpoint / "sparsity_masks.safetensors").is_file()
+    run_two_ranks(tmp_path, str(checkpoint), worker=FSDP_WORKER)
+    saved = load(checkpoint / "weights.pt")
+    ranks = [load(tmp_path / f"fsdp-resumed-world2-rank{r}.pt") for r in (0, 1)]
+    masks = load(tmp_path / "fsdp-world1-rank0.pt")["masks"]  # one-shot: the same at step 3 and at the end
+    assert masks
+    for state in ranks:
+        assert state["sharded"] and state["step"] == 3  # the masks were loaded as DTensor shards
+        for name, mask in masks.items():
+            assert torch.equal(state["masks"][name], mask), name
+        for key, value in saved.items():
+            assert torch.equal(state["all"][key], value), key  # the weights came back whole
