@@ -21,7 +21,7 @@ import time
 
 import torch
 
-MODES = ("single", "ddp", "fsdp")
+MODES = ("single", "ddp", "fsdp", "fsdp1")  # fsdp: FSDP2 (fully_shard); fsdp1: FullyShardedDataParallel
 
 
 # ---------------------------------------------------------------------------------------------- one rank
@@ -83,10 +83,15 @@ def worker(a) -> None:
             self.seconds = time.perf_counter() - self.t0
 
     fsdp = {}
-    if a.mode == "fsdp":
+    if a.mode.startswith("fsdp"):
+        version = 1 if a.mode == "fsdp1" else 2
         fsdp = {
             "fsdp": "full_shard",
-            "fsdp_config": {"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["BertLayer"]},
+            "fsdp_config": {
+                "fsdp_version": version,
+                "transformer_layer_cls_to_wrap": ["BertLayer"],
+                **({"use_orig_params": True} if version == 1 else {}),
+            },
         }
     args = TrainingArguments(
         a.output_dir,
@@ -170,7 +175,7 @@ def launch(a, mode: str, gpus: int, tmp: str) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--gpus", type=int, default=torch.cuda.device_count())
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--modes", nargs="+", default=["single", "ddp", "fsdp"], choices=MODES)
     p.add_argument("--hidden", type=int, default=768)
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--seq", type=int, default=384)

@@ -86,3 +86,16 @@ def test_small_and_odd_shapes_are_skipped_with_reason():
         select_targets(model, SparsityConfig())
     text = str(info.value)
     assert "too small" in text and "multiple of 16" in text and "float64" in text
+
+
+def test_fsdp1_wrapped_model_is_a_clear_error(monkeypatch):
+    class FakeFSDP1(torch.nn.Module):  # stands in for FullyShardedDataParallel, which needs a process group
+        def __init__(self, inner):
+            super().__init__()
+            self._fsdp_wrapped_module = inner
+
+    model = make_model("bert")
+    model.bert.encoder.layer[0] = FakeFSDP1(model.bert.encoder.layer[0])
+    monkeypatch.setattr("hf_semisparse.targets.FSDP1_TYPES", (FakeFSDP1,))
+    with pytest.raises(NotImplementedError, match="fsdp_version': 2"):
+        select_targets(model, SparsityConfig())

@@ -18,6 +18,13 @@ except ImportError:  # pragma: no cover - transformers is a hard dependency
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
+try:  # FSDP1 flattens parameters into shards that no longer have the weight's [out, in] shape
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    FSDP1_TYPES: tuple[type, ...] = (FullyShardedDataParallel,)
+except ImportError:  # torch built without distributed support
+    FSDP1_TYPES = ()
+
 
 @dataclass
 class SparseTarget:
@@ -132,6 +139,12 @@ def select_targets(model: nn.Module, config: SparsityConfig) -> tuple[list[Spars
         ValueError/TypeError: a module named explicitly by `target_modules` cannot be N:M sparsified.
     """
     model = unwrap_model(model)
+    if any(isinstance(m, FSDP1_TYPES) for m in model.modules()):
+        raise NotImplementedError(
+            "the model is wrapped in FSDP1 (FullyShardedDataParallel), whose flat parameter shards no longer have "
+            "the weights' [out, in] shape; N:M masks need FSDP2: set fsdp_config={'fsdp_version': 2, ...} in "
+            "TrainingArguments (or use torch.distributed.fsdp.fully_shard)"
+        )
     heads = _head_prefixes(model)
     targets: list[SparseTarget] = []
     decisions: list[ModuleDecision] = []
