@@ -61,26 +61,14 @@ class RandomSquad(torch.utils.data.Dataset):
 
 
 def worker(a) -> None:
-    from transformers import TrainerCallback, TrainingArguments
+    from bench_callback_overhead import StepTimer  # this folder is on sys.path when run as a script
+    from transformers import TrainingArguments
 
     from hf_semisparse import SparsityTrainer, is_nm_sparse
     from hf_semisparse.distributed import full_tensor
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-
-    class StepTimer(TrainerCallback):
-        def __init__(self) -> None:
-            self.t0 = self.seconds = None
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            if state.global_step == a.warmup:
-                torch.cuda.synchronize()
-                self.t0 = time.perf_counter()
-
-        def on_train_end(self, args, state, control, **kwargs):
-            torch.cuda.synchronize()
-            self.seconds = time.perf_counter() - self.t0
 
     fsdp = {}
     if a.mode.startswith("fsdp"):
@@ -110,7 +98,7 @@ def worker(a) -> None:
         average_tokens_across_devices=False,
         **fsdp,
     )
-    timer = StepTimer()
+    timer = StepTimer(a.warmup)
     data = RandomSquad(a.global_batch * (a.warmup + a.steps), a.seq)
     trainer = SparsityTrainer(model=build_model(a), args=args, train_dataset=data, callbacks=[timer])
     trainer.train()
@@ -192,7 +180,9 @@ def main() -> None:
     if a.worker:
         worker(a)
         return
-    if a.global_batch % max(a.gpus, 1):
+    if a.gpus < 1:
+        p.error("needs at least one CUDA GPU (--gpus)")
+    if a.global_batch % a.gpus:
         p.error(f"--global-batch {a.global_batch} does not split over {a.gpus} GPUs")
     import transformers
 

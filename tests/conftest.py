@@ -22,6 +22,8 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from hf_semisparse import SparsityConfig, is_nm_sparse, select_targets
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 hf_logging.set_verbosity_error()
@@ -148,6 +150,15 @@ def training_args(out, **overrides) -> dict:
     )
     args.update(overrides)
     return args
+
+
+def assert_targets_24(model, config=None):
+    """Every target weight of `model` is exactly N:M and at least half zeros."""
+    targets, _ = select_targets(model, config or SparsityConfig())
+    for t in targets:
+        w = t.linear_view().detach()
+        assert is_nm_sparse(w), t.name
+        assert (w == 0).float().mean() >= 0.5, t.name
 
 
 @pytest.fixture

@@ -28,6 +28,14 @@ def build_model() -> torch.nn.Module:
     return make_model("bert", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
+def finish() -> None:
+    """Leave the process group cleanly: leaving a gloo group alive at exit can abort a rank ("terminate called
+    without an active exception")."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def main(out_dir: str, resume: str | None = None) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -62,10 +70,7 @@ def main(out_dir: str, resume: str | None = None) -> None:
     }
     tag = "-resumed" if resume else ""
     torch.save(state, os.path.join(out_dir, f"world{world}{tag}-rank{rank}.pt"))
-    if torch.distributed.is_initialized():
-        # leaving a gloo group alive at exit can abort a rank ("terminate called without an active exception")
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    finish()
 
 
 if __name__ == "__main__":

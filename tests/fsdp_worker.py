@@ -25,7 +25,7 @@ from hf_semisparse import SparsityConfig  # noqa: E402
 from hf_semisparse.distributed import full_tensor  # noqa: E402
 from hf_semisparse.pruning import Sparsifier  # noqa: E402
 from tests.conftest import ToyDataset  # noqa: E402
-from tests.ddp_worker import build_model  # noqa: E402
+from tests.ddp_worker import build_model, finish  # noqa: E402
 
 
 def full_state(model, sp) -> dict:
@@ -83,12 +83,6 @@ def shard(model, world: int) -> None:
         for layer in model.bert.encoder.layer:
             fully_shard(layer)
         fully_shard(model)
-
-
-def finish() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -16,19 +16,11 @@ from hf_semisparse import (
     select_targets,
 )
 from hf_semisparse.pruning import MASKS_NAME
-from tests.conftest import ARCHS, ToyDataset, make_model, training_args
+from tests.conftest import ARCHS, ToyDataset, assert_targets_24, make_model, training_args
 
 
 def target_names(model, config=None):
     return [t.name for t in select_targets(model, config or SparsityConfig())[0]]
-
-
-def assert_targets_24(model, config=None):
-    targets, _ = select_targets(model, config or SparsityConfig())
-    for t in targets:
-        w = t.linear_view().detach()
-        assert is_nm_sparse(w), t.name
-        assert (w == 0).float().mean() >= 0.5, t.name
 
 
 def losses(trainer):

@@ -10,7 +10,7 @@ from transformers.optimization import Adafactor
 
 from hf_semisparse import Sparsifier, SparsityConfig, SparsityTrainer, is_nm_sparse
 from hf_semisparse.pruning.optimizers import zero_preserving_optimizer
-from tests.conftest import ToyDataset, make_model, training_args
+from tests.conftest import ToyDataset, assert_targets_24, make_model, training_args
 
 OPTIMIZERS = {
     "adamw": (torch.optim.AdamW, {"weight_decay": 0.1}),
@@ -71,8 +71,7 @@ def test_skipped_weight_pass_changes_nothing(tmp_path, optimizer, config):
     assert spy.worst and max(spy.worst) == 0.0  # ...and every pruned weight stayed exactly zero at every step
     for (name, p), (_, q) in zip(always.named_parameters(), auto.named_parameters(), strict=True):
         assert torch.equal(p, q), name
-    for t in auto_cb.sparsifier.targets:
-        assert is_nm_sparse(t.weight.detach()), t.name
+    assert_targets_24(auto)
 
 
 def test_optimizer_state_must_be_masked_and_checkpoints_are_checked(tmp_path, monkeypatch, caplog):
@@ -88,7 +87,7 @@ def test_optimizer_state_must_be_masked_and_checkpoints_are_checked(tmp_path, mo
     saved = load_file(tmp_path / "checkpoint-8" / "model.safetensors")  # checked and re-zeroed before writing
     for t in callback.sparsifier.targets:
         assert is_nm_sparse(saved[f"{t.name}.weight"]), t.name
-        assert is_nm_sparse(t.weight.detach()), t.name
+    assert_targets_24(model)
 
 
 def test_other_optimizers_keep_the_weight_pass(tmp_path):
@@ -101,8 +100,7 @@ def test_other_optimizers_keep_the_weight_pass(tmp_path):
     )
     trainer.train()
     assert trainer.sparsity_callback.skipped_weight_passes == 0
-    for t in trainer.sparsity_callback.sparsifier.targets:
-        assert is_nm_sparse(t.weight.detach()), t.name
+    assert_targets_24(model)
 
 
 def test_zero_preserving_optimizer_recognises_only_what_it_can_prove():

@@ -106,9 +106,8 @@ class SemiSparseLinear(nn.Module):
         self._id = next(_IDS)
         _LAYERS[self._id] = self
         self._plans: dict[tuple[int, int], MatmulPlan] = {}
-        self._fast: dict[
-            tuple[int, int], MatmulPlan | None
-        ] = {}  # (device, token count) -> plan, None = dense
+        # (device, token count) -> plan, None = dense
+        self._fast: dict[tuple[int, int], MatmulPlan | None] = {}
         self._workspaces: dict[int, torch.Tensor] = {}  # stream -> workspace
 
     def extra_repr(self) -> str:

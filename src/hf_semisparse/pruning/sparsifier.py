@@ -107,13 +107,15 @@ class Sparsifier:
 
     def pruned_nonzeros(self) -> int:
         """How many target weights are non-zero where their mask prunes (0 when the model is as masked)."""
-        total = 0
+        counts = []
         with torch.no_grad():
             for target in self.targets:
                 if target.name in self.masks:
                     weight = target.weight.detach()
-                    total += int(((weight != 0) & ~self._mask_on(target.name, weight.device)).sum())
-        return total
+                    counts.append(((weight != 0) & ~self._mask_on(target.name, weight.device)).sum())
+        if not counts:
+            return 0
+        return int(torch.stack([c.to(counts[0].device) for c in counts]).sum())  # one host sync
 
     @property
     def has_masks(self) -> bool:
