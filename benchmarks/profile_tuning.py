@@ -71,7 +71,7 @@ def profile_shape(handle: Handle, n: int, k: int, m: int) -> dict:
     try:
         torch.cuda.synchronize()
         start = time.perf_counter()
-        alg, us = tuning.search_alg(handle, n, k, m, dtype, bias, False, compressed, x, stream)
+        alg, us, _ = tuning.search_alg(handle, n, k, m, dtype, bias, False, compressed, x, stream)
         torch.cuda.synchronize()
         total = time.perf_counter() - start
     finally:

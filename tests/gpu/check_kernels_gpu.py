@@ -90,7 +90,7 @@ def test_plan_matches_float64_reference(dtype, n, k, m, bias):
         other.run(compressed, x, out, ws, stream)
         torch.cuda.synchronize()
         assert rel_err(out, reference(lin, x)) < TOL[dtype], alg_id
-    alg, us = search_alg(handle, n, k, mp, dtype, lin.bias, False, compressed, x, stream)
+    alg, us, _ = search_alg(handle, n, k, mp, dtype, lin.bias, False, compressed, x, stream)
     assert us > 0 and alg.alg_id <= SAFE_MAX_ALG_ID
     best = MatmulPlan(handle, n, k, mp, dtype, bias=lin.bias, alg=alg)
     out.fill_(float("nan"))
@@ -140,6 +140,8 @@ def test_semisparse_linear_module(keep_dense):
     assert len(linear_mod.get_backend().cache) == 2
     x3 = torch.randn(2, 24, 512, device=DEV, dtype=torch.float16)
     assert rel_err(layer(x3), reference(lin, x3)) < 2e-3
+    strided = torch.randn(24, 2, 512, device=DEV, dtype=torch.float16).transpose(0, 1)  # not contiguous
+    assert rel_err(layer(strided), reference(lin, strided)) < 2e-3
     if not keep_dense:
         assert layer.weight is None
         assert all(d.use_sparse for d in linear_mod.get_backend().cache._entries.values())
@@ -270,7 +272,7 @@ def test_cuda_graphed_model_replays_what_eager_computes():
 
     model = tiny_bert().to(DEV, torch.float16)
     accelerate_24(model)
-    graphed = CUDAGraphedModel(model, max_graphs=2)
+    graphed = CUDAGraphedModel(model, max_graphs=2, tune=False)
     for batch in (2, 8, 2, 4, 2):  # 2 and 8 captured; 4 pushes 8 out; 2 stays
         ids = torch.randint(0, 1000, (batch, 128), device=DEV)
         out = graphed(input_ids=ids)
@@ -292,7 +294,7 @@ def test_captured_attention_gets_a_mask_only_where_eager_does(monkeypatch):
 
     model = tiny_bert().to(DEV, torch.float16)
     accelerate_24(model)
-    graphed = CUDAGraphedModel(model)
+    graphed = CUDAGraphedModel(model, tune=False)
     sdpa = torch.nn.functional.scaled_dot_product_attention
     captured_masks = []
 
@@ -321,3 +323,96 @@ def test_wrong_input_width_is_an_error():
     layer = SemiSparseLinear(sparse_linear(256, 512, torch.float16))
     with pytest.raises(ValueError, match="last dimension 512"):
         layer(torch.randn(4, 128, device=DEV, dtype=torch.float16))  # 512 elements: reshapes, but wrong
+
+
+@pytest.mark.skipif(
+    torch.cuda.get_device_capability() < (9, 0), reason="Segment-K needs compute capability 9.0"
+)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_segment_k_matches_float64_reference(dtype):
+    n, k, m = 3072, 768, 1536
+    lin = sparse_linear(n, k, dtype)
+    handle = Handle(DEV)
+    compressed = handle.compress(lin.weight.detach())
+    x = torch.randn(m, k, device=DEV, dtype=dtype)
+    out = torch.empty(m, n, device=DEV, dtype=dtype)
+    stream = torch.cuda.current_stream().cuda_stream
+    ran = 0
+    for alg_id in (0, 1, 5, 6):
+        for mode in (1, 2):
+            try:
+                plan = MatmulPlan(handle, n, k, m, dtype, bias=lin.bias, alg=AlgConfig(alg_id, -1, mode))
+            except CusparseLtError:
+                continue
+            out.fill_(float("nan"))
+            ws = torch.empty(max(plan.workspace_size, 1), dtype=torch.uint8, device=DEV)
+            plan.run(compressed, x, out, ws, stream)
+            torch.cuda.synchronize()
+            assert rel_err(out, reference(lin, x)) < TOL[dtype], (alg_id, mode)
+            ran += 1
+    assert ran  # Segment-K exists on this GPU, so at least one configuration must have run
+
+
+def test_set_dispatch_switches_between_kernels():
+    lin = sparse_linear(768, 768, torch.float16)
+    layer = SemiSparseLinear(lin)
+    x = torch.randn(4, 512, 768, device=DEV, dtype=torch.float16)
+    with pytest.raises(KeyError, match="have not run"):
+        layer.set_dispatch(2048, True)
+    assert layer.runs_sparse(2048) is None
+    layer(x)
+    assert layer.token_counts() == [2048]
+    for use_sparse in (True, False, True):
+        layer.set_dispatch(2048, use_sparse)
+        assert layer.runs_sparse(2048) is use_sparse
+        assert rel_err(layer(x), reference(lin, x)) < 2e-3
+    lean = SemiSparseLinear(lin, keep_dense=False)
+    lean(x)
+    with pytest.raises(ValueError, match="keep_dense=False"):
+        lean.set_dispatch(2048, False)
+
+
+def test_tune_dispatch_keeps_the_fastest_whole_forward():
+    from hf_semisparse.kernels import tune_dispatch
+    from hf_semisparse.kernels.model_dispatch import group_of
+
+    model = tiny_bert().to(DEV, torch.float16)
+    fast = copy.deepcopy(model)
+    accelerate_24(fast)
+    ids = torch.randint(0, 1000, (8, 128), device=DEV)
+    report = tune_dispatch(fast, input_ids=ids)
+    assert report.token_counts == [1024]
+    layers = [m for m in fast.modules() if isinstance(m, SemiSparseLinear)]
+    assert set(report.choice) == {group_of(layer) for layer in layers}
+    for layer in layers:  # the choice is what runs now
+        assert layer.runs_sparse(1024) is report.choice[group_of(layer)]
+    # never kept unless it beat everything dense in the final comparison
+    if any(report.choice.values()):
+        assert report.timings["final: chosen"] < report.timings["final: all dense"]
+    with torch.inference_mode():
+        ref, out = model(input_ids=ids), fast(input_ids=ids)
+    for name in ("start_logits", "end_logits"):
+        assert rel_err(out[name], ref[name].double()) < 2e-3
+
+
+def test_cuda_graphed_model_tunes_dispatch_per_signature():
+    from hf_semisparse.kernels import CUDAGraphedModel
+    from hf_semisparse.kernels.model_dispatch import group_of
+
+    model = tiny_bert().to(DEV, torch.float16)
+    fast = copy.deepcopy(model)
+    accelerate_24(fast)
+    graphed = CUDAGraphedModel(fast)
+    ids = torch.randint(0, 1000, (8, 128), device=DEV)
+    out = graphed(input_ids=ids)
+    (report,) = graphed.reports.values()
+    assert graphed.captures >= 2 and len(graphed._graphs) == 1
+    for layer in (m for m in fast.modules() if isinstance(m, SemiSparseLinear)):
+        assert layer.runs_sparse(1024) is report.choice[group_of(layer)]
+    again = graphed(input_ids=ids)  # replayed, no more tuning
+    assert len(graphed.reports) == 1
+    with torch.inference_mode():
+        ref = model(input_ids=ids)
+    for name in ("start_logits", "end_logits"):
+        assert rel_err(out[name], ref[name].double()) < 2e-3
+        assert torch.equal(out[name], again[name])

@@ -16,6 +16,7 @@ from torch import nn
 from ..masks import find_nm_violation
 from ..utils import unwrap_model
 from .graphs import CUDAGraphedModel
+from .model_dispatch import DispatchReport, tune_dispatch
 
 logger = logging.getLogger(__name__)
 _SAID: set[str] = set()
@@ -169,4 +170,11 @@ def accelerate_24(
     return report
 
 
-__all__ = ["AccelerationReport", "CUDAGraphedModel", "accelerate_24", "why_not_accelerated"]
+__all__ = [
+    "AccelerationReport",
+    "CUDAGraphedModel",
+    "DispatchReport",
+    "accelerate_24",
+    "tune_dispatch",
+    "why_not_accelerated",
+]

@@ -159,7 +159,8 @@ def _ref(obj) -> ctypes.c_void_p:
 
 @dataclass(frozen=True)
 class AlgConfig:
-    """What `cusparseLtMatmulSearch` chose for one problem shape."""
+    """One cuSPARSELt kernel configuration: algorithm id, and split-K (1: none; k > 1: k splits reduced in
+    `split_k_mode` 1 (one kernel) or 2 (two kernels) with `split_k_buffers` buffers; -1: Segment-K, SM 9.0+)."""
 
     alg_id: int = 0
     split_k: int = 1
@@ -435,14 +436,12 @@ class MatmulPlan:
 
     def _set_alg(self, alg: AlgConfig) -> None:
         lib, h = self.handle.lib, self.handle.ref
-        for attr, value in (
-            (ALG_CONFIG_ID, alg.alg_id),
-            (ALG_SPLIT_K, alg.split_k),
-            (ALG_SPLIT_K_MODE, alg.split_k_mode),
-            (ALG_SPLIT_K_BUFFERS, alg.split_k_buffers),
-        ):
-            if attr != ALG_CONFIG_ID and alg.split_k <= 1:
-                continue
+        attrs = [(ALG_CONFIG_ID, alg.alg_id)]
+        if alg.split_k != 1:  # > 1: that many splits; -1: Segment-K (compute capability 9.0+)
+            attrs += [(ALG_SPLIT_K, alg.split_k), (ALG_SPLIT_K_MODE, alg.split_k_mode)]
+        if alg.split_k > 1:
+            attrs.append((ALG_SPLIT_K_BUFFERS, alg.split_k_buffers))
+        for attr, value in attrs:
             v = ctypes.c_int(value)
             _check(
                 lib,

@@ -73,6 +73,12 @@ class _Graph:
         with torch.cuda.graph(self.graph):
             self.outputs = module(*static_args, **static_kwargs)
 
+    def time_ms(self) -> float:
+        """Median time of replaying this graph on its captured inputs."""
+        from .model_dispatch import eager_forward_ms
+
+        return eager_forward_ms(self.graph.replay, budget_s=0.1)
+
     def replay(self, leaves: list) -> Any:
         for buffer, value in zip(self.inputs, leaves, strict=True):
             if isinstance(buffer, torch.Tensor):
@@ -99,6 +105,11 @@ class CUDAGraphedModel(nn.Module):
         drop_unpadded_attention_mask: drop a 2D `attention_mask` of all ones before the look-up, so the captured
             forward runs attention without a mask, as eager does (see the module's docstring). A padded batch
             keeps its mask and gets its own graph.
+        tune: for a model with `SemiSparseLinear` layers that keep their dense weights, choose sparse or dense per
+            layer shape for each new signature from replayed graphs (`model_dispatch.choose_dispatch`): the
+            per-GEMM choice, everything dense, and each shape flipped are captured and timed, and the fastest is
+            kept if it beats everything dense. Costs about 5 to 8 captures per signature, once; at most three
+            graphs are alive at a time. `reports` holds what was measured, per signature.
 
     A model not on CUDA runs eagerly, with one log line saying so. Every graph keeps the activation memory of
     its signature's forward: cap `max_graphs`, or use this for the small batches where host time dominates.
@@ -115,6 +126,7 @@ class CUDAGraphedModel(nn.Module):
         max_graphs: int = 8,
         warmup: int = 2,
         drop_unpadded_attention_mask: bool = True,
+        tune: bool = True,
     ) -> None:
         super().__init__()
         if max_graphs < 1 or warmup < 1:
@@ -123,8 +135,10 @@ class CUDAGraphedModel(nn.Module):
         self.max_graphs = max_graphs
         self.warmup = warmup
         self.drop_unpadded_attention_mask = drop_unpadded_attention_mask
+        self.tune = tune
+        self.reports: dict[tuple, Any] = {}  # signature -> DispatchReport of the tuning at its capture
         self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()
-        self.captures = 0  # graphs captured so far (a new signature, or one dropped and seen again)
+        self.captures = 0  # graphs captured so far (new signatures, tuning candidates, signatures seen again)
         self._said: set[str] = set()
 
     def _eager_reason(self, signature: tuple | None) -> str | None:
@@ -155,14 +169,47 @@ class CUDAGraphedModel(nn.Module):
             graph = self._graphs.get(signature)
             if graph is None:
                 self._warn_about_capture_masks()
-                graph = _Graph(self.module, leaves, spec, self.warmup)
-                self.captures += 1
+                graph = self._new_graph(signature, leaves, spec)
                 self._graphs[signature] = graph
                 while len(self._graphs) > self.max_graphs:
                     self._graphs.popitem(last=False)
             else:
                 self._graphs.move_to_end(signature)
             return graph.replay(leaves)
+
+    def _new_graph(self, signature: tuple, leaves: list, spec) -> _Graph:
+        from .model_dispatch import choice_name, tune_model_dispatch
+
+        if not self.tune or not any(getattr(m, "keep_dense", False) for m in self.module.modules()):
+            self.captures += 1
+            return _Graph(self.module, leaves, spec, self.warmup)
+        args, kwargs = pytree.tree_unflatten(leaves, spec)
+        graphs: dict[str, _Graph] = {}
+        times: dict[str, float] = {}
+
+        def measure(choice: dict) -> float:
+            name = choice_name(choice)
+            if name not in graphs:
+                graphs[name] = _Graph(self.module, leaves, spec, warmup=1)
+                self.captures += 1
+            times[name] = graphs[name].time_ms()
+            # keep at most the all-dense graph and the fastest one besides the one just timed
+            dense = choice_name(dict.fromkeys(choice, False))
+            fastest = min((n for n in times if n in graphs), key=times.get)
+            for other in [n for n in graphs if n not in (dense, fastest, name)]:
+                del graphs[other]
+            return times[name]
+
+        report = tune_model_dispatch(self.module, lambda: self.module(*args, **kwargs), measure=measure)
+        if report is None:  # no layer ran on a dense-capable SemiSparseLinear
+            self.captures += 1
+            return _Graph(self.module, leaves, spec, self.warmup)
+        self.reports[signature] = report
+        chosen = choice_name(report.choice)
+        if chosen not in graphs:
+            graphs[chosen] = _Graph(self.module, leaves, spec, warmup=1)
+            self.captures += 1
+        return graphs[chosen]
 
     def _warn_about_capture_masks(self) -> None:
         if Version(transformers.__version__) < MASK_SKIP_UNDER_CAPTURE and "masks" not in self._said:
@@ -178,6 +225,7 @@ class CUDAGraphedModel(nn.Module):
     def clear(self) -> None:
         """Drop every captured graph (e.g. after changing the model's weights in place)."""
         self._graphs.clear()
+        self.reports.clear()
 
     def __getattr__(self, name: str):
         try:

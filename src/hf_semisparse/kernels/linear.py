@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cusparselt import Handle, MatmulPlan
-from .tuning import Decision, ShapeKey, TuningCache, choose, default_cache_path, search_alg, time_cuda_us
+from .tuning import Decision, ShapeKey, TuningCache, choose, default_cache_path, search_alg
 
 logger = logging.getLogger(__name__)
 
@@ -26,10 +26,10 @@ _UNSET = object()
 _RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # no Stream object per call
 
 
-def _current_stream(device: torch.device) -> int:
+def _current_stream(device_index: int) -> int:
     if _RAW_STREAM is not None:
-        return _RAW_STREAM(device.index)
-    return torch.cuda.current_stream(device).cuda_stream
+        return _RAW_STREAM(device_index)
+    return torch.cuda.current_stream(device_index).cuda_stream
 
 
 class SparseGemmBackend:
@@ -106,7 +106,7 @@ class SemiSparseLinear(nn.Module):
         self._id = next(_IDS)
         _LAYERS[self._id] = self
         self._plans: dict[tuple[int, int], MatmulPlan] = {}
-        # (device, token count) -> plan, None = dense
+        # (device index, input numel) -> the plan to run, None = dense: the one look-up of a warm call
         self._fast: dict[tuple[int, int], MatmulPlan | None] = {}
         self._workspaces: dict[int, torch.Tensor] = {}  # stream -> workspace
 
@@ -121,7 +121,11 @@ class SemiSparseLinear(nn.Module):
             return torch.ops.hf_semisparse.linear_24(
                 x, self.compressed, self.weight, self.bias, self._id, self.out_features
             )
-        return self.run(x)  # eager: skip the dispatcher, every microsecond of host time counts here
+        # eager: skip the dispatcher, every microsecond of host time counts at small batches. A token count
+        # dispatched to dense costs one look-up more than nn.Linear (F.linear checks the shape itself).
+        if self._fast.get((x.get_device(), x.numel()), _UNSET) is None and x.dtype == self.compute_dtype:
+            return self._dense(x)
+        return self.run(x)
 
     def _apply(self, fn, recurse=True):
         # .to() / .cuda() / .half() move the tensors the cached plans point at (the fused bias): rebuild them
@@ -191,7 +195,7 @@ class SemiSparseLinear(nn.Module):
             from .cusparselt import AlgConfig
 
             return Decision(not self.keep_dense, AlgConfig(), None, None, "untuned during graph capture")
-        alg, sparse_us = search_alg(
+        alg, sparse_us, dense_us = search_alg(
             handle,
             self.out_features,
             self.in_features,
@@ -202,8 +206,8 @@ class SemiSparseLinear(nn.Module):
             self.compressed,
             x2,
             stream,
+            dense=(lambda: self._dense(x2)) if self.keep_dense else None,
         )
-        dense_us = time_cuda_us(lambda: self._dense(x2)) if self.keep_dense else None
         use_sparse, reason = choose(sparse_us, dense_us, backend.margin)
         decision = Decision(use_sparse, alg, sparse_us, dense_us, reason)
         backend.cache.put(key, decision)
@@ -218,6 +222,42 @@ class SemiSparseLinear(nn.Module):
             return None
         return self._plan(handle, x2.shape[0], x2.dtype, decision)
 
+    # ---------------------------------------------------------------- dispatch, per token count
+    def token_counts(self, device_index: int = 0) -> list[int]:
+        """Token counts this layer has run on CUDA device `device_index` (each decided once)."""
+        return sorted(numel // self.in_features for (index, numel) in self._fast if index == device_index)
+
+    def runs_sparse(self, m: int, device_index: int = 0) -> bool | None:
+        """Whether `m` tokens run on the 2:4 kernel; None if this token count has not run yet."""
+        plan = self._fast.get((device_index, m * self.in_features), _UNSET)
+        return None if plan is _UNSET else plan is not None
+
+    def set_dispatch(self, m: int, use_sparse: bool, device_index: int = 0) -> None:
+        """Run `m` tokens on the 2:4 kernel (`use_sparse`) or on the dense weight, overriding the per-GEMM decision.
+
+        The token count must have run once (its kernel was searched then); dense needs `keep_dense=True`.
+        """
+        key = (device_index, m * self.in_features)
+        if key not in self._fast:
+            raise KeyError(
+                f"{m} tokens have not run on cuda:{device_index} yet; run a forward with them first"
+            )
+        if not use_sparse:
+            if self.weight is None:
+                raise ValueError(
+                    "this layer keeps no dense weight (keep_dense=False): it can only run sparse"
+                )
+            self._fast[key] = None
+            return
+        if self._fast[key] is not None:
+            return
+        handle = get_backend().handle(torch.device("cuda", device_index))
+        padded = -(-m // M_MULTIPLE) * M_MULTIPLE
+        decision = get_backend().cache.get(self._shape_key(handle, padded, self.compute_dtype))
+        if decision is None:
+            raise KeyError(f"no tuned kernel for {padded} tokens (the tuning cache was cleared?)")
+        self._fast[key] = self._plan(handle, padded, self.compute_dtype, decision)
+
     def sparse_forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != self.compute_dtype:
             if self.weight is None:
@@ -231,35 +271,37 @@ class SemiSparseLinear(nn.Module):
                 f"expected input with last dimension {self.in_features}, got shape {tuple(x.shape)}"
             )
         m = x.numel() // self.in_features
-        key = (x.device.index, m)
+        key = (x.get_device(), x.numel())
         plan = self._fast.get(key, _UNSET)
-        if plan is None:  # this token count measured faster dense: no more host work than nn.Linear
+        if plan is None:  # this token count runs dense: no more host work than nn.Linear
             return self._dense(x)
         lead = x.shape[:-1]
         if m == 0:
             return x.new_empty(*lead, self.out_features)
-        x2 = x.reshape(m, self.in_features)
+        # the kernel reads x through its pointer: a contiguous input needs no reshape (host time per call counts)
         padded = -(-m // M_MULTIPLE) * M_MULTIPLE
         if padded != m:
-            x2 = F.pad(x2, (0, 0, 0, padded - m))
-        elif not x2.is_contiguous():
-            x2 = x2.contiguous()
-        stream = _current_stream(x.device)
+            x = F.pad(x.reshape(m, self.in_features), (0, 0, 0, padded - m))
+        elif not x.is_contiguous():
+            x = x.contiguous()
+        stream = _current_stream(key[0])
         if plan is _UNSET:
-            plan = self._prepare(x2, stream)
+            plan = self._prepare(x.view(padded, self.in_features), stream)
             if not torch.cuda.is_current_stream_capturing():
                 self._fast[key] = plan
             if plan is None:
-                return self._dense(x)
+                return self._dense(x[:m].view(*lead, self.in_features) if padded != m else x)
         ws = self._workspaces.get(stream)
         if ws is None or ws.numel() < plan.workspace_size:
             ws = get_backend().workspace(x.device, stream, plan.workspace_size)
             self._workspaces[stream] = ws
-        out = torch.empty(padded, self.out_features, dtype=x2.dtype, device=x2.device)
-        plan.run(self.compressed, x2, out, ws, stream)
-        if padded != m:
-            out = out[:m]
-        return out.view(*lead, self.out_features)
+        if padded == m:
+            out = torch.empty((*lead, self.out_features), dtype=x.dtype, device=x.device)
+            plan.run(self.compressed, x, out, ws, stream)
+            return out
+        out = torch.empty(padded, self.out_features, dtype=x.dtype, device=x.device)
+        plan.run(self.compressed, x, out, ws, stream)
+        return out[:m].view(*lead, self.out_features)
 
 
 @torch.library.custom_op("hf_semisparse::linear_24", mutates_args=())

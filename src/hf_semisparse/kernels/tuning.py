@@ -139,11 +139,23 @@ def choose(sparse_us: float, dense_us: float | None, margin: float) -> tuple[boo
 
 
 SPLIT_K_CANDIDATES = ((2, 1), (4, 1), (2, 2), (4, 2))  # (split_k, mode: 1 one kernel, 2 two kernels)
+# split_k -1 is cuSPARSELt's Segment-K, on compute capability 9.0 and newer; tried for the two fastest ids
+SEGMENT_K_CANDIDATES = ((-1, 1), (-1, 2))
 
 # On an H100 with cuSPARSELt 0.8, algorithm ids 36-49 of the "sparse_a" layout (column-major output) raise an
 # illegal instruction, which kills the CUDA context (benchmarks/probe_cusparselt_algs.py, docs/benchmarks.md).
 # The search never tries ids above this; HF_SEMISPARSE_MAX_ALG_ID overrides it.
 SAFE_MAX_ALG_ID = int(os.environ.get("HF_SEMISPARSE_MAX_ALG_ID", "35"))
+
+
+def time_interleaved(fns: dict, rounds: int = 5) -> dict:
+    """Median per key of `rounds` short timings of each function, taken in turn, so that clock and power drift
+    (large on an H100: one kernel timed 241 us, then 292 us a few seconds later) hits every candidate alike."""
+    samples: dict = {key: [] for key in fns}
+    for _ in range(rounds):
+        for key, fn in fns.items():
+            samples[key].append(time_cuda_us(fn, warmup=1, repeats=3, inner=5))
+    return {key: sorted(ts)[len(ts) // 2] for key, ts in samples.items()}
 
 
 def search_alg(
@@ -157,49 +169,57 @@ def search_alg(
     compressed: torch.Tensor,
     x: torch.Tensor,
     stream: int,
-) -> tuple[AlgConfig, float]:
-    """Time every cuSPARSELt algorithm id on these inputs, then split-K variants of the best one.
+    dense=None,
+) -> tuple[AlgConfig, float, float | None]:
+    """Time every cuSPARSELt algorithm id on these inputs, then split-K and Segment-K variants of the best ones.
 
-    Returns the fastest configuration and its median time in microseconds.
+    `dense`: the dense computation to compare with, called without arguments; the finalists and it are re-timed
+    in turn (`time_interleaved`). Returns the fastest configuration, its median time in microseconds, and the
+    dense time measured alongside (None without `dense`).
     """
     out = torch.empty(m, n, dtype=dtype, device=x.device)
 
     # each candidate gets a selection of its own (about 0.2 s of host time each on an H100): planning from one
     # selection whose algorithm changed in between crashed the process once (docs/benchmarks.md)
-    def measure(alg: AlgConfig) -> float | None:
+    def runner(alg: AlgConfig):
         try:
             plan = MatmulPlan(handle, n, k, m, dtype, bias=bias, gelu=gelu, alg=alg)
         except CusparseLtError:
             return None  # this configuration does not exist for the shape
         ws = torch.empty(max(plan.workspace_size, 1), dtype=torch.uint8, device=x.device)
+        return lambda: plan.run(compressed, x, out, ws, stream)
+
+    runners: dict[AlgConfig, object] = {}
+    timings: dict[AlgConfig, float] = {}
+
+    def measure(alg: AlgConfig) -> None:
+        fn = runner(alg)
+        if fn is None:
+            return
         try:
-            return time_cuda_us(
-                lambda: plan.run(compressed, x, out, ws, stream), warmup=1, repeats=3, inner=3
-            )
+            timings[alg] = time_cuda_us(fn, warmup=1, repeats=3, inner=3)
         except CusparseLtError:
-            return None
+            return
+        runners[alg] = fn
 
     probe = handle.selection(n, k, m, dtype, bias is not None, gelu)
-    timings: dict[AlgConfig, float] = {}
     for alg_id in range(min(probe.max_alg_id(), SAFE_MAX_ALG_ID) + 1):
-        t = measure(AlgConfig(alg_id))
-        if t is not None:
-            timings[AlgConfig(alg_id)] = t
+        measure(AlgConfig(alg_id))
     if not timings:
         raise CusparseLtError(f"no cuSPARSELt algorithm runs N{n} K{k} M{m} {dtype}")
-    best = min(timings, key=timings.get)
+    ranked = sorted(timings, key=timings.get)
     for split_k, mode in SPLIT_K_CANDIDATES:
-        if k // split_k < 64:
-            continue
-        alg = AlgConfig(best.alg_id, split_k, mode, split_k - 1)
-        t = measure(alg)
-        if t is not None:
-            timings[alg] = t
-    # re-time the three fastest more carefully: one noisy sample should not pick the algorithm
+        if k // split_k >= 64:
+            measure(AlgConfig(ranked[0].alg_id, split_k, mode, split_k - 1))
+    if torch.cuda.get_device_capability(x.device) >= (9, 0):
+        for alg in ranked[:2]:
+            for split_k, mode in SEGMENT_K_CANDIDATES:
+                measure(AlgConfig(alg.alg_id, split_k, mode))
+    # the three fastest again, in turn with dense: one noisy sample should not pick the algorithm or the path
     finalists = sorted(timings, key=timings.get)[:3]
-    for alg in finalists:
-        plan = MatmulPlan(handle, n, k, m, dtype, bias=bias, gelu=gelu, alg=alg)
-        ws = torch.empty(max(plan.workspace_size, 1), dtype=torch.uint8, device=x.device)
-        timings[alg] = time_cuda_us(lambda plan=plan, ws=ws: plan.run(compressed, x, out, ws, stream))
-    best = min(finalists, key=timings.get)
-    return best, timings[best]
+    candidates = {alg: runners[alg] for alg in finalists}
+    if dense is not None:
+        candidates["dense"] = dense
+    final = time_interleaved(candidates)
+    best = min(finalists, key=final.get)
+    return best, final[best], final.get("dense")
