@@ -108,7 +108,7 @@ class CUDAGraphedModel(nn.Module):
         tune: for a model with `SemiSparseLinear` layers that keep their dense weights, choose sparse or dense per
             layer shape for each new signature from replayed graphs (`model_dispatch.choose_dispatch`): the
             per-GEMM choice, everything dense, and each shape flipped are captured and timed, and the fastest is
-            kept if it beats everything dense. Costs about 5 to 8 captures per signature, once; at most three
+            kept if it beats everything dense. Costs about 5 to 8 captures per signature, once; at most four
             graphs are alive at a time. `reports` holds what was measured, per signature.
 
     A model not on CUDA runs eagerly, with one log line saying so. Every graph keeps the activation memory of
@@ -193,7 +193,7 @@ class CUDAGraphedModel(nn.Module):
                 graphs[name] = _Graph(self.module, leaves, spec, warmup=1)
                 self.captures += 1
             times[name] = graphs[name].time_ms()
-            # keep at most the all-dense graph and the fastest one besides the one just timed
+            # keep only the all-dense graph, the fastest so far and the one just timed (memory: one forward each)
             dense = choice_name(dict.fromkeys(choice, False))
             fastest = min((n for n in times if n in graphs), key=times.get)
             for other in [n for n in graphs if n not in (dense, fastest, name)]:
