@@ -54,6 +54,15 @@ def rel_err(y, ref):
     return ((y.double() - ref).norm() / ref.norm()).item()
 
 
+def run_poisoned(plan, compressed, x):
+    """`plan`'s output for `x`, written into a buffer filled with NaN first: every element must be written."""
+    out = torch.full((x.shape[0], plan.n), float("nan"), device=DEV, dtype=x.dtype)
+    ws = torch.empty(max(plan.workspace_size, 1), dtype=torch.uint8, device=DEV)
+    plan.run(compressed, x, out, ws, torch.cuda.current_stream().cuda_stream)
+    torch.cuda.synchronize()
+    return out
+
+
 def reference(lin, x):
     y = x.double() @ lin.weight.double().t()
     return y + lin.bias.double() if lin.bias is not None else y
@@ -69,15 +78,8 @@ def test_plan_matches_float64_reference(dtype, n, k, m, bias):
     assert compressed.numel() * 1 < lin.weight.numel() * 2 * 0.6  # bytes: values + metadata < 0.6x dense
     mp = -(-m // 16) * 16
     x = torch.randn(mp, k, device=DEV, dtype=dtype)
-    out = torch.full(
-        (mp, n), float("nan"), device=DEV, dtype=dtype
-    )  # poisoned: every element must be written
     plan = MatmulPlan(handle, n, k, mp, dtype, bias=lin.bias)
-    ws = torch.empty(max(plan.workspace_size, 1), dtype=torch.uint8, device=DEV)
-    stream = torch.cuda.current_stream().cuda_stream
-    plan.run(compressed, x, out, ws, stream)
-    torch.cuda.synchronize()
-    assert rel_err(out, reference(lin, x)) < TOL[dtype]
+    assert rel_err(run_poisoned(plan, compressed, x), reference(lin, x)) < TOL[dtype]
     # every algorithm the search may pick computes the same function (checked on one shape, to keep this fast)
     all_ids = range(min(plan.max_alg_id(), SAFE_MAX_ALG_ID) + 1)
     for alg_id in all_ids if (n, k, m) == (768, 768, 1536) else []:
@@ -85,20 +87,12 @@ def test_plan_matches_float64_reference(dtype, n, k, m, bias):
             other = MatmulPlan(handle, n, k, mp, dtype, bias=lin.bias, alg=AlgConfig(alg_id))
         except CusparseLtError:
             continue
-        out.fill_(float("nan"))
-        ws = torch.empty(max(other.workspace_size, 1), dtype=torch.uint8, device=DEV)
-        other.run(compressed, x, out, ws, stream)
-        torch.cuda.synchronize()
-        assert rel_err(out, reference(lin, x)) < TOL[dtype], alg_id
+        assert rel_err(run_poisoned(other, compressed, x), reference(lin, x)) < TOL[dtype], alg_id
+    stream = torch.cuda.current_stream().cuda_stream
     alg, us, _ = search_alg(handle, n, k, mp, dtype, lin.bias, False, compressed, x, stream)
     assert us > 0 and alg.alg_id <= SAFE_MAX_ALG_ID
     best = MatmulPlan(handle, n, k, mp, dtype, bias=lin.bias, alg=alg)
-    out.fill_(float("nan"))
-    best.run(
-        compressed, x, out, torch.empty(max(best.workspace_size, 1), dtype=torch.uint8, device=DEV), stream
-    )
-    torch.cuda.synchronize()
-    assert rel_err(out, reference(lin, x)) < TOL[dtype]
+    assert rel_err(run_poisoned(best, compressed, x), reference(lin, x)) < TOL[dtype]
 
 
 def test_plans_sharing_one_selection():
@@ -110,7 +104,6 @@ def test_plans_sharing_one_selection():
     assert handle.selection(n, k, m, dtype, True, False, AlgConfig(1)) is proto  # made once per problem
     assert handle.selection(n, k, m, dtype, True, False, AlgConfig(0)) is not proto
     x = torch.randn(m, k, device=DEV, dtype=dtype)
-    stream = torch.cuda.current_stream().cuda_stream
     plans = [
         MatmulPlan(handle, n, k, m, dtype, bias=lin.bias, alg=AlgConfig(1), selection=proto) for lin in layers
     ]
@@ -120,10 +113,7 @@ def test_plans_sharing_one_selection():
     with pytest.raises(ValueError, match="never changed"):
         MatmulPlan(handle, n, k, m, dtype, bias=layers[0].bias, alg=AlgConfig(0), selection=proto)
     for lin, plan in zip(layers, plans, strict=True):
-        out = torch.full((m, n), float("nan"), device=DEV, dtype=dtype)
-        ws = torch.empty(max(plan.workspace_size, 1), dtype=torch.uint8, device=DEV)
-        plan.run(handle.compress(lin.weight.detach()), x, out, ws, stream)
-        torch.cuda.synchronize()
+        out = run_poisoned(plan, handle.compress(lin.weight.detach()), x)
         assert rel_err(out, reference(lin, x)) < TOL[dtype]
 
 
@@ -335,8 +325,6 @@ def test_segment_k_matches_float64_reference(dtype):
     handle = Handle(DEV)
     compressed = handle.compress(lin.weight.detach())
     x = torch.randn(m, k, device=DEV, dtype=dtype)
-    out = torch.empty(m, n, device=DEV, dtype=dtype)
-    stream = torch.cuda.current_stream().cuda_stream
     ran = 0
     for alg_id in (0, 1, 5, 6):
         for mode in (1, 2):
@@ -344,11 +332,7 @@ def test_segment_k_matches_float64_reference(dtype):
                 plan = MatmulPlan(handle, n, k, m, dtype, bias=lin.bias, alg=AlgConfig(alg_id, -1, mode))
             except CusparseLtError:
                 continue
-            out.fill_(float("nan"))
-            ws = torch.empty(max(plan.workspace_size, 1), dtype=torch.uint8, device=DEV)
-            plan.run(compressed, x, out, ws, stream)
-            torch.cuda.synchronize()
-            assert rel_err(out, reference(lin, x)) < TOL[dtype], (alg_id, mode)
+            assert rel_err(run_poisoned(plan, compressed, x), reference(lin, x)) < TOL[dtype], (alg_id, mode)
             ran += 1
     assert ran  # Segment-K exists on this GPU, so at least one configuration must have run
 

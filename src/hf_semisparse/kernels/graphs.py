@@ -180,9 +180,6 @@ class CUDAGraphedModel(nn.Module):
     def _new_graph(self, signature: tuple, leaves: list, spec) -> _Graph:
         from .model_dispatch import choice_name, tune_model_dispatch
 
-        if not self.tune or not any(getattr(m, "keep_dense", False) for m in self.module.modules()):
-            self.captures += 1
-            return _Graph(self.module, leaves, spec, self.warmup)
         args, kwargs = pytree.tree_unflatten(leaves, spec)
         graphs: dict[str, _Graph] = {}
         times: dict[str, float] = {}
@@ -200,8 +197,10 @@ class CUDAGraphedModel(nn.Module):
                 del graphs[other]
             return times[name]
 
-        report = tune_model_dispatch(self.module, lambda: self.module(*args, **kwargs), measure=measure)
-        if report is None:  # no layer ran on a dense-capable SemiSparseLinear
+        report = None
+        if self.tune:  # None too when no SemiSparseLinear with a dense weight ran
+            report = tune_model_dispatch(self.module, lambda: self.module(*args, **kwargs), measure=measure)
+        if report is None:
             self.captures += 1
             return _Graph(self.module, leaves, spec, self.warmup)
         self.reports[signature] = report

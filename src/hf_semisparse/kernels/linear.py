@@ -121,11 +121,9 @@ class SemiSparseLinear(nn.Module):
             return torch.ops.hf_semisparse.linear_24(
                 x, self.compressed, self.weight, self.bias, self._id, self.out_features
             )
-        # eager: skip the dispatcher, every microsecond of host time counts at small batches. A token count
-        # dispatched to dense costs one look-up more than nn.Linear (F.linear checks the shape itself).
-        if self._fast.get((x.get_device(), x.numel()), _UNSET) is None and x.dtype == self.compute_dtype:
-            return self._dense(x)
-        return self.run(x)
+        return self.run(
+            x
+        )  # eager: skip the dispatcher, every microsecond of host time counts at small batches
 
     def _apply(self, fn, recurse=True):
         # .to() / .cuda() / .half() move the tensors the cached plans point at (the fused bias): rebuild them
@@ -135,11 +133,16 @@ class SemiSparseLinear(nn.Module):
         return super()._apply(fn, recurse)
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cuda":
+        key = (x.get_device(), x.numel())  # device index -1: not on CUDA
+        plan = self._fast.get(key, _UNSET)
+        if plan is None and x.dtype == self.compute_dtype:
+            # this token count runs dense: one look-up more than nn.Linear (F.linear checks the shape itself)
+            return self._dense(x)
+        if key[0] < 0:
             if self.weight is None:
                 raise RuntimeError("SemiSparseLinear without a dense weight runs on CUDA only")
             return self._dense(x)
-        return self.sparse_forward(x)
+        return self._cuda_forward(x, key, plan)
 
     # ---------------------------------------------------------------- the CUDA path
     def _shape_key(self, handle: Handle, m: int, dtype: torch.dtype) -> ShapeKey:
@@ -258,7 +261,8 @@ class SemiSparseLinear(nn.Module):
             raise KeyError(f"no tuned kernel for {padded} tokens (the tuning cache was cleared?)")
         self._fast[key] = self._plan(handle, padded, self.compute_dtype, decision)
 
-    def sparse_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _cuda_forward(self, x: torch.Tensor, key: tuple[int, int], plan) -> torch.Tensor:
+        """`run` on CUDA for what is not a dense-dispatched call: `plan` is `self._fast.get(key, _UNSET)`."""
         if x.dtype != self.compute_dtype:
             if self.weight is None:
                 raise TypeError(
@@ -270,11 +274,7 @@ class SemiSparseLinear(nn.Module):
             raise ValueError(
                 f"expected input with last dimension {self.in_features}, got shape {tuple(x.shape)}"
             )
-        m = x.numel() // self.in_features
-        key = (x.get_device(), x.numel())
-        plan = self._fast.get(key, _UNSET)
-        if plan is None:  # this token count runs dense: no more host work than nn.Linear
-            return self._dense(x)
+        m = key[1] // self.in_features
         lead = x.shape[:-1]
         if m == 0:
             return x.new_empty(*lead, self.out_features)

@@ -178,7 +178,7 @@ def tune_model_dispatch(
         choice=choice,
         per_gemm_ms=timings[choice_name(start)],
         dense_ms=dense_ms,
-        final_ms=timings.get("final: chosen", dense_ms) if any(choice.values()) else dense_ms,
+        final_ms=timings["final: chosen"] if any(choice.values()) else dense_ms,
         timings=timings,
     )
     logger.info("hf_semisparse dispatch: %s", report)
