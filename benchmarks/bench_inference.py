@@ -6,8 +6,10 @@ End to end: BERT-base and BERT-large question answering (random weights pruned t
 does not depend on the values), fp16, sequence 384, batch 4/16/64/256, eager, `torch.inference_mode`:
 - dense: the pruned model as it is (cuBLAS);
 - torch-2:4: every target weight replaced by `to_sparse_semi_structured` (torch's default cuSPARSELt path);
-- ours: `accelerate_24(model)` (keep_dense=True), then `tune_dispatch(model, input_ids=batch)`: sparse or dense
-  per layer shape, chosen from timings of the whole eager forward (the report is in the JSON);
+- ours: `accelerate_24(model)` (keep_dense=True; the residual adds of BERT's output blocks fused into the 2:4
+  GEMMs), then `tune_dispatch(model, input_ids=batch)`: sparse or dense per layer shape, chosen from timings of
+  the whole eager forward (the report is in the JSON);
+- ours-unfused: the same with `fuse_residual=False` (what the fusion adds);
 - ours-sparse-only: `accelerate_24(model, keep_dense=False)` (every target runs sparse; compressed weights only).
 With --graphs (default) also, each forward replayed from a CUDA graph per batch size (`CUDAGraphedModel`):
 - dense+graphs: the dense model so wrapped, the fair baseline for graph replay;
@@ -44,7 +46,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from hf_semisparse import compute_nm_mask, prune_24, select_targets  # noqa: E402
 from hf_semisparse.config import SparsityConfig  # noqa: E402
 from hf_semisparse.kernels import CUDAGraphedModel, accelerate_24, tune_dispatch  # noqa: E402
-from hf_semisparse.kernels.linear import SemiSparseLinear  # noqa: E402
+from hf_semisparse.kernels.linear import SemiSparseLinear, get_backend  # noqa: E402
 from hf_semisparse.utils import write_json  # noqa: E402
 
 MODELS = {
@@ -171,6 +173,9 @@ def bench_models(args, save) -> list[dict]:
         ours = copy.deepcopy(dense)
         accelerate_24(ours, keep_dense=True)
         variants["ours"] = ours
+        unfused = copy.deepcopy(dense)
+        accelerate_24(unfused, keep_dense=True, fuse_residual=False)
+        variants["ours-unfused"] = unfused
         lean = copy.deepcopy(dense)
         accelerate_24(lean, keep_dense=False)
         variants["ours-sparse-only"] = lean
@@ -187,6 +192,9 @@ def bench_models(args, save) -> list[dict]:
             report = tune_dispatch(ours, input_ids=ids)  # whole-forward choice per layer shape, eager
             row["ours_dispatch"] = dataclasses.asdict(report)
             print(f"{name} b{batch} eager dispatch: {report}", flush=True)
+            report = tune_dispatch(unfused, input_ids=ids)
+            row["ours-unfused_dispatch"] = dataclasses.asdict(report)
+            print(f"{name} b{batch} eager dispatch, unfused: {report}", flush=True)
             skip = {"torch-2:4"} if batch > args.max_stock_batch else set()
             timings = time_round_robin(variants, ids, args.budget_ms, skip)
             for vname, times in timings.items():
@@ -202,10 +210,16 @@ def bench_models(args, save) -> list[dict]:
                 graph_report = list(variants["ours+graphs"].reports.values())[-1]  # this batch's capture
                 row["ours+graphs_dispatch"] = dataclasses.asdict(graph_report)
                 print(f"{name} b{batch} graph dispatch: {graph_report}", flush=True)
+            row["residual_in_epilogue"] = [  # per (N, K, M): measured faster than a separate add
+                {"n": p[0], "k": p[1], "m": p[2], "fused": pays}
+                for (p, _, _), pays in get_backend().fusion.items()
+                if p[2] == batch * args.seq
+            ]
+            print(f"{name} b{batch} residual in the epilogue: {row['residual_in_epilogue']}", flush=True)
             rows.append(row)
             save(rows)  # partial results survive a time limit
             del ids, ref
-        del variants, ours, lean, dense
+        del variants, ours, unfused, lean, dense
         torch.cuda.empty_cache()
     return rows
 
@@ -304,16 +318,16 @@ def print_tables(rows, gemms, info) -> None:
     )
     print("\nEnd to end, fp16, seq 384, median ms (speedup = dense / variant), rel err of logits vs dense")
     print(
-        f"{'model':<11}{'batch':>6}{'dense':>9}{'torch2:4':>10}{'ours':>9}{'speedup':>9}{'sparse-only':>12}"
-        f"{'speedup':>9}{'err ours':>10}"
+        f"{'model':<11}{'batch':>6}{'dense':>9}{'torch2:4':>10}{'ours':>9}{'speedup':>9}{'unfused':>9}"
+        f"{'speedup':>9}{'sparse-only':>12}{'speedup':>9}{'err ours':>10}"
     )
     for r in rows:
         d = r["dense"]["median_ms"]
         st = r.get("torch-2:4", {}).get("median_ms", float("nan"))
-        o, so = r["ours"]["median_ms"], r["ours-sparse-only"]["median_ms"]
+        o, u, so = (r[k]["median_ms"] for k in ("ours", "ours-unfused", "ours-sparse-only"))
         print(
-            f"{r['model']:<11}{r['batch']:>6}{d:>9.2f}{st:>10.2f}{o:>9.2f}{d / o:>8.2f}x{so:>12.2f}{d / so:>8.2f}x"
-            f"{r['ours']['rel_err']:>10.1e}"
+            f"{r['model']:<11}{r['batch']:>6}{d:>9.2f}{st:>10.2f}{o:>9.2f}{d / o:>8.2f}x{u:>9.2f}{d / u:>8.2f}x"
+            f"{so:>12.2f}{d / so:>8.2f}x{r['ours']['rel_err']:>10.1e}"
         )
     graphed = [r for r in rows if "ours+graphs" in r]
     if graphed:

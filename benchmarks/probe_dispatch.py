@@ -1,4 +1,4 @@
-"""Where our 2:4 GEMM path still loses time, measured on the GPU (issue 4). Three parts, one run:
+"""Where our 2:4 GEMM path still loses time, measured on the GPU (issue 4). Parts, one run:
 
     PYTHONPATH=src python benchmarks/probe_dispatch.py --json $OUT/probe_dispatch.json
 
@@ -7,7 +7,9 @@
    of the sparse path (raw `MatmulPlan.run`, `torch.empty`, a trivial ctypes call).
 2. split: per (N, K, M) of bert-base/large with bias: dense, the best plain algorithm id, and split-K and
    Segment-K (split_k = -1) variants of the two best ids, each timed with CUDA events.
-3. gelu: the up-projection with bias then GELU: dense `F.linear` + `F.gelu` (what transformers runs), sparse +
+3. residual: per (N, K, M) of the output projections, GPU time of the 2:4 GEMM alone, with the residual added
+   in its epilogue (cuSPARSELt's C operand, beta = 1), and followed by a separate add; dense likewise.
+4. gelu: the up-projection with bias then GELU: dense `F.linear` + `F.gelu` (what transformers runs), sparse +
    `F.gelu`, and sparse with cuSPARSELt's fused GELU epilogue; relative error of the fused output against
    float64 erf-GELU and tanh-GELU references.
 """
@@ -65,6 +67,7 @@ def host_table(fns: dict, calls: int = 300, rounds: int = 9) -> dict:
 def part_host() -> dict:
     lin = pruned_linear(768, 768)
     x = torch.randn(1, 16, 768, device="cuda", dtype=torch.float16)
+    r = torch.randn(1, 16, 768, device="cuda", dtype=torch.float16)
     sparse = SemiSparseLinear(lin)
     dense_dispatched = SemiSparseLinear(lin)
     with torch.inference_mode():
@@ -86,6 +89,9 @@ def part_host() -> dict:
                 "F.linear (2D input)": lambda: F.linear(x2, lin.weight, lin.bias),
                 "SemiSparseLinear, sparse": lambda: sparse(x),
                 "SemiSparseLinear, dense-dispatched": lambda: dense_dispatched(x),
+                "nn.Linear + residual add": lambda: lin(x) + r,
+                "SemiSparseLinear, sparse, residual in the epilogue": lambda: sparse(x, residual=r),
+                "SemiSparseLinear, dense-dispatched + residual add": lambda: dense_dispatched(x, residual=r),
                 "MatmulPlan.run (ctypes cusparseLtMatmul)": lambda: plan.run(
                     sparse.compressed, x2, out, ws, stream
                 ),
@@ -243,6 +249,42 @@ def gelu_one(handle, n: int, k: int, m: int, alg) -> dict:
     return row
 
 
+RESIDUAL_COLUMNS = ("sparse", "sparse_c", "sparse_add", "dense", "dense_add", "add")
+
+
+def part_residual(problems: list[tuple[int, int, int]]) -> list[dict]:
+    rows = []
+    print("\n## residual add: in the 2:4 GEMM's epilogue or a pass of its own, us (fp16, bias)")
+    print("| N | K | M | sparse | sparse, C epilogue | sparse + add | dense | dense + add | add alone |")
+    for n, k, m in problems:
+        row = residual_one(n, k, m)
+        rows.append(row)
+        print(f"| {n} | {k} | {m} | " + " | ".join(f"{row[c]:.1f}" for c in RESIDUAL_COLUMNS) + " |")
+    return rows
+
+
+def residual_one(n: int, k: int, m: int) -> dict:
+    lin = pruned_linear(n, k)
+    layer = SemiSparseLinear(lin)
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    r = torch.randn(m, n, device="cuda", dtype=torch.float16)
+    with torch.inference_mode():
+        layer(x)
+        layer.set_dispatch(m, True)
+        fns = {
+            "sparse": lambda: layer(x),
+            "sparse_c": lambda: layer(x, residual=r),
+            "sparse_add": lambda: layer(x) + r,
+            "dense": lambda: F.linear(x, lin.weight, lin.bias),
+            "dense_add": lambda: F.linear(x, lin.weight, lin.bias) + r,
+            "add": lambda: r + r,
+        }
+        row = {"n": n, "k": k, "m": m}
+        for _ in range(2):  # two passes; the second is kept (clocks and caches warm)
+            row.update({name: time_cuda_us(fn, warmup=2, repeats=7, inner=5) for name, fn in fns.items()})
+    return row
+
+
 def part_gelu_attr() -> dict:
     """Status of each way to ask cuSPARSELt for a GELU epilogue (768 -> 3072, M=1536, fp16, sparse_a layout)."""
     handle = get_backend().handle(torch.device("cuda", 0))
@@ -289,7 +331,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--json", required=True)
-    parser.add_argument("--parts", nargs="+", default=["gelu_attr", "host", "split", "gelu"])
+    parser.add_argument("--parts", nargs="+", default=["gelu_attr", "host", "residual", "split", "gelu"])
     args = parser.parse_args()
     os.environ.setdefault("HF_SEMISPARSE_TUNING_CACHE", "0")
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
@@ -297,6 +339,12 @@ def main() -> None:
         result["gelu_attr"] = part_gelu_attr()
     if "host" in args.parts:
         result["host"] = part_host()
+    if "residual" in args.parts:
+        residual_problems = [(768, 768, 24576), (768, 3072, 24576), (768, 3072, 98304)] + [
+            (1024, 1024, 24576),
+            (1024, 4096, 24576),
+        ]
+        result["residual"] = part_residual(residual_problems)
     split_problems = [
         (768, 768, 1536),
         (3072, 768, 1536),

@@ -77,6 +77,25 @@ def test_a_lucky_sample_is_caught_by_the_final_comparison():
     assert timings["final: chosen"] == 30.0
 
 
+def test_one_slow_spell_of_dense_in_the_final_comparison_does_not_make_sparse_win():
+    """Sparse measured fast once by chance; then dense hit one slow spell in the final comparison. Compared once,
+    sparse would win; the median of alternating rounds keeps dense."""
+    seen = []
+
+    def measure(choice):
+        seen.append(choice_name(choice))
+        sparse = any(choice.values())
+        if sparse:  # a lucky first sample, then the truth
+            return 18.0 if seen.count(choice_name(choice)) == 1 else 21.0
+        dense_runs = seen.count(choice_name(choice))
+        return 26.0 if dense_runs == 2 else 21.0  # the first final measurement of dense is slow
+
+    choice, timings = choose_dispatch(dict.fromkeys(DENSE, True), measure)
+    assert choice == dict.fromkeys(DENSE, False)
+    assert timings["final: all dense"] == 21.0
+    assert seen.count(choice_name(dict.fromkeys(DENSE, False))) == 1 + 3  # first pass, then three rounds
+
+
 def test_report_speedup_and_text():
     report = DispatchReport([1536], {"768x768+bias": True}, 9.0, 10.0, 8.0)
     assert report.speedup == pytest.approx(1.25)

@@ -221,6 +221,7 @@ def test_accelerate_24_model_logits():
     fast = copy.deepcopy(model)
     report = accelerate_24(fast)
     assert len(report.accelerated) == 12 and not report.reason
+    assert len(report.fused_residual) == 4  # attention output and feed-forward output, per layer
     ids = torch.randint(0, 1000, (16, 128), device=DEV)
     with torch.inference_mode():
         ref = model(input_ids=ids)
@@ -400,3 +401,52 @@ def test_cuda_graphed_model_tunes_dispatch_per_signature():
     for name in ("start_logits", "end_logits"):
         assert rel_err(out[name], ref[name].double()) < 2e-3
         assert torch.equal(out[name], again[name])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_residual_matches_float64_reference(dtype, monkeypatch):
+    lin = sparse_linear(768, 3072, dtype)
+    layer = SemiSparseLinear(lin, keep_dense=False)  # every call sparse
+    x = torch.randn(4, 96, 3072, device=DEV, dtype=dtype)
+    r = torch.randn(4, 96, 768, device=DEV, dtype=dtype)
+    ref = reference(lin, x) + r.double()
+    fused = []
+    run = MatmulPlan.run
+
+    def spy(self, *args, **kwargs):
+        fused.append(kwargs.get("c") is not None)
+        return run(self, *args, **kwargs)
+
+    with torch.inference_mode():
+        layer(x)  # decided and planned here (the search runs the plan many times)
+        monkeypatch.setattr(MatmulPlan, "run", spy)
+        layer(x, residual=r)  # measures once whether the epilogue add beats a separate add for this shape
+        fusion = linear_mod.get_backend().fusion
+        (pays,) = fusion.values()
+        assert fused[-1] is pays  # the last run is the forward itself
+        for forced in (True, False):  # both ways compute the same, within the tolerance
+            fusion.update(dict.fromkeys(fusion, forced))
+            y = layer(x, residual=r)
+            assert fused[-1] is forced
+            assert rel_err(y, ref) < TOL[dtype]
+        fusion.update(dict.fromkeys(fusion, True))
+        # a residual the kernel cannot read as C (not contiguous) is added after the GEMM, same result
+        strided = r.transpose(0, 1).contiguous().transpose(0, 1)
+        y2 = layer(x, residual=strided)
+        assert fused[-1] is False
+        assert rel_err(y2, ref) < TOL[dtype]
+        # a padded token count (37 -> 48) is added after the GEMM too
+        x37, r37 = x.reshape(-1, 3072)[:37], r.reshape(-1, 768)[:37]
+        y3 = layer(x37, residual=r37)
+        assert rel_err(y3, reference(lin, x37) + r37.double()) < TOL[dtype]
+
+
+def test_load_state_dict_compresses_the_new_weights():
+    lin = sparse_linear(512, 512, torch.float16)
+    layer = SemiSparseLinear(lin)
+    x = torch.randn(256, 512, device=DEV, dtype=torch.float16)
+    layer(x)
+    layer.set_dispatch(256, True)  # the 2:4 kernel, which reads the compressed copy
+    other = sparse_linear(512, 512, torch.float16, seed=1)
+    layer.load_state_dict(other.state_dict())
+    assert rel_err(layer(x), reference(other, x)) < 2e-3

@@ -17,6 +17,7 @@ from ..masks import find_nm_violation
 from ..utils import unwrap_model
 from .graphs import CUDAGraphedModel
 from .model_dispatch import DispatchReport, tune_dispatch
+from .residual import FusedResidualOutput, fuse_residual_adds
 
 logger = logging.getLogger(__name__)
 _SAID: set[str] = set()
@@ -31,6 +32,7 @@ class AccelerationReport:
 
     accelerated: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    fused_residual: list[str] = field(default_factory=list)  # blocks whose residual add is in the GEMM
     reason: str = ""  # set when nothing could be accelerated at all
 
     @property
@@ -41,6 +43,8 @@ class AccelerationReport:
         if self.reason:
             return f"not accelerated: {self.reason}"
         lines = [f"{len(self.accelerated)} layers on 2:4 kernels"]
+        if self.fused_residual:
+            lines.append(f"  residual add fused into the GEMM of {len(self.fused_residual)} blocks")
         lines += [f"  skipped {name}: {why}" for name, why in self.skipped.items()]
         return "\n".join(lines)
 
@@ -84,6 +88,7 @@ def accelerate_24(
     model: nn.Module,
     keep_dense: bool = True,
     targets: list[str] | None = None,
+    fuse_residual: bool = True,
 ) -> AccelerationReport:
     """Run every 2:4 linear layer of `model` on cuSPARSELt, in place.
 
@@ -95,6 +100,9 @@ def accelerate_24(
             Move and cast the model before calling this: `.to()`/`.half()` afterwards are not supported.
         targets: names of the layers to convert. Default: `model.config.sparsity_config["targets"]` when the model
             records them (each must be 2:4, else `ValueError`), otherwise every linear layer that is exactly 2:4.
+        fuse_residual: in BERT-style output blocks (`LayerNorm(dense(h) + residual)`, see `kernels/residual.py`),
+            add the residual in the 2:4 GEMM's epilogue instead of in a pass of its own. Results differ from the
+            unfused add by fp16 rounding only (the sum is rounded once instead of twice).
 
     Returns:
         An `AccelerationReport`. Where nothing can run on 2:4 kernels it says why, logs it once, and the model
@@ -158,6 +166,8 @@ def accelerate_24(
         setattr(parent, child, SemiSparseLinear(module, keep_dense=keep_dense))
         report.accelerated.append(name)
 
+    if report.accelerated and fuse_residual:
+        report.fused_residual = fuse_residual_adds(root)
     if not report.accelerated:
         report.reason = "no linear layer is exactly 2:4 (prune it first, e.g. with prune_24)"
         _say_once(f"not accelerated: {report.reason}")
@@ -174,7 +184,9 @@ __all__ = [
     "AccelerationReport",
     "CUDAGraphedModel",
     "DispatchReport",
+    "FusedResidualOutput",
     "accelerate_24",
+    "fuse_residual_adds",
     "tune_dispatch",
     "why_not_accelerated",
 ]

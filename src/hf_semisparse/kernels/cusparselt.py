@@ -428,10 +428,11 @@ class MatmulPlan:
             )
         self._alive.append("plan")
         self.workspace_size = self._workspace_size()
-        self._alpha, self._beta = ctypes.c_float(1.0), ctypes.c_float(0.0)
+        self._alpha, self._zero, self._one = ctypes.c_float(1.0), ctypes.c_float(0.0), ctypes.c_float(1.0)
         # everything the hot path passes, prepared once
+        self._beta_zero, self._beta_one = ctypes.byref(self._zero), ctypes.byref(self._one)
         self._matmul_fn = lib.cusparseLtMatmul
-        self._args = (h, _ref(self.plan), ctypes.byref(self._alpha), ctypes.byref(self._beta))
+        self._args = (h, _ref(self.plan), ctypes.byref(self._alpha))
         self._streams: dict[int, ctypes.Array] = {}
 
     def _set_alg(self, alg: AlgConfig) -> None:
@@ -478,13 +479,18 @@ class MatmulPlan:
         out: torch.Tensor,
         workspace: torch.Tensor | None,
         stream: int,
+        c: torch.Tensor | None = None,
     ) -> None:
-        """out[M, N] = x[M, K] @ W^T (+ bias) on `stream`; all tensors contiguous, on the plan's device."""
+        """out[M, N] = x[M, K] @ W^T (+ bias) (+ c) on `stream`; all tensors contiguous, on the plan's device.
+
+        `c` (optional, shaped and laid out like `out`, 16-byte aligned) is added in the epilogue: cuSPARSELt's
+        C operand with beta = 1.
+        """
         a, b = (compressed, x) if self.layout == "sparse_a" else (x, compressed)
         streams = self._streams.get(stream)
         if streams is None:
             streams = self._streams[stream] = (ctypes.c_void_p * 1)(stream)
-        h, plan, alpha, beta = self._args
+        h, plan, alpha = self._args
         d = out.data_ptr()
         status = self._matmul_fn(
             h,
@@ -492,8 +498,8 @@ class MatmulPlan:
             alpha,
             a.data_ptr(),
             b.data_ptr(),
-            beta,
-            d,
+            self._beta_zero if c is None else self._beta_one,
+            d if c is None else c.data_ptr(),
             d,
             workspace.data_ptr() if workspace is not None else None,
             streams,

@@ -16,13 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cusparselt import Handle, MatmulPlan
-from .tuning import Decision, ShapeKey, TuningCache, choose, default_cache_path, search_alg
+from .cusparselt import ALIGNMENT, Handle, MatmulPlan
+from .tuning import Decision, ShapeKey, TuningCache, choose, default_cache_path, search_alg, time_interleaved
 
 logger = logging.getLogger(__name__)
 
 M_MULTIPLE = 16  # token counts are padded up to this for the sparse kernel
 _UNSET = object()
+_is_compiling = torch.compiler.is_compiling
 _RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # no Stream object per call
 
 
@@ -41,6 +42,9 @@ class SparseGemmBackend:
         self._local = threading.local()
         self._workspaces: dict[tuple[int, int], torch.Tensor] = {}
         self._lock = threading.Lock()
+        self.fusion: dict[
+            tuple, bool
+        ] = {}  # (problem, algorithm, device) -> residual add in the epilogue pays
 
     def handle(self, device: torch.device) -> Handle:
         handles = getattr(self._local, "handles", None)
@@ -80,23 +84,24 @@ _IDS = itertools.count()
 class SemiSparseLinear(nn.Module):
     """Drop-in replacement of a 2:4 `nn.Linear` (or transformers `Conv1D`) for CUDA inference.
 
+    `layer(x, residual=r)` returns `layer(x) + r`; where the 2:4 kernel runs, the add happens in its epilogue
+    (cuSPARSELt's `C` operand with beta = 1), which saves the separate pass over the activations.
+
     Args:
         linear: the module to replace; its weight must be exactly 2:4 along the input dimension, fp16 or bf16,
             on a CUDA device of compute capability 8.0+.
         keep_dense: keep the dense weight too, so token counts where sparse measured slower run dense (1.56x the
-            weight memory; at small batches the wrapper's own host time can still make it slower than dense).
-            False: only the compressed weight is kept (about 0.56x the dense bytes) and every call runs sparse.
-        gelu: fuse GELU (tanh approximation) into the GEMM epilogue; only for layers followed by such a GELU.
+            weight memory). False: only the compressed weight is kept (about 0.56x the dense bytes) and every
+            call runs sparse.
     """
 
-    def __init__(self, linear: nn.Module, keep_dense: bool = True, gelu: bool = False) -> None:
+    def __init__(self, linear: nn.Module, keep_dense: bool = True) -> None:
         super().__init__()
         weight = linear.weight.detach()
         if not isinstance(linear, nn.Linear):  # Conv1D stores [in, out]
             weight = weight.t()
         weight = weight.contiguous()
         self.out_features, self.in_features = weight.shape
-        self.gelu = gelu
         self.keep_dense = keep_dense
         self.compute_dtype = weight.dtype  # the compressed buffer itself is opaque bytes
         backend = get_backend()
@@ -109,40 +114,65 @@ class SemiSparseLinear(nn.Module):
         # (device index, input numel) -> the plan to run, None = dense: the one look-up of a warm call
         self._fast: dict[tuple[int, int], MatmulPlan | None] = {}
         self._workspaces: dict[int, torch.Tensor] = {}  # stream -> workspace
+        self._cache_tensors()
+        self.register_load_state_dict_post_hook(_after_load)
+
+    def _cache_tensors(self) -> None:
+        # plain attributes for the hot path: `self.weight` goes through nn.Module.__getattr__ (about 0.7 us a
+        # look-up on a 2-core host, measured), which is most of what an nn.Linear call spends in Python
+        self.__dict__["_w"] = self._parameters.get("weight")
+        self.__dict__["_b"] = self._parameters.get("bias")
+        self.__dict__["_c"] = self._buffers.get("compressed")
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if name in ("weight", "bias", "compressed") and "_parameters" in self.__dict__:
+            self._cache_tensors()
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"keep_dense={self.keep_dense}, gelu={self.gelu}"
+            f"keep_dense={self.keep_dense}"
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():  # an opaque custom op: no graph break under torch.compile
-            return torch.ops.hf_semisparse.linear_24(
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if _is_compiling():  # an opaque custom op: no graph break under torch.compile
+            y = torch.ops.hf_semisparse.linear_24(
                 x, self.compressed, self.weight, self.bias, self._id, self.out_features
             )
-        return self.run(
-            x
-        )  # eager: skip the dispatcher, every microsecond of host time counts at small batches
+            return y if residual is None else y + residual
+        key = (x.get_device(), x.numel())  # device index -1: not on CUDA
+        plan = self._fast.get(key, _UNSET)
+        if plan is None and x.dtype is self.compute_dtype:
+            # this token count runs dense: less host time than nn.Linear (no Module.__getattr__)
+            y = F.linear(x, self._w, self._b)
+            return y if residual is None else y + residual
+        return self._dispatch(x, key, plan, residual)
 
     def _apply(self, fn, recurse=True):
         # .to() / .cuda() / .half() move the tensors the cached plans point at (the fused bias): rebuild them
         self._plans.clear()
         self._fast.clear()
         self._workspaces.clear()
-        return super()._apply(fn, recurse)
+        out = super()._apply(fn, recurse)
+        self._cache_tensors()
+        return out
 
-    def run(self, x: torch.Tensor) -> torch.Tensor:
-        key = (x.get_device(), x.numel())  # device index -1: not on CUDA
-        plan = self._fast.get(key, _UNSET)
-        if plan is None and x.dtype == self.compute_dtype:
-            # this token count runs dense: one look-up more than nn.Linear (F.linear checks the shape itself)
-            return self._dense(x)
-        if key[0] < 0:
-            if self.weight is None:
+    def run(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """`forward` without the module call (and without torch.compile's custom op)."""
+        key = (x.get_device(), x.numel())
+        return self._dispatch(x, key, self._fast.get(key, _UNSET), residual)
+
+    def _dispatch(self, x: torch.Tensor, key: tuple[int, int], plan, residual) -> torch.Tensor:
+        if plan is None and x.dtype is self.compute_dtype:
+            y = F.linear(x, self._w, self._b)
+        elif key[0] < 0:
+            if self._w is None:
                 raise RuntimeError("SemiSparseLinear without a dense weight runs on CUDA only")
-            return self._dense(x)
-        return self._cuda_forward(x, key, plan)
+            y = F.linear(x, self._w, self._b)
+        else:
+            return self._cuda_forward(x, key, plan, residual)
+        return y if residual is None else y + residual
 
     # ---------------------------------------------------------------- the CUDA path
     def _shape_key(self, handle: Handle, m: int, dtype: torch.dtype) -> ShapeKey:
@@ -154,7 +184,7 @@ class SemiSparseLinear(nn.Module):
             m,
             str(dtype).split(".")[-1],
             self.bias is not None,
-            self.gelu,
+            False,  # GELU epilogue: cuSPARSELt fuses it for INT8 only
         )
 
     def _plan(self, handle: Handle, m: int, dtype: torch.dtype, decision: Decision) -> MatmulPlan:
@@ -168,7 +198,6 @@ class SemiSparseLinear(nn.Module):
                 m,
                 dtype,
                 bias=self.bias,
-                gelu=self.gelu,
                 alg=decision.alg,
                 selection=handle.selection(
                     self.out_features,
@@ -176,7 +205,7 @@ class SemiSparseLinear(nn.Module):
                     m,
                     dtype,
                     self.bias is not None,
-                    self.gelu,
+                    False,
                     decision.alg,
                 ),
             )
@@ -184,8 +213,7 @@ class SemiSparseLinear(nn.Module):
         return plan
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
-        return F.gelu(y, approximate="tanh") if self.gelu else y
+        return F.linear(x, self._w, self._b)
 
     def _decide(self, handle: Handle, x2: torch.Tensor, stream: int) -> Decision:
         backend = get_backend()
@@ -205,8 +233,8 @@ class SemiSparseLinear(nn.Module):
             x2.shape[0],
             x2.dtype,
             self.bias,
-            self.gelu,
-            self.compressed,
+            False,
+            self._c,
             x2,
             stream,
             dense=(lambda: self._dense(x2)) if self.keep_dense else None,
@@ -261,15 +289,40 @@ class SemiSparseLinear(nn.Module):
             raise KeyError(f"no tuned kernel for {padded} tokens (the tuning cache was cleared?)")
         self._fast[key] = self._plan(handle, padded, self.compute_dtype, decision)
 
-    def _cuda_forward(self, x: torch.Tensor, key: tuple[int, int], plan) -> torch.Tensor:
-        """`run` on CUDA for what is not a dense-dispatched call: `plan` is `self._fast.get(key, _UNSET)`."""
+    def _fusion_pays(self, plan: MatmulPlan, x: torch.Tensor, residual: torch.Tensor, ws) -> bool:
+        """Whether adding `residual` in this plan's epilogue is faster than a separate add, measured once per
+        problem and algorithm. It depends on the shape: on an H100 with cuSPARSELt 0.8 the C operand saved 20 us
+        at 768x768 (M = 24576) and cost 100 us at 768x3072 (M = 98304) (docs/benchmarks.md, session 6)."""
+        backend = get_backend()
+        key = (plan.problem, plan.selected_alg, x.get_device())
+        pays = backend.fusion.get(key)
+        if pays is None:
+            if torch.cuda.is_current_stream_capturing():
+                return False  # no timing inside a capture; the separate add is always correct
+            stream = _current_stream(key[2])
+            out = torch.empty_like(residual)
+
+            def unfused():
+                plan.run(self._c, x, out, ws, stream)
+                torch.add(out, residual)
+
+            times = time_interleaved(
+                {"fused": lambda: plan.run(self._c, x, out, ws, stream, c=residual), "unfused": unfused}
+            )
+            pays = backend.fusion[key] = times["fused"] < times["unfused"]
+            logger.info("residual in the epilogue of %s: %s (us)", plan.problem, times)
+        return pays
+
+    def _cuda_forward(self, x: torch.Tensor, key: tuple[int, int], plan, residual) -> torch.Tensor:
+        """`forward` on CUDA for what is not a dense-dispatched call: `plan` is `self._fast.get(key, _UNSET)`."""
         if x.dtype != self.compute_dtype:
-            if self.weight is None:
+            if self._w is None:
                 raise TypeError(
                     f"SemiSparseLinear holds {self.compute_dtype} weights but got {x.dtype} input; "
                     "cast the input (or the model) to match"
                 )
-            return self._dense(x.to(self.weight.dtype)).to(x.dtype)
+            y = self._dense(x.to(self._w.dtype)).to(x.dtype)
+            return y if residual is None else y + residual
         if x.shape[-1] != self.in_features:
             raise ValueError(
                 f"expected input with last dimension {self.in_features}, got shape {tuple(x.shape)}"
@@ -277,7 +330,8 @@ class SemiSparseLinear(nn.Module):
         m = key[1] // self.in_features
         lead = x.shape[:-1]
         if m == 0:
-            return x.new_empty(*lead, self.out_features)
+            y = x.new_empty(*lead, self.out_features)
+            return y if residual is None else y + residual
         # the kernel reads x through its pointer: a contiguous input needs no reshape (host time per call counts)
         padded = -(-m // M_MULTIPLE) * M_MULTIPLE
         if padded != m:
@@ -290,18 +344,62 @@ class SemiSparseLinear(nn.Module):
             if not torch.cuda.is_current_stream_capturing():
                 self._fast[key] = plan
             if plan is None:
-                return self._dense(x[:m].view(*lead, self.in_features) if padded != m else x)
+                y = self._dense(x[:m].view(*lead, self.in_features) if padded != m else x)
+                return y if residual is None else y + residual
         ws = self._workspaces.get(stream)
         if ws is None or ws.numel() < plan.workspace_size:
             ws = get_backend().workspace(x.device, stream, plan.workspace_size)
             self._workspaces[stream] = ws
         if padded == m:
-            out = torch.empty((*lead, self.out_features), dtype=x.dtype, device=x.device)
-            plan.run(self.compressed, x, out, ws, stream)
-            return out
+            shape = (*lead, self.out_features)
+            out = torch.empty(shape, dtype=x.dtype, device=x.device)
+            if (
+                residual is not None
+                and _fusable(residual, shape, x)
+                and self._fusion_pays(plan, x, residual, ws)
+            ):
+                plan.run(self._c, x, out, ws, stream, c=residual)  # out = x @ W^T (+ bias) + residual
+                return out
+            plan.run(self._c, x, out, ws, stream)
+            return out if residual is None else out + residual
         out = torch.empty(padded, self.out_features, dtype=x.dtype, device=x.device)
-        plan.run(self.compressed, x, out, ws, stream)
-        return out[:m].view(*lead, self.out_features)
+        plan.run(self._c, x, out, ws, stream)
+        y = out[:m].view(*lead, self.out_features)
+        return y if residual is None else y + residual
+
+
+def _fusable(residual: torch.Tensor, shape: tuple, x: torch.Tensor) -> bool:
+    """Whether cuSPARSELt can read `residual` as its C operand: the output's shape, dtype and row-major layout."""
+    return (
+        residual.dtype is x.dtype
+        and residual.shape == shape
+        and residual.is_contiguous()
+        and residual.data_ptr() % ALIGNMENT == 0
+        and residual.device == x.device
+    )
+
+
+def _after_load(module: SemiSparseLinear, incompatible_keys) -> None:
+    """After `load_state_dict`: refresh the hot path's tensors, and compress the loaded dense weight again (the
+    compressed copy is not part of the state dict; without this the 2:4 kernel would keep the old values)."""
+    module._cache_tensors()
+    weight = module._w
+    if weight is None:
+        return
+    from ..masks import find_nm_violation
+
+    bad = find_nm_violation(weight)
+    if bad is not None:
+        raise ValueError(
+            f"the weight loaded into a SemiSparseLinear is not 2:4: the group at {bad.index} ([out, in] layout) "
+            f"has {bad.nonzeros} non-zeros"
+        )
+    with torch.no_grad():
+        fresh = get_backend().handle(weight.device).compress(weight.contiguous())
+        if module._c is not None and module._c.shape == fresh.shape and module._c.device == fresh.device:
+            module._c.copy_(fresh)  # in place: captured CUDA graphs read this buffer's address
+        else:
+            module.compressed = fresh
 
 
 @torch.library.custom_op("hf_semisparse::linear_24", mutates_args=())
