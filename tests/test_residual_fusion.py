@@ -68,8 +68,11 @@ def test_new_weights_reach_the_call_path(backend):
     with torch.no_grad():
         other.weight.mul_(3.0)
         other.bias.add_(1.0)
+    layer._fast[(0, 4 * 16)] = None  # as if a token count had been decided on a GPU
     layer.weight = nn.Parameter(other.weight.detach().clone(), requires_grad=False)
+    assert layer._fast  # a new weight keeps the plans (they hold no weight address)
     layer.bias = nn.Parameter(other.bias.detach().clone(), requires_grad=False)
+    assert not layer._fast  # plans hold the fused bias's address: rebuilt for a new bias
     torch.testing.assert_close(layer(x), other(x))
 
 

@@ -42,9 +42,8 @@ class SparseGemmBackend:
         self._local = threading.local()
         self._workspaces: dict[tuple[int, int], torch.Tensor] = {}
         self._lock = threading.Lock()
-        self.fusion: dict[
-            tuple, bool
-        ] = {}  # (problem, algorithm, device) -> residual add in the epilogue pays
+        # (problem, algorithm, device) -> whether the residual add in the epilogue pays
+        self.fusion: dict[tuple, bool] = {}
 
     def handle(self, device: torch.device) -> Handle:
         handles = getattr(self._local, "handles", None)
@@ -97,6 +96,10 @@ class SemiSparseLinear(nn.Module):
 
     def __init__(self, linear: nn.Module, keep_dense: bool = True) -> None:
         super().__init__()
+        self._plans: dict[tuple[int, int], MatmulPlan] = {}
+        # (device index, input numel) -> the plan to run, None = dense: the one look-up of a warm call
+        self._fast: dict[tuple[int, int], MatmulPlan | None] = {}
+        self._workspaces: dict[int, torch.Tensor] = {}  # stream -> workspace
         weight = linear.weight.detach()
         if not isinstance(linear, nn.Linear):  # Conv1D stores [in, out]
             weight = weight.t()
@@ -110,18 +113,18 @@ class SemiSparseLinear(nn.Module):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
         self._id = next(_IDS)
         _LAYERS[self._id] = self
-        self._plans: dict[tuple[int, int], MatmulPlan] = {}
-        # (device index, input numel) -> the plan to run, None = dense: the one look-up of a warm call
-        self._fast: dict[tuple[int, int], MatmulPlan | None] = {}
-        self._workspaces: dict[int, torch.Tensor] = {}  # stream -> workspace
         self._cache_tensors()
         self.register_load_state_dict_post_hook(_after_load)
 
     def _cache_tensors(self) -> None:
         # plain attributes for the hot path: `self.weight` goes through nn.Module.__getattr__ (about 0.7 us a
-        # look-up on a 2-core host, measured), which is most of what an nn.Linear call spends in Python
+        # look-up on our 2-core development host), most of what an nn.Linear call spends in Python
+        bias = self._parameters.get("bias")
+        if "_b" in self.__dict__ and self.__dict__["_b"] is not bias:
+            self._plans.clear()  # the plans hold the old bias's address (fused bias epilogue)
+            self._fast.clear()
         self.__dict__["_w"] = self._parameters.get("weight")
-        self.__dict__["_b"] = self._parameters.get("bias")
+        self.__dict__["_b"] = bias
         self.__dict__["_c"] = self._buffers.get("compressed")
 
     def __setattr__(self, name: str, value) -> None:
