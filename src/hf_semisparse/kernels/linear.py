@@ -117,8 +117,8 @@ class SemiSparseLinear(nn.Module):
         self.register_load_state_dict_post_hook(_after_load)
 
     def _cache_tensors(self) -> None:
-        # plain attributes for the hot path: `self.weight` goes through nn.Module.__getattr__ (about 0.7 us a
-        # look-up on our 2-core development host), most of what an nn.Linear call spends in Python
+        # plain attributes for the hot path: `self.weight` is not one; it goes through nn.Module.__getattr__, a
+        # Python call per look-up, which nn.Linear pays twice per call
         bias = self._parameters.get("bias")
         if "_b" in self.__dict__ and self.__dict__["_b"] is not bias:
             self._plans.clear()  # the plans hold the old bias's address (fused bias epilogue)
@@ -147,7 +147,7 @@ class SemiSparseLinear(nn.Module):
         key = (x.get_device(), x.numel())  # device index -1: not on CUDA
         plan = self._fast.get(key, _UNSET)
         if plan is None and x.dtype is self.compute_dtype:
-            # this token count runs dense: less host time than nn.Linear (no Module.__getattr__)
+            # this token count runs dense: plain attributes, no Module.__getattr__ (about nn.Linear's host time)
             y = F.linear(x, self._w, self._b)
             return y if residual is None else y + residual
         return self._dispatch(x, key, plan, residual)
@@ -318,14 +318,20 @@ class SemiSparseLinear(nn.Module):
 
     def _cuda_forward(self, x: torch.Tensor, key: tuple[int, int], plan, residual) -> torch.Tensor:
         """`forward` on CUDA for what is not a dense-dispatched call: `plan` is `self._fast.get(key, _UNSET)`."""
+        y, added = self._cuda_linear(x, key, plan, residual)
+        return y if added or residual is None else y + residual
+
+    def _cuda_linear(
+        self, x: torch.Tensor, key: tuple[int, int], plan, residual
+    ) -> tuple[torch.Tensor, bool]:
+        """x @ W^T + b, and whether `residual` was added too (in the 2:4 kernel's epilogue)."""
         if x.dtype != self.compute_dtype:
             if self._w is None:
                 raise TypeError(
                     f"SemiSparseLinear holds {self.compute_dtype} weights but got {x.dtype} input; "
                     "cast the input (or the model) to match"
                 )
-            y = self._dense(x.to(self._w.dtype)).to(x.dtype)
-            return y if residual is None else y + residual
+            return self._dense(x.to(self._w.dtype)).to(x.dtype), False
         if x.shape[-1] != self.in_features:
             raise ValueError(
                 f"expected input with last dimension {self.in_features}, got shape {tuple(x.shape)}"
@@ -333,8 +339,7 @@ class SemiSparseLinear(nn.Module):
         m = key[1] // self.in_features
         lead = x.shape[:-1]
         if m == 0:
-            y = x.new_empty(*lead, self.out_features)
-            return y if residual is None else y + residual
+            return x.new_empty(*lead, self.out_features), False
         # the kernel reads x through its pointer: a contiguous input needs no reshape (host time per call counts)
         padded = -(-m // M_MULTIPLE) * M_MULTIPLE
         if padded != m:
@@ -347,8 +352,7 @@ class SemiSparseLinear(nn.Module):
             if not torch.cuda.is_current_stream_capturing():
                 self._fast[key] = plan
             if plan is None:
-                y = self._dense(x[:m].view(*lead, self.in_features) if padded != m else x)
-                return y if residual is None else y + residual
+                return self._dense(x[:m].view(*lead, self.in_features) if padded != m else x), False
         ws = self._workspaces.get(stream)
         if ws is None or ws.numel() < plan.workspace_size:
             ws = get_backend().workspace(x.device, stream, plan.workspace_size)
@@ -362,13 +366,12 @@ class SemiSparseLinear(nn.Module):
                 and self._fusion_pays(plan, x, residual, ws)
             ):
                 plan.run(self._c, x, out, ws, stream, c=residual)  # out = x @ W^T (+ bias) + residual
-                return out
+                return out, True
             plan.run(self._c, x, out, ws, stream)
-            return out if residual is None else out + residual
+            return out, False
         out = torch.empty(padded, self.out_features, dtype=x.dtype, device=x.device)
         plan.run(self._c, x, out, ws, stream)
-        y = out[:m].view(*lead, self.out_features)
-        return y if residual is None else y + residual
+        return out[:m].view(*lead, self.out_features), False
 
 
 def _fusable(residual: torch.Tensor, shape: tuple, x: torch.Tensor) -> bool:
