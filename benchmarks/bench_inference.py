@@ -6,10 +6,12 @@ End to end: BERT-base and BERT-large question answering (random weights pruned t
 does not depend on the values), fp16, sequence 384, batch 4/16/64/256, eager, `torch.inference_mode`:
 - dense: the pruned model as it is (cuBLAS);
 - torch-2:4: every target weight replaced by `to_sparse_semi_structured` (torch's default cuSPARSELt path);
-- ours: `accelerate_24(model)` (keep_dense=True; the residual adds of BERT's output blocks fused into the 2:4
-  GEMMs), then `tune_dispatch(model, input_ids=batch)`: sparse or dense per layer shape, chosen from timings of
-  the whole eager forward (the report is in the JSON);
-- ours-unfused: the same with `fuse_residual=False` (what the fusion adds);
+- ours: `accelerate_24(model)` (keep_dense=True; query/key/value joined into one GEMM per layer, the residual
+  adds of BERT's output blocks fused into the 2:4 GEMMs), then `tune_dispatch(model, input_ids=batch)`: sparse or
+  dense per layer shape, chosen from timings of the whole eager forward (the report is in the JSON);
+- ours-unfused: the same with `fuse_projections=False, fuse_residual=False` (what both fusions add);
+- ours-all-dense: `accelerate_24(model)` with every layer dispatched dense (the joined query/key/value GEMM
+  included): what the restructuring alone gives, without any 2:4 kernel;
 - ours-sparse-only: `accelerate_24(model, keep_dense=False)` (every target runs sparse; compressed weights only).
 With --graphs (default) also, each forward replayed from a CUDA graph per batch size (`CUDAGraphedModel`):
 - dense+graphs: the dense model so wrapped, the fair baseline for graph replay;
@@ -45,7 +47,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from hf_semisparse import compute_nm_mask, prune_24, select_targets  # noqa: E402
 from hf_semisparse.config import SparsityConfig  # noqa: E402
-from hf_semisparse.kernels import CUDAGraphedModel, accelerate_24, tune_dispatch  # noqa: E402
+from hf_semisparse.kernels import (  # noqa: E402
+    CUDAGraphedModel,
+    accelerate_24,
+    semi_sparse_layers,
+    tune_dispatch,
+)
 from hf_semisparse.kernels.linear import SemiSparseLinear, get_backend  # noqa: E402
 from hf_semisparse.utils import write_json  # noqa: E402
 
@@ -149,12 +156,20 @@ def stock_24(model) -> torch.nn.Module:
     return model
 
 
+def all_dense(model, ids) -> None:
+    """Dispatch every 2:4 layer of `model` dense for the token count of `ids` (run once first)."""
+    with torch.inference_mode():
+        model(input_ids=ids)
+    for layer in semi_sparse_layers(model):
+        for m in layer.token_counts():
+            layer.set_dispatch(m, False)
+
+
 def weight_bytes(model) -> dict:
     dense = comp = 0
-    for m in model.modules():
-        if isinstance(m, SemiSparseLinear):
-            dense += m.out_features * m.in_features * 2
-            comp += m.compressed.numel()
+    for m in semi_sparse_layers(model):
+        dense += m.out_features * m.in_features * 2
+        comp += m.compressed.numel()
     return {
         "dense_target_bytes": dense,
         "compressed_target_bytes": comp,
@@ -171,11 +186,15 @@ def bench_models(args, save) -> list[dict]:
         prune_24(dense)  # on the GPU: pruning bert-large on the host takes longer than the benchmark
         variants = {"dense": dense, "torch-2:4": stock_24(dense)}
         ours = copy.deepcopy(dense)
-        accelerate_24(ours, keep_dense=True)
+        fused = accelerate_24(ours, keep_dense=True)
+        print(f"{name}: {fused}", flush=True)
         variants["ours"] = ours
         unfused = copy.deepcopy(dense)
-        accelerate_24(unfused, keep_dense=True, fuse_residual=False)
+        accelerate_24(unfused, keep_dense=True, fuse_residual=False, fuse_projections=False)
         variants["ours-unfused"] = unfused
+        restructured = copy.deepcopy(dense)
+        accelerate_24(restructured, keep_dense=True)
+        variants["ours-all-dense"] = restructured
         lean = copy.deepcopy(dense)
         accelerate_24(lean, keep_dense=False)
         variants["ours-sparse-only"] = lean
@@ -188,13 +207,21 @@ def bench_models(args, save) -> list[dict]:
         for batch in args.batches:
             ids = torch.randint(1000, 30000, (batch, args.seq), device="cuda")
             ref = logits(dense, ids)
-            row = {"model": name, "batch": batch, "seq": args.seq, "weights": memory}
+            row = {
+                "model": name,
+                "batch": batch,
+                "seq": args.seq,
+                "weights": memory,
+                "fused_projections": len(fused.fused_projections),
+                "fused_residual": len(fused.fused_residual),
+            }
             report = tune_dispatch(ours, input_ids=ids)  # whole-forward choice per layer shape, eager
             row["ours_dispatch"] = dataclasses.asdict(report)
             print(f"{name} b{batch} eager dispatch: {report}", flush=True)
             report = tune_dispatch(unfused, input_ids=ids)
             row["ours-unfused_dispatch"] = dataclasses.asdict(report)
             print(f"{name} b{batch} eager dispatch, unfused: {report}", flush=True)
+            all_dense(restructured, ids)
             skip = {"torch-2:4"} if batch > args.max_stock_batch else set()
             timings = time_round_robin(variants, ids, args.budget_ms, skip)
             for vname, times in timings.items():
@@ -219,7 +246,7 @@ def bench_models(args, save) -> list[dict]:
             rows.append(row)
             save(rows)  # partial results survive a time limit
             del ids, ref
-        del variants, ours, unfused, lean, dense
+        del variants, ours, unfused, restructured, lean, dense
         torch.cuda.empty_cache()
     return rows
 
@@ -319,15 +346,17 @@ def print_tables(rows, gemms, info) -> None:
     print("\nEnd to end, fp16, seq 384, median ms (speedup = dense / variant), rel err of logits vs dense")
     print(
         f"{'model':<11}{'batch':>6}{'dense':>9}{'torch2:4':>10}{'ours':>9}{'speedup':>9}{'unfused':>9}"
-        f"{'speedup':>9}{'sparse-only':>12}{'speedup':>9}{'err ours':>10}"
+        f"{'speedup':>9}{'all-dense':>10}{'speedup':>9}{'sparse-only':>12}{'speedup':>9}{'err ours':>10}"
     )
     for r in rows:
         d = r["dense"]["median_ms"]
         st = r.get("torch-2:4", {}).get("median_ms", float("nan"))
-        o, u, so = (r[k]["median_ms"] for k in ("ours", "ours-unfused", "ours-sparse-only"))
+        o, u, ad, so = (
+            r[k]["median_ms"] for k in ("ours", "ours-unfused", "ours-all-dense", "ours-sparse-only")
+        )
         print(
             f"{r['model']:<11}{r['batch']:>6}{d:>9.2f}{st:>10.2f}{o:>9.2f}{d / o:>8.2f}x{u:>9.2f}{d / u:>8.2f}x"
-            f"{so:>12.2f}{d / so:>8.2f}x{r['ours']['rel_err']:>10.1e}"
+            f"{ad:>10.2f}{d / ad:>8.2f}x{so:>12.2f}{d / so:>8.2f}x{r['ours']['rel_err']:>10.1e}"
         )
     graphed = [r for r in rows if "ours+graphs" in r]
     if graphed:

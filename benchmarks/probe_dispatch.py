@@ -9,7 +9,9 @@
    Segment-K (split_k = -1) variants of the two best ids, each timed with CUDA events.
 3. residual: per (N, K, M) of the output projections, GPU time of the 2:4 GEMM alone, with the residual added
    in its epilogue (cuSPARSELt's C operand, beta = 1), and followed by a separate add; dense likewise.
-4. gelu: the up-projection with bias then GELU: dense `F.linear` + `F.gelu` (what transformers runs), sparse +
+4. siblings: projections that read the same input (BERT's query/key/value, LLaMA's gate/up), per (K, outputs,
+   M) with bias: each on its own against one GEMM over the concatenated weights, 2:4 and dense, us per set.
+5. gelu: the up-projection with bias then GELU: dense `F.linear` + `F.gelu` (what transformers runs), sparse +
    `F.gelu`, and sparse with cuSPARSELt's fused GELU epilogue; relative error of the fused output against
    float64 erf-GELU and tanh-GELU references.
 """
@@ -285,6 +287,51 @@ def residual_one(n: int, k: int, m: int) -> dict:
     return row
 
 
+def part_siblings(problems: list[tuple[int, tuple[int, ...], int]]) -> list[dict]:
+    rows = []
+    print(
+        "\n## sibling projections: separate GEMMs or one over the concatenated weights, us per set (fp16, bias)"
+    )
+    print("| K | outputs | M | sparse, separate | sparse, one | dense, separate | dense, one |")
+    for k, outs, m in problems:
+        row = siblings_one(k, outs, m)
+        rows.append(row)
+        print(
+            f"| {k} | {'+'.join(map(str, outs))} | {m} | "
+            + " | ".join(f"{row[c]:.1f}" for c in SIBLING_COLUMNS)
+            + " |"
+        )
+    return rows
+
+
+SIBLING_COLUMNS = ("sparse_separate", "sparse_one", "dense_separate", "dense_one")
+
+
+def siblings_one(k: int, outs: tuple[int, ...], m: int) -> dict:
+    lins = [pruned_linear(n, k) for n in outs]
+    joined = torch.nn.Linear(k, sum(outs), device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        joined.weight.copy_(torch.cat([lin.weight for lin in lins]))
+        joined.bias.copy_(torch.cat([lin.bias for lin in lins]))
+    layers = [SemiSparseLinear(lin) for lin in lins]
+    one = SemiSparseLinear(joined)
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    with torch.inference_mode():
+        for layer in (*layers, one):
+            layer(x)
+            layer.set_dispatch(m, True)
+        fns = {
+            "sparse_separate": lambda: [layer(x) for layer in layers],
+            "sparse_one": lambda: one(x),
+            "dense_separate": lambda: [F.linear(x, lin.weight, lin.bias) for lin in lins],
+            "dense_one": lambda: F.linear(x, joined.weight, joined.bias),
+        }
+        row = {"k": k, "outs": list(outs), "m": m}
+        for _ in range(2):  # two passes; the second is kept (clocks and caches warm)
+            row.update({name: time_cuda_us(fn, warmup=2, repeats=7, inner=5) for name, fn in fns.items()})
+    return row
+
+
 def part_gelu_attr() -> dict:
     """Status of each way to ask cuSPARSELt for a GELU epilogue (768 -> 3072, M=1536, fp16, sparse_a layout)."""
     handle = get_backend().handle(torch.device("cuda", 0))
@@ -331,7 +378,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--json", required=True)
-    parser.add_argument("--parts", nargs="+", default=["gelu_attr", "host", "residual", "split", "gelu"])
+    parser.add_argument(
+        "--parts", nargs="+", default=["gelu_attr", "host", "residual", "siblings", "split", "gelu"]
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_SEMISPARSE_TUNING_CACHE", "0")
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
@@ -345,6 +394,13 @@ def main() -> None:
             (1024, 4096, 24576),
         ]
         result["residual"] = part_residual(residual_problems)
+    if "siblings" in args.parts:
+        sibling_problems = (
+            [(768, (768,) * 3, m) for m in (1536, 6144, 24576, 98304)]
+            + [(1024, (1024,) * 3, m) for m in (1536, 24576, 98304)]
+            + [(4096, (4096, 1024, 1024), 8192), (4096, (14336, 14336), 8192)]
+        )
+        result["siblings"] = part_siblings(sibling_problems)
     split_problems = [
         (768, 768, 1536),
         (3072, 768, 1536),

@@ -164,3 +164,32 @@ def assert_targets_24(model, config=None):
 @pytest.fixture
 def tiny_bert():
     return make_model("bert")
+
+
+class _FakeHandle:
+    def __init__(self, log):
+        self.log = log
+
+    def compress(self, weight):
+        self.log.append(weight.clone())
+        return weight.clone()
+
+
+class _FakeBackend:
+    """Stands in for cuSPARSELt where a `SemiSparseLinear` is built on the CPU: "compressing" copies the weight
+    (and logs it), and every call takes the dense path that a CPU tensor takes."""
+
+    def __init__(self):
+        self.compressed = []
+
+    def handle(self, device):
+        return _FakeHandle(self.compressed)
+
+
+@pytest.fixture
+def backend(monkeypatch):
+    from hf_semisparse.kernels import linear as linear_mod
+
+    fake = _FakeBackend()
+    monkeypatch.setattr(linear_mod, "_BACKEND", fake)
+    return fake

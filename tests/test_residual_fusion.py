@@ -14,33 +14,8 @@ from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
 
 from hf_semisparse import compute_nm_mask, prune_24
 from hf_semisparse.kernels import FusedResidualOutput, fuse_residual_adds
-from hf_semisparse.kernels import linear as linear_mod
 from hf_semisparse.kernels.linear import SemiSparseLinear
 from hf_semisparse.kernels.residual import is_bert_style_output
-
-
-class _Handle:
-    def __init__(self, log):
-        self.log = log
-
-    def compress(self, weight):
-        self.log.append(weight.clone())
-        return weight.clone()
-
-
-class _Backend:
-    def __init__(self):
-        self.compressed = []
-
-    def handle(self, device):
-        return _Handle(self.compressed)
-
-
-@pytest.fixture
-def backend(monkeypatch):
-    fake = _Backend()
-    monkeypatch.setattr(linear_mod, "_BACKEND", fake)
-    return fake
 
 
 def _pruned_linear(n_in=16, n_out=8, bias=True):

@@ -18,7 +18,7 @@ import torch
 from transformers import BertConfig, BertForQuestionAnswering
 
 from hf_semisparse import compute_nm_mask, prune_24
-from hf_semisparse.kernels import accelerate_24, why_not_accelerated
+from hf_semisparse.kernels import accelerate_24, semi_sparse_layers, why_not_accelerated
 from hf_semisparse.kernels import linear as linear_mod
 from hf_semisparse.kernels.cusparselt import AlgConfig, CusparseLtError, Handle, MatmulPlan
 from hf_semisparse.kernels.linear import SemiSparseLinear, SparseGemmBackend
@@ -216,18 +216,46 @@ def tiny_bert():
     return model
 
 
-def test_accelerate_24_model_logits():
+@pytest.mark.parametrize("keep_dense", [True, False])
+def test_accelerate_24_model_logits(keep_dense):
     model = tiny_bert().to(DEV, torch.float16)
     fast = copy.deepcopy(model)
-    report = accelerate_24(fast)
+    report = accelerate_24(fast, keep_dense=keep_dense)
     assert len(report.accelerated) == 12 and not report.reason
     assert len(report.fused_residual) == 4  # attention output and feed-forward output, per layer
+    assert report.fused_projections == [
+        f"bert.encoder.layer.{i}.attention.self.query+key+value" for i in (0, 1)
+    ]
+    joined = [layer for layer in semi_sparse_layers(fast) if layer.out_features == 3 * 256]
+    assert len(joined) == 2
     ids = torch.randint(0, 1000, (16, 128), device=DEV)
     with torch.inference_mode():
         ref = model(input_ids=ids)
         out = fast(input_ids=ids)
+        for layer in joined:  # the joined GEMM ran on the 2:4 kernel
+            if keep_dense:
+                layer.set_dispatch(16 * 128, True)
+        sparse = fast(input_ids=ids)
     for name in ("start_logits", "end_logits"):
         assert rel_err(out[name], ref[name].double()) < 2e-3
+        assert rel_err(sparse[name], ref[name].double()) < 2e-3
+    assert all(layer.runs_sparse(16 * 128) for layer in joined)
+
+
+def test_joined_projections_under_torch_compile_and_graphs():
+    from hf_semisparse.kernels import CUDAGraphedModel
+
+    model = tiny_bert().to(DEV, torch.float16)
+    fast = copy.deepcopy(model)
+    accelerate_24(fast)
+    ids = torch.randint(0, 1000, (8, 128), device=DEV)
+    with torch.inference_mode():
+        ref = model(input_ids=ids).start_logits.double()
+        compiled = torch.compile(fast, fullgraph=True, backend="aot_eager")(input_ids=ids).start_logits
+    assert rel_err(compiled, ref) < 2e-3
+    graphed = CUDAGraphedModel(fast, tune=False)
+    for _ in range(2):
+        assert rel_err(graphed(input_ids=ids).start_logits, ref) < 2e-3
 
 
 def test_plans_follow_the_module_when_it_moves():
@@ -367,7 +395,7 @@ def test_tune_dispatch_keeps_the_fastest_whole_forward():
     ids = torch.randint(0, 1000, (8, 128), device=DEV)
     report = tune_dispatch(fast, input_ids=ids)
     assert report.token_counts == [1024]
-    layers = [m for m in fast.modules() if isinstance(m, SemiSparseLinear)]
+    layers = semi_sparse_layers(fast)  # the joined query/key/value layers too
     assert set(report.choice) == {group_of(layer) for layer in layers}
     for layer in layers:  # the choice is what runs now
         assert layer.runs_sparse(1024) is report.choice[group_of(layer)]
@@ -392,7 +420,7 @@ def test_cuda_graphed_model_tunes_dispatch_per_signature():
     out = graphed(input_ids=ids)
     (report,) = graphed.reports.values()
     assert graphed.captures >= 2 and len(graphed._graphs) == 1
-    for layer in (m for m in fast.modules() if isinstance(m, SemiSparseLinear)):
+    for layer in semi_sparse_layers(fast):
         assert layer.runs_sparse(1024) is report.choice[group_of(layer)]
     again = graphed(input_ids=ids)  # replayed, no more tuning
     assert len(graphed.reports) == 1

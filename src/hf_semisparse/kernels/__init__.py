@@ -17,6 +17,8 @@ from ..masks import find_nm_violation
 from ..utils import unwrap_model
 from .graphs import CUDAGraphedModel
 from .model_dispatch import DispatchReport, tune_dispatch
+from .projections import ProjectionSlice, semi_sparse_layers
+from .projections import fuse_projections as fuse_projections_
 from .residual import FusedResidualOutput, fuse_residual_adds
 
 logger = logging.getLogger(__name__)
@@ -33,6 +35,7 @@ class AccelerationReport:
     accelerated: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     fused_residual: list[str] = field(default_factory=list)  # blocks whose residual add is in the GEMM
+    fused_projections: list[str] = field(default_factory=list)  # sibling projections run as one GEMM
     reason: str = ""  # set when nothing could be accelerated at all
 
     @property
@@ -43,6 +46,10 @@ class AccelerationReport:
         if self.reason:
             return f"not accelerated: {self.reason}"
         lines = [f"{len(self.accelerated)} layers on 2:4 kernels"]
+        if self.fused_projections:
+            lines.append(
+                f"  {len(self.fused_projections)} groups of sibling projections joined into one GEMM each"
+            )
         if self.fused_residual:
             lines.append(f"  residual add fused into the GEMM of {len(self.fused_residual)} blocks")
         lines += [f"  skipped {name}: {why}" for name, why in self.skipped.items()]
@@ -89,6 +96,7 @@ def accelerate_24(
     keep_dense: bool = True,
     targets: list[str] | None = None,
     fuse_residual: bool = True,
+    fuse_projections: bool = True,
 ) -> AccelerationReport:
     """Run every 2:4 linear layer of `model` on cuSPARSELt, in place.
 
@@ -103,6 +111,10 @@ def accelerate_24(
         fuse_residual: in BERT-style output blocks (`LayerNorm(dense(h) + residual)`, see `kernels/residual.py`),
             add the residual in the 2:4 GEMM's epilogue instead of in a pass of its own. Results differ from the
             unfused add by fp16 rounding only (the sum is rounded once instead of twice).
+        fuse_projections: run sibling projections of one input (`query`/`key`/`value`, `q_proj`/`k_proj`/`v_proj`,
+            `gate_proj`/`up_proj`) as one 2:4 GEMM over their joined weights (`kernels/projections.py`); their
+            outputs become column views of the joined output. State dict keys do not change. Under
+            `torch.compile` the joined projections run one by one (dense where a dense copy is kept).
 
     Returns:
         An `AccelerationReport`. Where nothing can run on 2:4 kernels it says why, logs it once, and the model
@@ -132,6 +144,7 @@ def accelerate_24(
 
     report = AccelerationReport()
     modules = dict(root.named_modules())
+    eligible: list[str] = []
     for name in targets if strict else list(modules):
         module = modules.get(name)
         if module is None:
@@ -161,9 +174,19 @@ def accelerate_24(
         if why:
             report.skipped[name] = why
             continue
-        parent_name, _, child = name.rpartition(".")
-        parent = modules[parent_name] if parent_name else root
-        setattr(parent, child, SemiSparseLinear(module, keep_dense=keep_dense))
+        eligible.append(name)
+
+    joined: set[str] = set()
+    if fuse_projections:
+        for parent_name, names in fuse_projections_(root, set(eligible), keep_dense).items():
+            prefix = f"{parent_name}." if parent_name else ""
+            joined.update(prefix + n for n in names)
+            report.fused_projections.append(prefix + "+".join(names))
+    for name in eligible:
+        if name not in joined:
+            parent_name, _, child = name.rpartition(".")
+            parent = modules[parent_name] if parent_name else root
+            setattr(parent, child, SemiSparseLinear(modules[name], keep_dense=keep_dense))
         report.accelerated.append(name)
 
     if report.accelerated and fuse_residual:
@@ -185,8 +208,10 @@ __all__ = [
     "CUDAGraphedModel",
     "DispatchReport",
     "FusedResidualOutput",
+    "ProjectionSlice",
     "accelerate_24",
     "fuse_residual_adds",
+    "semi_sparse_layers",
     "tune_dispatch",
     "why_not_accelerated",
 ]

@@ -100,9 +100,9 @@ def choose_dispatch(
 
 
 def _sparse_layers(model: nn.Module) -> list:
-    from .linear import SemiSparseLinear
+    from .projections import semi_sparse_layers
 
-    return [m for m in model.modules() if isinstance(m, SemiSparseLinear)]
+    return semi_sparse_layers(model)
 
 
 @contextmanager

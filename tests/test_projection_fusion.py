@@ -1,0 +1,181 @@
+"""Sibling projections (query/key/value, q/k/v_proj, gate/up_proj) joined into one GEMM, on the CPU.
+
+The stand-in backend (`backend` fixture, conftest.py) "compresses" by copying, so every call takes the dense path
+a CPU tensor takes; what is tested here is the bookkeeping: outputs, state dicts, one joined call per set of
+siblings, loading, and what happens when siblings read different inputs. The joined 2:4 kernel runs in
+tests/gpu/check_kernels_gpu.py (`fused_projections`).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from hf_semisparse import prune_24
+from hf_semisparse.kernels import ProjectionSlice, semi_sparse_layers
+from hf_semisparse.kernels.linear import SemiSparseLinear
+from hf_semisparse.kernels.projections import fuse_projections
+
+from .conftest import make_model
+
+
+def _pruned(arch):
+    model = make_model(arch).eval()
+    prune_24(model, show_progress=False)
+    return model
+
+
+def _linear_names(model):
+    return {name for name, m in model.named_modules() if type(m) is nn.Linear}
+
+
+def _output(model, ids):
+    out = model(input_ids=ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.mark.parametrize(
+    "arch, expected",
+    [
+        ("bert", ["query", "key", "value"]),
+        ("llama", ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"]),
+    ],
+)
+def test_joined_projections_compute_the_same_with_the_same_state_dict(backend, arch, expected):
+    reference = _pruned(arch)
+    model = copy.deepcopy(reference)
+    keys = {k: v.clone() for k, v in model.state_dict().items()}
+    joined = fuse_projections(model, _linear_names(model))
+    assert len(joined) == (2 if arch == "bert" else 4)  # one group (or two: attention, MLP) per layer
+    assert sorted(n for names in joined.values() for n in names) == sorted(expected * 2)
+    state = model.state_dict()
+    assert state.keys() == keys.keys()
+    for key, value in keys.items():
+        torch.testing.assert_close(state[key], value, rtol=0, atol=0)
+    ids = torch.randint(3, 100, (2, 9))
+    with torch.inference_mode():
+        torch.testing.assert_close(_output(model, ids), _output(reference, ids))
+    torch.testing.assert_close(_output(model, ids), _output(reference, ids))  # outside inference mode too
+
+
+def test_the_siblings_share_one_joined_call(backend):
+    model = _pruned("bert")
+    fuse_projections(model, _linear_names(model))
+    layers = semi_sparse_layers(model)
+    assert len(layers) == 2 and all(layer.out_features == 3 * layer.in_features for layer in layers)
+    calls = []
+    for layer in layers:
+        layer.register_forward_pre_hook(lambda module, args: calls.append(module))
+    model(input_ids=torch.randint(3, 100, (2, 9)))
+    assert calls == layers  # each joined GEMM once per forward, not once per projection
+    for layer in layers:  # nothing is held once every sibling had its part
+        group = next(
+            m.group for m in model.modules() if isinstance(m, ProjectionSlice) and m.group.layer is layer
+        )
+        assert group._local.input is None and group._local.output is None
+
+
+def test_parameter_views_write_through_and_loading_compresses_again(backend):
+    model = _pruned("bert")
+    fuse_projections(model, _linear_names(model))
+    ids = torch.randint(3, 100, (2, 9))
+    for scale, assign in ((-3.0, False), (2.0, True)):
+        other = _pruned("bert")
+        with torch.no_grad():
+            for name, p in other.named_parameters():
+                if name.endswith(("query.weight", "value.bias")):
+                    p.mul_(scale)
+        backend.compressed.clear()
+        model.load_state_dict(other.state_dict(), assign=assign)
+        torch.testing.assert_close(_output(model, ids), _output(other, ids))
+        attention = other.bert.encoder.layer[0].attention.self
+        group = model.bert.encoder.layer[0].attention.self.query.group
+        joined = torch.cat([getattr(attention, n).weight for n in group.names])
+        assert any(torch.equal(c, joined) for c in backend.compressed)  # the joined weight, compressed again
+        assert torch.equal(group.layer.compressed, joined)
+        query = model.bert.encoder.layer[0].attention.self.query
+        assert query.weight.data_ptr() == group.layer.weight.data_ptr()  # a view of it, after assign=True too
+
+
+def test_a_sibling_without_bias_keeps_no_bias_key(backend):
+    parent = nn.Module()
+    parent.query, parent.key, parent.value = (
+        nn.Linear(32, 32),
+        nn.Linear(32, 32, bias=False),
+        nn.Linear(32, 48),
+    )
+    prune_24(parent, show_progress=False)
+    reference = copy.deepcopy(parent)
+    fuse_projections(parent, {"query", "key", "value"})
+    assert set(parent.state_dict()) == set(reference.state_dict())
+    x = torch.randn(5, 32)
+    for name in ("query", "key", "value"):
+        torch.testing.assert_close(getattr(parent, name)(x), getattr(reference, name)(x))
+
+
+def test_siblings_are_joined_only_when_all_are_eligible(backend):
+    model = _pruned("bert")
+    names = _linear_names(model) - {"bert.encoder.layer.0.attention.self.value"}
+    joined = fuse_projections(model, names)
+    assert list(joined) == ["bert.encoder.layer.1.attention.self"]
+    assert type(model.bert.encoder.layer[0].attention.self.query) is nn.Linear
+
+
+def test_siblings_reading_different_inputs_run_one_by_one(backend, caplog):
+    """Cross-attention: query reads one tensor, key and value another. Results stay right, and with a dense
+    copy kept the group stops computing columns nobody uses, with one warning."""
+    parent = nn.Module()
+    parent.query, parent.key, parent.value = (nn.Linear(32, 32) for _ in range(3))
+    prune_24(parent, show_progress=False)
+    reference = copy.deepcopy(parent)
+    fuse_projections(parent, {"query", "key", "value"})
+    group = parent.query.group
+    x, y = torch.randn(4, 32), torch.randn(6, 32)
+    with caplog.at_level(logging.WARNING, logger="hf_semisparse"):
+        for _ in range(2):
+            torch.testing.assert_close(parent.query(x), reference.query(x))
+            torch.testing.assert_close(parent.key(y), reference.key(y))
+            torch.testing.assert_close(parent.value(y), reference.value(y))
+    assert group.separate
+    assert caplog.text.count("called on different inputs") == 1
+
+
+def test_an_input_changed_in_place_is_projected_again(backend):
+    parent = nn.Module()
+    parent.q_proj, parent.k_proj, parent.v_proj = (nn.Linear(32, 32) for _ in range(3))
+    prune_24(parent, show_progress=False)
+    reference = copy.deepcopy(parent)
+    fuse_projections(parent, {"q_proj", "k_proj", "v_proj"})
+    x = torch.randn(4, 32)
+    parent.q_proj(x)
+    x.mul_(2.0)  # the same tensor object, new values: the kept output is stale
+    torch.testing.assert_close(parent.k_proj(x), reference.k_proj(x))
+
+
+def test_sparse_only_layers_compute_the_same(backend):
+    reference = _pruned("llama")
+    model = copy.deepcopy(reference)
+    fuse_projections(model, _linear_names(model), keep_dense=False)
+    assert all(layer.weight is None for layer in semi_sparse_layers(model))
+    assert all(m.weight is None for m in model.modules() if isinstance(m, ProjectionSlice))
+    ids = torch.randint(3, 100, (2, 9))
+    with pytest.raises(RuntimeError, match="CUDA only"):  # no dense weight: the joined layer needs the GPU
+        model(input_ids=ids)
+
+
+def test_torch_compile_traces_the_joined_projections(backend):
+    reference = _pruned("bert")
+    model = copy.deepcopy(reference)
+    fuse_projections(model, _linear_names(model))
+    for name, module in list(model.named_modules()):  # the other layers as SemiSparseLinear too
+        if type(module) is nn.Linear:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, SemiSparseLinear(module))
+    ids = torch.randint(3, 100, (2, 9))
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # fullgraph: no graph break
+    with torch.inference_mode():
+        torch.testing.assert_close(_output(compiled, ids), _output(reference, ids))
