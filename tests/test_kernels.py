@@ -47,6 +47,11 @@ def test_tuning_cache_round_trip(tmp_path):
     reloaded = TuningCache(str(path))
     assert reloaded.get(key) == decision
     assert reloaded.get(ShapeKey("other", 800, 3072, 768, 24576, "float16", True, False)) is None
+    # the epilogue-add decision of the same shape is a decision of its own
+    assert (
+        reloaded.get(ShapeKey("NVIDIA H100 80GB HBM3", 800, 3072, 768, 24576, "float16", True, False, True))
+        is None
+    )
     assert json.loads(path.read_text())["version"] == 1
 
 

@@ -65,6 +65,12 @@ def test_load_state_dict_refreshes_weights_and_compresses_them_again(backend):
         assert torch.equal(layer.compressed, other.weight)  # the stand-in's "compressed" copy
 
 
+def test_overriding_the_epilogue_choice_needs_a_call_first(backend):
+    layer = SemiSparseLinear(_pruned_linear())
+    with pytest.raises(KeyError, match="no call with a residual for 4 tokens"):
+        layer.set_residual_epilogue(4, True)
+
+
 def test_load_state_dict_refuses_a_weight_that_is_not_2_4(backend):
     layer = SemiSparseLinear(_pruned_linear())
     state = {"weight": torch.ones(8, 16), "bias": torch.zeros(8)}

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cusparselt import ALIGNMENT, Handle, MatmulPlan
-from .tuning import Decision, ShapeKey, TuningCache, choose, default_cache_path, search_alg, time_interleaved
+from .tuning import Decision, ShapeKey, TuningCache, choose, default_cache_path, search_alg
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class SparseGemmBackend:
         self._local = threading.local()
         self._workspaces: dict[tuple[int, int], torch.Tensor] = {}
         self._lock = threading.Lock()
-        # (problem, algorithm, device) -> whether the residual add in the epilogue pays
+        # (problem, algorithm, device) -> whether the residual add in the epilogue paid (a record, for reports)
         self.fusion: dict[tuple, bool] = {}
 
     def handle(self, device: torch.device) -> Handle:
@@ -83,8 +83,10 @@ _IDS = itertools.count()
 class SemiSparseLinear(nn.Module):
     """Drop-in replacement of a 2:4 `nn.Linear` (or transformers `Conv1D`) for CUDA inference.
 
-    `layer(x, residual=r)` returns `layer(x) + r`; where the 2:4 kernel runs, the add happens in its epilogue
-    (cuSPARSELt's `C` operand with beta = 1), which saves the separate pass over the activations.
+    `layer(x, residual=r)` returns `layer(x) + r`. Where the 2:4 kernel runs, the add can happen in its epilogue
+    (cuSPARSELt's `C` operand with beta = 1), which saves the separate pass over the activations; it does where
+    that measured faster, with an algorithm searched for it, once per token count (`set_residual_epilogue`
+    overrides the choice).
 
     Args:
         linear: the module to replace; its weight must be exactly 2:4 along the input dimension, fp16 or bf16,
@@ -96,9 +98,11 @@ class SemiSparseLinear(nn.Module):
 
     def __init__(self, linear: nn.Module, keep_dense: bool = True) -> None:
         super().__init__()
-        self._plans: dict[tuple[int, int], MatmulPlan] = {}
+        self._plans: dict[tuple[int, int, bool], MatmulPlan] = {}  # (device index, M, residual epilogue)
         # (device index, input numel) -> the plan to run, None = dense: the one look-up of a warm call
         self._fast: dict[tuple[int, int], MatmulPlan | None] = {}
+        # the same key -> the plan that adds a residual in its epilogue, None = a separate add
+        self._residual_fast: dict[tuple[int, int], MatmulPlan | None] = {}
         self._workspaces: dict[int, torch.Tensor] = {}  # stream -> workspace
         weight = linear.weight.detach()
         if not isinstance(linear, nn.Linear):  # Conv1D stores [in, out]
@@ -123,6 +127,7 @@ class SemiSparseLinear(nn.Module):
         if "_b" in self.__dict__ and self.__dict__["_b"] is not bias:
             self._plans.clear()  # the plans hold the old bias's address (fused bias epilogue)
             self._fast.clear()
+            self._residual_fast.clear()
         self.__dict__["_w"] = self._parameters.get("weight")
         self.__dict__["_b"] = bias
         self.__dict__["_c"] = self._buffers.get("compressed")
@@ -156,6 +161,7 @@ class SemiSparseLinear(nn.Module):
         # .to() / .cuda() / .half() move the tensors the cached plans point at (the fused bias): rebuild them
         self._plans.clear()
         self._fast.clear()
+        self._residual_fast.clear()
         self._workspaces.clear()
         out = super()._apply(fn, recurse)
         self._cache_tensors()
@@ -178,7 +184,7 @@ class SemiSparseLinear(nn.Module):
         return y if residual is None else y + residual
 
     # ---------------------------------------------------------------- the CUDA path
-    def _shape_key(self, handle: Handle, m: int, dtype: torch.dtype) -> ShapeKey:
+    def _shape_key(self, handle: Handle, m: int, dtype: torch.dtype, residual: bool = False) -> ShapeKey:
         return ShapeKey(
             handle.device_name,
             handle.version,
@@ -188,10 +194,15 @@ class SemiSparseLinear(nn.Module):
             str(dtype).split(".")[-1],
             self.bias is not None,
             False,  # GELU epilogue: cuSPARSELt fuses it for INT8 only
+            residual,
         )
 
-    def _plan(self, handle: Handle, m: int, dtype: torch.dtype, decision: Decision) -> MatmulPlan:
-        key = (handle.device.index, m)
+    def _plan(
+        self, handle: Handle, m: int, dtype: torch.dtype, decision: Decision, residual: bool = False
+    ) -> MatmulPlan:
+        """The plan for `m` tokens with `decision`'s algorithm; `residual`: the one for calls that add a residual
+        in the epilogue (searched on its own: the fastest algorithm can differ)."""
+        key = (handle.device.index, m, residual)
         plan = self._plans.get(key)
         if plan is None:
             plan = MatmulPlan(
@@ -292,29 +303,73 @@ class SemiSparseLinear(nn.Module):
             raise KeyError(f"no tuned kernel for {padded} tokens (the tuning cache was cleared?)")
         self._fast[key] = self._plan(handle, padded, self.compute_dtype, decision)
 
-    def _fusion_pays(self, plan: MatmulPlan, x: torch.Tensor, residual: torch.Tensor, ws) -> bool:
-        """Whether adding `residual` in this plan's epilogue is faster than a separate add, measured once per
-        problem and algorithm. It depends on the shape: on an H100 with cuSPARSELt 0.8 the C operand saved 20 us
-        at 768x768 (M = 24576) and cost 100 us at 768x3072 (M = 98304) (docs/benchmarks.md, session 6)."""
+    def set_residual_epilogue(self, m: int, use: bool, device_index: int = 0) -> None:
+        """Add residuals for `m` tokens in the 2:4 kernel's epilogue (`use`) or in a separate add, overriding the
+        measured choice. A call with a residual for this token count must have run once (it searched then)."""
+        key = (device_index, m * self.in_features)
+        if key not in self._residual_fast:
+            raise KeyError(f"no call with a residual for {m} tokens has run on cuda:{device_index} yet")
+        if not use:
+            self._residual_fast[key] = None
+            return
+        handle = get_backend().handle(torch.device("cuda", device_index))
+        decision = get_backend().cache.get(self._shape_key(handle, m, self.compute_dtype, residual=True))
+        if decision is None:
+            raise KeyError(f"no searched epilogue kernel for {m} tokens (the tuning cache was cleared?)")
+        self._residual_fast[key] = self._plan(handle, m, self.compute_dtype, decision, residual=True)
+
+    def _residual_plan(
+        self, plan: MatmulPlan, x: torch.Tensor, residual: torch.Tensor, ws, key: tuple[int, int]
+    ) -> MatmulPlan | None:
+        """First call with a residual for this token count: the plan that adds it in its epilogue, or None where
+        the GEMM plus a separate add measured faster. The epilogue's algorithm is searched with the residual as
+        C: on an H100 with cuSPARSELt 0.8 reading C with the plain search's algorithm saved 20 us at 768x768
+        (M = 24576) and cost 100 us at 768x3072 (M = 98304) (docs/benchmarks.md, session 6)."""
+        if torch.cuda.is_current_stream_capturing():
+            return None  # no timing inside a capture; the separate add is always correct (not remembered)
         backend = get_backend()
-        key = (plan.problem, plan.selected_alg, x.get_device())
-        pays = backend.fusion.get(key)
-        if pays is None:
-            if torch.cuda.is_current_stream_capturing():
-                return False  # no timing inside a capture; the separate add is always correct
-            stream = _current_stream(key[2])
+        handle = backend.handle(x.device)
+        m = key[1] // self.in_features  # not padded: only unpadded calls add in the epilogue
+        shape_key = self._shape_key(handle, m, x.dtype, residual=True)
+        decision = backend.cache.get(shape_key)
+        if decision is None:
+            stream = _current_stream(key[0])
             out = torch.empty_like(residual)
 
             def unfused():
                 plan.run(self._c, x, out, ws, stream)
                 torch.add(out, residual)
 
-            times = time_interleaved(
-                {"fused": lambda: plan.run(self._c, x, out, ws, stream, c=residual), "unfused": unfused}
+            alg, fused_us, unfused_us = search_alg(
+                handle,
+                self.out_features,
+                self.in_features,
+                m,
+                x.dtype,
+                self.bias,
+                False,
+                self._c,
+                x,
+                stream,
+                dense=unfused,
+                c=residual,
             )
-            pays = backend.fusion[key] = times["fused"] < times["unfused"]
-            logger.info("residual in the epilogue of %s: %s (us)", plan.problem, times)
-        return pays
+            use = fused_us < unfused_us
+            reason = f"epilogue add {fused_us:.1f} us {'<' if use else '>='} GEMM + add {unfused_us:.1f} us"
+            decision = Decision(use, alg, fused_us, unfused_us, reason)
+            backend.cache.put(shape_key, decision)
+            logger.info("%s: %s (alg %s)", shape_key, reason, alg)
+        backend.fusion[(plan.problem, decision.alg, key[0])] = decision.use_sparse
+        fused = self._plan(handle, m, x.dtype, decision, residual=True) if decision.use_sparse else None
+        self._residual_fast[key] = fused
+        return fused
+
+    def _workspace(self, device: torch.device, stream: int, size: int) -> torch.Tensor | None:
+        ws = self._workspaces.get(stream)
+        if size and (ws is None or ws.numel() < size):
+            ws = get_backend().workspace(device, stream, size)
+            self._workspaces[stream] = ws
+        return ws
 
     def _cuda_forward(self, x: torch.Tensor, key: tuple[int, int], plan, residual) -> torch.Tensor:
         """`forward` on CUDA for what is not a dense-dispatched call: `plan` is `self._fast.get(key, _UNSET)`."""
@@ -353,20 +408,19 @@ class SemiSparseLinear(nn.Module):
                 self._fast[key] = plan
             if plan is None:
                 return self._dense(x[:m].view(*lead, self.in_features) if padded != m else x), False
-        ws = self._workspaces.get(stream)
-        if ws is None or ws.numel() < plan.workspace_size:
-            ws = get_backend().workspace(x.device, stream, plan.workspace_size)
-            self._workspaces[stream] = ws
+        ws = self._workspace(x.device, stream, plan.workspace_size)
         if padded == m:
             shape = (*lead, self.out_features)
             out = torch.empty(shape, dtype=x.dtype, device=x.device)
-            if (
-                residual is not None
-                and _fusable(residual, shape, x)
-                and self._fusion_pays(plan, x, residual, ws)
-            ):
-                plan.run(self._c, x, out, ws, stream, c=residual)  # out = x @ W^T (+ bias) + residual
-                return out, True
+            if residual is not None and _fusable(residual, shape, x):
+                fused = self._residual_fast.get(key, _UNSET)
+                if fused is _UNSET:
+                    fused = self._residual_plan(plan, x, residual, ws, key)
+                if fused is not None:
+                    if fused.workspace_size > plan.workspace_size:
+                        ws = self._workspace(x.device, stream, fused.workspace_size)
+                    fused.run(self._c, x, out, ws, stream, c=residual)  # out = x @ W^T (+ bias) + residual
+                    return out, True
             plan.run(self._c, x, out, ws, stream)
             return out, False
         out = torch.empty(padded, self.out_features, dtype=x.dtype, device=x.device)

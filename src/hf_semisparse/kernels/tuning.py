@@ -43,9 +43,11 @@ class ShapeKey:
     dtype: str
     bias: bool
     gelu: bool
+    residual: bool = False  # a residual added in the epilogue (C operand, beta = 1)
 
     def __str__(self) -> str:
         epilogue = ("+bias" if self.bias else "") + ("+gelu" if self.gelu else "")
+        epilogue += "+residual" if self.residual else ""
         return (
             f"{self.device_name}|cusparselt{self.library_version}|{self.dtype}|"
             f"N{self.n}xK{self.k}xM{self.m}{epilogue}"
@@ -54,6 +56,9 @@ class ShapeKey:
 
 @dataclass
 class Decision:
+    """For a plain shape: whether sparse beat dense (`dense_us`). For a shape with `residual`: whether the add in
+    the epilogue beat the GEMM plus a separate add (whose time is then in `dense_us`)."""
+
     use_sparse: bool
     alg: AlgConfig
     sparse_us: float | None
@@ -170,12 +175,14 @@ def search_alg(
     x: torch.Tensor,
     stream: int,
     dense=None,
+    c: torch.Tensor | None = None,
 ) -> tuple[AlgConfig, float, float | None]:
     """Time every cuSPARSELt algorithm id on these inputs, then split-K and Segment-K variants of the best ones.
 
-    `dense`: the dense computation to compare with, called without arguments; the finalists and it are re-timed
-    in turn (`time_interleaved`). Returns the fastest configuration, its median time in microseconds, and the
-    dense time measured alongside (None without `dense`).
+    `dense`: the computation to compare with, called without arguments; the finalists and it are re-timed in turn
+    (`time_interleaved`). `c`: search for out = x @ W^T (+ bias) + c, the C operand read in the epilogue (the best
+    algorithm for it can differ). Returns the fastest configuration, its median time in microseconds, and the
+    time of `dense` measured alongside (None without `dense`).
     """
     out = torch.empty(m, n, dtype=dtype, device=x.device)
 
@@ -187,7 +194,7 @@ def search_alg(
         except CusparseLtError:
             return None  # this configuration does not exist for the shape
         ws = torch.empty(max(plan.workspace_size, 1), dtype=torch.uint8, device=x.device)
-        return lambda: plan.run(compressed, x, out, ws, stream)
+        return lambda: plan.run(compressed, x, out, ws, stream, c=c)
 
     runners: dict[AlgConfig, object] = {}
     timings: dict[AlgConfig, float] = {}
