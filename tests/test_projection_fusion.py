@@ -19,8 +19,7 @@ from hf_semisparse import prune_24
 from hf_semisparse.kernels import ProjectionSlice, semi_sparse_layers
 from hf_semisparse.kernels.linear import SemiSparseLinear
 from hf_semisparse.kernels.projections import fuse_projections
-
-from .conftest import make_model
+from tests.conftest import make_model
 
 
 def _pruned(arch):

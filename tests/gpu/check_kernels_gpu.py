@@ -232,7 +232,7 @@ def test_accelerate_24_model_logits(keep_dense):
     with torch.inference_mode():
         ref = model(input_ids=ids)
         out = fast(input_ids=ids)
-        for layer in joined:  # the joined GEMM ran on the 2:4 kernel
+        for layer in joined:  # force the joined GEMMs onto the 2:4 kernel
             if keep_dense:
                 layer.set_dispatch(16 * 128, True)
         sparse = fast(input_ids=ids)

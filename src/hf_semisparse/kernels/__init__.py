@@ -1,8 +1,9 @@
 """Running 2:4 weights fast: backend choice, sparse GEMM dispatch, fallbacks.
 
-`accelerate_24(model)` swaps every 2:4 `nn.Linear` of a CUDA fp16/bf16 model for a `SemiSparseLinear`. Where
-that cannot help (CPU, GPU older than compute capability 8.0, no cuSPARSELt, fp32) it changes nothing and says
-why, once.
+`accelerate_24(model)` swaps every 2:4 `nn.Linear` of a CUDA fp16/bf16 model for a `SemiSparseLinear` (sibling
+projections of one input, such as query/key/value, for slices of one joined `SemiSparseLinear`). Where that
+cannot help (CPU, GPU older than compute capability 8.0, no cuSPARSELt, fp32) it changes nothing and says why,
+once.
 """
 
 from __future__ import annotations

@@ -323,8 +323,9 @@ class SemiSparseLinear(nn.Module):
     ) -> MatmulPlan | None:
         """First call with a residual for this token count: the plan that adds it in its epilogue, or None where
         the GEMM plus a separate add measured faster. The epilogue's algorithm is searched with the residual as
-        C: on an H100 with cuSPARSELt 0.8 reading C with the plain search's algorithm saved 20 us at 768x768
-        (M = 24576) and cost 100 us at 768x3072 (M = 98304) (docs/benchmarks.md, session 6)."""
+        C: on an H100 with cuSPARSELt 0.8, with the plain search's algorithm the epilogue add cost 100 us more than
+        a separate add at 768x3072 (M = 98304); searched for it, it saves 68 us there (docs/benchmarks.md,
+        sessions 6 and 7)."""
         if torch.cuda.is_current_stream_capturing():
             return None  # no timing inside a capture; the separate add is always correct (not remembered)
         backend = get_backend()

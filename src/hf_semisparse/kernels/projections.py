@@ -75,7 +75,11 @@ class ProjectionGroup:
             self.separate = True
         if id(self) not in _WARNED:
             _WARNED.add(id(self))
-            what = "they now run one by one on the dense weights" if self.separate else "each call runs all"
+            what = (
+                "they now run one by one on their dense rows"
+                if self.separate
+                else "each of them runs the whole joined GEMM (no dense copy to run them alone)"
+            )
             logger.warning(
                 "hf_semisparse: the fused projections %s of %s are called on different inputs; %s. Pass "
                 "accelerate_24(..., fuse_projections=False) to run them on 2:4 kernels one by one.",
@@ -101,12 +105,10 @@ class ProjectionSlice(nn.Module):
         start, stop = self.group.bounds[self.index]
         for name in ("weight", "bias"):
             full = getattr(self.group.layer, name)
-            if full is None or (
-                name == "bias" and not self.has_bias
-            ):  # no bias: its rows of the joined one are 0
-                self.register_parameter(name, None)
-            else:
-                self.register_parameter(name, nn.Parameter(full[start:stop], requires_grad=False))
+            kept = full is not None and (name == "weight" or self.has_bias)  # no bias: its joined rows are 0
+            self.register_parameter(
+                name, nn.Parameter(full[start:stop], requires_grad=False) if kept else None
+            )
 
     def extra_repr(self) -> str:
         start, stop = self.group.bounds[self.index]
