@@ -67,6 +67,7 @@ def test_load_state_dict_refreshes_weights_and_compresses_them_again(backend):
 
 def test_overriding_the_epilogue_choice_needs_a_call_first(backend):
     layer = SemiSparseLinear(_pruned_linear())
+    assert layer.adds_residual_in_epilogue(4) is None  # nothing decided yet
     with pytest.raises(KeyError, match="no call with a residual for 4 tokens"):
         layer.set_residual_epilogue(4, True)
 

@@ -42,8 +42,6 @@ class SparseGemmBackend:
         self._local = threading.local()
         self._workspaces: dict[tuple[int, int], torch.Tensor] = {}
         self._lock = threading.Lock()
-        # (problem, algorithm, device) -> whether the residual add in the epilogue paid (a record, for reports)
-        self.fusion: dict[tuple, bool] = {}
 
     def handle(self, device: torch.device) -> Handle:
         handles = getattr(self._local, "handles", None)
@@ -303,6 +301,12 @@ class SemiSparseLinear(nn.Module):
             raise KeyError(f"no tuned kernel for {padded} tokens (the tuning cache was cleared?)")
         self._fast[key] = self._plan(handle, padded, self.compute_dtype, decision)
 
+    def adds_residual_in_epilogue(self, m: int, device_index: int = 0) -> bool | None:
+        """Whether calls with a residual for `m` tokens add it in the 2:4 kernel's epilogue; None if no such call
+        has run yet."""
+        plan = self._residual_fast.get((device_index, m * self.in_features), _UNSET)
+        return None if plan is _UNSET else plan is not None
+
     def set_residual_epilogue(self, m: int, use: bool, device_index: int = 0) -> None:
         """Add residuals for `m` tokens in the 2:4 kernel's epilogue (`use`) or in a separate add, overriding the
         measured choice. A call with a residual for this token count must have run once (it searched then)."""
@@ -360,7 +364,6 @@ class SemiSparseLinear(nn.Module):
             decision = Decision(use, alg, fused_us, unfused_us, reason)
             backend.cache.put(shape_key, decision)
             logger.info("%s: %s (alg %s)", shape_key, reason, alg)
-        backend.fusion[(plan.problem, decision.alg, key[0])] = decision.use_sparse
         fused = self._plan(handle, m, x.dtype, decision, residual=True) if decision.use_sparse else None
         self._residual_fast[key] = fused
         return fused
