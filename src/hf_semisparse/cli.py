@@ -119,6 +119,26 @@ def _push(args) -> int:
     return 0
 
 
+def _build_kernels(args) -> int:
+    import torch
+
+    from .kernels.cutlass_sm90 import CutlassUnavailable, build_library, kernel_dir
+
+    directory = args.directory or kernel_dir()
+    dtypes = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+    for name in args.dtypes:
+        print(f"building the 2:4 CUTLASS kernels for {name} in {directory} (several minutes per dtype)...")
+        try:
+            path = build_library(dtypes[name], directory, nvcc=args.nvcc)
+        except CutlassUnavailable as exc:
+            print(f"hf-semisparse build-kernels: error: {exc}", file=sys.stderr)
+            return 2
+        print(f"  wrote {path}")
+    if args.directory:
+        print(f"set HF_SEMISPARSE_KERNEL_DIR={directory} so that hf_semisparse finds them")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-semisparse", description="2:4 sparse checkpoints for transformers"
@@ -142,6 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-model", default=None)
     p.add_argument("--message", default="Upload 2:4 sparse model (hf_semisparse)")
     p.set_defaults(func=_push)
+    p = sub.add_parser(
+        "build-kernels", help="compile our CUTLASS 2:4 kernels for Hopper (needs nvcc and nvidia-cutlass)"
+    )
+    p.add_argument("--dtypes", nargs="+", choices=["float16", "bfloat16"], default=["float16", "bfloat16"])
+    p.add_argument("--directory", default=None, help="default: HF_SEMISPARSE_KERNEL_DIR or ~/.cache/...")
+    p.add_argument("--nvcc", default=None, help="default: nvcc on PATH")
+    p.set_defaults(func=_build_kernels)
     return parser
 
 

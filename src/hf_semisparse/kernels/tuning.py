@@ -44,12 +44,14 @@ class ShapeKey:
     bias: bool
     gelu: bool
     residual: bool = False  # a residual added in the epilogue (C operand, beta = 1)
+    library: str = "cusparselt"  # or "cutlass-sm90": our kernels (kernels/cutlass_sm90.py)
 
     def __str__(self) -> str:
         epilogue = ("+bias" if self.bias else "") + ("+gelu" if self.gelu else "")
         epilogue += "+residual" if self.residual else ""
         return (
-            f"{self.device_name}|cusparselt{self.library_version}|{self.dtype}|"
+            f"{self.device_name}|{self.library}{'' if self.library == 'cusparselt' else '-'}{self.library_version}|"
+            f"{self.dtype}|"
             f"N{self.n}xK{self.k}xM{self.m}{epilogue}"
         )
 
