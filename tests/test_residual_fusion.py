@@ -1,4 +1,5 @@
-"""`SemiSparseLinear`'s host-side behaviour and the fused residual add of BERT-style blocks, on the CPU.
+"""`SemiSparseLinear`'s host-side behaviour, the fused residual add of BERT-style blocks and their GELU handed to the
+2:4 layer, on the CPU.
 
 A `SemiSparseLinear` needs cuSPARSELt only to compress its weight; here a stand-in backend "compresses" by
 copying, and every call takes the dense path that a CPU tensor takes. The 2:4 kernel with the residual in its
@@ -13,9 +14,9 @@ from torch import nn
 from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
 
 from hf_semisparse import compute_nm_mask, prune_24
-from hf_semisparse.kernels import FusedResidualOutput, fuse_residual_adds
+from hf_semisparse.kernels import FusedGeluIntermediate, FusedResidualOutput, fuse_residual_adds
 from hf_semisparse.kernels.linear import SemiSparseLinear
-from hf_semisparse.kernels.residual import is_bert_style_output
+from hf_semisparse.kernels.residual import fuse_gelu, is_bert_style_output, is_exact_gelu
 
 
 def _pruned_linear(n_in=16, n_out=8, bias=True):
@@ -165,3 +166,94 @@ def test_blocks_that_are_not_bert_style_are_left_alone(backend):
     fused = fuse_residual_adds(model)
     assert "encoder.layer.0.output" not in fused and "encoder.layer.1.output" in fused
     assert isinstance(model.encoder.layer[0].output, Scaled)
+
+
+def test_gelu_argument_applies_exact_gelu_after_the_gemm(backend):
+    lin = _pruned_linear()
+    layer = SemiSparseLinear(lin)
+    x = torch.randn(3, 5, 16)
+    torch.testing.assert_close(layer(x, gelu=True), torch.nn.functional.gelu(lin(x)), rtol=0, atol=0)
+    torch.testing.assert_close(layer.run(x, gelu=True), torch.nn.functional.gelu(lin(x)), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="not both"):
+        layer.run(x, residual=torch.randn(3, 5, 8), gelu=True)
+    assert layer.applies_gelu_in_epilogue(15) is None  # nothing ran on a GPU
+
+
+def _swap_intermediate_denses(model):
+    for module in model.modules():
+        if type(module).__name__ == "BertIntermediate":
+            module.dense = SemiSparseLinear(module.dense)
+
+
+def test_bert_intermediate_blocks_hand_their_gelu_to_the_layer(backend, monkeypatch):
+    reference = _tiny().eval()
+    model = _tiny().eval()
+    assert fuse_gelu(model) == []  # plain nn.Linear: nothing to hand the GELU to
+    _swap_intermediate_denses(model)
+    keys = set(model.state_dict())
+    fused = fuse_gelu(model)
+    assert fused == [f"encoder.layer.{i}.intermediate" for i in range(2)]
+    assert all(isinstance(model.get_submodule(name), FusedGeluIntermediate) for name in fused)
+    assert set(model.state_dict()) == keys
+    calls = []
+    forward = SemiSparseLinear.forward
+
+    def spy(self, x, residual=None, gelu=False):
+        calls.append(gelu)
+        return forward(self, x, residual, gelu)
+
+    monkeypatch.setattr(SemiSparseLinear, "forward", spy)
+    ids = torch.randint(0, 100, (2, 7))
+    with torch.inference_mode():
+        torch.testing.assert_close(model(ids).last_hidden_state, reference(ids).last_hidden_state)
+    assert calls == [True, True]
+
+
+@pytest.mark.parametrize("act", ["gelu_new", "relu", "python_gelu", "patched"])
+def test_intermediates_without_exact_gelu_are_left_alone(backend, act):
+    from transformers.activations import ACT2FN, GELUActivation
+
+    model = _tiny().eval()
+    _swap_intermediate_denses(model)
+    block = model.encoder.layer[0].intermediate
+    if act == "python_gelu":
+        block.intermediate_act_fn = GELUActivation(use_gelu_python=True)  # same function, other code: kept
+    elif act == "patched":
+        block.intermediate_act_fn = GELUActivation()
+        block.intermediate_act_fn.forward = lambda x: 2 * x
+    else:
+        block.intermediate_act_fn = ACT2FN[act]
+    assert not is_exact_gelu(block.intermediate_act_fn)
+    assert fuse_gelu(model) == ["encoder.layer.1.intermediate"]
+    assert model.encoder.layer[0].intermediate is block
+
+
+def test_a_shape_that_ties_alone_runs_sparse_when_its_epilogue_saves_the_add():
+    from hf_semisparse.kernels.linear import fused_beats_dense_with_add
+    from hf_semisparse.kernels.tuning import AlgConfig, Decision
+
+    # the plain 2:4 GEMM loses by a hair (56 against 55 us); the add costs 29 us after it, 65 us in the epilogue
+    plain = Decision(False, AlgConfig(), 56.0, 55.0, "dense")
+    fused = Decision(True, AlgConfig(), 65.0, 85.0, "epilogue")
+    assert fused_beats_dense_with_add(plain, fused, margin=0.03)  # 65 < (55 + 29) * 0.97
+    slow_epilogue = Decision(True, AlgConfig(), 83.0, 85.0, "epilogue")
+    assert not fused_beats_dense_with_add(plain, slow_epilogue, margin=0.03)  # 83 > 81.5
+    assert not fused_beats_dense_with_add(plain, None, margin=0.03)
+    assert not fused_beats_dense_with_add(plain, Decision(False, AlgConfig(), 90.0, 85.0, "add"), margin=0.03)
+    no_dense = Decision(True, AlgConfig(), 56.0, None, "no dense weight")
+    assert not fused_beats_dense_with_add(no_dense, fused, margin=0.03)
+
+
+def test_fusion_targets_name_the_layers_an_epilogue_would_take():
+    from hf_semisparse.kernels.residual import fusion_targets
+
+    model = _tiny().eval()
+    outputs = {f"encoder.layer.{i}.{part}.dense" for i in range(2) for part in ("attention.output", "output")}
+    intermediates = {f"encoder.layer.{i}.intermediate.dense" for i in range(2)}
+    assert fusion_targets(model) == outputs | intermediates
+    assert fusion_targets(model, gelu=False) == outputs
+    assert fusion_targets(model, residual=False) == intermediates
+    from transformers.activations import ACT2FN
+
+    model.encoder.layer[1].intermediate.intermediate_act_fn = ACT2FN["gelu_new"]  # tanh: no GELU epilogue
+    assert fusion_targets(model, residual=False) == {"encoder.layer.0.intermediate.dense"}

@@ -20,7 +20,8 @@ from .graphs import CUDAGraphedModel
 from .model_dispatch import DispatchReport, tune_dispatch
 from .projections import ProjectionSlice, semi_sparse_layers
 from .projections import fuse_projections as fuse_projections_
-from .residual import FusedResidualOutput, fuse_residual_adds
+from .residual import FusedGeluIntermediate, FusedResidualOutput, fuse_residual_adds
+from .residual import fuse_gelu as fuse_gelu_
 
 logger = logging.getLogger(__name__)
 _SAID: set[str] = set()
@@ -37,6 +38,8 @@ class AccelerationReport:
     skipped: dict[str, str] = field(default_factory=dict)
     fused_residual: list[str] = field(default_factory=list)  # blocks whose residual add is in the GEMM
     fused_projections: list[str] = field(default_factory=list)  # sibling projections run as one GEMM
+    fused_gelu: list[str] = field(default_factory=list)  # intermediate blocks whose GELU may be in the GEMM
+    kernels: dict[str, int] = field(default_factory=dict)  # kernel library -> number of 2:4 layers on it
     reason: str = ""  # set when nothing could be accelerated at all
 
     @property
@@ -47,12 +50,18 @@ class AccelerationReport:
         if self.reason:
             return f"not accelerated: {self.reason}"
         lines = [f"{len(self.accelerated)} layers on 2:4 kernels"]
+        if self.kernels:
+            lines.append(
+                "  kernels: " + ", ".join(f"{n} on {name}" for name, n in sorted(self.kernels.items()))
+            )
         if self.fused_projections:
             lines.append(
                 f"  {len(self.fused_projections)} groups of sibling projections joined into one GEMM each"
             )
         if self.fused_residual:
             lines.append(f"  residual add fused into the GEMM of {len(self.fused_residual)} blocks")
+        if self.fused_gelu:
+            lines.append(f"  GELU handed to the GEMM of {len(self.fused_gelu)} blocks")
         lines += [f"  skipped {name}: {why}" for name, why in self.skipped.items()]
         return "\n".join(lines)
 
@@ -98,6 +107,8 @@ def accelerate_24(
     targets: list[str] | None = None,
     fuse_residual: bool = True,
     fuse_projections: bool = True,
+    fuse_gelu: bool = True,
+    kernel: str = "auto",
 ) -> AccelerationReport:
     """Run every 2:4 linear layer of `model` on cuSPARSELt, in place.
 
@@ -116,6 +127,13 @@ def accelerate_24(
             `gate_proj`/`up_proj`) as one 2:4 GEMM over their joined weights (`kernels/projections.py`); their
             outputs become column views of the joined output. State dict keys do not change. Under
             `torch.compile` the joined projections run one by one (dense where a dense copy is kept).
+        fuse_gelu: in BERT-style intermediate blocks with exact GELU (`kernels/residual.py`), hand the GELU to the
+            2:4 layer, which applies it in the GEMM's epilogue on our CUTLASS kernels where that measured faster
+            (and as a separate `F.gelu` otherwise).
+        kernel: "auto" runs the layers whose output an epilogue takes (a fused residual add or GELU) on our
+            CUTLASS kernels for Hopper where they are built (`hf-semisparse build-kernels`,
+            `kernels/cutlass_sm90.py`), and every other layer on cuSPARSELt (plain GEMMs ran faster there;
+            docs/benchmarks.md, session 8). "cutlass" or "cusparselt" puts every layer on one.
 
     Returns:
         An `AccelerationReport`. Where nothing can run on 2:4 kernels it says why, logs it once, and the model
@@ -125,6 +143,10 @@ def accelerate_24(
         >>> model = AutoModelForQuestionAnswering.from_pretrained(path, torch_dtype=torch.float16).cuda()
         >>> print(accelerate_24(model))
     """
+    from .linear import KERNELS
+
+    if kernel not in KERNELS:
+        raise ValueError(f"accelerate_24: kernel must be one of {KERNELS}, got {kernel!r}")
     root = unwrap_model(model)
     try:
         param = next(root.parameters())
@@ -177,9 +199,14 @@ def accelerate_24(
             continue
         eligible.append(name)
 
+    from .linear import choose_kernel
+    from .residual import fusion_targets
+
+    epilogue_layers = fusion_targets(root, residual=fuse_residual, gelu=fuse_gelu)
     joined: set[str] = set()
     if fuse_projections:
-        for parent_name, names in fuse_projections_(root, set(eligible), keep_dense).items():
+        joined_kernel = "cutlass" if kernel == "cutlass" else "cusparselt"  # plain GEMMs: no epilogue to fuse
+        for parent_name, names in fuse_projections_(root, set(eligible), keep_dense, joined_kernel).items():
             prefix = f"{parent_name}." if parent_name else ""
             joined.update(prefix + n for n in names)
             report.fused_projections.append(prefix + "+".join(names))
@@ -187,11 +214,18 @@ def accelerate_24(
         if name not in joined:
             parent_name, _, child = name.rpartition(".")
             parent = modules[parent_name] if parent_name else root
-            setattr(parent, child, SemiSparseLinear(modules[name], keep_dense=keep_dense))
+            layer_kernel = choose_kernel(kernel, _linear_weight(modules[name]), name in epilogue_layers)
+            setattr(
+                parent, child, SemiSparseLinear(modules[name], keep_dense=keep_dense, kernel=layer_kernel)
+            )
         report.accelerated.append(name)
+    for layer in semi_sparse_layers(root):
+        report.kernels[layer.kernel] = report.kernels.get(layer.kernel, 0) + 1
 
     if report.accelerated and fuse_residual:
         report.fused_residual = fuse_residual_adds(root)
+    if report.accelerated and fuse_gelu:
+        report.fused_gelu = fuse_gelu_(root)
     if not report.accelerated:
         report.reason = "no linear layer is exactly 2:4 (prune it first, e.g. with prune_24)"
         _say_once(f"not accelerated: {report.reason}")
@@ -208,6 +242,7 @@ __all__ = [
     "AccelerationReport",
     "CUDAGraphedModel",
     "DispatchReport",
+    "FusedGeluIntermediate",
     "FusedResidualOutput",
     "ProjectionSlice",
     "accelerate_24",

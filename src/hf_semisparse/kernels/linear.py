@@ -1,4 +1,5 @@
-"""`SemiSparseLinear`: an `nn.Linear` whose 2:4 weight runs on cuSPARSELt with cached plans.
+"""`SemiSparseLinear`: an `nn.Linear` whose 2:4 weight runs on cuSPARSELt, or on our CUTLASS kernels on Hopper, with
+cached plans.
 
 Per call the host work is a dictionary look-up, one output allocation and one ctypes call: the matmul plan for
 this (weight, token count) was built once, with the algorithm our search timed fastest for this shape, and
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cutlass_sm90
 from .cusparselt import ALIGNMENT, Handle, MatmulPlan
 from .tuning import Decision, ShapeKey, TuningCache, choose, default_cache_path, search_alg
 
@@ -41,6 +43,7 @@ class SparseGemmBackend:
         self.margin = margin
         self._local = threading.local()
         self._workspaces: dict[tuple[int, int], torch.Tensor] = {}
+        self._cutlass: dict[tuple[int, torch.dtype], cutlass_sm90.CutlassHandle] = {}
         self._lock = threading.Lock()
 
     def handle(self, device: torch.device) -> Handle:
@@ -51,6 +54,16 @@ class SparseGemmBackend:
         if index not in handles:
             handles[index] = Handle(torch.device("cuda", index))
         return handles[index]
+
+    def cutlass_handle(self, device: torch.device, dtype: torch.dtype) -> cutlass_sm90.CutlassHandle:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        handle = self._cutlass.get((index, dtype))
+        if handle is None:
+            with self._lock:
+                handle = self._cutlass.setdefault(
+                    (index, dtype), cutlass_sm90.CutlassHandle(torch.device("cuda", index), dtype)
+                )
+        return handle
 
     def workspace(self, device: torch.device, stream: int, size: int) -> torch.Tensor | None:
         if size == 0:
@@ -76,6 +89,37 @@ def get_backend() -> SparseGemmBackend:
 
 _LAYERS: weakref.WeakValueDictionary[int, SemiSparseLinear] = weakref.WeakValueDictionary()
 _IDS = itertools.count()
+KERNELS = ("auto", "cutlass", "cusparselt")
+_SAID: set[str] = set()
+
+
+def choose_kernel(kernel: str, weight: torch.Tensor, takes_epilogue: bool = True) -> str:
+    """ "cutlass" or "cusparselt" for `weight`.
+
+    "auto" takes our CUTLASS kernels for a layer whose output an epilogue takes (`takes_epilogue`: a residual add
+    or GELU follows it) where they can run (Hopper, built, shape and dtype supported), and cuSPARSELt otherwise:
+    on an H100, CUTLASS with its fused epilogues beat cuSPARSELt on every BERT shape measured, but plain GEMMs
+    (no bias, no epilogue) ran up to 22% slower on it than on cuSPARSELt (docs/benchmarks.md, session 8).
+    "cutlass" raises `CutlassUnavailable` where they cannot run.
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel == "cusparselt" or (kernel == "auto" and not takes_epilogue):
+        return "cusparselt"
+    n, k = weight.shape
+    why = cutlass_sm90.why_unavailable(weight.device, weight.dtype, n, k)
+    if why is None:
+        return "cutlass"
+    if kernel == "cutlass":
+        raise cutlass_sm90.CutlassUnavailable(
+            f"CUTLASS 2:4 kernels for a {n}x{k} {weight.dtype} weight: {why}"
+        )
+    if weight.device.type == "cuda" and torch.cuda.get_device_capability(weight.device) == (9, 0):
+        message = f"hf_semisparse: 2:4 layers run on cuSPARSELt, not our CUTLASS kernels: {why}"
+        if message not in _SAID:  # said once per reason: a model has many layers
+            _SAID.add(message)
+            logger.info(message)
+    return "cusparselt"
 
 
 class SemiSparseLinear(nn.Module):
@@ -84,7 +128,8 @@ class SemiSparseLinear(nn.Module):
     `layer(x, residual=r)` returns `layer(x) + r`. Where the 2:4 kernel runs, the add can happen in its epilogue
     (cuSPARSELt's `C` operand with beta = 1), which saves the separate pass over the activations; it does where
     that measured faster, with an algorithm searched for it, once per token count (`set_residual_epilogue`
-    overrides the choice).
+    overrides the choice). `layer(x, gelu=True)` returns `F.gelu(layer(x))` (exact, erf); on the CUTLASS kernels
+    the GELU runs in the GEMM's epilogue where that measured faster.
 
     Args:
         linear: the module to replace; its weight must be exactly 2:4 along the input dimension, fp16 or bf16,
@@ -92,15 +137,21 @@ class SemiSparseLinear(nn.Module):
         keep_dense: keep the dense weight too, so token counts where sparse measured slower run dense (1.56x the
             weight memory). False: only the compressed weight is kept (about 0.56x the dense bytes) and every
             call runs sparse.
+        kernel: "cusparselt" (default) or "cutlass", our kernels for Hopper (`kernels/cutlass_sm90.py`; raises
+            `CutlassUnavailable` where they cannot run), or "auto": CUTLASS where it can run, else cuSPARSELt
+            (`accelerate_24` chooses per layer, see `choose_kernel`).
     """
 
-    def __init__(self, linear: nn.Module, keep_dense: bool = True) -> None:
+    def __init__(self, linear: nn.Module, keep_dense: bool = True, kernel: str = "cusparselt") -> None:
         super().__init__()
-        self._plans: dict[tuple[int, int, bool], MatmulPlan] = {}  # (device index, M, residual epilogue)
+        # (device index, M, epilogue: "", "residual" or "gelu") -> plan
+        self._plans: dict[tuple[int, int, str], MatmulPlan | cutlass_sm90.CutlassPlan] = {}
         # (device index, input numel) -> the plan to run, None = dense: the one look-up of a warm call
         self._fast: dict[tuple[int, int], MatmulPlan | None] = {}
         # the same key -> the plan that adds a residual in its epilogue, None = a separate add
         self._residual_fast: dict[tuple[int, int], MatmulPlan | None] = {}
+        # the same key -> the plan that applies GELU in its epilogue, None = a separate F.gelu
+        self._gelu_fast: dict[tuple[int, int], cutlass_sm90.CutlassPlan | None] = {}
         self._workspaces: dict[int, torch.Tensor] = {}  # stream -> workspace
         weight = linear.weight.detach()
         if not isinstance(linear, nn.Linear):  # Conv1D stores [in, out]
@@ -109,8 +160,8 @@ class SemiSparseLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.keep_dense = keep_dense
         self.compute_dtype = weight.dtype  # the compressed buffer itself is opaque bytes
-        backend = get_backend()
-        self.register_buffer("compressed", backend.handle(weight.device).compress(weight), persistent=False)
+        self.kernel = choose_kernel(kernel, weight)
+        self.register_buffer("compressed", self._handle(weight.device).compress(weight), persistent=False)
         self.weight = nn.Parameter(weight, requires_grad=False) if keep_dense else None
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
         self._id = next(_IDS)
@@ -126,6 +177,7 @@ class SemiSparseLinear(nn.Module):
             self._plans.clear()  # the plans hold the old bias's address (fused bias epilogue)
             self._fast.clear()
             self._residual_fast.clear()
+            self._gelu_fast.clear()
         self.__dict__["_w"] = self._parameters.get("weight")
         self.__dict__["_b"] = bias
         self.__dict__["_c"] = self._buffers.get("compressed")
@@ -138,39 +190,43 @@ class SemiSparseLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"keep_dense={self.keep_dense}"
+            f"keep_dense={self.keep_dense}, kernel={self.kernel}"
         )
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, gelu: bool = False
+    ) -> torch.Tensor:
         if _is_compiling():  # an opaque custom op: no graph break under torch.compile
             y = torch.ops.hf_semisparse.linear_24(
                 x, self.compressed, self.weight, self.bias, self._id, self.out_features
             )
-            return y if residual is None else y + residual
+            return _finish(y, residual, gelu)
         key = (x.get_device(), x.numel())  # device index -1: not on CUDA
         plan = self._fast.get(key, _UNSET)
         if plan is None and x.dtype is self.compute_dtype:
             # this token count runs dense: plain attributes, no Module.__getattr__ (about nn.Linear's host time)
-            y = F.linear(x, self._w, self._b)
-            return y if residual is None else y + residual
-        return self._dispatch(x, key, plan, residual)
+            return _finish(F.linear(x, self._w, self._b), residual, gelu)
+        return self._dispatch(x, key, plan, residual, gelu)
 
     def _apply(self, fn, recurse=True):
         # .to() / .cuda() / .half() move the tensors the cached plans point at (the fused bias): rebuild them
         self._plans.clear()
         self._fast.clear()
         self._residual_fast.clear()
+        self._gelu_fast.clear()
         self._workspaces.clear()
         out = super()._apply(fn, recurse)
         self._cache_tensors()
         return out
 
-    def run(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def run(self, x: torch.Tensor, residual: torch.Tensor | None = None, gelu: bool = False) -> torch.Tensor:
         """`forward` without the module call (and without torch.compile's custom op)."""
         key = (x.get_device(), x.numel())
-        return self._dispatch(x, key, self._fast.get(key, _UNSET), residual)
+        return self._dispatch(x, key, self._fast.get(key, _UNSET), residual, gelu)
 
-    def _dispatch(self, x: torch.Tensor, key: tuple[int, int], plan, residual) -> torch.Tensor:
+    def _dispatch(self, x: torch.Tensor, key: tuple[int, int], plan, residual, gelu=False) -> torch.Tensor:
+        if residual is not None and gelu:
+            raise ValueError("SemiSparseLinear adds a residual or applies GELU, not both")
         if plan is None and x.dtype is self.compute_dtype:
             y = F.linear(x, self._w, self._b)
         elif key[0] < 0:
@@ -178,11 +234,23 @@ class SemiSparseLinear(nn.Module):
                 raise RuntimeError("SemiSparseLinear without a dense weight runs on CUDA only")
             y = F.linear(x, self._w, self._b)
         else:
-            return self._cuda_forward(x, key, plan, residual)
-        return y if residual is None else y + residual
+            return self._cuda_forward(x, key, plan, residual, gelu)
+        return _finish(y, residual, gelu)
 
     # ---------------------------------------------------------------- the CUDA path
-    def _shape_key(self, handle: Handle, m: int, dtype: torch.dtype, residual: bool = False) -> ShapeKey:
+    def _handle(self, device: torch.device):
+        """The library handle of this layer's kernel: cuSPARSELt's, or our CUTLASS kernels' for its dtype."""
+        if self.kernel == "cutlass":
+            return get_backend().cutlass_handle(device, self.compute_dtype)
+        return get_backend().handle(device)
+
+    def _search(self, *args, **kwargs):
+        search = cutlass_sm90.search_config if self.kernel == "cutlass" else search_alg
+        return search(*args, **kwargs)
+
+    def _shape_key(
+        self, handle: Handle, m: int, dtype: torch.dtype, residual: bool = False, gelu: bool = False
+    ) -> ShapeKey:
         return ShapeKey(
             handle.device_name,
             handle.version,
@@ -191,18 +259,30 @@ class SemiSparseLinear(nn.Module):
             m,
             str(dtype).split(".")[-1],
             self.bias is not None,
-            False,  # GELU epilogue: cuSPARSELt fuses it for INT8 only
+            gelu,  # cuSPARSELt has GELU epilogues for INT8 only: only our CUTLASS kernels fuse it
             residual,
+            getattr(handle, "library_name", "cusparselt"),
         )
 
     def _plan(
-        self, handle: Handle, m: int, dtype: torch.dtype, decision: Decision, residual: bool = False
+        self,
+        handle: Handle,
+        m: int,
+        dtype: torch.dtype,
+        decision: Decision,
+        residual: bool = False,
+        gelu: bool = False,
     ) -> MatmulPlan:
-        """The plan for `m` tokens with `decision`'s algorithm; `residual`: the one for calls that add a residual
-        in the epilogue (searched on its own: the fastest algorithm can differ)."""
-        key = (handle.device.index, m, residual)
+        """The plan for `m` tokens with `decision`'s algorithm; `residual` / `gelu`: the one for calls that add a
+        residual or apply GELU in the epilogue (searched on its own: the fastest algorithm can differ)."""
+        key = (handle.device.index, m, "residual" if residual else "gelu" if gelu else "")
         plan = self._plans.get(key)
-        if plan is None:
+        if plan is None and self.kernel == "cutlass":
+            plan = cutlass_sm90.CutlassPlan(
+                handle, self.out_features, self.in_features, m, bias=self.bias, gelu=gelu, alg=decision.alg
+            )
+            self._plans[key] = plan
+        elif plan is None:
             plan = MatmulPlan(
                 handle,
                 self.out_features,
@@ -238,7 +318,7 @@ class SemiSparseLinear(nn.Module):
             from .cusparselt import AlgConfig
 
             return Decision(not self.keep_dense, AlgConfig(), None, None, "untuned during graph capture")
-        alg, sparse_us, dense_us = search_alg(
+        alg, sparse_us, dense_us = self._search(
             handle,
             self.out_features,
             self.in_features,
@@ -259,7 +339,7 @@ class SemiSparseLinear(nn.Module):
 
     def _prepare(self, x2: torch.Tensor, stream: int) -> MatmulPlan | None:
         """First call for this token count: the plan to use, or None to run dense."""
-        handle = get_backend().handle(x2.device)
+        handle = self._handle(x2.device)
         decision = self._decide(handle, x2, stream)
         if not decision.use_sparse and self.weight is not None:
             return None
@@ -294,7 +374,7 @@ class SemiSparseLinear(nn.Module):
             return
         if self._fast[key] is not None:
             return
-        handle = get_backend().handle(torch.device("cuda", device_index))
+        handle = self._handle(torch.device("cuda", device_index))
         padded = -(-m // M_MULTIPLE) * M_MULTIPLE
         decision = get_backend().cache.get(self._shape_key(handle, padded, self.compute_dtype))
         if decision is None:
@@ -316,7 +396,7 @@ class SemiSparseLinear(nn.Module):
         if not use:
             self._residual_fast[key] = None
             return
-        handle = get_backend().handle(torch.device("cuda", device_index))
+        handle = self._handle(torch.device("cuda", device_index))
         decision = get_backend().cache.get(self._shape_key(handle, m, self.compute_dtype, residual=True))
         if decision is None:
             raise KeyError(f"no searched epilogue kernel for {m} tokens (the tuning cache was cleared?)")
@@ -333,7 +413,7 @@ class SemiSparseLinear(nn.Module):
         if torch.cuda.is_current_stream_capturing():
             return None  # no timing inside a capture; the separate add is always correct (not remembered)
         backend = get_backend()
-        handle = backend.handle(x.device)
+        handle = self._handle(x.device)
         m = key[1] // self.in_features  # not padded: only unpadded calls add in the epilogue
         shape_key = self._shape_key(handle, m, x.dtype, residual=True)
         decision = backend.cache.get(shape_key)
@@ -345,7 +425,7 @@ class SemiSparseLinear(nn.Module):
                 plan.run(self._c, x, out, ws, stream)
                 torch.add(out, residual)
 
-            alg, fused_us, unfused_us = search_alg(
+            alg, fused_us, unfused_us = self._search(
                 handle,
                 self.out_features,
                 self.in_features,
@@ -368,6 +448,79 @@ class SemiSparseLinear(nn.Module):
         self._residual_fast[key] = fused
         return fused
 
+    def _sparse_for_residual(self, x: torch.Tensor, key: tuple[int, int], residual, stream: int):
+        """A token count whose plain GEMM runs faster dense, first called with a residual: the 2:4 plan if the
+        GEMM with the residual in its epilogue beats the dense GEMM plus the separate add it would need, else None.
+        (On an H100, bert-base's 768x768 projection at 24576 tokens: the plain GEMMs tie, but the fused one saves
+        the add's pass; docs/benchmarks.md, session 8.)"""
+        shape = (*x.shape[:-1], self.out_features)
+        if torch.cuda.is_current_stream_capturing() or not _fusable(residual, shape, x):
+            return None
+        backend = get_backend()
+        handle = self._handle(x.device)
+        m = key[1] // self.in_features
+        plain = backend.cache.get(self._shape_key(handle, m, x.dtype))
+        if plain is None or plain.dense_us is None:
+            return None
+        sparse = self._plan(handle, m, x.dtype, plain)
+        ws = self._workspace(x.device, stream, sparse.workspace_size)
+        fused_plan = self._residual_plan(sparse, x, residual, ws, key)
+        fused = backend.cache.get(self._shape_key(handle, m, x.dtype, residual=True))
+        if fused_plan is None or not fused_beats_dense_with_add(plain, fused, backend.margin):
+            self._residual_fast.pop(key, None)  # this token count runs dense: no epilogue add to report
+            return None
+        logger.info(
+            "%s: 2:4 with the residual in the epilogue beats dense + add", self._shape_key(handle, m, x.dtype)
+        )
+        return sparse
+
+    def applies_gelu_in_epilogue(self, m: int, device_index: int = 0) -> bool | None:
+        """Whether calls with `gelu=True` for `m` tokens apply it in the 2:4 kernel's epilogue; None if no such
+        call has run on the 2:4 kernel yet."""
+        plan = self._gelu_fast.get((device_index, m * self.in_features), _UNSET)
+        return None if plan is _UNSET else plan is not None
+
+    def _gelu_plan(self, plan, x: torch.Tensor, ws, key: tuple[int, int]):
+        """First 2:4 call with `gelu=True` for this token count: the CUTLASS plan that applies GELU in its
+        epilogue, or None where the GEMM plus a separate `F.gelu` measured faster (and always on cuSPARSELt, whose
+        GELU epilogue exists for INT8 only)."""
+        if self.kernel != "cutlass" or torch.cuda.is_current_stream_capturing():
+            return None  # not remembered during a capture: decided on the first call outside one
+        backend = get_backend()
+        handle = self._handle(x.device)
+        m = key[1] // self.in_features
+        shape_key = self._shape_key(handle, m, x.dtype, gelu=True)
+        decision = backend.cache.get(shape_key)
+        if decision is None:
+            stream = _current_stream(key[0])
+            out = torch.empty(m, self.out_features, dtype=x.dtype, device=x.device)
+
+            def unfused():
+                plan.run(self._c, x, out, ws, stream)
+                F.gelu(out)
+
+            alg, fused_us, unfused_us = self._search(
+                handle,
+                self.out_features,
+                self.in_features,
+                m,
+                x.dtype,
+                self.bias,
+                True,
+                self._c,
+                x,
+                stream,
+                dense=unfused,
+            )
+            use = fused_us < unfused_us
+            reason = f"GELU epilogue {fused_us:.1f} us {'<' if use else '>='} GEMM + GELU {unfused_us:.1f} us"
+            decision = Decision(use, alg, fused_us, unfused_us, reason)
+            backend.cache.put(shape_key, decision)
+            logger.info("%s: %s (config %s)", shape_key, reason, alg)
+        fused = self._plan(handle, m, x.dtype, decision, gelu=True) if decision.use_sparse else None
+        self._gelu_fast[key] = fused
+        return fused
+
     def _workspace(self, device: torch.device, stream: int, size: int) -> torch.Tensor | None:
         ws = self._workspaces.get(stream)
         if size and (ws is None or ws.numel() < size):
@@ -375,15 +528,17 @@ class SemiSparseLinear(nn.Module):
             self._workspaces[stream] = ws
         return ws
 
-    def _cuda_forward(self, x: torch.Tensor, key: tuple[int, int], plan, residual) -> torch.Tensor:
+    def _cuda_forward(
+        self, x: torch.Tensor, key: tuple[int, int], plan, residual, gelu=False
+    ) -> torch.Tensor:
         """`forward` on CUDA for what is not a dense-dispatched call: `plan` is `self._fast.get(key, _UNSET)`."""
-        y, added = self._cuda_linear(x, key, plan, residual)
-        return y if added or residual is None else y + residual
+        y, fused = self._cuda_linear(x, key, plan, residual, gelu)
+        return y if fused else _finish(y, residual, gelu)
 
     def _cuda_linear(
-        self, x: torch.Tensor, key: tuple[int, int], plan, residual
+        self, x: torch.Tensor, key: tuple[int, int], plan, residual, gelu=False
     ) -> tuple[torch.Tensor, bool]:
-        """x @ W^T + b, and whether `residual` was added too (in the 2:4 kernel's epilogue)."""
+        """x @ W^T + b, and whether the 2:4 kernel's epilogue also added `residual` or applied GELU."""
         if x.dtype != self.compute_dtype:
             if self._w is None:
                 raise TypeError(
@@ -408,6 +563,8 @@ class SemiSparseLinear(nn.Module):
         stream = _current_stream(key[0])
         if plan is _UNSET:
             plan = self._prepare(x.view(padded, self.in_features), stream)
+            if plan is None and residual is not None and padded == m:
+                plan = self._sparse_for_residual(x, key, residual, stream)
             if not torch.cuda.is_current_stream_capturing():
                 self._fast[key] = plan
             if plan is None:
@@ -416,7 +573,16 @@ class SemiSparseLinear(nn.Module):
         if padded == m:
             shape = (*lead, self.out_features)
             out = torch.empty(shape, dtype=x.dtype, device=x.device)
-            if residual is not None and _fusable(residual, shape, x):
+            if gelu:
+                fused = self._gelu_fast.get(key, _UNSET)
+                if fused is _UNSET:
+                    fused = self._gelu_plan(plan, x, ws, key)
+                if fused is not None:
+                    if fused.workspace_size > plan.workspace_size:
+                        ws = self._workspace(x.device, stream, fused.workspace_size)
+                    fused.run(self._c, x, out, ws, stream)  # out = gelu(x @ W^T (+ bias))
+                    return out, True
+            elif residual is not None and _fusable(residual, shape, x):
                 fused = self._residual_fast.get(key, _UNSET)
                 if fused is _UNSET:
                     fused = self._residual_plan(plan, x, residual, ws, key)
@@ -430,6 +596,23 @@ class SemiSparseLinear(nn.Module):
         out = torch.empty(padded, self.out_features, dtype=x.dtype, device=x.device)
         plan.run(self._c, x, out, ws, stream)
         return out[:m].view(*lead, self.out_features), False
+
+
+def fused_beats_dense_with_add(plain: Decision, fused: Decision | None, margin: float) -> bool:
+    """From a plain GEMM's decision (2:4 `sparse_us` against dense `dense_us`) and the residual epilogue's (fused
+    `sparse_us` against 2:4 GEMM + add `dense_us`): whether the fused 2:4 call beats dense GEMM + add by `margin`.
+    The add's time is what the separate add cost the 2:4 GEMM in the residual search."""
+    if fused is None or not fused.use_sparse or None in (plain.sparse_us, plain.dense_us, fused.dense_us):
+        return False
+    add_us = max(fused.dense_us - plain.sparse_us, 0.0)
+    return fused.sparse_us < (plain.dense_us + add_us) * (1.0 - margin)
+
+
+def _finish(y: torch.Tensor, residual: torch.Tensor | None, gelu: bool) -> torch.Tensor:
+    """What `forward` adds after a GEMM whose epilogue did not: the residual, or the exact GELU."""
+    if gelu:
+        return F.gelu(y)
+    return y if residual is None else y + residual
 
 
 def _fusable(residual: torch.Tensor, shape: tuple, x: torch.Tensor) -> bool:
@@ -459,7 +642,7 @@ def _after_load(module: SemiSparseLinear, incompatible_keys) -> None:
             f"has {bad.nonzeros} non-zeros"
         )
     with torch.no_grad():
-        fresh = get_backend().handle(weight.device).compress(weight.contiguous())
+        fresh = module._handle(weight.device).compress(weight.contiguous())
         if module._c is not None and module._c.shape == fresh.shape and module._c.device == fresh.device:
             module._c.copy_(fresh)  # in place: captured CUDA graphs read this buffer's address
         else:

@@ -153,7 +153,9 @@ def _joinable(linears: list[nn.Module]) -> bool:
     )
 
 
-def fuse_projections(model: nn.Module, eligible: set[str], keep_dense: bool = True) -> dict[str, list[str]]:
+def fuse_projections(
+    model: nn.Module, eligible: set[str], keep_dense: bool = True, kernel: str = "cusparselt"
+) -> dict[str, list[str]]:
     """Replace sibling projections (`SIBLING_SETS`) of `model` by `ProjectionSlice`s of one joined
     `SemiSparseLinear`, in place. Only `nn.Linear` children whose names are all in `eligible` (2:4 layers that
     can run on the 2:4 kernels), of one input width, dtype and device, are joined.
@@ -191,7 +193,7 @@ def fuse_projections(model: nn.Module, eligible: set[str], keep_dense: bool = Tr
                         requires_grad=False,
                     )
             group = ProjectionGroup(
-                SemiSparseLinear(cat, keep_dense=keep_dense), list(names), bounds, parent_name
+                SemiSparseLinear(cat, keep_dense=keep_dense, kernel=kernel), list(names), bounds, parent_name
             )
             for index, (name, lin) in enumerate(zip(names, linears, strict=True)):
                 setattr(parent, name, ProjectionSlice(group, index, has_bias=lin.bias is not None))

@@ -1,10 +1,14 @@
-"""The residual add of BERT-style output blocks, fused into the 2:4 GEMM that precedes it.
+"""The residual add of BERT-style output blocks, and the GELU of BERT-style intermediate blocks, fused into the 2:4
+GEMM that precedes them.
 
 BERT's `BertSelfOutput` and `BertOutput` (and every transformers block copied from them: RoBERTa, ELECTRA,
 XLM-R, ...) run `LayerNorm(dropout(dense(h)) + residual)`. In inference the dropout is the identity, so the add
 can be the sparse GEMM's epilogue (`SemiSparseLinear(x, residual=r)`): one pass less over the activations per
 block, two per transformer layer. A block is fused only when its `forward` is BERT's own code (compared as
 bytecode), so a model whose block does something else is never changed.
+
+`BertIntermediate` runs `act(dense(h))`; where `act` is transformers' exact GELU, `FusedGeluIntermediate` asks
+`dense` for `gelu=True`, which our CUTLASS kernels apply in their epilogue (`kernels/cutlass_sm90.py`).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import logging
 from types import CodeType
 
+import torch.nn.functional as F
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -39,6 +44,71 @@ class FusedResidualOutput(nn.Module):
         return self.LayerNorm(self.dense(hidden_states, residual=input_tensor))
 
 
+class FusedGeluIntermediate(nn.Module):
+    """A BERT-style intermediate block (`gelu(dense(h))`) whose GELU may run in its `dense` layer's 2:4 GEMM.
+
+    Submodule names (`dense`, `intermediate_act_fn`) are kept, so state dicts are unchanged.
+    """
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.dense, self.intermediate_act_fn = block.dense, block.intermediate_act_fn
+        self.replaces = type(block).__name__
+        self.training = block.training
+
+    def extra_repr(self) -> str:
+        return f"replaces={self.replaces}"
+
+    def forward(self, hidden_states):
+        return self.dense(hidden_states, gelu=True)
+
+
+def is_exact_gelu(act: nn.Module) -> bool:
+    """Whether `act` is transformers' `GELUActivation` running `F.gelu` (erf), unchanged on the instance."""
+    from transformers.activations import GELUActivation
+
+    return (
+        type(act) is GELUActivation
+        and getattr(act, "act", None) is F.gelu
+        and "forward" not in act.__dict__
+        and type(act).forward is GELUActivation.forward
+    )
+
+
+def is_bert_style_intermediate(module: nn.Module, dense_type: type | None = None) -> bool:
+    """Whether `module` is a BERT intermediate block (BERT's `forward`) with exact GELU and a `dense` of
+    `dense_type` (default `SemiSparseLinear`)."""
+    from transformers.models.bert import modeling_bert
+
+    from .linear import SemiSparseLinear
+
+    if not (
+        isinstance(getattr(module, "dense", None), dense_type or SemiSparseLinear)
+        and is_exact_gelu(getattr(module, "intermediate_act_fn", None))
+    ):
+        return False
+    code = getattr(type(module).forward, "__code__", None)
+    if code is None or "forward" in module.__dict__:
+        return False
+    return _same_code(code, modeling_bert.BertIntermediate.forward.__code__)
+
+
+def fuse_gelu(model: nn.Module) -> list[str]:
+    """Replace every BERT-style intermediate block of `model` with exact GELU and a `SemiSparseLinear` dense by a
+    `FusedGeluIntermediate`, in place. Returns the names of the blocks replaced."""
+    fused = []
+    modules = dict(model.named_modules())
+    for name, module in modules.items():
+        if not name or not is_bert_style_intermediate(module):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else model, child, FusedGeluIntermediate(module))
+        fused.append(name)
+    if fused:
+        logger.info("hf_semisparse: GELU handed to the 2:4 GEMM of %d blocks", len(fused))
+    return fused
+
+
 def _reference_codes() -> list[CodeType]:
     from transformers.models.bert import modeling_bert
 
@@ -55,12 +125,15 @@ def _same_code(a: CodeType, b: CodeType) -> bool:
     )
 
 
-def is_bert_style_output(module: nn.Module, references: list[CodeType] | None = None) -> bool:
-    """Whether `module` is a BERT output block (its `forward` is BERT's code) with a `SemiSparseLinear` dense."""
+def is_bert_style_output(
+    module: nn.Module, references: list[CodeType] | None = None, dense_type: type | None = None
+) -> bool:
+    """Whether `module` is a BERT output block (its `forward` is BERT's code) with a `dense` of `dense_type`
+    (default `SemiSparseLinear`)."""
     from .linear import SemiSparseLinear
 
     if not (
-        isinstance(getattr(module, "dense", None), SemiSparseLinear)
+        isinstance(getattr(module, "dense", None), dense_type or SemiSparseLinear)
         and isinstance(getattr(module, "dropout", None), nn.Dropout)
         and isinstance(getattr(module, "LayerNorm", None), nn.LayerNorm)
     ):
@@ -69,6 +142,20 @@ def is_bert_style_output(module: nn.Module, references: list[CodeType] | None = 
     if code is None or "forward" in module.__dict__:  # a forward patched on the instance is not BERT's
         return False
     return any(_same_code(code, ref) for ref in references or _reference_codes())
+
+
+def fusion_targets(model: nn.Module, residual: bool = True, gelu: bool = True) -> set[str]:
+    """Names of the `nn.Linear` layers whose output an epilogue would take once they run on 2:4 kernels: the
+    `dense` of BERT-style output blocks (`residual`) and of BERT-style intermediate blocks with exact GELU
+    (`gelu`). `accelerate_24(kernel="auto")` puts these on our CUTLASS kernels, whose epilogues do both."""
+    references = _reference_codes()
+    names = set()
+    for name, module in model.named_modules():
+        if (residual and is_bert_style_output(module, references, dense_type=nn.Linear)) or (
+            gelu and is_bert_style_intermediate(module, dense_type=nn.Linear)
+        ):
+            names.add(f"{name}.dense" if name else "dense")
+    return names
 
 
 def fuse_residual_adds(model: nn.Module) -> list[str]:
