@@ -9,6 +9,10 @@ does not depend on the values), fp16, sequence 384, batch 4/16/64/256, eager, `t
 - ours: `accelerate_24(model)` (keep_dense=True; query/key/value joined into one GEMM per layer, the residual
   adds of BERT's output blocks fused into the 2:4 GEMMs), then `tune_dispatch(model, input_ids=batch)`: sparse or
   dense per layer shape, chosen from timings of the whole eager forward (the report is in the JSON);
+- ours-cusparselt: `accelerate_24(model, kernel="cusparselt")` + `tune_dispatch`: ours on cuSPARSELt only. "ours"
+  (`kernel="auto"`) runs the output and intermediate projections (residual add, GELU in the epilogue) on our
+  CUTLASS kernels when they are built (`hf-semisparse build-kernels`; `HF_SEMISPARSE_KERNEL_DIR`); the JSON's
+  "kernels" counts the layers on each;
 - ours-unfused: the same with `fuse_projections=False, fuse_residual=False` (what both fusions add);
 - ours-all-dense: `accelerate_24(model)` with every layer dispatched dense (the joined query/key/value GEMM
   included): what the restructuring alone gives, without any 2:4 kernel;
@@ -23,8 +27,9 @@ raise the clocks, then rounds in which each variant runs once, in turn, the orde
 Correctness: ||logits - dense logits|| / ||dense logits|| for start and end logits (must be < 2e-3).
 
 GEMM table: y = x @ W^T, fp16, no bias, the reference README's shapes: cuBLAS eager, torch's cuSPARSELt with
-its searched algorithm replayed from a CUDA graph (the kernel ceiling with host cost removed), ours eager and
-ours graph-replayed; microseconds per call over 20 back-to-back calls.
+its searched algorithm replayed from a CUDA graph (the kernel ceiling with host cost removed), ours (cuSPARSELt,
+the `SemiSparseLinear` default) eager and graph-replayed, and ours on our CUTLASS kernels (`kernel="cutlass"`,
+where built) eager; microseconds per call over 20 back-to-back calls.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ from hf_semisparse.kernels import (  # noqa: E402
     semi_sparse_layers,
     tune_dispatch,
 )
+from hf_semisparse.kernels.cutlass_sm90 import why_unavailable  # noqa: E402
 from hf_semisparse.kernels.linear import SemiSparseLinear  # noqa: E402
 from hf_semisparse.utils import write_json  # noqa: E402
 
@@ -199,12 +205,17 @@ def bench_models(args, save) -> list[dict]:
         fused = accelerate_24(ours, keep_dense=True)
         print(f"{name}: {fused}", flush=True)
         variants["ours"] = ours
-        unfused = copy.deepcopy(dense)
-        accelerate_24(unfused, keep_dense=True, fuse_residual=False, fuse_projections=False)
-        variants["ours-unfused"] = unfused
-        restructured = copy.deepcopy(dense)
-        accelerate_24(restructured, keep_dense=True)
-        variants["ours-all-dense"] = restructured
+        on_cusparselt = copy.deepcopy(dense)
+        accelerate_24(on_cusparselt, keep_dense=True, kernel="cusparselt")
+        variants["ours-cusparselt"] = on_cusparselt
+        unfused = restructured = None
+        if args.ablations:
+            unfused = copy.deepcopy(dense)
+            accelerate_24(unfused, keep_dense=True, fuse_residual=False, fuse_projections=False)
+            variants["ours-unfused"] = unfused
+            restructured = copy.deepcopy(dense)
+            accelerate_24(restructured, keep_dense=True)
+            variants["ours-all-dense"] = restructured
         lean = copy.deepcopy(dense)
         accelerate_24(lean, keep_dense=False)
         variants["ours-sparse-only"] = lean
@@ -224,14 +235,20 @@ def bench_models(args, save) -> list[dict]:
                 "weights": memory,
                 "fused_projections": len(fused.fused_projections),
                 "fused_residual": len(fused.fused_residual),
+                "fused_gelu": len(fused.fused_gelu),
+                "kernels": fused.kernels,
             }
             report = tune_dispatch(ours, input_ids=ids)  # whole-forward choice per layer shape, eager
             row["ours_dispatch"] = dataclasses.asdict(report)
             print(f"{name} b{batch} eager dispatch: {report}", flush=True)
-            report = tune_dispatch(unfused, input_ids=ids)
-            row["ours-unfused_dispatch"] = dataclasses.asdict(report)
-            print(f"{name} b{batch} eager dispatch, unfused: {report}", flush=True)
-            all_dense(restructured, ids)
+            report = tune_dispatch(on_cusparselt, input_ids=ids)
+            row["ours-cusparselt_dispatch"] = dataclasses.asdict(report)
+            print(f"{name} b{batch} eager dispatch, cuSPARSELt: {report}", flush=True)
+            if args.ablations:
+                report = tune_dispatch(unfused, input_ids=ids)
+                row["ours-unfused_dispatch"] = dataclasses.asdict(report)
+                print(f"{name} b{batch} eager dispatch, unfused: {report}", flush=True)
+                all_dense(restructured, ids)
             skip = {"torch-2:4"} if batch > args.max_stock_batch else set()
             timings = time_round_robin(variants, ids, args.budget_ms, skip)
             for vname, times in timings.items():
@@ -255,10 +272,21 @@ def bench_models(args, save) -> list[dict]:
                 for (n, k), fused_add in residual_choices(ours, m).items()
             ]
             print(f"{name} b{batch} residual in the epilogue: {row['residual_in_epilogue']}", flush=True)
+            row["gelu_in_epilogue"] = [
+                {
+                    "n": layer.out_features,
+                    "k": layer.in_features,
+                    "m": m,
+                    "fused": layer.applies_gelu_in_epilogue(m),
+                }
+                for layer in semi_sparse_layers(ours)
+                if layer.applies_gelu_in_epilogue(m) is not None
+            ][:1]  # one intermediate layer's choice (every layer of a model has the same shape)
+            print(f"{name} b{batch} GELU in the epilogue: {row['gelu_in_epilogue']}", flush=True)
             rows.append(row)
             save(rows)  # partial results survive a time limit
             del ids, ref
-        del variants, ours, unfused, restructured, lean, dense
+        del variants, ours, on_cusparselt, unfused, restructured, lean, dense
         torch.cuda.empty_cache()
     return rows
 
@@ -321,7 +349,10 @@ def bench_gemm(m: int, k: int, n: int) -> dict:
     x = torch.randn(m, k, device="cuda", dtype=torch.float16)
     lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.float16)
     lin.weight.data.copy_(w)
-    ours = SemiSparseLinear(lin, keep_dense=False)
+    ours = SemiSparseLinear(lin, keep_dense=False)  # cuSPARSELt, what accelerate_24 uses for plain GEMMs
+    on_cutlass = None
+    if why_unavailable(w.device, w.dtype, n, k) is None:
+        on_cutlass = SemiSparseLinear(lin, keep_dense=False, kernel="cutlass")
     err = rel_err(ours(x).double(), F.linear(x.double(), w.double()))
     best_fn, alg = torch_best(w, x)
     return {
@@ -334,6 +365,7 @@ def bench_gemm(m: int, k: int, n: int) -> dict:
         "ours_eager_us": time_calls_us(lambda: ours(x)),
         "ours_graph_us": graph_us(lambda: ours(x)),
         "ours_rel_err": err,
+        "ours_cutlass_eager_us": time_calls_us(lambda: on_cutlass(x)) if on_cutlass else None,
     }
 
 
@@ -357,17 +389,20 @@ def print_tables(rows, gemms, info) -> None:
     )
     print("\nEnd to end, fp16, seq 384, median ms (speedup = dense / variant), rel err of logits vs dense")
     print(
-        f"{'model':<11}{'batch':>6}{'dense':>9}{'torch2:4':>10}{'ours':>9}{'speedup':>9}{'unfused':>9}"
+        f"{'model':<11}{'batch':>6}{'dense':>9}{'torch2:4':>10}{'ours':>9}{'speedup':>9}{'cuSPARSELt':>11}"
+        f"{'speedup':>9}{'unfused':>9}"
         f"{'speedup':>9}{'all-dense':>10}{'speedup':>9}{'sparse-only':>12}{'speedup':>9}{'err ours':>10}"
     )
     for r in rows:
         d = r["dense"]["median_ms"]
         st = r.get("torch-2:4", {}).get("median_ms", float("nan"))
-        o, u, ad, so = (
-            r[k]["median_ms"] for k in ("ours", "ours-unfused", "ours-all-dense", "ours-sparse-only")
+        o, oc, u, ad, so = (
+            r.get(k, {}).get("median_ms", float("nan"))
+            for k in ("ours", "ours-cusparselt", "ours-unfused", "ours-all-dense", "ours-sparse-only")
         )
         print(
-            f"{r['model']:<11}{r['batch']:>6}{d:>9.2f}{st:>10.2f}{o:>9.2f}{d / o:>8.2f}x{u:>9.2f}{d / u:>8.2f}x"
+            f"{r['model']:<11}{r['batch']:>6}{d:>9.2f}{st:>10.2f}{o:>9.2f}{d / o:>8.2f}x{oc:>11.2f}{d / oc:>8.2f}x"
+            f"{u:>9.2f}{d / u:>8.2f}x"
             f"{ad:>10.2f}{d / ad:>8.2f}x{so:>12.2f}{d / so:>8.2f}x{r['ours']['rel_err']:>10.1e}"
         )
     graphed = [r for r in rows if "ours+graphs" in r]
@@ -393,13 +428,13 @@ def print_tables(rows, gemms, info) -> None:
     print("\nGEMM y = x @ W^T, fp16, us per call")
     print(
         f"{'M x K x N':<22}{'dense':>9}{'torch best (graph)':>20}{'ours eager':>12}{'ours graph':>12}"
-        f"{'dense/ours':>12}{'ours/torch':>12}"
+        f"{'dense/ours':>12}{'ours/torch':>12}{'ours on CUTLASS':>17}"
     )
     for g in gemms:
         print(
             f"{g['M']}x{g['K']}x{g['N']:<10}{g['dense_us']:>9.1f}{g['torch_best_graph_us']:>20.1f}"
             f"{g['ours_eager_us']:>12.1f}{g['ours_graph_us']:>12.1f}{g['dense_us'] / g['ours_eager_us']:>11.2f}x"
-            f"{g['ours_eager_us'] / g['torch_best_graph_us']:>11.2f}x"
+            f"{g['ours_eager_us'] / g['torch_best_graph_us']:>11.2f}x{g['ours_cutlass_eager_us'] or float('nan'):>17.1f}"
         )
 
 
@@ -415,6 +450,12 @@ def main() -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="also time dense and ours replayed from CUDA graphs",
+    )
+    p.add_argument(
+        "--ablations",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time ours-unfused and ours-all-dense",
     )
     p.add_argument("--skip-models", action="store_true")
     p.add_argument("--skip-gemms", action="store_true")
