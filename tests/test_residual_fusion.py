@@ -176,6 +176,11 @@ def test_gelu_argument_applies_exact_gelu_after_the_gemm(backend):
     torch.testing.assert_close(layer.run(x, gelu=True), torch.nn.functional.gelu(lin(x)), rtol=0, atol=0)
     with pytest.raises(ValueError, match="not both"):
         layer.run(x, residual=torch.randn(3, 5, 8), gelu=True)
+    layer._fast[(-1, 15 * 16)] = (
+        None  # the dense-dispatched fast path must refuse it too, not drop the residual
+    )
+    with pytest.raises(ValueError, match="not both"):
+        layer(x, residual=torch.randn(3, 5, 8), gelu=True)
     assert layer.applies_gelu_in_epilogue(15) is None  # nothing ran on a GPU
 
 

@@ -1,7 +1,8 @@
 """Running 2:4 weights fast: backend choice, sparse GEMM dispatch, fallbacks.
 
 `accelerate_24(model)` swaps every 2:4 `nn.Linear` of a CUDA fp16/bf16 model for a `SemiSparseLinear` (sibling
-projections of one input, such as query/key/value, for slices of one joined `SemiSparseLinear`). Where that
+projections of one input, such as query/key/value, for slices of one joined `SemiSparseLinear`), on cuSPARSELt or,
+for the layers whose output a fused epilogue takes, our CUTLASS kernels on Hopper (`cutlass_sm90.py`). Where that
 cannot help (CPU, GPU older than compute capability 8.0, no cuSPARSELt, fp32) it changes nothing and says why,
 once.
 """
@@ -110,7 +111,8 @@ def accelerate_24(
     fuse_gelu: bool = True,
     kernel: str = "auto",
 ) -> AccelerationReport:
-    """Run every 2:4 linear layer of `model` on cuSPARSELt, in place.
+    """Run every 2:4 linear layer of `model` on 2:4 kernels (cuSPARSELt, or our CUTLASS kernels on Hopper), in
+    place.
 
     Args:
         model: a model on a CUDA device in fp16 or bf16 whose pruned weights are exactly 2:4.

@@ -484,7 +484,10 @@ class SemiSparseLinear(nn.Module):
         """First 2:4 call with `gelu=True` for this token count: the CUTLASS plan that applies GELU in its
         epilogue, or None where the GEMM plus a separate `F.gelu` measured faster (and always on cuSPARSELt, whose
         GELU epilogue exists for INT8 only)."""
-        if self.kernel != "cutlass" or torch.cuda.is_current_stream_capturing():
+        if self.kernel != "cutlass":
+            self._gelu_fast[key] = None
+            return None
+        if torch.cuda.is_current_stream_capturing():
             return None  # not remembered during a capture: decided on the first call outside one
         backend = get_backend()
         handle = self._handle(x.device)
@@ -611,6 +614,8 @@ def fused_beats_dense_with_add(plain: Decision, fused: Decision | None, margin: 
 def _finish(y: torch.Tensor, residual: torch.Tensor | None, gelu: bool) -> torch.Tensor:
     """What `forward` adds after a GEMM whose epilogue did not: the residual, or the exact GELU."""
     if gelu:
+        if residual is not None:
+            raise ValueError("SemiSparseLinear adds a residual or applies GELU, not both")
         return F.gelu(y)
     return y if residual is None else y + residual
 
