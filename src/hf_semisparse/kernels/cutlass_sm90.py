@@ -21,6 +21,7 @@ found, and cuSPARSELt elsewhere. Each is a plain C library called through ctypes
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -31,6 +32,7 @@ import threading
 
 import torch
 
+from ..utils import atomic_write_text
 from .cusparselt import AlgConfig
 
 logger = logging.getLogger(__name__)
@@ -43,6 +45,9 @@ K_MULTIPLE = 128
 N_MULTIPLE = 64
 ALIGNMENT = 16
 META_ALIGNMENT = 256  # the metadata starts this many bytes into the packed buffer, rounded up
+
+
+_STALE: set[str] = set()  # libraries found built from another source, warned about once
 
 
 class CutlassUnavailable(RuntimeError):
@@ -61,6 +66,7 @@ def library_name(dtype: torch.dtype) -> str:
     return f"libhss_sm90_{DTYPES[dtype][0]}.so"
 
 
+@functools.cache
 def source_digest() -> str:
     with open(SOURCE, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()[:16]
@@ -127,8 +133,7 @@ def build_library(dtype: torch.dtype, directory: str | None = None, nvcc: str | 
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    with open(target + ".sha256", "w", encoding="utf-8") as f:
-        f.write(source_digest())
+    atomic_write_text(target + ".sha256", source_digest())
     return target
 
 
@@ -142,9 +147,12 @@ def find_library(dtype: torch.dtype) -> str | None:
     try:
         with open(path + ".sha256", encoding="utf-8") as f:
             if f.read().strip() != source_digest():
-                logger.warning(
-                    "hf_semisparse: %s was built from another source; run hf-semisparse build-kernels", path
-                )
+                if path not in _STALE:  # said once: every layer asks
+                    _STALE.add(path)
+                    logger.warning(
+                        "hf_semisparse: %s was built from another source; run hf-semisparse build-kernels",
+                        path,
+                    )
                 return None
     except OSError:
         return None
