@@ -1,6 +1,9 @@
 """Our own CUTLASS 2:4 GEMM for Hopper against cuSPARSELt and dense, per GEMM (issue 4). One run:
 
-    PYTHONPATH=src python benchmarks/probe_cutlass_sm90.py --lib path/to/libhss_fp16.so --json $OUT/probe.json
+    HF_SEMISPARSE_KERNEL_DIR=<built kernels> PYTHONPATH=src python benchmarks/probe_cutlass_sm90.py \
+        --tokens 24576 98304 --json $OUT/probe.json
+
+(the kernels built with `hf-semisparse build-kernels`).
 
 cuSPARSELt 0.8 offers no GELU epilogue in fp16/bf16, so the up-projection pays a separate GELU pass (about 100 us
 per bert-base layer at batch 64). `kernels/csrc/sm90_sparse_gemm.cu` is a CUTLASS 3 sparse GEMM with bias+GELU
@@ -15,7 +18,6 @@ and bias+residual epilogues. Per problem (N out, K in, M tokens), fp16, bias:
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import sys
 
@@ -24,77 +26,33 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
+from hf_semisparse.kernels.cusparselt import AlgConfig  # noqa: E402
+from hf_semisparse.kernels.cutlass_sm90 import CutlassHandle, CutlassPlan, CutlassUnavailable  # noqa: E402
 from hf_semisparse.kernels.linear import SemiSparseLinear  # noqa: E402
 from hf_semisparse.kernels.tuning import time_cuda_us  # noqa: E402
 from hf_semisparse.masks import compute_nm_mask  # noqa: E402
 from hf_semisparse.utils import write_json  # noqa: E402
 
 
-class Lib:
-    def __init__(self, path: str):
-        self.lib = ctypes.CDLL(path)
-        p, i, i64, sz, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_size_t, ctypes.c_float
-        self.lib.hss_num_configs.restype = i
-        self.lib.hss_compressed_sizes.argtypes = [i, i, ctypes.POINTER(i64), ctypes.POINTER(i64)]
-        self.lib.hss_compress.argtypes = [p, p, p, i, i, p, sz, p]
-        self.lib.hss_compress_workspace.argtypes = [i, i]
-        self.lib.hss_compress_workspace.restype = sz
-        self.lib.hss_gemm_workspace.argtypes = [i, i, i, i, i, ctypes.POINTER(sz)]
-        self.lib.hss_gemm.argtypes = [i, i, p, p, p, p, p, p, i, i, i, f, p, sz, p]
-        self.num_configs = self.lib.hss_num_configs()
-        self.workspaces: dict = {}
+class Runner:
+    """Every tile configuration of our CUTLASS kernels for one fp16 weight, through `kernels/cutlass_sm90.py`."""
 
-    def compress(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n, k = w.shape
-        a_el, e_bytes = ctypes.c_int64(), ctypes.c_int64()
-        check(self.lib.hss_compressed_sizes(n, k, ctypes.byref(a_el), ctypes.byref(e_bytes)), "sizes")
-        a_c = torch.empty(a_el.value, dtype=w.dtype, device=w.device)
-        e = torch.empty(e_bytes.value, dtype=torch.uint8, device=w.device)
-        ws = torch.empty(max(1, self.lib.hss_compress_workspace(n, k)), dtype=torch.uint8, device=w.device)
-        stream = torch.cuda.current_stream().cuda_stream
-        check(
-            self.lib.hss_compress(
-                w.data_ptr(), a_c.data_ptr(), e.data_ptr(), n, k, ws.data_ptr(), ws.numel(), stream
-            ),
-            "compress",
-        )
-        return a_c, e
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, m: int, gelu: bool):
+        self.handle = CutlassHandle(weight.device, weight.dtype)
+        self.compressed = self.handle.compress(weight)
+        n, k = weight.shape
+        self.plans = [
+            CutlassPlan(self.handle, n, k, m, bias=bias, gelu=gelu, alg=AlgConfig(c))
+            for c in range(self.handle.num_configs)
+        ]
+        size = max(plan.workspace_size for plan in self.plans)
+        self.workspace = torch.empty(max(size, 1), dtype=torch.uint8, device=weight.device)
 
-    def gemm(self, config, a_c, e, n, x, bias, residual=None, gelu=False, out=None):
-        m, k = x.shape
-        key = (config, gelu, n, m, k)
-        ws = self.workspaces.get(key)
-        if ws is None:
-            size = ctypes.c_size_t()
-            check(self.lib.hss_gemm_workspace(config, int(gelu), n, m, k, ctypes.byref(size)), "workspace")
-            ws = self.workspaces[key] = torch.empty(max(1, size.value), dtype=torch.uint8, device=x.device)
-        y = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out
-        check(
-            self.lib.hss_gemm(
-                config,
-                int(gelu),
-                a_c.data_ptr(),
-                e.data_ptr(),
-                x.data_ptr(),
-                None if bias is None else bias.data_ptr(),
-                None if residual is None else residual.data_ptr(),
-                y.data_ptr(),
-                n,
-                m,
-                k,
-                1.0,
-                ws.data_ptr(),
-                ws.numel(),
-                torch.cuda.current_stream().cuda_stream,
-            ),
-            f"gemm config {config}",
-        )
+    def __call__(self, config: int, x, residual=None, out=None):
+        plan = self.plans[config]
+        y = torch.empty(x.shape[0], plan.n, dtype=x.dtype, device=x.device) if out is None else out
+        plan.run(self.compressed, x, y, self.workspace, torch.cuda.current_stream().cuda_stream, c=residual)
         return y
-
-
-def check(status: int, what: str) -> None:
-    if status != 0:
-        raise RuntimeError(f"{what} failed with status {status}")
 
 
 def rel(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -103,7 +61,7 @@ def rel(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.float() - ref).norm() / ref.norm()).item()
 
 
-def problem(lib: Lib, n: int, k: int, m: int, epilogue: str) -> dict:
+def problem(n: int, k: int, m: int, epilogue: str) -> dict:
     lin = torch.nn.Linear(k, n, device="cuda", dtype=torch.float16)
     with torch.no_grad():
         lin.weight.normal_(0, 0.02)
@@ -111,7 +69,6 @@ def problem(lib: Lib, n: int, k: int, m: int, epilogue: str) -> dict:
         lin.bias.normal_(0, 0.02)
     x = torch.randn(m, k, device="cuda", dtype=torch.float16)
     r = torch.randn(m, n, device="cuda", dtype=torch.float16)
-    a_c, e = lib.compress(lin.weight)
     ref = x.float() @ lin.weight.float().t() + lin.bias.float()
     gelu = epilogue == "gelu"
     res = r if epilogue == "residual" else None
@@ -119,14 +76,16 @@ def problem(lib: Lib, n: int, k: int, m: int, epilogue: str) -> dict:
         ref = F.gelu(ref)
     elif res is not None:
         ref = ref + r.float()
+    cutlass = Runner(lin.weight.detach(), lin.bias.detach(), m, gelu)
+    configs = range(len(cutlass.plans))
     row = {"n": n, "k": k, "m": m, "epilogue": epilogue, "errors": {}, "us": {}}
-    for c in range(lib.num_configs):
+    for c in configs:
         out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.float16)
         try:
-            lib.gemm(c, a_c, e, n, x, lin.bias, residual=res, gelu=gelu, out=out)
+            cutlass(c, x, residual=res, out=out)
             torch.cuda.synchronize()
             row["errors"][c] = rel(out, ref)
-        except RuntimeError as err:
+        except CutlassUnavailable as err:
             row["errors"][c] = str(err)
     layer = SemiSparseLinear(lin)
     with torch.inference_mode():
@@ -145,9 +104,9 @@ def problem(lib: Lib, n: int, k: int, m: int, epilogue: str) -> dict:
         else:
             fns = {"dense": lambda: F.linear(x, lin.weight, lin.bias), "cusparselt": lambda: layer(x)}
         row["errors"]["cusparselt"] = rel(fns["cusparselt"](), ref)
-        for c in range(lib.num_configs):
+        for c in configs:
             if isinstance(row["errors"][c], float):
-                fns[f"cutlass{c}"] = lambda c=c: lib.gemm(c, a_c, e, n, x, lin.bias, residual=res, gelu=gelu)
+                fns[f"cutlass{c}"] = lambda c=c: cutlass(c, x, residual=res)
         for _ in range(2):  # two passes; the second is kept (clocks and caches warm)
             row["us"] = {name: time_cuda_us(fn, warmup=2, repeats=7, inner=5) for name, fn in fns.items()}
     return row
@@ -167,17 +126,15 @@ BERT = [
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--lib", required=True)
     ap.add_argument("--tokens", type=int, nargs="+", default=[6144, 24576, 98304])
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    lib = Lib(args.lib)
     torch.manual_seed(0)
     rows = []
     names = None
     for m in args.tokens:
         for n, k, epi in BERT:
-            row = problem(lib, n, k, m, epi)
+            row = problem(n, k, m, epi)
             rows.append(row)
             if names is None:
                 names = list(row["us"])

@@ -14,9 +14,16 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from check_kernels_gpu import DEV, TOL, rel_err, sparse_linear, tiny_bert  # tests/gpu is on sys.path
+from check_kernels_gpu import (
+    DEV,
+    TOL,
+    assert_compiled_and_replayed_match,
+    rel_err,
+    sparse_linear,
+    tiny_bert,
+)  # tests/gpu is on sys.path
 
-from hf_semisparse.kernels import CUDAGraphedModel, accelerate_24, semi_sparse_layers
+from hf_semisparse.kernels import accelerate_24, semi_sparse_layers
 from hf_semisparse.kernels import linear as linear_mod
 from hf_semisparse.kernels.cusparselt import AlgConfig
 from hf_semisparse.kernels.cutlass_sm90 import CutlassHandle, CutlassPlan, CutlassUnavailable, why_unavailable
@@ -123,11 +130,7 @@ def test_accelerated_bert_on_cutlass_matches_dense_eager_compiled_and_replayed()
         for layer in semi_sparse_layers(fast):
             layer.set_dispatch(16 * 128, True)
         assert rel_err(fast(input_ids=ids).start_logits, ref) < 2e-3
-        compiled = torch.compile(fast, fullgraph=True, backend="aot_eager")(input_ids=ids).start_logits
-    assert rel_err(compiled, ref) < 2e-3
-    graphed = CUDAGraphedModel(fast, tune=False)
-    for _ in range(2):
-        assert rel_err(graphed(input_ids=ids).start_logits, ref) < 2e-3
+    assert_compiled_and_replayed_match(fast, ids, ref)
 
 
 def test_load_state_dict_compresses_the_new_weights_for_cutlass():

@@ -327,7 +327,7 @@ def search_config(
 ) -> tuple[AlgConfig, float, float | None]:
     """`tuning.search_alg` for the CUTLASS kernels: every tile configuration timed, the three fastest again in
     turn with `dense`; the fastest configuration, its median time (us) and that of `dense` (None without it)."""
-    from .tuning import time_cuda_us, time_interleaved
+    from .tuning import pick_finalist, time_cuda_us
 
     out = torch.empty(m, n, dtype=dtype, device=x.device)
     runners, timings = {}, {}
@@ -346,10 +346,4 @@ def search_config(
         runners[alg] = fn
     if not timings:
         raise CutlassUnavailable(f"no CUTLASS configuration runs N{n} K{k} M{m} {dtype}")
-    finalists = sorted(timings, key=timings.get)[:3]
-    candidates = {alg: runners[alg] for alg in finalists}
-    if dense is not None:
-        candidates["dense"] = dense
-    final = time_interleaved(candidates)
-    best = min(finalists, key=final.get)
-    return best, final[best], final.get("dense")
+    return pick_finalist(timings, runners, dense)

@@ -205,7 +205,8 @@ class SemiSparseLinear(nn.Module):
         plan = self._fast.get(key, _UNSET)
         if plan is None and x.dtype is self.compute_dtype:
             # this token count runs dense: plain attributes, no Module.__getattr__ (about nn.Linear's host time)
-            return _finish(F.linear(x, self._w, self._b), residual, gelu)
+            y = F.linear(x, self._w, self._b)
+            return y if residual is None and not gelu else _finish(y, residual, gelu)
         return self._dispatch(x, key, plan, residual, gelu)
 
     def _apply(self, fn, recurse=True):
@@ -412,18 +413,30 @@ class SemiSparseLinear(nn.Module):
         sessions 6 and 7)."""
         if torch.cuda.is_current_stream_capturing():
             return None  # no timing inside a capture; the separate add is always correct (not remembered)
+        fused = self._epilogue_plan(plan, x, ws, key, residual=residual)
+        self._residual_fast[key] = fused
+        return fused
+
+    def _epilogue_plan(self, plan, x: torch.Tensor, ws, key: tuple[int, int], residual=None, gelu=False):
+        """The plan whose epilogue adds `residual` (or applies GELU), or None where `plan` plus a separate pass
+        measured faster. Searched once per shape (the residual as C), and kept in the tuning cache."""
         backend = get_backend()
         handle = self._handle(x.device)
-        m = key[1] // self.in_features  # not padded: only unpadded calls add in the epilogue
-        shape_key = self._shape_key(handle, m, x.dtype, residual=True)
+        m = key[1] // self.in_features  # not padded: only unpadded calls fuse an epilogue
+        shape_key = self._shape_key(handle, m, x.dtype, residual=residual is not None, gelu=gelu)
         decision = backend.cache.get(shape_key)
         if decision is None:
             stream = _current_stream(key[0])
-            out = torch.empty_like(residual)
+            out = torch.empty(m, self.out_features, dtype=x.dtype, device=x.device)
+            if residual is not None:
+                out = out.view(residual.shape)  # the separate add then runs as forward runs it
 
             def unfused():
                 plan.run(self._c, x, out, ws, stream)
-                torch.add(out, residual)
+                if gelu:
+                    F.gelu(out)
+                else:
+                    torch.add(out, residual)
 
             alg, fused_us, unfused_us = self._search(
                 handle,
@@ -432,7 +445,7 @@ class SemiSparseLinear(nn.Module):
                 m,
                 x.dtype,
                 self.bias,
-                False,
+                gelu,
                 self._c,
                 x,
                 stream,
@@ -440,13 +453,16 @@ class SemiSparseLinear(nn.Module):
                 c=residual,
             )
             use = fused_us < unfused_us
-            reason = f"epilogue add {fused_us:.1f} us {'<' if use else '>='} GEMM + add {unfused_us:.1f} us"
+            what = "GELU" if gelu else "add"
+            reason = (
+                f"epilogue {what} {fused_us:.1f} us {'<' if use else '>='} GEMM + {what} {unfused_us:.1f} us"
+            )
             decision = Decision(use, alg, fused_us, unfused_us, reason)
             backend.cache.put(shape_key, decision)
             logger.info("%s: %s (alg %s)", shape_key, reason, alg)
-        fused = self._plan(handle, m, x.dtype, decision, residual=True) if decision.use_sparse else None
-        self._residual_fast[key] = fused
-        return fused
+        if not decision.use_sparse:
+            return None
+        return self._plan(handle, m, x.dtype, decision, residual=residual is not None, gelu=gelu)
 
     def _sparse_for_residual(self, x: torch.Tensor, key: tuple[int, int], residual, stream: int):
         """A token count whose plain GEMM runs faster dense, first called with a residual: the 2:4 plan if the
@@ -489,38 +505,7 @@ class SemiSparseLinear(nn.Module):
             return None
         if torch.cuda.is_current_stream_capturing():
             return None  # not remembered during a capture: decided on the first call outside one
-        backend = get_backend()
-        handle = self._handle(x.device)
-        m = key[1] // self.in_features
-        shape_key = self._shape_key(handle, m, x.dtype, gelu=True)
-        decision = backend.cache.get(shape_key)
-        if decision is None:
-            stream = _current_stream(key[0])
-            out = torch.empty(m, self.out_features, dtype=x.dtype, device=x.device)
-
-            def unfused():
-                plan.run(self._c, x, out, ws, stream)
-                F.gelu(out)
-
-            alg, fused_us, unfused_us = self._search(
-                handle,
-                self.out_features,
-                self.in_features,
-                m,
-                x.dtype,
-                self.bias,
-                True,
-                self._c,
-                x,
-                stream,
-                dense=unfused,
-            )
-            use = fused_us < unfused_us
-            reason = f"GELU epilogue {fused_us:.1f} us {'<' if use else '>='} GEMM + GELU {unfused_us:.1f} us"
-            decision = Decision(use, alg, fused_us, unfused_us, reason)
-            backend.cache.put(shape_key, decision)
-            logger.info("%s: %s (config %s)", shape_key, reason, alg)
-        fused = self._plan(handle, m, x.dtype, decision, gelu=True) if decision.use_sparse else None
+        fused = self._epilogue_plan(plan, x, ws, key, gelu=True)
         self._gelu_fast[key] = fused
         return fused
 

@@ -96,17 +96,22 @@ def is_bert_style_intermediate(module: nn.Module, dense_type: type | None = None
 def fuse_gelu(model: nn.Module) -> list[str]:
     """Replace every BERT-style intermediate block of `model` with exact GELU and a `SemiSparseLinear` dense by a
     `FusedGeluIntermediate`, in place. Returns the names of the blocks replaced."""
-    fused = []
-    modules = dict(model.named_modules())
-    for name, module in modules.items():
-        if not name or not is_bert_style_intermediate(module):
-            continue
-        parent_name, _, child = name.rpartition(".")
-        setattr(modules[parent_name] if parent_name else model, child, FusedGeluIntermediate(module))
-        fused.append(name)
+    fused = _replace_blocks(model, is_bert_style_intermediate, FusedGeluIntermediate)
     if fused:
         logger.info("hf_semisparse: GELU handed to the 2:4 GEMM of %d blocks", len(fused))
     return fused
+
+
+def _replace_blocks(model: nn.Module, matches, wrap) -> list[str]:
+    """Replace, in place, every submodule for which `matches(module)` holds by `wrap(module)`; their names."""
+    replaced = []
+    modules = dict(model.named_modules())
+    for name, module in modules.items():
+        if name and matches(module):
+            parent_name, _, child = name.rpartition(".")
+            setattr(modules[parent_name] if parent_name else model, child, wrap(module))
+            replaced.append(name)
+    return replaced
 
 
 def _reference_codes() -> list[CodeType]:
@@ -162,14 +167,9 @@ def fuse_residual_adds(model: nn.Module) -> list[str]:
     """Replace every BERT-style output block of `model` whose `dense` is a `SemiSparseLinear` by a
     `FusedResidualOutput`, in place. Returns the names of the blocks replaced."""
     references = _reference_codes()
-    fused = []
-    modules = dict(model.named_modules())
-    for name, module in modules.items():
-        if not name or not is_bert_style_output(module, references):
-            continue
-        parent_name, _, child = name.rpartition(".")
-        setattr(modules[parent_name] if parent_name else model, child, FusedResidualOutput(module))
-        fused.append(name)
+    fused = _replace_blocks(
+        model, lambda module: is_bert_style_output(module, references), FusedResidualOutput
+    )
     if fused:
         logger.info("hf_semisparse: residual add fused into the 2:4 GEMM of %d blocks", len(fused))
     return fused

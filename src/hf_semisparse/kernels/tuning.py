@@ -224,11 +224,16 @@ def search_alg(
         for alg in ranked[:2]:
             for split_k, mode in SEGMENT_K_CANDIDATES:
                 measure(AlgConfig(alg.alg_id, split_k, mode))
-    # the three fastest again, in turn with dense: one noisy sample should not pick the algorithm or the path
-    finalists = sorted(timings, key=timings.get)[:3]
-    candidates = {alg: runners[alg] for alg in finalists}
+    return pick_finalist(timings, runners, dense)
+
+
+def pick_finalist(timings: dict, runners: dict, dense=None, finalists: int = 3) -> tuple:
+    """The `finalists` fastest candidates of a first timing pass, timed again in turn with `dense` (one noisy
+    sample should not pick the kernel or the path): the fastest, its median time (us), and `dense`'s (or None)."""
+    ranked = sorted(timings, key=timings.get)[:finalists]
+    candidates = {key: runners[key] for key in ranked}
     if dense is not None:
         candidates["dense"] = dense
     final = time_interleaved(candidates)
-    best = min(finalists, key=final.get)
+    best = min(ranked, key=final.get)
     return best, final[best], final.get("dense")
