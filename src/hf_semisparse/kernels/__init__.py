@@ -23,6 +23,7 @@ from .projections import ProjectionSlice, semi_sparse_layers
 from .projections import fuse_projections as fuse_projections_
 from .residual import FusedGeluIntermediate, FusedResidualOutput, fuse_residual_adds
 from .residual import fuse_gelu as fuse_gelu_
+from .warmup import PrepareReport, prepare_generation, prepare_token_counts
 
 logger = logging.getLogger(__name__)
 _SAID: set[str] = set()
@@ -41,6 +42,7 @@ class AccelerationReport:
     fused_projections: list[str] = field(default_factory=list)  # sibling projections run as one GEMM
     fused_gelu: list[str] = field(default_factory=list)  # intermediate blocks whose GELU may be in the GEMM
     kernels: dict[str, int] = field(default_factory=dict)  # kernel library -> number of 2:4 layers on it
+    keep_dense: bool = True  # whether a dense copy of each 2:4 weight is kept beside the compressed one
     reason: str = ""  # set when nothing could be accelerated at all
 
     @property
@@ -50,7 +52,10 @@ class AccelerationReport:
     def __str__(self) -> str:
         if self.reason:
             return f"not accelerated: {self.reason}"
-        lines = [f"{len(self.accelerated)} layers on 2:4 kernels"]
+        lines = [
+            f"{len(self.accelerated)} layers on 2:4 kernels "
+            f"({'compressed and dense weights kept' if self.keep_dense else 'compressed weights only'})"
+        ]
         if self.kernels:
             lines.append(
                 "  kernels: " + ", ".join(f"{n} on {name}" for name, n in sorted(self.kernels.items()))
@@ -102,12 +107,23 @@ def _linear_weight(module: nn.Module) -> torch.Tensor | None:
     return module.weight if isinstance(module, nn.Linear) else module.weight.t()
 
 
+def is_generative_decoder(model: nn.Module) -> bool:
+    """Whether `model` is a decoder-only generative model (Llama, Qwen, Mistral, GPT-2...): its serving time is
+    mostly decode steps, run by transformers' compiled static-cache generate."""
+    root = unwrap_model(model)
+    config = getattr(root, "config", None)
+    can_generate = getattr(root, "can_generate", None)
+    return bool(
+        callable(can_generate) and can_generate() and not getattr(config, "is_encoder_decoder", False)
+    )
+
+
 def accelerate_24(
     model: nn.Module,
-    keep_dense: bool = True,
+    keep_dense: bool | None = None,
     targets: list[str] | None = None,
     fuse_residual: bool = True,
-    fuse_projections: bool = True,
+    fuse_projections: bool | None = None,
     fuse_gelu: bool = True,
     kernel: str = "auto",
 ) -> AccelerationReport:
@@ -116,10 +132,12 @@ def accelerate_24(
 
     Args:
         model: a model on a CUDA device in fp16 or bf16 whose pruned weights are exactly 2:4.
-        keep_dense: keep dense weights too so shapes where sparse measured slower run dense (1.56x weight memory;
-            at small batches the wrapper's host time can still make the model slower than dense, see
-            docs/benchmarks.md); False keeps only compressed weights (about 0.56x) and always runs sparse.
-            Move and cast the model before calling this: `.to()`/`.half()` afterwards are not supported.
+        keep_dense: keep dense weights too so shapes where sparse measured slower run dense (1.56x weight memory);
+            False keeps only compressed weights (0.5625x the dense bytes) and always runs sparse. None (default):
+            False for decoder-only generative models (`is_generative_decoder`: their decode GEMMs are bound by
+            reading the weights, where 2:4 always wins), True otherwise. Move and cast the model before calling
+            this: `.to()`/`.half()` afterwards are not supported; without a dense copy `state_dict()` has no
+            weights of these layers (save the model before accelerating it).
         targets: names of the layers to convert. Default: `model.config.sparsity_config["targets"]` when the model
             records them (each must be 2:4, else `ValueError`), otherwise every linear layer that is exactly 2:4.
         fuse_residual: in BERT-style output blocks (`LayerNorm(dense(h) + residual)`, see `kernels/residual.py`),
@@ -128,7 +146,9 @@ def accelerate_24(
         fuse_projections: run sibling projections of one input (`query`/`key`/`value`, `q_proj`/`k_proj`/`v_proj`,
             `gate_proj`/`up_proj`) as one 2:4 GEMM over their joined weights (`kernels/projections.py`); their
             outputs become column views of the joined output. State dict keys do not change. Under
-            `torch.compile` the joined projections run one by one (dense where a dense copy is kept).
+            `torch.compile` the joined projections run one by one (dense where a dense copy is kept). None
+            (default): False for decoder-only generative models, whose decode steps run compiled
+            (transformers' static-cache generate), True otherwise.
         fuse_gelu: in BERT-style intermediate blocks with exact GELU (`kernels/residual.py`), hand the GELU to the
             2:4 layer, which applies it in the GEMM's epilogue on our CUTLASS kernels where that measured faster
             (and as a separate `F.gelu` otherwise).
@@ -150,6 +170,9 @@ def accelerate_24(
     if kernel not in KERNELS:
         raise ValueError(f"accelerate_24: kernel must be one of {KERNELS}, got {kernel!r}")
     root = unwrap_model(model)
+    decoder = is_generative_decoder(root)
+    keep_dense = not decoder if keep_dense is None else keep_dense
+    fuse_projections = not decoder if fuse_projections is None else fuse_projections
     try:
         param = next(root.parameters())
     except StopIteration:
@@ -167,7 +190,7 @@ def accelerate_24(
 
     from .linear import SemiSparseLinear
 
-    report = AccelerationReport()
+    report = AccelerationReport(keep_dense=keep_dense)
     modules = dict(root.named_modules())
     eligible: list[str] = []
     for name in targets if strict else list(modules):
@@ -246,9 +269,13 @@ __all__ = [
     "DispatchReport",
     "FusedGeluIntermediate",
     "FusedResidualOutput",
+    "PrepareReport",
     "ProjectionSlice",
     "accelerate_24",
     "fuse_residual_adds",
+    "is_generative_decoder",
+    "prepare_generation",
+    "prepare_token_counts",
     "semi_sparse_layers",
     "tune_dispatch",
     "why_not_accelerated",

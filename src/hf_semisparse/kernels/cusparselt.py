@@ -49,6 +49,31 @@ ALIGNMENT = 16  # bytes; every pointer torch's allocator returns is 512-byte ali
 _OPAQUE_BYTES = 1024  # the header says 512 bytes, 16-aligned; twice that costs nothing and is safe
 
 
+_ALLOC_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def persistent_empty(size: int, device: torch.device, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """An uninitialised tensor of `size` elements that lives outside every CUDA graph memory pool.
+
+    Under inductor's CUDA graph trees (`torch.compile(mode="reduce-overhead")`, transformers' static-cache
+    generate) the warm-up run allocates from the graph's private pool on the current stream; a buffer kept
+    beyond the call (a workspace, a plan's placeholder) must not come from there. Allocating on a side stream
+    takes it from the ordinary pool. The tensor is never freed while plans or captured graphs use it (callers
+    keep it), so no stream ordering is needed at free time. During a stream capture it falls back to the
+    capture's pool (nothing else may allocate then).
+    """
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if torch.cuda.is_current_stream_capturing():  # no allocation outside the capture's pool is allowed now
+        return torch.empty(size, dtype=dtype, device=torch.device("cuda", index))
+    stream = _ALLOC_STREAMS.get(index)
+    if stream is None:
+        stream = _ALLOC_STREAMS[index] = torch.cuda.Stream(torch.device("cuda", index))
+    with torch.cuda.stream(stream):
+        tensor = torch.empty(size, dtype=dtype, device=torch.device("cuda", index))
+    stream.synchronize()
+    return tensor
+
+
 def _opaque():
     # c_longdouble is 16-byte aligned on x86-64, so the array is too
     return (ctypes.c_longdouble * (_OPAQUE_BYTES // 16))()
@@ -226,11 +251,20 @@ class Handle:
         key = (n, k, m, dtype, layout, bias, gelu, alg)
         proto = self._selections.get(key)
         if proto is None:
-            placeholder = torch.zeros(n, dtype=dtype, device=self.device) if bias else None
+            placeholder = persistent_empty(n, self.device, dtype) if bias else None  # never read
             proto = MatmulPlan(self, n, k, m, dtype, bias=placeholder, gelu=gelu, alg=alg, layout=layout)
             proto.placeholder_bias = placeholder  # the prototype never runs; keep its pointer valid anyway
             self._selections[key] = proto
         return proto
+
+    def adopt_selection(self, plan: MatmulPlan) -> None:
+        """Keep `plan`'s own algorithm selection (a search's winner) as the shared one of its problem and
+        algorithm, so that the plans that follow need no new selection (0.2 s each). Only a plan made with a
+        selection of its own qualifies; an existing shared selection is kept."""
+        if "alg" not in plan._alive:
+            return
+        n, k, m, dtype, layout, bias, gelu = plan.problem
+        self._selections.setdefault((n, k, m, dtype, layout, bias, gelu, plan.selected_alg), plan)
 
     def compress(self, weight: torch.Tensor, layout: str = "sparse_a") -> torch.Tensor:
         """cuSPARSELt's compressed form of a 2:4 weight `[N, K]` for `layout` (values plus metadata, opaque)."""

@@ -18,12 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import cutlass_sm90
-from .cusparselt import ALIGNMENT, Handle, MatmulPlan
+from .buckets import anchor_of, bucket_for, is_bucket, padded_tokens, split_into_buckets
+from .cusparselt import ALIGNMENT, AlgConfig, Handle, MatmulPlan, persistent_empty
 from .tuning import Decision, ShapeKey, TuningCache, choose, default_cache_path, search_alg
 
 logger = logging.getLogger(__name__)
 
-M_MULTIPLE = 16  # token counts are padded up to this for the sparse kernel
 _UNSET = object()
 _is_compiling = torch.compiler.is_compiling
 _RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # no Stream object per call
@@ -43,6 +43,8 @@ class SparseGemmBackend:
         self.margin = margin
         self._local = threading.local()
         self._workspaces: dict[tuple[int, int], torch.Tensor] = {}
+        self._retired: list[torch.Tensor] = []
+        self.prepared = False  # set by prepare_token_counts: later searches are said once
         self._cutlass: dict[tuple[int, torch.dtype], cutlass_sm90.CutlassHandle] = {}
         self._lock = threading.Lock()
 
@@ -66,14 +68,26 @@ class SparseGemmBackend:
         return handle
 
     def workspace(self, device: torch.device, stream: int, size: int) -> torch.Tensor | None:
+        """A workspace of at least `size` bytes for GEMMs on `stream`.
+
+        Kept workspaces live outside every CUDA graph memory pool (`persistent_empty`): a tensor that outlives a
+        call but was allocated in a graph's pool breaks inductor's CUDA graph trees ("tensors in the cudagraph
+        pool not tracked as outputs"). A workspace a graph captured stays alive when a larger one replaces it.
+        During a capture no workspace is kept: a too small one is replaced for this call only, from the capture's
+        own pool."""
         if size == 0:
             return None
         key = (device.index, stream)
         ws = self._workspaces.get(key)
-        if ws is None or ws.numel() < size:
-            with self._lock:
-                ws = torch.empty(size, dtype=torch.uint8, device=device)
-                self._workspaces[key] = ws
+        if ws is not None and ws.numel() >= size:
+            return ws
+        if torch.cuda.is_current_stream_capturing():
+            return torch.empty(size, dtype=torch.uint8, device=device)
+        with self._lock:
+            if ws is not None:
+                self._retired.append(ws)  # a captured graph may still read it
+            ws = persistent_empty(size, device)
+            self._workspaces[key] = ws
         return ws
 
 
@@ -120,6 +134,36 @@ def choose_kernel(kernel: str, weight: torch.Tensor, takes_epilogue: bool = True
             _SAID.add(message)
             logger.info(message)
     return "cusparselt"
+
+
+def _say_once(message: str) -> None:
+    if message not in _SAID:
+        _SAID.add(message)
+        logger.warning(message)
+
+
+class ChunkedPlan:
+    """A token count that is not a ladder size, run as 2:4 GEMMs over consecutive row blocks that are, each with
+    its own plan (`buckets.split_into_buckets`). `run` as `MatmulPlan.run`."""
+
+    def __init__(self, pieces: list[tuple[int, int, object]], n: int, k: int) -> None:
+        self.pieces, self.n, self.k = pieces, n, k
+        self.m = sum(size for _, size, _ in pieces)
+        self.workspace_size = max(plan.workspace_size for _, _, plan in pieces)
+
+    def run(self, compressed, x, out, workspace, stream: int, c: torch.Tensor | None = None) -> None:
+        x2, out2 = x.view(self.m, self.k), out.view(self.m, self.n)
+        c2 = None if c is None else c.view(self.m, self.n)
+        for start, size, plan in self.pieces:
+            end = start + size
+            plan.run(
+                compressed,
+                x2[start:end],
+                out2[start:end],
+                workspace,
+                stream,
+                None if c2 is None else c2[start:end],
+            )
 
 
 class SemiSparseLinear(nn.Module):
@@ -245,9 +289,10 @@ class SemiSparseLinear(nn.Module):
             return get_backend().cutlass_handle(device, self.compute_dtype)
         return get_backend().handle(device)
 
-    def _search(self, *args, **kwargs):
-        search = cutlass_sm90.search_config if self.kernel == "cutlass" else search_alg
-        return search(*args, **kwargs)
+    def _search(self, *args, quick: bool = False, **kwargs):
+        if self.kernel == "cutlass":  # a handful of tile configurations: always all of them
+            return cutlass_sm90.search_config(*args, **kwargs)
+        return search_alg(*args, quick=quick, **kwargs)
 
     def _shape_key(
         self, handle: Handle, m: int, dtype: torch.dtype, residual: bool = False, gelu: bool = False
@@ -308,29 +353,60 @@ class SemiSparseLinear(nn.Module):
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self._w, self._b)
 
-    def _decide(self, handle: Handle, x2: torch.Tensor, stream: int) -> Decision:
+    def _decide(
+        self,
+        handle: Handle,
+        m: int,
+        dtype: torch.dtype,
+        stream: int,
+        x2: torch.Tensor | None = None,
+        inherit: bool = False,
+        quick: bool = False,
+    ) -> Decision:
+        """The decision (2:4 or dense, and the kernel) for `m` tokens, a ladder size (`buckets.py`).
+
+        From the tuning cache if there; else searched on `x2` (`[m, K]`, or random inputs of that size), or, with
+        `inherit`, for a size between two anchors, the decision of the anchor below (searched if needed). `quick`
+        searches fewer candidates (`tuning.search_alg`). During a stream capture nothing is timed: dense where a
+        dense weight is kept, else 2:4 with the library's default kernel, not remembered, said once.
+        """
         backend = get_backend()
-        key = self._shape_key(handle, x2.shape[0], x2.dtype)
+        key = self._shape_key(handle, m, dtype)
         decision = backend.cache.get(key)
         if decision is not None:
             return decision
         if torch.cuda.is_current_stream_capturing():
-            # no timing inside a graph capture: dense if we can, else sparse with cuSPARSELt's default algorithm
-            from .cusparselt import AlgConfig
-
+            _say_once(
+                f"hf_semisparse: {key} was first met inside a CUDA graph capture, where nothing can be timed; it "
+                f"runs {'dense' if self.keep_dense else 'with the default 2:4 kernel'} there. Prepare the token "
+                "counts before capturing (prepare_token_counts / prepare_generation)."
+            )
             return Decision(not self.keep_dense, AlgConfig(), None, None, "untuned during graph capture")
+        anchor = anchor_of(m)
+        if inherit and anchor != m:
+            base = self._decide(handle, anchor, dtype, stream, inherit=True, quick=quick)
+            decision = Decision(
+                base.use_sparse, base.alg, None, None, f"as the {anchor}-token search: {base.reason}"
+            )
+            backend.cache.put(key, decision)
+            return decision
+        if backend.prepared:
+            _say_once(f"hf_semisparse: searching kernels for {key} at first use (outside the prepared sizes)")
+        if x2 is None or x2.shape[0] != m:
+            x2 = torch.randn(m, self.in_features, dtype=dtype, device=handle.device)
         alg, sparse_us, dense_us = self._search(
             handle,
             self.out_features,
             self.in_features,
-            x2.shape[0],
-            x2.dtype,
+            m,
+            dtype,
             self.bias,
             False,
             self._c,
             x2,
             stream,
             dense=(lambda: self._dense(x2)) if self.keep_dense else None,
+            quick=quick,
         )
         use_sparse, reason = choose(sparse_us, dense_us, backend.margin)
         decision = Decision(use_sparse, alg, sparse_us, dense_us, reason)
@@ -338,13 +414,40 @@ class SemiSparseLinear(nn.Module):
         logger.info("%s: %s (alg %s)", key, reason, alg)
         return decision
 
-    def _prepare(self, x2: torch.Tensor, stream: int) -> MatmulPlan | None:
-        """First call for this token count: the plan to use, or None to run dense."""
+    def _prepare(self, x2: torch.Tensor, stream: int):
+        """First call for this token count (`x2`: `[padded M, K]`): the plan to run, or None to run dense."""
         handle = self._handle(x2.device)
-        decision = self._decide(handle, x2, stream)
+        m = x2.shape[0]
+        decision = self._decide(handle, bucket_for(m), x2.dtype, stream, x2 if is_bucket(m) else None)
         if not decision.use_sparse and self.weight is not None:
             return None
-        return self._plan(handle, x2.shape[0], x2.dtype, decision)
+        return self._sparse_route(handle, m, x2.dtype, stream, x2)
+
+    def _sparse_route(self, handle, m: int, dtype: torch.dtype, stream: int, x2=None, **search):
+        """The 2:4 plan for `m` (a multiple of 16) tokens: one GEMM where `m` is a ladder size, else GEMMs over
+        row blocks of ladder sizes (`ChunkedPlan`), so no new size is ever searched or planned."""
+        if is_bucket(m):
+            return self._plan(handle, m, dtype, self._decide(handle, m, dtype, stream, x2, **search))
+        pieces, start = [], 0
+        for size in split_into_buckets(m):
+            part = None if x2 is None else x2[start : start + size]
+            decision = self._decide(handle, size, dtype, stream, part, **search)
+            pieces.append((start, size, self._plan(handle, size, dtype, decision)))
+            start += size
+        return ChunkedPlan(pieces, self.out_features, self.in_features)
+
+    def prepare(self, token_counts, quick: bool = True) -> None:
+        """Decide and plan every ladder size in `token_counts` on this layer's device, ahead of serving: after
+        it, any token count up to the largest one runs without a search or a new plan (`prepare_token_counts`)."""
+        device = self._c.device
+        handle = self._handle(device)
+        stream = _current_stream(device.index)
+        size = 0
+        for m in token_counts:
+            decision = self._decide(handle, m, self.compute_dtype, stream, inherit=True, quick=quick)
+            # planned even where this size runs dense: it can be one block of a larger chunked call
+            size = max(size, self._plan(handle, m, self.compute_dtype, decision).workspace_size)
+        self._workspace(device, stream, size)
 
     # ---------------------------------------------------------------- dispatch, per token count
     def token_counts(self, device_index: int = 0) -> list[int]:
@@ -376,11 +479,13 @@ class SemiSparseLinear(nn.Module):
         if self._fast[key] is not None:
             return
         handle = self._handle(torch.device("cuda", device_index))
-        padded = -(-m // M_MULTIPLE) * M_MULTIPLE
-        decision = get_backend().cache.get(self._shape_key(handle, padded, self.compute_dtype))
+        padded = padded_tokens(m)
+        decision = get_backend().cache.get(self._shape_key(handle, bucket_for(padded), self.compute_dtype))
         if decision is None:
             raise KeyError(f"no tuned kernel for {padded} tokens (the tuning cache was cleared?)")
-        self._fast[key] = self._plan(handle, padded, self.compute_dtype, decision)
+        self._fast[key] = self._sparse_route(
+            handle, padded, self.compute_dtype, _current_stream(device_index)
+        )
 
     def adds_residual_in_epilogue(self, m: int, device_index: int = 0) -> bool | None:
         """Whether calls with a residual for `m` tokens add it in the 2:4 kernel's epilogue; None if no such call
@@ -420,9 +525,11 @@ class SemiSparseLinear(nn.Module):
     def _epilogue_plan(self, plan, x: torch.Tensor, ws, key: tuple[int, int], residual=None, gelu=False):
         """The plan whose epilogue adds `residual` (or applies GELU), or None where `plan` plus a separate pass
         measured faster. Searched once per shape (the residual as C), and kept in the tuning cache."""
+        m = key[1] // self.in_features  # not padded: only unpadded calls fuse an epilogue
+        if not is_bucket(m):
+            return None  # a chunked call: the blocks have no epilogue decisions of their own
         backend = get_backend()
         handle = self._handle(x.device)
-        m = key[1] // self.in_features  # not padded: only unpadded calls fuse an epilogue
         shape_key = self._shape_key(handle, m, x.dtype, residual=residual is not None, gelu=gelu)
         decision = backend.cache.get(shape_key)
         if decision is None:
@@ -513,7 +620,8 @@ class SemiSparseLinear(nn.Module):
         ws = self._workspaces.get(stream)
         if size and (ws is None or ws.numel() < size):
             ws = get_backend().workspace(device, stream, size)
-            self._workspaces[stream] = ws
+            if not torch.cuda.is_current_stream_capturing():  # a capture's workspace serves that call only
+                self._workspaces[stream] = ws
         return ws
 
     def _cuda_forward(
@@ -543,7 +651,7 @@ class SemiSparseLinear(nn.Module):
         if m == 0:
             return x.new_empty(*lead, self.out_features), False
         # the kernel reads x through its pointer: a contiguous input needs no reshape (host time per call counts)
-        padded = -(-m // M_MULTIPLE) * M_MULTIPLE
+        padded = padded_tokens(m)
         if padded != m:
             x = F.pad(x.reshape(m, self.in_features), (0, 0, 0, padded - m))
         elif not x.is_contiguous():

@@ -153,6 +153,8 @@ SEGMENT_K_CANDIDATES = ((-1, 1), (-1, 2))
 # illegal instruction, which kills the CUDA context (benchmarks/probe_cusparselt_algs.py, docs/benchmarks.md).
 # The search never tries ids above this; HF_SEMISPARSE_MAX_ALG_ID overrides it.
 SAFE_MAX_ALG_ID = int(os.environ.get("HF_SEMISPARSE_MAX_ALG_ID", "35"))
+QUICK_ALG_IDS = 4  # ids searched by a quick search (warm-ups)
+QUICK_SPLIT_K_MAX_M = 256  # a quick search tries split-K at these token counts only (decode)
 
 
 def time_interleaved(fns: dict, rounds: int = 5) -> dict:
@@ -178,8 +180,15 @@ def search_alg(
     stream: int,
     dense=None,
     c: torch.Tensor | None = None,
+    quick: bool = False,
 ) -> tuple[AlgConfig, float, float | None]:
     """Time every cuSPARSELt algorithm id on these inputs, then split-K and Segment-K variants of the best ones.
+
+    `quick`: only the first `QUICK_ALG_IDS` ids (cuSPARSELt ranks its configurations by its own heuristic; ids
+    0-7 won 84% of 144 searches over BERT shapes on an H100), split-K only at decode sizes (M <= 256) and
+    Segment-K for the best id only: about a third of the candidates, for warm-ups over many sizes. Each candidate
+    costs about 0.2 s of host time (its algorithm selection); the winner's selection is kept for the plans that
+    follow (`Handle.selection`).
 
     `dense`: the computation to compare with, called without arguments; the finalists and it are re-timed in turn
     (`time_interleaved`). `c`: search for out = x @ W^T (+ bias) + c, the C operand read in the epilogue (the best
@@ -190,11 +199,14 @@ def search_alg(
 
     # each candidate gets a selection of its own (about 0.2 s of host time each on an H100): planning from one
     # selection whose algorithm changed in between crashed the process once (docs/benchmarks.md)
+    plans: dict[AlgConfig, MatmulPlan] = {}
+
     def runner(alg: AlgConfig):
         try:
             plan = MatmulPlan(handle, n, k, m, dtype, bias=bias, gelu=gelu, alg=alg)
         except CusparseLtError:
             return None  # this configuration does not exist for the shape
+        plans[alg] = plan
         ws = torch.empty(max(plan.workspace_size, 1), dtype=torch.uint8, device=x.device)
         return lambda: plan.run(compressed, x, out, ws, stream, c=c)
 
@@ -212,19 +224,23 @@ def search_alg(
         runners[alg] = fn
 
     probe = handle.selection(n, k, m, dtype, bias is not None, gelu)
-    for alg_id in range(min(probe.max_alg_id(), SAFE_MAX_ALG_ID) + 1):
+    max_id = min(probe.max_alg_id(), SAFE_MAX_ALG_ID, QUICK_ALG_IDS - 1 if quick else SAFE_MAX_ALG_ID)
+    for alg_id in range(max_id + 1):
         measure(AlgConfig(alg_id))
     if not timings:
         raise CusparseLtError(f"no cuSPARSELt algorithm runs N{n} K{k} M{m} {dtype}")
     ranked = sorted(timings, key=timings.get)
-    for split_k, mode in SPLIT_K_CANDIDATES:
-        if k // split_k >= 64:
-            measure(AlgConfig(ranked[0].alg_id, split_k, mode, split_k - 1))
+    if not quick or m <= QUICK_SPLIT_K_MAX_M:
+        for split_k, mode in SPLIT_K_CANDIDATES:
+            if k // split_k >= 64:
+                measure(AlgConfig(ranked[0].alg_id, split_k, mode, split_k - 1))
     if torch.cuda.get_device_capability(x.device) >= (9, 0):
-        for alg in ranked[:2]:
+        for alg in ranked[: 1 if quick else 2]:
             for split_k, mode in SEGMENT_K_CANDIDATES:
                 measure(AlgConfig(alg.alg_id, split_k, mode))
-    return pick_finalist(timings, runners, dense)
+    best, best_us, dense_us = pick_finalist(timings, runners, dense)
+    handle.adopt_selection(plans[best])
+    return best, best_us, dense_us
 
 
 def pick_finalist(timings: dict, runners: dict, dense=None, finalists: int = 3) -> tuple:

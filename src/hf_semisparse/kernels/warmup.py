@@ -1,0 +1,122 @@
+"""Ahead-of-serving preparation: every kernel decision and plan a deployment needs, made once.
+
+The first call of a 2:4 layer at a new token count searches kernels (seconds per shape), and inside a CUDA graph
+capture nothing can be searched at all. `prepare_token_counts(model, max_tokens)` decides and plans every ladder
+size up to `max_tokens` (`buckets.py`) for every 2:4 layer, with a progress bar; decisions go to the tuning cache
+on disk (`tuning.py`), so a restarted process only plans (about 1 ms a layer and size, plus about 0.2 s per
+distinct weight shape and size for cuSPARSELt's algorithm selection). After it, any token count up to
+`max_tokens` runs with no search and no new plan, eager, under `torch.compile` and in CUDA graphs.
+`prepare_generation` does this for `generate`: prefill sizes up to a full batch of prompts, and decode sizes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..utils import unwrap_model
+from .buckets import ladder
+from .projections import semi_sparse_layers
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PrepareReport:
+    """What `prepare_token_counts` did."""
+
+    token_counts: list[int]  # the ladder sizes prepared
+    layers: int  # 2:4 layers (joined projections count once)
+    shapes: int  # distinct (weight shape, dtype, bias, kernel library) groups, each searched once per anchor
+    seconds: float
+
+    def __str__(self) -> str:
+        return (
+            f"prepared {len(self.token_counts)} token-count sizes ({self.token_counts[0]}..{self.token_counts[-1]}) "
+            f"for {self.layers} 2:4 layers of {self.shapes} shapes in {self.seconds:.1f} s"
+        )
+
+
+def prepare_token_counts(
+    model: nn.Module, max_tokens: int, min_tokens: int = 1, quick: bool = True, progress: bool = True
+) -> PrepareReport:
+    """Decide and plan the 2:4 kernels of every ladder size from `min_tokens` to `max_tokens` tokens per GEMM.
+
+    Args:
+        model: a model whose 2:4 layers run on 2:4 kernels (after `accelerate_24`), on a CUDA GPU.
+        max_tokens: the most tokens one forward passes through a linear layer (batch size x sequence length).
+        min_tokens: the fewest (decode steps: the batch size).
+        quick: search fewer kernel candidates per size (`tuning.search_alg`); False searches every algorithm.
+        progress: show a progress bar.
+
+    Returns:
+        A `PrepareReport`.
+
+    Raises:
+        ValueError: `max_tokens` below `min_tokens` or below 1, or `model` has no 2:4 layers (call `accelerate_24`
+            first; where it could not accelerate, it said why).
+
+    Example:
+        >>> accelerate_24(model)
+        >>> prepare_token_counts(model, max_tokens=8 * 2048)
+    """
+    from .linear import get_backend
+
+    if min_tokens < 1 or max_tokens < min_tokens:
+        raise ValueError(f"need 1 <= min_tokens <= max_tokens, got {min_tokens} and {max_tokens}")
+    layers = semi_sparse_layers(unwrap_model(model))
+    if not layers:
+        raise ValueError("the model has no 2:4 layers on 2:4 kernels: call accelerate_24(model) first")
+    sizes = ladder(max_tokens, min_tokens)
+    groups: dict[tuple, list] = {}
+    for layer in layers:
+        key = (
+            layer.compressed.device,
+            layer.out_features,
+            layer.in_features,
+            layer.compute_dtype,
+            layer.bias is not None,
+            layer.kernel,
+            layer.weight is not None,
+        )
+        groups.setdefault(key, []).append(layer)
+    start = time.perf_counter()
+    backend = get_backend()
+    with tqdm(
+        total=len(groups) * len(sizes), desc="hf_semisparse: preparing 2:4 kernels", disable=not progress
+    ) as bar:
+        for (_, n, k, *_), group in groups.items():
+            for m in sizes:
+                bar.set_postfix_str(f"{n}x{k}, {m} tokens")
+                with torch.no_grad():
+                    for layer in group:
+                        layer.prepare([m], quick=quick)
+                bar.update(1)
+    backend.prepared = True
+    report = PrepareReport(sizes, len(layers), len(groups), time.perf_counter() - start)
+    logger.info("hf_semisparse: %s", report)
+    return report
+
+
+def prepare_generation(
+    model: nn.Module, max_batch_size: int = 1, max_prompt_length: int = 2048, **kwargs
+) -> PrepareReport:
+    """`prepare_token_counts` for `model.generate`: prefill of up to `max_batch_size` prompts of up to
+    `max_prompt_length` tokens, and decode steps of 1 to `max_batch_size` sequences. Keyword arguments go to
+    `prepare_token_counts`.
+
+    Example:
+        >>> accelerate_24(model)
+        >>> prepare_generation(model, max_batch_size=32, max_prompt_length=2048)
+        >>> model.generate(**inputs, cache_implementation="static", max_new_tokens=256)
+    """
+    if max_batch_size < 1 or max_prompt_length < 1:
+        raise ValueError(
+            f"max_batch_size and max_prompt_length must be at least 1, got {max_batch_size} and {max_prompt_length}"
+        )
+    return prepare_token_counts(model, max_tokens=max_batch_size * max_prompt_length, min_tokens=1, **kwargs)

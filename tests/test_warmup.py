@@ -1,0 +1,258 @@
+"""Token-count buckets, chunked 2:4 GEMMs and the ahead-of-serving warm-up, on the CPU.
+
+The kernel library is replaced by stand-ins: a plan computes `x @ W^T + b` into its output rows with torch on the
+CPU, and the search is a counter. What is checked is the host logic: which sizes get searched, which get planned,
+that a token count off the ladder runs as row blocks whose results equal one dense GEMM, and that after a warm-up
+no call searches or plans. The kernels themselves run on the GPU in tests/gpu/check_generate_gpu.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from hf_semisparse import compute_nm_mask
+from hf_semisparse.kernels import buckets, prepare_generation, prepare_token_counts
+from hf_semisparse.kernels import linear as linear_mod
+from hf_semisparse.kernels.cusparselt import AlgConfig
+from hf_semisparse.kernels.linear import ChunkedPlan, SemiSparseLinear
+from hf_semisparse.kernels.tuning import TuningCache
+
+# ---------------------------------------------------------------------------------------------- the ladder
+
+
+def test_decode_sizes_are_powers_of_two_from_16():
+    assert [buckets.bucket_for(m) for m in (1, 16, 17, 33, 100, 256)] == [16, 16, 32, 64, 128, 256]
+    assert buckets.ladder(256) == [16, 32, 64, 128, 256]
+
+
+def test_four_sizes_per_octave_above_256():
+    assert buckets.ladder(2048, 257) == [320, 384, 448, 512, 640, 768, 896, 1024, 1280, 1536, 1792, 2048]
+    assert buckets.bucket_for(2000) == 2048 and buckets.bucket_for(2049) == 2560
+
+
+@pytest.mark.parametrize("m", [*range(16, 4097, 16), 24576, 98304, 16000, 65536 + 16])
+def test_every_multiple_of_16_splits_exactly_into_ladder_sizes(m):
+    blocks = buckets.split_into_buckets(m)
+    assert sum(blocks) == m
+    assert all(buckets.is_bucket(b) for b in blocks)
+    assert blocks == sorted(blocks, reverse=True)
+    if buckets.is_bucket(m):
+        assert blocks == [m]
+    assert len(blocks) <= 2 + m.bit_length() // 2  # a few GEMMs, never one per 16 rows
+
+
+def test_padding_is_small_above_the_decode_sizes():
+    for m in range(257, 20000, 7):
+        padded = buckets.padded_tokens(m)
+        assert padded % buckets.M_MULTIPLE == 0 and 0 <= padded - m < buckets.M_MULTIPLE
+
+
+def test_anchors_are_the_powers_of_two_below():
+    assert [buckets.anchor_of(b) for b in (16, 256, 320, 512, 640, 1792, 2048)] == [
+        16,
+        256,
+        256,
+        512,
+        512,
+        1024,
+        2048,
+    ]
+    with pytest.raises(ValueError, match="not a ladder size"):
+        buckets.anchor_of(300)
+
+
+@pytest.mark.parametrize("bad", [0, -3])
+def test_bad_token_counts_are_refused(bad):
+    with pytest.raises(ValueError):
+        buckets.bucket_for(bad)
+    with pytest.raises(ValueError):
+        buckets.split_into_buckets(40)  # not a multiple of 16
+
+
+# ---------------------------------------------------------------------------------------------- stand-ins
+
+
+class _Handle:
+    device = torch.device("cpu")
+    device_name = "stand-in GPU"
+    version = 800
+
+    def __init__(self):
+        self.selections = 0
+
+    def compress(self, weight):
+        return weight.clone()
+
+    def selection(self, *args, **kwargs):
+        self.selections += 1
+        return None
+
+
+class _Plan:
+    """x @ W^T + b on the CPU, into the given output rows (what a cuSPARSELt plan computes on the GPU)."""
+
+    made: list[int] = []
+
+    def __init__(self, handle, n, k, m, dtype, bias=None, alg=None, selection=None, **_):
+        self.n, self.k, self.m, self.bias, self.alg = n, k, m, bias, alg
+        self.workspace_size = 64 * m
+        _Plan.made.append(m)
+
+    def run(self, compressed, x, out, workspace, stream, c=None):
+        x, out2 = x.reshape(-1, self.k), out.view(-1, self.n)  # the kernels read pointers: any leading shape
+        assert x.shape[0] == self.m and out2.shape[0] == self.m, "a plan runs exactly its own token count"
+        assert workspace is None or workspace.numel() >= self.workspace_size
+        y = x.float() @ compressed.float().t()
+        if self.bias is not None:
+            y = y + self.bias.float()
+        if c is not None:
+            y = y + c.reshape(-1, self.n).float()
+        out2.copy_(y.to(out.dtype))
+
+
+class _Backend:
+    def __init__(self, cache):
+        self.cache, self.margin, self.prepared = cache, 0.03, False
+        self._handle = _Handle()
+        self.searches: list[tuple[int, int, int, bool]] = []
+
+    def handle(self, device):
+        return self._handle
+
+    def workspace(self, device, stream, size):
+        return torch.empty(size, dtype=torch.uint8) if size else None
+
+
+@pytest.fixture
+def gpu_standins(monkeypatch, tmp_path):
+    backend = _Backend(TuningCache(str(tmp_path / "tuning.json")))
+
+    def search(handle, n, k, m, dtype, bias, gelu, compressed, x, stream, dense=None, c=None, quick=False):
+        assert x.shape == (m, k)
+        backend.searches.append((n, k, m, quick))
+        return AlgConfig(m % 7), 10.0, (20.0 if dense is not None else None)
+
+    _Plan.made = []
+    monkeypatch.setattr(linear_mod, "_BACKEND", backend)
+    monkeypatch.setattr(linear_mod, "MatmulPlan", _Plan)
+    monkeypatch.setattr(linear_mod, "search_alg", search)
+    monkeypatch.setattr(linear_mod, "_current_stream", lambda index: 0)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    return backend
+
+
+def _layer(n=32, k=64, keep_dense=False, seed=0):
+    torch.manual_seed(seed)
+    lin = nn.Linear(k, n)
+    with torch.no_grad():
+        lin.weight.mul_(compute_nm_mask(lin.weight))
+    return lin, SemiSparseLinear(lin, keep_dense=keep_dense)
+
+
+def _run_as_on_gpu(layer, x):
+    """`SemiSparseLinear`'s CUDA path (padding, routing, plans), run with the CPU stand-ins."""
+    return layer._cuda_forward(x, (0, x.numel()), layer._fast.get((0, x.numel()), linear_mod._UNSET), None)
+
+
+# ---------------------------------------------------------------------------------------------- routing
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 16, 100, 256, 300, 1000, 2000, 2048])
+def test_any_token_count_computes_the_linear_layer(gpu_standins, tokens):
+    lin, layer = _layer()
+    x = torch.randn(1, tokens, 64)
+    torch.testing.assert_close(_run_as_on_gpu(layer, x), lin(x), rtol=1e-5, atol=1e-5)
+    route = layer._fast[(0, x.numel())]
+    padded = buckets.padded_tokens(tokens)
+    if buckets.is_bucket(padded):
+        assert route.m == padded and not isinstance(route, ChunkedPlan)
+    else:
+        assert isinstance(route, ChunkedPlan)
+        assert [size for _, size, _ in route.pieces] == buckets.split_into_buckets(padded)
+
+
+def test_chunked_plan_adds_the_residual_per_block():
+    torch.manual_seed(0)
+    w, b = torch.randn(8, 16), torch.randn(8)
+    pieces, start = [], 0
+    for size in (32, 16):
+        pieces.append((start, size, _Plan(None, 8, 16, size, torch.float32, bias=b)))
+        start += size
+    plan = ChunkedPlan(pieces, 8, 16)
+    x, c = torch.randn(3, 16, 16), torch.randn(3, 16, 8)
+    out = torch.full((3, 16, 8), float("nan"))
+    plan.run(w, x, out, None, 0, c=c)
+    torch.testing.assert_close(out, x @ w.t() + b + c)
+    assert plan.workspace_size == 64 * 32
+
+
+def test_sizes_on_the_ladder_are_searched_once_each_and_shared_by_layers(gpu_standins):
+    _, first = _layer(seed=0)
+    _, second = _layer(seed=1)  # same shape: shares the decisions
+    for layer in (first, second):
+        for tokens in (3, 9, 16, 2000):
+            _run_as_on_gpu(layer, torch.randn(tokens, 64))
+    searched = sorted(m for _, _, m, _ in gpu_standins.searches)
+    assert searched == sorted({16, 2048, 1792, 128, 64})  # 2000 = 1792+128+64+16, decided as 2048
+
+
+def test_after_prepare_no_call_searches_or_plans(gpu_standins):
+    _, layer = _layer()
+    report = prepare_token_counts(nn.Sequential(layer), max_tokens=4096, progress=False)
+    assert report.token_counts == buckets.ladder(4096) and report.layers == 1 and report.shapes == 1
+    anchors = sorted({buckets.anchor_of(m) for m in report.token_counts})
+    assert sorted(m for _, _, m, _ in gpu_standins.searches) == anchors  # searched at powers of two only
+    assert all(quick for *_, quick in gpu_standins.searches)
+    assert gpu_standins.prepared
+    searches, plans = len(gpu_standins.searches), len(_Plan.made)
+    for tokens in (1, 7, 77, 257, 1000, 2222, 4000, 4096):
+        x = torch.randn(tokens, 64)
+        out = _run_as_on_gpu(layer, x)
+        torch.testing.assert_close(out, _dense(layer, x), rtol=1e-5, atol=1e-5)
+    assert len(gpu_standins.searches) == searches and len(_Plan.made) == plans
+
+
+def _dense(layer, x):
+    return x @ layer.compressed.t() + layer.bias
+
+
+def test_sizes_between_anchors_take_the_anchor_algorithm(gpu_standins):
+    _, layer = _layer()
+    prepare_token_counts(nn.Sequential(layer), max_tokens=1792, min_tokens=1024, progress=False)
+    handle = gpu_standins._handle
+    anchor = gpu_standins.cache.get(layer._shape_key(handle, 1024, torch.float32))
+    between = gpu_standins.cache.get(layer._shape_key(handle, 1792, torch.float32))
+    assert between.alg == anchor.alg and between.use_sparse == anchor.use_sparse
+    assert "1024-token search" in between.reason
+
+
+def test_prepare_refuses_models_without_24_layers_and_bad_sizes(gpu_standins):
+    with pytest.raises(ValueError, match="accelerate_24"):
+        prepare_token_counts(nn.Sequential(nn.Linear(4, 4)), max_tokens=16, progress=False)
+    _, layer = _layer()
+    with pytest.raises(ValueError, match="min_tokens"):
+        prepare_token_counts(nn.Sequential(layer), max_tokens=8, min_tokens=16, progress=False)
+    with pytest.raises(ValueError, match="at least 1"):
+        prepare_generation(nn.Sequential(layer), max_batch_size=0)
+    assert not gpu_standins.searches  # nothing was started
+
+
+def test_prepare_generation_covers_prefill_and_decode(gpu_standins):
+    _, layer = _layer()
+    report = prepare_generation(nn.Sequential(layer), max_batch_size=4, max_prompt_length=300, progress=False)
+    assert report.token_counts[0] == 16 and report.token_counts[-1] == buckets.bucket_for(1200)
+
+
+def test_capture_of_an_unprepared_size_runs_without_search_and_says_so(gpu_standins, monkeypatch, caplog):
+    lin, layer = _layer(keep_dense=False)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setattr(linear_mod, "_SAID", set())
+    x = torch.randn(40, 64)
+    with caplog.at_level("WARNING"):
+        out = _run_as_on_gpu(layer, x)
+    torch.testing.assert_close(out, lin(x), rtol=1e-5, atol=1e-5)
+    assert not gpu_standins.searches
+    assert "inside a CUDA graph capture" in caplog.text and "prepare" in caplog.text
+    assert (0, x.numel()) not in layer._fast  # not remembered: decided properly outside the capture
