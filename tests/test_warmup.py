@@ -27,9 +27,9 @@ def test_decode_sizes_are_powers_of_two_from_16():
     assert buckets.ladder(256) == [16, 32, 64, 128, 256]
 
 
-def test_four_sizes_per_octave_above_256():
-    assert buckets.ladder(2048, 257) == [320, 384, 448, 512, 640, 768, 896, 1024, 1280, 1536, 1792, 2048]
-    assert buckets.bucket_for(2000) == 2048 and buckets.bucket_for(2049) == 2560
+def test_two_sizes_per_octave_above_256():
+    assert buckets.ladder(2048, 257) == [384, 512, 768, 1024, 1536, 2048]
+    assert buckets.bucket_for(2000) == 2048 and buckets.bucket_for(2049) == 3072
 
 
 @pytest.mark.parametrize("m", [*range(16, 4097, 16), 24576, 98304, 16000, 65536 + 16])
@@ -50,7 +50,7 @@ def test_padding_is_small_above_the_decode_sizes():
 
 
 def test_anchors_are_the_powers_of_two_below():
-    assert [buckets.anchor_of(b) for b in (16, 256, 320, 512, 640, 1792, 2048)] == [
+    assert [buckets.anchor_of(b) for b in (16, 256, 384, 512, 768, 1536, 2048)] == [
         16,
         256,
         256,
@@ -60,7 +60,7 @@ def test_anchors_are_the_powers_of_two_below():
         2048,
     ]
     with pytest.raises(ValueError, match="not a ladder size"):
-        buckets.anchor_of(300)
+        buckets.anchor_of(320)
 
 
 @pytest.mark.parametrize("bad", [0, -3])
@@ -195,7 +195,7 @@ def test_sizes_on_the_ladder_are_searched_once_each_and_shared_by_layers(gpu_sta
         for tokens in (3, 9, 16, 2000):
             _run_as_on_gpu(layer, torch.randn(tokens, 64))
     searched = sorted(m for _, _, m, _ in gpu_standins.searches)
-    assert searched == sorted({16, 2048, 1792, 128, 64})  # 2000 = 1792+128+64+16, decided as 2048
+    assert searched == sorted({16, 2048, 1536, 384, 64})  # 2000 = 1536+384+64+16, decided as 2048
 
 
 def test_after_prepare_no_call_searches_or_plans(gpu_standins):
@@ -220,10 +220,10 @@ def _dense(layer, x):
 
 def test_sizes_between_anchors_take_the_anchor_algorithm(gpu_standins):
     _, layer = _layer()
-    prepare_token_counts(nn.Sequential(layer), max_tokens=1792, min_tokens=1024, progress=False)
+    prepare_token_counts(nn.Sequential(layer), max_tokens=1536, min_tokens=1024, progress=False)
     handle = gpu_standins._handle
     anchor = gpu_standins.cache.get(layer._shape_key(handle, 1024, torch.float32))
-    between = gpu_standins.cache.get(layer._shape_key(handle, 1792, torch.float32))
+    between = gpu_standins.cache.get(layer._shape_key(handle, 1536, torch.float32))
     assert between.alg == anchor.alg and between.use_sparse == anchor.use_sparse
     assert "1024-token search" in between.reason
 

@@ -15,6 +15,7 @@ leading dimension N, which is exactly row-major y[M, N] in memory: no copies and
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ctypes
 import glob
@@ -49,29 +50,28 @@ ALIGNMENT = 16  # bytes; every pointer torch's allocator returns is 512-byte ali
 _OPAQUE_BYTES = 1024  # the header says 512 bytes, 16-aligned; twice that costs nothing and is safe
 
 
-_ALLOC_STREAMS: dict[int, torch.cuda.Stream] = {}
+_ALLOCATOR: concurrent.futures.ThreadPoolExecutor | None = None
 
 
 def persistent_empty(size: int, device: torch.device, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
     """An uninitialised tensor of `size` elements that lives outside every CUDA graph memory pool.
 
     Under inductor's CUDA graph trees (`torch.compile(mode="reduce-overhead")`, transformers' static-cache
-    generate) the warm-up run allocates from the graph's private pool on the current stream; a buffer kept
-    beyond the call (a workspace, a plan's placeholder) must not come from there. Allocating on a side stream
-    takes it from the ordinary pool. The tensor is never freed while plans or captured graphs use it (callers
-    keep it), so no stream ordering is needed at free time. During a stream capture it falls back to the
-    capture's pool (nothing else may allocate then).
+    generate) the warm-up run allocates from the graph's private pool: every allocation of the calling thread
+    goes there (torch 2.11), and a buffer kept beyond the call (a workspace, a plan's placeholder) must not come
+    from there ("tensor(s) in the cudagraph pool not tracked as outputs"). So it is allocated by a thread of our
+    own, from the ordinary pool. The tensor is never freed while plans or captured graphs use it (callers keep
+    it), so no stream ordering is needed at free time. During a stream capture, where no other allocation may
+    happen, it comes from the capture's pool instead.
     """
+    global _ALLOCATOR
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if torch.cuda.is_current_stream_capturing():  # no allocation outside the capture's pool is allowed now
-        return torch.empty(size, dtype=dtype, device=torch.device("cuda", index))
-    stream = _ALLOC_STREAMS.get(index)
-    if stream is None:
-        stream = _ALLOC_STREAMS[index] = torch.cuda.Stream(torch.device("cuda", index))
-    with torch.cuda.stream(stream):
-        tensor = torch.empty(size, dtype=dtype, device=torch.device("cuda", index))
-    stream.synchronize()
-    return tensor
+    target = torch.device("cuda", index)
+    if torch.cuda.is_current_stream_capturing():
+        return torch.empty(size, dtype=dtype, device=target)
+    if _ALLOCATOR is None:
+        _ALLOCATOR = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hf_semisparse-alloc")
+    return _ALLOCATOR.submit(torch.empty, size, dtype=dtype, device=target).result()
 
 
 def _opaque():

@@ -20,7 +20,7 @@ from torch import nn
 from . import cutlass_sm90
 from .buckets import anchor_of, bucket_for, is_bucket, padded_tokens, split_into_buckets
 from .cusparselt import ALIGNMENT, AlgConfig, Handle, MatmulPlan, persistent_empty
-from .tuning import Decision, ShapeKey, TuningCache, choose, default_cache_path, search_alg
+from .tuning import Decision, ShapeKey, TuningCache, choose, default_cache_path, search_alg, set_compiled_call
 
 logger = logging.getLogger(__name__)
 
@@ -760,7 +760,11 @@ def linear_24(
     layer = _LAYERS.get(layer_id)
     if layer is None:
         raise RuntimeError(f"SemiSparseLinear {layer_id} no longer exists")
-    return layer.run(x)
+    set_compiled_call(True)  # a search here (an unprepared size) times eager calls, captures nothing
+    try:
+        return layer.run(x)
+    finally:
+        set_compiled_call(False)
 
 
 @linear_24.register_fake

@@ -115,20 +115,38 @@ class TuningCache:
         return len(self._entries)
 
 
-def time_cuda_us(fn, warmup: int = 3, repeats: int = 15, inner: int = 5) -> float:
+def time_cuda_us(fn, warmup: int = 3, repeats: int = 15, inner: int = 5, graph: bool = False) -> float:
     """Median over `repeats` of the CUDA-event time of `inner` back-to-back calls of `fn()`, per call, in us.
 
     Several calls between the events keep the GPU busy, so host launch cost shows only where it exceeds the
-    kernel time, as it would inside a model.
+    kernel time, as it would inside a model. `graph`: the calls are captured in a CUDA graph and replayed, so
+    the time is the GPU's alone, as in CUDA-graph serving; for kernels shorter than their launch (decode sizes,
+    where eager timings measured the host: on an H200 every 2:4 GEMM of Llama-3-8B's shapes at 16 tokens
+    "took" 15-34 us eager, near the ctypes launch cost).
     """
     for _ in range(warmup):
         fn()
+    run = fn
+    if graph:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        captured = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(stream):
+            fn()  # the side stream's own warm-up (per-stream workspaces)
+            with torch.cuda.graph(captured, stream=stream):
+                for _ in range(inner):
+                    fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        run = captured.replay
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        for _ in range(inner):
-            fn()
+        if graph:
+            run()
+        else:
+            for _ in range(inner):
+                fn()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e3 / inner)
@@ -155,15 +173,31 @@ SEGMENT_K_CANDIDATES = ((-1, 1), (-1, 2))
 SAFE_MAX_ALG_ID = int(os.environ.get("HF_SEMISPARSE_MAX_ALG_ID", "35"))
 QUICK_ALG_IDS = 4  # ids searched by a quick search (warm-ups)
 QUICK_SPLIT_K_MAX_M = 256  # a quick search tries split-K at these token counts only (decode)
+GRAPH_TIMING_MAX_M = (
+    256  # searches at these token counts time CUDA graph replays (`time_cuda_us(graph=True)`)
+)
 
 
-def time_interleaved(fns: dict, rounds: int = 5) -> dict:
+_STATE = threading.local()
+
+
+def graph_timing_allowed() -> bool:
+    """False inside a compiled model's call (`linear.linear_24`): inductor's CUDA graph trees may be warming up
+    there, with every allocation routed to their pool, where a capture of our own must not start."""
+    return not getattr(_STATE, "compiled_call", False)
+
+
+def set_compiled_call(value: bool) -> None:
+    _STATE.compiled_call = value
+
+
+def time_interleaved(fns: dict, rounds: int = 5, graph: bool = False) -> dict:
     """Median per key of `rounds` short timings of each function, taken in turn, so that clock and power drift
     (large on an H100: one kernel timed 241 us, then 292 us a few seconds later) hits every candidate alike."""
     samples: dict = {key: [] for key in fns}
     for _ in range(rounds):
         for key, fn in fns.items():
-            samples[key].append(time_cuda_us(fn, warmup=1, repeats=3, inner=5))
+            samples[key].append(time_cuda_us(fn, warmup=1, repeats=3, inner=10 if graph else 5, graph=graph))
     return {key: sorted(ts)[len(ts) // 2] for key, ts in samples.items()}
 
 
@@ -196,6 +230,8 @@ def search_alg(
     time of `dense` measured alongside (None without `dense`).
     """
     out = torch.empty(m, n, dtype=dtype, device=x.device)
+    # decode sizes: timed from CUDA graph replays, not host-bound eager calls
+    graph = m <= GRAPH_TIMING_MAX_M and graph_timing_allowed()
 
     # each candidate gets a selection of its own (about 0.2 s of host time each on an H100): planning from one
     # selection whose algorithm changed in between crashed the process once (docs/benchmarks.md)
@@ -208,6 +244,10 @@ def search_alg(
             return None  # this configuration does not exist for the shape
         plans[alg] = plan
         ws = torch.empty(max(plan.workspace_size, 1), dtype=torch.uint8, device=x.device)
+        if graph:  # captured: launch on the capturing stream
+            return lambda: plan.run(
+                compressed, x, out, ws, torch.cuda.current_stream(x.device).cuda_stream, c=c
+            )
         return lambda: plan.run(compressed, x, out, ws, stream, c=c)
 
     runners: dict[AlgConfig, object] = {}
@@ -218,7 +258,7 @@ def search_alg(
         if fn is None:
             return
         try:
-            timings[alg] = time_cuda_us(fn, warmup=1, repeats=3, inner=3)
+            timings[alg] = time_cuda_us(fn, warmup=1, repeats=3, inner=10 if graph else 3, graph=graph)
         except CusparseLtError:
             return
         runners[alg] = fn
@@ -238,18 +278,18 @@ def search_alg(
         for alg in ranked[: 1 if quick else 2]:
             for split_k, mode in SEGMENT_K_CANDIDATES:
                 measure(AlgConfig(alg.alg_id, split_k, mode))
-    best, best_us, dense_us = pick_finalist(timings, runners, dense)
+    best, best_us, dense_us = pick_finalist(timings, runners, dense, graph=graph)
     handle.adopt_selection(plans[best])
     return best, best_us, dense_us
 
 
-def pick_finalist(timings: dict, runners: dict, dense=None, finalists: int = 3) -> tuple:
+def pick_finalist(timings: dict, runners: dict, dense=None, finalists: int = 3, graph: bool = False) -> tuple:
     """The `finalists` fastest candidates of a first timing pass, timed again in turn with `dense` (one noisy
     sample should not pick the kernel or the path): the fastest, its median time (us), and `dense`'s (or None)."""
     ranked = sorted(timings, key=timings.get)[:finalists]
     candidates = {key: runners[key] for key in ranked}
     if dense is not None:
         candidates["dense"] = dense
-    final = time_interleaved(candidates)
+    final = time_interleaved(candidates, graph=graph)
     best = min(ranked, key=final.get)
     return best, final[best], final.get("dense")
