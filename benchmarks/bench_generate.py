@@ -6,8 +6,8 @@ Model: Llama-3-8B's shapes (hidden 4096, MLP 14336, 32 heads, 8 KV heads, vocabu
 (32 = the whole model), random weights pruned to 2:4 with `prune_24` (magnitude; speed does not depend on the
 values). Both models hold the same pruned weights:
 - dense: the pruned model as it is (cuBLAS);
-- ours: a copy after `accelerate_24(model)` (a decoder: compressed weights only, q/k/v and gate/up as separate
-  2:4 GEMMs) and `prepare_token_counts(model, max_tokens)` (the warm-up, timed; `prepare_generation` with the
+- ours: a copy after `accelerate_24(model)` (a decoder: compressed weights only; q/k/v and gate/up each one
+  joined 2:4 GEMM, unless `--no-fuse-projections`) and `prepare_token_counts(model, max_tokens)` (the warm-up, timed; `prepare_generation` with the
   largest batch x prompt of the run).
 For each dtype and batch size, both models generate `--new-tokens` tokens greedily after a `--prompt`-token
 random prompt (EOS disabled), on two paths:
@@ -160,7 +160,14 @@ def logits_error(dense_logits, ours_logits, dense_tokens, ours_tokens) -> dict:
 def gemm_table(dtype: torch.dtype, sizes: list[int], bandwidth: float) -> list[dict]:
     h, f = LLAMA3_8B["hidden_size"], LLAMA3_8B["intermediate_size"]
     kv = h // LLAMA3_8B["num_attention_heads"] * LLAMA3_8B["num_key_value_heads"]
-    shapes = {"q/o_proj": (h, h), "k/v_proj": (kv, h), "gate/up_proj": (f, h), "down_proj": (h, f)}
+    shapes = {
+        "q/o_proj": (h, h),
+        "k/v_proj": (kv, h),
+        "qkv_proj (joined)": (h + 2 * kv, h),
+        "gate/up_proj": (f, h),
+        "gate_up_proj (joined)": (2 * f, h),
+        "down_proj": (h, f),
+    }
     rows = []
     for name, (n, k) in shapes.items():
         # enough copies of the weight that they do not fit in L2 together, as in a model whose layers take turns
@@ -237,13 +244,46 @@ def copy_bandwidth() -> float:
     return rate
 
 
-def run_dtype(args, name: str, dtype: torch.dtype) -> dict:
-    result: dict = {"dtype": name}
+def measure_path(args, row: dict, path: str, dense, ours, ids, batch: int, name: str) -> None:
+    compiled = path == "compiled"
+    runs = {}
+
+    for label, model in (("dense", dense), ("ours", ours)):
+        t0 = time.perf_counter()
+        # the first call compiles; its logits are compared (kept only up to batch 32: 8 GB at batch 128)
+        first = generate(model, ids, args.new_tokens, compiled, scores=batch <= 32)
+        row[f"{path}_{label}_first_call_s"] = time.perf_counter() - t0
+        runs[label] = first
+    for label, model in (("ours", ours), ("dense", dense)):  # timed, in the other order
+        timed = generate(model, ids, args.new_tokens, compiled)
+        row[f"{path}_{label}_tokens_per_s"] = timed["tokens_per_s"]
+        row[f"{path}_{label}_peak_bytes"] = timed["peak_bytes"]
+    row[f"{path}_speedup"] = row[f"{path}_ours_tokens_per_s"] / row[f"{path}_dense_tokens_per_s"]
+    d, o = runs["dense"]["out"], runs["ours"]["out"]
+    if batch <= 32:
+        row[f"{path}_accuracy"] = logits_error(
+            d.logits, o.logits, d.sequences[:, args.prompt :], o.sequences[:, args.prompt :]
+        )
+    else:
+        row[f"{path}_accuracy"] = {
+            "equal_tokens": float((d[:, args.prompt :] == o[:, args.prompt :]).float().mean())
+        }
+    del runs, d, o
+    print(
+        f"[{name}] batch {batch} {path}: dense {row[f'{path}_dense_tokens_per_s']:.0f} tok/s, ours "
+        f"{row[f'{path}_ours_tokens_per_s']:.0f} tok/s ({row[f'{path}_speedup']:.2f}x); {row[f'{path}_accuracy']}",
+        flush=True,
+    )
+
+
+def run_dtype(args, name: str, dtype: torch.dtype, results: dict) -> dict:
+    result: dict = {"dtype": name, "decode": [], "ttft": []}
+    results["runs"].append(result)  # written after every measurement: a run cut short keeps what it measured
     t0 = time.perf_counter()
     dense = build_model(args.layers, dtype)
     result["build_s"] = time.perf_counter() - t0
     ours = copy.deepcopy(dense)
-    report = accelerate_24(ours)
+    report = accelerate_24(ours, fuse_projections=not args.no_fuse_projections)
     result["accelerate_report"] = str(report)
     gc.collect()
     torch.cuda.empty_cache()
@@ -266,49 +306,26 @@ def run_dtype(args, name: str, dtype: torch.dtype) -> dict:
         flush=True,
     )
     vocab = dense.config.vocab_size
-    result["decode"] = []
     for batch in args.batches:
         ids = torch.randint(1, vocab, (batch, args.prompt), device="cuda")
         row: dict = {"batch": batch}
         for path in ("compiled", "eager"):
             if path == "eager" and batch not in args.eager_batches:
                 continue
-            compiled = path == "compiled"
-            runs = {}
-            for label, model in (("dense", dense), ("ours", ours)):
-                t0 = time.perf_counter()
-                # the first call compiles; its logits are compared (kept only up to batch 32: 8 GB at batch 128)
-                first = generate(model, ids, args.new_tokens, compiled, scores=batch <= 32)
-                row[f"{path}_{label}_first_call_s"] = time.perf_counter() - t0
-                runs[label] = first
-            for label, model in (("ours", ours), ("dense", dense)):  # timed, in the other order
-                timed = generate(model, ids, args.new_tokens, compiled)
-                row[f"{path}_{label}_tokens_per_s"] = timed["tokens_per_s"]
-                row[f"{path}_{label}_peak_bytes"] = timed["peak_bytes"]
-            row[f"{path}_speedup"] = row[f"{path}_ours_tokens_per_s"] / row[f"{path}_dense_tokens_per_s"]
-            d, o = runs["dense"]["out"], runs["ours"]["out"]
-            if batch <= 32:
-                row[f"{path}_accuracy"] = logits_error(
-                    d.logits, o.logits, d.sequences[:, args.prompt :], o.sequences[:, args.prompt :]
-                )
-            else:
-                row[f"{path}_accuracy"] = {
-                    "equal_tokens": float((d[:, args.prompt :] == o[:, args.prompt :]).float().mean())
-                }
-            del runs, d, o
-            print(
-                f"[{name}] batch {batch} {path}: dense {row[f'{path}_dense_tokens_per_s']:.0f} tok/s, ours "
-                f"{row[f'{path}_ours_tokens_per_s']:.0f} tok/s ({row[f'{path}_speedup']:.2f}x); {row[f'{path}_accuracy']}",
-                flush=True,
-            )
+            try:
+                measure_path(args, row, path, dense, ours, ids, batch, name)
+            except Exception as exc:  # noqa: BLE001 - recorded, and the other measurements go on
+                row[f"{path}_error"] = repr(exc)[:2000]
+                print(f"[{name}] batch {batch} {path}: FAILED {exc!r}"[:2000], flush=True)
         result["decode"].append(row)
-    result["ttft"] = []
+        write_json(args.out, results)
     for batch, prompt in args.ttft:
         row = {"batch": batch, "prompt": prompt}
         row["dense_ms"] = ttft_ms(dense, batch, prompt, vocab)
         row["ours_ms"] = ttft_ms(ours, batch, prompt, vocab)
         row["speedup"] = row["dense_ms"] / row["ours_ms"]
         result["ttft"].append(row)
+        write_json(args.out, results)
         print(
             f"[{name}] TTFT {batch}x{prompt}: dense {row['dense_ms']:.1f} ms, ours {row['ours_ms']:.1f} ms",
             flush=True,
@@ -336,6 +353,9 @@ def print_tables(results: dict) -> None:
         )
         print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         for row in r["decode"]:
+            if "compiled_speedup" not in row:
+                print(f"| {row['batch']} | failed: {row.get('compiled_error', '?')[:200]} |")
+                continue
             eager = (
                 f"{row['eager_dense_tokens_per_s']:.0f} | {row['eager_ours_tokens_per_s']:.0f} | "
                 f"{row['eager_speedup']:.2f}x"
@@ -388,6 +408,9 @@ def main() -> None:
     )
     parser.add_argument("--gemm-table", type=int, nargs="*", default=[16, 32, 64, 128, 256])
     parser.add_argument("--out", default="outputs/bench_generate.json")
+    parser.add_argument(
+        "--no-fuse-projections", action="store_true", help="q/k/v and gate/up as separate 2:4 GEMMs"
+    )
     args = parser.parse_args()
     args.ttft = [tuple(int(v) for v in spec.split("x")) for spec in args.ttft]
     if not torch.cuda.is_available():
@@ -399,15 +422,17 @@ def main() -> None:
         "layers": args.layers,
         "prompt": args.prompt,
         "new_tokens": args.new_tokens,
+        "fuse_projections": not args.no_fuse_projections,
         "runs": [],
     }
     bandwidth = copy_bandwidth()
     results["copy_bandwidth"] = bandwidth
     if args.gemm_table:
         results["gemms"] = gemm_table(torch.float16, args.gemm_table, bandwidth)
+    if args.gemm_table:
+        write_json(args.out, results)
     for name in args.dtypes:
-        results["runs"].append(run_dtype(args, name, DTYPES[name]))
-        write_json(args.out, results)  # what ran so far survives a later failure
+        run_dtype(args, name, DTYPES[name], results)
     print_tables(results)
     write_json(args.out, results)
 

@@ -178,3 +178,28 @@ def test_torch_compile_traces_the_joined_projections(backend):
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # fullgraph: no graph break
     with torch.inference_mode():
         torch.testing.assert_close(_output(compiled, ids), _output(reference, ids))
+
+
+def test_compiled_siblings_share_one_joined_gemm_per_input(backend, monkeypatch):
+    """Under torch.compile each joined group runs its GEMM once per input (in the custom op's body, whichever
+    sibling comes first), the others copy their columns; nothing is kept once all have their part."""
+    reference = _pruned("llama")
+    model = copy.deepcopy(reference)
+    fuse_projections(model, _linear_names(model))
+    layers = semi_sparse_layers(model)
+    calls = []
+    run = SemiSparseLinear.run
+
+    def counting(self, x, *args, **kwargs):
+        calls.append(id(self))
+        return run(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(SemiSparseLinear, "run", counting)
+    ids = torch.randint(3, 100, (2, 9))
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.inference_mode():
+        torch.testing.assert_close(_output(compiled, ids), _output(reference, ids))
+    joined = [layer for layer in layers if layer.out_features > 64]  # q/k/v and gate/up joined per block
+    assert joined and all(calls.count(id(layer)) == 1 for layer in joined)
+    groups = {id(m.group): m.group for m in model.modules() if isinstance(m, ProjectionSlice)}
+    assert all(getattr(g._local, "compiled_output", None) is None for g in groups.values())

@@ -123,7 +123,7 @@ def accelerate_24(
     keep_dense: bool | None = None,
     targets: list[str] | None = None,
     fuse_residual: bool = True,
-    fuse_projections: bool | None = None,
+    fuse_projections: bool = True,
     fuse_gelu: bool = True,
     kernel: str = "auto",
 ) -> AccelerationReport:
@@ -145,10 +145,8 @@ def accelerate_24(
             unfused add by fp16 rounding only (the sum is rounded once instead of twice).
         fuse_projections: run sibling projections of one input (`query`/`key`/`value`, `q_proj`/`k_proj`/`v_proj`,
             `gate_proj`/`up_proj`) as one 2:4 GEMM over their joined weights (`kernels/projections.py`); their
-            outputs become column views of the joined output. State dict keys do not change. Under
-            `torch.compile` the joined projections run one by one (dense where a dense copy is kept). None
-            (default): False for decoder-only generative models, whose decode steps run compiled
-            (transformers' static-cache generate), True otherwise.
+            outputs become column views of the joined output (column copies under `torch.compile`, where the
+            first sibling to run computes the joined GEMM). State dict keys do not change.
         fuse_gelu: in BERT-style intermediate blocks with exact GELU (`kernels/residual.py`), hand the GELU to the
             2:4 layer, which applies it in the GEMM's epilogue on our CUTLASS kernels where that measured faster
             (and as a separate `F.gelu` otherwise).
@@ -172,7 +170,6 @@ def accelerate_24(
     root = unwrap_model(model)
     decoder = is_generative_decoder(root)
     keep_dense = not decoder if keep_dense is None else keep_dense
-    fuse_projections = not decoder if fuse_projections is None else fuse_projections
     try:
         param = next(root.parameters())
     except StopIteration:

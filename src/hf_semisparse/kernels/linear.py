@@ -390,7 +390,7 @@ class SemiSparseLinear(nn.Module):
             )
             backend.cache.put(key, decision)
             return decision
-        if backend.prepared:
+        if backend.prepared and not inherit:  # inherit: prepare_token_counts itself is deciding
             _say_once(f"hf_semisparse: searching kernels for {key} at first use (outside the prepared sizes)")
         if x2 is None or x2.shape[0] != m:
             x2 = torch.randn(m, self.in_features, dtype=dtype, device=handle.device)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,7 @@ SIBLING_SETS = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("gat
 
 _is_compiling = torch.compiler.is_compiling
 _WARNED: set[int] = set()
+_GROUPS: weakref.WeakValueDictionary[int, ProjectionGroup] = weakref.WeakValueDictionary()
 
 
 class ProjectionGroup:
@@ -40,6 +42,7 @@ class ProjectionGroup:
         self.layer, self.names, self.bounds, self.where = layer, names, bounds, where
         self.separate = False  # set when the siblings turn out to read different inputs
         self._local = threading.local()
+        _GROUPS[layer._id] = self
 
     def part(self, x: torch.Tensor, index: int) -> torch.Tensor:
         """Sibling `index`'s projection of `x`: its columns of the joined GEMM's output for this very tensor."""
@@ -57,6 +60,26 @@ class ProjectionGroup:
         state.pending.discard(index)
         if not state.pending:  # every sibling has its part: let go of the input and the joined output
             state.input = state.output = None
+        return out
+
+    def compiled_part(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """`part` inside a compiled graph (the custom op `joined_part`), as a new tensor.
+
+        A traced graph cannot hold `part`'s Python state, but the op's body runs at call time: the first sibling
+        that runs for this input (inductor may order them as it likes) runs the joined GEMM; the others copy
+        their columns from its output, which is let go once every sibling has taken its part (so nothing stays
+        allocated between calls: CUDA graph trees check that). Under CUDA graphs the copies replay from the
+        joined output's recorded address."""
+        state = self._local
+        key = (x.data_ptr(), tuple(x.shape), x.dtype)
+        if getattr(state, "compiled_key", None) != key:
+            state.compiled_key, state.compiled_output = key, self.layer.run(x)
+            state.compiled_pending = set(range(len(self.bounds)))
+        start, stop = self.bounds[index]
+        out = state.compiled_output[..., start:stop].contiguous()  # columns of a row-major output: a copy
+        state.compiled_pending.discard(index)
+        if not state.compiled_pending:
+            state.compiled_key = state.compiled_output = None
         return out
 
     def slice_forward(self, x: torch.Tensor, index: int) -> torch.Tensor:
@@ -121,9 +144,36 @@ class ProjectionSlice(nn.Module):
         group = self.group
         if group.separate:
             return group.slice_forward(x, self.index)
-        if _is_compiling():  # the shared output is per-call Python state that a traced graph cannot hold
-            return group.slice_forward(x, self.index)
+        if (
+            _is_compiling()
+        ):  # the shared output is per-call Python state: kept in the op's body, not the graph
+            start, stop = group.bounds[self.index]
+            return torch.ops.hf_semisparse.joined_part(
+                x, group.layer.compressed, group.layer._id, self.index, start, stop
+            )
         return group.part(x, self.index)
+
+
+@torch.library.custom_op("hf_semisparse::joined_part", mutates_args=())
+def joined_part(
+    x: torch.Tensor, compressed: torch.Tensor, layer_id: int, index: int, start: int, stop: int
+) -> torch.Tensor:
+    """Sibling `index`'s projection of `x` (columns `start:stop` of the joined 2:4 GEMM), in compiled graphs."""
+    from .tuning import set_compiled_call
+
+    group = _GROUPS.get(layer_id)
+    if group is None:
+        raise RuntimeError(f"the joined projections of SemiSparseLinear {layer_id} no longer exist")
+    set_compiled_call(True)  # a search here (an unprepared size) times eager calls, captures nothing
+    try:
+        return group.compiled_part(x, index)
+    finally:
+        set_compiled_call(False)
+
+
+@joined_part.register_fake
+def _(x, compressed, layer_id, index, start, stop):
+    return x.new_empty(*x.shape[:-1], stop - start)
 
 
 def _after_load(module: ProjectionSlice, incompatible_keys) -> None:
