@@ -244,6 +244,9 @@ def accelerate_24(
     for layer in semi_sparse_layers(root):
         report.kernels[layer.kernel] = report.kernels.get(layer.kernel, 0) + 1
 
+    for slice_ in root.modules():
+        if isinstance(slice_, ProjectionSlice):
+            slice_.group.one_input = decoder  # no cross-attention: siblings read one input
     if report.accelerated and fuse_residual:
         report.fused_residual = fuse_residual_adds(root)
     if report.accelerated and fuse_gelu:

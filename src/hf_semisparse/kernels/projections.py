@@ -41,6 +41,7 @@ class ProjectionGroup:
     def __init__(self, layer: nn.Module, names: list[str], bounds: list[tuple[int, int]], where: str) -> None:
         self.layer, self.names, self.bounds, self.where = layer, names, bounds, where
         self.separate = False  # set when the siblings turn out to read different inputs
+        self.one_input = False  # the siblings always read one input (decoder-only models): see compiled_part
         self._local = threading.local()
         _GROUPS[layer._id] = self
 
@@ -66,19 +67,24 @@ class ProjectionGroup:
         """`part` inside a compiled graph (the custom op `joined_part`), as a new tensor.
 
         A traced graph cannot hold `part`'s Python state, but the op's body runs at call time: the first sibling
-        that runs for this input (inductor may order them as it likes) runs the joined GEMM; the others copy
-        their columns from its output, which is let go once every sibling has taken its part (so nothing stays
-        allocated between calls: CUDA graph trees check that). Under CUDA graphs the copies replay from the
-        joined output's recorded address."""
+        of a round (inductor may order them as it likes) runs the joined GEMM; the others copy their columns
+        from its output, which is let go once every sibling has taken its part (so nothing stays allocated
+        between calls: CUDA graph trees check that). Under CUDA graphs the copies replay from the joined output's
+        recorded address. Inductor may hand the siblings different buffers holding the same input; with
+        `one_input` (decoder-only models, whose siblings always read one input) a round is complete when every
+        sibling took its part, whatever the buffers; otherwise a buffer not seen in the round starts a new one.
+        """
         state = self._local
+        pending = getattr(state, "compiled_pending", None)
         key = (x.data_ptr(), tuple(x.shape), x.dtype)
-        if getattr(state, "compiled_key", None) != key:
+        same_round = pending and index in pending and (self.one_input or state.compiled_key == key)
+        if not same_round:
             state.compiled_key, state.compiled_output = key, self.layer.run(x)
-            state.compiled_pending = set(range(len(self.bounds)))
+            state.compiled_pending = pending = set(range(len(self.bounds)))
         start, stop = self.bounds[index]
         out = state.compiled_output[..., start:stop].contiguous()  # columns of a row-major output: a copy
-        state.compiled_pending.discard(index)
-        if not state.compiled_pending:
+        pending.discard(index)
+        if not pending:
             state.compiled_key = state.compiled_output = None
         return out
 
