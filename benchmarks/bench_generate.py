@@ -17,7 +17,9 @@ random prompt (EOS disabled), on two paths:
 Decode tokens/s: batch x (steps - 1) over the GPU time between the first and the last decode step (CUDA events
 recorded by a logits processor, so nothing synchronises in between). Time to first token (`--ttft`, batch x
 prompt): `generate(max_new_tokens=1)` (the prefill, eager on both paths), median of 3 after a warm-up.
-Memory: bytes of parameters and buffers; peak allocated during each generate.
+Memory: bytes of parameters, buffers and compressed weights; peak allocated during each generate (both
+models are resident: `peak_bytes` counts both) and the peak above what was allocated before it (`peak_extra_bytes`:
+KV cache, activations, CUDA graphs).
 Accuracy: per decode step, ||logits - dense logits|| / ||dense logits|| (fp16 and bf16 models each against the
 dense model of the same dtype), over the steps before the first differing token, and the fraction of equal tokens.
 Per GEMM (`--gemm-table`): each projection of one block at decode sizes, dense and 2:4 replayed from CUDA graphs
@@ -122,6 +124,7 @@ def generate(model, ids, new_tokens: int, compiled: bool, scores: bool = False):
     if scores:
         kwargs.update(return_dict_in_generate=True, output_logits=True)
     torch.cuda.reset_peak_memory_stats()
+    resident = torch.cuda.memory_allocated()  # both models and whatever else is alive
     start = torch.cuda.Event(enable_timing=True)
     start.record()
     with torch.inference_mode():
@@ -134,6 +137,7 @@ def generate(model, ids, new_tokens: int, compiled: bool, scores: bool = False):
         "tokens_per_s": ids.shape[0] * (steps - 1) / (decode_ms / 1e3) if steps > 1 else None,
         "first_step_ms": start.elapsed_time(clock.events[0]),
         "peak_bytes": torch.cuda.max_memory_allocated(),
+        "peak_extra_bytes": torch.cuda.max_memory_allocated() - resident,  # KV cache, activations, graphs
     }
 
 
@@ -259,6 +263,7 @@ def measure_path(args, row: dict, path: str, dense, ours, ids, batch: int, name:
         timed = generate(model, ids, args.new_tokens, compiled)
         row[f"{path}_{label}_tokens_per_s"] = timed["tokens_per_s"]
         row[f"{path}_{label}_peak_bytes"] = timed["peak_bytes"]
+        row[f"{path}_{label}_peak_extra_bytes"] = timed["peak_extra_bytes"]
     row[f"{path}_speedup"] = row[f"{path}_ours_tokens_per_s"] / row[f"{path}_dense_tokens_per_s"]
     d, o = runs["dense"]["out"], runs["ours"]["out"]
     if batch <= 32:
