@@ -20,7 +20,7 @@ from torch import nn
 from . import cutlass_sm90
 from .buckets import anchor_of, bucket_for, is_bucket, padded_tokens, split_into_buckets
 from .cusparselt import ALIGNMENT, AlgConfig, Handle, MatmulPlan, persistent_empty
-from .tuning import Decision, ShapeKey, TuningCache, choose, default_cache_path, search_alg, set_compiled_call
+from .tuning import Decision, ShapeKey, TuningCache, choose, compiled_call, default_cache_path, search_alg
 
 logger = logging.getLogger(__name__)
 
@@ -760,11 +760,8 @@ def linear_24(
     layer = _LAYERS.get(layer_id)
     if layer is None:
         raise RuntimeError(f"SemiSparseLinear {layer_id} no longer exists")
-    set_compiled_call(True)  # a search here (an unprepared size) times eager calls, captures nothing
-    try:
+    with compiled_call():  # a search here (an unprepared size) times eager calls, captures nothing
         return layer.run(x)
-    finally:
-        set_compiled_call(False)
 
 
 @linear_24.register_fake

@@ -165,16 +165,13 @@ def joined_part(
     x: torch.Tensor, compressed: torch.Tensor, layer_id: int, index: int, start: int, stop: int
 ) -> torch.Tensor:
     """Sibling `index`'s projection of `x` (columns `start:stop` of the joined 2:4 GEMM), in compiled graphs."""
-    from .tuning import set_compiled_call
+    from .tuning import compiled_call
 
     group = _GROUPS.get(layer_id)
     if group is None:
         raise RuntimeError(f"the joined projections of SemiSparseLinear {layer_id} no longer exist")
-    set_compiled_call(True)  # a search here (an unprepared size) times eager calls, captures nothing
-    try:
+    with compiled_call():
         return group.compiled_part(x, index)
-    finally:
-        set_compiled_call(False)
 
 
 @joined_part.register_fake

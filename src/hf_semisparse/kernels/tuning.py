@@ -6,6 +6,7 @@ optionally in a JSON file so a restarted process neither searches nor times agai
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -187,8 +188,14 @@ def graph_timing_allowed() -> bool:
     return not getattr(_STATE, "compiled_call", False)
 
 
-def set_compiled_call(value: bool) -> None:
-    _STATE.compiled_call = value
+@contextlib.contextmanager
+def compiled_call():
+    """Marks the body of a custom op that compiled graphs call: a search there times eager calls only."""
+    _STATE.compiled_call = True
+    try:
+        yield
+    finally:
+        _STATE.compiled_call = False
 
 
 def time_interleaved(fns: dict, rounds: int = 5, graph: bool = False) -> dict:
