@@ -106,7 +106,7 @@ def time_round_robin(variants: dict, ids, budget_ms: float, skip: set) -> dict[s
 
     The order rotates every round, so no variant always follows the same one, and torch's stock 2:4 path (10x
     to 30x slower, with a plan built and freed per call) is timed on its own afterwards: in turn with the others
-    it slowed whichever variant came next (session 5: bert-base batch 4 ran at 4.5 ms alone, 8 ms after it).
+    it slowed whichever variant came next (2026-11-24: bert-base batch 4 ran at 4.5 ms alone, 8 ms after it).
     """
     active = {k: v for k, v in variants.items() if k not in skip and k != SLOW}
     with torch.inference_mode():

@@ -122,3 +122,102 @@ def test_tuning_keys_name_the_library():
     assert str(ShapeKey(*common)).startswith("H100|cusparselt1|")  # earlier cache files keep their keys
     cutlass = str(ShapeKey(*common, library="cutlass-sm90"))
     assert cutlass == "H100|cutlass-sm90-1|float16|N3072xK768xM24576+bias+gelu"
+
+
+@pytest.fixture
+def hopper(monkeypatch):
+    """A CUDA device of compute capability 9.0 as far as `why_unavailable` can tell, on a machine without one."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(cutlass_sm90, "_AUTO_BUILD", {})
+    monkeypatch.delenv(cutlass_sm90.AUTO_BUILD_ENV, raising=False)
+    return torch.device("cuda", 0)
+
+
+def _path_with(monkeypatch, tmp_path, nvcc: str | None) -> None:
+    """PATH holding only `nvcc` (a fake one made by `fake_nvcc`), or nothing."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    if nvcc is not None:
+        os.replace(nvcc, bin_dir / "nvcc")
+    monkeypatch.setenv("PATH", str(bin_dir))
+
+
+def test_kernels_are_built_on_first_use_with_a_message(fake_cutlass, tmp_path, monkeypatch, hopper, caplog):
+    _path_with(
+        monkeypatch, tmp_path, fake_nvcc(tmp_path, 'echo built >> "${out%/*}/../calls"; printf ELF > "$out"')
+    )
+    caplog.set_level("WARNING")
+    assert cutlass_sm90.why_unavailable(hopper, torch.float16, 3072, 768) is None  # built, so usable
+    library = tmp_path / "kernels" / "libhss_sm90_fp16.so"
+    assert library.read_text() == "ELF"
+    assert "building our CUTLASS 2:4 kernels for torch.float16" in caplog.text
+    assert f"built {library}" in caplog.text
+    # the next layers find it: no second build
+    assert cutlass_sm90.why_unavailable(hopper, torch.float16, 768, 3072) is None
+    assert (tmp_path / "calls").read_text() == "built\n"
+    # another dtype is built only when a layer of that dtype asks
+    assert not (tmp_path / "kernels" / "libhss_sm90_bf16.so").exists()
+
+
+def test_without_nvcc_one_warning_says_what_is_lost_and_how_to_get_it(
+    fake_cutlass, tmp_path, monkeypatch, hopper, caplog
+):
+    _path_with(monkeypatch, tmp_path, None)
+    caplog.set_level("WARNING")
+    why = cutlass_sm90.why_unavailable(hopper, torch.float16, 3072, 768)
+    assert "nvcc was not found" in why
+    assert choose_kernel("auto", torch.empty(3072, 768, dtype=torch.float16, device="meta")) == "cusparselt"
+    for _ in range(3):  # every layer of a model asks
+        assert cutlass_sm90.why_unavailable(hopper, torch.float16, 768, 3072) == why
+    warnings = [r.getMessage() for r in caplog.records if "not available" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "decoder LLM layers are unaffected" in warnings[0]
+    assert "install the CUDA toolkit" in warnings[0] and "hf-semisparse[cutlass]" in warnings[0]
+    assert not (tmp_path / "kernels").exists() or os.listdir(tmp_path / "kernels") == []
+
+
+def test_without_cutlass_headers_the_warning_asks_for_the_extra(tmp_path, monkeypatch, hopper, caplog):
+    monkeypatch.setenv(cutlass_sm90.KERNEL_DIR_ENV, str(tmp_path / "kernels"))
+    monkeypatch.delenv("CUTLASS_PATH", raising=False)
+    monkeypatch.setitem(sys.modules, "cutlass_library", None)
+    _path_with(monkeypatch, tmp_path, fake_nvcc(tmp_path, 'printf ELF > "$out"'))
+    why = cutlass_sm90.why_unavailable(hopper, torch.bfloat16, 3072, 768)
+    assert "headers were not found" in why
+    assert 'pip install "hf-semisparse[cutlass]"' in caplog.text
+    assert not (tmp_path / "kernels" / "libhss_sm90_bf16.so").exists()
+
+
+def test_auto_build_can_be_turned_off(fake_cutlass, tmp_path, monkeypatch, hopper, caplog):
+    _path_with(monkeypatch, tmp_path, fake_nvcc(tmp_path, 'printf ELF > "$out"'))
+    monkeypatch.setenv(cutlass_sm90.AUTO_BUILD_ENV, "0")
+    why = cutlass_sm90.why_unavailable(hopper, torch.float16, 3072, 768)
+    assert f"{cutlass_sm90.AUTO_BUILD_ENV}=0" in why
+    assert "hf-semisparse build-kernels" in caplog.text
+    assert not (tmp_path / "kernels" / "libhss_sm90_fp16.so").exists()
+
+
+def test_a_failed_first_use_build_is_reported_once_and_not_retried(
+    fake_cutlass, tmp_path, monkeypatch, hopper, caplog
+):
+    _path_with(
+        monkeypatch,
+        tmp_path,
+        fake_nvcc(tmp_path, 'echo x >> "${out%/*}/../calls"; echo "error: ptxas died" >&2; exit 1'),
+    )
+    why = cutlass_sm90.why_unavailable(hopper, torch.float16, 3072, 768)
+    assert "failed" in why and "nvcc failed (1)" in why and "ptxas died" in why
+    assert cutlass_sm90.why_unavailable(hopper, torch.float16, 768, 3072) == why
+    assert (tmp_path / "calls").read_text() == "x\n"  # one attempt per process
+    assert "run `hf-semisparse build-kernels` to see the whole error" in caplog.text
+    with pytest.raises(cutlass_sm90.CutlassUnavailable, match="not built"):
+        cutlass_sm90.load_library(torch.float16)
+
+
+def test_shape_and_device_are_refused_before_any_build(fake_cutlass, tmp_path, monkeypatch, hopper):
+    _path_with(
+        monkeypatch, tmp_path, fake_nvcc(tmp_path, 'echo x >> "${out%/*}/../calls"; printf ELF > "$out"')
+    )
+    assert "needs in_features % 128" in cutlass_sm90.why_unavailable(hopper, torch.float16, 64, 96)
+    assert cutlass_sm90.why_unavailable(torch.device("cpu"), torch.float16, 3072, 768) == "on cpu"
+    assert cutlass_sm90.why_unavailable(hopper, torch.float32, 3072, 768) == "dtype torch.float32"
+    assert not (tmp_path / "calls").exists()

@@ -9,7 +9,7 @@ Real run (GPU), offline data and model:
         --train-file ../shared/data/squad/squad-v1.1-train-first11.json \
         --validation-file ../shared/data/squad/xquad-en.json --output-dir outputs/squad-minilm
 
-Recommended recovery (recovered F1 within 1.0 of dense on the offline data, docs/benchmarks.md): add
+Recommended recovery (recovered F1 within 1.0 of dense on the offline data, docs/guides/recovery.md): add
     --epochs 3 --learning-rate 1e-4 --method sparsegpt --distill --recovery-epochs 10
 
 Tutorial setting (Hub reachable): python examples/squad/run_squad.py --model bert-base-cased --batch-size 64

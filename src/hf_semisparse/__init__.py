@@ -1,6 +1,12 @@
 """hf_semisparse: 2:4 semi-structured sparsity for Hugging Face Transformers."""
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
+
+try:
+    __version__ = _version("hf-semisparse")  # one source of truth: pyproject.toml's [project] version
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"
 
 from .config import SparsityConfig  # noqa: E402
 from .masks import (  # noqa: E402

@@ -129,7 +129,7 @@ def _build_kernels(args) -> int:
     for name in args.dtypes:
         print(f"building the 2:4 CUTLASS kernels for {name} in {directory} (several minutes per dtype)...")
         try:
-            path = build_library(dtypes[name], directory, nvcc=args.nvcc)
+            path = build_library(dtypes[name], directory, nvcc=args.nvcc, progress=f"  nvcc, {name}")
         except CutlassUnavailable as exc:
             print(f"hf-semisparse build-kernels: error: {exc}", file=sys.stderr)
             return 2

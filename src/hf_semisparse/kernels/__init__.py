@@ -151,9 +151,9 @@ def accelerate_24(
             2:4 layer, which applies it in the GEMM's epilogue on our CUTLASS kernels where that measured faster
             (and as a separate `F.gelu` otherwise).
         kernel: "auto" runs the layers whose output an epilogue takes (a fused residual add or GELU) on our
-            CUTLASS kernels for Hopper where they are built (`hf-semisparse build-kernels`,
+            CUTLASS kernels for Hopper where they are built or can be (built on first use where nvcc is present;
             `kernels/cutlass_sm90.py`), and every other layer on cuSPARSELt (plain GEMMs ran faster there;
-            docs/benchmarks.md, session 8). "cutlass" or "cusparselt" puts every layer on one.
+            docs/performance.md). "cutlass" or "cusparselt" puts every layer on one.
 
     Returns:
         An `AccelerationReport`. Where nothing can run on 2:4 kernels it says why, logs it once, and the model

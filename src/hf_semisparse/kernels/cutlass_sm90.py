@@ -3,16 +3,15 @@
 cuSPARSELt 0.8 has no GELU epilogue for fp16/bf16, so a BERT up-projection on it pays a separate GELU pass over its
 output (about 100 us per bert-base layer at batch 64 on an H100). `csrc/sm90_sparse_gemm.cu` fuses it, and on the
 H100 its best tile configuration was also faster than cuSPARSELt's searched algorithm on most BERT shapes
-(docs/benchmarks.md, session 8).
+(docs/performance.md).
 
-The kernels are compiled once per machine (about 5 minutes per dtype with one CPU core):
-
-    pip install nvidia-cutlass   # CUTLASS's C++ headers
-    hf-semisparse build-kernels  # nvcc from the CUDA toolkit, 12.2 or newer
-
-which writes `libhss_sm90_fp16.so` and `libhss_sm90_bf16.so` under `kernel_dir()` (`HF_SEMISPARSE_KERNEL_DIR`, by
-default `~/.cache/hf_semisparse/kernels`). `SemiSparseLinear` uses them on compute capability 9.0 where they are
-found, and cuSPARSELt elsewhere. Each is a plain C library called through ctypes, like cuSPARSELt.
+The kernels are compiled once per machine and dtype (about 4 minutes each with one CPU core), into
+`libhss_sm90_fp16.so` / `libhss_sm90_bf16.so` under `kernel_dir()` (`HF_SEMISPARSE_KERNEL_DIR`, by default
+`~/.cache/hf_semisparse/kernels`). Where nvcc (CUDA toolkit 12.2 or newer) and CUTLASS's headers
+(`pip install "hf-semisparse[cutlass]"`) are present, the first Hopper layer that would use them builds them
+(`ensure_library`, with a progress bar; `HF_SEMISPARSE_AUTO_BUILD=0` turns that off); `hf-semisparse build-kernels`
+builds them ahead of time. Where they cannot be built, one warning says what is lost and how to get them, and those
+layers run on cuSPARSELt. Each library is a plain C library called through ctypes, like cuSPARSELt.
 
 `CutlassHandle` and `CutlassPlan` have the interface of `cusparselt.Handle` and `cusparselt.MatmulPlan` that
 `SemiSparseLinear` uses; a plan's `AlgConfig.alg_id` is the tile configuration's index.
@@ -29,6 +28,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 
 import torch
 
@@ -38,6 +38,7 @@ from .cusparselt import AlgConfig
 logger = logging.getLogger(__name__)
 
 KERNEL_DIR_ENV = "HF_SEMISPARSE_KERNEL_DIR"
+AUTO_BUILD_ENV = "HF_SEMISPARSE_AUTO_BUILD"  # "0": never build on first use
 SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "sm90_sparse_gemm.cu")
 DTYPES = {torch.float16: ("fp16", "cutlass::half_t"), torch.bfloat16: ("bf16", "cutlass::bfloat16_t")}
 # the kernels' own constraints, checked by CUTLASS's can_implement too: 16-byte aligned rows, K in whole tiles
@@ -110,22 +111,49 @@ def build_command(dtype: torch.dtype, output: str, nvcc: str = "nvcc") -> list[s
     ]
 
 
-def build_library(dtype: torch.dtype, directory: str | None = None, nvcc: str | None = None) -> str:
+def _run_nvcc(command: list[str], progress: str | None) -> subprocess.CompletedProcess:
+    """Run `command`; with `progress`, a tqdm line with that description counts the seconds meanwhile."""
+    if progress is None:
+        return subprocess.run(command, capture_output=True, text=True)
+    from tqdm.auto import tqdm
+
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    start = time.monotonic()
+    with tqdm(desc=progress, bar_format="{desc}: {elapsed} elapsed") as bar:
+        while True:
+            try:
+                stdout, stderr = proc.communicate(timeout=1.0)  # retrying after a timeout loses no output
+                break
+            except subprocess.TimeoutExpired:
+                bar.set_postfix_str(f"{time.monotonic() - start:.0f} s", refresh=True)
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+
+def build_library(
+    dtype: torch.dtype, directory: str | None = None, nvcc: str | None = None, progress: str | None = None
+) -> str:
     """Compile the kernels for `dtype` into `directory` (default `kernel_dir()`); returns the library's path.
 
     The library is written to a temporary file and renamed into place, with the source's digest beside it, so a
-    reader never sees a half-written library and a changed source is rebuilt.
+    reader never sees a half-written library and a changed source is rebuilt. `progress`: the description of a
+    progress line shown while nvcc runs (None: silent).
+
+    Raises:
+        CutlassUnavailable: nvcc or CUTLASS's headers were not found, or nvcc failed (its error output is in the
+            message).
     """
     nvcc = nvcc or shutil.which("nvcc")
     if nvcc is None:
         raise CutlassUnavailable("nvcc was not found on PATH; install the CUDA toolkit (12.2 or newer)")
+    command_template = build_command(dtype, "OUTPUT", nvcc)  # finds the headers before anything is written
     directory = directory or kernel_dir()
     os.makedirs(directory, exist_ok=True)
     target = os.path.join(directory, library_name(dtype))
     fd, tmp = tempfile.mkstemp(dir=directory, suffix=".so.tmp")
     os.close(fd)
     try:
-        result = subprocess.run(build_command(dtype, tmp, nvcc), capture_output=True, text=True)
+        command = [tmp if arg == "OUTPUT" else arg for arg in command_template]
+        result = _run_nvcc(command, progress)
         if result.returncode != 0:
             raise CutlassUnavailable(f"nvcc failed ({result.returncode}):\n{result.stderr[-4000:]}")
         os.chmod(tmp, 0o755)
@@ -163,8 +191,107 @@ _LIBS: dict[str, ctypes.CDLL] = {}
 _LOCK = threading.Lock()
 
 
-def load_library(dtype: torch.dtype) -> ctypes.CDLL:
+_AUTO_BUILD: dict[
+    tuple[str, torch.dtype], str | None
+] = {}  # (directory, dtype) -> why not built, this process
+_BUILD_LOCK = threading.Lock()
+# What a user without the kernels loses, measured on an H100 (docs/performance.md): the only layers that use them
+LOST = (
+    "BERT-style up-projections with GELU and output projections with a residual add run on cuSPARSELt instead "
+    "(1-19% slower per such layer on an H100; bert-large batch 256: 1.25x over dense instead of 1.31x); decoder "
+    "LLM layers are unaffected"
+)
+
+
+def auto_build_enabled() -> bool:
+    return os.environ.get(AUTO_BUILD_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def ensure_library(dtype: torch.dtype) -> tuple[str | None, str | None]:
+    """The kernels for `dtype`, built now if they are missing and can be: `(path, None)` or `(None, why not)`.
+
+    Called the first time a layer on a Hopper GPU could use them. Where nvcc and CUTLASS's headers are present it
+    compiles them into `kernel_dir()` (a few minutes, once per machine; a warning and a progress line say so), under
+    a file lock so that several processes (one per GPU) build once. Where they cannot be built (no nvcc, no
+    headers, `HF_SEMISPARSE_AUTO_BUILD=0`, a failed build) one warning says what is lost and how to get them,
+    and the answer is remembered for this process: a model's other layers do not try again.
+    """
     path = find_library(dtype)
+    if path is not None or dtype not in DTYPES:
+        return path, None if path else f"dtype {dtype}"
+    directory = kernel_dir()
+    key = (directory, dtype)
+    with _BUILD_LOCK:
+        if key in _AUTO_BUILD:
+            why = _AUTO_BUILD[key]
+            return (find_library(dtype), None) if why is None else (None, why)
+        why = _build_or_explain(dtype, directory)
+        _AUTO_BUILD[key] = why
+    if why is None:
+        return find_library(dtype), None
+    logger.warning(
+        "hf_semisparse: our CUTLASS 2:4 kernels for %s are not available (%s), so %s. To get them: %s",
+        dtype,
+        why,
+        LOST,
+        _how_to_get(why),
+    )
+    return None, why
+
+
+def _how_to_get(why: str) -> str:
+    if "nvcc" in why and "failed" not in why:
+        return (
+            'install the CUDA toolkit (12.2 or newer, nvcc on PATH) and `pip install "hf-semisparse[cutlass]"`; '
+            "they are then built on first use, or ahead of time with `hf-semisparse build-kernels`"
+        )
+    if "header" in why or "cutlass.h" in why:
+        return '`pip install "hf-semisparse[cutlass]"` (or set CUTLASS_PATH to a CUTLASS checkout)'
+    if AUTO_BUILD_ENV in why:
+        return "run `hf-semisparse build-kernels` once (about 4 minutes per dtype)"
+    return "run `hf-semisparse build-kernels` to see the whole error"
+
+
+def _build_or_explain(dtype: torch.dtype, directory: str) -> str | None:
+    """Build the library for `dtype` into `directory`; None when built, else why not (one line)."""
+    if not auto_build_enabled():
+        return f"not built in {directory}, and {AUTO_BUILD_ENV}=0 turns building on first use off"
+    if shutil.which("nvcc") is None:
+        return f"not built in {directory}, and nvcc was not found on PATH to build them"
+    try:
+        cutlass_include_dirs()
+    except CutlassUnavailable as exc:
+        return f"not built in {directory}, and CUTLASS's headers were not found: {exc}"
+    from filelock import FileLock
+
+    os.makedirs(directory, exist_ok=True)
+    with FileLock(os.path.join(directory, f".{library_name(dtype)}.lock")):
+        if find_library(dtype) is not None:  # another process built it while we waited
+            return None
+        logger.warning(
+            "hf_semisparse: building our CUTLASS 2:4 kernels for %s into %s: first use on this machine, about 4 "
+            "minutes, once (`hf-semisparse build-kernels` does it ahead of time; %s=0 turns this off)",
+            dtype,
+            directory,
+            AUTO_BUILD_ENV,
+        )
+        start = time.monotonic()
+        try:
+            path = build_library(
+                dtype, directory, progress=f"hf_semisparse: nvcc, CUTLASS 2:4 kernels, {dtype}"
+            )
+        except CutlassUnavailable as exc:
+            lines = [line for line in str(exc).splitlines() if line.strip()]
+            summary = (
+                lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1].strip()}"
+            )  # nvcc's last words
+            return f"building them in {directory} failed: {summary}"
+    logger.warning("hf_semisparse: built %s in %.0f s", path, time.monotonic() - start)
+    return None
+
+
+def load_library(dtype: torch.dtype) -> ctypes.CDLL:
+    path = find_library(dtype) or ensure_library(dtype)[0]
     if path is None:
         raise CutlassUnavailable(
             f"the CUTLASS 2:4 kernels for {dtype} are not built in {kernel_dir()} (run `hf-semisparse build-kernels`)"
@@ -196,8 +323,9 @@ def why_unavailable(device: torch.device, dtype: torch.dtype, n: int, k: int) ->
         return f"dtype {dtype}"
     if k % K_MULTIPLE or n % N_MULTIPLE:
         return f"shape {n}x{k}: needs in_features % {K_MULTIPLE} == 0 and out_features % {N_MULTIPLE} == 0"
-    if find_library(dtype) is None:
-        return f"not built in {kernel_dir()} (run `hf-semisparse build-kernels`)"
+    path, why = ensure_library(dtype)  # builds them on first use where nvcc and the headers are present
+    if path is None:
+        return why
     return None
 
 

@@ -3,7 +3,7 @@
 The per-GEMM decision (`tuning.py`) times one kernel back to back with warm caches. Inside a model that can mislead:
 in an eager forward at small batches the host is the bottleneck and a cuSPARSELt call costs more host time than a
 cuBLAS one; replayed from a CUDA graph, a small GEMM that won alone can lose in place (bert-large, batch 4, 0.93x
-on an H100, docs/benchmarks.md). `tune_dispatch` times the forward itself: the per-GEMM choice, everything dense,
+on an H100, CHANGELOG.md). `tune_dispatch` times the forward itself: the per-GEMM choice, everything dense,
 then each layer shape flipped in turn; the fastest wins, and it must beat everything-dense by `margin` or the model
 runs dense. `CUDAGraphedModel` does the same with replayed graphs for each input signature it captures.
 """

@@ -3,7 +3,7 @@
 BERT's self-attention runs `self.query(h)`, `self.key(h)` and `self.value(h)`: three GEMMs that each read `h`.
 One GEMM over the concatenated weights reads it once and has a wider output, which the 2:4 kernels run more
 efficiently: on an H100 with cuSPARSELt 0.8, bert-base's three 768x768 projections at M = 24576 take 145.8 us
-one by one and 118.7 us as one 2304x768 GEMM (docs/benchmarks.md, session 7).
+one by one and 118.7 us as one 2304x768 GEMM (docs/performance.md).
 
 `fuse_projections` replaces each sibling by a `ProjectionSlice`. The first slice called with an input runs the
 joined `SemiSparseLinear` and keeps its output; its siblings called with that same tensor object return their

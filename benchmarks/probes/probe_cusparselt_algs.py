@@ -4,7 +4,7 @@ Some (layout, algorithm) pairs raise "illegal instruction" on an H100 with cuSPA
 context; so each (layout, shape) runs in a child process that tries the ids in turn, and the parent restarts it
 after the id that crashed. Prints a table and writes JSON.
 
-    PYTHONPATH=src python benchmarks/probe_cusparselt_algs.py --json outputs/probe.json
+    PYTHONPATH=src python benchmarks/probes/probe_cusparselt_algs.py --json outputs/probe.json
 """
 
 from __future__ import annotations

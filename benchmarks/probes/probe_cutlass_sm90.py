@@ -1,6 +1,6 @@
 """Our own CUTLASS 2:4 GEMM for Hopper against cuSPARSELt and dense, per GEMM (issue 4). One run:
 
-    HF_SEMISPARSE_KERNEL_DIR=<built kernels> PYTHONPATH=src python benchmarks/probe_cutlass_sm90.py \
+    HF_SEMISPARSE_KERNEL_DIR=<built kernels> PYTHONPATH=src python benchmarks/probes/probe_cutlass_sm90.py \
         --tokens 24576 98304 --json $OUT/probe.json
 
 (the kernels built with `hf-semisparse build-kernels`).
@@ -24,7 +24,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "src"))
 
 from hf_semisparse.kernels.cusparselt import AlgConfig  # noqa: E402
 from hf_semisparse.kernels.cutlass_sm90 import CutlassHandle, CutlassPlan, CutlassUnavailable  # noqa: E402

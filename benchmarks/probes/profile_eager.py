@@ -1,6 +1,6 @@
 """Where an eager bert-base forward at small batches spends its host time: dense against ours (issue 4).
 
-    PYTHONPATH=src python benchmarks/profile_eager.py --json $OUT/profile_eager.json
+    PYTHONPATH=src python benchmarks/probes/profile_eager.py --json $OUT/profile_eager.json
 
 For each batch: the median wall-clock time of a synchronized forward for the dense model, ours with the per-GEMM
 dispatch, ours with every layer forced dense, ours with every layer forced sparse; then cProfile of 20 forwards
@@ -22,7 +22,7 @@ import time
 import torch
 from transformers import BertConfig, BertForQuestionAnswering
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "src"))
 
 from hf_semisparse import prune_24  # noqa: E402
 from hf_semisparse.kernels import accelerate_24  # noqa: E402

@@ -4,7 +4,7 @@ Each variant runs in a child process (a bad combination can crash the process); 
 each plan, so the parent reports the id that crashed. Variants: writing split-K 1 explicitly with each id
 ("reset") or not ("no-reset"), and setting each id on a fresh selection ("fresh", the reference).
 
-    PYTHONPATH=src python benchmarks/probe_shared_selection.py [n k m]
+    PYTHONPATH=src python benchmarks/probes/probe_shared_selection.py [n k m]
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@
    (other weight, other bias): is the plan right (float64 reference), does it run at its algorithm's speed,
    and how long does it take to build?
 
-    PYTHONPATH=src python benchmarks/probe_alg_selection.py
+    PYTHONPATH=src python benchmarks/probes/probe_alg_selection.py
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Where a CUDA-graph-replayed forward spends its GPU time, next to the eager forward of the same model: the
 top kernels of each, from torch.profiler. Not a test.
 
-    PYTHONPATH=src python benchmarks/profile_graphs.py --batch 16
+    PYTHONPATH=src python benchmarks/probes/profile_graphs.py --batch 16
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 gradients or weights of SparsityTrainer's targets), each way timed over the whole set. Prints a table and
 writes JSON. Not a test.
 
-    python benchmarks/probe_mask_ops.py --json outputs/probe_mask_ops.json
+    python benchmarks/probes/probe_mask_ops.py --json outputs/probe_mask_ops.json
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Where our 2:4 GEMM path still loses time, measured on the GPU (issue 4). Parts, one run:
 
-    PYTHONPATH=src python benchmarks/probe_dispatch.py --json $OUT/probe_dispatch.json
+    PYTHONPATH=src python benchmarks/probes/probe_dispatch.py --json $OUT/probe_dispatch.json
 
 1. host: wall-clock microseconds of host time per call at a tiny GEMM (M=16, 768x768, fp16), where the GPU is
    idle and only host time shows: `nn.Linear`, `SemiSparseLinear` sparse and dense-dispatched, and the pieces
@@ -27,7 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "src"))
 
 from hf_semisparse.kernels import cusparselt as cl  # noqa: E402
 from hf_semisparse.kernels.linear import SemiSparseLinear, get_backend  # noqa: E402

@@ -3,7 +3,7 @@
 For each shape: wall time of `search_alg`, then per algorithm id the host time of building its plan and the
 time of timing it (which includes its kernel time), and the dense timing. Prints a table, writes JSON.
 
-    PYTHONPATH=src python benchmarks/profile_tuning.py --json outputs/profile_tuning.json
+    PYTHONPATH=src python benchmarks/probes/profile_tuning.py --json outputs/profile_tuning.json
 """
 
 from __future__ import annotations
