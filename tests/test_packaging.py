@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 import site
 import subprocess
 import sys
 import time
-import tomllib
 import venv
 import zipfile
 from pathlib import Path
@@ -26,8 +26,11 @@ def run(args: list, **kwargs) -> subprocess.CompletedProcess:
 
 
 def project_table() -> dict:
-    with open(ROOT / "pyproject.toml", "rb") as f:
-        return tomllib.load(f)["project"]
+    """`version` and `license` of pyproject.toml's [project] table (tomllib is not in Python 3.10)."""
+    text = (ROOT / "pyproject.toml").read_text().split("[project]", 1)[1].split("\n[", 1)[0]
+    return {
+        key: re.search(rf'^{key} = "([^"]*)"', text, flags=re.M).group(1) for key in ("version", "license")
+    }
 
 
 def test_version_comes_from_the_package_metadata():

@@ -1,0 +1,152 @@
+"""Draw the performance page's figures from the JSON that `bench_inference.py` writes.
+
+    python benchmarks/plot_results.py            # every figure of docs/performance.md, into docs/img/
+    python benchmarks/plot_results.py --inputs my_run.json --output my_run.png   # your own run
+
+Per model, two panels: the speed-up over dense (dense median time / ours) against the batch size, eager and
+replayed from CUDA graphs; and the median forward time of dense and ours. Each figure's caption names the GPU
+and the versions recorded in the JSON, and the date and command of the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass
+
+import matplotlib
+import matplotlib.ticker
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+IMG = os.path.join(HERE, "..", "docs", "img")
+
+# variant in the JSON -> (label, its dense baseline, line style)
+SERIES = {
+    "ours": ("ours, eager (tune_dispatch)", "dense", "o-"),
+    "ours+graphs": ("ours, CUDA graphs", "dense+graphs", "s-"),
+    "ours-cusparselt": ("cuSPARSELt only, eager", "dense", "^--"),
+}
+
+
+@dataclass
+class Figure:
+    output: str  # file name under docs/img/
+    inputs: list[str]  # files under benchmarks/results/
+    date: str
+    command: str
+
+
+# The figures on docs/performance.md. A new run: add its JSON to benchmarks/results/ and a line here.
+FIGURES = [
+    Figure(
+        "inference_bert_h100_2026-11-24.png",
+        ["h100_2026-11-24_inference_bert-base.json", "h100_2026-11-24_inference_bert-large.json"],
+        "2026-11-24",
+        "PYTHONPATH=src python benchmarks/bench_inference.py --models bert-base --batches 4 16 64 256 "
+        "--max-stock-batch 16 --budget-ms 2000 --skip-gemms --no-ablations --json OUT.json (and --models bert-large)",
+    ),
+]
+
+
+def load_rows(paths: list[str]) -> tuple[dict, dict[str, list[dict]]]:
+    """(env of the first file, model name -> its rows sorted by batch); all files must share GPU and versions."""
+    env, models = None, {}
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        if "models" not in data or "env" not in data:
+            raise ValueError(
+                f"{path}: not a bench_inference.py result (no 'models'/'env'); got {sorted(data)}"
+            )
+        if env is not None and data["env"] != env:
+            raise ValueError(f"{path}: measured on {data['env']}, the other files on {env}; plot them apart")
+        env = data["env"]
+        for row in data["models"]:
+            models.setdefault(row["model"], []).append(row)
+    if not models:
+        raise ValueError(f"no model rows in {paths}")
+    return env, {name: sorted(rows, key=lambda r: r["batch"]) for name, rows in models.items()}
+
+
+def median(row: dict, variant: str) -> float | None:
+    value = row.get(variant)
+    return value["median_ms"] if isinstance(value, dict) and "median_ms" in value else None
+
+
+def plot(paths: list[str], output: str, date: str | None = None, command: str | None = None) -> str:
+    env, models = load_rows(paths)
+    fig, axes = plt.subplots(2, len(models), figsize=(5.2 * len(models), 7.4), squeeze=False)
+    for col, (name, rows) in enumerate(models.items()):
+        batches = [r["batch"] for r in rows]
+        top, bottom = axes[0][col], axes[1][col]
+        for variant, (label, baseline, style) in SERIES.items():
+            points = [
+                (r["batch"], median(r, baseline) / median(r, variant))
+                for r in rows
+                if median(r, variant) and median(r, baseline)
+            ]
+            if points:
+                top.plot(*zip(*points, strict=True), style, label=label)
+        top.axhline(1.0, color="grey", linewidth=1)
+        top.set_title(f"{name}, seq {rows[0]['seq']}: speed-up over dense")
+        top.set_ylabel("dense time / ours")
+        for variant, label, style in (("dense", "dense, eager", "k.-"), ("ours", "ours, eager", "o-")):
+            points = [(r["batch"], median(r, variant)) for r in rows if median(r, variant)]
+            bottom.plot(*zip(*points, strict=True), style, label=label)
+        bottom.set_yscale("log")
+        bottom.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        bottom.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        bottom.set_ylabel("median forward time, ms")
+        bottom.set_title(f"{name}: dense vs ours")
+        for ax in (top, bottom):
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(batches, [str(b) for b in batches])
+            ax.set_xlabel("batch size")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=8)
+    cusparselt = env.get("cusparselt")
+    caption = (
+        f"{env.get('gpu')}, driver {env.get('driver')}, torch {env.get('torch')}, "
+        f"cuSPARSELt {cusparselt // 1000}.{cusparselt // 100 % 10}.{cusparselt % 100}"
+        if isinstance(cusparselt, int)
+        else f"{env.get('gpu')}, torch {env.get('torch')}"
+    )
+    caption += f", transformers {env.get('transformers')}, fp16" + (f", {date}" if date else "")
+    if command:
+        caption += "\n" + command
+    fig.text(0.01, 0.005, caption, fontsize=7, family="monospace", va="bottom", wrap=True)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    tmp = output + ".tmp.png"
+    fig.savefig(tmp, dpi=110, metadata={"Software": None})  # no version string: reruns give the same file
+    plt.close(fig)
+    os.replace(tmp, output)
+    return output
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--inputs", nargs="+", help="bench_inference.py JSON files of one machine")
+    parser.add_argument("--output", help="PNG to write (with --inputs)")
+    parser.add_argument("--date", default=None)
+    parser.add_argument("--command", default=None, help="the command of the run, printed under the figure")
+    args = parser.parse_args(argv)
+    if args.inputs:
+        if not args.output:
+            parser.error("--inputs needs --output")
+        print(plot(args.inputs, args.output, args.date, args.command))
+        return
+    for figure in FIGURES:
+        paths = [os.path.join(RESULTS, name) for name in figure.inputs]
+        print(plot(paths, os.path.join(IMG, figure.output), figure.date, figure.command))
+
+
+if __name__ == "__main__":
+    main()
