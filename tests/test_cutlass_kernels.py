@@ -221,3 +221,16 @@ def test_shape_and_device_are_refused_before_any_build(fake_cutlass, tmp_path, m
     assert cutlass_sm90.why_unavailable(torch.device("cpu"), torch.float16, 3072, 768) == "on cpu"
     assert cutlass_sm90.why_unavailable(hopper, torch.float32, 3072, 768) == "dtype torch.float32"
     assert not (tmp_path / "calls").exists()
+
+
+def test_a_library_from_another_source_is_rebuilt_on_first_use(fake_cutlass, tmp_path, monkeypatch, hopper):
+    _path_with(
+        monkeypatch,
+        tmp_path,
+        fake_nvcc(tmp_path, 'echo x >> "${out%/*}/../calls"; printf ELF > "$out"'),
+    )
+    path = cutlass_sm90.build_library(torch.float16)
+    Path(path + ".sha256").write_text("another source")
+    assert cutlass_sm90.why_unavailable(hopper, torch.float16, 3072, 768) is None
+    assert (tmp_path / "calls").read_text() == "x\nx\n"
+    assert Path(path + ".sha256").read_text() == cutlass_sm90.source_digest()

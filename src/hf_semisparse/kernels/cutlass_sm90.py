@@ -178,7 +178,8 @@ def find_library(dtype: torch.dtype) -> str | None:
                 if path not in _STALE:  # said once: every layer asks
                     _STALE.add(path)
                     logger.warning(
-                        "hf_semisparse: %s was built from another source; run hf-semisparse build-kernels",
+                        "hf_semisparse: %s was built from another source; it is rebuilt on first use where nvcc "
+                        "is present, or by `hf-semisparse build-kernels`",
                         path,
                     )
                 return None
