@@ -245,7 +245,7 @@ class Handle:
 
         Made once per (problem, algorithm) and never changed afterwards: `cusparseLtMatmulAlgSelectionInit`
         costs about 0.2 s of host time per call on an H100 with cuSPARSELt 0.8, a plan made from an existing
-        selection under 1 ms (`benchmarks/probe_alg_selection.py`), and a model has many layers of one shape.
+        selection under 1 ms (`benchmarks/probes/probe_alg_selection.py`), and a model has many layers of one shape.
         """
         alg = alg or AlgConfig()
         key = (n, k, m, dtype, layout, bias, gelu, alg)
@@ -331,7 +331,7 @@ class MatmulPlan:
     `cusparseLtMatmulAlgSelectionInit` costs about 0.2 s of host time per call on an H100 (cuSPARSELt 0.8),
     and a model has many layers of one shape (`Handle.selection`). The selection must hold `alg` already: a
     shared selection is never changed (changing one and planning from it again crashed the process on an H100
-    with cuSPARSELt 0.8 inside the algorithm search, though not in `benchmarks/probe_shared_selection.py`).
+    with cuSPARSELt 0.8 inside the algorithm search, though not in `benchmarks/probes/probe_shared_selection.py`).
     """
 
     def __init__(

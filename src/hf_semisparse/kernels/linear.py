@@ -113,7 +113,7 @@ def choose_kernel(kernel: str, weight: torch.Tensor, takes_epilogue: bool = True
     "auto" takes our CUTLASS kernels for a layer whose output an epilogue takes (`takes_epilogue`: a residual add
     or GELU follows it) where they can run (Hopper, built, shape and dtype supported), and cuSPARSELt otherwise:
     on an H100, CUTLASS with its fused epilogues beat cuSPARSELt on every BERT shape measured, but plain GEMMs
-    (no bias, no epilogue) ran up to 22% slower on it than on cuSPARSELt (docs/benchmarks.md, session 8).
+    (no bias, no epilogue) ran up to 22% slower on it than on cuSPARSELt (CHANGELOG.md, 0.1.0.dev8).
     "cutlass" raises `CutlassUnavailable` where they cannot run.
     """
     if kernel not in KERNELS:
@@ -514,8 +514,8 @@ class SemiSparseLinear(nn.Module):
         """First call with a residual for this token count: the plan that adds it in its epilogue, or None where
         the GEMM plus a separate add measured faster. The epilogue's algorithm is searched with the residual as
         C: on an H100 with cuSPARSELt 0.8, with the plain search's algorithm the epilogue add cost 100 us more than
-        a separate add at 768x3072 (M = 98304); searched for it, it saves 68 us there (docs/benchmarks.md,
-        sessions 6 and 7)."""
+        a separate add at 768x3072 (M = 98304); searched for it, it saves 68 us there (CHANGELOG.md,
+        0.1.0.dev6 and dev7)."""
         if torch.cuda.is_current_stream_capturing():
             return None  # no timing inside a capture; the separate add is always correct (not remembered)
         fused = self._epilogue_plan(plan, x, ws, key, residual=residual)
@@ -575,7 +575,7 @@ class SemiSparseLinear(nn.Module):
         """A token count whose plain GEMM runs faster dense, first called with a residual: the 2:4 plan if the
         GEMM with the residual in its epilogue beats the dense GEMM plus the separate add it would need, else None.
         (On an H100, bert-base's 768x768 projection at 24576 tokens: the plain GEMMs tie, but the fused one saves
-        the add's pass; docs/benchmarks.md, session 8.)"""
+        the add's pass; CHANGELOG.md, 0.1.0.dev8.)"""
         shape = (*x.shape[:-1], self.out_features)
         if torch.cuda.is_current_stream_capturing() or not _fusable(residual, shape, x):
             return None

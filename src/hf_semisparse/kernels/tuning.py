@@ -169,7 +169,7 @@ SPLIT_K_CANDIDATES = ((2, 1), (4, 1), (2, 2), (4, 2))  # (split_k, mode: 1 one k
 SEGMENT_K_CANDIDATES = ((-1, 1), (-1, 2))
 
 # On an H100 with cuSPARSELt 0.8, algorithm ids 36-49 of the "sparse_a" layout (column-major output) raise an
-# illegal instruction, which kills the CUDA context (benchmarks/probe_cusparselt_algs.py, docs/benchmarks.md).
+# illegal instruction, which kills the CUDA context (benchmarks/probes/probe_cusparselt_algs.py, CHANGELOG.md).
 # The search never tries ids above this; HF_SEMISPARSE_MAX_ALG_ID overrides it.
 SAFE_MAX_ALG_ID = int(os.environ.get("HF_SEMISPARSE_MAX_ALG_ID", "35"))
 QUICK_ALG_IDS = 4  # ids searched by a quick search (warm-ups)
@@ -241,7 +241,7 @@ def search_alg(
     graph = m <= GRAPH_TIMING_MAX_M and graph_timing_allowed()
 
     # each candidate gets a selection of its own (about 0.2 s of host time each on an H100): planning from one
-    # selection whose algorithm changed in between crashed the process once (docs/benchmarks.md)
+    # selection whose algorithm changed in between crashed the process once (CHANGELOG.md)
     plans: dict[AlgConfig, MatmulPlan] = {}
 
     def runner(alg: AlgConfig):
