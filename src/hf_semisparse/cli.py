@@ -134,6 +134,16 @@ def _build_kernels(args) -> int:
             print(f"hf-semisparse build-kernels: error: {exc}", file=sys.stderr)
             return 2
         print(f"  wrote {path}")
+        if args.fp8:
+            from .kernels import cutlass_fp8
+
+            print(f"building the FP8 2:4 CUTLASS kernels with {name} outputs in {directory}...")
+            try:
+                path = cutlass_fp8.build_library(dtypes[name], directory, nvcc=args.nvcc)
+            except CutlassUnavailable as exc:
+                print(f"hf-semisparse build-kernels: error: {exc}", file=sys.stderr)
+                return 2
+            print(f"  wrote {path}")
     if args.directory:
         print(f"set HF_SEMISPARSE_KERNEL_DIR={directory} so that hf_semisparse finds them")
     return 0
@@ -168,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtypes", nargs="+", choices=["float16", "bfloat16"], default=["float16", "bfloat16"])
     p.add_argument("--directory", default=None, help="default: HF_SEMISPARSE_KERNEL_DIR or ~/.cache/...")
     p.add_argument("--nvcc", default=None, help="default: nvcc on PATH")
+    p.add_argument(
+        "--fp8", action="store_true", help="also the FP8 (e4m3) 2:4 kernels, one library per output dtype"
+    )
     p.set_defaults(func=_build_kernels)
     return parser
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..masks import find_nm_violation
 from ..utils import unwrap_model
+from .fp8_linear import Fp8SemiSparseLinear
 from .graphs import CUDAGraphedModel
 from .model_dispatch import DispatchReport, tune_dispatch
 from .projections import ProjectionSlice, semi_sparse_layers
@@ -29,6 +30,8 @@ logger = logging.getLogger(__name__)
 _SAID: set[str] = set()
 
 MIN_CAPABILITY = (8, 0)
+WEIGHTS = ("native", "fp8")
+FP8_KERNEL = "cutlass-sm90-fp8"
 SHAPE_MULTIPLE = 16
 
 
@@ -126,6 +129,7 @@ def accelerate_24(
     fuse_projections: bool = True,
     fuse_gelu: bool = True,
     kernel: str = "auto",
+    weights: str = "native",
 ) -> AccelerationReport:
     """Run every 2:4 linear layer of `model` on 2:4 kernels (cuSPARSELt, or our CUTLASS kernels on Hopper), in
     place.
@@ -154,6 +158,12 @@ def accelerate_24(
             CUTLASS kernels for Hopper where they are built or can be (built on first use where nvcc is present;
             `kernels/cutlass_sm90.py`), and every other layer on cuSPARSELt (plain GEMMs ran faster there;
             docs/performance.md). "cutlass" or "cusparselt" puts every layer on one.
+        weights: "native" runs the weights in the model's dtype. "fp8" runs every 2:4 layer the FP8 kernels can
+            take (Hopper, `hf-semisparse build-kernels --fp8`, in_features % 256 == 0, out_features % 64 == 0) as
+            an `Fp8SemiSparseLinear`: e4m3 weights with one scale per output channel (computed here from the
+            2:4 weight), activations quantised per token at run time, scales and bias applied in the GEMM's
+            epilogue (`kernels/cutlass_fp8.py`, docs/guides/fp8.md). Its dense weight is not kept. The layers
+            it cannot take run on the native 2:4 path, and why is said once.
 
     Returns:
         An `AccelerationReport`. Where nothing can run on 2:4 kernels it says why, logs it once, and the model
@@ -167,6 +177,8 @@ def accelerate_24(
 
     if kernel not in KERNELS:
         raise ValueError(f"accelerate_24: kernel must be one of {KERNELS}, got {kernel!r}")
+    if weights not in WEIGHTS:
+        raise ValueError(f"accelerate_24: weights must be one of {WEIGHTS}, got {weights!r}")
     root = unwrap_model(model)
     decoder = is_generative_decoder(root)
     keep_dense = not decoder if keep_dense is None else keep_dense
@@ -221,6 +233,13 @@ def accelerate_24(
             continue
         eligible.append(name)
 
+    if weights == "fp8":
+        fp8_names = _to_fp8(root, modules, eligible)
+        report.accelerated.extend(fp8_names)
+        if fp8_names:
+            report.kernels[FP8_KERNEL] = len(fp8_names)
+        eligible = [name for name in eligible if name not in set(fp8_names)]
+
     from .linear import choose_kernel
     from .residual import fusion_targets
 
@@ -263,10 +282,35 @@ def accelerate_24(
     return report
 
 
+def _to_fp8(root: nn.Module, modules: dict[str, nn.Module], eligible: list[str]) -> list[str]:
+    """Replace each of `eligible` (2:4 linear layers) that the FP8 kernels can take by an `Fp8SemiSparseLinear`;
+    their names. The others are left for the native path, and the reasons said once."""
+    from . import cutlass_fp8
+    from .fp8_linear import Fp8SemiSparseLinear
+
+    converted = []
+    for name in eligible:
+        module = modules[name]
+        weight = _linear_weight(module)
+        out_f, in_f = weight.shape
+        why = cutlass_fp8.why_unavailable(weight.device, weight.dtype, out_f, in_f)
+        if why is not None:
+            _say_once(f"weights='fp8': layers run on the {weight.dtype} 2:4 path instead: {why}")
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = modules[parent_name] if parent_name else root
+        setattr(parent, child, Fp8SemiSparseLinear(module))
+        converted.append(name)
+    if converted:
+        logger.info("hf_semisparse: %d layers on FP8 2:4 kernels", len(converted))
+    return converted
+
+
 __all__ = [
     "AccelerationReport",
     "CUDAGraphedModel",
     "DispatchReport",
+    "Fp8SemiSparseLinear",
     "FusedGeluIntermediate",
     "FusedResidualOutput",
     "PrepareReport",

@@ -1,0 +1,351 @@
+"""FP8 (e4m3) 2:4 kernels on a Hopper GPU: correctness of every tile configuration, then per-GEMM timings at
+Llama-3-8B shapes against dense bf16, dense FP8 (`torch._scaled_mm`, rowwise scales) and bf16 2:4 (cuSPARSELt,
+`SemiSparseLinear`), in one run:
+
+    HF_SEMISPARSE_KERNEL_DIR=$PWD/build/kernels PYTHONPATH=src python tests/gpu/check_fp8_gpu.py --json out.json
+
+(the libraries built elsewhere by `hf-semisparse build-kernels --fp8 --directory build/kernels`).
+
+Correctness (exit status 1 on any failure, every failure listed):
+  * the quantiser kernel against `cutlass_fp8.quantize_rows` (scales to 1e-6, e4m3 codes equal; padding rows zero
+    with scale 1);
+  * every tile configuration, both output dtypes, with and without bias, at shapes including odd token counts,
+    against a float64 reference of the dequantised math (`q_x @ q_w^T * scale_x * scale_w + bias` with the
+    kernel's own quantised inputs): ||y - ref|| / ||ref|| under 2e-3 (fp16) and 8e-3 (bf16) (output rounding
+    plus the FP8 fast-accumulation mainloop), outputs poisoned with NaN first so every element must be written,
+    fresh random inputs per configuration;
+  * `Fp8SemiSparseLinear` and `accelerate_24(weights="fp8")` on a small Llama against the same reference and
+    against the bf16 2:4 model (the quantisation error itself: under 6e-2).
+
+Timings: each method captured `--inner` times into a CUDA graph, the graph replayed `--reps` times, the median
+per call (us). "fp8_24" is the GEMM alone on pre-quantised activations, "fp8_24+q" with the per-token
+quantisation of the activations (our kernel) included; "fp8_dense"/"fp8_dense+q" likewise with
+`torch._scaled_mm(use_fast_accum=True)`, the same accumulation mode as ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+from hf_semisparse.kernels import accelerate_24, cutlass_fp8
+from hf_semisparse.kernels.fp8_linear import Fp8SemiSparseLinear, fp8_handle
+from hf_semisparse.masks import compute_nm_mask
+
+DEV = torch.device("cuda")
+TOL = {torch.float16: 2e-3, torch.bfloat16: 8e-3}
+QUANT_TOL = 6e-2  # FP8 2:4 against the unquantised bf16 2:4 layer: e4m3's 3 mantissa bits
+SHAPES_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+TOKENS = (16, 128, 2048, 8192)
+FAILURES: list[str] = []
+
+
+def check(ok: bool, what: str) -> None:
+    print(("ok    " if ok else "FAIL  ") + what, flush=True)
+    if not ok:
+        FAILURES.append(what)
+
+
+def sparse_weight(n: int, k: int, dtype, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    w = torch.randn(n, k, device=DEV, generator=g) / k**0.5
+    return (w * compute_nm_mask(w)).to(dtype)
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    if not torch.isfinite(y).all():
+        return float("inf")
+    return ((y.double() - ref).norm() / ref.norm()).item()
+
+
+def reference(q, sx, wq, sw, bias):
+    y = (q.double() @ wq.double().t()) * sx.double()[:, None] * sw.double()[None, :]
+    return y if bias is None else y + bias.double()
+
+
+# ------------------------------------------------------------------------------------------ correctness
+def check_quantiser() -> None:
+    for dtype in (torch.float16, torch.bfloat16):
+        handle = fp8_handle(DEV, dtype)
+        for m, k in ((1, 256), (37, 4096), (300, 14336)):
+            x = torch.randn(m, k, device=DEV, dtype=dtype) * torch.rand(m, 1, device=DEV, dtype=dtype) * 10
+            x[0] = 0  # an all-zero token: scale 1
+            padded = -(-m // 16) * 16
+            q, sx = handle.quantize(x, padded, torch.cuda.current_stream().cuda_stream)
+            q_ref, s_ref = cutlass_fp8.quantize_rows(x)
+            scale_ok = torch.allclose(sx[:m], s_ref, rtol=1e-6, atol=0) and bool((sx[m:] == 1).all())
+            codes_ok = torch.equal(q[:m].view(torch.uint8), q_ref.view(torch.uint8))
+            pad_ok = bool((q[m:].float() == 0).all())
+            check(scale_ok and codes_ok and pad_ok, f"quantiser {dtype} {m}x{k} (scales, codes, padding)")
+
+
+def check_configs() -> None:
+    shapes = [(256, 512, 16), (1024, 4096, 100), (6144, 4096, 1), (4096, 14336, 37), (576, 1536, 130)]
+    shapes += [(28672, 4096, 2048)]
+    for dtype in (torch.float16, torch.bfloat16):
+        handle = fp8_handle(DEV, dtype)
+        stream = torch.cuda.current_stream().cuda_stream
+        for n, k, m in shapes:
+            w = sparse_weight(n, k, dtype, seed=n + k)
+            wq, sw = cutlass_fp8.quantize_weight(w)
+            compressed = handle.compress(wq)
+            check(
+                compressed.numel() < n * k * 0.64,
+                f"compressed {n}x{k}: {compressed.numel()} bytes < 0.64 n k",
+            )
+            padded = -(-m // 16) * 16
+            for config in range(handle.num_configs):
+                for has_bias in (True, False):
+                    x = torch.randn(m, k, device=DEV, dtype=dtype)  # fresh inputs per configuration
+                    bias = torch.randn(n, device=DEV, dtype=dtype) if has_bias else None
+                    q, sx = handle.quantize(x, padded, stream)
+                    out = torch.full((padded, n), float("nan"), device=DEV, dtype=dtype)
+                    try:
+                        plan = cutlass_fp8.Fp8Plan(handle, n, k, padded, config)
+                        ws = torch.empty(max(plan.workspace_size, 1), dtype=torch.uint8, device=DEV)
+                        plan.run(compressed, sw, q, sx, bias, out, ws, stream)
+                        torch.cuda.synchronize()
+                        err = rel_err(out, reference(q, sx, wq, sw, bias))
+                    except Exception as exc:  # noqa: BLE001 - a failing configuration is reported, not fatal
+                        err, what = float("inf"), f" ({exc})"
+                    else:
+                        what = ""
+                    check(
+                        err < TOL[dtype],
+                        f"config {config} {dtype} N{n} K{k} M{m} bias={has_bias}: rel err {err:.2e}{what}",
+                    )
+
+
+def tiny_llama(dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=1000,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+    )
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and "lm_head" not in name:
+                module.weight.mul_(compute_nm_mask(module.weight))
+    return model.to(DEV, dtype)
+
+
+def check_layer_and_model() -> None:
+    for dtype in (torch.float16, torch.bfloat16):
+        lin = torch.nn.Linear(4096, 1024, bias=True).to(DEV, dtype)
+        with torch.no_grad():
+            lin.weight.copy_(sparse_weight(1024, 4096, dtype))
+        layer = Fp8SemiSparseLinear(lin)
+        wq, sw = cutlass_fp8.quantize_weight(lin.weight)
+        with torch.inference_mode():
+            for m in (1, 16, 77, 512):
+                x = torch.randn(2, m, 4096, device=DEV, dtype=dtype)
+                y = layer(x)
+                q, sx = cutlass_fp8.quantize_rows(x.reshape(-1, 4096))
+                ref = reference(q, sx, wq, sw, lin.bias).reshape(2, m, 1024)
+                err = rel_err(y, ref)
+                check(
+                    err < TOL[dtype] and y.shape == (2, m, 1024),
+                    f"Fp8SemiSparseLinear {dtype} M{2 * m}: {err:.2e}",
+                )
+                err = rel_err(y, lin(x).double())
+                check(err < QUANT_TOL, f"Fp8SemiSparseLinear {dtype} M{2 * m} vs bf16/fp16 2:4: {err:.2e}")
+        model = tiny_llama(dtype)
+        ids = torch.randint(0, 1000, (4, 64), device=DEV)
+        with torch.inference_mode():
+            ref = model(ids).logits.double()
+            report = accelerate_24(model, weights="fp8")
+            n_fp8 = sum(isinstance(m, Fp8SemiSparseLinear) for m in model.modules())
+            check(
+                n_fp8 == 14,
+                f"accelerate_24(weights='fp8') {dtype}: {n_fp8} FP8 layers of 14 ({report.kernels})",
+            )
+            err = rel_err(model(ids).logits, ref)
+            check(err < QUANT_TOL, f"tiny Llama {dtype} FP8 2:4 logits vs {dtype} 2:4: {err:.2e}")
+            if dtype is torch.bfloat16:  # one compile: it costs GPU-machine time
+                compiled = torch.compile(model)
+                err_c = rel_err(compiled(ids).logits, model(ids).logits.double())
+                check(err_c < 3e-2, f"tiny Llama {dtype} FP8 2:4 torch.compile vs eager: {err_c:.2e}")
+
+
+# ------------------------------------------------------------------------------------------ timings
+def graph_time_us(fn, inner: int, reps: int) -> float:
+    """Median per-call time of `fn` replayed from a CUDA graph of `inner` calls."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(inner):
+            fn()
+    for _ in range(3):
+        graph.replay()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / inner)
+    del graph
+    return sorted(times)[len(times) // 2]
+
+
+def bench_one(name, n, k, m, layers, inner: int, reps: int) -> dict:
+    """One GEMM shape at `m` tokens: every method's graph-replayed time (us) and the speed-ups."""
+    from hf_semisparse.kernels.fp8_linear import _CONFIGS
+
+    w, sparse_bf16, fp8, wq_t, sw_row = layers
+    dtype = w.dtype
+    handle = fp8_handle(DEV, dtype)
+    x = torch.randn(m, k, device=DEV, dtype=dtype)
+    q, sx = handle.quantize(x, m, torch.cuda.current_stream().cuda_stream)
+    sx_col = sx[:, None].contiguous()
+    fp8(x)  # searches the tile configuration for this shape
+    config = _CONFIGS[(handle.device_name, handle.version, n, k, -(-m // 16) * 16)]
+    plan = cutlass_fp8.Fp8Plan(handle, n, k, m, config)
+    ws = torch.empty(max(plan.workspace_size, 1), dtype=torch.uint8, device=DEV)
+    out = torch.empty(m, n, device=DEV, dtype=dtype)
+    sparse_bf16(x)  # searches cuSPARSELt's algorithm
+
+    def fp8_dense_q():
+        qq, ss = handle.quantize(x, m, torch.cuda.current_stream().cuda_stream)
+        return torch._scaled_mm(
+            qq, wq_t, scale_a=ss[:, None], scale_b=sw_row, out_dtype=dtype, use_fast_accum=True
+        )
+
+    def fp8_24():
+        stream = torch.cuda.current_stream().cuda_stream
+        plan.run(fp8.compressed, fp8.weight_scale, q, sx, None, out, ws, stream)
+
+    methods = {
+        "bf16_dense": lambda: F.linear(x, w),
+        "fp8_dense": lambda: torch._scaled_mm(
+            q, wq_t, scale_a=sx_col, scale_b=sw_row, out_dtype=dtype, use_fast_accum=True
+        ),
+        "fp8_dense+q": fp8_dense_q,
+        "bf16_24_cusparselt": lambda: sparse_bf16(x),
+        "fp8_24": fp8_24,
+        "fp8_24+q": lambda: fp8(x),
+    }
+    row = {"gemm": name, "n": n, "k": k, "tokens": m, "fp8_config": config}
+    for method, fn in methods.items():
+        try:
+            row[method] = round(graph_time_us(fn, inner, reps), 2)
+        except Exception as exc:  # noqa: BLE001 - one failing baseline must not lose the table
+            row[method] = None
+            row[method + "_error"] = repr(exc)[:200]
+    for base in ("bf16_dense", "fp8_dense", "bf16_24_cusparselt"):
+        if row.get(base) and row.get("fp8_24"):
+            row[f"fp8_24_vs_{base}"] = round(row[base] / row["fp8_24"], 3)
+    if row.get("fp8_dense+q") and row.get("fp8_24+q"):
+        row["fp8_24+q_vs_fp8_dense+q"] = round(row["fp8_dense+q"] / row["fp8_24+q"], 3)
+    if row.get("bf16_dense") and row.get("fp8_24+q"):
+        row["fp8_24+q_vs_bf16_dense"] = round(row["bf16_dense"] / row["fp8_24+q"], 3)
+    return row
+
+
+def bench(inner: int, reps: int) -> list[dict]:
+    import tempfile
+
+    from hf_semisparse.kernels import linear as linear_mod
+    from hf_semisparse.kernels.linear import SemiSparseLinear, SparseGemmBackend
+    from hf_semisparse.kernels.tuning import TuningCache
+
+    linear_mod._BACKEND = SparseGemmBackend(
+        cache=TuningCache(os.path.join(tempfile.mkdtemp(), "tuning.json"))
+    )
+    dtype = torch.bfloat16
+    rows = []
+    for name, (n, k) in SHAPES_8B.items():
+        w = sparse_weight(n, k, dtype)
+        lin = torch.nn.Linear(k, n, bias=False).to(DEV, dtype)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+        wq, sw = cutlass_fp8.quantize_weight(w)
+        # the bf16 2:4 layer keeps no dense weight: it always runs sparse
+        layers = (w, SemiSparseLinear(lin, keep_dense=False, kernel="cusparselt"), Fp8SemiSparseLinear(lin))
+        layers += (wq.t(), sw[None, :].contiguous())  # _scaled_mm: column-major second operand, [1, n] scales
+        for m in TOKENS:
+            with torch.inference_mode():
+                row = bench_one(name, n, k, m, layers, inner, reps)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        del layers, lin, w, wq
+        torch.cuda.empty_cache()
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    cols = ["bf16_dense", "fp8_dense", "fp8_dense+q", "bf16_24_cusparselt", "fp8_24", "fp8_24+q"]
+    head = f"{'gemm':8} {'tokens':>6} " + " ".join(f"{c:>18}" for c in cols)
+    head += f" {'x fp8 dense':>11} {'x bf16 dense':>12} {'(+q) x fp8':>10}"
+    lines = [head]
+    for r in rows:
+        cells = " ".join(f"{(r.get(c) or float('nan')):>18.1f}" for c in cols)
+        lines.append(
+            f"{r['gemm']:8} {r['tokens']:>6} {cells} {r.get('fp8_24_vs_fp8_dense', float('nan')):>11.2f} "
+            f"{r.get('fp8_24_vs_bf16_dense', float('nan')):>12.2f} {r.get('fp8_24+q_vs_fp8_dense+q', float('nan')):>10.2f}"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--inner", type=int, default=10)
+    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--skip-bench", action="store_true")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("FAIL  no CUDA GPU")
+        return 1
+    why = cutlass_fp8.why_unavailable(DEV, torch.bfloat16, 64, 256)
+    if why:
+        print(f"FAIL  the FP8 kernels cannot run: {why}")
+        return 1
+    t0 = time.time()
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    for step in (check_quantiser, check_configs, check_layer_and_model):
+        try:
+            step()
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
+            check(False, f"{step.__name__} raised")
+    result["failures"] = FAILURES
+    result["check_seconds"] = round(time.time() - t0, 1)
+    if not args.skip_bench:
+        rows = bench(args.inner, args.reps)
+        result["timings_us"] = rows
+        print(table(rows))
+    result["seconds"] = round(time.time() - t0, 1)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+    print(f"{len(FAILURES)} failures; {result['seconds']} s")
+    return 1 if FAILURES else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

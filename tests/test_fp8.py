@@ -1,0 +1,268 @@
+"""FP8 (e4m3) 2:4 on the CPU: the quantisation math, the reference GEMM, the library's C signatures, building and
+finding the library, refusals, `accelerate_24(weights="fp8")` validation and the checkpoint layout. The kernels
+themselves run on a Hopper GPU only; tests/gpu/check_fp8_gpu.py checks them against float64 there."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from hf_semisparse import cli
+from hf_semisparse.fp8_serialization import compress_fp8_24, decompress_fp8_24
+from hf_semisparse.kernels import accelerate_24, cutlass_fp8, cutlass_sm90
+from hf_semisparse.kernels.fp8_linear import Fp8SemiSparseLinear
+from hf_semisparse.masks import compute_nm_mask, find_nm_violation
+from hf_semisparse.serialization import SparseCheckpointError
+from tests.conftest import make_model
+from tests.test_cutlass_kernels import fake_cutlass, fake_nvcc  # noqa: F401 - fixture
+
+
+def sparse_weight(n=64, k=256, seed=0, dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) / k**0.5
+    return (w * compute_nm_mask(w)).to(dtype)
+
+
+# ------------------------------------------------------------------------------------------ the math
+def test_quantize_rows_scales_by_absmax_and_keeps_zeros():
+    x = torch.randn(5, 64) * torch.tensor([1e-3, 1.0, 30.0, 1.0, 1.0])[:, None]
+    x[3] = 0.0
+    x[4, 7] = -1000.0
+    q, scale = cutlass_fp8.quantize_rows(x)
+    assert q.dtype == torch.float8_e4m3fn and scale.dtype == torch.float32 and scale.shape == (5,)
+    torch.testing.assert_close(scale[[0, 1, 2, 4]], x[[0, 1, 2, 4]].abs().amax(1) / 448.0)
+    assert scale[3] == 1.0 and (q[3].float() == 0).all()
+    assert q.float().abs().amax(1)[[0, 1, 2, 4]].eq(448.0).all()  # each row's absmax maps to e4m3's largest
+    assert q[4, 7].float() == -448.0
+    back = q.float() * scale[:, None]
+    rel = (back - x).abs() / x.abs().clamp_min(1e-30)
+    big = x.abs() > x.abs().amax(1, keepdim=True) / 64  # normal e4m3 range: 3 mantissa bits, error <= 2^-4
+    assert rel[big].max() <= 2**-4 + 1e-6
+    assert (q.view(torch.uint8) != 0x80).all()  # no negative zero: zero has one code
+
+
+def test_quantized_2_4_weight_stays_2_4():
+    w = sparse_weight()
+    w_neg_zero = torch.where(w == 0, torch.full_like(w, -0.0), w)
+    wq, scale = cutlass_fp8.quantize_weight(w_neg_zero)
+    assert find_nm_violation(wq.float()) is None
+    assert ((wq.view(torch.uint8) != 0) <= (w != 0)).all()  # zeros stay zero (code 0x00)
+    assert scale.shape == (w.shape[0],)
+
+
+def test_reference_gemm_is_the_dequantized_math_and_close_to_bf16():
+    w = sparse_weight(128, 512)
+    bias = torch.randn(128, dtype=torch.bfloat16)
+    x = torch.randn(3, 7, 512, dtype=torch.bfloat16)
+    wq, sw = cutlass_fp8.quantize_weight(w)
+    y = cutlass_fp8.fp8_linear_reference(x, wq, sw, bias, compute_dtype=torch.float64)
+    assert y.shape == (3, 7, 128) and y.dtype == torch.bfloat16
+    q, sx = cutlass_fp8.quantize_rows(x.reshape(21, 512))
+    manual = (q.double() @ wq.double().t()) * sx.double()[:, None] * sw.double() + bias.double()
+    torch.testing.assert_close(y.reshape(21, 128), manual.to(torch.bfloat16))
+    exact = x.double() @ w.double().t() + bias.double()
+    err = ((y.double() - exact).norm() / exact.norm()).item()
+    assert 1e-3 < err < 6e-2  # FP8's quantisation error: visible, and a few percent at most
+
+
+# ------------------------------------------------------------------------------------------ the C ABI
+def c_signatures() -> dict[str, list[str]]:
+    """The extern "C" functions of the source: name -> parameter types (pointer types as 'ptr')."""
+    with open(cutlass_fp8.SOURCE, encoding="utf-8") as f:
+        text = f.read()
+    body = text[text.index('extern "C" {') :]
+    sigs = {}
+    for ret, name, params in re.findall(r"^(int|size_t) (hss_fp8_\w+)\(([^)]*)\)", body, flags=re.M):
+        types = []
+        for param in filter(None, (p.strip() for p in params.replace("\n", " ").split(","))):
+            kind = param.rsplit(" ", 1)[0] if "*" not in param else "ptr"
+            types.append(kind)
+        sigs[name] = [ret, *types]
+    return sigs
+
+
+def test_ctypes_declarations_match_the_c_signatures():
+    class Fake:
+        def __getattr__(self, name):
+            fn = type("Fn", (), {})()
+            object.__setattr__(self, name, fn)
+            return fn
+
+    lib = cutlass_fp8.declare(Fake())
+    mapping = {
+        ctypes.c_void_p: "ptr",
+        ctypes.POINTER(ctypes.c_int64): "ptr",
+        ctypes.POINTER(ctypes.c_size_t): "ptr",
+        ctypes.c_int: "int",
+        ctypes.c_size_t: "size_t",
+        ctypes.c_int64: "int64_t",
+    }
+    sigs = c_signatures()
+    assert set(sigs) == {
+        "hss_fp8_num_configs",
+        "hss_fp8_out_is_bf16",
+        "hss_fp8_compressed_sizes",
+        "hss_fp8_compress",
+        "hss_fp8_compress_workspace",
+        "hss_fp8_gemm_workspace",
+        "hss_fp8_gemm",
+        "hss_fp8_quantize",
+    }
+    for name, (ret, *params) in sigs.items():
+        fn = getattr(lib, name)
+        assert [mapping[t] for t in fn.argtypes] == params, name
+        assert mapping[fn.restype] == ret, name
+
+
+def test_every_tile_configuration_is_dispatched():
+    with open(cutlass_fp8.SOURCE, encoding="utf-8") as f:
+        text = f.read()
+    n = int(re.search(r"kNumConfigs = (\d+);", text).group(1))
+    listed = re.search(r"#define HSS_FP8_CONFIGS\(X\) (.*)", text).group(1)
+    assert re.findall(r"X\((\d+), Config(\d+)\)", listed) == [(str(i), str(i)) for i in range(n)]
+    for i in range(n):
+        assert f"using Config{i} = Config<" in text
+
+
+# ------------------------------------------------------------------------------------------ build and find
+def test_build_command_and_library_names(fake_cutlass):  # noqa: F811
+    cmd = cutlass_fp8.build_command(torch.bfloat16, "/tmp/o.so", nvcc="/opt/nvcc")
+    assert cmd[0] == "/opt/nvcc" and cmd[-1] == cutlass_fp8.SOURCE
+    assert "-gencode=arch=compute_90a,code=sm_90a" in cmd
+    assert "-DHSS_OUT_DTYPE=cutlass::bfloat16_t" in cmd
+    assert cutlass_fp8.library_name(torch.float16) == "libhss_sm90_fp8_fp16.so"
+    with pytest.raises(ValueError, match="float16 or bfloat16"):
+        cutlass_fp8.build_library(torch.float32)
+
+
+def test_build_writes_atomically_and_find_checks_the_source(fake_cutlass, tmp_path):  # noqa: F811
+    nvcc = fake_nvcc(tmp_path, 'printf "ELF" > "$out"')
+    assert cutlass_fp8.find_library(torch.bfloat16) is None
+    path = cutlass_fp8.build_library(torch.bfloat16, nvcc=nvcc)
+    directory = tmp_path / "kernels"
+    assert sorted(os.listdir(directory)) == ["libhss_sm90_fp8_bf16.so", "libhss_sm90_fp8_bf16.so.sha256"]
+    assert cutlass_fp8.find_library(torch.bfloat16) == path
+    assert cutlass_fp8.find_library(torch.float16) is None
+    (directory / "libhss_sm90_fp8_bf16.so.sha256").write_text("other")
+    assert cutlass_fp8.find_library(torch.bfloat16) is None
+    with pytest.raises(cutlass_fp8.CutlassUnavailable, match="build-kernels --fp8"):
+        cutlass_fp8.load_library(torch.bfloat16)
+
+
+def test_failed_build_leaves_nothing(fake_cutlass, tmp_path):  # noqa: F811
+    nvcc = fake_nvcc(tmp_path, 'printf "half" > "$out"; echo "error: boom" >&2; exit 2')
+    with pytest.raises(cutlass_fp8.CutlassUnavailable, match="boom"):
+        cutlass_fp8.build_library(torch.float16, nvcc=nvcc)
+    assert os.listdir(tmp_path / "kernels") == []
+
+
+def test_cli_builds_fp8_libraries_too(fake_cutlass, tmp_path, capsys):  # noqa: F811
+    nvcc = fake_nvcc(tmp_path, 'printf "ELF" > "$out"')
+    out_dir = tmp_path / "out"
+    assert (
+        cli.main(
+            ["build-kernels", "--fp8", "--dtypes", "bfloat16", "--nvcc", nvcc, "--directory", str(out_dir)]
+        )
+        == 0
+    )
+    assert sorted(p.name for p in out_dir.iterdir() if p.suffix == ".so") == [
+        "libhss_sm90_bf16.so",
+        "libhss_sm90_fp8_bf16.so",
+    ]
+
+
+def test_why_unavailable_names_each_reason(fake_cutlass, tmp_path, monkeypatch):  # noqa: F811
+    cuda = torch.device("cuda", 0)
+    assert "on cpu" in cutlass_fp8.why_unavailable(torch.device("cpu"), torch.bfloat16, 64, 256)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert "9.0 (Hopper)" in cutlass_fp8.why_unavailable(cuda, torch.bfloat16, 64, 256)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert "float32" in cutlass_fp8.why_unavailable(cuda, torch.float32, 64, 256)
+    assert "in_features % 256" in cutlass_fp8.why_unavailable(cuda, torch.bfloat16, 64, 576)
+    assert "out_features % 64" in cutlass_fp8.why_unavailable(cuda, torch.bfloat16, 96, 256)
+    assert "build-kernels --fp8" in cutlass_fp8.why_unavailable(cuda, torch.bfloat16, 64, 256)
+    cutlass_fp8.build_library(torch.bfloat16, nvcc=fake_nvcc(tmp_path, 'printf "ELF" > "$out"'))
+    assert cutlass_fp8.why_unavailable(cuda, torch.bfloat16, 64, 256) is None
+
+
+# ------------------------------------------------------------------------------------------ the layer
+def test_layer_refuses_cpu_and_non_2_4_with_clear_errors():
+    lin = nn.Linear(256, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        lin.weight.copy_(sparse_weight())
+    with pytest.raises(cutlass_fp8.CutlassUnavailable, match="64x256 weight: on cpu"):
+        Fp8SemiSparseLinear(lin)
+    dense = nn.Linear(256, 64).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="not 2:4"):
+        Fp8SemiSparseLinear(dense)
+    with pytest.raises(ValueError, match="needs `linear`"):
+        Fp8SemiSparseLinear(weight_fp8=torch.zeros(64, 256, dtype=torch.float8_e4m3fn))
+    with pytest.raises(ValueError, match="one per output channel"):
+        Fp8SemiSparseLinear(
+            weight_fp8=torch.zeros(64, 256, dtype=torch.float8_e4m3fn),
+            weight_scale=torch.ones(32),
+            dtype=torch.bfloat16,
+        )
+
+
+def test_accelerate_24_validates_weights_and_leaves_cpu_models_alone():
+    model = make_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="weights must be one of"):
+        accelerate_24(model, weights="int4")
+    report = accelerate_24(model, weights="fp8")
+    assert not report.ok and "cpu" in report.reason
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# ------------------------------------------------------------------------------------------ checkpoint layout
+def test_fp8_checkpoint_layout_round_trips():
+    w = sparse_weight(64, 256, dtype=torch.float16)
+    parts = compress_fp8_24(w, "layer.weight")
+    assert parts["compressed"].dtype == torch.float8_e4m3fn and parts["compressed"].shape == (64, 128)
+    assert parts["weight_scale"].dtype == torch.float32 and parts["weight_scale"].shape == (64, 1)
+    assert parts["bitmask"].shape == (64, 32) and parts["shape"].flatten().tolist() == [64, 256]
+    wq, scale = decompress_fp8_24(**parts)
+    ref_q, ref_s = cutlass_fp8.quantize_weight(w)
+    assert torch.equal(wq.view(torch.uint8), ref_q.view(torch.uint8)) and torch.equal(scale, ref_s)
+
+
+def test_fp8_checkpoint_errors_name_the_tensor():
+    parts = compress_fp8_24(sparse_weight(64, 256), "m.weight")
+    with pytest.raises(SparseCheckpointError, match="m.compressed is torch.bfloat16"):
+        decompress_fp8_24(**{**parts, "compressed": parts["compressed"].float().bfloat16()}, name="m")
+    bad_scale = parts["weight_scale"].clone()
+    bad_scale[5] = float("nan")
+    with pytest.raises(SparseCheckpointError, match=r"m.weight_scale\[5\] is nan"):
+        decompress_fp8_24(**{**parts, "weight_scale": bad_scale}, name="m")
+    with pytest.raises(SparseCheckpointError, match="expected float32"):
+        decompress_fp8_24(**{**parts, "weight_scale": parts["weight_scale"].half()}, name="m")
+    with pytest.raises(SparseCheckpointError, match="not 2:4|claims 2:4"):
+        compress_fp8_24(torch.randn(8, 16), "dense.weight")
+
+
+def test_the_source_ships_with_the_package():
+    assert Path(cutlass_fp8.SOURCE).is_file() and cutlass_fp8.SOURCE != cutlass_sm90.SOURCE
+    assert len(cutlass_fp8.source_digest()) == 16
+
+
+def test_a_built_library_answers_its_host_functions():
+    """With the library built (HF_SEMISPARSE_KERNEL_DIR), its host-only functions run without a GPU: the ctypes
+    declarations against the real binary."""
+    path = cutlass_fp8.find_library(torch.bfloat16)
+    if path is None:
+        pytest.skip("the FP8 library is not built here (hf-semisparse build-kernels --fp8)")
+    lib = cutlass_fp8.load_library(torch.bfloat16)
+    assert lib.hss_fp8_num_configs() == 5 and lib.hss_fp8_out_is_bf16() == 1
+    values, meta = ctypes.c_int64(), ctypes.c_int64()
+    assert lib.hss_fp8_compressed_sizes(6144, 4096, ctypes.byref(values), ctypes.byref(meta)) == 0
+    assert values.value == 6144 * 4096 // 2 and meta.value == 6144 * 4096 // 8
+    size = ctypes.c_size_t(7)
+    assert lib.hss_fp8_gemm_workspace(0, 4096, 2048, 4096, ctypes.byref(size)) == 0
+    assert lib.hss_fp8_gemm_workspace(99, 4096, 2048, 4096, ctypes.byref(size)) == 1  # no such configuration
