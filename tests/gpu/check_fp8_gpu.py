@@ -7,15 +7,17 @@ Llama-3-8B shapes against dense bf16, dense FP8 (`torch._scaled_mm`, rowwise sca
 (the libraries built elsewhere by `hf-semisparse build-kernels --fp8 --directory build/kernels`).
 
 Correctness (exit status 1 on any failure, every failure listed):
-  * the quantiser kernel against `cutlass_fp8.quantize_rows` (scales to 1e-6, e4m3 codes equal; padding rows zero
-    with scale 1);
+  * the quantiser kernel against `cutlass_fp8.quantize_rows` (scales to 1e-6; e4m3 codes equal, at most 1e-4 of
+    them one code apart, the count printed; padding rows zero with scale 1);
   * every tile configuration, both output dtypes, with and without bias, at shapes including odd token counts,
     against a float64 reference of the dequantised math (`q_x @ q_w^T * scale_x * scale_w + bias` with the
     kernel's own quantised inputs): ||y - ref|| / ||ref|| under 2e-3 (fp16) and 8e-3 (bf16) (output rounding
     plus the FP8 fast-accumulation mainloop), outputs poisoned with NaN first so every element must be written,
     fresh random inputs per configuration;
-  * `Fp8SemiSparseLinear` and `accelerate_24(weights="fp8")` on a small Llama against the same reference and
-    against the bf16 2:4 model (the quantisation error itself: under 6e-2).
+  * `Fp8SemiSparseLinear` against the same reference, and against the bf16/fp16 2:4 layer (the quantisation
+    error itself, 3.7e-2 in the CPU emulation: under 6e-2); `accelerate_24(weights="fp8")` on a random 2-layer
+    Llama: logits against the FP8 math in torch (3e-2), against the 2:4 model (0.15; 9.2e-2 emulated), and
+    under torch.compile against eager (3e-2).
 
 Timings: each method captured `--inner` times into a CUDA graph, the graph replayed `--reps` times, the median
 per call (us). "fp8_24" is the GEMM alone on pre-quantised activations, "fp8_24+q" with the per-token
@@ -26,6 +28,7 @@ quantisation of the activations (our kernel) included; "fp8_dense"/"fp8_dense+q"
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -41,7 +44,9 @@ from hf_semisparse.masks import compute_nm_mask
 
 DEV = torch.device("cuda")
 TOL = {torch.float16: 2e-3, torch.bfloat16: 8e-3}
-QUANT_TOL = 6e-2  # FP8 2:4 against the unquantised bf16 2:4 layer: e4m3's 3 mantissa bits
+QUANT_TOL = 6e-2  # one FP8 2:4 layer against bf16 2:4: e4m3's 3 mantissa bits (3.7e-2 in the CPU emulation)
+MODEL_TOL = 3e-2  # a model's logits against the same FP8 math in torch (rounding can flip a few e4m3 codes)
+MODEL_QUANT_TOL = 0.15  # a random 2-layer model's logits against bf16 2:4 (9.2e-2 in the CPU emulation)
 SHAPES_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 TOKENS = (16, 128, 2048, 8192)
 FAILURES: list[str] = []
@@ -81,9 +86,14 @@ def check_quantiser() -> None:
             q, sx = handle.quantize(x, padded, torch.cuda.current_stream().cuda_stream)
             q_ref, s_ref = cutlass_fp8.quantize_rows(x)
             scale_ok = torch.allclose(sx[:m], s_ref, rtol=1e-6, atol=0) and bool((sx[m:] == 1).all())
-            codes_ok = torch.equal(q[:m].view(torch.uint8), q_ref.view(torch.uint8))
+            codes, ref_codes = q[:m].view(torch.uint8).int(), q_ref.view(torch.uint8).int()
+            differ = int((codes != ref_codes).sum())  # expected 0; at most one code apart allowed, counted
+            codes_ok = differ <= codes.numel() * 1e-4 and int((codes - ref_codes).abs().max()) <= 1
             pad_ok = bool((q[m:].float() == 0).all())
-            check(scale_ok and codes_ok and pad_ok, f"quantiser {dtype} {m}x{k} (scales, codes, padding)")
+            check(
+                scale_ok and codes_ok and pad_ok,
+                f"quantiser {dtype} {m}x{k}: scales {scale_ok}, {differ} codes differ, padding {pad_ok}",
+            )
 
 
 def check_configs() -> None:
@@ -165,21 +175,45 @@ def check_layer_and_model() -> None:
                 err = rel_err(y, lin(x).double())
                 check(err < QUANT_TOL, f"Fp8SemiSparseLinear {dtype} M{2 * m} vs bf16/fp16 2:4: {err:.2e}")
         model = tiny_llama(dtype)
+        emulated = emulate_fp8(copy.deepcopy(model))
         ids = torch.randint(0, 1000, (4, 64), device=DEV)
         with torch.inference_mode():
             ref = model(ids).logits.double()
+            emu = emulated(ids).logits.double()
             report = accelerate_24(model, weights="fp8")
             n_fp8 = sum(isinstance(m, Fp8SemiSparseLinear) for m in model.modules())
             check(
                 n_fp8 == 14,
                 f"accelerate_24(weights='fp8') {dtype}: {n_fp8} FP8 layers of 14 ({report.kernels})",
             )
-            err = rel_err(model(ids).logits, ref)
-            check(err < QUANT_TOL, f"tiny Llama {dtype} FP8 2:4 logits vs {dtype} 2:4: {err:.2e}")
+            logits = model(ids).logits
+            err = rel_err(logits, emu)
+            check(err < MODEL_TOL, f"tiny Llama {dtype} FP8 2:4 logits vs the FP8 math in torch: {err:.2e}")
+            err = rel_err(logits, ref)  # random 2-layer model: about 9e-2 in the CPU emulation
+            check(err < MODEL_QUANT_TOL, f"tiny Llama {dtype} FP8 2:4 logits vs {dtype} 2:4: {err:.2e}")
             if dtype is torch.bfloat16:  # one compile: it costs GPU-machine time
                 compiled = torch.compile(model)
-                err_c = rel_err(compiled(ids).logits, model(ids).logits.double())
-                check(err_c < 3e-2, f"tiny Llama {dtype} FP8 2:4 torch.compile vs eager: {err_c:.2e}")
+                err_c = rel_err(compiled(ids).logits, logits.double())
+                check(err_c < MODEL_TOL, f"tiny Llama {dtype} FP8 2:4 torch.compile vs eager: {err_c:.2e}")
+
+
+class EmulatedFp8Linear(torch.nn.Module):
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        self.weight_fp8, self.scale_w = cutlass_fp8.quantize_weight(linear.weight.detach())
+        self.bias = linear.bias
+
+    def forward(self, x):
+        return cutlass_fp8.fp8_linear_reference(x, self.weight_fp8, self.scale_w, self.bias)
+
+
+def emulate_fp8(model):
+    modules = dict(model.named_modules())
+    for name, module in list(modules.items()):
+        if isinstance(module, torch.nn.Linear) and "lm_head" not in name:
+            parent, _, child = name.rpartition(".")
+            setattr(modules[parent], child, EmulatedFp8Linear(module))
+    return model
 
 
 # ------------------------------------------------------------------------------------------ timings
