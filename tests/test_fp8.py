@@ -44,7 +44,9 @@ def test_quantize_rows_scales_by_absmax_and_keeps_zeros():
     rel = (back - x).abs() / x.abs().clamp_min(1e-30)
     big = x.abs() > x.abs().amax(1, keepdim=True) / 64  # normal e4m3 range: 3 mantissa bits, error <= 2^-4
     assert rel[big].max() <= 2**-4 + 1e-6
-    assert (q.view(torch.uint8) != 0x80).all()  # no negative zero: zero has one code
+    assert (q.view(torch.uint8) != 0x80).all()  # x has no -0.0
+    neg = cutlass_fp8.quantize_rows(torch.tensor([[-0.0, 1.0]]))[0].view(torch.uint8)
+    assert neg.tolist() == [[0x80, 0x7E]]  # as the CUDA quantiser: the sign of -0.0 kept; 448 is 0x7E
 
 
 def test_quantized_2_4_weight_stays_2_4():

@@ -49,12 +49,14 @@ _STALE: set[str] = set()
 
 
 # ------------------------------------------------------------------------------------------ the math in torch
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows(x: torch.Tensor, positive_zero: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row symmetric e4m3 quantisation: `scale = absmax(row) / 448` (1 for an all-zero row),
-    `q = e4m3(clamp(x / scale, -448, 448))` (round to nearest even, as the CUDA kernel and torch's cast).
+    `q = e4m3(clamp(x / scale, -448, 448))` (round to nearest even), bit for bit what the CUDA quantiser of the
+    activations writes (which keeps the sign of a -0.0 input).
 
     Args:
         x: `[rows, cols]`, any float dtype, any device.
+        positive_zero: write -0.0 as +0.0 (code 0x00), so that zero has one code.
 
     Returns:
         `(q, scale)`: `q` float8_e4m3fn `[rows, cols]`, `scale` float32 `[rows]`.
@@ -62,15 +64,17 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     xf = x.float()
     amax = xf.abs().amax(dim=-1)
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    # + 0.0 turns -0.0 into +0.0: zero has one e4m3 code (0x00), as in the CUDA kernel
-    q = ((xf / scale[..., None]).clamp(-FP8_MAX, FP8_MAX) + 0.0).to(FP8_DTYPE)
-    return q, scale
+    scaled = (xf / scale[..., None]).clamp(-FP8_MAX, FP8_MAX)
+    if positive_zero:
+        scaled = scaled + 0.0  # -0.0 + 0.0 == +0.0
+    return scaled.to(FP8_DTYPE), scale
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-output-channel e4m3 quantisation of a `[out, in]` weight (`quantize_rows`); zeros stay zeros, so a
-    2:4 weight stays 2:4."""
-    return quantize_rows(weight)
+    """Per-output-channel e4m3 quantisation of a `[out, in]` weight (`quantize_rows`); zeros stay zeros (code
+    0x00, also for the -0.0 that masking a negative weight leaves), so a 2:4 weight stays 2:4 for the
+    compressor."""
+    return quantize_rows(weight, positive_zero=True)
 
 
 def fp8_linear_reference(

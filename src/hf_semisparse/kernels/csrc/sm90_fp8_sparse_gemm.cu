@@ -229,8 +229,7 @@ __global__ void quantize_rows(const ElementOut* __restrict__ x, __nv_fp8_e4m3* _
     __nv_fp8_e4m3 out[8];
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-      // division as torch does it; + 0.0f makes -0.0 +0.0 (one code for zero, as quantize_rows)
-      out[j] = __nv_fp8_e4m3(fminf(fmaxf(to_float(v[j]) / s, -kFp8Max), kFp8Max) + 0.0f);
+      out[j] = __nv_fp8_e4m3(fminf(fmaxf(to_float(v[j]) / s, -kFp8Max), kFp8Max));  // division, as torch
     }
     q_vec[i] = *reinterpret_cast<uint2*>(out);
   }
