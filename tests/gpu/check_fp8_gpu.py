@@ -11,8 +11,8 @@ Correctness (exit status 1 on any failure, every failure listed):
     them one code apart, the count printed; padding rows zero with scale 1);
   * every tile configuration, both output dtypes, with and without bias, at shapes including odd token counts,
     against a float64 reference of the dequantised math (`q_x @ q_w^T * scale_x * scale_w + bias` with the
-    kernel's own quantised inputs): ||y - ref|| / ||ref|| under 2e-3 (fp16) and 8e-3 (bf16) (output rounding
-    plus the FP8 fast-accumulation mainloop), outputs poisoned with NaN first so every element must be written,
+    kernel's own quantised inputs): ||y - ref|| / ||ref|| under 1e-2 (fp16) and 1.5e-2 (bf16) (output
+    rounding plus the FP8 fast-accumulation mainloop; every error is printed), outputs poisoned with NaN first so every element must be written,
     fresh random inputs per configuration;
   * `Fp8SemiSparseLinear` against the same reference, and against the bf16/fp16 2:4 layer (the quantisation
     error itself, 3.7e-2 in the CPU emulation: under 6e-2); `accelerate_24(weights="fp8")` on a random 2-layer
@@ -43,17 +43,22 @@ from hf_semisparse.kernels.fp8_linear import Fp8SemiSparseLinear, fp8_handle
 from hf_semisparse.masks import compute_nm_mask
 
 DEV = torch.device("cuda")
-TOL = {torch.float16: 2e-3, torch.bfloat16: 8e-3}
+# output rounding plus FP8 fast accumulation (Hopper's FP8 wgmma keeps fewer accumulator bits than fp32, as
+# torch._scaled_mm(use_fast_accum=True)); a wrong scale, layout or tile gives errors of order 1
+TOL = {torch.float16: 1e-2, torch.bfloat16: 1.5e-2}
 QUANT_TOL = 6e-2  # one FP8 2:4 layer against bf16 2:4: e4m3's 3 mantissa bits (3.7e-2 in the CPU emulation)
 MODEL_TOL = 3e-2  # a model's logits against the same FP8 math in torch (rounding can flip a few e4m3 codes)
 MODEL_QUANT_TOL = 0.15  # a random 2-layer model's logits against bf16 2:4 (9.2e-2 in the CPU emulation)
 SHAPES_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 TOKENS = (16, 128, 2048, 8192)
 FAILURES: list[str] = []
+CHECKS: list[str] = []
 
 
 def check(ok: bool, what: str) -> None:
-    print(("ok    " if ok else "FAIL  ") + what, flush=True)
+    line = ("ok    " if ok else "FAIL  ") + what
+    print(line, flush=True)
+    CHECKS.append(line)
     if not ok:
         FAILURES.append(what)
 
@@ -368,6 +373,7 @@ def main() -> int:
             traceback.print_exc()
             check(False, f"{step.__name__} raised")
     result["failures"] = FAILURES
+    result["checks"] = CHECKS
     result["check_seconds"] = round(time.time() - t0, 1)
     if not args.skip_bench:
         rows = bench(args.inner, args.reps)

@@ -8,7 +8,7 @@ quantisation of weights and activations they take.
 at run time (`scale_x = absmax(token) / 448`) by a one-pass kernel of the same library. The scales and the bias are
 applied in the GEMM's epilogue (a CUTLASS epilogue visitor tree, as vLLM's former `scaled_mm_c3x` sparse kernels
 did), which writes fp16 or bf16. The source is `csrc/sm90_fp8_sparse_gemm.cu`; it is compiled once per machine
-(about 2 minutes per output dtype) by `hf-semisparse build-kernels --fp8` into `libhss_sm90_fp8_fp16.so` and
+(about 2 minutes of CPU time and up to 8 GB of memory per output dtype) by `hf-semisparse build-kernels --fp8` into `libhss_sm90_fp8_fp16.so` and
 `libhss_sm90_fp8_bf16.so` under `cutlass_sm90.kernel_dir()`.
 
 `quantize_weight`, `quantize_rows` and `fp8_linear_reference` are the same math in plain torch (CPU or GPU): the
