@@ -7,8 +7,8 @@ weights quantised to e4m3 per output channel, activations per token, matmul in f
 64 == 0); on SmolLM2-135M (hidden size 576) that is the MLP down projections only, so the "all layers" row is the
 one that stands for 8B-class models, whose every projection qualifies.
 
-    python benchmarks/probe_fp8_accuracy.py outputs/smollm2-135m --method magnitude
-    python benchmarks/probe_fp8_accuracy.py outputs/smollm2-135m --method sparsegpt
+    python benchmarks/probes/probe_fp8_accuracy.py outputs/smollm2-135m --method magnitude
+    python benchmarks/probes/probe_fp8_accuracy.py outputs/smollm2-135m --method sparsegpt
 
 Perplexity: the first `--tokens` tokens of the EB1911 article on Shakespeare, non-overlapping windows of
 `--window` tokens, mean token negative log-likelihood over all windows (the first token of each window is context
