@@ -1,4 +1,11 @@
-"""The `hf-semisparse` command: convert, inspect and push sparse checkpoints."""
+"""The `hf-semisparse` command: convert, inspect and push sparse checkpoints.
+
+Exit codes: 0 success; 1 a finding (`inspect`/`push`: a layer is not 2:4, or no 2:4 layer is recorded); 2 a
+usage or input error (bad argument, missing or unreadable file, damaged checkpoint, refused destination, Hub
+unreachable), reported in one line on stderr; 3 an unexpected error (a bug: set HF_SEMISPARSE_DEBUG=1 for the
+traceback); 130 interrupted. Heavy libraries (transformers, the kernels) are imported only by the commands that
+need them, so `--help` and `inspect` start fast.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +14,89 @@ import json
 import os
 import sys
 
-from safetensors import safe_open
+DEBUG_ENV = "HF_SEMISPARSE_DEBUG"
+DTYPES = {
+    "auto": "auto",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+}
 
-from .masks import find_nm_violation
-from .serialization import SparseCheckpointError, weight_files
+
+class CliInputError(Exception):
+    """A usage or input problem found by the command itself (exit code 2)."""
+
+
+def _dtype(value: str) -> str:
+    if value.lower() not in DTYPES:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a dtype; choose one of {', '.join(DTYPES)}")
+    return DTYPES[value.lower()]
+
+
+def _shard_size(value: str) -> str:
+    from .serialization import parse_shard_size
+
+    try:
+        parse_shard_size(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    return value
+
+
+def _checkpoint_folder(path: str) -> str:
+    """`path` if it is a folder with a config.json, else a one-line input error."""
+    if not os.path.exists(path):
+        raise CliInputError(f"{path}: no such folder")
+    if not os.path.isdir(path):
+        raise CliInputError(f"{path} is a file; give the checkpoint folder that holds it")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise CliInputError(f"{path} holds no config.json: not a transformers checkpoint folder")
+    return path
+
+
+def _convert_source(source: str) -> str:
+    """A local checkpoint folder, or a Hub repo id; anything else is an input error."""
+    if os.path.isdir(source):
+        return _checkpoint_folder(source)
+    if os.path.exists(source):
+        raise CliInputError(f"{source} is a file; give the checkpoint folder that holds it")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        raise CliInputError(f"{source}: no such folder, and not a Hub repo id (owner/name)") from None
+    return source
 
 
 def _convert(args) -> int:
+    source = _convert_source(args.source)
+    from .serialization import check_save_destination
+
+    if os.path.isdir(source) and os.path.realpath(source) == os.path.realpath(args.destination):
+        raise CliInputError(
+            "the destination is the source folder: convert never replaces its source; choose another"
+        )
+    check_save_destination(args.destination, source=source, overwrite=args.overwrite)
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
     from .modeling import AutoSparseModel
     from .serialization import save_sparse_pretrained
 
-    model = AutoSparseModel.from_pretrained(args.source, accelerate=False, torch_dtype=args.dtype)
-    summary = save_sparse_pretrained(model, args.destination, max_shard_size=args.max_shard_size)
+    try:
+        model = AutoSparseModel.from_pretrained(source, accelerate=False, torch_dtype=args.dtype)
+    except (HfHubHTTPError, LocalEntryNotFoundError, ConnectionError) as exc:
+        raise CliInputError(
+            f"{source} is not a local folder and cannot be downloaded from the Hub: {exc}"
+        ) from exc
+    summary = save_sparse_pretrained(
+        model, args.destination, max_shard_size=args.max_shard_size, overwrite=args.overwrite
+    )
     print(
         f"wrote {args.destination}: {len(summary['targets'])} 2:4 layers, "
         f"{summary['dense_target_bytes'] / 2**20:.1f} MiB -> {summary['compressed_target_bytes'] / 2**20:.1f} MiB "
@@ -27,19 +105,40 @@ def _convert(args) -> int:
     return 0
 
 
-def inspect_checkpoint(path: str) -> dict:
+def inspect_checkpoint(path: str, verify_data: bool = False) -> dict:
     """The sparsity report of a local checkpoint, read on the CPU without building the model.
 
     For a compressed checkpoint only the safetensors headers are read; for a dense one, the recorded targets'
-    weights are read and checked to be 2:4.
+    weights are read and checked to be 2:4. In files written with digests (`digests.py`), names, dtypes and
+    shapes are checked against them, and so is every tensor read; `verify_data=True` reads and checks all tensors.
+
+    Raises:
+        CliInputError: `path` is not a checkpoint folder.
+        SparseCheckpointError: config.json or a weight file is unreadable or damaged (names the file).
     """
-    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-        config = json.load(f)
+    from .digests import open_verified
+    from .masks import find_nm_violation
+    from .serialization import SparseCheckpointError, weight_files
+
+    _checkpoint_folder(path)
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SparseCheckpointError(f"{os.path.join(path, 'config.json')} is not valid JSON: {exc}") from exc
     sparsity = (config.get("quantization_config") or {}).get("sparsity_config")
     recorded = (config.get("sparsity_config") or {}).get("targets") or []
+    require = bool(
+        ((config.get("quantization_config") or {}).get("hf_semisparse") or {}).get("tensor_digests")
+    )
     layers = []
     for file in weight_files(path):
-        with safe_open(file, framework="pt") as f:
+        with open_verified(file, require=require, check_data=True) as f:
+            if verify_data:
+                for key in f.keys():  # noqa: SIM118 - not a dict
+                    f.get_tensor(key)
             keys = set(f.keys())
             for key in sorted(keys):
                 if key.endswith(".bitmask"):
@@ -83,7 +182,7 @@ def inspect_checkpoint(path: str) -> dict:
 
 
 def _inspect(args) -> int:
-    report = inspect_checkpoint(args.path)
+    report = inspect_checkpoint(args.path, verify_data=args.verify)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -96,25 +195,48 @@ def _inspect(args) -> int:
             )
         print(
             f"{len(report['layers'])} 2:4 layers recorded; {len(report['ignored'])} linear layers left dense"
+            + ("; every tensor matches its recorded CRC32" if args.verify else "")
         )
-    return 0 if all(layer["is_24"] for layer in report["layers"]) else 1
+    return 0 if _is_sparse(report) else 1
+
+
+def _is_sparse(report: dict) -> bool:
+    return bool(report["layers"]) and all(layer["is_24"] for layer in report["layers"])
 
 
 def _push(args) -> int:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(args.repo_id)
+    except HFValidationError as exc:
+        raise CliInputError(f"{args.repo_id!r} is not a Hub repo id (owner/name): {exc}") from None
+    report = inspect_checkpoint(args.path, verify_data=True)  # every time, whether or not a card exists
+    if not _is_sparse(report):
+        bad = [layer["module"] for layer in report["layers"] if not layer["is_24"]]
+        why = f"layers not 2:4: {bad[:5]}" if bad else "it records no 2:4 layer"
+        print(
+            f"hf-semisparse push: not uploaded: {args.path} is not a 2:4 checkpoint ({why})", file=sys.stderr
+        )
+        return 1
     from huggingface_hub import HfApi
 
     from .hub import render_model_card
+    from .utils import atomic_write_text
 
-    inspect_checkpoint(args.path)  # refuses folders that are not sparse checkpoints
     readme = os.path.join(args.path, "README.md")
+    card = None
     if not os.path.isfile(readme):
-        with open(readme, "w", encoding="utf-8") as f:
-            f.write(
-                render_model_card(checkpoint_dir=args.path, repo_id=args.repo_id, base_model=args.base_model)
-            )
-    api = HfApi(token=args.token)
-    api.create_repo(args.repo_id, private=args.private, exist_ok=True)
-    info = api.upload_folder(repo_id=args.repo_id, folder_path=args.path, commit_message=args.message)
+        card = render_model_card(checkpoint_dir=args.path, repo_id=args.repo_id, base_model=args.base_model)
+        atomic_write_text(readme, card)
+    try:
+        api = HfApi(token=args.token)
+        api.create_repo(args.repo_id, private=args.private, exist_ok=True)
+        info = api.upload_folder(repo_id=args.repo_id, folder_path=args.path, commit_message=args.message)
+    except Exception as exc:
+        if card is not None:
+            os.remove(readme)  # the folder is left as it was
+        raise CliInputError(f"upload to {args.repo_id} failed ({type(exc).__name__}): {exc}") from exc
     print(f"uploaded {args.path} to {args.repo_id}: {info}")
     return 0
 
@@ -149,22 +271,43 @@ def _build_kernels(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: `hf-semisparse convert: error: ...` and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="hf-semisparse", description="2:4 sparse checkpoints for transformers"
-    )
+    parser = _Parser(prog="hf-semisparse", description="2:4 sparse checkpoints for transformers")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("convert", help="dense checkpoint with 2:4 zeros -> compressed sparse checkpoint")
-    p.add_argument("source")
-    p.add_argument("destination")
-    p.add_argument("--max-shard-size", default="5GB")
-    p.add_argument("--dtype", default=None, help="e.g. float16; default: as stored")
+    p.add_argument("source", help="a local checkpoint folder or a Hub repo id; never modified")
+    p.add_argument(
+        "destination", help="a new folder, or a checkpoint folder (only checkpoint files are replaced)"
+    )
+    p.add_argument("--max-shard-size", default="5GB", type=_shard_size, help="e.g. 5GB, 500MB (default 5GB)")
+    p.add_argument(
+        "--dtype", default=None, type=_dtype, help="float16, bfloat16, float32; default: as stored"
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="also write into the current directory, a folder above the source, or a non-empty folder holding no "
+        "checkpoint (still only checkpoint files are replaced)",
+    )
     p.set_defaults(func=_convert)
     p = sub.add_parser("inspect", help="print the sparsity report of a checkpoint (CPU only, no model built)")
-    p.add_argument("path")
+    p.add_argument("path", help="a checkpoint folder")
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--verify", action="store_true", help="read every tensor and check it against its recorded CRC32"
+    )
     p.set_defaults(func=_inspect)
-    p = sub.add_parser("push", help="upload a sparse checkpoint folder (adds a model card if it has none)")
+    p = sub.add_parser(
+        "push",
+        help="check a sparse checkpoint folder (every time) and upload it (adds a model card if it has none)",
+    )
     p.add_argument("path")
     p.add_argument("repo_id")
     p.add_argument("--private", action="store_true")
@@ -185,13 +328,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    more = f" (+{len(lines) - 1} more lines: set {DEBUG_ENV}=1)" if len(lines) > 1 else ""
+    return lines[0] + more
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    prefix = f"hf-semisparse {args.command}: error:"
     try:
         return args.func(args)
-    except (SparseCheckpointError, FileNotFoundError) as exc:
-        print(f"hf-semisparse {args.command}: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"{prefix} interrupted", file=sys.stderr)
+        return 130
+    except (
+        CliInputError,
+        ValueError,
+        OSError,
+    ) as exc:  # our checkpoint errors are ValueErrors; files, Hub: OSError
+        if os.environ.get(DEBUG_ENV):
+            raise
+        print(f"{prefix} {_one_line(exc)}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        print(
+            f"{prefix} unexpected {type(exc).__name__}: {_one_line(exc)} (a bug: please report it; "
+            f"{DEBUG_ENV}=1 shows the traceback)",
+            file=sys.stderr,
+        )
+        return 3
 
 
 if __name__ == "__main__":

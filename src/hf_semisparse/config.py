@@ -99,11 +99,59 @@ class SparsityConfig:
     )
 
     def __post_init__(self) -> None:
+        for name in ("target_modules", "exclude_modules"):  # a tuple is kept as the list it stands for
+            if isinstance(getattr(self, name), tuple):
+                object.__setattr__(self, name, list(getattr(self, name)))
         self.validate()
+        object.__setattr__(self, "_validated", True)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Assigning a field validates the whole config; an invalid value is refused and the old one kept.
+
+        To change fields that depend on each other (e.g. `schedule` and `end_step`) use
+        `dataclasses.replace(config, schedule="gradual", end_step=1000)`.
+        """
+        if not self.__dict__.get("_validated") or name not in _FIELD_NAMES:
+            object.__setattr__(self, name, value)
+            return
+        if name in ("target_modules", "exclude_modules") and isinstance(value, tuple):
+            value = list(value)
+        old = self.__dict__[name]
+        object.__setattr__(self, name, value)
+        try:
+            self.validate()
+        except (TypeError, ValueError) as exc:
+            object.__setattr__(self, name, old)
+            raise type(exc)(
+                f"{exc} (SparsityConfig.{name} was left at {old!r}; to change fields that depend on each other "
+                "together, use dataclasses.replace(config, ...))"
+            ) from None
 
     # ------------------------------------------------------------------ validation
+    def _check_types(self) -> None:
+        for name in _INT_FIELDS + _OPTIONAL_INT_FIELDS:
+            value = getattr(self, name)
+            if value is None and name in _OPTIONAL_INT_FIELDS:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                allowed = "an int or None" if name in _OPTIONAL_INT_FIELDS else "an int"
+                raise TypeError(
+                    f"SparsityConfig.{name} must be {allowed}, got {type(value).__name__} {value!r}"
+                    + (
+                        f"; write {name}={int(value)}"
+                        if isinstance(value, str) and value.strip().isdigit()
+                        else ""
+                    )
+                )
+        for name in ("method", "schedule"):
+            if not isinstance(getattr(self, name), str):
+                raise TypeError(
+                    f"SparsityConfig.{name} must be a str, got {type(getattr(self, name)).__name__}"
+                )
+
     def validate(self) -> None:
-        """Raise `ValueError` naming the first invalid field."""
+        """Raise `ValueError` (or `TypeError` for a wrong type) naming the first invalid field."""
+        self._check_types()
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if value is None:
@@ -113,10 +161,9 @@ class SparsityConfig:
                     re.compile(value)
                 except re.error as exc:
                     raise ValueError(f"SparsityConfig.{name}={value!r} is not a valid regex: {exc}") from exc
-            elif isinstance(value, (list, tuple)):
+            elif isinstance(value, list):
                 if not all(isinstance(v, str) and v for v in value):
                     raise ValueError(f"SparsityConfig.{name} must hold non-empty strings, got {value!r}")
-                setattr(self, name, list(value))
             else:
                 raise TypeError(
                     f"SparsityConfig.{name} must be a list of names, a regex string or None, "
@@ -246,3 +293,16 @@ class SparsityConfig:
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path} is not valid JSON: {exc}") from exc
         return cls.from_dict(data)
+
+
+_FIELD_NAMES = frozenset(f.name for f in fields(SparsityConfig))
+_INT_FIELDS = (
+    "calibration_batches",
+    "n",
+    "m",
+    "start_step",
+    "prune_every",
+    "min_features",
+    "kernel_multiple",
+)
+_OPTIONAL_INT_FIELDS = ("end_step", "mask_update_every", "freeze_step")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+from types import SimpleNamespace
 
 import torch
 import transformers
@@ -119,11 +121,14 @@ class AutoSparseModel:
             pretrained_model_name_or_path, revision, token, cache_dir, local_files_only
         )
         config = AutoConfig.from_pretrained(directory)
-        files = weight_files(directory)  # safetensors only; raises on pickle-only folders or missing shards
-        tensors = read_tensors(files)
-
         quant = getattr(config, "quantization_config", None)
         quant = quant.to_dict() if hasattr(quant, "to_dict") else quant
+        files = weight_files(directory)  # safetensors only; raises on pickle-only folders or missing shards
+        digests_recorded = isinstance(quant, dict) and bool(
+            (quant.get("hf_semisparse") or {}).get("tensor_digests")
+        )
+        tensors = read_tensors(files, require_digests=digests_recorded)
+
         compressed_modules: list[str] = []
         if isinstance(quant, dict) and quant.get("sparsity_config"):
             ours = quant.get("hf_semisparse") or {}
@@ -149,6 +154,7 @@ class AutoSparseModel:
         with init_empty_weights(include_buffers=False):
             model = klass(config)
         _, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+        unexpected = tolerated_unexpected_keys(model, unexpected)
         if unexpected:
             raise SparseCheckpointError(
                 f"checkpoint tensors the {klass.__name__} does not have: {unexpected[:5]} "
@@ -176,6 +182,30 @@ class AutoSparseModel:
 
             model.sparsity_acceleration = accelerate_24(model, keep_dense=keep_dense)
         return model
+
+
+def tolerated_unexpected_keys(model: torch.nn.Module, unexpected: list[str]) -> list[str]:
+    """The checkpoint keys `model` lacks that transformers' own loading would also refuse.
+
+    transformers ignores keys matching the model's `_keys_to_ignore_on_load_unexpected` and stale copies of buffers
+    that are no longer saved (`position_ids`, rotary `inv_freq`), e.g. `embeddings.position_ids` in BERT checkpoints
+    written by transformers 4.x; its `PreTrainedModel._adjust_missing_and_unexpected_keys` applies those rules and
+    is used here. Keys naming a non-persistent buffer of the model are tolerated too: the model builds it itself.
+    """
+    non_persistent = set()
+    for module_name, module in model.named_modules():
+        for buffer in getattr(module, "_non_persistent_buffers_set", ()):
+            non_persistent.add(f"{module_name}.{buffer}" if module_name else buffer)
+    keys = {k for k in unexpected if k not in non_persistent}
+    adjust = getattr(model, "_adjust_missing_and_unexpected_keys", None)
+    if keys and adjust is not None:
+        info = SimpleNamespace(missing_keys=set(), unexpected_keys=set(keys))
+        adjust(info)
+        keys = set(info.unexpected_keys)
+    elif keys:  # transformers without that method: its documented class attribute
+        patterns = getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []
+        keys = {k for k in keys if not any(re.search(p, k) for p in patterns)}
+    return [k for k in unexpected if k in keys]
 
 
 def _check_dense_targets(model: torch.nn.Module, targets: list[str]) -> None:

@@ -19,17 +19,18 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
+import re
 from collections.abc import Iterable
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from . import save_destination
+from .digests import DIGEST_KEY, digest_metadata, open_verified
+from .errors import CorruptCheckpointError, SaveDestinationError, SparseCheckpointError
 from .masks import compute_nm_mask, find_nm_violation, pack_mask, unpack_mask
-from .targets import is_linear_module
+from .save_destination import check_save_destination
 from .utils import unwrap_model
 
 logger = logging.getLogger(__name__)
@@ -41,8 +42,14 @@ WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 
 
-class SparseCheckpointError(ValueError):
-    """A checkpoint is malformed; the message names the file or tensor and what is wrong."""
+__all__ = [
+    "CorruptCheckpointError",
+    "SaveDestinationError",
+    "SparseCheckpointError",
+    "check_save_destination",
+    "parse_shard_size",
+    "save_sparse_pretrained",
+]
 
 
 # ----------------------------------------------------------------------------- one tensor
@@ -108,6 +115,8 @@ def decompress_24(
 # ----------------------------------------------------------------------------- targets
 def sparse_targets(model: nn.Module) -> dict[str, nn.Module]:
     """Modules whose weights are stored compressed: the recorded targets, else every 2:4 linear layer."""
+    from .targets import is_linear_module
+
     root = unwrap_model(model)
     modules = dict(root.named_modules())
     recorded = getattr(getattr(root, "config", None), "sparsity_config", None)
@@ -134,15 +143,30 @@ def sparse_targets(model: nn.Module) -> dict[str, nn.Module]:
 
 
 # ----------------------------------------------------------------------------- save
-def _parse_size(size: int | str) -> int:
-    if isinstance(size, int):
-        return size
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    s = size.strip().upper()
-    for unit, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
-        if s.endswith(unit):
-            return int(float(s[: -len(unit)]) * factor)
-    return int(s)
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)?\s*", re.IGNORECASE)
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+
+
+def parse_shard_size(size: int | str) -> int:
+    """Bytes in a shard size given as in transformers ("5GB", "500MB", "2GiB") or as a number of bytes.
+
+    Raises:
+        ValueError: not a positive size.
+    """
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        match = _SIZE.fullmatch(size) if isinstance(size, str) else None
+        if match is None:
+            raise ValueError(
+                f"max_shard_size={size!r} is not a size: use a number of bytes or a number with a unit "
+                "(KB, MB, GB, KiB, MiB, GiB), e.g. '5GB'"
+            )
+        value = int(float(match.group(1)) * _UNITS[(match.group(2) or "B").upper()])
+    if value <= 0:
+        raise ValueError(f"max_shard_size={size!r} must be a positive size, e.g. '5GB'")
+    return value
 
 
 def _dedupe_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -184,29 +208,60 @@ def save_sparse_pretrained(
     save_directory: str | os.PathLike,
     max_shard_size: int | str = "5GB",
     extra_files: dict[str, str] | None = None,
+    *,
+    overwrite: bool = False,
 ) -> dict:
-    """Save `model` with every 2:4 target weight compressed, atomically.
+    """Save `model` with every 2:4 target weight compressed, never losing files already there.
 
-    The checkpoint is written to a temporary folder beside `save_directory` and moved into place only when
-    complete: an interrupted save leaves the previous checkpoint (or none), never a partial one.
+    A new folder is written whole beside its final place and renamed into it: an interrupted save leaves nothing.
+    Into an existing checkpoint folder, all files are written to a hidden staging folder inside it first, then each
+    replaces its namesake atomically (`config.json`, `generation_config.json`, the weights and their index, and
+    `extra_files`); weight shards or an index of an older save that this one does not use are removed, and
+    nothing else is touched (tokenizer files, notes, `runs/` stay). An interrupted save leaves the old checkpoint.
+    Every safetensors file records each tensor's dtype, shape and CRC32 (`digests.py`), checked when it is read.
 
     Args:
         model: a transformers model whose targets are exactly 2:4 (recorded in `config.sparsity_config`, or found).
         save_directory: where to write `config.json`, `model.safetensors` (or shards plus an index).
         max_shard_size: as in transformers, e.g. "5GB"; a compressed weight's three tensors stay in one shard.
         extra_files: more text files to write, name -> content (e.g. a model card as README.md).
+        overwrite: also write into a folder that is refused by default: the current directory or a folder above
+            it, a folder above the checkpoint the model was loaded from, a non-empty folder holding no checkpoint.
+            Even then only the files listed above are replaced.
 
     Returns:
         A summary: targets, bytes of the pruned layers dense vs compressed, file bytes.
+
+    Raises:
+        SaveDestinationError: `save_directory` is refused (see `overwrite`), or is a file.
+        SparseCheckpointError: the model has no 2:4 layer, or a recorded target is not 2:4 (names the tensor).
+        ValueError: `max_shard_size` or an `extra_files` name is invalid.
+
+    Example:
+        >>> save_sparse_pretrained(model, "out/bert-24")
+        >>> tokenizer.save_pretrained("out/bert-24")  # either order: neither removes the other's files
     """
     from . import __version__
 
+    shard_limit = parse_shard_size(max_shard_size)
+    for fname in extra_files or {}:
+        if not fname or os.path.basename(fname) != fname or fname in (".", ".."):
+            raise ValueError(f"extra_files name {fname!r} must be a plain file name (no folders)")
+        if save_destination.OWNED_WEIGHTS.fullmatch(fname) or fname in (
+            "config.json",
+            "generation_config.json",
+        ):
+            raise ValueError(f"extra_files name {fname!r} would replace a file the checkpoint itself writes")
     root = unwrap_model(model)
+    source = getattr(getattr(root, "config", None), "_name_or_path", None)
+    destination = check_save_destination(save_directory, source=source or None, overwrite=overwrite)
     targets = sparse_targets(root)
     if not targets:
         raise SparseCheckpointError(
             "no 2:4 linear layer to compress: prune the model first (prune_24 or SparsityTrainer)"
         )
+    from .targets import is_linear_module
+
     state = _dedupe_shared({k: v.detach() for k, v in root.state_dict().items()})
     tensors: dict[str, torch.Tensor] = {}
     groups: list[list[str]] = []
@@ -251,6 +306,7 @@ def save_sparse_pretrained(
             "library_version": __version__,
             "transposed": transposed,
             "target_bytes_ratio": round(compressed_bytes / dense_bytes, 4),
+            "tensor_digests": DIGEST_KEY,  # every weight file records its tensors' CRC32 (digests.py)
         },
     }
     summary_meta = json.dumps(
@@ -262,16 +318,14 @@ def save_sparse_pretrained(
         }
     )
 
-    save_directory = os.path.abspath(os.fspath(save_directory))
-    parent = os.path.dirname(save_directory)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(save_directory)}.", suffix=".partial", dir=parent)
+    shards = _shards(tensors, groups, shard_limit)
+    staging = save_destination.stage(destination)
     try:
         config.architectures = [type(root).__name__]  # as transformers' save_pretrained records it
         previous = getattr(config, "quantization_config", None)
         config.quantization_config = quant_config
         try:
-            config.save_pretrained(tmp)
+            config.save_pretrained(staging)
         finally:
             if previous is None:
                 del config.quantization_config
@@ -279,32 +333,26 @@ def save_sparse_pretrained(
                 config.quantization_config = previous
         generation_config = getattr(root, "generation_config", None)
         if generation_config is not None and getattr(root, "can_generate", lambda: False)():
-            generation_config.save_pretrained(tmp)
-        shards = _shards(tensors, groups, _parse_size(max_shard_size))
-        metadata = {"format": "pt", "hf_semisparse": summary_meta}
-        if len(shards) == 1:
-            save_file(shards[0], os.path.join(tmp, WEIGHTS_NAME), metadata=metadata)
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards, 1):
-                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, os.path.join(tmp, fname), metadata=metadata)
-                weight_map.update(dict.fromkeys(shard, fname))
+            generation_config.save_pretrained(staging)
+        file_bytes = 0
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            fname = WEIGHTS_NAME if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            metadata = {"format": "pt", "hf_semisparse": summary_meta, DIGEST_KEY: digest_metadata(shard)}
+            save_file(shard, os.path.join(staging, fname), metadata=metadata)
+            file_bytes += os.path.getsize(os.path.join(staging, fname))
+            weight_map.update(dict.fromkeys(shard, fname))
+        if len(shards) > 1:
             total = sum(t.numel() * t.element_size() for t in tensors.values())
-            with open(os.path.join(tmp, WEIGHTS_INDEX_NAME), "w", encoding="utf-8") as f:
+            with open(os.path.join(staging, WEIGHTS_INDEX_NAME), "w", encoding="utf-8") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         for fname, text in (extra_files or {}).items():
-            with open(os.path.join(tmp, fname), "w", encoding="utf-8") as f:
+            with open(os.path.join(staging, fname), "w", encoding="utf-8") as f:
                 f.write(text)
-        _move_into_place(tmp, save_directory)
+        save_destination.commit(staging, destination)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        save_destination.discard(staging)
         raise
-    file_bytes = sum(
-        os.path.getsize(os.path.join(save_directory, f))
-        for f in os.listdir(save_directory)
-        if f.endswith(".safetensors")
-    )
     return {
         "targets": target_names,
         "dense_target_bytes": dense_bytes,
@@ -320,25 +368,6 @@ def _global_sparsity(model: nn.Module) -> float:
         total += p.numel()
         zeros += int((p == 0).sum())
     return zeros / total if total else 0.0
-
-
-def _move_into_place(tmp: str, target: str) -> None:
-    if not os.path.exists(target):
-        os.replace(tmp, target)
-        return
-    if not os.path.isdir(target):
-        raise FileExistsError(f"{target} exists and is not a folder")
-    backup = tempfile.mkdtemp(
-        prefix=f".{os.path.basename(target)}.", suffix=".old", dir=os.path.dirname(target)
-    )
-    os.rmdir(backup)
-    os.replace(target, backup)  # the old checkpoint stays whole until the new one is in place
-    try:
-        os.replace(tmp, target)
-    except BaseException:
-        os.replace(backup, target)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- load
@@ -370,15 +399,25 @@ def weight_files(directory: str) -> list[str]:
     raise SparseCheckpointError(f"no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} in {directory}")
 
 
-def read_tensors(files: Iterable[str]) -> dict[str, torch.Tensor]:
+def read_tensors(files: Iterable[str], require_digests: bool = False) -> dict[str, torch.Tensor]:
+    """Every tensor of `files`, each checked against the digests recorded in its file (`digests.open_verified`).
+
+    Args:
+        require_digests: every file must carry a digest record (config.json says they were written with one).
+
+    Raises:
+        CorruptCheckpointError: a file is unreadable, or a tensor differs from what was written.
+    """
     out: dict[str, torch.Tensor] = {}
     for path in files:
-        try:
-            with safe_open(path, framework="pt") as f:
-                for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
+        with open_verified(path, require=require_digests) as f:
+            for key in f.keys():  # noqa: SIM118 - not a dict
+                try:
                     out[key] = f.get_tensor(key)
-        except (SafetensorError, OSError) as exc:
-            raise SparseCheckpointError(f"{path} is truncated or not a safetensors file: {exc}") from exc
+                except (OSError, RuntimeError, ValueError) as exc:
+                    if isinstance(exc, SparseCheckpointError):
+                        raise
+                    raise CorruptCheckpointError(f"{path}: tensor {key} cannot be read: {exc}") from exc
     return out
 
 

@@ -124,11 +124,22 @@ def is_linear_module(module: nn.Module) -> bool:
 
 
 def _head_prefixes(model: nn.Module) -> list[str]:
-    """Names of the direct children that sit outside the base model: task heads."""
+    """Names of the task heads: the direct children outside the base model, and the output embeddings.
+
+    Models such as T5ForConditionalGeneration hold their base model's parts directly (no `base_model_prefix`
+    child), so their `lm_head` is found as the output embeddings (`get_output_embeddings()`), tied or not.
+    """
     prefix = getattr(model, "base_model_prefix", "")
-    if not prefix or not isinstance(getattr(model, prefix, None), nn.Module):
-        return []
-    return [name for name, _ in model.named_children() if name != prefix]
+    heads = []
+    if prefix and isinstance(getattr(model, prefix, None), nn.Module):
+        heads = [name for name, _ in model.named_children() if name != prefix]
+    try:
+        output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    except (AttributeError, NotImplementedError):
+        output = None
+    if isinstance(output, nn.Module):
+        heads += [name for name, module in model.named_modules() if module is output and name not in heads]
+    return heads
 
 
 def select_targets(model: nn.Module, config: SparsityConfig) -> tuple[list[SparseTarget], SparsityReport]:

@@ -1,0 +1,146 @@
+"""Where a checkpoint may be saved, and writing it there without losing anybody's files.
+
+A new folder is written whole beside its final place and renamed into it, so an interrupted save leaves nothing.
+Into an existing folder every file is written to a hidden staging folder inside it first; only when all are
+written does each replace its namesake (one `os.replace` per file, atomic), and weight files of an older save
+that the new one does not use (shards, index) are removed. Nothing else in the folder is touched: tokenizer
+files, notes, `runs/`, sub-folders stay. Folders get the mode `transformers`' `save_pretrained` gives (0777 less
+the umask), not `tempfile`'s 0700, and files 0666 less the umask, as `open` gives them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+
+from .errors import SaveDestinationError
+
+# Files a transformers checkpoint (or the output folder of a Trainer) holds: a folder with one of them is a
+# checkpoint folder, and saving into it replaces only the files the save writes.
+_CHECKPOINT_FILE = re.compile(
+    r"config\.json|generation_config\.json|.+\.safetensors|.+\.safetensors\.index\.json|pytorch_model.*\.bin"
+    r"|tokenizer(_config)?\.json|special_tokens_map\.json|sparsity_config\.json|training_args\.bin"
+    r"|adapter_config\.json|preprocessor_config\.json"
+)
+_CHECKPOINT_DIR = re.compile(r"checkpoint-\d+")
+# Weight files of our own layout; those an older save left and this one does not write are removed.
+OWNED_WEIGHTS = re.compile(
+    r"model\.safetensors|model\.safetensors\.index\.json|model-\d{5}-of-\d{5}\.safetensors"
+)
+_STAGING_PREFIX = ".hf_semisparse-save-"
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def default_dir_mode() -> int:
+    """0777 less the process umask: the mode `os.makedirs` (and so `save_pretrained`) gives a new folder."""
+    return 0o777 & ~_umask()
+
+
+def default_file_mode() -> int:
+    """0666 less the process umask: the mode `open(path, "w")` gives a new file (safetensors writes 0600)."""
+    return 0o666 & ~_umask()
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _holds_checkpoint(folder: str) -> bool:
+    for entry in os.scandir(folder):
+        if entry.is_dir() and _CHECKPOINT_DIR.fullmatch(entry.name):
+            return True
+        if entry.is_file() and _CHECKPOINT_FILE.fullmatch(entry.name):
+            return True
+    return False
+
+
+def _visible_entries(folder: str) -> list[str]:
+    return sorted(name for name in os.listdir(folder) if not name.startswith("."))
+
+
+def check_save_destination(
+    save_directory: str | os.PathLike, *, source: str | os.PathLike | None = None, overwrite: bool = False
+) -> str:
+    """Refuse a destination where saving could lose files; return its absolute real path.
+
+    Refused unless `overwrite=True`: the current directory or a folder above it, a folder above `source` (the
+    checkpoint the model came from), a non-empty folder that holds no checkpoint (see `_CHECKPOINT_FILE`; names
+    starting with "." do not count). Always refused: a path that is a file. Even with `overwrite=True` a save
+    only replaces the files it writes.
+
+    Raises:
+        SaveDestinationError: with the reason and the keyword that allows it.
+    """
+    destination = os.path.realpath(os.fspath(save_directory))
+    if os.path.exists(destination) and not os.path.isdir(destination):
+        raise SaveDestinationError(f"cannot save to {destination}: it is a file, not a folder")
+    if overwrite:
+        return destination
+    hint = (
+        "choose a new or checkpoint folder, or pass overwrite=True (CLI: --overwrite) to write into it anyway"
+    )
+    cwd = os.path.realpath(os.getcwd())
+    if _within(cwd, destination):
+        where = (
+            "the current directory" if cwd == destination else f"a folder above the current directory {cwd}"
+        )
+        raise SaveDestinationError(f"refusing to save into {destination}: it is {where}; {hint}")
+    if source is not None and os.path.isdir(source):
+        source = os.path.realpath(os.fspath(source))
+        if source != destination and _within(source, destination):
+            raise SaveDestinationError(
+                f"refusing to save into {destination}: it holds the source checkpoint {source}; {hint}"
+            )
+    if os.path.isdir(destination) and not _holds_checkpoint(destination):
+        entries = _visible_entries(destination)
+        if entries:
+            shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+            raise SaveDestinationError(
+                f"refusing to save into {destination}: it is not empty ({shown}) and holds no checkpoint; {hint}"
+            )
+    return destination
+
+
+def stage(destination: str) -> str:
+    """A fresh staging folder for a save to `destination`: beside it when it does not exist yet, else inside it."""
+    if os.path.isdir(destination):
+        return tempfile.mkdtemp(prefix=_STAGING_PREFIX, suffix=".partial", dir=destination)
+    parent = os.path.dirname(destination)
+    os.makedirs(parent, exist_ok=True)
+    return tempfile.mkdtemp(prefix=f".{os.path.basename(destination)}.", suffix=".partial", dir=parent)
+
+
+def commit(staging: str, destination: str) -> list[str]:
+    """Move every file of `staging` into `destination`; drop our stale weight files; return the names moved.
+
+    Weight files move first and config files last, so that a reader never sees a config before its weights.
+    """
+    names = sorted(os.listdir(staging), key=lambda n: (not OWNED_WEIGHTS.fullmatch(n), n))
+    for name in names:
+        os.chmod(os.path.join(staging, name), default_file_mode())
+    if not os.path.isdir(destination):
+        os.chmod(staging, default_dir_mode())
+        os.replace(staging, destination)
+        return names
+    for name in names:
+        target = os.path.join(destination, name)
+        if os.path.isdir(target) and not os.path.islink(target):
+            raise SaveDestinationError(f"cannot write {target}: a folder of that name is in the way")
+    for name in names:
+        os.replace(os.path.join(staging, name), os.path.join(destination, name))
+    os.rmdir(staging)
+    for name in os.listdir(destination):
+        if OWNED_WEIGHTS.fullmatch(name) and name not in names:
+            os.remove(os.path.join(destination, name))
+    return names
+
+
+def discard(staging: str) -> None:
+    shutil.rmtree(staging, ignore_errors=True)
