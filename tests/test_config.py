@@ -67,3 +67,40 @@ def test_oneshot_and_reselection_steps():
     cfg = SparsityConfig(mask_update_every=4, freeze_step=10)
     assert [s for s in range(20) if cfg.is_prune_step(s)] == [0, 4, 8, 10]
     assert cfg.uses_dense_shadow(9) and not cfg.uses_dense_shadow(10)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(start_step=True), TypeError, "start_step must be an int, got bool"),
+        (dict(n="2"), TypeError, "n must be an int, got str '2'; write n=2"),
+        (dict(end_step=2.5, schedule="gradual"), TypeError, "end_step must be an int or None"),
+        (dict(method=None), TypeError, "method must be a str"),
+    ],
+)
+def test_field_types(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        SparsityConfig(**kwargs)
+
+
+def test_assignment_is_validated_and_refused_values_are_not_kept():
+    import dataclasses
+
+    cfg = SparsityConfig()
+    with pytest.raises(ValueError, match=r"0 < n < m, got n=5, m=4.*left at 2.*dataclasses.replace"):
+        cfg.n = 5
+    assert cfg.n == 2
+    with pytest.raises(TypeError, match="start_step must be an int, got bool"):
+        cfg.start_step = True
+    assert cfg.start_step == 0 and cfg.start_step is not True
+    with pytest.raises(ValueError, match="end_step"):
+        cfg.schedule = "gradual"  # needs end_step too: change both at once
+    assert cfg.schedule == "oneshot"
+    gradual = dataclasses.replace(cfg, schedule="gradual", end_step=100)
+    gradual.end_step = 200
+    assert gradual.level_at(200) == 1.0
+    cfg.target_modules = ("query", "value")
+    assert cfg.target_modules == ["query", "value"]
+    with pytest.raises(ValueError, match="regex"):
+        cfg.exclude_modules = "(unclosed"
+    assert cfg == SparsityConfig(target_modules=["query", "value"])

@@ -99,3 +99,19 @@ def test_fsdp1_wrapped_model_is_a_clear_error(monkeypatch):
     monkeypatch.setattr("hf_semisparse.targets.FSDP1_TYPES", (FakeFSDP1,))
     with pytest.raises(NotImplementedError, match="fsdp_version': 2"):
         select_targets(model, SparsityConfig())
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("excludes", [[], None, r"nothing\.matches", ["classifier"]])
+def test_heads_stay_out_however_excludes_are_given(tied, excludes):
+    # T5ForConditionalGeneration has no `transformer` child (its base_model_prefix): lm_head is found as the output
+    # embeddings; untied (T5 v1.1, flan-t5) it used to be pruned as soon as exclude_modules dropped "lm_head"
+    model = make_model("t5", tie_word_embeddings=tied)
+    targets, report = select_targets(model, SparsityConfig(exclude_modules=excludes))
+    assert "lm_head" not in [t.name for t in targets]
+    assert next(d.reason for d in report.decisions if d.name == "lm_head").startswith("task head")
+    for arch, head in [("llama", "lm_head"), ("bert", "classifier")]:
+        targets, _ = select_targets(make_model(arch), SparsityConfig(exclude_modules=excludes))
+        assert head not in [t.name for t in targets]
+    targets, _ = select_targets(model, SparsityConfig(target_modules=["lm_head"], exclude_modules=excludes))
+    assert [t.name for t in targets] == ["lm_head"]  # named explicitly (and not excluded): selected
