@@ -8,12 +8,11 @@ SparsityTrainer` pulls in `transformers.trainer` only when asked for.
 from __future__ import annotations
 
 import importlib
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
 from typing import TYPE_CHECKING
 
 from .config import SparsityConfig
-
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as _version
 
 try:
     __version__ = _version("hf-semisparse")  # one source of truth: pyproject.toml's [project] version
