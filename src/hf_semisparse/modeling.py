@@ -1,4 +1,4 @@
-"""`AutoSparseModel`: load a sparse (or 2:4-zeroed dense) checkpoint as a normal transformers model."""
+"""`AutoSparseModel`: a thin entry point over plain `from_pretrained` with our quantizer (`quantizer.py`)."""
 
 from __future__ import annotations
 
@@ -7,43 +7,13 @@ import os
 
 import torch
 import transformers
-from accelerate import init_empty_weights
 from transformers import AutoConfig
 
 from .masks import find_nm_violation
-from .serialization import (
-    SparseCheckpointError,
-    decompress_state_dict,
-    read_tensors,
-    weight_files,
-)
+from .quantizer import load_options
+from .serialization import SparseCheckpointError, weight_files
 
 logger = logging.getLogger(__name__)
-
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.md"]
-
-
-def resolve_checkpoint(
-    path_or_repo_id: str | os.PathLike,
-    revision: str | None = None,
-    token: str | bool | None = None,
-    cache_dir: str | None = None,
-    local_files_only: bool = False,
-) -> str:
-    """A local folder as it is; a Hub repo id downloaded (safetensors and text files only) through huggingface_hub."""
-    path = os.fspath(path_or_repo_id)
-    if os.path.isdir(path):
-        return path
-    from huggingface_hub import snapshot_download
-
-    return snapshot_download(
-        repo_id=path,
-        revision=revision,
-        token=token,
-        cache_dir=cache_dir,
-        local_files_only=local_files_only,
-        allow_patterns=HUB_PATTERNS,
-    )
 
 
 def _model_class(config, model_class):
@@ -58,19 +28,6 @@ def _model_class(config, model_class):
         f"cannot infer the model class: config.architectures={architectures!r} names no transformers "
         "class. Pass model_class= (e.g. transformers.AutoModelForQuestionAnswering's concrete class)."
     )
-
-
-def _resolve_dtype(dtype, tensors: dict[str, torch.Tensor]) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "auto"):
-        for t in tensors.values():
-            if t.is_floating_point():
-                return t.dtype
-        return torch.float32
-    if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
-        return getattr(torch, dtype)
-    raise ValueError(f"torch_dtype must be a torch.dtype, its name, 'auto' or None; got {dtype!r}")
 
 
 class AutoSparseModel:
@@ -115,66 +72,32 @@ class AutoSparseModel:
             raise ValueError(
                 "AutoSparseModel never runs code from a checkpoint (trust_remote_code must be False)"
             )
-        directory = resolve_checkpoint(
-            pretrained_model_name_or_path, revision, token, cache_dir, local_files_only
-        )
-        config = AutoConfig.from_pretrained(directory)
-        files = weight_files(directory)  # safetensors only; raises on pickle-only folders or missing shards
-        tensors = read_tensors(files)
-
-        quant = getattr(config, "quantization_config", None)
-        quant = quant.to_dict() if hasattr(quant, "to_dict") else quant
-        compressed_modules: list[str] = []
-        if isinstance(quant, dict) and quant.get("sparsity_config"):
-            ours = quant.get("hf_semisparse") or {}
-            if ours and ours.get("version", 1) > 1:
-                raise SparseCheckpointError(
-                    f"checkpoint format version {ours['version']} is newer than this "
-                    "library reads (1): upgrade hf_semisparse"
-                )
-            tensors, compressed_modules = decompress_state_dict(
-                tensors, quant["sparsity_config"], ours.get("transposed", ()), targets_are_modules=bool(ours)
-            )
-            if quant.get("config_groups"):
-                raise SparseCheckpointError(
-                    "quantized compressed-tensors checkpoints are not supported, only sparse"
-                )
-            del config.quantization_config
-        elif quant is not None:
-            raise SparseCheckpointError(f"unsupported quantization_config {quant.get('quant_method')!r}")
-
-        dtype = _resolve_dtype(torch_dtype if torch_dtype is not None else dtype, tensors)
-        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+        path = os.fspath(pretrained_model_name_or_path)
+        if os.path.isdir(path):
+            weight_files(path)  # clear errors for pickle-only folders and missing shards, before transformers
+        hub = dict(revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only)
+        config = AutoConfig.from_pretrained(path, **hub)
         klass = _model_class(config, model_class)
-        with init_empty_weights(include_buffers=False):
-            model = klass(config)
-        _, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
-        if unexpected:
-            raise SparseCheckpointError(
-                f"checkpoint tensors the {klass.__name__} does not have: {unexpected[:5]} "
-                "(config and weights disagree)"
+        dtype = torch_dtype if torch_dtype is not None else dtype
+        if device_map == "auto":  # the first GPU if any, as before (transformers' "auto" spreads over devices)
+            device_map = "cuda" if torch.cuda.is_available() else "cpu"
+        with load_options(accelerate=accelerate, keep_dense=keep_dense):
+            model = klass.from_pretrained(
+                path,
+                dtype="auto" if dtype is None else dtype,
+                device_map=device_map,
+                use_safetensors=True,
+                trust_remote_code=False,
+                **hub,
             )
-        model.tie_weights()
-        still_meta = [n for n, p in model.named_parameters() if p.is_meta]
-        if still_meta:
-            raise SparseCheckpointError(
-                f"checkpoint lacks tensors {still_meta[:5]} (missing shard or wrong config)"
-            )
+        if getattr(model, "hf_quantizer", None) is None:  # a dense checkpoint: its recorded targets must be 2:4
+            recorded = getattr(model.config, "sparsity_config", None)
+            if isinstance(recorded, dict) and recorded.get("targets"):
+                _check_dense_targets(model, recorded["targets"])
+            if accelerate:
+                from .kernels import accelerate_24
 
-        recorded = getattr(model.config, "sparsity_config", None)
-        if compressed_modules:
-            record = dict(recorded) if isinstance(recorded, dict) else {"pattern": "2:4"}
-            record["targets"] = compressed_modules
-            model.config.sparsity_config = record
-        elif isinstance(recorded, dict) and recorded.get("targets"):
-            _check_dense_targets(model, recorded["targets"])
-
-        model.eval()
-        model = _place(model, device_map)
-        if accelerate:
-            from .kernels import accelerate_24
-
-            model.sparsity_acceleration = accelerate_24(model, keep_dense=keep_dense)
+                model.sparsity_acceleration = accelerate_24(model, keep_dense=keep_dense)
         return model
 
 
@@ -190,15 +113,3 @@ def _check_dense_targets(model: torch.nn.Module, targets: list[str]) -> None:
             raise SparseCheckpointError(
                 f"{name}.weight is recorded as 2:4 but the group at {bad.index} has {bad.nonzeros} non-zeros"
             )
-
-
-def _place(model: torch.nn.Module, device_map) -> torch.nn.Module:
-    if device_map is None:
-        return model
-    if isinstance(device_map, dict):
-        from accelerate import dispatch_model
-
-        return dispatch_model(model, device_map=device_map)
-    if device_map == "auto":
-        device_map = "cuda" if torch.cuda.is_available() else "cpu"
-    return model.to(device_map)
