@@ -89,7 +89,9 @@ def expand_values(values: torch.Tensor, bitmask: torch.Tensor, name: str = "weig
 def check_bitmask_layout(name: str, values_shape: tuple, bitmask_dtype: str, bitmask_shape: tuple) -> None:
     """The bitmask of a `values_shape` compressed weight must be uint8 `[..., rows, ceil(cols / 8)]`."""
     if len(values_shape) < 2:
-        raise SparseCheckpointError(f"{name}: compressed values must have 2 or more dims, got {list(values_shape)}")
+        raise SparseCheckpointError(
+            f"{name}: compressed values must have 2 or more dims, got {list(values_shape)}"
+        )
     cols = values_shape[-1] * 2
     expected = (*values_shape[:-1], math.ceil(cols / 8))
     if bitmask_dtype not in ("torch.uint8", "uint8", "U8") or tuple(bitmask_shape) != expected:
@@ -183,8 +185,11 @@ def _check_ours(quant: dict, tensors: dict[str, TensorInfo]) -> CheckpointLayout
             "quantization_config.transposed (the Conv1D targets) must be a list of names from targets, got "
             f"{transposed!r}"
         )
-    stray = sorted(k for k in tensors if k.endswith(".weight" + BITMASK_SUFFIX) and k[: -len(".weight_bitmask")]
-                   not in set(targets))
+    stray = sorted(
+        k
+        for k in tensors
+        if k.endswith(".weight" + BITMASK_SUFFIX) and k[: -len(".weight_bitmask")] not in set(targets)
+    )
     if stray:
         raise SparseCheckpointError(
             f"tensors {stray[:5]} hold 2:4 bitmasks of modules that quantization_config.targets does not list"
@@ -199,7 +204,9 @@ def _check_ours(quant: dict, tensors: dict[str, TensorInfo]) -> CheckpointLayout
             )
         values, bitmask = tensors[wkey], tensors[mkey]
         if values.dtype not in FLOAT_DTYPES:
-            raise SparseCheckpointError(f"{wkey}: compressed values are {values.dtype}, expected a float dtype")
+            raise SparseCheckpointError(
+                f"{wkey}: compressed values are {values.dtype}, expected a float dtype"
+            )
         check_bitmask_layout(wkey, values.shape, bitmask.dtype, bitmask.shape)
         dense = (*values.shape[:-1], values.shape[-1] * 2)
         layers.append(CompressedLayer(module, dense, values.dtype, module in transposed, (wkey, mkey), mkey))
@@ -214,7 +221,9 @@ def legacy_sparsity_config(quant: dict) -> dict:
     """
     sparsity = quant.get("sparsity_config")
     if not isinstance(sparsity, dict):
-        raise SparseCheckpointError("this compressed-tensors checkpoint has no sparsity_config: it is not 2:4 sparse")
+        raise SparseCheckpointError(
+            "this compressed-tensors checkpoint has no sparsity_config: it is not 2:4 sparse"
+        )
     if quant.get("config_groups"):
         raise SparseCheckpointError(
             "this compressed-tensors checkpoint is quantized (config_groups); hf_semisparse reads sparse-only "
@@ -254,14 +263,20 @@ def _check_legacy(quant: dict, tensors: dict[str, TensorInfo]) -> CheckpointLayo
             raise SparseCheckpointError(f"{module}: compressed weight lacks {missing}")
         shape, values, bitmask = (tensors[k] for k in keys)
         if shape.dtype not in ("I64", "I32") or math.prod(shape.shape) != 2:
-            raise SparseCheckpointError(f"{keys[0]} must be an int64 tensor holding [rows, cols], got {shape}")
+            raise SparseCheckpointError(
+                f"{keys[0]} must be an int64 tensor holding [rows, cols], got {shape}"
+            )
         if values.dtype not in FLOAT_DTYPES or len(values.shape) != 2:
-            raise SparseCheckpointError(f"{keys[1]} is {values.dtype} {list(values.shape)}, expected 2-D float")
+            raise SparseCheckpointError(
+                f"{keys[1]} is {values.dtype} {list(values.shape)}, expected 2-D float"
+            )
         check_bitmask_layout(keys[1], values.shape, bitmask.dtype, bitmask.shape)
         dense = (values.shape[0], values.shape[1] * 2)
         layers.append(CompressedLayer(module, dense, values.dtype, module in transposed, keys, keys[2]))
     listed = sparsity.get("targets")
-    if ours and isinstance(listed, list):  # hf_semisparse 0.1 wrote module names there: each must be compressed
+    if ours and isinstance(
+        listed, list
+    ):  # hf_semisparse 0.1 wrote module names there: each must be compressed
         missing = sorted(set(listed) - set(modules))
         if missing:
             raise SparseCheckpointError(f"config lists 2:4 targets with no compressed tensors: {missing[:5]}")

@@ -9,8 +9,10 @@ import sys
 
 from safetensors import safe_open
 
-from .masks import find_nm_violation
-from .serialization import SparseCheckpointError, weight_files
+from .checkpoint_format import QUANT_METHOD, SparseCheckpointError, check_bitmask_groups, check_layout
+from .masks import find_nm_violation, unpack_mask
+from .quantizer import is_legacy_sparse_24, read_headers
+from .serialization import weight_files
 
 
 def _convert(args) -> int:
@@ -18,7 +20,9 @@ def _convert(args) -> int:
     from .serialization import save_sparse_pretrained
 
     model = AutoSparseModel.from_pretrained(args.source, accelerate=False, torch_dtype=args.dtype)
-    summary = save_sparse_pretrained(model, args.destination, max_shard_size=args.max_shard_size)
+    summary = save_sparse_pretrained(
+        model, args.destination, max_shard_size=args.max_shard_size, format=args.format
+    )
     print(
         f"wrote {args.destination}: {len(summary['targets'])} 2:4 layers, "
         f"{summary['dense_target_bytes'] / 2**20:.1f} MiB -> {summary['compressed_target_bytes'] / 2**20:.1f} MiB "
@@ -30,36 +34,58 @@ def _convert(args) -> int:
 def inspect_checkpoint(path: str) -> dict:
     """The sparsity report of a local checkpoint, read on the CPU without building the model.
 
-    For a compressed checkpoint only the safetensors headers are read; for a dense one, the recorded targets'
-    weights are read and checked to be 2:4.
+    A compressed checkpoint gets exactly the checks the loader runs (`checkpoint_format.check_layout` on the
+    headers, then every bitmask: exactly 2 kept values in every group of 4); a problem is reported in `problems`
+    (and per layer), not raised. For a dense checkpoint, the recorded targets' weights are read and checked to be 2:4.
     """
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         config = json.load(f)
-    sparsity = (config.get("quantization_config") or {}).get("sparsity_config")
+    quant = config.get("quantization_config") or {}
     recorded = (config.get("sparsity_config") or {}).get("targets") or []
-    layers = []
-    for file in weight_files(path):
-        with safe_open(file, framework="pt") as f:
-            keys = set(f.keys())
-            for key in sorted(keys):
-                if key.endswith(".bitmask"):
-                    module = key[: -len(".bitmask")]
-                    rows, cols = (int(v) for v in f.get_tensor(f"{module}.shape").flatten())
-                    values = f.get_slice(f"{module}.compressed")
-                    layers.append(
-                        {
-                            "module": module,
-                            "shape": [rows, cols],
-                            "dtype": values.get_dtype(),
-                            "stored": "compressed",
-                            "is_24": True,
-                        }
-                    )
-                elif not sparsity and key.endswith(".weight") and key[: -len(".weight")] in recorded:
+    files = weight_files(path)
+    layers, problems, fmt, ignored = [], [], "dense", []
+    if quant.get("quant_method") == QUANT_METHOD or is_legacy_sparse_24(quant):
+        try:
+            layout = check_layout(quant, read_headers(files))
+        except SparseCheckpointError as exc:
+            layout = None
+            problems.append(str(exc))
+        fmt = QUANT_METHOD if quant.get("quant_method") == QUANT_METHOD else "compressed-tensors"
+        fmt += f" {quant.get('format') if fmt == QUANT_METHOD else quant['sparsity_config']['format']}"
+        for layer in layout.layers if layout else []:
+            entry = {
+                "module": layer.module,
+                "shape": list(layer.dense_shape),
+                "dtype": layer.dtype,
+                "stored": "compressed",
+                "orientation": "Conv1D [in, out], stored [out, in]" if layer.transposed else "as stored",
+                "is_24": True,
+                "problem": None,
+            }
+            try:
+                with safe_open(_file_of(files, layer.bitmask_key), framework="pt") as f:
+                    bitmask = f.get_tensor(layer.bitmask_key)
+                check_bitmask_groups(layer.bitmask_key, unpack_mask(bitmask, layer.dense_shape))
+            except SparseCheckpointError as exc:
+                entry.update(is_24=False, problem=str(exc))
+                problems.append(str(exc))
+            layers.append(entry)
+        ignored = layout.ignored if layout else []
+    elif quant:
+        problems.append(f"quantization_config {quant.get('quant_method')!r} is not a 2:4 sparse format")
+    else:
+        for file in files:
+            with safe_open(file, framework="pt") as f:
+                for key in sorted(f.keys()):  # noqa: SIM118 - safe_open is not a dict
+                    if not (key.endswith(".weight") and key[: -len(".weight")] in recorded):
+                        continue
                     tensor = f.get_tensor(key)
                     bad = find_nm_violation(tensor)
                     if bad is not None and find_nm_violation(tensor.t()) is None:
                         bad = None  # a GPT-2 style Conv1D weight, stored [in, out]
+                    problem = None if bad is None else f"group at {bad.index}: {bad.nonzeros} non-zeros"
+                    if problem:
+                        problems.append(f"{key}: {problem}")
                     layers.append(
                         {
                             "module": key[: -len(".weight")],
@@ -67,19 +93,28 @@ def inspect_checkpoint(path: str) -> dict:
                             "dtype": str(tensor.dtype).split(".")[-1],
                             "stored": "dense",
                             "is_24": bad is None,
-                            "problem": None
-                            if bad is None
-                            else f"group at {bad.index}: {bad.nonzeros} non-zeros",
+                            "problem": problem,
                         }
                     )
     return {
         "path": path,
-        "format": sparsity.get("format") if sparsity else "dense",
+        "format": fmt,
         "architectures": config.get("architectures"),
         "layers": layers,
-        "ignored": (sparsity or {}).get("ignore", []),
-        "global_sparsity": (sparsity or {}).get("global_sparsity"),
+        "ignored": ignored,
+        "global_sparsity": quant.get(
+            "global_sparsity", (quant.get("sparsity_config") or {}).get("global_sparsity")
+        ),
+        "problems": problems,
     }
+
+
+def _file_of(files: list[str], key: str) -> str:
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            if key in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                return file
+    raise SparseCheckpointError(f"no weight file holds {key}")
 
 
 def _inspect(args) -> int:
@@ -94,10 +129,13 @@ def _inspect(args) -> int:
                 f"  {layer['module']:<60} {'x'.join(map(str, layer['shape'])):>12} {layer['dtype']:>9} "
                 f"{layer['stored']:>10}  {status}"
             )
+        for problem in report["problems"]:
+            if not any(problem == layer.get("problem") for layer in report["layers"]):
+                print(f"  PROBLEM: {problem}")
         print(
             f"{len(report['layers'])} 2:4 layers recorded; {len(report['ignored'])} linear layers left dense"
         )
-    return 0 if all(layer["is_24"] for layer in report["layers"]) else 1
+    return 0 if not report["problems"] else 1
 
 
 def _push(args) -> int:
@@ -154,11 +192,21 @@ def build_parser() -> argparse.ArgumentParser:
         prog="hf-semisparse", description="2:4 sparse checkpoints for transformers"
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("convert", help="dense checkpoint with 2:4 zeros -> compressed sparse checkpoint")
+    p = sub.add_parser(
+        "convert",
+        help="dense checkpoint with 2:4 zeros, or a legacy compressed-tensors 2:4 one -> our compressed format",
+    )
     p.add_argument("source")
     p.add_argument("destination")
     p.add_argument("--max-shard-size", default="5GB")
     p.add_argument("--dtype", default=None, help="e.g. float16; default: as stored")
+    p.add_argument(
+        "--format",
+        choices=["hf_semisparse", "compressed-tensors"],
+        default="hf_semisparse",
+        help="hf_semisparse (default; plain from_pretrained after import hf_semisparse) or the legacy "
+        "compressed-tensors sparse-24-bitmask layout for older serving stacks",
+    )
     p.set_defaults(func=_convert)
     p = sub.add_parser("inspect", help="print the sparsity report of a checkpoint (CPU only, no model built)")
     p.add_argument("path")

@@ -10,7 +10,7 @@ import transformers
 from transformers import AutoConfig
 
 from .masks import find_nm_violation
-from .quantizer import load_options
+from .quantizer import load_options, read_headers
 from .serialization import SparseCheckpointError, weight_files
 
 logger = logging.getLogger(__name__)
@@ -74,12 +74,16 @@ class AutoSparseModel:
             )
         path = os.fspath(pretrained_model_name_or_path)
         if os.path.isdir(path):
-            weight_files(path)  # clear errors for pickle-only folders and missing shards, before transformers
+            read_headers(
+                weight_files(path)
+            )  # clear errors for pickle-only, truncated or missing shards first
         hub = dict(revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only)
         config = AutoConfig.from_pretrained(path, **hub)
         klass = _model_class(config, model_class)
         dtype = torch_dtype if torch_dtype is not None else dtype
-        if device_map == "auto":  # the first GPU if any, as before (transformers' "auto" spreads over devices)
+        if (
+            device_map == "auto"
+        ):  # the first GPU if any, as before (transformers' "auto" spreads over devices)
             device_map = "cuda" if torch.cuda.is_available() else "cpu"
         with load_options(accelerate=accelerate, keep_dense=keep_dense):
             model = klass.from_pretrained(
@@ -90,7 +94,9 @@ class AutoSparseModel:
                 trust_remote_code=False,
                 **hub,
             )
-        if getattr(model, "hf_quantizer", None) is None:  # a dense checkpoint: its recorded targets must be 2:4
+        if (
+            getattr(model, "hf_quantizer", None) is None
+        ):  # a dense checkpoint: its recorded targets must be 2:4
             recorded = getattr(model.config, "sparsity_config", None)
             if isinstance(recorded, dict) and recorded.get("targets"):
                 _check_dense_targets(model, recorded["targets"])

@@ -49,9 +49,14 @@ from .masks import find_nm_violation
 logger = logging.getLogger(__name__)
 
 # Options of the current load, set by `AutoSparseModel.from_pretrained` (plain from_pretrained gets the defaults).
-_LOAD_OPTIONS: contextvars.ContextVar[dict] = contextvars.ContextVar(
-    "hf_semisparse_load_options", default={"accelerate": "auto", "keep_dense": True}
+_DEFAULT_OPTIONS = (("accelerate", "auto"), ("keep_dense", True))
+_LOAD_OPTIONS: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
+    "hf_semisparse_load_options", default=None
 )
+
+
+def _options() -> dict:
+    return {**dict(_DEFAULT_OPTIONS), **(_LOAD_OPTIONS.get() or {})}
 
 
 @contextlib.contextmanager
@@ -61,7 +66,7 @@ def load_options(**options):
     `accelerate`: True runs `kernels.accelerate_24` (which reports why where it cannot), False never, "auto" (plain
     `from_pretrained`) when the model has weights on a CUDA device. `keep_dense`: passed to `accelerate_24`.
     """
-    token = _LOAD_OPTIONS.set({**_LOAD_OPTIONS.get(), **options})
+    token = _LOAD_OPTIONS.set({**_options(), **options})
     try:
         yield
     finally:
@@ -180,13 +185,9 @@ class Sparse24Expand(ConversionOps):
         return result
 
     def _finish(self, weight, model, full_layer_name, compressed):
-        _, param = _module_and_param(model, full_layer_name)
         if compressed and full_layer_name.rsplit(".", 1)[0] in self.hf_quantizer.transposed_modules:
             weight = weight.transpose(-2, -1).contiguous()
-        dtype = getattr(param, "dtype", None)
-        if dtype is not None and weight.is_floating_point() and dtype.is_floating_point:
-            weight = weight.to(dtype)
-        return weight
+        return weight  # already in the planned dtype (`SemiSparseHfQuantizer.get_new_dtype`)
 
     @property
     def reverse_op(self) -> ConversionOps:
@@ -225,17 +226,6 @@ def _one(value):
             raise SparseCheckpointError(f"expected one tensor, got {len(value)}")
         return value[0]
     return value
-
-
-def _module_and_param(model, full_layer_name):
-    if model is None or full_layer_name is None:
-        return None, None
-    module_name, _, param_name = full_layer_name.rpartition(".")
-    try:
-        module = model.get_submodule(module_name)
-    except AttributeError:
-        return None, None
-    return module, getattr(module, param_name, None)
 
 
 def _is_conv1d(module) -> bool:
@@ -292,7 +282,9 @@ class SemiSparseHfQuantizer(HfQuantizer):
         super().__init__(quantization_config, **kwargs)
         legacy = quantization_config.legacy
         self.legacy_format = legacy_sparsity_config(legacy)["format"] if legacy is not None else None
-        self.serialized_names = {} if legacy is not None else {"weight": ["weight", "weight" + BITMASK_SUFFIX]}
+        self.serialized_names = (
+            {} if legacy is not None else {"weight": ["weight", "weight" + BITMASK_SUFFIX]}
+        )
         self.layout = None
         self.saved_targets: set[str] = set()
         self.saved_transposed: set[str] = set()
@@ -338,7 +330,9 @@ class SemiSparseHfQuantizer(HfQuantizer):
                 )
             weight = getattr(module, "weight", None)
             if weight is None:
-                raise SparseCheckpointError(f"{name} ({type(module).__name__}) has no weight to decompress into")
+                raise SparseCheckpointError(
+                    f"{name} ({type(module).__name__}) has no weight to decompress into"
+                )
             conv1d = _is_conv1d(module)
             if self.legacy_format is None and conv1d != layer.transposed:
                 raise SparseCheckpointError(
@@ -357,6 +351,16 @@ class SemiSparseHfQuantizer(HfQuantizer):
             if layer.transposed:  # stored [out, in] for a Conv1D: transposed back at load
                 self.transposed_modules.add(name)
         return model
+
+    def get_new_dtype(self, converter, param, dtype):
+        """Stored float tensors (kept values included) are cast to the dtype transformers plans for the parameter
+        (e.g. T5's `wo` kept in float32) before expanding, which is exact; bitmasks and shapes are not cast."""
+        is_float = (
+            param.get_dtype().startswith(("F", "BF"))
+            if hasattr(param, "get_dtype")
+            else param.is_floating_point()
+        )
+        return dtype if is_float else None
 
     def param_needs_quantization(self, model, param_name, **kwargs) -> bool:
         return False
@@ -382,7 +386,9 @@ class SemiSparseHfQuantizer(HfQuantizer):
                 if weight.dim() >= 2 and weight.shape[-1] % 4 == 0 and find_nm_violation(view) is None:
                     targets.append(name)
                 else:
-                    logger.warning("%s is a compressed-tensors sparsity target but is not 2:4: it stays dense", name)
+                    logger.warning(
+                        "%s is a compressed-tensors sparsity target but is not 2:4: it stays dense", name
+                    )
             compressed = targets
         else:
             compressed = sorted(self._module_of)
@@ -404,7 +410,7 @@ class SemiSparseHfQuantizer(HfQuantizer):
         record = dict(record) if isinstance(record, dict) else {"pattern": "2:4"}
         record["targets"] = sorted(compressed)
         model.config.sparsity_config = record
-        options = _LOAD_OPTIONS.get()
+        options = _options()
         on_cuda = any(p.is_cuda for p in model.parameters())
         if options["accelerate"] is True or (options["accelerate"] == "auto" and on_cuda):
             from .kernels import accelerate_24

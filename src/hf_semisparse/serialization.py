@@ -198,7 +198,9 @@ def save_sparse_pretrained(
             values, bitmask = compress_values(weight, name)
             if legacy:
                 parts = {
-                    f"{module_name}.shape": torch.tensor(list(weight.shape), dtype=torch.int64).reshape(-1, 1),
+                    f"{module_name}.shape": torch.tensor(list(weight.shape), dtype=torch.int64).reshape(
+                        -1, 1
+                    ),
                     f"{module_name}.compressed": values,
                     f"{module_name}.bitmask": bitmask,
                 }
@@ -360,5 +362,3 @@ def weight_files(directory: str) -> list[str]:
             "use_safetensors=False) then save_pretrained(..., safe_serialization=True)) from a source you trust."
         )
     raise SparseCheckpointError(f"no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} in {directory}")
-
-
