@@ -8,7 +8,9 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
-from . import quantizer as _quantizer  # noqa: E402,F401 - registers quant_method "hf_semisparse" with transformers
+from .registration import install as _install_quantizer  # noqa: E402
+
+_install_quantizer()  # quant_method "hf_semisparse" for plain from_pretrained (registered lazily)
 from .config import SparsityConfig  # noqa: E402
 from .masks import (  # noqa: E402
     check_nm_sparse,

@@ -28,6 +28,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from .masks import compute_nm_mask, find_nm_violation, pack_mask, unpack_mask
 
@@ -295,3 +296,28 @@ def check_legacy_shape(name: str, shape: torch.Tensor, values: torch.Tensor) -> 
         raise SparseCheckpointError(
             f"{name}.shape says {rows_cols} but {name}.compressed {list(values.shape)} holds a {expected} weight"
         )
+
+
+def read_headers(files) -> dict[str, TensorInfo]:
+    """Every tensor's dtype and shape from the safetensors headers of `files` (no tensor data is read)."""
+    out = {}
+    for path in files:
+        try:
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                    sl = f.get_slice(key)
+                    out[key] = TensorInfo(sl.get_dtype(), tuple(sl.get_shape()))
+        except (SafetensorError, OSError) as exc:
+            raise SparseCheckpointError(f"{path} is truncated or not a safetensors file: {exc}") from exc
+    return out
+
+
+def is_legacy_sparse_24(quant: dict) -> bool:
+    """A compressed-tensors `quantization_config` holding 2:4 sparsity and no quantization."""
+    sparsity = quant.get("sparsity_config")
+    return (
+        isinstance(sparsity, dict)
+        and not quant.get("config_groups")
+        and sparsity.get("sparsity_structure", "2:4") == "2:4"
+        and sparsity.get("format") in (SPARSITY_FORMAT, "dense")
+    )

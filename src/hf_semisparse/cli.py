@@ -9,9 +9,15 @@ import sys
 
 from safetensors import safe_open
 
-from .checkpoint_format import QUANT_METHOD, SparseCheckpointError, check_bitmask_groups, check_layout
+from .checkpoint_format import (
+    QUANT_METHOD,
+    SparseCheckpointError,
+    check_bitmask_groups,
+    check_layout,
+    is_legacy_sparse_24,
+    read_headers,
+)
 from .masks import find_nm_violation, unpack_mask
-from .quantizer import is_legacy_sparse_24, read_headers
 from .serialization import weight_files
 
 

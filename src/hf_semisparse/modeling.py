@@ -9,8 +9,9 @@ import torch
 import transformers
 from transformers import AutoConfig
 
+from .checkpoint_format import read_headers
 from .masks import find_nm_violation
-from .quantizer import load_options, read_headers
+from .registration import load_options
 from .serialization import SparseCheckpointError, weight_files
 
 logger = logging.getLogger(__name__)

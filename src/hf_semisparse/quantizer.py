@@ -15,14 +15,10 @@ load op and its `reverse_op` for saving, as the FP8 quantizer does).
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import logging
 import re
 
 import torch
-from safetensors import SafetensorError, safe_open
-from transformers.core_model_loading import ConversionOps, WeightConverter
 from transformers.quantizers.auto import (
     AUTO_QUANTIZATION_CONFIG_MAPPING,
     register_quantization_config,
@@ -37,40 +33,15 @@ from .checkpoint_format import (
     QUANT_METHOD,
     SPARSITY_FORMAT,
     SparseCheckpointError,
-    TensorInfo,
     check_layout,
-    check_legacy_shape,
-    compress_values,
-    expand_values,
+    is_legacy_sparse_24,
     legacy_sparsity_config,
+    read_headers,
 )
 from .masks import find_nm_violation
+from .registration import current_load_options
 
 logger = logging.getLogger(__name__)
-
-# Options of the current load, set by `AutoSparseModel.from_pretrained` (plain from_pretrained gets the defaults).
-_DEFAULT_OPTIONS = (("accelerate", "auto"), ("keep_dense", True))
-_LOAD_OPTIONS: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
-    "hf_semisparse_load_options", default=None
-)
-
-
-def _options() -> dict:
-    return {**dict(_DEFAULT_OPTIONS), **(_LOAD_OPTIONS.get() or {})}
-
-
-@contextlib.contextmanager
-def load_options(**options):
-    """Options for the 2:4 layers of the models loaded inside the block.
-
-    `accelerate`: True runs `kernels.accelerate_24` (which reports why where it cannot), False never, "auto" (plain
-    `from_pretrained`) when the model has weights on a CUDA device. `keep_dense`: passed to `accelerate_24`.
-    """
-    token = _LOAD_OPTIONS.set({**_options(), **options})
-    try:
-        yield
-    finally:
-        _LOAD_OPTIONS.reset(token)
 
 
 @register_quantization_config(QUANT_METHOD)
@@ -118,17 +89,6 @@ class SemiSparseConfig(QuantizationConfigMixin):
 _original_ct_config = AUTO_QUANTIZATION_CONFIG_MAPPING.get("compressed-tensors")
 
 
-def is_legacy_sparse_24(quant: dict) -> bool:
-    """A compressed-tensors `quantization_config` holding 2:4 sparsity and no quantization."""
-    sparsity = quant.get("sparsity_config")
-    return (
-        isinstance(sparsity, dict)
-        and not quant.get("config_groups")
-        and sparsity.get("sparsity_structure", "2:4") == "2:4"
-        and sparsity.get("format") in (SPARSITY_FORMAT, "dense")
-    )
-
-
 class _CompressedTensorsDispatch:
     """Stands in the config mapping for "compressed-tensors": sparse-only 2:4 configs become a `SemiSparseConfig`
     (read by our quantizer, compressed-tensors not needed); every other config goes to transformers' own class."""
@@ -148,104 +108,10 @@ if _original_ct_config is not None and _original_ct_config is not _CompressedTen
     AUTO_QUANTIZATION_CONFIG_MAPPING["compressed-tensors"] = _CompressedTensorsDispatch
 
 
-class Sparse24Expand(ConversionOps):
-    """Load op: compressed values + bitmask (ours, or the legacy triplet) -> the dense weight, checked; every other
-    weight passes through, cast to the model's dtype. Its `reverse_op` compresses again when saving."""
-
-    def __init__(self, hf_quantizer: SemiSparseHfQuantizer):
-        self.hf_quantizer = hf_quantizer
-
-    def convert(self, input_dict, full_layer_name=None, model=None, **kwargs):
-        if "compressed" in input_dict:  # legacy: a whole module's triplet
-            values, bitmask, shape = (_one(input_dict.get(k)) for k in ("compressed", "bitmask", "shape"))
-            module = full_layer_name.rsplit(".", 1)[0]
-            if bitmask is None or shape is None:
-                raise SparseCheckpointError(f"{module}: compressed weight lacks its bitmask or shape tensor")
-            check_legacy_shape(module, shape, values)
-            dense = expand_values(values, bitmask, f"{module}.weight")
-            return {full_layer_name: self._finish(dense, model, full_layer_name, compressed=True)}
-        result = {}
-        for key, value in input_dict.items():
-            if key.endswith(BITMASK_SUFFIX):
-                continue
-            masks = input_dict.get(key + BITMASK_SUFFIX)
-            if masks is None:
-                result[key] = value
-                continue
-            values_list = value if isinstance(value, list) else [value]
-            masks = masks if isinstance(masks, list) else [masks]
-            name = full_layer_name or key
-            result[key] = [expand_values(v, m, name) for v, m in zip(values_list, masks, strict=True)]
-            if not isinstance(value, list):
-                result[key] = result[key][0]
-        if list(result) == ["weight"] and full_layer_name is not None:  # one module's weight
-            weight = _one(result["weight"])
-            compressed = "weight" + BITMASK_SUFFIX in input_dict
-            return {full_layer_name: self._finish(weight, model, full_layer_name, compressed=compressed)}
-        return result
-
-    def _finish(self, weight, model, full_layer_name, compressed):
-        if compressed and full_layer_name.rsplit(".", 1)[0] in self.hf_quantizer.transposed_modules:
-            weight = weight.transpose(-2, -1).contiguous()
-        return weight  # already in the planned dtype (`SemiSparseHfQuantizer.get_new_dtype`)
-
-    @property
-    def reverse_op(self) -> ConversionOps:
-        return Sparse24Compress(self.hf_quantizer)
-
-
-class Sparse24Compress(ConversionOps):
-    """Save op: a target's dense weight -> its kept values and bitmask (our format); other weights pass."""
-
-    def __init__(self, hf_quantizer: SemiSparseHfQuantizer):
-        self.hf_quantizer = hf_quantizer
-
-    def convert(self, input_dict, full_layer_name=None, model=None, **kwargs):
-        out = {}
-        for key, value in input_dict.items():
-            tensor = _one(value)
-            name = full_layer_name or key
-            module_name = name[: -len(".weight")] if name.endswith(".weight") else None
-            if module_name is not None and module_name in self.hf_quantizer.saved_targets:
-                weight = tensor.t() if module_name in self.hf_quantizer.saved_transposed else tensor
-                values, bitmask = compress_values(weight, name)
-                out[name] = values
-                out[name + BITMASK_SUFFIX] = bitmask
-            else:
-                out[name if full_layer_name else key] = tensor
-        return out
-
-    @property
-    def reverse_op(self) -> ConversionOps:
-        return Sparse24Expand(self.hf_quantizer)
-
-
-def _one(value):
-    if isinstance(value, list):
-        if len(value) != 1:
-            raise SparseCheckpointError(f"expected one tensor, got {len(value)}")
-        return value[0]
-    return value
-
-
 def _is_conv1d(module) -> bool:
     from .targets import is_linear_module
 
     return is_linear_module(module) and not isinstance(module, torch.nn.Linear)
-
-
-def read_headers(files) -> dict[str, TensorInfo]:
-    """Every tensor's dtype and shape from the safetensors headers of `files` (no tensor data is read)."""
-    out = {}
-    for path in files:
-        try:
-            with safe_open(path, framework="pt") as f:
-                for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
-                    sl = f.get_slice(key)
-                    out[key] = TensorInfo(sl.get_dtype(), tuple(sl.get_shape()))
-        except (SafetensorError, OSError) as exc:
-            raise SparseCheckpointError(f"{path} is truncated or not a safetensors file: {exc}") from exc
-    return out
 
 
 def resolve_ct_targets(model: torch.nn.Module, targets: list[str], ignore: list[str]) -> list[str]:
@@ -366,9 +232,15 @@ class SemiSparseHfQuantizer(HfQuantizer):
         return False
 
     def get_load_operations(self):
+        from .quantizer_ops import Sparse24Expand
+
         return {"deserialize": Sparse24Expand, "dequantize": Sparse24Expand}
 
     def get_weight_conversions(self):
+        from transformers.core_model_loading import WeightConverter
+
+        from .quantizer_ops import Sparse24Expand
+
         if self.legacy_format == "dense":
             return []
         if self.legacy_format is not None:
@@ -410,7 +282,7 @@ class SemiSparseHfQuantizer(HfQuantizer):
         record = dict(record) if isinstance(record, dict) else {"pattern": "2:4"}
         record["targets"] = sorted(compressed)
         model.config.sparsity_config = record
-        options = _options()
+        options = current_load_options()
         on_cuda = any(p.is_cuda for p in model.parameters())
         if options["accelerate"] is True or (options["accelerate"] == "auto" and on_cuda):
             from .kernels import accelerate_24
