@@ -36,7 +36,9 @@ def test_ours_loads_exactly_with_the_import_and_stops_without(arch, tmp_path):
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
     for key, value in model.state_dict().items():
         assert torch.equal(value, loaded.state_dict()[key]), key
-    code = f"import transformers; transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path / 'ckpt')!r})"
+    code = (
+        f"import transformers; transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path / 'ckpt')!r})"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "ignore_mismatched_sizes" in result.stderr
 
@@ -45,7 +47,9 @@ def test_ours_loads_exactly_with_the_import_and_stops_without(arch, tmp_path):
 def test_legacy_checkpoints_load_exactly_with_the_import(name):
     path = os.path.join(FIXTURES, name)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(path)
-    assert loaded.hf_quantizer.quantization_config.quant_method == "hf_semisparse"  # ours, not compressed-tensors'
+    assert (
+        loaded.hf_quantizer.quantization_config.quant_method == "hf_semisparse"
+    )  # ours, not compressed-tensors'
     with open(os.path.join(path, "expected.json"), encoding="utf-8") as f:
         expected = json.load(f)
     assert {k: digest(loaded.state_dict()[k]) for k in expected} == expected
