@@ -50,7 +50,7 @@ class AutoSparseModel:
         dtype: torch.dtype | str | None = None,
         device_map: str | torch.device | dict | None = None,
         accelerate: bool = True,
-        keep_dense: bool = True,
+        keep_dense: bool | None = None,
         revision: str | None = None,
         token: str | bool | None = None,
         cache_dir: str | None = None,
@@ -65,7 +65,7 @@ class AutoSparseModel:
             device_map: None (CPU), a device ("cuda", "cuda:1"), "auto" (the first GPU if any), or an accelerate
                 device map dict.
             accelerate: run 2:4 layers on cuSPARSELt when the device and dtype allow (`kernels.accelerate_24`).
-            keep_dense: passed to `accelerate_24`.
+            keep_dense: passed to `accelerate_24` (None: its default, compressed weights only for decoders).
             revision, token, cache_dir, local_files_only: as in transformers, for Hub repo ids.
             trust_remote_code: must stay False: loading never runs code from a checkpoint.
         """

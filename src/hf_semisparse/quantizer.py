@@ -287,7 +287,7 @@ class SemiSparseHfQuantizer(HfQuantizer):
         if options["accelerate"] is True or (options["accelerate"] == "auto" and on_cuda):
             from .kernels import accelerate_24
 
-            model.sparsity_acceleration = accelerate_24(model, keep_dense=options.get("keep_dense", True))
+            model.sparsity_acceleration = accelerate_24(model, keep_dense=options["keep_dense"])
         return model
 
     def is_serializable(self):

@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 _TARGET = "transformers.quantizers.auto"
 
 # Options of the current load, set by `AutoSparseModel.from_pretrained` (plain from_pretrained gets the defaults).
-_DEFAULT_OPTIONS = (("accelerate", "auto"), ("keep_dense", True))
+_DEFAULT_OPTIONS = (("accelerate", "auto"), ("keep_dense", None))
 _LOAD_OPTIONS: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
     "hf_semisparse_load_options", default=None
 )
@@ -36,7 +36,7 @@ def load_options(**options):
     """Options for the 2:4 layers of the models loaded inside the block.
 
     `accelerate`: True runs `kernels.accelerate_24` (which reports why where it cannot), False never, "auto" (plain
-    `from_pretrained`) when the model has weights on a CUDA device. `keep_dense`: passed to `accelerate_24`.
+    `from_pretrained`) when the model has weights on a CUDA device. `keep_dense`: passed to `accelerate_24` (None: its default).
     """
     token = _LOAD_OPTIONS.set({**current_load_options(), **options})
     try:
