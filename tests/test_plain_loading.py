@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -154,7 +155,7 @@ def corrupt(src, dst, edit_tensors=None, edit_config=None):
     return dst
 
 
-def test_inspect_agrees_with_the_loader_on_corrupted_checkpoints(tmp_path, capsys):
+def test_inspect_agrees_with_the_loader_on_corrupted_checkpoints(tmp_path, capsys, caplog):
     model = make_model("gpt2").eval()
     prune_24(model)
     save_sparse_pretrained(model, tmp_path / "good")
@@ -193,6 +194,10 @@ def test_inspect_agrees_with_the_loader_on_corrupted_checkpoints(tmp_path, capsy
         auto = transformers.AutoModelForCausalLM
         with pytest.raises((SparseCheckpointError, RuntimeError)):
             auto.from_pretrained(path)
+    caplog.clear()
+    with pytest.raises(RuntimeError):  # transformers' generic error; ours is logged where users see it
+        transformers.AutoModelForCausalLM.from_pretrained(cases["four_of_four"])
+    assert re.search(r"cannot load transformer.h.0.attn.c_attn.weight: .*marks 4 of 4", caplog.text)
     # a recorded orientation that contradicts the module class (Linear listed as Conv1D) needs the model: only the
     # loader sees it (test_serialization.py::test_config_that_disagrees_with_tensors)
     capsys.readouterr()

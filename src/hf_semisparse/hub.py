@@ -55,7 +55,7 @@ def render_model_card(
         base_model=base_model,
         datasets=datasets,
         library_name="transformers",
-        tags=["sparse", "2:4", "semi-structured-sparsity", "hf_semisparse", "compressed-tensors"],
+        tags=["sparse", "2:4", "semi-structured-sparsity", "hf_semisparse"],
         pipeline_tag=None,
     )
 

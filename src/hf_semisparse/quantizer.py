@@ -40,6 +40,7 @@ from .checkpoint_format import (
 )
 from .masks import find_nm_violation
 from .registration import current_load_options
+from .targets import is_linear_module
 
 logger = logging.getLogger(__name__)
 
@@ -109,8 +110,6 @@ if _original_ct_config is not None and _original_ct_config is not _CompressedTen
 
 
 def _is_conv1d(module) -> bool:
-    from .targets import is_linear_module
-
     return is_linear_module(module) and not isinstance(module, torch.nn.Linear)
 
 
@@ -264,20 +263,26 @@ class SemiSparseHfQuantizer(HfQuantizer):
             compressed = targets
         else:
             compressed = sorted(self._module_of)
-        if not compressed:
-            raise SparseCheckpointError("the checkpoint holds no 2:4 layer")
-        cfg = self.quantization_config
+        if not compressed:  # only a legacy "dense" checkpoint gets here (ours lists at least one target)
+            logger.warning(
+                "hf_semisparse: none of the compressed-tensors sparsity targets of this checkpoint is 2:4: it "
+                "loaded as a dense model, and nothing runs on 2:4 kernels"
+            )
+            self.remove_quantization_config(model)
+            return model
         self.saved_targets = set(compressed)
         self.saved_transposed = {n for n in compressed if _is_conv1d(model.get_submodule(n))}
-        # from here on the model carries our own config: save_pretrained writes our format
-        kept = {k: v for k, v in cfg.__dict__.items() if k in ("global_sparsity", "library_version")}
-        cfg.__dict__.clear()
-        cfg.__init__(
+        # from here on the model carries our own config (also for a legacy checkpoint): save_pretrained writes ours
+        old = self.quantization_config
+        kept = {k: v for k, v in old.__dict__.items() if k in ("global_sparsity", "library_version")}
+        linear = [n for n, m in model.named_modules() if is_linear_module(m)]
+        self.quantization_config = SemiSparseConfig(
             targets=sorted(compressed),
             transposed=sorted(self.saved_transposed),
-            ignore=self.layout.ignored if self.layout else [],
+            ignore=[n for n in linear if n not in self.saved_targets],
             **kept,
         )
+        model.config.quantization_config = self.quantization_config
         record = getattr(model.config, "sparsity_config", None)
         record = dict(record) if isinstance(record, dict) else {"pattern": "2:4"}
         record["targets"] = sorted(compressed)

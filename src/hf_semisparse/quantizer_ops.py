@@ -7,6 +7,7 @@ weight while transformers loads it; its `reverse_op`, `Sparse24Compress`, compre
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from transformers.core_model_loading import ConversionOps
@@ -22,6 +23,8 @@ from .checkpoint_format import (
 if TYPE_CHECKING:
     from .quantizer import SemiSparseHfQuantizer
 
+logger = logging.getLogger(__name__)
+
 
 class Sparse24Expand(ConversionOps):
     """Load op: compressed values + bitmask (ours, or the legacy triplet) -> the dense weight, checked; every other
@@ -31,6 +34,15 @@ class Sparse24Expand(ConversionOps):
         self.hf_quantizer = hf_quantizer
 
     def convert(self, input_dict, full_layer_name=None, model=None, **kwargs):
+        try:
+            return self._convert(input_dict, full_layer_name)
+        except SparseCheckpointError as exc:
+            # transformers collects conversion errors into its load report and raises a generic RuntimeError
+            # afterwards: say what is wrong where the user sees it
+            logger.error("hf_semisparse: cannot load %s: %s", full_layer_name, exc)
+            raise
+
+    def _convert(self, input_dict, full_layer_name):
         if "compressed" in input_dict:  # legacy: a whole module's triplet
             values, bitmask, shape = (_one(input_dict.get(k)) for k in ("compressed", "bitmask", "shape"))
             module = full_layer_name.rsplit(".", 1)[0]
@@ -38,7 +50,7 @@ class Sparse24Expand(ConversionOps):
                 raise SparseCheckpointError(f"{module}: compressed weight lacks its bitmask or shape tensor")
             check_legacy_shape(module, shape, values)
             dense = expand_values(values, bitmask, f"{module}.weight")
-            return {full_layer_name: self._finish(dense, model, full_layer_name, compressed=True)}
+            return {full_layer_name: self._finish(dense, full_layer_name, compressed=True)}
         result = {}
         for key, value in input_dict.items():
             if key.endswith(BITMASK_SUFFIX):
@@ -56,10 +68,10 @@ class Sparse24Expand(ConversionOps):
         if list(result) == ["weight"] and full_layer_name is not None:  # one module's weight
             weight = _one(result["weight"])
             compressed = "weight" + BITMASK_SUFFIX in input_dict
-            return {full_layer_name: self._finish(weight, model, full_layer_name, compressed=compressed)}
+            return {full_layer_name: self._finish(weight, full_layer_name, compressed=compressed)}
         return result
 
-    def _finish(self, weight, model, full_layer_name, compressed):
+    def _finish(self, weight, full_layer_name, compressed):
         if compressed and full_layer_name.rsplit(".", 1)[0] in self.hf_quantizer.transposed_modules:
             weight = weight.transpose(-2, -1).contiguous()
         return weight  # already in the planned dtype (`SemiSparseHfQuantizer.get_new_dtype`)
