@@ -119,6 +119,11 @@ def test_legacy_compressed_tensors_fixtures_load_exactly(name, tmp_path):
         assert len(targets) == 14 and "lm_head" not in targets
     else:  # "Linear" minus the classifier and the "re:.*pooler.*" regex
         assert len(targets) == 12 and not any("pooler" in t or "classifier" in t for t in targets)
+    loaded.save_pretrained(tmp_path / "resaved")  # transformers' save writes our format, whatever was read
+    resaved = json.loads((tmp_path / "resaved" / "config.json").read_text())["quantization_config"]
+    assert resaved["quant_method"] == "hf_semisparse" and resaved["targets"] == targets
+    again = auto.from_pretrained(tmp_path / "resaved")
+    assert {k: digest(again.state_dict()[k]) for k in expected} == expected
     assert main(["convert", path, str(tmp_path / "ours")]) == 0
     converted = auto.from_pretrained(tmp_path / "ours")
     assert json.loads((tmp_path / "ours" / "config.json").read_text())["quantization_config"]["version"] == 2

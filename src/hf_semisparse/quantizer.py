@@ -283,6 +283,7 @@ class SemiSparseHfQuantizer(HfQuantizer):
             **kept,
         )
         model.config.quantization_config = self.quantization_config
+        self._save_in_our_format(model)
         record = getattr(model.config, "sparsity_config", None)
         record = dict(record) if isinstance(record, dict) else {"pattern": "2:4"}
         record["targets"] = sorted(compressed)
@@ -294,6 +295,22 @@ class SemiSparseHfQuantizer(HfQuantizer):
 
             model.sparsity_acceleration = accelerate_24(model, keep_dense=options["keep_dense"])
         return model
+
+    def _save_in_our_format(self, model) -> None:
+        """Make `save_pretrained` write our format whatever was read: transformers saves by reversing the weight
+        conversions of the load, so the legacy layout's converter (or none, for the legacy "dense" format) is
+        replaced by ours, whose reverse op compresses every target."""
+        from transformers.core_model_loading import WeightConverter
+
+        from .quantizer_ops import Sparse24Expand
+
+        kept = [
+            c
+            for c in getattr(model, "_weight_conversions", None) or []
+            if not any(isinstance(op, Sparse24Expand) for op in getattr(c, "operations", []))
+        ]
+        ours = WeightConverter(["weight", "weight" + BITMASK_SUFFIX], "weight", [Sparse24Expand(self)])
+        model._weight_conversions = [*kept, ours]
 
     def is_serializable(self):
         return True
