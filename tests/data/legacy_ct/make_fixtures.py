@@ -31,10 +31,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 FIXTURES = {
     # name: (arch, sparsity config); targets use compressed-tensors' class names and "re:" regexes
-    "bert_bitmask": ("bert", Sparse24BitMaskConfig(targets=["Linear"], ignore=["classifier", "re:.*pooler.*"])),
+    "bert_bitmask": (
+        "bert",
+        Sparse24BitMaskConfig(targets=["Linear"], ignore=["classifier", "re:.*pooler.*"]),
+    ),
     "llama_bitmask": (
         "llama",
-        Sparse24BitMaskConfig(targets=["re:.*self_attn\\..*_proj$", "re:.*mlp\\..*_proj$"], ignore=["lm_head"]),
+        Sparse24BitMaskConfig(
+            targets=["re:.*self_attn\\..*_proj$", "re:.*mlp\\..*_proj$"], ignore=["lm_head"]
+        ),
     ),
     "llama_dense": (
         "llama",
