@@ -2,7 +2,7 @@
 
 compressed-tensors 0.15+ has no 2:4 compressor, and with it installed transformers' compressed-tensors integration
 loads a 2:4 checkpoint in the legacy layout with every sparse Linear left random (issue 20). These tests need
-compressed-tensors >= 0.15 installed, so the default CI environment (which has none) does not collect them:
+compressed-tensors >= 0.15 installed, so the default run deselects them (marker `newest`, pyproject addopts);
 `.ci/newest` runs them in an overlay venv with `pytest -m newest`.
 """
 
