@@ -76,7 +76,7 @@ def test_cli_convert_and_inspect(tmp_path, capsys):
     assert "2:4 layers" in capsys.readouterr().out
     assert main(["inspect", str(tmp_path / "sparse"), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["format"] == "sparse-24-bitmask"
+    assert report["format"] == "hf_semisparse sparse-24-bitmask" and report["problems"] == []
     assert sorted(layer["module"] for layer in report["layers"]) == sorted(
         model.config.sparsity_config["targets"]
     )

@@ -67,6 +67,13 @@ __all__ = [
 ]
 
 
+# quant_method "hf_semisparse" for plain from_pretrained: a post-import hook registers the quantizer when
+# transformers imports its quantizer registry, so this line imports neither transformers nor torch
+from .registration import install as _install_quantizer  # noqa: E402
+
+_install_quantizer()
+
+
 def __getattr__(name: str):
     if name not in _LAZY:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

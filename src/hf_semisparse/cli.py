@@ -95,7 +95,11 @@ def _convert(args) -> int:
             f"{source} is not a local folder and cannot be downloaded from the Hub: {exc}"
         ) from exc
     summary = save_sparse_pretrained(
-        model, args.destination, max_shard_size=args.max_shard_size, overwrite=args.overwrite
+        model,
+        args.destination,
+        max_shard_size=args.max_shard_size,
+        format=args.format,
+        overwrite=args.overwrite,
     )
     print(
         f"wrote {args.destination}: {len(summary['targets'])} 2:4 layers, "
@@ -108,17 +112,29 @@ def _convert(args) -> int:
 def inspect_checkpoint(path: str, verify_data: bool = False) -> dict:
     """The sparsity report of a local checkpoint, read on the CPU without building the model.
 
-    For a compressed checkpoint only the safetensors headers are read; for a dense one, the recorded targets'
-    weights are read and checked to be 2:4. In files written with digests (`digests.py`), names, dtypes and
-    shapes are checked against them, and so is every tensor read; `verify_data=True` reads and checks all tensors.
+    A compressed checkpoint gets exactly the checks the loader runs (`checkpoint_format.check_layout` on the
+    headers, then every bitmask: exactly 2 kept values in every group of 4); such a problem is reported in
+    `problems` (and per layer), not raised. For a dense checkpoint, the recorded targets' weights are read and
+    checked to be 2:4. Every file is opened through `digests.open_verified`: in files written with digests, names,
+    dtypes and shapes are checked against them, and so is every tensor read; `verify_data=True` reads and checks
+    all tensors.
 
     Raises:
         CliInputError: `path` is not a checkpoint folder.
-        SparseCheckpointError: config.json or a weight file is unreadable or damaged (names the file).
+        SparseCheckpointError: config.json or a weight file is unreadable or damaged (names the file);
+            `CorruptCheckpointError` when a tensor differs from its recorded digest.
     """
+    from .checkpoint_format import (
+        QUANT_METHOD,
+        check_bitmask_groups,
+        check_layout,
+        is_legacy_sparse_24,
+        read_headers,
+    )
     from .digests import open_verified
-    from .masks import find_nm_violation
-    from .serialization import SparseCheckpointError, weight_files
+    from .errors import CorruptCheckpointError, SparseCheckpointError
+    from .masks import find_nm_violation, unpack_mask
+    from .serialization import digests_recorded, weight_files
 
     _checkpoint_folder(path)
     try:
@@ -128,37 +144,64 @@ def inspect_checkpoint(path: str, verify_data: bool = False) -> dict:
             raise ValueError("not a JSON object")
     except (ValueError, UnicodeDecodeError) as exc:
         raise SparseCheckpointError(f"{os.path.join(path, 'config.json')} is not valid JSON: {exc}") from exc
-    sparsity = (config.get("quantization_config") or {}).get("sparsity_config")
+    quant = config.get("quantization_config") or {}
+    if not isinstance(quant, dict):
+        raise SparseCheckpointError(
+            f"{os.path.join(path, 'config.json')}: quantization_config is not an object"
+        )
     recorded = (config.get("sparsity_config") or {}).get("targets") or []
-    require = bool(
-        ((config.get("quantization_config") or {}).get("hf_semisparse") or {}).get("tensor_digests")
-    )
-    layers = []
-    for file in weight_files(path):
+    require = digests_recorded(quant)
+    files = weight_files(path)
+    for file in files:  # every file's header against its digest record; with verify_data, every tensor too
         with open_verified(file, require=require, check_data=True) as f:
             if verify_data:
                 for key in f.keys():  # noqa: SIM118 - not a dict
                     f.get_tensor(key)
-            keys = set(f.keys())
-            for key in sorted(keys):
-                if key.endswith(".bitmask"):
-                    module = key[: -len(".bitmask")]
-                    rows, cols = (int(v) for v in f.get_tensor(f"{module}.shape").flatten())
-                    values = f.get_slice(f"{module}.compressed")
-                    layers.append(
-                        {
-                            "module": module,
-                            "shape": [rows, cols],
-                            "dtype": values.get_dtype(),
-                            "stored": "compressed",
-                            "is_24": True,
-                        }
-                    )
-                elif not sparsity and key.endswith(".weight") and key[: -len(".weight")] in recorded:
+    layers, problems, fmt, ignored = [], [], "dense", []
+    if quant.get("quant_method") == QUANT_METHOD or is_legacy_sparse_24(quant):
+        try:
+            layout = check_layout(quant, read_headers(files))
+        except SparseCheckpointError as exc:
+            layout = None
+            problems.append(str(exc))
+        fmt = QUANT_METHOD if quant.get("quant_method") == QUANT_METHOD else "compressed-tensors"
+        fmt += f" {quant.get('format') if fmt == QUANT_METHOD else quant['sparsity_config']['format']}"
+        for layer in layout.layers if layout else []:
+            entry = {
+                "module": layer.module,
+                "shape": list(layer.dense_shape),
+                "dtype": layer.dtype,
+                "stored": "compressed",
+                "orientation": "Conv1D [in, out], stored [out, in]" if layer.transposed else "as stored",
+                "is_24": True,
+                "problem": None,
+            }
+            try:
+                with open_verified(_file_of(files, layer.bitmask_key), require=require, check_data=True) as f:
+                    bitmask = f.get_tensor(layer.bitmask_key)
+                check_bitmask_groups(layer.bitmask_key, unpack_mask(bitmask, layer.dense_shape))
+            except SparseCheckpointError as exc:
+                if isinstance(exc, CorruptCheckpointError):
+                    raise  # damaged bytes: an input error, not a finding
+                entry.update(is_24=False, problem=str(exc))
+                problems.append(str(exc))
+            layers.append(entry)
+        ignored = layout.ignored if layout else []
+    elif quant:
+        problems.append(f"quantization_config {quant.get('quant_method')!r} is not a 2:4 sparse format")
+    else:
+        for file in files:
+            with open_verified(file, require=require, check_data=True) as f:
+                for key in sorted(f.keys()):  # noqa: SIM118 - not a dict
+                    if not (key.endswith(".weight") and key[: -len(".weight")] in recorded):
+                        continue
                     tensor = f.get_tensor(key)
                     bad = find_nm_violation(tensor)
                     if bad is not None and find_nm_violation(tensor.t()) is None:
                         bad = None  # a GPT-2 style Conv1D weight, stored [in, out]
+                    problem = None if bad is None else f"group at {bad.index}: {bad.nonzeros} non-zeros"
+                    if problem:
+                        problems.append(f"{key}: {problem}")
                     layers.append(
                         {
                             "module": key[: -len(".weight")],
@@ -166,19 +209,32 @@ def inspect_checkpoint(path: str, verify_data: bool = False) -> dict:
                             "dtype": str(tensor.dtype).split(".")[-1],
                             "stored": "dense",
                             "is_24": bad is None,
-                            "problem": None
-                            if bad is None
-                            else f"group at {bad.index}: {bad.nonzeros} non-zeros",
+                            "problem": problem,
                         }
                     )
     return {
         "path": path,
-        "format": sparsity.get("format") if sparsity else "dense",
+        "format": fmt,
         "architectures": config.get("architectures"),
         "layers": layers,
-        "ignored": (sparsity or {}).get("ignore", []),
-        "global_sparsity": (sparsity or {}).get("global_sparsity"),
+        "ignored": ignored,
+        "global_sparsity": quant.get(
+            "global_sparsity", (quant.get("sparsity_config") or {}).get("global_sparsity")
+        ),
+        "problems": problems,
     }
+
+
+def _file_of(files: list[str], key: str) -> str:
+    from safetensors import safe_open
+
+    from .errors import SparseCheckpointError
+
+    for file in files:
+        with safe_open(file, framework="pt") as f:  # header only: the file was opened verified before
+            if key in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                return file
+    raise SparseCheckpointError(f"no weight file holds {key}")
 
 
 def _inspect(args) -> int:
@@ -193,6 +249,9 @@ def _inspect(args) -> int:
                 f"  {layer['module']:<60} {'x'.join(map(str, layer['shape'])):>12} {layer['dtype']:>9} "
                 f"{layer['stored']:>10}  {status}"
             )
+        for problem in report["problems"]:
+            if not any(problem == layer.get("problem") for layer in report["layers"]):
+                print(f"  PROBLEM: {problem}")
         print(
             f"{len(report['layers'])} 2:4 layers recorded; {len(report['ignored'])} linear layers left dense"
             + ("; every tensor matches its recorded CRC32" if args.verify else "")
@@ -201,7 +260,12 @@ def _inspect(args) -> int:
 
 
 def _is_sparse(report: dict) -> bool:
-    return bool(report["layers"]) and all(layer["is_24"] for layer in report["layers"])
+    """No problem found, and at least one 2:4 layer recorded, all of them 2:4."""
+    return (
+        not report["problems"]
+        and bool(report["layers"])
+        and all(layer["is_24"] for layer in report["layers"])
+    )
 
 
 def _push(args) -> int:
@@ -281,7 +345,10 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="hf-semisparse", description="2:4 sparse checkpoints for transformers")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("convert", help="dense checkpoint with 2:4 zeros -> compressed sparse checkpoint")
+    p = sub.add_parser(
+        "convert",
+        help="dense checkpoint with 2:4 zeros, or a legacy compressed-tensors 2:4 one -> our compressed format",
+    )
     p.add_argument("source", help="a local checkpoint folder or a Hub repo id; never modified")
     p.add_argument(
         "destination", help="a new folder, or a checkpoint folder (only checkpoint files are replaced)"
@@ -295,6 +362,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also write into the current directory, a folder above the source, or a non-empty folder holding no "
         "checkpoint (still only checkpoint files are replaced)",
+    )
+    p.add_argument(
+        "--format",
+        choices=["hf_semisparse", "compressed-tensors"],
+        default="hf_semisparse",
+        help="hf_semisparse (default; plain from_pretrained after import hf_semisparse) or the legacy "
+        "compressed-tensors sparse-24-bitmask layout for older serving stacks",
     )
     p.set_defaults(func=_convert)
     p = sub.add_parser("inspect", help="print the sparsity report of a checkpoint (CPU only, no model built)")

@@ -43,7 +43,8 @@ def render_model_card(
         config = unwrap_model(model).config.to_dict()
     else:
         raise ValueError("render_model_card needs a model or a checkpoint_dir")
-    sparsity = (config.get("quantization_config") or {}).get("sparsity_config") or {}
+    quant = config.get("quantization_config") or {}
+    sparsity = quant if quant.get("quant_method") == "hf_semisparse" else quant.get("sparsity_config") or {}
     ours = config.get("sparsity_config") or {}
     targets = list(sparsity.get("targets") or ours.get("targets") or [])
     if not targets:
@@ -54,7 +55,7 @@ def render_model_card(
         base_model=base_model,
         datasets=datasets,
         library_name="transformers",
-        tags=["sparse", "2:4", "semi-structured-sparsity", "hf_semisparse", "compressed-tensors"],
+        tags=["sparse", "2:4", "semi-structured-sparsity", "hf_semisparse"],
         pipeline_tag=None,
     )
 
@@ -87,7 +88,8 @@ def render_model_card(
 
 
 def _ratio_text(config: dict) -> str:
-    ours = (config.get("quantization_config") or {}).get("hf_semisparse") or {}
+    quant = config.get("quantization_config") or {}
+    ours = quant if quant.get("quant_method") == "hf_semisparse" else quant.get("hf_semisparse") or {}
     if "target_bytes_ratio" in ours:
         return f"{ours['target_bytes_ratio']:.3f}x"
     return (

@@ -1,23 +1,14 @@
-"""Sparse checkpoints on disk: compressed-tensors' "sparse-24-bitmask" layout in safetensors.
+"""Writing sparse checkpoints: `save_sparse_pretrained` (the format is described in `checkpoint_format`).
 
-Every 2:4 weight `W [rows, cols]` of a target module `m` is stored as three tensors, exactly as compressed-tensors
-(<= 0.14, the releases that still read this format; vLLM reads it too) writes them:
-
-    m.shape       int64 [[rows], [cols]]
-    m.compressed  W's kept values, [rows, cols / 2], in W's dtype, row-major order
-    m.bitmask     uint8 [rows, ceil(cols / 8)], the kept positions, bits little-endian along each row
-
-Every other tensor is stored as it is. `config.json` gets a compressed-tensors `quantization_config` whose
-`sparsity_config` says format, structure, targets and ignored modules, plus `sparsity_config` (ours). GPT-2 style
-`Conv1D` weights are stored as `[out, in]` (their 2:4 groups run along `in`) and listed under
-`hf_semisparse.transposed` in the config: only this library reads those back.
+By default the checkpoint is in our format (quant_method "hf_semisparse"), which plain `from_pretrained` loads
+after `import hf_semisparse` (`quantizer`). `format="compressed-tensors"` writes the legacy compressed-tensors
+"sparse-24-bitmask" layout instead, for serving stacks that still read it (compressed-tensors <= 0.14).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 from collections.abc import Iterable
@@ -27,17 +18,24 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import save_destination
+from .checkpoint_format import (
+    BITMASK_SUFFIX,
+    FORMAT_VERSION,
+    QUANT_METHOD,
+    SPARSITY_FORMAT,
+    check_legacy_shape,
+    compress_values,
+    expand_values,
+)
 from .digests import DIGEST_KEY, digest_metadata, open_verified
 from .errors import CorruptCheckpointError, SaveDestinationError, SparseCheckpointError
-from .masks import compute_nm_mask, find_nm_violation, pack_mask, unpack_mask
+from .masks import find_nm_violation
 from .save_destination import check_save_destination
+from .targets import is_linear_module, shared_weight_owners
 from .utils import unwrap_model
 
 logger = logging.getLogger(__name__)
 
-SPARSITY_FORMAT = "sparse-24-bitmask"
-COMPRESSION_SUFFIXES = ("shape", "compressed", "bitmask")
-CHECKPOINT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 
@@ -47,69 +45,52 @@ __all__ = [
     "SaveDestinationError",
     "SparseCheckpointError",
     "check_save_destination",
+    "compress_24",
+    "decompress_24",
+    "digests_recorded",
     "parse_shard_size",
     "save_sparse_pretrained",
+    "verify_weight_files",
+    "weight_files",
 ]
 
 
-# ----------------------------------------------------------------------------- one tensor
+# ----------------------------------------------------------------------------- one tensor, legacy layout
 def compress_24(weight: torch.Tensor, name: str = "weight") -> dict[str, torch.Tensor]:
-    """Compress a 2:4 weight `[rows, cols]` into `shape`, `compressed` and `bitmask` tensors.
+    """Compress a 2:4 weight `[rows, cols]` into the legacy `shape`, `compressed` and `bitmask` tensors.
 
     Raises:
         SparseCheckpointError: `weight` is not 2-D, or not 2:4 (the message names the first offending group).
     """
-    if weight.dim() != 2 or weight.shape[1] % 4:
-        raise SparseCheckpointError(
-            f"{name}: 2:4 compression needs a 2-D tensor whose columns are a multiple "
-            f"of 4, got shape {tuple(weight.shape)}"
-        )
-    bad = find_nm_violation(weight)
-    if bad is not None:
-        raise SparseCheckpointError(
-            f"{name} claims 2:4 sparsity but the group at {bad.index} has {bad.nonzeros} non-zeros"
-        )
-    weight = weight.detach().cpu()
-    rows, cols = weight.shape
-    mask = compute_nm_mask(weight)  # exactly 2 per group: every non-zero, then the lowest-index zeros
-    return {
-        "shape": torch.tensor([rows, cols], dtype=torch.int64).reshape(-1, 1),
-        "compressed": weight[mask].reshape(rows, cols // 2).contiguous(),
-        "bitmask": pack_mask(mask),
-    }
+    if weight.dim() != 2:
+        raise SparseCheckpointError(f"{name}: the legacy layout holds 2-D weights, got {tuple(weight.shape)}")
+    values, bitmask = compress_values(weight, name)
+    shape = torch.tensor(list(weight.shape), dtype=torch.int64).reshape(-1, 1)
+    return {"shape": shape, "compressed": values, "bitmask": bitmask}
 
 
 def decompress_24(
     shape: torch.Tensor, compressed: torch.Tensor, bitmask: torch.Tensor, name: str = "weight"
 ) -> torch.Tensor:
     """Inverse of `compress_24`, checking every field against the others."""
-    if shape.numel() != 2:
-        raise SparseCheckpointError(f"{name}.shape must hold [rows, cols], got {shape.flatten().tolist()}")
-    rows, cols = (int(v) for v in shape.flatten().tolist())
-    if rows <= 0 or cols <= 0 or cols % 4:
-        raise SparseCheckpointError(f"{name}.shape {[rows, cols]} is not a 2:4 weight shape")
-    if tuple(compressed.shape) != (rows, cols // 2):
-        raise SparseCheckpointError(
-            f"{name}.compressed has shape {tuple(compressed.shape)}, expected "
-            f"{(rows, cols // 2)} for a {rows}x{cols} 2:4 weight"
-        )
-    if bitmask.dtype != torch.uint8 or tuple(bitmask.shape) != (rows, math.ceil(cols / 8)):
-        raise SparseCheckpointError(
-            f"{name}.bitmask is {bitmask.dtype} {tuple(bitmask.shape)}, expected uint8 "
-            f"{(rows, math.ceil(cols / 8))}"
-        )
-    mask = unpack_mask(bitmask, (rows, cols))
-    counts = mask.reshape(-1, 4).sum(dim=1)
-    bad = torch.nonzero(counts != 2)
-    if bad.numel():
-        g = int(bad[0, 0])
-        raise SparseCheckpointError(
-            f"{name}.bitmask is not 2:4: the group at ({g * 4 // cols}, {g * 4 % cols}) "
-            f"marks {int(counts[g])} of 4 weights"
-        )
-    out = torch.zeros(rows, cols, dtype=compressed.dtype)
-    out[mask] = compressed.flatten()
-    return out
+    check_legacy_shape(name, shape, compressed)
+    return expand_values(compressed, bitmask, name)
+
+
+def check_not_tied(model: nn.Module, targets: dict[str, nn.Module]) -> None:
+    """Refuse a target whose weight tensor is shared with a module that is not a target (tied embeddings).
+
+    Raises:
+        SparseCheckpointError: naming the target, the other owners, and how to untie them.
+    """
+    owners = shared_weight_owners(model)
+    for name in targets:
+        others = [o for o in owners.get(f"{name}.weight", []) if o[: -len(".weight")] not in targets]
+        if others:
+            raise SparseCheckpointError(
+                f"{name}.weight is tied to {others} (not a 2:4 target): compressing it would prune those too. "
+                "Untie it first (config.tie_word_embeddings=False, then give it its own copy) or leave it dense."
+            )
 
 
 # ----------------------------------------------------------------------------- targets
@@ -208,6 +189,7 @@ def save_sparse_pretrained(
     save_directory: str | os.PathLike,
     max_shard_size: int | str = "5GB",
     extra_files: dict[str, str] | None = None,
+    format: str = "hf_semisparse",  # noqa: A002 - as in transformers' save options
     *,
     overwrite: bool = False,
 ) -> dict:
@@ -243,6 +225,9 @@ def save_sparse_pretrained(
     """
     from . import __version__
 
+    if format not in ("hf_semisparse", "compressed-tensors"):
+        raise ValueError(f"format must be 'hf_semisparse' or 'compressed-tensors', got {format!r}")
+    legacy = format == "compressed-tensors"
     shard_limit = parse_shard_size(max_shard_size)
     for fname in extra_files or {}:
         if not fname or os.path.basename(fname) != fname or fname in (".", ".."):
@@ -260,8 +245,7 @@ def save_sparse_pretrained(
         raise SparseCheckpointError(
             "no 2:4 linear layer to compress: prune the model first (prune_24 or SparsityTrainer)"
         )
-    from .targets import is_linear_module
-
+    check_not_tied(root, targets)
     state = _dedupe_shared({k: v.detach() for k, v in root.state_dict().items()})
     tensors: dict[str, torch.Tensor] = {}
     groups: list[list[str]] = []
@@ -273,15 +257,21 @@ def save_sparse_pretrained(
             weight = tensor if isinstance(module, nn.Linear) else tensor.t()
             if not isinstance(module, nn.Linear):
                 transposed.append(module_name)
-            parts = compress_24(weight, name)
-            keys = [f"{module_name}.{suffix}" for suffix in COMPRESSION_SUFFIXES]
-            for key, suffix in zip(keys, COMPRESSION_SUFFIXES, strict=True):
-                tensors[key] = parts[suffix]
-            groups.append(keys)
+            values, bitmask = compress_values(weight, name)
+            if legacy:
+                parts = {
+                    f"{module_name}.shape": torch.tensor(list(weight.shape), dtype=torch.int64).reshape(
+                        -1, 1
+                    ),
+                    f"{module_name}.compressed": values,
+                    f"{module_name}.bitmask": bitmask,
+                }
+            else:
+                parts = {name: values, name + BITMASK_SUFFIX: bitmask}
+            tensors.update(parts)
+            groups.append(list(parts))
             dense_bytes += weight.numel() * weight.element_size()
-            compressed_bytes += sum(
-                parts[s].numel() * parts[s].element_size() for s in ("compressed", "bitmask")
-            )
+            compressed_bytes += values.numel() * values.element_size() + bitmask.numel()
         else:
             tensors[name] = tensor.cpu().contiguous()
             groups.append([name])
@@ -289,32 +279,43 @@ def save_sparse_pretrained(
     target_names = sorted(targets)
     total_linear = [n for n, m in root.named_modules() if is_linear_module(m)]
     config = root.config
-    sparsity_cfg = {
-        "format": SPARSITY_FORMAT,
-        "sparsity_structure": "2:4",
+    ignore = [n for n in total_linear if n not in targets]
+    ours = {
+        "library_version": __version__,
         "global_sparsity": _global_sparsity(root),
-        "targets": target_names,
-        "ignore": [n for n in total_linear if n not in targets],
-        "registry_requires_subclass": False,
+        "target_bytes_ratio": round(compressed_bytes / dense_bytes, 4),
+        "tensor_digests": DIGEST_KEY,  # every weight file records its tensors' CRC32 (digests.py)
     }
-    quant_config = {
-        "quant_method": "compressed-tensors",
-        "format": "dense",
-        "sparsity_config": sparsity_cfg,
-        "hf_semisparse": {
-            "version": CHECKPOINT_VERSION,
-            "library_version": __version__,
-            "transposed": transposed,
-            "target_bytes_ratio": round(compressed_bytes / dense_bytes, 4),
-            "tensor_digests": DIGEST_KEY,  # every weight file records its tensors' CRC32 (digests.py)
-        },
-    }
+    if legacy:
+        quant_config = {
+            "quant_method": "compressed-tensors",
+            "format": "dense",
+            "sparsity_config": {
+                "format": SPARSITY_FORMAT,
+                "sparsity_structure": "2:4",
+                "global_sparsity": ours["global_sparsity"],
+                "targets": target_names,
+                "ignore": ignore,
+                "registry_requires_subclass": False,
+            },
+            "hf_semisparse": {"version": 1, "transposed": transposed, **ours},
+        }
+    else:
+        quant_config = {
+            "quant_method": QUANT_METHOD,
+            "format": SPARSITY_FORMAT,
+            "version": FORMAT_VERSION,
+            "targets": target_names,
+            "transposed": sorted(transposed),
+            "ignore": ignore,
+            **ours,
+        }
     summary_meta = json.dumps(
         {
             "format": SPARSITY_FORMAT,
             "targets": len(target_names),
             "library": f"hf_semisparse {__version__}",
-            "version": CHECKPOINT_VERSION,
+            "version": 1 if legacy else FORMAT_VERSION,
         }
     )
 
@@ -399,66 +400,40 @@ def weight_files(directory: str) -> list[str]:
     raise SparseCheckpointError(f"no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} in {directory}")
 
 
-def read_tensors(files: Iterable[str], require_digests: bool = False) -> dict[str, torch.Tensor]:
-    """Every tensor of `files`, each checked against the digests recorded in its file (`digests.open_verified`).
+def digests_recorded(quant: dict | None) -> bool:
+    """Whether a checkpoint's `quantization_config` says every weight file records its tensors' digests.
+
+    Our format keeps the marker at the top level (`"tensor_digests"`), the legacy compressed-tensors layout in its
+    `hf_semisparse` section; both name the safetensors metadata key (`digests.DIGEST_KEY`).
+    """
+    if not isinstance(quant, dict):
+        return False
+    legacy_section = quant.get("hf_semisparse")
+    legacy_section = legacy_section if isinstance(legacy_section, dict) else {}
+    return bool(quant.get("tensor_digests") or legacy_section.get("tensor_digests"))
+
+
+def verify_weight_files(files: Iterable[str], require_digests: bool = False) -> None:
+    """Check every tensor of `files` against the digests recorded in its file (`digests.open_verified`).
+
+    Tensors are read one at a time and dropped, so memory stays at the largest tensor. Files without a digest
+    record (checkpoints of other writers) are only checked to be readable safetensors, unless `require_digests`.
 
     Args:
         require_digests: every file must carry a digest record (config.json says they were written with one).
 
     Raises:
-        CorruptCheckpointError: a file is unreadable, or a tensor differs from what was written.
+        CorruptCheckpointError: a file is unreadable, its record is missing (when required) or damaged, or a
+            tensor's name, dtype, shape or bytes differ from what was written.
     """
-    out: dict[str, torch.Tensor] = {}
     for path in files:
         with open_verified(path, require=require_digests) as f:
+            if f.record is None or not f.check_data:
+                continue  # header checks only: nothing recorded to compare the bytes with
             for key in f.keys():  # noqa: SIM118 - not a dict
                 try:
-                    out[key] = f.get_tensor(key)
+                    f.get_tensor(key)
                 except (OSError, RuntimeError, ValueError) as exc:
                     if isinstance(exc, SparseCheckpointError):
                         raise
                     raise CorruptCheckpointError(f"{path}: tensor {key} cannot be read: {exc}") from exc
-    return out
-
-
-def decompress_state_dict(
-    tensors: dict[str, torch.Tensor],
-    sparsity_config: dict,
-    transposed: Iterable[str] = (),
-    targets_are_modules: bool = False,
-) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Turn every `m.shape/compressed/bitmask` triplet back into `m.weight`; check config against tensors.
-
-    `targets_are_modules`: the config's `targets` are module names (checkpoints we wrote), so each must have a
-    compressed weight. compressed-tensors writes class names there ("Linear"), which say nothing per tensor.
-
-    Returns:
-        The dense state dict and the names of the modules that were compressed.
-    """
-    if sparsity_config.get("format") != SPARSITY_FORMAT:
-        raise SparseCheckpointError(
-            f"sparsity format {sparsity_config.get('format')!r} is not supported "
-            f"(this library reads {SPARSITY_FORMAT!r})"
-        )
-    if sparsity_config.get("sparsity_structure", "2:4") != "2:4":
-        raise SparseCheckpointError(
-            f"sparsity_structure {sparsity_config.get('sparsity_structure')!r} is not 2:4"
-        )
-    modules = sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith(".bitmask")})
-    transposed = set(transposed)
-    out = dict(tensors)
-    for m in modules:
-        parts = {}
-        for s in COMPRESSION_SUFFIXES:
-            key = f"{m}.{s}"
-            if key not in tensors:
-                raise SparseCheckpointError(f"{m}: compressed weight lacks {key}")
-            parts[s] = out.pop(key)
-        weight = decompress_24(parts["shape"], parts["compressed"], parts["bitmask"], name=f"{m}.weight")
-        out[f"{m}.weight"] = weight.t().contiguous() if m in transposed else weight
-    listed = sparsity_config.get("targets")
-    if targets_are_modules and isinstance(listed, list):
-        missing = sorted(set(listed) - set(modules))
-        if missing:
-            raise SparseCheckpointError(f"config lists 2:4 targets with no compressed tensors: {missing[:5]}")
-    return out, modules

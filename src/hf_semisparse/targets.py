@@ -123,6 +123,14 @@ def is_linear_module(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (Conv1D is not None and isinstance(module, Conv1D))
 
 
+def shared_weight_owners(model: nn.Module) -> dict[str, list[str]]:
+    """Parameter name -> the other names the same tensor is registered under (tied weights), for shared ones only."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return {n: [o for o in group if o != n] for group in names.values() if len(group) > 1 for n in group}
+
+
 def _head_prefixes(model: nn.Module) -> list[str]:
     """Names of the task heads: the direct children outside the base model, and the output embeddings.
 
@@ -142,6 +150,14 @@ def _head_prefixes(model: nn.Module) -> list[str]:
     return heads
 
 
+def _tied_to_non_linear(name: str, shared: dict[str, list[str]], model: nn.Module) -> bool:
+    """The weight of `name` is also the weight of a module that is not a linear layer (e.g. an input embedding)."""
+    others = shared.get(f"{name}.weight", [])
+    return any(
+        not is_linear_module(model.get_submodule(o.rsplit(".", 1)[0])) if "." in o else True for o in others
+    )
+
+
 def select_targets(model: nn.Module, config: SparsityConfig) -> tuple[list[SparseTarget], SparsityReport]:
     """Find the modules `config` sparsifies.
 
@@ -157,6 +173,7 @@ def select_targets(model: nn.Module, config: SparsityConfig) -> tuple[list[Spars
             "TrainingArguments (or use torch.distributed.fsdp.fully_shard)"
         )
     heads = _head_prefixes(model)
+    shared = shared_weight_owners(model)
     targets: list[SparseTarget] = []
     decisions: list[ModuleDecision] = []
     explicit = config.target_modules is not None
@@ -189,6 +206,15 @@ def select_targets(model: nn.Module, config: SparsityConfig) -> tuple[list[Spars
             msg = f"in_features {in_f} is not a multiple of {config.m}"
             if explicit:
                 raise ValueError(f"{name}: {msg}, so it has no {config.pattern} groups. Exclude it.")
+            reason = msg
+        elif _tied_to_non_linear(name, shared, model):
+            tied = shared[f"{name}.weight"]
+            msg = f"weight tied to {tied} (pruning it would prune those too)"
+            if explicit:
+                raise ValueError(
+                    f"{name}: {msg}. Untie it first (config.tie_word_embeddings=False and give it its own copy of "
+                    "the weight) or leave it out of target_modules."
+                )
             reason = msg
         elif weight.dtype not in KERNEL_DTYPES:
             reason = f"dtype {weight.dtype} has no 2:4 kernel"

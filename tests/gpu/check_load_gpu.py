@@ -1,4 +1,5 @@
-"""GPU check of loading a compressed bert-base-shaped checkpoint with `AutoSparseModel` (CUDA only).
+"""GPU check of loading compressed checkpoints: bert-base-shaped with `AutoSparseModel`, Llama-shaped with plain
+transformers `from_pretrained` after `import hf_semisparse` (CUDA only).
 
     PYTHONPATH=src python -m pytest -q -s tests/gpu/check_load_gpu.py
 
@@ -10,6 +11,12 @@ Checks, each against a float64 reference of the masked model:
 - the GPU bytes of the sparsified weights are at most 0.6x their dense fp16 bytes;
 and reports load times next to transformers' `from_pretrained` of the dense checkpoint. Writes the numbers to
 $OUT/load_gpu.json when OUT is set.
+
+`test_plain_from_pretrained_llama`: a Llama-shaped checkpoint (4 layers of TinyLlama-1.1B's shapes: hidden 2048,
+intermediate 5632, 32 heads, 4 KV heads), sharded, loaded with `AutoModelForCausalLM.from_pretrained(path,
+dtype=torch.float16, device_map="cuda")`: every target must run on 2:4 kernels (`SemiSparseLinear`, or a
+`ProjectionSlice` of a joined one) and the logits must be as close to a float64 reference as the dense fp16
+model's, as above. Numbers to $OUT/load_llama_plain.json.
 """
 
 from __future__ import annotations
@@ -21,7 +28,13 @@ import time
 
 import pytest
 import torch
-from transformers import BertConfig, BertForQuestionAnswering
+from transformers import (
+    AutoModelForCausalLM,
+    BertConfig,
+    BertForQuestionAnswering,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from hf_semisparse import AutoSparseModel, prune_24, save_sparse_pretrained
 from hf_semisparse.kernels import ProjectionSlice, semi_sparse_layers
@@ -141,3 +154,57 @@ def test_load_keep_dense_matches(checkpoints):
         ref = reference_model(input_ids=ids).start_logits
         out = model(input_ids=ids.to(DEV)).start_logits.cpu()
     assert rel_err(out, ref) < 5e-3
+
+
+def test_plain_from_pretrained_llama(tmp_path):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=4,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config).eval()
+    prune_24(model)
+    save_sparse_pretrained(model.half(), tmp_path / "sparse", max_shard_size="200MB")
+    model.save_pretrained(tmp_path / "dense")
+    ids = torch.randint(0, 32000, (2, 256), generator=torch.Generator().manual_seed(3))
+    reference = LlamaForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.float64).eval()
+    with torch.no_grad():
+        ref = reference(input_ids=ids).logits
+    target_names = set(model.config.sparsity_config["targets"])
+    del model, reference
+    gc.collect()
+
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.float16, device_map="cuda")
+    with torch.inference_mode():
+        dense_err = rel_err(dense(input_ids=ids.to(DEV)).logits.cpu(), ref)
+    del dense
+    gc.collect()
+    torch.cuda.empty_cache()
+
+    sparse, load_s = timed(
+        lambda: AutoModelForCausalLM.from_pretrained(
+            tmp_path / "sparse", dtype=torch.float16, device_map="cuda"
+        )
+    )
+    assert sparse.hf_quantizer.quantization_config.quant_method == "hf_semisparse"
+    layers = {n: m for n, m in sparse.named_modules() if isinstance(m, (SemiSparseLinear, ProjectionSlice))}
+    assert set(layers) == target_names, sparse.sparsity_acceleration
+    with torch.inference_mode():
+        sparse_err = rel_err(sparse(input_ids=ids.to(DEV)).logits.cpu(), ref)
+    result = {
+        "gpu": torch.cuda.get_device_name(),
+        "layers_on_24_kernels": len(layers),
+        "load_s": load_s,
+        "acceleration": str(sparse.sparsity_acceleration),
+        "logits_rel_err_vs_float64": {"dense fp16": dense_err, "sparse fp16": sparse_err},
+    }
+    print(json.dumps(result, indent=1))
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "load_llama_plain.json"), "w") as f:
+            json.dump(result, f, indent=1)
+    assert sparse_err < 5e-3 and sparse_err < 2 * dense_err + 1e-4, result

@@ -1,0 +1,353 @@
+"""Our quantization method for transformers: plain `from_pretrained` loads 2:4 sparse checkpoints exactly.
+
+`import hf_semisparse` registers the quant_method "hf_semisparse" (`SemiSparseConfig` and `SemiSparseHfQuantizer`)
+with `transformers.quantizers.auto`, and routes sparse-only compressed-tensors 2:4 configs (the legacy layout,
+formats "sparse-24-bitmask" and "dense") to the same quantizer, so that
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float16, device_map="cuda")
+
+expands every compressed weight while transformers loads it (sharded, offloaded to cpu/disk with a device map, from
+the Hub), checks the checkpoint as `hf-semisparse inspect` does (`checkpoint_format.check_layout`), and on a CUDA
+GPU runs the 2:4 layers on sparse kernels (`kernels.accelerate_24`). `model.save_pretrained` compresses the 2:4
+weights again (our format). The quantizer follows transformers' `HfQuantizer` API (5.x: weight conversions with a
+load op and its `reverse_op` for saving, as the FP8 quantizer does).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+
+import torch
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .checkpoint_format import (
+    BITMASK_SUFFIX,
+    FORMAT_VERSION,
+    QUANT_METHOD,
+    SPARSITY_FORMAT,
+    SparseCheckpointError,
+    check_layout,
+    is_legacy_sparse_24,
+    legacy_sparsity_config,
+    read_headers,
+)
+from .masks import find_nm_violation
+from .registration import current_load_options
+from .serialization import digests_recorded, verify_weight_files
+from .targets import is_linear_module
+
+logger = logging.getLogger(__name__)
+
+
+@register_quantization_config(QUANT_METHOD)
+class SemiSparseConfig(QuantizationConfigMixin):
+    """The `quantization_config` of a 2:4 sparse checkpoint (see `checkpoint_format` for every field).
+
+    Args:
+        targets: the compressed modules' names.
+        transposed: the targets that are transformers `Conv1D` layers (weight `[in, out]`, stored `[out, in]`).
+        ignore: linear layers left dense (informational).
+        legacy: for a compressed-tensors checkpoint read through this config, its original `quantization_config`.
+    """
+
+    def __init__(
+        self,
+        targets: list[str] | None = None,
+        transposed: list[str] | None = None,
+        ignore: list[str] | None = None,
+        format: str = SPARSITY_FORMAT,  # noqa: A002 - the config field's name
+        version: int = FORMAT_VERSION,
+        legacy: dict | None = None,
+        **kwargs,
+    ):
+        self.quant_method = QUANT_METHOD
+        self.format = format
+        self.version = version
+        self.targets = list(targets or [])
+        self.transposed = list(transposed or [])
+        self.ignore = list(ignore or [])
+        self.legacy = legacy
+        for key, value in kwargs.items():  # global_sparsity, target_bytes_ratio, library_version, ...
+            setattr(self, key, value)
+
+    def layout_dict(self) -> dict:
+        """The config as `check_layout` reads it (the legacy one for a compressed-tensors checkpoint)."""
+        return self.legacy if self.legacy is not None else dict(self.__dict__)
+
+    def to_dict(self) -> dict:
+        """The config as transformers writes it. The digest marker ("tensor_digests") is left out: it promises
+        that every weight file records its tensors' CRC32, which `save_sparse_pretrained` writes and transformers'
+        own `save_pretrained` does not."""
+        out = dict(self.__dict__)
+        out.pop("tensor_digests", None)
+        if out.get("legacy") is None:
+            out.pop("legacy", None)
+        elif isinstance(out["legacy"].get("hf_semisparse"), dict):
+            section = {k: v for k, v in out["legacy"]["hf_semisparse"].items() if k != "tensor_digests"}
+            out["legacy"] = {**out["legacy"], "hf_semisparse": section}
+        return out
+
+
+_original_ct_config = AUTO_QUANTIZATION_CONFIG_MAPPING.get("compressed-tensors")
+
+
+class _CompressedTensorsDispatch:
+    """Stands in the config mapping for "compressed-tensors": sparse-only 2:4 configs become a `SemiSparseConfig`
+    (read by our quantizer, compressed-tensors not needed); every other config goes to transformers' own class."""
+
+    @classmethod
+    def from_dict(cls, config_dict, return_unused_kwargs=False, **kwargs):
+        quant = config_dict.get("quantization_config", config_dict)
+        if isinstance(quant, dict) and is_legacy_sparse_24(quant):
+            config = SemiSparseConfig(legacy=dict(quant))
+            return (config, kwargs) if return_unused_kwargs else config
+        if _original_ct_config is None:
+            raise ValueError("this transformers has no compressed-tensors support")
+        return _original_ct_config.from_dict(config_dict, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+
+if _original_ct_config is not None and _original_ct_config is not _CompressedTensorsDispatch:
+    AUTO_QUANTIZATION_CONFIG_MAPPING["compressed-tensors"] = _CompressedTensorsDispatch
+
+
+def _is_conv1d(module) -> bool:
+    return is_linear_module(module) and not isinstance(module, torch.nn.Linear)
+
+
+def resolve_ct_targets(model: torch.nn.Module, targets: list[str], ignore: list[str]) -> list[str]:
+    """Module names selected by compressed-tensors target lists: a module matches an entry that is its name, its
+    class name ("Linear"), or a "re:" regex matching the start of its name (as compressed-tensors' `is_match`)."""
+
+    def matches(name, module, entries):
+        for entry in entries or []:
+            if entry.startswith("re:"):
+                if re.match(entry[3:], name):
+                    return True
+            elif entry in (name, type(module).__name__):
+                return True
+        return False
+
+    return [
+        name
+        for name, module in model.named_modules()
+        if name
+        and isinstance(getattr(module, "weight", None), torch.Tensor)
+        and matches(name, module, targets)
+        and not matches(name, module, ignore)
+    ]
+
+
+@register_quantizer(QUANT_METHOD)
+class SemiSparseHfQuantizer(HfQuantizer):
+    """Loads 2:4 sparse checkpoints (ours and legacy compressed-tensors) as dense transformers models with 2:4
+    zeros, and saves them compressed; see the module docstring."""
+
+    requires_calibration = True  # only pre-compressed checkpoints: prune with hf_semisparse, then save
+
+    def __init__(self, quantization_config: SemiSparseConfig, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+        legacy = quantization_config.legacy
+        self.legacy_format = legacy_sparsity_config(legacy)["format"] if legacy is not None else None
+        self.serialized_names = (
+            {} if legacy is not None else {"weight": ["weight", "weight" + BITMASK_SUFFIX]}
+        )
+        self.layout = None
+        self.saved_targets: set[str] = set()
+        self.saved_transposed: set[str] = set()
+        self._module_of: dict[str, str] = {}  # model module name -> checkpoint module name
+        self.transposed_modules: set[str] = set()  # model module names whose stored weight is transposed
+
+    # -- checks before anything is loaded
+    def validate_environment(self, *args, **kwargs):
+        if not self.pre_quantized:
+            raise ValueError(
+                "quant_method 'hf_semisparse' loads 2:4 checkpoints saved by hf_semisparse; to make one, prune a "
+                "model (hf_semisparse.prune_24 or SparsityTrainer) and save it"
+            )
+
+    def update_dtype(self, dtype):
+        return dtype
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        quant = self.quantization_config.layout_dict()
+        if not checkpoint_files:
+            raise SparseCheckpointError("a 2:4 sparse checkpoint needs safetensors weight files")
+        headers = read_headers(checkpoint_files)
+        verified = {os.path.realpath(f) for f in current_load_options()["verified_files"]}
+        if not {os.path.realpath(f) for f in checkpoint_files} <= verified:
+            # plain from_pretrained: every tensor against its recorded CRC32 before transformers reads the files
+            # (AutoSparseModel.from_pretrained has done this already and says so through load_options)
+            verify_weight_files(checkpoint_files, require_digests=digests_recorded(quant))
+        self.layout = check_layout(quant, headers)
+        modules = dict(model.named_modules())
+        prefix = getattr(model, "base_model_prefix", "")
+        tied = _tied_names(model)
+        if self.legacy_format == "dense":
+            sparsity = legacy_sparsity_config(quant)
+            self.dense_targets = resolve_ct_targets(model, sparsity.get("targets"), sparsity.get("ignore"))
+            return model
+        for layer in self.layout.layers:
+            name = _model_name(layer.module, modules, prefix)
+            if name is None:
+                raise SparseCheckpointError(
+                    f"the checkpoint compresses {layer.module}, which this {type(model).__name__} does not have "
+                    "(config and weights disagree, or the wrong model class)"
+                )
+            module = modules[name]
+            if f"{name}.weight" in tied:
+                raise SparseCheckpointError(
+                    f"{name}.weight is compressed in the checkpoint but tied to {tied[f'{name}.weight']} in this "
+                    "model; load with tie_word_embeddings=False or re-save the checkpoint untied"
+                )
+            weight = getattr(module, "weight", None)
+            if weight is None:
+                raise SparseCheckpointError(
+                    f"{name} ({type(module).__name__}) has no weight to decompress into"
+                )
+            conv1d = _is_conv1d(module)
+            if self.legacy_format is None and conv1d != layer.transposed:
+                raise SparseCheckpointError(
+                    f"{name} is a {type(module).__name__} but the checkpoint records it as "
+                    f"{'Conv1D [in, out]' if layer.transposed else 'Linear [out, in]'}: orientation mismatch"
+                )
+            expected = tuple(weight.shape)
+            stored = layer.dense_shape
+            if layer.transposed:
+                stored = (*stored[:-2], stored[-1], stored[-2])
+            if stored != expected:
+                raise SparseCheckpointError(
+                    f"{name}.weight: the checkpoint holds a {list(stored)} weight, the model expects {list(expected)}"
+                )
+            self._module_of[name] = layer.module
+            if layer.transposed:  # stored [out, in] for a Conv1D: transposed back at load
+                self.transposed_modules.add(name)
+        return model
+
+    def get_new_dtype(self, converter, param, dtype):
+        """Stored float tensors (kept values included) are cast to the dtype transformers plans for the parameter
+        (e.g. T5's `wo` kept in float32) before expanding, which is exact; bitmasks and shapes are not cast."""
+        is_float = (
+            param.get_dtype().startswith(("F", "BF"))
+            if hasattr(param, "get_dtype")
+            else param.is_floating_point()
+        )
+        return dtype if is_float else None
+
+    def param_needs_quantization(self, model, param_name, **kwargs) -> bool:
+        return False
+
+    def get_load_operations(self):
+        from .quantizer_ops import Sparse24Expand
+
+        return {"deserialize": Sparse24Expand, "dequantize": Sparse24Expand}
+
+    def get_weight_conversions(self):
+        from transformers.core_model_loading import WeightConverter
+
+        from .quantizer_ops import Sparse24Expand
+
+        if self.legacy_format == "dense":
+            return []
+        if self.legacy_format is not None:
+            return [WeightConverter(["compressed", "bitmask", "shape"], "weight", [Sparse24Expand(self)])]
+        return [WeightConverter(["weight", "weight" + BITMASK_SUFFIX], "weight", [Sparse24Expand(self)])]
+
+    # -- after loading
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        if self.legacy_format == "dense":
+            targets = []
+            modules = dict(model.named_modules())
+            for name in self.dense_targets:
+                weight = modules[name].weight
+                view = weight.t() if _is_conv1d(modules[name]) else weight
+                if weight.dim() >= 2 and weight.shape[-1] % 4 == 0 and find_nm_violation(view) is None:
+                    targets.append(name)
+                else:
+                    logger.warning(
+                        "%s is a compressed-tensors sparsity target but is not 2:4: it stays dense", name
+                    )
+            compressed = targets
+        else:
+            compressed = sorted(self._module_of)
+        if not compressed:  # only a legacy "dense" checkpoint gets here (ours lists at least one target)
+            logger.warning(
+                "hf_semisparse: none of the compressed-tensors sparsity targets of this checkpoint is 2:4: it "
+                "loaded as a dense model, and nothing runs on 2:4 kernels"
+            )
+            self.remove_quantization_config(model)
+            return model
+        self.saved_targets = set(compressed)
+        self.saved_transposed = {n for n in compressed if _is_conv1d(model.get_submodule(n))}
+        # from here on the model carries our own config (also for a legacy checkpoint): save_pretrained writes ours
+        old = self.quantization_config
+        kept = {k: v for k, v in old.__dict__.items() if k in ("global_sparsity", "library_version")}
+        linear = [n for n, m in model.named_modules() if is_linear_module(m)]
+        self.quantization_config = SemiSparseConfig(
+            targets=sorted(compressed),
+            transposed=sorted(self.saved_transposed),
+            ignore=[n for n in linear if n not in self.saved_targets],
+            **kept,
+        )
+        model.config.quantization_config = self.quantization_config
+        self._save_in_our_format(model)
+        record = getattr(model.config, "sparsity_config", None)
+        record = dict(record) if isinstance(record, dict) else {"pattern": "2:4"}
+        record["targets"] = sorted(compressed)
+        model.config.sparsity_config = record
+        options = current_load_options()
+        on_cuda = any(p.is_cuda for p in model.parameters())
+        if options["accelerate"] is True or (options["accelerate"] == "auto" and on_cuda):
+            from .kernels import accelerate_24
+
+            model.sparsity_acceleration = accelerate_24(model, keep_dense=options["keep_dense"])
+        return model
+
+    def _save_in_our_format(self, model) -> None:
+        """Make `save_pretrained` write our format whatever was read: transformers saves by reversing the weight
+        conversions of the load, so the legacy layout's converter (or none, for the legacy "dense" format) is
+        replaced by ours, whose reverse op compresses every target."""
+        from transformers.core_model_loading import WeightConverter
+
+        from .quantizer_ops import Sparse24Expand
+
+        kept = [
+            c
+            for c in getattr(model, "_weight_conversions", None) or []
+            if not any(isinstance(op, Sparse24Expand) for op in getattr(c, "operations", []))
+        ]
+        ours = WeightConverter(["weight", "weight" + BITMASK_SUFFIX], "weight", [Sparse24Expand(self)])
+        model._weight_conversions = [*kept, ours]
+
+    def is_serializable(self):
+        return True
+
+    @property
+    def is_trainable(self):
+        return True
+
+
+def _model_name(checkpoint_name: str, modules: dict, prefix: str) -> str | None:
+    if checkpoint_name in modules:
+        return checkpoint_name
+    if prefix and checkpoint_name.startswith(prefix + ".") and checkpoint_name[len(prefix) + 1 :] in modules:
+        return checkpoint_name[len(prefix) + 1 :]
+    if prefix and f"{prefix}.{checkpoint_name}" in modules:
+        return f"{prefix}.{checkpoint_name}"
+    return None
+
+
+def _tied_names(model) -> dict[str, str]:
+    """Tied parameter name -> the name it shares its tensor with."""
+    out = {}
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    for a, b in tied.items():
+        out[a], out[b] = b, a
+    return out

@@ -1,0 +1,115 @@
+"""The load and save ops of our quantizer (transformers' `ConversionOps`, 5.x weight-conversion API).
+
+`Sparse24Expand` turns compressed values + bitmask (ours, or the legacy compressed-tensors triplet) into the dense
+weight while transformers loads it; its `reverse_op`, `Sparse24Compress`, compresses the targets again when
+`model.save_pretrained` writes the model. Every other weight passes through unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from transformers.core_model_loading import ConversionOps
+
+from .checkpoint_format import (
+    BITMASK_SUFFIX,
+    SparseCheckpointError,
+    check_legacy_shape,
+    compress_values,
+    expand_values,
+)
+
+if TYPE_CHECKING:
+    from .quantizer import SemiSparseHfQuantizer
+
+logger = logging.getLogger(__name__)
+
+
+class Sparse24Expand(ConversionOps):
+    """Load op: compressed values + bitmask (ours, or the legacy triplet) -> the dense weight, checked; every other
+    weight passes through, cast to the model's dtype. Its `reverse_op` compresses again when saving."""
+
+    def __init__(self, hf_quantizer: SemiSparseHfQuantizer):
+        self.hf_quantizer = hf_quantizer
+
+    def convert(self, input_dict, full_layer_name=None, model=None, **kwargs):
+        try:
+            return self._convert(input_dict, full_layer_name)
+        except SparseCheckpointError as exc:
+            # transformers collects conversion errors into its load report and raises a generic RuntimeError
+            # afterwards: say what is wrong where the user sees it
+            logger.error("hf_semisparse: cannot load %s: %s", full_layer_name, exc)
+            raise
+
+    def _convert(self, input_dict, full_layer_name):
+        if "compressed" in input_dict:  # legacy: a whole module's triplet
+            values, bitmask, shape = (_one(input_dict.get(k)) for k in ("compressed", "bitmask", "shape"))
+            module = full_layer_name.rsplit(".", 1)[0]
+            if bitmask is None or shape is None:
+                raise SparseCheckpointError(f"{module}: compressed weight lacks its bitmask or shape tensor")
+            check_legacy_shape(module, shape, values)
+            dense = expand_values(values, bitmask, f"{module}.weight")
+            return {full_layer_name: self._finish(dense, full_layer_name, compressed=True)}
+        result = {}
+        for key, value in input_dict.items():
+            if key.endswith(BITMASK_SUFFIX):
+                continue
+            masks = input_dict.get(key + BITMASK_SUFFIX)
+            if masks is None:
+                result[key] = value
+                continue
+            values_list = value if isinstance(value, list) else [value]
+            masks = masks if isinstance(masks, list) else [masks]
+            name = full_layer_name or key
+            result[key] = [expand_values(v, m, name) for v, m in zip(values_list, masks, strict=True)]
+            if not isinstance(value, list):
+                result[key] = result[key][0]
+        if list(result) == ["weight"] and full_layer_name is not None:  # one module's weight
+            weight = _one(result["weight"])
+            compressed = "weight" + BITMASK_SUFFIX in input_dict
+            return {full_layer_name: self._finish(weight, full_layer_name, compressed=compressed)}
+        return result
+
+    def _finish(self, weight, full_layer_name, compressed):
+        if compressed and full_layer_name.rsplit(".", 1)[0] in self.hf_quantizer.transposed_modules:
+            weight = weight.transpose(-2, -1).contiguous()
+        return weight  # already in the planned dtype (`SemiSparseHfQuantizer.get_new_dtype`)
+
+    @property
+    def reverse_op(self) -> ConversionOps:
+        return Sparse24Compress(self.hf_quantizer)
+
+
+class Sparse24Compress(ConversionOps):
+    """Save op: a target's dense weight -> its kept values and bitmask (our format); other weights pass."""
+
+    def __init__(self, hf_quantizer: SemiSparseHfQuantizer):
+        self.hf_quantizer = hf_quantizer
+
+    def convert(self, input_dict, full_layer_name=None, model=None, **kwargs):
+        out = {}
+        for key, value in input_dict.items():
+            tensor = _one(value)
+            name = full_layer_name or key
+            module_name = name[: -len(".weight")] if name.endswith(".weight") else None
+            if module_name is not None and module_name in self.hf_quantizer.saved_targets:
+                weight = tensor.t() if module_name in self.hf_quantizer.saved_transposed else tensor
+                values, bitmask = compress_values(weight, name)
+                out[name] = values
+                out[name + BITMASK_SUFFIX] = bitmask
+            else:
+                out[name if full_layer_name else key] = tensor
+        return out
+
+    @property
+    def reverse_op(self) -> ConversionOps:
+        return Sparse24Expand(self.hf_quantizer)
+
+
+def _one(value):
+    if isinstance(value, list):
+        if len(value) != 1:
+            raise SparseCheckpointError(f"expected one tensor, got {len(value)}")
+        return value[0]
+    return value
