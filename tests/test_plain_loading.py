@@ -11,10 +11,12 @@ import sys
 import pytest
 import torch
 import transformers
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from hf_semisparse import AutoSparseModel, SparsityConfig, prune_24, save_sparse_pretrained, select_targets
 from hf_semisparse.cli import inspect_checkpoint, main
+from hf_semisparse.digests import DIGEST_KEY, digest_metadata
 from hf_semisparse.serialization import SparseCheckpointError
 from tests.conftest import make_model
 
@@ -150,9 +152,16 @@ def test_legacy_layout_is_still_written_on_request(tmp_path):
 def corrupt(src, dst, edit_tensors=None, edit_config=None):
     shutil.copytree(src, dst)
     if edit_tensors:
+        with safe_open(dst / "model.safetensors", framework="pt") as f:
+            had_digests = DIGEST_KEY in (f.metadata() or {})
         tensors = load_file(dst / "model.safetensors")
         edit_tensors(tensors)
-        save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+        metadata = {"format": "pt"}
+        if (
+            had_digests
+        ):  # a consistent record of the bad layout: the layout checks must find it, not the CRC32s
+            metadata[DIGEST_KEY] = digest_metadata(tensors)
+        save_file(tensors, dst / "model.safetensors", metadata=metadata)
     if edit_config:
         data = json.loads((dst / "config.json").read_text())
         edit_config(data["quantization_config"])

@@ -31,7 +31,6 @@ from .digests import DIGEST_KEY, digest_metadata, open_verified
 from .errors import CorruptCheckpointError, SaveDestinationError, SparseCheckpointError
 from .masks import find_nm_violation
 from .save_destination import check_save_destination
-from .targets import is_linear_module, shared_weight_owners
 from .utils import unwrap_model
 
 logger = logging.getLogger(__name__)
@@ -83,6 +82,9 @@ def check_not_tied(model: nn.Module, targets: dict[str, nn.Module]) -> None:
     Raises:
         SparseCheckpointError: naming the target, the other owners, and how to untie them.
     """
+    # targets imports transformers: not at module level, so that `hf-semisparse inspect` stays light
+    from .targets import shared_weight_owners
+
     owners = shared_weight_owners(model)
     for name in targets:
         others = [o for o in owners.get(f"{name}.weight", []) if o[: -len(".weight")] not in targets]
@@ -246,6 +248,8 @@ def save_sparse_pretrained(
             "no 2:4 linear layer to compress: prune the model first (prune_24 or SparsityTrainer)"
         )
     check_not_tied(root, targets)
+    from .targets import is_linear_module
+
     state = _dedupe_shared({k: v.detach() for k, v in root.state_dict().items()})
     tensors: dict[str, torch.Tensor] = {}
     groups: list[list[str]] = []
