@@ -11,13 +11,21 @@ Random bytes of a saved checkpoint's safetensors files are flipped (XOR with a n
 
 import json
 import random
+import re
 import shutil
 import struct
 
 import pytest
 import torch
+import transformers
 
-from hf_semisparse import AutoSparseModel, SparseCheckpointError, prune_24, save_sparse_pretrained
+from hf_semisparse import (
+    AutoSparseModel,
+    CorruptCheckpointError,
+    SparseCheckpointError,
+    prune_24,
+    save_sparse_pretrained,
+)
 from hf_semisparse.cli import main
 from tests.conftest import make_model
 
@@ -120,3 +128,21 @@ def test_digest_check_can_be_skipped_for_data_only(intact, tmp_path, monkeypatch
     (damaged / files[1]).write_bytes(bytes(meta_damaged))
     with pytest.raises(SparseCheckpointError, match="no hf_semisparse_digests record"):
         AutoSparseModel.from_pretrained(damaged)
+
+
+def test_plain_from_pretrained_checks_digests_too(intact, tmp_path):
+    """Plain transformers `from_pretrained` (our quantizer) checks the recorded CRC32s before loading weights."""
+
+    path, files, state = intact
+    loaded = transformers.BertForSequenceClassification.from_pretrained(path)
+    assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())
+    damaged = tmp_path / "d"
+    shutil.copytree(path, damaged)
+    data = bytearray((damaged / files[0]).read_bytes())
+    header_len = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + header_len])
+    key = next(k for k in sorted(header) if k.endswith(".bias"))
+    data[8 + header_len + header[key]["data_offsets"][0]] ^= 0x40  # a bias value: no layout check sees it
+    (damaged / files[0]).write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match=f"{files[0]}: the bytes of tensor {re.escape(key)}"):
+        transformers.BertForSequenceClassification.from_pretrained(damaged)
