@@ -28,15 +28,33 @@ def resolve_config(config: SparsityConfig | dict | str | os.PathLike | None) -> 
     raise TypeError(f"sparsity_config must be a SparsityConfig, dict or path, got {type(config).__name__}")
 
 
-def _first_batches(dataloader, count: int) -> list | None:
+def _first_batches(dataloader, count: int, model=None) -> list | None:
     if dataloader is None:
         return None
     batches = []
     for batch in dataloader:
-        batches.append({k: v for k, v in batch.items() if k != "labels"})
+        batches.append(calibration_inputs(batch, model))
         if len(batches) >= count:
             break
     return batches
+
+
+def calibration_inputs(batch: dict, model=None) -> dict:
+    """The inputs of a training batch that a calibration forward needs: `labels` are dropped (no loss is
+    needed), except that an encoder-decoder (T5, BART, Whisper) gets the decoder inputs it would build from them,
+    the way the model does (`prepare_decoder_input_ids_from_labels`), or keeps `labels` when it has no such
+    method."""
+    inner = getattr(model, "module", model)
+    config = getattr(inner, "config", None)
+    labels = batch.get("labels")
+    if labels is None or not getattr(config, "is_encoder_decoder", False) or "decoder_input_ids" in batch:
+        return {k: v for k, v in batch.items() if k != "labels"}
+    prepare = getattr(inner, "prepare_decoder_input_ids_from_labels", None)
+    if prepare is None:
+        return dict(batch)
+    out = {k: v for k, v in batch.items() if k != "labels"}
+    out["decoder_input_ids"] = prepare(labels=labels)
+    return out
 
 
 class SparsityCallback(TrainerCallback):
@@ -169,7 +187,9 @@ class SparsityCallback(TrainerCallback):
         self._model = model
         self.optimizer_keeps_zeros = False  # the first step masks the weights and the (maybe resumed) state
         if self.config.method != "magnitude" and state.global_step <= self.config.start_step:
-            self._calibration_batches = _first_batches(train_dataloader, self.config.calibration_batches)
+            self._calibration_batches = _first_batches(
+                train_dataloader, self.config.calibration_batches, model
+            )
         sp = Sparsifier(model, self.config)  # raises before anything changes if the config selects nothing
         step = state.global_step
         if step > self.config.start_step:
