@@ -142,6 +142,26 @@ def _head_prefixes(model: nn.Module) -> list[str]:
     return heads
 
 
+def _dense_expert_weights(model: nn.Module) -> list[ModuleDecision]:
+    """Fused 3-D weights (transformers 5 mixture-of-experts layers: `[experts, out, in]` parameters such as
+    Mixtral's `experts.gate_up_proj` / `experts.down_proj`), listed so the report shows they stay dense."""
+    found = []
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            if param.dim() == 3:
+                found.append(
+                    ModuleDecision(
+                        f"{module_name}.{param_name}" if module_name else param_name,
+                        type(module).__name__,
+                        tuple(param.shape),
+                        False,
+                        "fused 3-D expert weight [experts, out, in]: stays dense (2:4 pruning of fused "
+                        "experts is not supported yet)",
+                    )
+                )
+    return found
+
+
 def select_targets(model: nn.Module, config: SparsityConfig) -> tuple[list[SparseTarget], SparsityReport]:
     """Find the modules `config` sparsifies.
 
@@ -201,6 +221,7 @@ def select_targets(model: nn.Module, config: SparsityConfig) -> tuple[list[Spars
         if not reason:
             targets.append(SparseTarget(name, module, transposed))
 
+    decisions += _dense_expert_weights(model)
     report = SparsityReport(decisions, pattern=config.pattern)
     if not targets:
         raise NoTargetsError(
