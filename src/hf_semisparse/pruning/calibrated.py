@@ -261,7 +261,7 @@ def calibrated_prune_(
             block in turn is pruned from its cached inputs and run once more, pruned, to make the next block's
             inputs (see `sequential.py`). Models it cannot run block by block (encoder-decoders, per-layer
             attention types) and targets outside the block list use "per_block". "per_block": the whole model
-            runs over the calibration set once per block (the implementation before 0.2, kept for comparison).
+            runs over the calibration set once per block (the earlier implementation, kept for comparison).
         device: compute device for the sequential pipeline (default: CUDA when available, else the model's).
         true_sequential: SparseGPT/Wanda sub-layer by sub-layer inside each block (attention before MLP): later
             sub-layers are calibrated on the outputs of pruned earlier ones (Frantar & Alistarh 2023, sec. 4).

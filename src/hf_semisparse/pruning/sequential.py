@@ -308,7 +308,12 @@ def _prune_block(
             if t.name in backup:
                 write_linear(t, backup[t.name])
         names = ", ".join(t.name for t in targets[:1])
-        exc.add_note(f"hf_semisparse: the block of {names} was restored; earlier blocks are already pruned.")
+        if hasattr(exc, "add_note"):  # Python 3.11+
+            exc.add_note(
+                f"hf_semisparse: the block of {names} was restored; earlier blocks are already pruned."
+            )
+        else:
+            logger.error("the block of %s was restored; earlier blocks are already pruned", names)
         raise
     finally:
         if not offloaded and home != device:
