@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .config import SparsityConfig
+from .peft_structure import adapter_of, adapter_prefixes, base_name, peft_base_model
 from .utils import unwrap_model
 
 try:  # transformers' GPT-2 style linear layer: weight stored [in, out]
@@ -165,11 +166,16 @@ def _dense_expert_weights(model: nn.Module) -> list[ModuleDecision]:
 def select_targets(model: nn.Module, config: SparsityConfig) -> tuple[list[SparseTarget], SparsityReport]:
     """Find the modules `config` sparsifies.
 
+    A PEFT model (`PeftModel`, or a tuner model such as `LoraModel`) is looked through: the targets are the
+    base layers of its tuner layers, named as in the base model (`model.layers.0.mlp.up_proj`, no
+    `.base_layer`), task heads are detected on the base model, and adapter modules (`lora_A`, `lora_B`, ...)
+    are reported as skipped, never selected.
+
     Raises:
         NoTargetsError: nothing is selected (the message lists every skipped module and why).
         ValueError/TypeError: a module named explicitly by `target_modules` cannot be N:M sparsified.
     """
-    model = unwrap_model(model)
+    model = peft_base_model(unwrap_model(model))  # a PeftModel: its base layers are the targets
     if any(isinstance(m, FSDP1_TYPES) for m in model.modules()):
         raise NotImplementedError(
             "the model is wrapped in FSDP1 (FullyShardedDataParallel), whose flat parameter shards no longer have "
@@ -180,9 +186,25 @@ def select_targets(model: nn.Module, config: SparsityConfig) -> tuple[list[Spars
     targets: list[SparseTarget] = []
     decisions: list[ModuleDecision] = []
     explicit = config.target_modules is not None
+    adapters = adapter_prefixes(model)
 
-    for name, module in model.named_modules():
-        if not name:
+    for wrapped_name, module in model.named_modules():
+        if not wrapped_name:
+            continue
+        adapter = adapter_of(wrapped_name, adapters)
+        name = base_name(wrapped_name)  # as named in the unwrapped model, where the mask is recorded
+        if adapter is not None:
+            if is_linear_module(module):
+                shape = tuple(module.weight.shape)
+                decisions.append(
+                    ModuleDecision(
+                        wrapped_name,
+                        type(module).__name__,
+                        shape,
+                        False,
+                        f"PEFT adapter ({adapter}), never a target",
+                    )
+                )
             continue
         named = _matches(name, config.target_modules)
         if not is_linear_module(module):

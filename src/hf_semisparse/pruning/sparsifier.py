@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from ..config import SparsityConfig
 from ..distributed import full_tensor, is_dtensor, like
 from ..masks import compute_partial_nm_mask, find_nm_violation, pack_mask, unpack_mask
+from ..peft_structure import modules_by_base_name
 from ..targets import SparsityReport, select_targets
 from ..utils import atomic_write
 from .offload import is_offloaded, read_weight, write_weight
@@ -173,6 +174,8 @@ class Sparsifier:
             fused = not (_multi_process() or self.sharded)
         self._mask_queued = False
         for target in self.targets:
+            if not target.weight.requires_grad:  # frozen (e.g. the base under a LoRA adapter): no gradient
+                continue
             hook = self._queue_fused_mask if fused else self._make_hook(target.name)
             self._hooks.append(target.weight.register_hook(hook))
 
@@ -334,7 +337,8 @@ class Sparsifier:
                         f"(group at {bad.index} keeps {bad.nonzeros})"
                     )
             weight = full_tensor(target.linear_view().detach())
-            if (weight[~linear.to(weight.device)] != 0).any():
+            # a frozen weight (the base under a LoRA adapter) is not in the checkpoint: it is re-pruned
+            if target.weight.requires_grad and (weight[~linear.to(weight.device)] != 0).any():
                 raise ValueError(
                     f"{path}: mask of {target.name} does not match the checkpoint's weights "
                     "(non-zero weights where the mask prunes); the files come from different steps"
@@ -453,7 +457,7 @@ def _inherited_mask_source(model, hf_config, config: SparsityConfig, report: Spa
         return None
     if sorted(previous.get("targets") or []) != sorted(report.targets):
         return None
-    modules = dict(model.named_modules())
+    modules = modules_by_base_name(model)  # through a PEFT wrapper: the base layers
     for name in report.targets:
         module = modules.get(name)
         weight = module.weight if isinstance(module, torch.nn.Linear) else module.weight.t()

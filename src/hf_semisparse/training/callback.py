@@ -9,8 +9,11 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..config import SparsityConfig
+from ..lora import mask_lora
+from ..peft_structure import is_peft_model
 from ..pruning.optimizers import zero_preserving_optimizer
 from ..pruning.sparsifier import Sparsifier, calibrate, record_sparsity_in_config
+from ..utils import unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -191,6 +194,8 @@ class SparsityCallback(TrainerCallback):
                 train_dataloader, self.config.calibration_batches, model
             )
         sp = Sparsifier(model, self.config)  # raises before anything changes if the config selects nothing
+        if is_peft_model(unwrap_model(model)):  # LoRA updates on 2:4 layers masked by the base's zeros
+            mask_lora(model, sp.report.targets)
         step = state.global_step
         if step > self.config.start_step:
             sp.load_masks(self._resume_dir(args, state))
@@ -235,7 +240,8 @@ class SparsityCallback(TrainerCallback):
             return
         sp.apply_masks()
         if self.weight_pass == "auto" and not sp.sharded and optimizer is not None:
-            inner = zero_preserving_optimizer(optimizer, [t.weight for t in sp.targets])
+            trained = [t.weight for t in sp.targets if t.weight.requires_grad]  # frozen bases are not stepped
+            inner = zero_preserving_optimizer(optimizer, trained)
             if inner is not None:
                 sp.mask_optimizer_state(inner)
                 self.optimizer_keeps_zeros = True
