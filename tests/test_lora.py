@@ -196,7 +196,9 @@ def test_save_adapter_and_load_on_sparse_base(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, expected, atol=1e-5, rtol=0)
     # the plain PEFT entry point works too; mask_lora restores the trained function
-    plain = peft.PeftModel.from_pretrained(AutoSparseModel.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
+    plain = peft.PeftModel.from_pretrained(
+        AutoSparseModel.from_pretrained(tmp_path / "base"), tmp_path / "adapter"
+    )
     assert mask_lora(plain)
     with torch.no_grad():
         torch.testing.assert_close(plain(**batch).logits, expected, atol=1e-5, rtol=0)

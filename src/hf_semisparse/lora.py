@@ -53,7 +53,9 @@ class UnmaskableAdapterError(ValueError):
 
 def _require_peft() -> None:
     if LoraLinear is None:
-        raise ImportError('LoRA on 2:4 models needs peft: pip install "hf_semisparse[peft]" (or pip install peft)')
+        raise ImportError(
+            'LoRA on 2:4 models needs peft: pip install "hf_semisparse[peft]" (or pip install peft)'
+        )
 
 
 def _weight_mask(module: nn.Module) -> torch.Tensor:

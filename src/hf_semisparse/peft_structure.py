@@ -23,7 +23,8 @@ def is_peft_model(model: nn.Module) -> bool:
     (Checked by class origin: transformers models that had adapters loaded also carry a `peft_config`.)
     """
     return _from_peft(model) and (
-        callable(getattr(model, "get_base_model", None)) or isinstance(getattr(model, "model", None), nn.Module)
+        callable(getattr(model, "get_base_model", None))
+        or isinstance(getattr(model, "model", None), nn.Module)
     )
 
 
