@@ -2,7 +2,8 @@
 
 Prunes the model to 2:4 (magnitude, one-shot at step 0 through `SparsityTrainer`), trains on Gutenberg plays, and
 measures perplexity on the first `--eval-tokens` tokens of an EB1911 article in windows of `--window` tokens.
-One method per process, so that the peak resident memory (`ru_maxrss`) belongs to that method alone.
+One method per process, so that the peak memory (`ru_maxrss` on CPU; on a GPU also `max_memory_allocated`)
+belongs to that method alone. Runs on the GPU when there is one (fp32 weights, no mixed precision).
 
     python benchmarks/bench_lora_recovery.py --model outputs/smollm2-135m --method lora --steps 100
 
@@ -49,7 +50,7 @@ def perplexity(model, ids: torch.Tensor, window: int) -> float:
     model.eval()
     nll, count = 0.0, 0
     for start in range(0, len(ids) - window + 1, window):
-        chunk = ids[start : start + window].unsqueeze(0)
+        chunk = ids[start : start + window].unsqueeze(0).to(model.device)
         loss = model(input_ids=chunk, labels=chunk).loss
         nll += float(loss) * (window - 1)
         count += window - 1
@@ -78,6 +79,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
+    cuda = torch.cuda.is_available()  # fp32 weights either way; the Trainer places the model
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
@@ -119,7 +121,7 @@ def main() -> None:
             logging_steps=5,
             save_strategy="no",
             report_to=[],
-            use_cpu=True,
+            use_cpu=not cuda,
             seed=0,
             dataloader_num_workers=0,
         )
@@ -150,8 +152,12 @@ def main() -> None:
         for t in targets:
             check_nm_sparse(t.linear_view().detach(), t.name)
         result["targets_2_4"] = len(targets)
+    if cuda:
+        model.cuda()
     result["perplexity"] = perplexity(model, eval_ids, args.window)
     result["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    if cuda:  # training's peak (the evaluation's is far lower)
+        result["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     result["command"] = " ".join([os.path.basename(sys.executable)] + sys.argv)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"{args.method}.json"), "w", encoding="utf-8") as f:
