@@ -29,7 +29,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 from hf_semisparse import SparsityTrainer, check_nm_sparse, prune_24, select_targets
 from hf_semisparse.config import SparsityConfig
 
-SHARED = os.environ.get("HF_SEMISPARSE_SHARED", "/work/shared")
+# the offline data beside the checkout, as for the tests (tests/conftest.py); override with HF_SEMISPARSE_SHARED
+SHARED = os.environ.get(
+    "HF_SEMISPARSE_SHARED", os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
+)
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
