@@ -91,9 +91,13 @@ def test_model_folder_without_tokenizer(tmp_path):
 
 
 def test_smoke_run_with_a_calibrated_method_and_distillation(tmp_path):
-    out = run_squad.main(smoke_args(tmp_path) + ["--method", "wanda", "--distill"])
+    out = run_squad.main(smoke_args(tmp_path) + ["--method", "wanda", "--distill", "--lora"])
     assert out["method"] == "wanda" and out["distill"] and out["targets_all_24"]
     assert out["results"]["loaded sparse checkpoint"]["f1"] == out["results"]["recovered 2:4"]["f1"]
+    # masked LoRA from the same one-shot model: merged exactly 2:4, far fewer trained parameters
+    assert 0.0 <= out["results"]["recovered 2:4, masked LoRA (merged)"]["f1"] <= 100.0
+    assert out["lora"]["targets_all_24"]
+    assert 0 < out["lora"]["trainable_parameters"] < out["recovery_cost"]["trainable_parameters"] / 2
 
 
 def test_compare_methods_smoke(tmp_path):

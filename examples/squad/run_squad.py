@@ -118,6 +118,14 @@ def build_parser(with_method: bool = True) -> argparse.ArgumentParser:
         default=0.0,
         help="weight of an MSE loss on every layer's hidden states towards the teacher's (with --distill)",
     )
+    p.add_argument(
+        "--lora",
+        action="store_true",
+        help="also recover a second copy of the pruned model with masked LoRA (base frozen at 2:4, LoRA on every "
+        "2:4 layer, its update masked by the base's mask) for the same epochs; merged and checked 2:4",
+    )
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--lora-learning-rate", type=float, default=5e-4)
     p.add_argument("--smoke", action="store_true", help="tiny model, few examples: checks the pipeline only")
     return p
 
@@ -333,6 +341,47 @@ def recover(pruned, squad: Squad, recipe: Recipe, teacher=None, name: str = "rec
     ).train()
 
 
+def measured(fn, squad: Squad) -> dict:
+    """Run `fn()`; its seconds and peak GPU memory (MiB, None on CPU)."""
+    cuda = squad.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return {
+        "seconds": round(time.perf_counter() - start, 1),
+        "peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20) if cuda else None,
+    }
+
+
+def recover_lora(pruned, squad: Squad, recipe: Recipe, teacher=None) -> tuple[torch.nn.Module, dict]:
+    """Masked-LoRA recovery of a copy of `pruned`: the same recipe but the base frozen and LoRA (rank
+    `--lora-rank`, learning rate `--lora-learning-rate`) on every 2:4 layer, the QA head trained in full. Returns
+    the merged model (exactly 2:4) and its trainable parameters and cost."""
+    from peft import LoraConfig, get_peft_model
+
+    from hf_semisparse.lora import merge_sparse_lora
+
+    args = squad.args
+    targets = select_targets(pruned, SparsityConfig())[1].targets  # full names: only the 2:4 layers
+    model = get_peft_model(
+        copy.deepcopy(pruned),
+        LoraConfig(
+            r=args.lora_rank,
+            lora_alpha=2 * args.lora_rank,
+            target_modules=targets,
+            modules_to_save=["qa_outputs"],
+        ),
+    )
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    lora_recipe = dataclasses.replace(recipe, learning_rate=args.lora_learning_rate)
+    cost = measured(lambda: recover(model, squad, lora_recipe, teacher=teacher, name="recover-lora"), squad)
+    return merge_sparse_lora(model), {"trainable_parameters": trainable, **cost}
+
+
 def time_forwards_ms(models: dict, batch: dict, rounds: int = 30) -> dict[str, float]:
     """Median ms of one forward of each model, timed in turn round after round (so clock drift hits all alike),
     after 3 warm-up forwards each (where 2:4 layers tune a new token count)."""
@@ -406,8 +455,16 @@ def main(argv=None) -> dict:
     pruned, report, prune_cost = one_shot(model, squad, args.method)
     results["one-shot 2:4"] = squad.evaluate(pruned, "eval one-shot")
     recipe = Recipe.from_args(args)
-    recover(pruned, squad, recipe, teacher=model)
+    lora_merged, lora_cost, lora_result = None, None, None
+    if args.lora:  # from the same one-shot model, before the full recovery changes it
+        lora_merged, lora_cost = recover_lora(pruned, squad, recipe, teacher=model)
+        lora_result = squad.evaluate(lora_merged, "eval LoRA")
+        lora_merged.cpu()  # off the GPU while the full recovery's memory is measured
+    full_trainable = sum(p.numel() for p in pruned.parameters() if p.requires_grad)
+    full_cost = measured(lambda: recover(pruned, squad, recipe, teacher=model), squad)
     results["recovered 2:4"] = squad.evaluate(pruned, "eval recovered")
+    if lora_result is not None:
+        results["recovered 2:4, masked LoRA (merged)"] = lora_result
 
     sparse_dir = os.path.join(args.output_dir, "sparse")
     summary = save_sparse_pretrained(pruned.cpu(), sparse_dir)
@@ -463,7 +520,15 @@ def main(argv=None) -> dict:
         "checkpoint": sparse_dir,
         "target_bytes_ratio": summary["target_ratio"],
         "targets_all_24": targets_all_24(pruned),
+        "recovery_cost": {"trainable_parameters": full_trainable, **full_cost},
     }
+    if lora_merged is not None:
+        out["lora"] = {
+            "rank": args.lora_rank,
+            "learning_rate": args.lora_learning_rate,
+            **lora_cost,
+            "targets_all_24": targets_all_24(lora_merged),
+        }
     lines = ["| model | EM | F1 |", "| --- | --- | --- |"]
     lines += [f"| {row['name']} | {row['EM']} | {row['F1']} |" for row in table]
     write_results(args.output_dir, out, lines)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .config import SparsityConfig
+from .peft_structure import adapter_of, adapter_prefixes, base_name, peft_base_model
 from .utils import unwrap_model
 
 try:  # transformers' GPT-2 style linear layer: weight stored [in, out]
@@ -158,14 +159,39 @@ def _tied_to_non_linear(name: str, shared: dict[str, list[str]], model: nn.Modul
     )
 
 
+def _dense_expert_weights(model: nn.Module) -> list[ModuleDecision]:
+    """Fused 3-D weights (transformers 5 mixture-of-experts layers: `[experts, out, in]` parameters such as
+    Mixtral's `experts.gate_up_proj` / `experts.down_proj`), listed so the report shows they stay dense."""
+    found = []
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            if param.dim() == 3:
+                found.append(
+                    ModuleDecision(
+                        f"{module_name}.{param_name}" if module_name else param_name,
+                        type(module).__name__,
+                        tuple(param.shape),
+                        False,
+                        "fused 3-D expert weight [experts, out, in]: stays dense (2:4 pruning of fused "
+                        "experts is not supported yet)",
+                    )
+                )
+    return found
+
+
 def select_targets(model: nn.Module, config: SparsityConfig) -> tuple[list[SparseTarget], SparsityReport]:
     """Find the modules `config` sparsifies.
+
+    A PEFT model (`PeftModel`, or a tuner model such as `LoraModel`) is looked through: the targets are the
+    base layers of its tuner layers, named as in the base model (`model.layers.0.mlp.up_proj`, no
+    `.base_layer`), task heads are detected on the base model, and adapter modules (`lora_A`, `lora_B`, ...)
+    are reported as skipped, never selected.
 
     Raises:
         NoTargetsError: nothing is selected (the message lists every skipped module and why).
         ValueError/TypeError: a module named explicitly by `target_modules` cannot be N:M sparsified.
     """
-    model = unwrap_model(model)
+    model = peft_base_model(unwrap_model(model))  # a PeftModel: its base layers are the targets
     if any(isinstance(m, FSDP1_TYPES) for m in model.modules()):
         raise NotImplementedError(
             "the model is wrapped in FSDP1 (FullyShardedDataParallel), whose flat parameter shards no longer have "
@@ -177,9 +203,25 @@ def select_targets(model: nn.Module, config: SparsityConfig) -> tuple[list[Spars
     targets: list[SparseTarget] = []
     decisions: list[ModuleDecision] = []
     explicit = config.target_modules is not None
+    adapters = adapter_prefixes(model)
 
-    for name, module in model.named_modules():
-        if not name:
+    for wrapped_name, module in model.named_modules():
+        if not wrapped_name:
+            continue
+        adapter = adapter_of(wrapped_name, adapters)
+        name = base_name(wrapped_name)  # as named in the unwrapped model, where the mask is recorded
+        if adapter is not None:
+            if is_linear_module(module):
+                shape = tuple(module.weight.shape)
+                decisions.append(
+                    ModuleDecision(
+                        wrapped_name,
+                        type(module).__name__,
+                        shape,
+                        False,
+                        f"PEFT adapter ({adapter}), never a target",
+                    )
+                )
             continue
         named = _matches(name, config.target_modules)
         if not is_linear_module(module):
@@ -227,6 +269,7 @@ def select_targets(model: nn.Module, config: SparsityConfig) -> tuple[list[Spars
         if not reason:
             targets.append(SparseTarget(name, module, transposed))
 
+    decisions += _dense_expert_weights(model)
     report = SparsityReport(decisions, pattern=config.pattern)
     if not targets:
         raise NoTargetsError(

@@ -5,9 +5,9 @@
   weights whose removal costs least under the layer's Hessian H = X^T X, and update the remaining weights
   (the OBS update) so the layer's output changes as little as possible.
 
-Calibration runs transformer block by transformer block: statistics are collected only for the block being
-pruned (memory stays bounded: one block's Hessians at a time), and later blocks see the already-pruned earlier
-ones, as in both papers.
+Calibration runs transformer block by transformer block (`sequential.py`): statistics are collected only for
+the block being pruned (memory stays bounded: one block's Hessians at a time), and later blocks see the
+already-pruned earlier ones, as in both papers.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from tqdm.auto import tqdm
 
 from ..masks import compute_nm_mask
 from ..targets import SparseTarget
+from .offload import read_weight, write_weight
+from .validation import FP16_HINT, check_finite_weight, check_statistics
 
 logger = logging.getLogger(__name__)
 
@@ -78,14 +80,18 @@ def _inverse_cholesky(h: torch.Tensor, damp: float, tries: int = 4) -> torch.Ten
     Activations with near-constant channels (padding tokens, dead GELU units) can leave H numerically
     singular even after the usual 1% damping; then the damping grows tenfold, up to `tries` times.
     """
-    h64 = h.double()
-    eye = torch.eye(h.shape[0], dtype=torch.float64, device=h.device)
-    mean_diag = torch.mean(torch.diag(h64))
+    h64 = h.double()  # damped in place on its diagonal: no identity matrix or second copy (70B MLPs: 28672^2)
+    diag = h64.diagonal()
+    base = diag.clone()
+    mean_diag = torch.mean(base)
     for attempt in range(tries):
-        factor, info = torch.linalg.cholesky_ex(h64 + damp * mean_diag * eye)
+        diag.copy_(base + damp * mean_diag)
+        factor, info = torch.linalg.cholesky_ex(h64)
         if int(info) == 0:
             inverse = torch.cholesky_inverse(factor)
+            del factor
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if int(info) == 0:
                 if attempt:
                     logger.warning("SparseGPT: Hessian needed damping %.3g to be positive definite", damp)
@@ -109,21 +115,124 @@ def _block_key(name: str) -> str:
 
 
 class _InputStats:
-    def __init__(self, target: SparseTarget, method: str) -> None:
+    """Wanda's per-channel sum of squares or SparseGPT's X^T X of one layer's inputs, summed over calls."""
+
+    def __init__(self, method: str) -> None:
         self.method = method
-        cols = target.shape[1]
-        device = target.weight.device
         self.count = 0
-        self.sq = torch.zeros(cols, device=device) if method == "wanda" else None
-        self.xtx = torch.zeros(cols, cols, device=device) if method == "sparsegpt" else None
+        self.value: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        if self.value is None:
+            cols = x.shape[-1]
+            shape = (cols,) if self.method == "wanda" else (cols, cols)
+            self.value = torch.zeros(shape, device=x.device)
+        self.count += x.shape[0]
+        if self.method == "wanda":
+            self.value += (x * x).sum(dim=0)
+        else:
+            self.value.addmm_(x.t(), x)
 
     def __call__(self, module, inputs, output) -> None:
-        x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
-        self.count += x.shape[0]
-        if self.sq is not None:
-            self.sq += (x * x).sum(dim=0)
+        self.add(inputs[0])
+
+
+class StatsCollector:
+    """Forward hooks that gather the input statistics of several targets.
+
+    Targets called one after the other on the very same input tensor (q/k/v, gate/up) share one accumulator,
+    so each distinct input is reduced once. `order` lists the targets in the order the forward first calls them.
+    """
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.stats: dict[str, _InputStats] = {}
+        self.order: list[str] = []
+        self._last_x: torch.Tensor | None = None
+        self._last_name: str | None = None
+        self._handles: list = []
+
+    def attach(self, targets: list[SparseTarget]) -> StatsCollector:
+        for t in targets:
+            self._handles.append(t.module.register_forward_hook(self._hook(t.name)))
+        return self
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._last_x = None
+
+    def _hook(self, name: str):
+        def hook(module, inputs, output) -> None:
+            x = inputs[0]
+            if name not in self.order:
+                self.order.append(name)
+            last = self.stats.get(self._last_name) if self._last_name is not None else None
+            same_input = x is self._last_x and last is not None
+            if same_input and self.stats.get(name) is last:
+                pass  # shares the accumulator that already counted this input
+            elif same_input and name not in self.stats:
+                self.stats[name] = last
+            else:
+                self.stats.setdefault(name, _InputStats(self.method)).add(x)
+            self._last_x, self._last_name = x, name
+
+        return hook
+
+
+def pruned_weight(
+    target: SparseTarget,
+    weight: torch.Tensor,
+    stats: _InputStats | None,
+    method: str,
+    n: int,
+    m: int,
+    blocksize: int,
+    damp: float,
+) -> torch.Tensor:
+    """The 2:4-pruned `[out, in]` float32 weight of `target`, validated; nothing is written.
+
+    Raises:
+        RuntimeError: the target saw no calibration input.
+        ValueError: its statistics or result hold NaN/inf (the message names the layer and the likely cause).
+        torch.linalg.LinAlgError: SparseGPT's Hessian stays indefinite (named).
+    """
+    check_finite_weight(target.name, weight)
+    count = 0 if stats is None else stats.count
+    if count == 0:
+        check_statistics(target.name, method, 0, torch.zeros(0), weight.shape[1])
+    stat = stats.value / stats.count
+    check_statistics(target.name, method, count, stat, weight.shape[1])
+    try:
+        if method == "wanda":
+            mask = compute_nm_mask(weight, n, m, scores=wanda_scores(weight, stat))
+            new = weight.float() * mask
         else:
-            self.xtx += x.t() @ x
+            new = sparsegpt_nm(weight, stat, n, m, blocksize, damp)
+    except torch.linalg.LinAlgError as exc:
+        raise torch.linalg.LinAlgError(f"{target.name}: {exc}. {FP16_HINT}") from exc
+    if not bool(torch.isfinite(new).all()):
+        raise ValueError(f"{target.name}: {method} produced NaN or infinite weights. {FP16_HINT}")
+    return new
+
+
+def write_linear(target: SparseTarget, new: torch.Tensor) -> None:
+    """Write an `[out, in]` weight into `target` (its module or accelerate's offloaded copy)."""
+    write_weight(target.module, new.t() if target.transposed else new)
+
+
+def read_linear(target: SparseTarget, device: torch.device | None = None) -> torch.Tensor:
+    """`target`'s weight in `[out, in]` layout (loaded from accelerate's offload when offloaded)."""
+    weight = read_weight(target.module, device)
+    return weight.t() if target.transposed else weight
+
+
+def check_targets_finite(targets: list[SparseTarget]) -> None:
+    """Refuse, before any write, a target whose weight holds NaN/inf (named)."""
+    for t in targets:
+        check_finite_weight(t.name, read_linear(t))
 
 
 def calibrated_prune_(
@@ -136,48 +245,120 @@ def calibrated_prune_(
     blocksize: int = 128,
     damp: float = 0.01,
     show_progress: bool = True,
-) -> None:
+    pipeline: str = "sequential",
+    device: torch.device | str | None = None,
+    true_sequential: bool = False,
+    offload_activations: bool | None = None,
+) -> dict:
     """Prune `targets` in place with `method` ("wanda" or "sparsegpt"), calibrating on `batches`.
 
-    `batches` are model inputs (dicts of tensors); they are moved to the model's device. Non-target weights
-    are never written.
+    `batches` are model inputs (dicts of tensors). Non-target weights are never written. Every target weight is
+    checked for NaN/inf before anything is written; statistics and results are checked per layer before that
+    layer's block is written (a failing block is restored; the error names the layer and the likely cause).
+
+    Args:
+        pipeline: "sequential" (default): the inputs of the first transformer block are captured once, then each
+            block in turn is pruned from its cached inputs and run once more, pruned, to make the next block's
+            inputs (see `sequential.py`). Models it cannot run block by block (encoder-decoders, per-layer
+            attention types) and targets outside the block list use "per_block". "per_block": the whole model
+            runs over the calibration set once per block (the earlier implementation, kept for comparison).
+        device: compute device for the sequential pipeline (default: CUDA when available, else the model's).
+        true_sequential: SparseGPT/Wanda sub-layer by sub-layer inside each block (attention before MLP): later
+            sub-layers are calibrated on the outputs of pruned earlier ones (Frantar & Alistarh 2023, sec. 4).
+        offload_activations: keep the cached block inputs on CPU (None: decide from free device memory).
+
+    Returns:
+        Timings and counts: {"pipeline", "blocks", "capture_s", "block_s": [...], "fallback_targets"}.
     """
     if method not in CALIBRATED_METHODS:
         raise ValueError(f"method must be one of {CALIBRATED_METHODS}, got {method!r}")
+    if pipeline not in ("sequential", "per_block"):
+        raise ValueError(f"pipeline must be 'sequential' or 'per_block', got {pipeline!r}")
     batches = list(batches)
     if not batches:
         raise ValueError(f"{method} needs calibration data: pass at least one batch")
-    device = next(model.parameters()).device
-    batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
+    check_targets_finite(targets)
+    options = dict(n=n, m=m, blocksize=blocksize, damp=damp, show_progress=show_progress)
+    if pipeline == "sequential":
+        from .sequential import sequential_prune_
+
+        return sequential_prune_(
+            model,
+            targets,
+            method,
+            batches,
+            device=device,
+            true_sequential=true_sequential,
+            offload_activations=offload_activations,
+            **options,
+        )
+    per_block_prune_(model, targets, method, batches, **options)
+    return {"pipeline": "per_block", "blocks": len({_block_key(t.name) for t in targets})}
+
+
+def model_input_device(model: nn.Module) -> torch.device | None:
+    """Where the model's inputs go: its first non-meta parameter's device; None when accelerate dispatches."""
+    if getattr(model, "hf_device_map", None):
+        return None
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return None
+
+
+def move_batch(batch: dict, device: torch.device | None) -> dict:
+    if device is None:
+        return dict(batch)
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def per_block_prune_(
+    model: nn.Module,
+    targets: list[SparseTarget],
+    method: str,
+    batches: list[dict],
+    n: int = 2,
+    m: int = 4,
+    blocksize: int = 128,
+    damp: float = 0.01,
+    show_progress: bool = True,
+) -> None:
+    """The whole model runs over `batches` once per block of targets (L forwards for L blocks)."""
+    device = model_input_device(model)
+    batches = [move_batch(b, device) for b in batches]
     groups: dict[str, list[SparseTarget]] = {}
     for t in targets:
         groups.setdefault(_block_key(t.name), []).append(t)
     was_training = model.training
     model.eval()
     try:
-        for key, group in tqdm(groups.items(), desc=f"{method} 2:{m} pruning", disable=not show_progress):
-            stats = {t.name: _InputStats(t, method) for t in group}
-            hooks = [t.module.register_forward_hook(stats[t.name]) for t in group]
+        for group in tqdm(groups.values(), desc=f"{method} 2:{m} pruning", disable=not show_progress):
+            collector = StatsCollector(method).attach(group)
             try:
                 with torch.no_grad():
                     for batch in batches:
                         model(**batch)
             finally:
-                for h in hooks:
-                    h.remove()
-            for t in group:
-                s = stats[t.name]
-                if s.count == 0:
-                    raise RuntimeError(
-                        f"{t.name} saw no input during calibration ({key}): is it used by forward?"
-                    )
-                weight = t.linear_view().detach()
-                if method == "wanda":
-                    mask = compute_nm_mask(weight, n, m, scores=wanda_scores(weight, s.sq / s.count))
-                    new = weight.float() * mask
-                else:
-                    new = sparsegpt_nm(weight, s.xtx / s.count, n, m, blocksize, damp)
-                with torch.no_grad():
-                    t.linear_view().copy_(new.to(weight.dtype))
+                collector.detach()
+            prune_group_(group, collector.stats, method, n, m, blocksize, damp)
     finally:
         model.train(was_training)
+
+
+def prune_group_(
+    group: list[SparseTarget],
+    stats: dict[str, _InputStats],
+    method: str,
+    n: int,
+    m: int,
+    blocksize: int,
+    damp: float,
+    device: torch.device | None = None,
+) -> None:
+    """Compute and validate the new weights of every target in `group`, then write them all."""
+    new = {}
+    for t in group:
+        weight = read_linear(t, device)
+        new[t.name] = pruned_weight(t, weight, stats.get(t.name), method, n, m, blocksize, damp)
+    for t in group:
+        write_linear(t, new.pop(t.name))

@@ -18,15 +18,23 @@ from safetensors.torch import load_file, save_file
 from ..config import SparsityConfig
 from ..distributed import full_tensor, is_dtensor, like
 from ..masks import compute_partial_nm_mask, find_nm_violation, pack_mask, unpack_mask
+from ..peft_structure import modules_by_base_name
 from ..targets import SparsityReport, select_targets
 from ..utils import atomic_write
+from .offload import is_offloaded, read_weight, write_weight
 from .scores import compute_scores
+from .validation import check_finite_weight
 
 logger = logging.getLogger(__name__)
 
 MASKS_NAME = "sparsity_masks.safetensors"
 MASKS_FORMAT = "hf_semisparse.masks"
 MASKS_VERSION = "1"
+
+
+def _stored_weight(target) -> torch.Tensor:
+    """The target's weight, loaded from accelerate's offload when the module holds only a meta placeholder."""
+    return read_weight(target.module) if is_offloaded(target.module) else target.weight
 
 
 def _multi_process() -> bool:
@@ -56,8 +64,14 @@ class Sparsifier:
     def update_masks(self, level: float = 1.0) -> None:
         """Choose masks for the share `level` of each target's groups and zero the pruned weights."""
         cfg = self.config
+        sources = {t.name: self.dense_shadow.get(t.name, _stored_weight(t)).detach() for t in self.targets}
+        # every weight is checked (one host sync) before any mask is chosen or applied
+        finite = [torch.isfinite(full_tensor(s)).all() for s in sources.values() if s.device.type != "meta"]
+        if finite and not bool(torch.stack([f.to(finite[0].device) for f in finite]).all()):
+            for target in self.targets:
+                check_finite_weight(target.name, full_tensor(sources[target.name]))
         for target in self.targets:
-            source = self.dense_shadow.get(target.name, target.weight).detach()
+            source = sources[target.name]
             # a sharded (FSDP2) weight is gathered: the groups may straddle shards, and every rank gets the same
             # mask; the mask is then sharded as the weight is
             weight = target.linear_view(full_tensor(source))
@@ -75,8 +89,12 @@ class Sparsifier:
         return mask
 
     def apply_masks(self) -> None:
-        """Zero every target weight where its mask is False."""
+        """Zero every target weight where its mask is False (also weights offloaded by accelerate)."""
         self._multiply_by_masks(lambda target: [target.weight.data])
+        for target in self.targets:
+            if target.name in self.masks and is_offloaded(target.module):
+                weight = read_weight(target.module)
+                write_weight(target.module, weight * self._mask_on(target.name, weight.device))
 
     def _multiply_by_masks(self, tensors_of) -> None:
         """Multiply the tensors `tensors_of(target)` (None entries skipped) of every masked target by its mask, in
@@ -87,7 +105,7 @@ class Sparsifier:
             if target.name not in self.masks:
                 continue
             for tensor in tensors_of(target):
-                if tensor is not None:
+                if tensor is not None and tensor.device.type != "meta":  # meta: offloaded by accelerate
                     tensors.append(tensor)
                     masks.append(self._mask_on(target.name, tensor.device))
         if tensors:
@@ -156,6 +174,8 @@ class Sparsifier:
             fused = not (_multi_process() or self.sharded)
         self._mask_queued = False
         for target in self.targets:
+            if not target.weight.requires_grad:  # frozen (e.g. the base under a LoRA adapter): no gradient
+                continue
             hook = self._queue_fused_mask if fused else self._make_hook(target.name)
             self._hooks.append(target.weight.register_hook(hook))
 
@@ -317,7 +337,8 @@ class Sparsifier:
                         f"(group at {bad.index} keeps {bad.nonzeros})"
                     )
             weight = full_tensor(target.linear_view().detach())
-            if (weight[~linear.to(weight.device)] != 0).any():
+            # a frozen weight (the base under a LoRA adapter) is not in the checkpoint: it is re-pruned
+            if target.weight.requires_grad and (weight[~linear.to(weight.device)] != 0).any():
                 raise ValueError(
                     f"{path}: mask of {target.name} does not match the checkpoint's weights "
                     "(non-zero weights where the mask prunes); the files come from different steps"
@@ -341,6 +362,7 @@ def prune_24(
     config: SparsityConfig | None = None,
     calibration_data=None,
     show_progress: bool = True,
+    **calibration_options,
 ) -> SparsityReport:
     """One-shot N:M (default 2:4) pruning in place, for people who do not train.
 
@@ -350,6 +372,14 @@ def prune_24(
     Args:
         config: what to prune and how; default 2:4 magnitude.
         calibration_data: batches of model inputs (dicts of tensors), needed by method "wanda" and "sparsegpt".
+        **calibration_options: for "wanda"/"sparsegpt": `device` (compute device of the block-by-block
+            pipeline; default CUDA when available), `true_sequential` (calibrate sub-layers on the outputs of
+            pruned earlier ones), `offload_activations`, `pipeline` ("sequential" or "per_block"); see
+            `hf_semisparse.pruning.calibrated.calibrated_prune_`.
+
+    Raises:
+        ValueError: a target weight holds NaN/inf (named; the model is unchanged), calibration statistics
+            overflow (named, with the likely cause), or calibration data is missing.
 
     Example:
         >>> report = prune_24(model, SparsityConfig(method="sparsegpt"), calibration_data=batches)
@@ -362,20 +392,24 @@ def prune_24(
             raise ValueError(
                 f"method {config.method!r} needs calibration_data (a few batches of model inputs)"
             )
-        calibrate(model, sparsifier, calibration_data, show_progress)
+        calibrate(model, sparsifier, calibration_data, show_progress, **calibration_options)
+    elif calibration_options:
+        raise TypeError(f"calibration options {sorted(calibration_options)} only apply to wanda/sparsegpt")
     sparsifier.update_masks(level=1.0)
     record_sparsity_in_config(model, config, sparsifier.report)
     logger.info("Pruned %d modules to %s", len(sparsifier.targets), config.pattern)
     return sparsifier.report
 
 
-def calibrate(model: torch.nn.Module, sparsifier: Sparsifier, batches, show_progress: bool = True) -> None:
-    """Run the config's calibrated method (wanda / sparsegpt) on the sparsifier's targets."""
+def calibrate(
+    model: torch.nn.Module, sparsifier: Sparsifier, batches, show_progress: bool = True, **options
+) -> dict:
+    """Run the config's calibrated method (wanda / sparsegpt) on the sparsifier's targets; returns timings."""
     from ..utils import unwrap_model
     from .calibrated import calibrated_prune_
 
     cfg = sparsifier.config
-    calibrated_prune_(
+    return calibrated_prune_(
         unwrap_model(model),
         sparsifier.targets,
         cfg.method,
@@ -383,6 +417,7 @@ def calibrate(model: torch.nn.Module, sparsifier: Sparsifier, batches, show_prog
         cfg.n,
         cfg.m,
         show_progress=show_progress,
+        **options,
     )
 
 
@@ -422,7 +457,7 @@ def _inherited_mask_source(model, hf_config, config: SparsityConfig, report: Spa
         return None
     if sorted(previous.get("targets") or []) != sorted(report.targets):
         return None
-    modules = dict(model.named_modules())
+    modules = modules_by_base_name(model)  # through a PEFT wrapper: the base layers
     for name in report.targets:
         module = modules.get(name)
         weight = module.weight if isinstance(module, torch.nn.Linear) else module.weight.t()

@@ -9,8 +9,11 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..config import SparsityConfig
+from ..lora import mask_lora
+from ..peft_structure import is_peft_model
 from ..pruning.optimizers import zero_preserving_optimizer
 from ..pruning.sparsifier import Sparsifier, calibrate, record_sparsity_in_config
+from ..utils import unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -28,15 +31,33 @@ def resolve_config(config: SparsityConfig | dict | str | os.PathLike | None) -> 
     raise TypeError(f"sparsity_config must be a SparsityConfig, dict or path, got {type(config).__name__}")
 
 
-def _first_batches(dataloader, count: int) -> list | None:
+def _first_batches(dataloader, count: int, model=None) -> list | None:
     if dataloader is None:
         return None
     batches = []
     for batch in dataloader:
-        batches.append({k: v for k, v in batch.items() if k != "labels"})
+        batches.append(calibration_inputs(batch, model))
         if len(batches) >= count:
             break
     return batches
+
+
+def calibration_inputs(batch: dict, model=None) -> dict:
+    """The inputs of a training batch that a calibration forward needs: `labels` are dropped (no loss is
+    needed), except that an encoder-decoder (T5, BART, Whisper) gets the decoder inputs it would build from them,
+    the way the model does (`prepare_decoder_input_ids_from_labels`), or keeps `labels` when it has no such
+    method."""
+    inner = getattr(model, "module", model)
+    config = getattr(inner, "config", None)
+    labels = batch.get("labels")
+    if labels is None or not getattr(config, "is_encoder_decoder", False) or "decoder_input_ids" in batch:
+        return {k: v for k, v in batch.items() if k != "labels"}
+    prepare = getattr(inner, "prepare_decoder_input_ids_from_labels", None)
+    if prepare is None:
+        return dict(batch)
+    out = {k: v for k, v in batch.items() if k != "labels"}
+    out["decoder_input_ids"] = prepare(labels=labels)
+    return out
 
 
 class SparsityCallback(TrainerCallback):
@@ -169,8 +190,12 @@ class SparsityCallback(TrainerCallback):
         self._model = model
         self.optimizer_keeps_zeros = False  # the first step masks the weights and the (maybe resumed) state
         if self.config.method != "magnitude" and state.global_step <= self.config.start_step:
-            self._calibration_batches = _first_batches(train_dataloader, self.config.calibration_batches)
+            self._calibration_batches = _first_batches(
+                train_dataloader, self.config.calibration_batches, model
+            )
         sp = Sparsifier(model, self.config)  # raises before anything changes if the config selects nothing
+        if is_peft_model(unwrap_model(model)):  # LoRA updates on 2:4 layers masked by the base's zeros
+            mask_lora(model, sp.report.targets)
         step = state.global_step
         if step > self.config.start_step:
             sp.load_masks(self._resume_dir(args, state))
@@ -215,7 +240,8 @@ class SparsityCallback(TrainerCallback):
             return
         sp.apply_masks()
         if self.weight_pass == "auto" and not sp.sharded and optimizer is not None:
-            inner = zero_preserving_optimizer(optimizer, [t.weight for t in sp.targets])
+            trained = [t.weight for t in sp.targets if t.weight.requires_grad]  # frozen bases are not stepped
+            inner = zero_preserving_optimizer(optimizer, trained)
             if inner is not None:
                 sp.mask_optimizer_state(inner)
                 self.optimizer_keeps_zeros = True

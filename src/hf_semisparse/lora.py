@@ -1,0 +1,302 @@
+"""LoRA on a 2:4 model that stays 2:4: the adapter's update is masked by the frozen base weight's zeros.
+
+A plain LoRA update `B @ A` (Hu et al., 2021, "LoRA: Low-Rank Adaptation of Large Language Models") is dense,
+so merging it destroys the 2:4 pattern. Here every LoRA layer whose base layer is a 2:4 target computes
+
+    y = base(x) + x @ (mask * (B @ A) * scale)^T        mask = (base.weight != 0)
+
+so the trained function is exactly the one `merge_and_unload()` produces, `W + mask * (B @ A) * scale`, and
+that is exactly 2:4 wherever `W` is (the same idea as SPP, Lu et al., 2024, "SPP: Sparsity-Preserved
+Parameter-Efficient Fine-Tuning for Large Language Models"). The mask is read from the base weight on every
+call, so it needs no storage and always matches the base being merged into.
+
+It plugs into PEFT (https://github.com/huggingface/peft, tested with 0.21) through its own extension point, the
+per-adapter `lora_variant` of `peft.tuners.lora.layer.Linear` (the mechanism DoRA uses): PEFT's forward,
+`merge`, `unmerge`, `merge_and_unload` and mixed-adapter batches all call the variant. Adapters are saved and
+loaded by PEFT as usual (the variant adds no weights); after `PeftModel.from_pretrained` call `mask_lora` (or use
+`load_sparse_lora`), since PEFT does not know the variant.
+
+Cost: the masked update is no longer low-rank, so the adapter path materializes `mask * (B @ A)` (`[out, in]`)
+per call; in training it is recomputed in the backward instead of being kept (`torch.utils.checkpoint`), so
+activation memory is as for plain LoRA. For serving, merge (`merge_sparse_lora`): the result is exactly 2:4 and
+runs on the 2:4 kernels with no adapter path at all.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .masks import find_nm_violation
+from .peft_structure import base_name, is_tuner_layer, peft_base_model
+
+logger = logging.getLogger(__name__)
+
+try:
+    from peft.tuners.lora.layer import Linear as LoraLinear
+    from peft.tuners.lora.layer import LoraVariant
+except ImportError:  # peft is an optional dependency: pip install "hf_semisparse[peft]"
+    LoraLinear = None
+    LoraVariant = object
+
+_MERGE_MASK = "hf_semisparse.merge_mask.{}"  # key in the layer's `_caches` while an adapter is merged
+
+
+class UnmaskableAdapterError(ValueError):
+    """A PEFT adapter on a 2:4 target changes the weight in a way that cannot be kept 2:4."""
+
+
+def _require_peft() -> None:
+    if LoraLinear is None:
+        raise ImportError(
+            'LoRA on 2:4 models needs peft: pip install "hf_semisparse[peft]" (or pip install peft)'
+        )
+
+
+def _weight_mask(module: nn.Module) -> torch.Tensor:
+    """Where the base weight of LoRA layer `module` is non-zero, in the weight's own layout (bool)."""
+    return module.get_base_layer().weight != 0
+
+
+def _masked_delta(module: nn.Module, adapter: str, mask: torch.Tensor) -> torch.Tensor:
+    """`mask * (B @ A) * scale` in the base weight's layout (PEFT's `get_delta_weight`, masked)."""
+    delta = module.get_delta_weight(adapter)
+    return torch.where(mask, delta, torch.zeros((), dtype=delta.dtype, device=delta.device))
+
+
+def _masked_lora_linear(x, weight_a, weight_b, mask, scale: float) -> torch.Tensor:
+    delta = (weight_b @ weight_a) * scale
+    return F.linear(x, torch.where(mask, delta, torch.zeros((), dtype=delta.dtype, device=delta.device)))
+
+
+class MaskedLoraVariant(LoraVariant):
+    """PEFT LoRA variant whose weight update is `mask * (B @ A) * scale`, `mask` the base weight's non-zeros.
+
+    Attached per adapter by `mask_lora`; not meant to be used directly. Supports `nn.Linear` and transformers'
+    `Conv1D` (`fan_in_fan_out=True`) base layers and `lora_bias`; dropout applies to the adapter's input as in
+    plain LoRA.
+    """
+
+    def supports_lora_conversion(self) -> bool:
+        return False  # a masked update is not low-rank
+
+    @staticmethod
+    def init(module, adapter_name: str, **kwargs) -> None:
+        pass
+
+    @staticmethod
+    def merge_safe(module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        mask = orig_weight != 0
+        module._caches[_MERGE_MASK.format(active_adapter)] = mask
+        return orig_weight + _masked_delta(module, active_adapter, mask).to(orig_weight.dtype)
+
+    @staticmethod
+    def merge_unsafe(module, active_adapter: str, orig_weight: torch.Tensor) -> None:
+        mask = orig_weight.data != 0
+        module._caches[_MERGE_MASK.format(active_adapter)] = mask
+        orig_weight.data += _masked_delta(module, active_adapter, mask).to(orig_weight.dtype)
+
+    @staticmethod
+    def unmerge(module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        # the mask of the merge: the merged weight may have new exact zeros
+        mask = module._caches.pop(_MERGE_MASK.format(active_adapter), None)
+        if mask is None:
+            mask = orig_weight.data != 0
+        return orig_weight.data - _masked_delta(module, active_adapter, mask).to(orig_weight.dtype)
+
+    @staticmethod
+    def forward(module, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs) -> torch.Tensor:
+        lora_a, lora_b = module.lora_A[active_adapter], module.lora_B[active_adapter]
+        mask = _weight_mask(module)
+        if module.fan_in_fan_out:  # Conv1D: weight [in, out]
+            mask = mask.t()
+        x = module.lora_dropout[active_adapter](x)
+        scale = module.scaling[active_adapter]
+        if torch.is_grad_enabled() and (lora_a.weight.requires_grad or lora_b.weight.requires_grad):
+            # recompute the [out, in] update in the backward rather than keep it for every layer
+            update = checkpoint(
+                _masked_lora_linear, x, lora_a.weight, lora_b.weight, mask, scale, use_reentrant=False
+            )
+        else:
+            update = _masked_lora_linear(x, lora_a.weight, lora_b.weight, mask, scale)
+        if lora_b.bias is not None:  # lora_bias=True
+            update = update + lora_b.bias * scale
+        return result + update
+
+
+def _lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Tuner layers of `model` by base-model name."""
+    base = peft_base_model(model)
+    return {base_name(name): m for name, m in base.named_modules() if is_tuner_layer(m)}
+
+
+def _is_2_4(module: nn.Module) -> bool:
+    weight = getattr(module.get_base_layer(), "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        return False
+    view = weight.t() if getattr(module, "fan_in_fan_out", False) else weight
+    return view.shape[-1] % 4 == 0 and find_nm_violation(view.detach()) is None
+
+
+def _why_unmaskable(name: str, layer: nn.Module) -> str | None:
+    kind = f"{type(layer).__module__}.{type(layer).__name__}"
+    if LoraLinear is None or not isinstance(layer, LoraLinear):
+        return (
+            f"{name}: its adapter is {kind}, which changes the weight in a way hf_semisparse cannot mask to 2:4 "
+            "(only plain LoRA on nn.Linear/Conv1D layers can be kept 2:4). Use peft.LoraConfig, or leave this "
+            "layer out of the adapter's target_modules."
+        )
+    for adapter, variant in layer.lora_variant.items():
+        if not isinstance(variant, MaskedLoraVariant):
+            return (
+                f"{name}: adapter {adapter!r} uses the LoRA variant {type(variant).__name__} (e.g. DoRA, which "
+                "rescales whole weight columns), which hf_semisparse cannot mask to 2:4. Use plain LoRA "
+                "(use_dora=False and no other variant option) on 2:4 layers."
+            )
+    if not isinstance(getattr(layer.get_base_layer(), "weight", None), torch.Tensor):
+        return (
+            f"{name}: the base layer {type(layer.get_base_layer()).__name__} keeps no dense weight to read the "
+            "2:4 mask from; load the base with keep_dense=True (or accelerate=False) before adding adapters."
+        )
+    return None
+
+
+def check_lora_maskable(model: nn.Module, targets: Iterable[str]) -> list[str]:
+    """Check that every PEFT adapter on the 2:4 targets `targets` (base-model names) can be masked.
+
+    Returns:
+        The names among `targets` that carry a LoRA adapter.
+
+    Raises:
+        UnmaskableAdapterError: an adapter type or LoRA variant that cannot be kept 2:4 sits on a target (the
+            message names the layer, the adapter and what to use instead), or a target is in PEFT's
+            `modules_to_save` (a full dense copy that is trained).
+    """
+    layers = _lora_layers(model)
+    wrapped = []
+    for name in targets:
+        if ".modules_to_save." in f".{name}." or ".original_module." in f".{name}.":
+            raise UnmaskableAdapterError(
+                f"{name}: a 2:4 target is in PEFT's modules_to_save, which trains a full dense copy of the "
+                "layer; remove it from modules_to_save (or exclude it from the sparsity targets)"
+            )
+        layer = layers.get(name)
+        if layer is None:
+            continue
+        why = _why_unmaskable(name, layer)
+        if why:
+            raise UnmaskableAdapterError(why)
+        wrapped.append(name)
+    return wrapped
+
+
+def mask_lora(model: nn.Module, targets: Iterable[str] | None = None) -> list[str]:
+    """Make the LoRA adapters on 2:4 layers sparsity-preserving: their update becomes `mask * (B @ A) * scale`.
+
+    Call it on a `PeftModel` (or tuner model) before training, and again after `PeftModel.from_pretrained`
+    (PEFT saves the adapter weights, not the variant). `SparsityTrainer` and `SparsityCallback` call it for
+    you. Calling it twice is harmless. Nothing is changed when an error is raised.
+
+    Args:
+        model: a PEFT-wrapped model.
+        targets: base-model names of the 2:4 layers (as in `SparsityReport.targets`). Default: every LoRA layer
+            whose base weight is exactly 2:4 now.
+
+    Returns:
+        The names of the masked layers.
+
+    Raises:
+        ImportError: peft is not installed.
+        UnmaskableAdapterError: see `check_lora_maskable`.
+    """
+    _require_peft()
+    if targets is None:
+        targets = [name for name, layer in _lora_layers(model).items() if _is_2_4(layer)]
+    names = check_lora_maskable(model, list(targets))
+    layers = _lora_layers(model)
+    for name in names:
+        layer = layers[name]
+        for adapter in layer.lora_A:
+            if adapter not in layer.lora_variant:
+                layer.lora_variant[adapter] = MaskedLoraVariant()
+    logger.info("hf_semisparse: %d LoRA layers keep their 2:4 base masks", len(names))
+    return names
+
+
+def unmasked_lora_layers(model: nn.Module) -> list[str]:
+    """Names of the LoRA layers whose base weight is 2:4 but whose adapter update is not masked."""
+    found = []
+    for name, layer in _lora_layers(model).items():
+        if not _is_2_4(layer):
+            continue
+        adapters = getattr(layer, "lora_A", {})
+        variants = getattr(layer, "lora_variant", {})
+        if not adapters or any(not isinstance(variants.get(a), MaskedLoraVariant) for a in adapters):
+            found.append(name)
+    return found
+
+
+def merge_sparse_lora(model: nn.Module, safe_merge: bool = True, progressbar: bool = False) -> nn.Module:
+    """`merge_and_unload()` that refuses to break 2:4: the merged model is exactly 2:4 where the base was.
+
+    Args:
+        model: a PEFT model whose adapters on 2:4 layers were masked (`mask_lora`, `SparsityTrainer`,
+            `SparsityCallback`).
+        safe_merge: check the merged weights for NaN/inf (PEFT's `safe_merge`).
+        progressbar: show PEFT's progress bar.
+
+    Returns:
+        The merged transformers model (no PEFT wrappers); save it with `save_sparse_pretrained`.
+
+    Raises:
+        ValueError: an adapter on a 2:4 layer is not masked (merging it would make the layer dense; the message
+            names the layers), or, after merging, a former 2:4 layer is not 2:4 (nothing is returned then).
+    """
+    _require_peft()
+    unmasked = unmasked_lora_layers(model)
+    if unmasked:
+        raise ValueError(
+            f"merging would make {len(unmasked)} 2:4 layers dense: their LoRA update is not masked "
+            f"({', '.join(unmasked[:5])}{', ...' if len(unmasked) > 5 else ''}). Call "
+            "hf_semisparse.lora.mask_lora(model) before training (SparsityTrainer and SparsityCallback do), or use "
+            "model.merge_and_unload() if you want a dense model."
+        )
+    sparse = [name for name, layer in _lora_layers(model).items() if _is_2_4(layer)]
+    merged = model.merge_and_unload(progressbar=progressbar, safe_merge=safe_merge)
+    modules = dict(merged.named_modules())
+    for name in sparse:
+        module = modules[name]
+        weight = module.weight if isinstance(module, nn.Linear) else module.weight.t()
+        bad = find_nm_violation(weight.detach())
+        if bad is not None:
+            raise ValueError(
+                f"{name}.weight is not 2:4 after merging: the group at {bad.index} has {bad.nonzeros} non-zeros"
+            )
+    return merged
+
+
+def load_sparse_lora(model: nn.Module, adapter: str, **kwargs) -> nn.Module:
+    """`PeftModel.from_pretrained(model, adapter, **kwargs)` with the adapters on 2:4 layers masked.
+
+    Args:
+        model: the 2:4 base, e.g. from `AutoSparseModel.from_pretrained(..., accelerate=False)` (PEFT wraps
+            `nn.Linear` layers, not our kernel layers).
+        adapter: a folder or Hub id written by PEFT's `save_pretrained`.
+        **kwargs: passed to `PeftModel.from_pretrained` (`adapter_name`, `is_trainable`, ...).
+
+    Returns:
+        The `PeftModel`, whose function equals the trained one and whose `merge_sparse_lora` is exactly 2:4.
+    """
+    _require_peft()
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(model, adapter, **kwargs)
+    recorded = getattr(getattr(model, "config", None), "sparsity_config", None)
+    targets = recorded.get("targets") if isinstance(recorded, dict) else None
+    mask_lora(peft_model, targets)
+    return peft_model

@@ -1,0 +1,320 @@
+"""Block-by-block calibrated pruning: one pass through the model, one block on the compute device at a time.
+
+The pipeline of SparseGPT (Frantar & Alistarh, 2023, sec. 4 "sequential") and of llm-compressor:
+
+1. run the model up to its first transformer block once per calibration batch and keep that block's inputs
+   (hidden states plus the other arguments: masks, rotary embeddings, ...);
+2. for each block in turn: move it to the compute device; run it over the cached inputs with hooks that collect
+   each target's input statistics; prune its targets (validated before anything is written); run the pruned
+   block over the cached inputs again, whose outputs replace them as the next block's inputs; move it back.
+
+Each block therefore runs twice per calibration batch (statistics, then pruned outputs), or once more per
+sub-layer stage with `true_sequential`, whatever the depth of the model; the old per-block pipeline ran the
+whole model once per block. Device memory holds one block, its statistics and the cached activations (which
+may stay on CPU). Blocks offloaded by accelerate (`device_map` with "cpu"/"disk") are run through their hooks
+and their pruned weights written back into accelerate's weights map.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..targets import SparseTarget
+from .calibrated import (
+    StatsCollector,
+    model_input_device,
+    move_batch,
+    per_block_prune_,
+    prune_group_,
+    read_linear,
+    write_linear,
+)
+from .offload import is_offloaded, offload_hook
+
+logger = logging.getLogger(__name__)
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook to end the model's forward at the first block."""
+
+
+def find_block_list(model: nn.Module, targets: list[SparseTarget]) -> tuple[str, nn.ModuleList] | None:
+    """The `nn.ModuleList` of transformer blocks that holds the targets, with its qualified name.
+
+    None when the model cannot be run block by block with the first block's arguments reused for every block:
+    encoder-decoders (the decoder needs the encoder's outputs; T5 passes a position bias made by block 0),
+    models whose layers have different attention types (`config.layer_types`: per-layer masks and rotary
+    embeddings), or targets spread over several block lists.
+    """
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if isinstance(layer_types, (list, tuple)) and len(set(layer_types)) > 1:
+        return None
+    lists = [
+        (name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.ModuleList) and len(mod)
+    ]
+    holding = []
+    for name, mod in lists:
+        prefix = f"{name}."
+        if any(t.name.startswith(prefix) for t in targets):
+            holding.append((name, mod))
+    # nested lists (experts inside a block): keep the outermost
+    outer = [(n, m) for n, m in holding if not any(n != o and n.startswith(o + ".") for o, _ in holding)]
+    if len(outer) != 1:
+        return None
+    return outer[0]
+
+
+def _to(obj, device):
+    if torch.is_tensor(obj):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _is_cache(value) -> bool:
+    return type(value).__name__.endswith("Cache")
+
+
+def _drop_caches(kwargs: dict) -> dict:
+    """KV caches must not grow while a block is run several times over the same inputs."""
+    out = {}
+    for key, value in kwargs.items():
+        if key in ("past_key_value", "past_key_values", "layer_past", "cache") or _is_cache(value):
+            out[key] = None
+        elif key == "use_cache":
+            out[key] = False
+        else:
+            out[key] = value
+    return out
+
+
+class _Sample:
+    """One calibration batch's inputs to the current block: hidden states and the other arguments."""
+
+    __slots__ = ("hidden", "args", "kwargs", "hidden_key")
+
+    def __init__(self, args: tuple, kwargs: dict, store: torch.device) -> None:
+        if args:
+            self.hidden, self.hidden_key, rest = args[0], None, args[1:]
+        elif "hidden_states" in kwargs:
+            self.hidden, self.hidden_key, rest = kwargs["hidden_states"], "hidden_states", ()
+        else:
+            raise TypeError(
+                "the first transformer block was called without positional hidden states or a `hidden_states` "
+                f"keyword (got {sorted(kwargs)}); use pipeline='per_block' for this model"
+            )
+        kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        self.hidden = self.hidden.detach().to(store)
+        self.args = _to(tuple(None if _is_cache(a) else a for a in rest), store)
+        self.kwargs = _to(_drop_caches(kwargs), store)
+
+    def run(self, block: nn.Module, device: torch.device | None) -> torch.Tensor:
+        hidden = self.hidden if device is None else self.hidden.to(device, non_blocking=True)
+        args = self.args if device is None else _to(self.args, device)
+        kwargs = self.kwargs if device is None else _to(self.kwargs, device)
+        if self.hidden_key is None:
+            out = block(hidden, *args, **kwargs)
+        else:
+            out = block(**{self.hidden_key: hidden}, **kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _capture(model: nn.Module, first: nn.Module, batches: list[dict], store: torch.device) -> list[_Sample]:
+    samples: list[_Sample] = []
+
+    def hook(module, args, kwargs):
+        samples.append(_Sample(args, kwargs, store))
+        raise _StopForward
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    device = model_input_device(model)
+    accepts_use_cache = "use_cache" in inspect.signature(model.forward).parameters
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                inputs = move_batch(batch, device)
+                if accepts_use_cache:
+                    inputs.setdefault("use_cache", False)
+                try:
+                    model(**inputs)
+                except _StopForward:
+                    continue
+                raise RuntimeError("the model's forward finished without calling its first transformer block")
+    finally:
+        handle.remove()
+    return samples
+
+
+def _default_device(model: nn.Module) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return model_input_device(model) or torch.device("cpu")
+
+
+def _activation_store(samples_bytes: int, device: torch.device, offload: bool | None) -> torch.device:
+    if offload:
+        return torch.device("cpu")
+    if offload is None and device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if samples_bytes > 0.4 * free:
+            logger.info("cached activations (%.1f GB) stay on the CPU", samples_bytes / 1e9)
+            return torch.device("cpu")
+    return device
+
+
+def _stages(names_in_call_order: list[str], targets: list[SparseTarget]) -> list[list[SparseTarget]]:
+    """Targets grouped by parent module (`self_attn`, `mlp`, ...) in the order the forward reaches them."""
+    by_name = {t.name: t for t in targets}
+    ordered = [by_name[n] for n in names_in_call_order if n in by_name]
+    ordered += [t for t in targets if t.name not in names_in_call_order]  # never called: fails validation
+    stages: list[list[SparseTarget]] = []
+    parents: list[str] = []
+    for t in ordered:
+        parent = t.name.rsplit(".", 1)[0]
+        if parent in parents:
+            stages[parents.index(parent)].append(t)
+        else:
+            parents.append(parent)
+            stages.append([t])
+    return stages
+
+
+def _block_device(block: nn.Module) -> torch.device:
+    for p in block.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
+def sequential_prune_(
+    model: nn.Module,
+    targets: list[SparseTarget],
+    method: str,
+    batches: list[dict],
+    n: int = 2,
+    m: int = 4,
+    blocksize: int = 128,
+    damp: float = 0.01,
+    show_progress: bool = True,
+    device: torch.device | str | None = None,
+    true_sequential: bool = False,
+    offload_activations: bool | None = None,
+) -> dict:
+    """Prune `targets` block by block (see the module docstring); arguments as `calibrated_prune_`.
+
+    Targets outside the block list (and whole models the pipeline cannot run, see `find_block_list`) are pruned
+    with `per_block_prune_`, in module order.
+    """
+    found = find_block_list(model, targets)
+    options = dict(n=n, m=m, blocksize=blocksize, damp=damp)
+    if found is None:
+        logger.info("%s: this model is pruned with whole-model forwards (no single block list)", method)
+        per_block_prune_(model, targets, method, batches, show_progress=show_progress, **options)
+        return {"pipeline": "per_block", "blocks": 0, "fallback_targets": [t.name for t in targets]}
+    list_name, blocks = found
+    device = torch.device(device) if device is not None else _default_device(model)
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    first_block = order[f"{list_name}.0"]
+    inside = [t for t in targets if t.name.startswith(f"{list_name}.")]
+    before = [t for t in targets if t not in inside and order[t.name] < first_block]
+    after = [t for t in targets if t not in inside and order[t.name] > first_block]
+    stats: dict = {"pipeline": "sequential", "blocks": 0, "block_s": [], "fallback_targets": []}
+    was_training = model.training
+    model.eval()
+    try:
+        if before:
+            per_block_prune_(model, before, method, batches, show_progress=False, **options)
+        start = time.perf_counter()
+        samples = _capture(model, blocks[0], batches, torch.device("cpu"))
+        size = sum(s.hidden.numel() * s.hidden.element_size() for s in samples)
+        store = _activation_store(size, device, offload_activations)
+        if store != torch.device("cpu"):
+            for s in samples:
+                s.hidden, s.args, s.kwargs = s.hidden.to(store), _to(s.args, store), _to(s.kwargs, store)
+        stats["capture_s"] = time.perf_counter() - start
+        for index, block in enumerate(
+            tqdm(blocks, desc=f"{method} 2:{m} pruning", unit="block", disable=not show_progress)
+        ):
+            start = time.perf_counter()
+            prefix = f"{list_name}.{index}."
+            block_targets = [t for t in inside if t.name.startswith(prefix)]
+            _prune_block(block, block_targets, samples, method, device, true_sequential, options)
+            stats["block_s"].append(time.perf_counter() - start)
+            stats["blocks"] += 1
+        del samples
+        if after:
+            stats["fallback_targets"] = [t.name for t in after]
+            per_block_prune_(model, after, method, batches, show_progress=False, **options)
+    finally:
+        model.train(was_training)
+    return stats
+
+
+def _prune_block(
+    block: nn.Module,
+    targets: list[SparseTarget],
+    samples: list[_Sample],
+    method: str,
+    device: torch.device,
+    true_sequential: bool,
+    options: dict,
+) -> None:
+    offloaded = any(is_offloaded(mod) for mod in block.modules())
+    home = _block_device(block)
+    run_device = device
+    if offloaded:
+        hooks = [offload_hook(mod) for mod in block.modules() if is_offloaded(mod)]
+        run_device = getattr(hooks[0], "execution_device", None) or device
+        run_device = torch.device(run_device) if not isinstance(run_device, torch.device) else run_device
+    elif home != device:
+        block.to(device)
+    backup: dict[str, torch.Tensor] = {}
+    try:
+        with torch.no_grad():
+            remaining = list(targets)
+            while remaining:
+                collector = StatsCollector(method).attach(remaining)
+                try:
+                    for s in samples:
+                        s.run(block, run_device)
+                finally:
+                    collector.detach()
+                stages = _stages(collector.order, remaining) if true_sequential else [remaining]
+                stage = stages[0]
+                for t in stage:
+                    backup[t.name] = read_linear(t).detach().to("cpu", copy=True)
+                prune_group_(stage, collector.stats, method, device=run_device, **options)
+                del collector
+                remaining = [t for t in remaining if t not in stage]
+            for s in samples:
+                out = s.run(block, run_device)
+                s.hidden = out.to(s.hidden.device)
+    except BaseException as exc:
+        for t in targets:
+            if t.name in backup:
+                write_linear(t, backup[t.name])
+        names = ", ".join(t.name for t in targets[:1])
+        if hasattr(exc, "add_note"):  # Python 3.11+
+            exc.add_note(
+                f"hf_semisparse: the block of {names} was restored; earlier blocks are already pruned."
+            )
+        else:
+            logger.error("the block of %s was restored; earlier blocks are already pruned", names)
+        raise
+    finally:
+        if not offloaded and home != device:
+            block.to(home)

@@ -1,0 +1,41 @@
+"""The GPU scale benchmark runs end to end at tiny size on the CPU (so the H200 run does not crash)."""
+
+import importlib.util
+import json
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_prune_scale_tiny_cpu(tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "bench_prune_scale", os.path.join(ROOT, "benchmarks", "bench_prune_scale.py")
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "scale.json"
+    argv = [
+        "--tiny",
+        "--device",
+        "cpu",
+        "--samples",
+        "4",
+        "--seq",
+        "32",
+        "--batch-size",
+        "2",
+        "--layers",
+        "2",
+    ]
+    bench.main([*argv, "--out", str(out)])
+    runs = json.loads(out.read_text())["runs"]
+    assert [(r["shape"], r["method"]) for r in runs] == [
+        ("tiny", "sparsegpt"),
+        ("tiny", "wanda"),
+        ("tiny", "sparsegpt"),
+    ]
+    for r in runs:
+        assert r["pipeline"] == "sequential" and r["all_24"], r
+        assert r["blocks_timed"] == r["layers"] and len(r["block_s"]) == r["layers"]
+        assert r["extrapolated"] and r["estimated_full_s"] >= r["capture_s"]
+        assert r["host_peak_rss_gib"] > 0

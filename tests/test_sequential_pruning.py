@@ -1,0 +1,321 @@
+"""The block-by-block calibration pipeline: work per block, agreement with the per-block-forward pipeline,
+validation before any write, accelerate offload, encoder-decoder calibration inputs."""
+
+import copy
+
+import pytest
+import torch
+
+from hf_semisparse import SparsityConfig, is_nm_sparse, prune_24, select_targets
+from hf_semisparse.pruning.calibrated import calibrated_prune_
+from hf_semisparse.pruning.sequential import find_block_list
+from tests.conftest import VOCAB, make_model
+
+
+def llama(layers, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def token_batches(n_batches=3, batch=2, seq=16, seed=0, attention_mask=True):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_batches):
+        ids = torch.randint(3, VOCAB, (batch, seq), generator=g)
+        b = {"input_ids": ids}
+        if attention_mask:
+            b["attention_mask"] = torch.ones_like(ids)
+        out.append(b)
+    return out
+
+
+def blocks_of(model):
+    targets, _ = select_targets(model, SparsityConfig())
+    return find_block_list(model, targets)[1]
+
+
+def count_block_calls(model):
+    calls = [0] * len(blocks_of(model))
+    for i, block in enumerate(blocks_of(model)):
+        block.register_forward_hook(lambda mod, args, out, i=i: calls.__setitem__(i, calls[i] + 1))
+    return calls
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("layers", [2, 4])
+def test_each_block_runs_twice_per_batch_whatever_the_depth(method, layers):
+    model = llama(layers)
+    calls = count_block_calls(model)
+    batches = token_batches()
+    prune_24(
+        model, SparsityConfig(method=method), calibration_data=batches, show_progress=False, device="cpu"
+    )
+    # one pass to collect statistics and one pass of the pruned block to make the next block's inputs
+    assert calls == [2 * len(batches)] * layers
+
+
+def test_true_sequential_adds_one_pass_per_sub_layer_stage():
+    model = llama(3)
+    calls = count_block_calls(model)
+    batches = token_batches()
+    prune_24(
+        model,
+        SparsityConfig(method="sparsegpt"),
+        calibration_data=batches,
+        show_progress=False,
+        true_sequential=True,
+    )
+    assert calls == [3 * len(batches)] * 3  # attention, then MLP, then the pruned outputs
+
+
+def test_per_block_pipeline_runs_the_whole_model_per_block():
+    """The old pipeline (kept for comparison) costs L model forwards: the reason for the new one."""
+    model = llama(3)
+    calls = count_block_calls(model)
+    batches = token_batches()
+    prune_24(
+        model,
+        SparsityConfig(method="wanda"),
+        calibration_data=batches,
+        show_progress=False,
+        pipeline="per_block",
+    )
+    assert calls == [3 * len(batches)] * 3
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_sequential_equals_per_block_forward(arch, method):
+    base = make_model(arch)
+    batches = token_batches(attention_mask=arch != "gpt2")
+    results = {}
+    for pipeline in ("per_block", "sequential"):
+        model = copy.deepcopy(base)
+        prune_24(
+            model,
+            SparsityConfig(method=method),
+            calibration_data=batches,
+            show_progress=False,
+            pipeline=pipeline,
+        )
+        results[pipeline] = model
+    targets = select_targets(base, SparsityConfig())[0]
+    per_block = dict(results["per_block"].named_parameters())
+    sequential = dict(results["sequential"].named_parameters())
+    assert targets
+    for t in targets:
+        a, b = per_block[f"{t.name}.weight"], sequential[f"{t.name}.weight"]
+        assert torch.equal(a != 0, b != 0), t.name  # same masks
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        assert is_nm_sparse(b if arch != "gpt2" else b.t())
+
+
+def test_targets_outside_the_block_list_are_pruned_too():
+    model = make_model("bert")
+    config = SparsityConfig(method="wanda", exclude_modules=["classifier"])
+    report = prune_24(model, config, calibration_data=token_batches(), show_progress=False)
+    assert "bert.pooler.dense" in report.targets
+    assert is_nm_sparse(model.bert.pooler.dense.weight)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("pipeline", ["sequential", "per_block"])
+def test_nan_weight_is_refused_before_any_write_and_named(method, pipeline):
+    model = make_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight holds 1 NaN"):
+        prune_24(
+            model,
+            SparsityConfig(method=method),
+            calibration_data=token_batches(),
+            show_progress=False,
+            pipeline=pipeline,
+        )
+    for key, value in model.state_dict().items():
+        assert torch.equal(value.nan_to_num(), before[key].nan_to_num()), key
+    assert int(torch.isnan(model.model.layers[1].mlp.up_proj.weight).sum()) == 1
+
+
+def test_magnitude_names_the_layer_with_a_nan_or_inf_weight():
+    model = make_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight[0, 0] = float("inf")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(
+        ValueError, match=r"model\.layers\.0\.self_attn\.o_proj\.weight holds 1 NaN or infinite"
+    ):
+        prune_24(model, SparsityConfig())
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_overflowing_activations_name_the_layer_and_restore_the_block():
+    model = make_model("llama")
+    with torch.no_grad():  # layer 0's MLP overflows to inf, as an fp16 model can
+        model.model.layers[0].mlp.up_proj.weight.mul_(1e36)
+        model.model.layers[0].mlp.gate_proj.weight.mul_(1e36)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.down_proj: .*NaN or infinite.*bfloat16"):
+        prune_24(
+            model, SparsityConfig(method="sparsegpt"), calibration_data=token_batches(), show_progress=False
+        )
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_an_error_in_a_later_stage_restores_the_whole_block():
+    model = make_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.mul_(1e36)
+        model.model.layers[0].mlp.gate_proj.weight.mul_(1e36)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.down_proj"):
+        prune_24(
+            model,
+            SparsityConfig(method="sparsegpt"),
+            calibration_data=token_batches(),
+            show_progress=False,
+            true_sequential=True,  # the attention stage is written before the MLP stage fails
+        )
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_activations_kept_on_cpu_give_the_same_result():
+    base = make_model("llama")
+    out = []
+    for offload in (False, True):
+        model = copy.deepcopy(base)
+        prune_24(
+            model,
+            SparsityConfig(method="sparsegpt"),
+            calibration_data=token_batches(),
+            show_progress=False,
+            offload_activations=offload,
+        )
+        out.append(model.state_dict())
+    for key in out[0]:
+        assert torch.equal(out[0][key], out[1][key]), key
+
+
+def test_model_offloaded_to_disk_by_accelerate(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base = llama(3)
+    base.save_pretrained(tmp_path / "dense")
+    batches = token_batches()
+    reference = copy.deepcopy(base)
+    prune_24(reference, SparsityConfig(method="sparsegpt"), calibration_data=batches, show_progress=False)
+
+    device_map = {
+        "model.embed_tokens": "cpu",
+        "model.layers.0": "cpu",
+        "model.layers.1": "disk",
+        "model.layers.2": "disk",
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "cpu",
+    }
+    offloaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "dense",
+        device_map=device_map,
+        offload_folder=str(tmp_path / "offload"),
+        dtype=torch.float32,
+    )
+    assert offloaded.model.layers[2].mlp.down_proj.weight.device.type == "meta"
+    files_before = {p.name: p.read_bytes() for p in (tmp_path / "dense").iterdir() if p.is_file()}
+    prune_24(offloaded, SparsityConfig(method="sparsegpt"), calibration_data=batches, show_progress=False)
+
+    from hf_semisparse.pruning.offload import read_weight
+
+    for name, module in reference.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.startswith("model.layers"):
+            got = read_weight(dict(offloaded.named_modules())[name], torch.device("cpu"))
+            torch.testing.assert_close(got, module.weight, rtol=1e-4, atol=1e-5, msg=name)
+            assert is_nm_sparse(got), name
+    with torch.no_grad():  # and the offloaded model runs with its pruned weights
+        ids = batches[0]["input_ids"]
+        torch.testing.assert_close(offloaded(ids).logits, reference(ids).logits, rtol=1e-3, atol=1e-4)
+    # the user's checkpoint is never written
+    assert files_before == {p.name: p.read_bytes() for p in (tmp_path / "dense").iterdir() if p.is_file()}
+
+
+def test_encoder_decoder_falls_back_to_the_per_block_pipeline():
+    model = make_model("t5")
+    targets, _ = select_targets(model, SparsityConfig())
+    assert find_block_list(model, targets) is None
+    batches = [dict(b, decoder_input_ids=b["input_ids"]) for b in token_batches()]
+    stats = calibrated_prune_(model, targets, "wanda", batches, show_progress=False)
+    assert stats["pipeline"] == "per_block"
+    assert all(is_nm_sparse(t.linear_view()) for t in targets)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_sparsity_trainer_calibrates_an_encoder_decoder(tmp_path, method):
+    """T5 needs decoder inputs; they are built from the batch's labels the way the model builds them."""
+    from transformers import TrainingArguments
+
+    from hf_semisparse import SparsityTrainer
+    from tests.conftest import ToyDataset, training_args
+
+    model = make_model("t5")
+    trainer = SparsityTrainer(
+        model=model,
+        args=TrainingArguments(**training_args(tmp_path, max_steps=2)),
+        train_dataset=ToyDataset("t5", n=16),
+        sparsity_config=SparsityConfig(method=method, calibration_batches=2),
+    )
+    trainer.train()
+    for t in select_targets(model, trainer.sparsity_config)[0]:
+        assert is_nm_sparse(t.linear_view()), t.name
+
+
+def test_calibration_inputs_keep_what_models_need():
+    from hf_semisparse.training.callback import calibration_inputs
+
+    t5 = make_model("t5")
+    labels = torch.tensor([[5, 6, 7, -100]])
+    batch = {"input_ids": torch.tensor([[4, 5, 6, 7]]), "labels": labels}
+    out = calibration_inputs(batch, t5)
+    assert "labels" not in out
+    assert torch.equal(out["decoder_input_ids"], t5.prepare_decoder_input_ids_from_labels(labels=labels))
+    assert "labels" not in calibration_inputs(batch, make_model("llama"))  # decoders need no labels
+
+
+def test_report_lists_fused_moe_experts_that_stay_dense():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MixtralConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    )
+    model = MixtralForCausalLM(cfg)
+    _, report = select_targets(model, SparsityConfig())
+    dense = {d.name: d for d in report.skipped}
+    for name in ("model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj"):
+        assert name in dense and "stays dense" in dense[name].reason, sorted(dense)
+    assert dense["model.layers.0.mlp.experts.down_proj"].shape == (4, 64, 128)
+    assert "stays dense" in str(report)
