@@ -1,8 +1,8 @@
 """The `hf-semisparse` command: convert, inspect and push sparse checkpoints.
 
-Exit codes: 0 success; 1 a finding (`inspect`/`push`: a layer is not 2:4, or no 2:4 layer is recorded); 2 a
-usage or input error (bad argument, missing or unreadable file, damaged checkpoint, refused destination, Hub
-unreachable), reported in one line on stderr; 3 an unexpected error (a bug: set HF_SEMISPARSE_DEBUG=1 for the
+Exit codes: 0 success; 1 a finding (`inspect`/`push`: a layer is not 2:4, a layout problem, or no 2:4 layer is
+recorded); 2 a usage or input error (bad argument, missing or unreadable file, damaged checkpoint, refused
+destination, Hub unreachable), reported in one line on stderr; 3 an unexpected error (a bug: set HF_SEMISPARSE_DEBUG=1 for the
 traceback); 130 interrupted. Heavy libraries (transformers, the kernels) are imported only by the commands that
 need them, so `--help` and `inspect` start fast.
 """
