@@ -107,11 +107,21 @@ def test_heads_stay_out_however_excludes_are_given(tied, excludes):
     # T5ForConditionalGeneration has no `transformer` child (its base_model_prefix): lm_head is found as the output
     # embeddings; untied (T5 v1.1, flan-t5) it used to be pruned as soon as exclude_modules dropped "lm_head"
     model = make_model("t5", tie_word_embeddings=tied)
+    if (
+        not tied and model.lm_head.weight is model.shared.weight
+    ):  # transformers 5.24 ties T5's head regardless
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    assert (model.lm_head.weight is model.shared.weight) == tied
     targets, report = select_targets(model, SparsityConfig(exclude_modules=excludes))
     assert "lm_head" not in [t.name for t in targets]
     assert next(d.reason for d in report.decisions if d.name == "lm_head").startswith("task head")
     for arch, head in [("llama", "lm_head"), ("bert", "classifier")]:
         targets, _ = select_targets(make_model(arch), SparsityConfig(exclude_modules=excludes))
         assert head not in [t.name for t in targets]
-    targets, _ = select_targets(model, SparsityConfig(target_modules=["lm_head"], exclude_modules=excludes))
-    assert [t.name for t in targets] == ["lm_head"]  # named explicitly (and not excluded): selected
+    named = SparsityConfig(target_modules=["lm_head"], exclude_modules=excludes)
+    if tied:  # named explicitly but tied to the input embeddings: refused, naming the shared weight
+        with pytest.raises(ValueError, match=r"lm_head: weight tied to .*shared\.weight"):
+            select_targets(model, named)
+    else:
+        targets, _ = select_targets(model, named)
+        assert [t.name for t in targets] == ["lm_head"]  # named explicitly (and not excluded): selected
