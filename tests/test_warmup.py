@@ -43,10 +43,15 @@ def test_every_multiple_of_16_splits_exactly_into_ladder_sizes(m):
     assert len(blocks) <= 2 + m.bit_length() // 2  # a few GEMMs, never one per 16 rows
 
 
-def test_padding_is_small_above_the_decode_sizes():
-    for m in range(257, 20000, 7):
+def test_padding_above_the_decode_sizes_is_bounded_and_uses_few_gemms():
+    for m in range(257, 40000, 7):
         padded = buckets.padded_tokens(m)
-        assert padded % buckets.M_MULTIPLE == 0 and 0 <= padded - m < buckets.M_MULTIPLE
+        blocks = buckets.split_into_buckets(padded)
+        assert padded >= m and padded % buckets.M_MULTIPLE == 0
+        assert padded - m <= max(m // 8 + buckets.M_MULTIPLE, buckets.DECODE_MAX)
+        assert sum(1 for b in blocks if b < buckets.DECODE_MAX) <= 1  # one small GEMM at most
+    assert buckets.padded_tokens(2000) == 2048  # 2.4% padding: one GEMM
+    assert buckets.split_into_buckets(buckets.padded_tokens(300)) == [256, 64]  # not 256 + 32 + 16
 
 
 def test_anchors_are_the_powers_of_two_below():
@@ -192,10 +197,10 @@ def test_sizes_on_the_ladder_are_searched_once_each_and_shared_by_layers(gpu_sta
     _, first = _layer(seed=0)
     _, second = _layer(seed=1)  # same shape: shares the decisions
     for layer in (first, second):
-        for tokens in (3, 9, 16, 2000):
+        for tokens in (3, 9, 16, 1100):
             _run_as_on_gpu(layer, torch.randn(tokens, 64))
     searched = sorted(m for _, _, m, _ in gpu_standins.searches)
-    assert searched == sorted({16, 2048, 1536, 384, 64})  # 2000 = 1536+384+64+16, decided as 2048
+    assert searched == sorted({16, 1536, 1024, 128})  # 1100 -> 1024 + 128 (80 padded), decided as 1536
 
 
 def test_after_prepare_no_call_searches_or_plans(gpu_standins):
@@ -256,3 +261,51 @@ def test_capture_of_an_unprepared_size_runs_without_search_and_says_so(gpu_stand
     assert not gpu_standins.searches
     assert "inside a CUDA graph capture" in caplog.text and "prepare" in caplog.text
     assert (0, x.numel()) not in layer._fast  # not remembered: decided properly outside the capture
+
+
+# ---------------------------------------------------------------------------------------------- decoders
+
+
+def test_a_layer_without_dense_weight_refuses_a_state_dict(gpu_standins):
+    model = nn.Sequential(_layer(keep_dense=False)[1])
+    with pytest.raises(RuntimeError, match=r"0 keeps only its compressed 2:4 weight.*Save the model before"):
+        model.state_dict()
+    assert "0.weight" in nn.Sequential(_layer(keep_dense=True)[1]).state_dict()
+
+
+def test_a_decision_made_without_dense_is_searched_again_for_a_layer_that_keeps_dense(gpu_standins):
+    _run_as_on_gpu(_layer(keep_dense=False)[1], torch.randn(16, 64))
+    _run_as_on_gpu(_layer(keep_dense=True)[1], torch.randn(16, 64))  # must compare with dense itself
+    _run_as_on_gpu(_layer(keep_dense=True)[1], torch.randn(16, 64))  # now decided with dense: no search
+    assert [m for _, _, m, _ in gpu_standins.searches] == [16, 16]
+
+
+def test_generative_decoders_are_recognised():
+    from hf_semisparse.kernels import is_generative_decoder
+
+    from .conftest import make_model
+
+    assert is_generative_decoder(make_model("llama")) and is_generative_decoder(make_model("gpt2"))
+    assert not is_generative_decoder(make_model("bert")) and not is_generative_decoder(make_model("t5"))
+
+
+def test_compiled_siblings_of_one_input_share_a_round_only_for_the_same_shape(backend):
+    from hf_semisparse.kernels.projections import ProjectionGroup
+
+    torch.manual_seed(0)
+    joined = nn.Linear(8, 12)
+    layer = SemiSparseLinear(joined)  # the CPU stand-in runs it dense
+    calls = []
+    run = layer.run
+    layer.run = lambda x: calls.append(tuple(x.shape)) or run(x)
+    group = ProjectionGroup(layer, ["q", "k", "v"], [(0, 4), (4, 8), (8, 12)], "attn")
+    group.one_input = True
+    x, copy = torch.randn(2, 8), None
+    copy = x.clone()  # what inductor may hand a sibling: another buffer, the same values
+    parts = [group.compiled_part(x, 0), group.compiled_part(copy, 1), group.compiled_part(x, 2)]
+    torch.testing.assert_close(torch.cat(parts, -1), joined(x))
+    assert calls == [(2, 8)] and group._local.compiled_output is None  # one GEMM, nothing kept
+    other = torch.randn(5, 8)  # e.g. cross-attention's encoder states: another shape starts a new round
+    group.compiled_part(x, 0)
+    torch.testing.assert_close(group.compiled_part(other, 1), joined(other)[:, 4:8])
+    assert calls == [(2, 8), (2, 8), (5, 8)]

@@ -263,9 +263,13 @@ def accelerate_24(
     for layer in semi_sparse_layers(root):
         report.kernels[layer.kernel] = report.kernels.get(layer.kernel, 0) + 1
 
-    for slice_ in root.modules():
+    modules = dict(root.named_modules())
+    for name, slice_ in modules.items():
         if isinstance(slice_, ProjectionSlice):
-            slice_.group.one_input = decoder  # no cross-attention: siblings read one input
+            parent_name = name.rpartition(".")[0]
+            where = f"{parent_name}.{type(modules.get(parent_name)).__name__}".lower()
+            # siblings of a decoder's self-attention or MLP always read one input; cross-attention's do not
+            slice_.group.one_input = decoder and "cross" not in where and "encoder_attn" not in where
     if report.accelerated and fuse_residual:
         report.fused_residual = fuse_residual_adds(root)
     if report.accelerated and fuse_gelu:

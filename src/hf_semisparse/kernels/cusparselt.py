@@ -51,6 +51,7 @@ _OPAQUE_BYTES = 1024  # the header says 512 bytes, 16-aligned; twice that costs 
 
 
 _ALLOCATOR: concurrent.futures.ThreadPoolExecutor | None = None
+_ALLOCATOR_LOCK = threading.Lock()
 
 
 def persistent_empty(size: int, device: torch.device, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
@@ -69,9 +70,17 @@ def persistent_empty(size: int, device: torch.device, dtype: torch.dtype = torch
     target = torch.device("cuda", index)
     if torch.cuda.is_current_stream_capturing():
         return torch.empty(size, dtype=dtype, device=target)
-    if _ALLOCATOR is None:
-        _ALLOCATOR = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hf_semisparse-alloc")
-    return _ALLOCATOR.submit(torch.empty, size, dtype=dtype, device=target).result()
+    with _ALLOCATOR_LOCK:
+        if _ALLOCATOR is None:
+            _ALLOCATOR = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hf_semisparse-alloc")
+
+    def allocate() -> torch.Tensor:
+        tensor = torch.empty(size, dtype=dtype, device=target)
+        # the block may have been freed on the default stream by kernels still running; it is used on others
+        torch.cuda.default_stream(target).synchronize()
+        return tensor
+
+    return _ALLOCATOR.submit(allocate).result()
 
 
 def _opaque():
@@ -257,13 +266,14 @@ class Handle:
             self._selections[key] = proto
         return proto
 
-    def adopt_selection(self, plan: MatmulPlan) -> None:
+    def adopt_selection(self, plan: MatmulPlan, bias_tensor: torch.Tensor | None = None) -> None:
         """Keep `plan`'s own algorithm selection (a search's winner) as the shared one of its problem and
         algorithm, so that the plans that follow need no new selection (0.2 s each). Only a plan made with a
         selection of its own qualifies; an existing shared selection is kept."""
         if "alg" not in plan._alive:
             return
         n, k, m, dtype, layout, bias, gelu = plan.problem
+        plan.placeholder_bias = bias_tensor  # the descriptor holds its address: keep it valid
         self._selections.setdefault((n, k, m, dtype, layout, bias, gelu, plan.selected_alg), plan)
 
     def compress(self, weight: torch.Tensor, layout: str = "sparse_a") -> torch.Tensor:

@@ -212,6 +212,8 @@ class SemiSparseLinear(nn.Module):
         _LAYERS[self._id] = self
         self._cache_tensors()
         self.register_load_state_dict_post_hook(_after_load)
+        if not keep_dense:
+            self.register_state_dict_post_hook(refuse_state_dict_without_weight)
 
     def _cache_tensors(self) -> None:
         # plain attributes for the hot path: `self.weight` is not one; it goes through nn.Module.__getattr__, a
@@ -373,7 +375,9 @@ class SemiSparseLinear(nn.Module):
         backend = get_backend()
         key = self._shape_key(handle, m, dtype)
         decision = backend.cache.get(key)
-        if decision is not None:
+        # a decision made without a dense weight ("sparse always") says nothing to a layer that keeps one
+        compared = decision is not None and (decision.dense_us is not None or not self.keep_dense)
+        if compared or (decision is not None and torch.cuda.is_current_stream_capturing()):
             return decision
         if torch.cuda.is_current_stream_capturing():
             _say_once(
@@ -386,7 +390,11 @@ class SemiSparseLinear(nn.Module):
         if inherit and anchor != m:
             base = self._decide(handle, anchor, dtype, stream, inherit=True, quick=quick)
             decision = Decision(
-                base.use_sparse, base.alg, None, None, f"as the {anchor}-token search: {base.reason}"
+                base.use_sparse,
+                base.alg,
+                base.sparse_us,
+                base.dense_us,
+                f"as the {anchor}-token search: {base.reason}",
             )
             backend.cache.put(key, decision)
             return decision
@@ -538,8 +546,8 @@ class SemiSparseLinear(nn.Module):
             if residual is not None:
                 out = out.view(residual.shape)  # the separate add then runs as forward runs it
 
-            def unfused():
-                plan.run(self._c, x, out, ws, stream)
+            def unfused():  # on the current stream: decode sizes are timed inside a capture of their own
+                plan.run(self._c, x, out, ws, _current_stream(key[0]))
                 if gelu:
                     F.gelu(out)
                 else:
@@ -721,6 +729,16 @@ def _fusable(residual: torch.Tensor, shape: tuple, x: torch.Tensor) -> bool:
         and residual.is_contiguous()
         and residual.data_ptr() % ALIGNMENT == 0
         and residual.device == x.device
+    )
+
+
+def refuse_state_dict_without_weight(module: nn.Module, state_dict, prefix: str, local_metadata) -> None:
+    """State-dict hook of layers that keep only their compressed weight: a state dict (and so any save) would
+    silently lack the weight, and loading it back would leave the layer random."""
+    raise RuntimeError(
+        f"{prefix.rstrip('.') or type(module).__name__} keeps only its compressed 2:4 weight (accelerate_24 with "
+        "keep_dense=False, the default for decoder LLMs): its state dict would lack the weight and a save would "
+        "lose it. Save the model before accelerate_24 (save_sparse_pretrained), or accelerate with keep_dense=True."
     )
 
 

@@ -71,13 +71,16 @@ class ProjectionGroup:
         from its output, which is let go once every sibling has taken its part (so nothing stays allocated
         between calls: CUDA graph trees check that). Under CUDA graphs the copies replay from the joined output's
         recorded address. Inductor may hand the siblings different buffers holding the same input; with
-        `one_input` (decoder-only models, whose siblings always read one input) a round is complete when every
-        sibling took its part, whatever the buffers; otherwise a buffer not seen in the round starts a new one.
+        `one_input` (the self-attention and MLP siblings of decoder-only models) a round is complete when every
+        sibling took its part of an input of the same shape and dtype, whatever the buffers; otherwise a buffer
+        not seen in the round starts a new one.
         """
         state = self._local
         pending = getattr(state, "compiled_pending", None)
         key = (x.data_ptr(), tuple(x.shape), x.dtype)
-        same_round = pending and index in pending and (self.one_input or state.compiled_key == key)
+        previous = getattr(state, "compiled_key", None)
+        same_input = previous == key or (self.one_input and previous is not None and previous[1:] == key[1:])
+        same_round = pending and index in pending and same_input
         if not same_round:
             state.compiled_key, state.compiled_output = key, self.layer.run(x)
             state.compiled_pending = pending = set(range(len(self.bounds)))
@@ -129,6 +132,10 @@ class ProjectionSlice(nn.Module):
         self.in_features, self.out_features = group.layer.in_features, stop - start
         self._alias_parameters()
         self.register_load_state_dict_post_hook(_after_load)
+        if group.layer.weight is None:
+            from .linear import refuse_state_dict_without_weight
+
+            self.register_state_dict_post_hook(refuse_state_dict_without_weight)
 
     def _alias_parameters(self) -> None:
         start, stop = self.group.bounds[self.index]

@@ -191,11 +191,12 @@ def graph_timing_allowed() -> bool:
 @contextlib.contextmanager
 def compiled_call():
     """Marks the body of a custom op that compiled graphs call: a search there times eager calls only."""
+    previous = getattr(_STATE, "compiled_call", False)
     _STATE.compiled_call = True
     try:
         yield
     finally:
-        _STATE.compiled_call = False
+        _STATE.compiled_call = previous
 
 
 def time_interleaved(fns: dict, rounds: int = 5, graph: bool = False) -> dict:
@@ -286,7 +287,7 @@ def search_alg(
             for split_k, mode in SEGMENT_K_CANDIDATES:
                 measure(AlgConfig(alg.alg_id, split_k, mode))
     best, best_us, dense_us = pick_finalist(timings, runners, dense, graph=graph)
-    handle.adopt_selection(plans[best])
+    handle.adopt_selection(plans[best], bias)
     return best, best_us, dense_us
 
 
