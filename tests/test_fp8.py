@@ -157,6 +157,21 @@ def test_build_writes_atomically_and_find_checks_the_source(fake_cutlass, tmp_pa
         cutlass_fp8.load_library(torch.bfloat16)
 
 
+def test_a_library_from_another_source_is_warned_about_once(fake_cutlass, tmp_path, caplog):  # noqa: F811
+    path = cutlass_fp8.build_library(torch.bfloat16, nvcc=fake_nvcc(tmp_path, 'printf "ELF" > "$out"'))
+    Path(path + ".sha256").write_text("another source")
+    with caplog.at_level("WARNING", logger=cutlass_fp8.__name__):
+        assert cutlass_fp8.find_library(torch.bfloat16) is None
+        assert cutlass_fp8.find_library(torch.bfloat16) is None  # every layer asks; said once
+    said = [r for r in caplog.records if "built from another source" in r.getMessage()]
+    assert [(r.name, r.getMessage()) for r in said] == [
+        (
+            cutlass_fp8.__name__,
+            f"hf_semisparse: {path} was built from another source; run hf-semisparse build-kernels --fp8",
+        )
+    ]
+
+
 def test_failed_build_leaves_nothing(fake_cutlass, tmp_path):  # noqa: F811
     nvcc = fake_nvcc(tmp_path, 'printf "half" > "$out"; echo "error: boom" >&2; exit 2')
     with pytest.raises(cutlass_fp8.CutlassUnavailable, match="boom"):

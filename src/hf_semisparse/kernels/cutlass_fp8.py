@@ -23,14 +23,12 @@ import hashlib
 import logging
 import os
 import shutil
-import subprocess
-import tempfile
 import threading
 
 import torch
 
-from ..utils import atomic_write_text
 from .cutlass_sm90 import CutlassUnavailable, cutlass_include_dirs, kernel_dir
+from .nvcc_build import build_shared_library, find_built_library
 
 logger = logging.getLogger(__name__)
 
@@ -149,43 +147,25 @@ def build_library(dtype: torch.dtype, directory: str | None = None, nvcc: str | 
     if nvcc is None:
         raise CutlassUnavailable("nvcc was not found on PATH; install the CUDA toolkit (12.4 or newer)")
     directory = directory or kernel_dir()
-    os.makedirs(directory, exist_ok=True)
-    target = os.path.join(directory, library_name(dtype))
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".so.tmp")
-    os.close(fd)
-    try:
-        result = subprocess.run(build_command(dtype, tmp, nvcc), capture_output=True, text=True)
-        if result.returncode != 0:
-            raise CutlassUnavailable(f"nvcc failed ({result.returncode}):\n{result.stderr[-4000:]}")
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    atomic_write_text(target + ".sha256", source_digest())
-    return target
+    return build_shared_library(
+        lambda output: build_command(dtype, output, nvcc),
+        os.path.join(directory, library_name(dtype)),
+        source_digest(),
+        error=CutlassUnavailable,
+    )
 
 
 def find_library(dtype: torch.dtype) -> str | None:
     """The built FP8 library for `dtype` outputs, or None (not built, or built from another source)."""
     if dtype not in OUT_DTYPES:
         return None
-    path = os.path.join(kernel_dir(), library_name(dtype))
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path + ".sha256", encoding="utf-8") as f:
-            if f.read().strip() != source_digest():
-                if path not in _STALE:
-                    _STALE.add(path)
-                    logger.warning(
-                        "hf_semisparse: %s was built from another source; run hf-semisparse build-kernels --fp8",
-                        path,
-                    )
-                return None
-    except OSError:
-        return None
-    return path
+    return find_built_library(
+        os.path.join(kernel_dir(), library_name(dtype)),
+        source_digest(),
+        _STALE,
+        "run hf-semisparse build-kernels --fp8",
+        logger,
+    )
 
 
 _LIBS: dict[str, ctypes.CDLL] = {}

@@ -25,15 +25,13 @@ import hashlib
 import logging
 import os
 import shutil
-import subprocess
-import tempfile
 import threading
 import time
 
 import torch
 
-from ..utils import atomic_write_text
 from .cusparselt import AlgConfig
+from .nvcc_build import build_shared_library, find_built_library
 
 logger = logging.getLogger(__name__)
 
@@ -111,24 +109,6 @@ def build_command(dtype: torch.dtype, output: str, nvcc: str = "nvcc") -> list[s
     ]
 
 
-def _run_nvcc(command: list[str], progress: str | None) -> subprocess.CompletedProcess:
-    """Run `command`; with `progress`, a tqdm line with that description counts the seconds meanwhile."""
-    if progress is None:
-        return subprocess.run(command, capture_output=True, text=True)
-    from tqdm.auto import tqdm
-
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    start = time.monotonic()
-    with tqdm(desc=progress, bar_format="{desc}: {elapsed} elapsed") as bar:
-        while True:
-            try:
-                stdout, stderr = proc.communicate(timeout=1.0)  # retrying after a timeout loses no output
-                break
-            except subprocess.TimeoutExpired:
-                bar.set_postfix_str(f"{time.monotonic() - start:.0f} s", refresh=True)
-    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
-
-
 def build_library(
     dtype: torch.dtype, directory: str | None = None, nvcc: str | None = None, progress: str | None = None
 ) -> str:
@@ -147,45 +127,26 @@ def build_library(
         raise CutlassUnavailable("nvcc was not found on PATH; install the CUDA toolkit (12.2 or newer)")
     command_template = build_command(dtype, "OUTPUT", nvcc)  # finds the headers before anything is written
     directory = directory or kernel_dir()
-    os.makedirs(directory, exist_ok=True)
-    target = os.path.join(directory, library_name(dtype))
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".so.tmp")
-    os.close(fd)
-    try:
-        command = [tmp if arg == "OUTPUT" else arg for arg in command_template]
-        result = _run_nvcc(command, progress)
-        if result.returncode != 0:
-            raise CutlassUnavailable(f"nvcc failed ({result.returncode}):\n{result.stderr[-4000:]}")
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    atomic_write_text(target + ".sha256", source_digest())
-    return target
+    return build_shared_library(
+        lambda output: [output if arg == "OUTPUT" else arg for arg in command_template],
+        os.path.join(directory, library_name(dtype)),
+        source_digest(),
+        progress=progress,
+        error=CutlassUnavailable,
+    )
 
 
 def find_library(dtype: torch.dtype) -> str | None:
     """The built library for `dtype`, or None (not built, or built from another version of the source)."""
     if dtype not in DTYPES:
         return None
-    path = os.path.join(kernel_dir(), library_name(dtype))
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path + ".sha256", encoding="utf-8") as f:
-            if f.read().strip() != source_digest():
-                if path not in _STALE:  # said once: every layer asks
-                    _STALE.add(path)
-                    logger.warning(
-                        "hf_semisparse: %s was built from another source; it is rebuilt on first use where nvcc "
-                        "is present, or by `hf-semisparse build-kernels`",
-                        path,
-                    )
-                return None
-    except OSError:
-        return None
-    return path
+    return find_built_library(
+        os.path.join(kernel_dir(), library_name(dtype)),
+        source_digest(),
+        _STALE,
+        "it is rebuilt on first use where nvcc is present, or by `hf-semisparse build-kernels`",
+        logger,
+    )
 
 
 _LIBS: dict[str, ctypes.CDLL] = {}
