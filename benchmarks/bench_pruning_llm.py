@@ -111,6 +111,9 @@ def main() -> None:
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--true-sequential", action="store_true", help="SparseGPT/Wanda sub-layer by sub-layer")
+    p.add_argument(
+        "--damp", type=float, default=0.01, help="SparseGPT's Hessian damping (fraction of mean diag)"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--recover-steps", type=int, default=0)
@@ -142,6 +145,8 @@ def main() -> None:
             config = SparsityConfig(method=method)
             start = time.perf_counter()
             options = {"true_sequential": args.true_sequential} if method != "magnitude" else {}
+            if method == "sparsegpt":
+                options["damp"] = args.damp
             prune_24(model, config, calibration_data=None if method == "magnitude" else batches, **options)
             seconds = time.perf_counter() - start
             assert all(is_nm_sparse(t.linear_view()) for t in select_targets(model, config)[0])
