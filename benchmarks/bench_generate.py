@@ -21,7 +21,9 @@ Memory: bytes of parameters, buffers and compressed weights; peak allocated duri
 models are resident: `peak_bytes` counts both) and the peak above what was allocated before it (`peak_extra_bytes`:
 KV cache, activations, CUDA graphs).
 Accuracy: per decode step, ||logits - dense logits|| / ||dense logits|| (fp16 and bf16 models each against the
-dense model of the same dtype), over the steps before the first differing token, and the fraction of equal tokens.
+dense model of the same dtype), over the steps before the first differing token, and the fraction of equal tokens;
+for `--reference-batches`, both models' logits also against the dense model in float32 (teacher-forced on each
+model's own tokens), which shows how much of the difference is fp16/bf16 rounding that dense has too.
 Per GEMM (`--gemm-table`): each projection of one block at decode sizes, dense and 2:4 replayed from CUDA graphs
 (100 calls per graph, inputs rotating), against the time to read the compressed weight at the measured copy
 bandwidth.
@@ -162,6 +164,20 @@ def logits_error(dense_logits, ours_logits, dense_tokens, ours_tokens) -> dict:
     }
 
 
+@torch.no_grad()
+def reference_error(reference, sequences, logits, prompt: int, steps: int) -> dict:
+    """||logits - ref|| / ||ref|| per decode step against `reference` (the dense model in float32), teacher-forced
+    on `sequences` (`[batch, prompt + new]`), over the first `steps` steps; one sequence per forward."""
+    errors = []
+    for row in range(sequences.shape[0]):
+        ids = sequences[row : row + 1, : prompt + steps - 1]  # the logits at position p choose token p + 1
+        ref = reference(ids, use_cache=False).logits[0, prompt - 1 :].float()  # [steps, V]
+        got = torch.stack([step[row].float() for step in logits[:steps]])
+        errors.append((got - ref).norm(dim=-1) / ref.norm(dim=-1))
+    errors = torch.cat(errors)
+    return {"median_rel_error": float(errors.median()), "max_rel_error": float(errors.max())}
+
+
 def gemm_table(dtype: torch.dtype, sizes: list[int], bandwidth: float) -> list[dict]:
     h, f = LLAMA3_8B["hidden_size"], LLAMA3_8B["intermediate_size"]
     kv = h // LLAMA3_8B["num_attention_heads"] * LLAMA3_8B["num_key_value_heads"]
@@ -270,6 +286,13 @@ def measure_path(args, row: dict, path: str, dense, ours, ids, batch: int, name:
         row[f"{path}_accuracy"] = logits_error(
             d.logits, o.logits, d.sequences[:, args.prompt :], o.sequences[:, args.prompt :]
         )
+        reference = getattr(args, "fp32_reference", None)
+        if reference is not None and batch in args.reference_batches:
+            steps = row[f"{path}_accuracy"]["steps_compared"]  # where dense and ours chose the same tokens
+            row[f"{path}_accuracy"]["vs_fp32"] = {
+                label: reference_error(reference, out.sequences, out.logits, args.prompt, steps)
+                for label, out in (("dense", d), ("ours", o))
+            }
     else:
         row[f"{path}_accuracy"] = {
             "equal_tokens": float((d[:, args.prompt :] == o[:, args.prompt :]).float().mean())
@@ -312,6 +335,8 @@ def run_dtype(args, name: str, dtype: torch.dtype, results: dict) -> dict:
         flush=True,
     )
     vocab = dense.config.vocab_size
+    # the dense model in float32 (same 2:4 weights): the reference both fp16/bf16 models are compared with
+    args.fp32_reference = copy.deepcopy(dense).float() if args.reference_batches else None
     for batch in args.batches:
         ids = torch.randint(1, vocab, (batch, args.prompt), device="cuda")
         row: dict = {"batch": batch}
@@ -343,6 +368,7 @@ def run_dtype(args, name: str, dtype: torch.dtype, results: dict) -> dict:
         result[f"new_prompt_length_first_call_s_{label}"] = time.perf_counter() - t0
     result["new_prompt_length_first_call_s"] = result["new_prompt_length_first_call_s_ours"]
     del dense, ours
+    args.fp32_reference = None
     gc.collect()
     torch.cuda.empty_cache()
     torch._dynamo.reset()
@@ -414,6 +440,13 @@ def main() -> None:
     parser.add_argument("--ttft", nargs="*", default=["1x2048", "8x2048"], help="BATCHxPROMPT")
     parser.add_argument(
         "--new-prompt", type=int, default=1999, help="a prompt length no run used, timed once"
+    )
+    parser.add_argument(
+        "--reference-batches",
+        type=int,
+        nargs="*",
+        default=[1, 8],
+        help="batches whose per-step logits are also compared with the dense model in float32",
     )
     parser.add_argument("--gemm-table", type=int, nargs="*", default=[16, 32, 64, 128, 256])
     parser.add_argument("--out", default="outputs/bench_generate.json")
