@@ -71,6 +71,20 @@ def test_plain_from_pretrained_is_exact_and_save_pretrained_round_trips(arch, tm
         assert torch.equal(value, stored[key].to(value.dtype)), key
 
 
+def test_weights_the_loader_did_not_decompress_are_an_error_not_random(tmp_path, monkeypatch):
+    """A transformers version whose weight loading bypasses our decompression (transformers 5.17 did, for the
+    bitmask, before the bitmask's pattern came first) must stop the load, never leave random weights."""
+    from hf_semisparse.quantizer import SemiSparseHfQuantizer
+
+    model = make_model("llama").eval()
+    prune_24(model)
+    save_sparse_pretrained(model, tmp_path / "ckpt")
+    monkeypatch.setattr(SemiSparseHfQuantizer, "get_weight_conversions", lambda self: [])
+    # transformers 5.24 stops at the size mismatch itself; 5.17 loaded on with a warning, and our check stops it
+    with pytest.raises((SparseCheckpointError, RuntimeError), match=r"not decompressed|mismatched_sizes"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+
+
 def test_without_the_import_transformers_stops(tmp_path):
     model = make_model("llama").eval()
     prune_24(model)

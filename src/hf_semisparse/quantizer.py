@@ -20,6 +20,7 @@ import os
 import re
 
 import torch
+from transformers import __version__ as transformers_version
 from transformers.quantizers.auto import (
     AUTO_QUANTIZATION_CONFIG_MAPPING,
     register_quantization_config,
@@ -164,6 +165,7 @@ class SemiSparseHfQuantizer(HfQuantizer):
         self.saved_transposed: set[str] = set()
         self._module_of: dict[str, str] = {}  # model module name -> checkpoint module name
         self.transposed_modules: set[str] = set()  # model module names whose stored weight is transposed
+        self.expanded: set[str] = set()  # model module names whose weight `Sparse24Expand` decompressed
 
     # -- checks before anything is loaded
     def validate_environment(self, *args, **kwargs):
@@ -258,7 +260,9 @@ class SemiSparseHfQuantizer(HfQuantizer):
             return []
         if self.legacy_format is not None:
             return [WeightConverter(["compressed", "bitmask", "shape"], "weight", [Sparse24Expand(self)])]
-        return [WeightConverter(["weight", "weight" + BITMASK_SUFFIX], "weight", [Sparse24Expand(self)])]
+        # the bitmask's pattern first: transformers 5.17 matches source patterns by an unanchored regex search in
+        # this order, where "weight" would also claim "x.weight_bitmask" and the bitmask would be dropped
+        return [WeightConverter(["weight" + BITMASK_SUFFIX, "weight"], "weight", [Sparse24Expand(self)])]
 
     # -- after loading
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -277,6 +281,7 @@ class SemiSparseHfQuantizer(HfQuantizer):
             compressed = targets
         else:
             compressed = sorted(self._module_of)
+            self._check_all_expanded(compressed)
         if not compressed:  # only a legacy "dense" checkpoint gets here (ours lists at least one target)
             logger.warning(
                 "hf_semisparse: none of the compressed-tensors sparsity targets of this checkpoint is 2:4: it "
@@ -309,6 +314,18 @@ class SemiSparseHfQuantizer(HfQuantizer):
 
             model.sparsity_acceleration = accelerate_24(model, keep_dense=options["keep_dense"])
         return model
+
+    def _check_all_expanded(self, compressed: list[str]) -> None:
+        """Every compressed module's weight went through `Sparse24Expand`: a transformers version whose weight
+        loading bypassed it would otherwise leave those weights randomly initialised, with a warning at most."""
+        missing = [name for name in compressed if name not in self.expanded]
+        if missing:
+            raise SparseCheckpointError(
+                f"{len(missing)} compressed 2:4 weights were not decompressed while transformers "
+                f"{transformers_version} loaded the checkpoint (first: {missing[0]}.weight); the model would hold "
+                "random weights there. Please report this with your transformers version; hf_semisparse is tested "
+                "with transformers 5.17 and the newest release."
+            )
 
     def _save_in_our_format(self, model) -> None:
         """Make `save_pretrained` write our format whatever was read: transformers saves by reversing the weight

@@ -33,6 +33,11 @@ class Sparse24Expand(ConversionOps):
     def __init__(self, hf_quantizer: SemiSparseHfQuantizer):
         self.hf_quantizer = hf_quantizer
 
+    def __deepcopy__(self, memo):
+        # transformers deep-copies a converter for every layer it loads: the copies share our one quantizer,
+        # which records what was decompressed (`SemiSparseHfQuantizer.expanded`)
+        return type(self)(self.hf_quantizer)
+
     def convert(self, input_dict, full_layer_name=None, model=None, **kwargs):
         try:
             return self._convert(input_dict, full_layer_name)
@@ -63,6 +68,7 @@ class Sparse24Expand(ConversionOps):
             masks = masks if isinstance(masks, list) else [masks]
             name = full_layer_name or key
             result[key] = [expand_values(v, m, name) for v, m in zip(values_list, masks, strict=True)]
+            self.hf_quantizer.expanded.add(name.rsplit(".", 1)[0])
             if not isinstance(value, list):
                 result[key] = result[key][0]
         if list(result) == ["weight"] and full_layer_name is not None:  # one module's weight
@@ -72,6 +78,8 @@ class Sparse24Expand(ConversionOps):
         return result
 
     def _finish(self, weight, full_layer_name, compressed):
+        if compressed:
+            self.hf_quantizer.expanded.add(full_layer_name.rsplit(".", 1)[0])
         if compressed and full_layer_name.rsplit(".", 1)[0] in self.hf_quantizer.transposed_modules:
             weight = weight.transpose(-2, -1).contiguous()
         return weight  # already in the planned dtype (`SemiSparseHfQuantizer.get_new_dtype`)
@@ -86,6 +94,11 @@ class Sparse24Compress(ConversionOps):
 
     def __init__(self, hf_quantizer: SemiSparseHfQuantizer):
         self.hf_quantizer = hf_quantizer
+
+    def __deepcopy__(self, memo):
+        # transformers deep-copies a converter for every layer it loads: the copies share our one quantizer,
+        # which records what was decompressed (`SemiSparseHfQuantizer.expanded`)
+        return type(self)(self.hf_quantizer)
 
     def convert(self, input_dict, full_layer_name=None, model=None, **kwargs):
         out = {}
