@@ -33,11 +33,15 @@ logger = logging.getLogger(__name__)
 MASK_BITS = "hf_semisparse_mask_bits"
 # attribute of every LoRA layer of an accelerated model: the names of its base layers on 2:4 kernels
 ON_KERNELS = "hf_semisparse_on_kernels"
-_BIT_VALUES = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 class MergeOnKernelsError(RuntimeError):
     """A LoRA adapter was to be merged into (or unmerged from) a model whose base layers run on 2:4 kernels."""
+
+
+def _shifts(device: torch.device) -> torch.Tensor:
+    # made on the device (no host-to-device copy): unpacking may run inside a CUDA graph capture
+    return torch.arange(8, dtype=torch.uint8, device=device)
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -45,14 +49,14 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     out_f, in_f = mask.shape
     if in_f % 8:
         raise ValueError(f"pack_mask: the input dimension {in_f} is not a multiple of 8")
-    bits = torch.tensor(_BIT_VALUES, dtype=torch.uint8, device=mask.device)
-    return (mask.view(out_f, in_f // 8, 8).to(torch.uint8) * bits).sum(-1, dtype=torch.uint8)
+    bits = mask.view(out_f, in_f // 8, 8).to(torch.uint8) << _shifts(mask.device)
+    return bits.sum(-1, dtype=torch.uint8)
 
 
 def unpack_mask(packed: torch.Tensor) -> torch.Tensor:
     """The bool `[out, in]` mask of `pack_mask`'s `[out, in / 8]` bytes."""
-    bits = torch.tensor(_BIT_VALUES, dtype=torch.uint8, device=packed.device)
-    return (packed.unsqueeze(-1) & bits).ne(0).view(packed.shape[0], -1)
+    bits = (packed.unsqueeze(-1) >> _shifts(packed.device)) & 1
+    return bits.view(packed.shape[0], -1).bool()
 
 
 def stored_mask(lora_layer: nn.Module) -> torch.Tensor | None:
