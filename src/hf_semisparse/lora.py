@@ -139,7 +139,8 @@ class MaskedLoraVariant(LoraVariant):
 
 
 class PlainLoraGuard(LoraVariant):
-    """Plain LoRA (`y = base(x) + B(A(dropout(x))) * scale`, as PEFT computes it) whose merges are refused.
+    """Plain LoRA (`y = base(x) + B(A(dropout(x))) * scale`, merged as `W + B @ A * scale`, as PEFT does) whose
+    merges are refused once its model's base layers run on 2:4 kernels.
 
     `accelerate_24` gives it to the plain LoRA adapters of a PEFT model whose base layers it puts on 2:4 kernels:
     their compressed weights cannot take a merge, and PEFT merges plain LoRA without asking anyone
@@ -153,17 +154,17 @@ class PlainLoraGuard(LoraVariant):
     @staticmethod
     def merge_safe(module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
         refuse_merge_on_kernels(module)
-        raise AssertionError("unreachable: only layers of accelerated models carry this variant")
+        return orig_weight + module.get_delta_weight(active_adapter).to(orig_weight.dtype)
 
     @staticmethod
     def merge_unsafe(module, active_adapter: str, orig_weight: torch.Tensor) -> None:
         refuse_merge_on_kernels(module)
-        raise AssertionError("unreachable: only layers of accelerated models carry this variant")
+        orig_weight.data += module.get_delta_weight(active_adapter).to(orig_weight.dtype)
 
     @staticmethod
     def unmerge(module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
         refuse_merge_on_kernels(module, "unmerge")
-        raise AssertionError("unreachable: only layers of accelerated models carry this variant")
+        return orig_weight.data - module.get_delta_weight(active_adapter).to(orig_weight.dtype)
 
     @staticmethod
     def forward(module, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs) -> torch.Tensor:

@@ -48,9 +48,8 @@ from hf_semisparse.lora_serving import MASK_BITS, MergeOnKernelsError
 
 DEV = torch.device("cuda")
 TOL = 5e-3  # fp16 logits against the fp32 reference, relative (Frobenius)
-ADAPTER_EFFECT = (
-    1e-2  # the adapter must move the reference logits by more than this (else the check is vacuous)
-)
+# the adapter must move the reference logits by more than this (else the checks cannot see a wrong mask)
+ADAPTER_EFFECT = 1e-2
 SHAPES = {"prefill 1x512": (1, 512), "decode-like 16x1": (16, 1)}
 FAILURES: list[str] = []
 CHECKS: list[str] = []
@@ -110,8 +109,15 @@ def fp16_copy(model):
 
 
 def model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of `model`'s parameters and buffers, with the joined 2:4 layers of its projection slices (which are
+    not modules of the model), each storage once."""
+    from hf_semisparse.kernels import semi_sparse_layers
+
+    tensors = list(model.parameters()) + list(model.buffers())
+    for layer in semi_sparse_layers(model):
+        tensors += list(layer.parameters()) + list(layer.buffers())
     seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
+    for t in tensors:
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()

@@ -259,7 +259,7 @@ def accelerate_24(
         parent_name, _, child = name.rpartition(".")
         return (modules[parent_name] if parent_name else root), child
 
-    if peft:
+    if peft and eligible:
         check_kernel_bases(eligible, slots)  # raises before anything changes
         attach_kernel_bases(root, eligible, slots)
 
