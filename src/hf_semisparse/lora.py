@@ -348,7 +348,9 @@ def load_sparse_lora(model: nn.Module, adapter: str, **kwargs) -> nn.Module:
         **kwargs: passed to `PeftModel.from_pretrained` (`adapter_name`, `is_trainable`, ...).
 
     Returns:
-        The `PeftModel`, whose function equals the trained one and whose `merge_sparse_lora` is exactly 2:4.
+        The `PeftModel`, whose function equals the trained one and whose `merge_sparse_lora` is exactly 2:4. To
+        serve it unmerged on a GPU, call `kernels.accelerate_24` on it afterwards (the base layers go onto the
+        2:4 kernels, the adapters stay; docs/guides/lora.md).
     """
     _require_peft()
     from peft import PeftModel
