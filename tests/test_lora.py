@@ -273,3 +273,42 @@ def test_mask_lora_leaves_dense_layers_plain():
     snapshot = copy.deepcopy(peft_model.state_dict())
     assert mask_lora(peft_model) == names  # idempotent
     assert all(torch.equal(v, peft_model.state_dict()[k]) for k, v in snapshot.items())
+
+
+def test_adapter_on_base_loaded_by_plain_from_pretrained(tmp_path):
+    """`import hf_semisparse` + plain transformers `from_pretrained` of our checkpoint, then PEFT's own
+    `PeftModel.from_pretrained` + `mask_lora` (or `load_sparse_lora`): the trained function, merge exactly 2:4."""
+    import transformers
+
+    model = make_model("llama", attention_dropout=0.0)
+    prune_24(model, show_progress=False)
+    save_sparse_pretrained(model, tmp_path / "base")
+    torch.manual_seed(3)
+    cfg = peft.LoraConfig(r=4, target_modules=LORA_TARGETS["llama"], init_lora_weights=False)  # B nonzero
+    peft_model = peft.get_peft_model(model, cfg)
+    mask_lora(peft_model)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    batch = batch_of("llama")
+    with torch.no_grad():
+        expected = peft_model.eval()(**batch).logits
+
+    def plain_base():
+        return transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+
+    plain = peft.PeftModel.from_pretrained(plain_base(), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        unmasked = plain(**batch).logits
+    assert (unmasked - expected).abs().max() > 1e-4  # PEFT alone runs the adapter unmasked
+    assert sorted(mask_lora(plain)) == sorted(
+        f"model.layers.{i}.{part}"
+        for i in range(2)
+        for part in ("self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj", "mlp.down_proj")
+    )
+    loaded = load_sparse_lora(plain_base(), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**batch).logits, expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(loaded(**batch).logits, expected, atol=1e-5, rtol=0)
+    merged = merge_sparse_lora(loaded)
+    assert_targets_24(merged)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, expected, atol=1e-5, rtol=0)

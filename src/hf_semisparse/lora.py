@@ -19,7 +19,9 @@ loaded by PEFT as usual (the variant adds no weights); after `PeftModel.from_pre
 Cost: the masked update is no longer low-rank, so the adapter path materializes `mask * (B @ A)` (`[out, in]`)
 per call; in training it is recomputed in the backward instead of being kept (`torch.utils.checkpoint`), so
 activation memory is as for plain LoRA. For serving, merge (`merge_sparse_lora`): the result is exactly 2:4 and
-runs on the 2:4 kernels with no adapter path at all.
+runs on the 2:4 kernels with no adapter path at all. To serve unmerged (adapters kept apart, e.g. to switch
+them), `accelerate_24(peft_model)` puts the base layers on the 2:4 kernels and keeps the adapter path
+(`lora_serving.py`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .lora_serving import MASK_BITS, refuse_merge_on_kernels, stored_mask
 from .masks import find_nm_violation
 from .peft_structure import base_name, is_tuner_layer, peft_base_model
 
@@ -59,8 +62,13 @@ def _require_peft() -> None:
 
 
 def _weight_mask(module: nn.Module) -> torch.Tensor:
-    """Where the base weight of LoRA layer `module` is non-zero, in the weight's own layout (bool)."""
-    return module.get_base_layer().weight != 0
+    """Where the base weight of LoRA layer `module` is non-zero, bool `[out, in]` (`F.linear`'s layout, also for
+    `Conv1D`): read from the dense base weight, or, once the base runs on 2:4 kernels, from the mask kept then."""
+    kept = stored_mask(module)
+    if kept is not None:
+        return kept
+    mask = module.get_base_layer().weight != 0
+    return mask.t() if module.fan_in_fan_out else mask  # Conv1D stores [in, out]
 
 
 def _masked_delta(module: nn.Module, adapter: str, mask: torch.Tensor) -> torch.Tensor:
@@ -91,18 +99,21 @@ class MaskedLoraVariant(LoraVariant):
 
     @staticmethod
     def merge_safe(module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        refuse_merge_on_kernels(module)
         mask = orig_weight != 0
         module._caches[_MERGE_MASK.format(active_adapter)] = mask
         return orig_weight + _masked_delta(module, active_adapter, mask).to(orig_weight.dtype)
 
     @staticmethod
     def merge_unsafe(module, active_adapter: str, orig_weight: torch.Tensor) -> None:
+        refuse_merge_on_kernels(module)
         mask = orig_weight.data != 0
         module._caches[_MERGE_MASK.format(active_adapter)] = mask
         orig_weight.data += _masked_delta(module, active_adapter, mask).to(orig_weight.dtype)
 
     @staticmethod
     def unmerge(module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        refuse_merge_on_kernels(module, "unmerge")
         # the mask of the merge: the merged weight may have new exact zeros
         mask = module._caches.pop(_MERGE_MASK.format(active_adapter), None)
         if mask is None:
@@ -113,8 +124,6 @@ class MaskedLoraVariant(LoraVariant):
     def forward(module, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs) -> torch.Tensor:
         lora_a, lora_b = module.lora_A[active_adapter], module.lora_B[active_adapter]
         mask = _weight_mask(module)
-        if module.fan_in_fan_out:  # Conv1D: weight [in, out]
-            mask = mask.t()
         x = module.lora_dropout[active_adapter](x)
         scale = module.scaling[active_adapter]
         if torch.is_grad_enabled() and (lora_a.weight.requires_grad or lora_b.weight.requires_grad):
@@ -129,6 +138,41 @@ class MaskedLoraVariant(LoraVariant):
         return result + update
 
 
+class PlainLoraGuard(LoraVariant):
+    """Plain LoRA (`y = base(x) + B(A(dropout(x))) * scale`, merged as `W + B @ A * scale`, as PEFT does) whose
+    merges are refused once its model's base layers run on 2:4 kernels.
+
+    `accelerate_24` gives it to the plain LoRA adapters of a PEFT model whose base layers it puts on 2:4 kernels:
+    their compressed weights cannot take a merge, and PEFT merges plain LoRA without asking anyone
+    (`lora_serving.refuse_merge_on_kernels`). Not meant to be used directly.
+    """
+
+    @staticmethod
+    def init(module, adapter_name: str, **kwargs) -> None:
+        pass
+
+    @staticmethod
+    def merge_safe(module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        refuse_merge_on_kernels(module)
+        return orig_weight + module.get_delta_weight(active_adapter).to(orig_weight.dtype)
+
+    @staticmethod
+    def merge_unsafe(module, active_adapter: str, orig_weight: torch.Tensor) -> None:
+        refuse_merge_on_kernels(module)
+        orig_weight.data += module.get_delta_weight(active_adapter).to(orig_weight.dtype)
+
+    @staticmethod
+    def unmerge(module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        refuse_merge_on_kernels(module, "unmerge")
+        return orig_weight.data - module.get_delta_weight(active_adapter).to(orig_weight.dtype)
+
+    @staticmethod
+    def forward(module, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs) -> torch.Tensor:
+        lora_a, lora_b = module.lora_A[active_adapter], module.lora_B[active_adapter]
+        dropout = module.lora_dropout[active_adapter]
+        return result + lora_b(lora_a(dropout(x))) * module.scaling[active_adapter]
+
+
 def _lora_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Tuner layers of `model` by base-model name."""
     base = peft_base_model(model)
@@ -136,6 +180,8 @@ def _lora_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def _is_2_4(module: nn.Module) -> bool:
+    if MASK_BITS in module._buffers:  # its base went onto 2:4 kernels (only 2:4 layers do), mask kept
+        return True
     weight = getattr(module.get_base_layer(), "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         return False
@@ -152,13 +198,21 @@ def _why_unmaskable(name: str, layer: nn.Module) -> str | None:
             "layer out of the adapter's target_modules."
         )
     for adapter, variant in layer.lora_variant.items():
+        if isinstance(variant, PlainLoraGuard):
+            return (
+                f"{name}: adapter {adapter!r} was plain LoRA when its base layer went onto 2:4 kernels "
+                "(accelerate_24), whose compressed weight gives no mask to read. Call mask_lora(model) before "
+                "accelerate_24."
+            )
         if not isinstance(variant, MaskedLoraVariant):
             return (
                 f"{name}: adapter {adapter!r} uses the LoRA variant {type(variant).__name__} (e.g. DoRA, which "
                 "rescales whole weight columns), which hf_semisparse cannot mask to 2:4. Use plain LoRA "
                 "(use_dora=False and no other variant option) on 2:4 layers."
             )
-    if not isinstance(getattr(layer.get_base_layer(), "weight", None), torch.Tensor):
+    if MASK_BITS not in layer._buffers and not isinstance(
+        getattr(layer.get_base_layer(), "weight", None), torch.Tensor
+    ):
         return (
             f"{name}: the base layer {type(layer.get_base_layer()).__name__} keeps no dense weight to read the "
             "2:4 mask from; load the base with keep_dense=True (or accelerate=False) before adding adapters."
@@ -256,8 +310,12 @@ def merge_sparse_lora(model: nn.Module, safe_merge: bool = True, progressbar: bo
     Raises:
         ValueError: an adapter on a 2:4 layer is not masked (merging it would make the layer dense; the message
             names the layers), or, after merging, a former 2:4 layer is not 2:4 (nothing is returned then).
+        hf_semisparse.lora_serving.MergeOnKernelsError: the base layers run on 2:4 kernels (`accelerate_24` on
+            the PEFT model); merge before accelerating. Nothing is changed.
     """
     _require_peft()
+    for layer in _lora_layers(model).values():
+        refuse_merge_on_kernels(layer)  # before anything is merged
     unmasked = unmasked_lora_layers(model)
     if unmasked:
         raise ValueError(
@@ -290,7 +348,9 @@ def load_sparse_lora(model: nn.Module, adapter: str, **kwargs) -> nn.Module:
         **kwargs: passed to `PeftModel.from_pretrained` (`adapter_name`, `is_trainable`, ...).
 
     Returns:
-        The `PeftModel`, whose function equals the trained one and whose `merge_sparse_lora` is exactly 2:4.
+        The `PeftModel`, whose function equals the trained one and whose `merge_sparse_lora` is exactly 2:4. To
+        serve it unmerged on a GPU, call `kernels.accelerate_24` on it afterwards (the base layers go onto the
+        2:4 kernels, the adapters stay; docs/guides/lora.md).
     """
     _require_peft()
     from peft import PeftModel

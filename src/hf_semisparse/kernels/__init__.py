@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..masks import find_nm_violation
+from ..peft_structure import is_peft_model, peft_base_model
 from ..utils import unwrap_model
 from .fp8_linear import Fp8SemiSparseLinear
 from .graphs import CUDAGraphedModel
@@ -33,6 +34,7 @@ MIN_CAPABILITY = (8, 0)
 WEIGHTS = ("native", "fp8")
 FP8_KERNEL = "cutlass-sm90-fp8"
 SHAPE_MULTIPLE = 16
+KERNEL_DEVICE_TYPE = "cuda"  # where the 2:4 kernels run (CPU tests stand in for it)
 
 
 @dataclass
@@ -135,7 +137,12 @@ def accelerate_24(
     place.
 
     Args:
-        model: a model on a CUDA device in fp16 or bf16 whose pruned weights are exactly 2:4.
+        model: a model on a CUDA device in fp16 or bf16 whose pruned weights are exactly 2:4, or a PEFT model
+            around one (unmerged LoRA serving): the base layers of its LoRA layers go onto the 2:4 kernels, the
+            adapters stay as they are, and masked adapters (`lora.mask_lora`) keep their 2:4 masks as 1-bit
+            buffers (`lora_serving.py`). From then on merging the adapters is refused; merge before
+            accelerating instead (`lora.merge_sparse_lora`). Sibling projections under LoRA layers are not
+            joined.
         keep_dense: keep dense weights too so shapes where sparse measured slower run dense (1.56x weight memory);
             False keeps only compressed weights (0.5625x the dense bytes) and always runs sparse. None (default):
             False for decoder-only generative models (`is_generative_decoder`: their decode GEMMs are bound by
@@ -166,8 +173,13 @@ def accelerate_24(
             it cannot take run on the native 2:4 path, and why is said once.
 
     Returns:
-        An `AccelerationReport`. Where nothing can run on 2:4 kernels it says why, logs it once, and the model
-        is left unchanged (correct dense weights with zeros).
+        An `AccelerationReport` (layer names as in the plain model, also for a PEFT model). Where nothing can run
+        on 2:4 kernels it says why, logs it once, and the model is left unchanged (correct dense weights with
+        zeros).
+
+    Raises:
+        ValueError: bad `kernel`/`weights`, a recorded target that is not 2:4, or (PEFT models) a 2:4 layer whose
+            adapter is not LoRA or has adapters merged into it. Nothing is changed then.
 
     Example:
         >>> model = AutoModelForQuestionAnswering.from_pretrained(path, torch_dtype=torch.float16).cuda()
@@ -180,6 +192,15 @@ def accelerate_24(
     if weights not in WEIGHTS:
         raise ValueError(f"accelerate_24: weights must be one of {WEIGHTS}, got {weights!r}")
     root = unwrap_model(model)
+    peft = is_peft_model(root)
+    if peft:  # names and parents as in the plain model; a LoRA layer's name stands for its base layer
+        from ..lora_serving import attach_kernel_bases, check_kernel_bases, kernel_slots
+
+        root = peft_base_model(root)
+        modules, slots = kernel_slots(root)
+    else:
+        modules = dict(root.named_modules())
+        slots = {}
     decoder = is_generative_decoder(root)
     keep_dense = not decoder if keep_dense is None else keep_dense
     try:
@@ -200,7 +221,6 @@ def accelerate_24(
     from .linear import SemiSparseLinear
 
     report = AccelerationReport(keep_dense=keep_dense)
-    modules = dict(root.named_modules())
     eligible: list[str] = []
     for name in targets if strict else list(modules):
         module = modules.get(name)
@@ -215,7 +235,7 @@ def accelerate_24(
         why = None
         if weight.dtype not in (torch.float16, torch.bfloat16):
             why = f"dtype {weight.dtype}"
-        elif weight.device.type != "cuda":
+        elif weight.device.type != KERNEL_DEVICE_TYPE:
             why = f"on {weight.device}"
         elif out_f % SHAPE_MULTIPLE or in_f % SHAPE_MULTIPLE:
             why = f"shape {out_f}x{in_f} is not a multiple of {SHAPE_MULTIPLE}"
@@ -233,8 +253,18 @@ def accelerate_24(
             continue
         eligible.append(name)
 
+    def slot(name: str) -> tuple[nn.Module, str]:
+        if name in slots:
+            return slots[name]
+        parent_name, _, child = name.rpartition(".")
+        return (modules[parent_name] if parent_name else root), child
+
+    if peft and eligible:
+        check_kernel_bases(eligible, slots)  # raises before anything changes
+        attach_kernel_bases(root, eligible, slots)
+
     if weights == "fp8":
-        fp8_names = _to_fp8(root, modules, eligible)
+        fp8_names = _to_fp8(modules, eligible, slot)
         report.accelerated.extend(fp8_names)
         if fp8_names:
             report.kernels[FP8_KERNEL] = len(fp8_names)
@@ -253,8 +283,7 @@ def accelerate_24(
             report.fused_projections.append(prefix + "+".join(names))
     for name in eligible:
         if name not in joined:
-            parent_name, _, child = name.rpartition(".")
-            parent = modules[parent_name] if parent_name else root
+            parent, child = slot(name)
             layer_kernel = choose_kernel(kernel, _linear_weight(modules[name]), name in epilogue_layers)
             setattr(
                 parent, child, SemiSparseLinear(modules[name], keep_dense=keep_dense, kernel=layer_kernel)
@@ -286,7 +315,7 @@ def accelerate_24(
     return report
 
 
-def _to_fp8(root: nn.Module, modules: dict[str, nn.Module], eligible: list[str]) -> list[str]:
+def _to_fp8(modules: dict[str, nn.Module], eligible: list[str], slot) -> list[str]:
     """Replace each of `eligible` (2:4 linear layers) that the FP8 kernels can take by an `Fp8SemiSparseLinear`;
     their names. The others are left for the native path, and the reasons said once."""
     from . import cutlass_fp8
@@ -301,8 +330,7 @@ def _to_fp8(root: nn.Module, modules: dict[str, nn.Module], eligible: list[str])
         if why is not None:
             _say_once(f"weights='fp8': layers run on the {weight.dtype} 2:4 path instead: {why}")
             continue
-        parent_name, _, child = name.rpartition(".")
-        parent = modules[parent_name] if parent_name else root
+        parent, child = slot(name)
         setattr(parent, child, Fp8SemiSparseLinear(module))
         converted.append(name)
     if converted:
