@@ -101,3 +101,38 @@ def test_recovery_with_hidden_state_distillation_trains(tmp_path):
         assert is_nm_sparse(t.linear_view()), t.name
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert losses[-1] < losses[0]
+
+
+def test_causal_lm_distillation_is_a_per_token_mean_over_real_tokens():
+    """A causal LM's KL is averaged over its tokens (the scale of the per-token task loss), padding left out;
+    a [batch, classes] output is averaged over the batch as before."""
+    from hf_semisparse.training.trainer import logits_distillation_loss
+
+    g = torch.Generator().manual_seed(0)
+    student = {"logits": torch.randn(2, 5, 11, generator=g)}
+    teacher = {"logits": torch.randn(2, 5, 11, generator=g)}
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    per_token = [
+        torch.nn.functional.kl_div(
+            torch.log_softmax(student["logits"][b, i] / 2.0, -1),
+            torch.log_softmax(teacher["logits"][b, i] / 2.0, -1),
+            log_target=True,
+            reduction="sum",
+        )
+        * 4.0
+        for b in range(2)
+        for i in range(5)
+        if mask[b, i]
+    ]
+    expected = torch.stack(per_token).mean()
+    assert logits_distillation_loss(student, teacher, 2.0, mask) == pytest.approx(expected.item(), rel=1e-5)
+    unmasked = logits_distillation_loss(student, teacher, 2.0)
+    assert unmasked != pytest.approx(expected.item(), rel=1e-3)  # the padded tokens count without the mask
+    qa_s, qa_t = {"start_logits": student["logits"][:, 0]}, {"start_logits": teacher["logits"][:, 0]}
+    batchmean = torch.nn.functional.kl_div(
+        torch.log_softmax(qa_s["start_logits"] / 2.0, -1),
+        torch.log_softmax(qa_t["start_logits"] / 2.0, -1),
+        log_target=True,
+        reduction="batchmean",
+    )
+    assert logits_distillation_loss(qa_s, qa_t, 2.0, mask) == pytest.approx(4.0 * batchmean.item(), rel=1e-5)

@@ -32,9 +32,17 @@ class SparsityTrainingArguments(TrainingArguments):
     )
 
 
-def logits_distillation_loss(student_out, teacher_out, temperature: float) -> torch.Tensor:
-    """T^2 * KL(teacher || student) of the softmaxes at temperature T, averaged over the `*logits` outputs the
-    two share (e.g. `start_logits` and `end_logits` for question answering)."""
+def logits_distillation_loss(
+    student_out, teacher_out, temperature: float, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """T^2 * KL(teacher || student) of the softmaxes at temperature T, per predicted distribution, averaged over
+    the `*logits` outputs the two share (e.g. `start_logits` and `end_logits` for question answering).
+
+    Each output's leading dimensions index distributions: `[batch, classes]` averages over the batch, a causal
+    LM's `[batch, tokens, vocab]` over every token (not summed over the sequence, so the loss has the scale of the
+    per-token task loss it is mixed with). `attention_mask` (`[batch, tokens]`, 1 = real token): where it matches
+    an output's leading shape, padded positions are left out of the mean.
+    """
     t = temperature
     losses = []
     for key, student_logits in student_out.items():
@@ -42,9 +50,12 @@ def logits_distillation_loss(student_out, teacher_out, temperature: float) -> to
             continue
         s_log = torch.log_softmax(student_logits.float() / t, dim=-1)
         t_log = torch.log_softmax(teacher_out[key].float() / t, dim=-1)
-        losses.append(
-            torch.nn.functional.kl_div(s_log, t_log, log_target=True, reduction="batchmean") * t * t
-        )
+        per_row = torch.nn.functional.kl_div(s_log, t_log, log_target=True, reduction="none").sum(-1)
+        if attention_mask is not None and attention_mask.shape == per_row.shape:
+            keep = attention_mask.to(per_row.dtype)
+            losses.append((per_row * keep).sum() / keep.sum().clamp_min(1) * t * t)
+        else:
+            losses.append(per_row.mean() * t * t)
     if not losses:
         raise ValueError("distillation found no '*logits' output shared by the student and the teacher")
     return sum(losses) / len(losses)
@@ -156,7 +167,9 @@ class SparsityTrainer(Trainer):
         label_keys = set(self.label_names or []) | {"labels", "start_positions", "end_positions"}
         with torch.no_grad():
             teacher_out = self.teacher_model(**{k: v for k, v in inputs.items() if k not in label_keys})
-        kd = logits_distillation_loss(outputs, teacher_out, self.distillation_temperature)
+        kd = logits_distillation_loss(
+            outputs, teacher_out, self.distillation_temperature, inputs.get("attention_mask")
+        )
         w = self.distillation_weight
         loss = (1 - w) * loss + w * kd
         if hidden:
