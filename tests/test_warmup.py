@@ -309,3 +309,63 @@ def test_compiled_siblings_of_one_input_share_a_round_only_for_the_same_shape(ba
     group.compiled_part(x, 0)
     torch.testing.assert_close(group.compiled_part(other, 1), joined(other)[:, 4:8])
     assert calls == [(2, 8), (2, 8), (5, 8)]
+
+
+def test_quick_searches_try_the_fastest_ids_of_the_shapes_first_search(monkeypatch):
+    """The first quick search of a shape tries ids up to FIRST_SEARCH_MAX_ALG_ID (bf16 on an H200: ids 0-3 were the
+    slowest at decode sizes); later quick searches of that shape try ids 0-3 and that search's fastest ids."""
+    from hf_semisparse.kernels import tuning
+
+    assert tuning.candidate_alg_ids(40, quick=False, ranking=None) == list(range(41))
+    assert tuning.candidate_alg_ids(21, quick=True, ranking=None) == list(range(16))
+    assert tuning.candidate_alg_ids(21, quick=True, ranking=[10, 7, 11, 0, 4]) == [0, 1, 2, 3, 7, 10, 11]
+    assert tuning.candidate_alg_ids(2, quick=True, ranking=[10]) == [0, 1, 2]  # ids the shape has
+
+    speed = {10: 19.0, 7: 24.0, 11: 36.0, 0: 48.6}  # us per id, others slower
+    timed: list[list[int]] = []
+
+    class Plan:
+        workspace_size = 0
+
+        def __init__(self, handle, n, k, m, dtype, bias=None, gelu=False, alg=None):
+            self.alg = alg
+
+        def run(self, *args, **kwargs):
+            pass
+
+        def max_alg_id(self):
+            return 21
+
+    class FakeHandle:
+        device_name = "stand-in"
+
+        def selection(self, *args):
+            return Plan(None, 0, 0, 0, None)
+
+        def adopt_selection(self, plan, bias):
+            pass
+
+    def time_us(fn, **kwargs):
+        alg = fn.__closure__ and next(
+            c.cell_contents for c in fn.__closure__ if isinstance(c.cell_contents, Plan)
+        )
+        timed[-1].append(alg.alg.alg_id)
+        return speed.get(alg.alg.alg_id, 100.0) * (alg.alg.split_k if alg.alg.split_k > 0 else 1.5)
+
+    monkeypatch.setattr(tuning, "MatmulPlan", Plan)
+    monkeypatch.setattr(tuning, "time_cuda_us", time_us)
+    monkeypatch.setattr(
+        tuning, "time_interleaved", lambda fns, graph=False: {k: time_us(f) for k, f in fns.items()}
+    )
+    monkeypatch.setattr(tuning.torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(tuning, "_SHAPE_RANKING", {})
+    x = torch.zeros(16, 64)
+    for m in (16, 32):
+        timed.append([])
+        alg, us, _ = tuning.search_alg(
+            FakeHandle(), 64, 64, m, torch.bfloat16, None, False, None, x, 0, quick=True
+        )
+        assert alg.alg_id == 10 and us == 19.0
+    first, second = ({i for i in t if isinstance(i, int)} for t in timed)
+    assert set(range(16)) <= first
+    assert {0, 1, 2, 3, 10, 7, 11} <= second and not second & {5, 6, 8, 9, 12, 13, 14, 15}

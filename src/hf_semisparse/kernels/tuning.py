@@ -173,6 +173,13 @@ SEGMENT_K_CANDIDATES = ((-1, 1), (-1, 2))
 # The search never tries ids above this; HF_SEMISPARSE_MAX_ALG_ID overrides it.
 SAFE_MAX_ALG_ID = int(os.environ.get("HF_SEMISPARSE_MAX_ALG_ID", "35"))
 QUICK_ALG_IDS = 4  # ids searched by a quick search (warm-ups)
+# the first quick search of a shape (its smallest size: a decode size in a warm-up) tries ids up to this one, and
+# later quick searches of that shape add its fastest ids to the first QUICK_ALG_IDS: on an H200 (cuSPARSELt 0.8,
+# 2026-12-01) ids 0-3 were the slowest bf16 kernels at 16 tokens (N4096 K4096: 49-196 us, id 10: 19 us)
+FIRST_SEARCH_MAX_ALG_ID = 15
+_SHAPE_RANKING: dict[
+    tuple, list[int]
+] = {}  # (GPU, N, K, dtype, epilogue) -> ids of its first search, fastest first
 QUICK_SPLIT_K_MAX_M = 256  # a quick search tries split-K at these token counts only (decode)
 GRAPH_TIMING_MAX_M = (
     256  # searches at these token counts time CUDA graph replays (`time_cuda_us(graph=True)`)
@@ -226,9 +233,10 @@ def search_alg(
 ) -> tuple[AlgConfig, float, float | None]:
     """Time every cuSPARSELt algorithm id on these inputs, then split-K and Segment-K variants of the best ones.
 
-    `quick`: only the first `QUICK_ALG_IDS` ids (cuSPARSELt ranks its configurations by its own heuristic; ids
-    0-7 won 84% of 144 searches over BERT shapes on an H100), split-K only at decode sizes (M <= 256) and
-    Segment-K for the best id only: about a third of the candidates, for warm-ups over many sizes. Each candidate
+    `quick`: fewer candidates, for warm-ups over many sizes (`candidate_alg_ids`): the first search of a shape
+    tries ids up to `FIRST_SEARCH_MAX_ALG_ID`, later ones the first `QUICK_ALG_IDS` ids (cuSPARSELt ranks its
+    configurations by its own heuristic; ids 0-7 won 84% of 144 searches over BERT shapes on an H100) and the
+    shape's fastest ids so far; split-K only at decode sizes (M <= 256) and Segment-K for the best id only. Each candidate
     costs about 0.2 s of host time (its algorithm selection); the winner's selection is kept for the plans that
     follow (`Handle.selection`).
 
@@ -272,12 +280,15 @@ def search_alg(
         runners[alg] = fn
 
     probe = handle.selection(n, k, m, dtype, bias is not None, gelu)
-    max_id = min(probe.max_alg_id(), SAFE_MAX_ALG_ID, QUICK_ALG_IDS - 1 if quick else SAFE_MAX_ALG_ID)
-    for alg_id in range(max_id + 1):
+    shape = (getattr(handle, "device_name", None), n, k, str(dtype), bias is not None, gelu, c is not None)
+    ids = candidate_alg_ids(min(probe.max_alg_id(), SAFE_MAX_ALG_ID), quick, _SHAPE_RANKING.get(shape))
+    for alg_id in ids:
         measure(AlgConfig(alg_id))
     if not timings:
         raise CusparseLtError(f"no cuSPARSELt algorithm runs N{n} K{k} M{m} {dtype}")
     ranked = sorted(timings, key=timings.get)
+    if shape not in _SHAPE_RANKING:
+        _SHAPE_RANKING[shape] = [alg.alg_id for alg in ranked]
     if not quick or m <= QUICK_SPLIT_K_MAX_M:
         for split_k, mode in SPLIT_K_CANDIDATES:
             if k // split_k >= 64:
@@ -289,6 +300,18 @@ def search_alg(
     best, best_us, dense_us = pick_finalist(timings, runners, dense, graph=graph)
     handle.adopt_selection(plans[best], bias)
     return best, best_us, dense_us
+
+
+def candidate_alg_ids(max_id: int, quick: bool, ranking: list[int] | None) -> list[int]:
+    """The cuSPARSELt algorithm ids a search times, ascending: all up to `max_id` for a full search; for a quick one,
+    the first `QUICK_ALG_IDS` plus, once a search of the same shape ranked ids (`ranking`, fastest first), its
+    `QUICK_ALG_IDS` fastest; a shape's first quick search tries ids up to `FIRST_SEARCH_MAX_ALG_ID`."""
+    if not quick:
+        return list(range(max_id + 1))
+    if ranking is None:
+        return list(range(min(max_id, FIRST_SEARCH_MAX_ALG_ID) + 1))
+    ids = set(range(min(max_id + 1, QUICK_ALG_IDS))) | {i for i in ranking[:QUICK_ALG_IDS] if i <= max_id}
+    return sorted(ids)
 
 
 def pick_finalist(timings: dict, runners: dict, dense=None, finalists: int = 3, graph: bool = False) -> tuple:
