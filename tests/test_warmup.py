@@ -8,6 +8,8 @@ no call searches or plans. The kernels themselves run on the GPU in tests/gpu/ch
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from torch import nn
@@ -18,6 +20,7 @@ from hf_semisparse.kernels import linear as linear_mod
 from hf_semisparse.kernels.cusparselt import AlgConfig
 from hf_semisparse.kernels.linear import ChunkedPlan, SemiSparseLinear
 from hf_semisparse.kernels.tuning import TuningCache
+from tests.conftest import make_model
 
 # ---------------------------------------------------------------------------------------------- the ladder
 
@@ -369,3 +372,15 @@ def test_quick_searches_try_the_fastest_ids_of_the_shapes_first_search(monkeypat
     first, second = ({i for i in t if isinstance(i, int)} for t in timed)
     assert set(range(16)) <= first
     assert {0, 1, 2, 3, 10, 7, 11} <= second and not second & {5, 6, 8, 9, 12, 13, 14, 15}
+
+
+@pytest.mark.parametrize("dtype, warned", [(torch.bfloat16, True), (torch.float16, False)])
+def test_bf16_decoders_are_told_that_bf16_decode_kernels_are_slow(monkeypatch, caplog, dtype, warned):
+    import hf_semisparse.kernels as kernels
+
+    monkeypatch.setattr(kernels, "_SAID", set())
+    monkeypatch.setattr(kernels, "why_not_accelerated", lambda device, dtype: None)
+    model = make_model("llama").to(dtype)
+    with caplog.at_level(logging.WARNING), pytest.raises(ValueError, match="no module named 'nope'"):
+        kernels.accelerate_24(model, targets=["nope"])  # stops right after the checks of the model
+    assert ("bf16 decoder: cuSPARSELt 0.8's bf16 2:4 kernels measured slower" in caplog.text) is warned

@@ -211,6 +211,12 @@ def accelerate_24(
     if reason:
         _say_once(f"not accelerated: {reason}")
         return AccelerationReport(reason=reason)
+    if decoder and param.dtype == torch.bfloat16:
+        _say_once(
+            "bf16 decoder: cuSPARSELt 0.8's bf16 2:4 kernels measured slower than dense at decode sizes on an H200 "
+            "(2026-12-01; fp16 is at parity): for generation, prefer fp16, or keep_dense=True to run dense where "
+            "dense is faster (docs/guides/generation.md)"
+        )
 
     if targets is None:
         recorded = getattr(getattr(root, "config", None), "sparsity_config", None)
