@@ -23,6 +23,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bench_generate import DTYPES, build_model, generate  # noqa: E402
@@ -124,10 +125,17 @@ def main() -> None:
             print(f"  {row['key']}: {row['reason']} alg {row['alg']}", flush=True)
         ids = torch.randint(1, dense.config.vocab_size, (args.batch, args.prompt), device="cuda")
         for label, model in (("dense", dense), ("ours", ours)):
+            counters.clear()
             generate(model, ids, args.new_tokens, compiled=True)  # compiles
             tps = generate(model, ids, args.new_tokens, compiled=True)["tokens_per_s"]
             table = kernel_table(model, ids, args.profile_steps)
-            results[name][label] = {"tokens_per_s": tps, "kernels": table}
+            skips = {k: v for k, v in counters["inductor"].items() if "cudagraph" in k}
+            results[name][label] = {
+                "tokens_per_s": tps,
+                "kernels": table,
+                "inductor_cudagraph_counters": skips,
+            }
+            print(f"  [{name} {label}] inductor cudagraph counters: {skips}", flush=True)
             print(f"  [{name} {label}] {tps:.1f} tokens/s; top kernels over {args.profile_steps} steps:")
             for row in table[:14]:
                 print(f"    {row['cuda_us']:9.0f} us {row['calls']:6d}x  {row['name']}", flush=True)
