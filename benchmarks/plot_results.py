@@ -1,10 +1,11 @@
-"""Draw the performance page's figures from the JSON that `bench_inference.py` writes.
+"""Draw the performance page's figures from the JSON that `bench_inference.py` and `bench_generate.py` write.
 
     python benchmarks/plot_results.py            # every figure of docs/performance.md, into docs/img/
     python benchmarks/plot_results.py --inputs my_run.json --output my_run.png   # your own run
 
 Per model, two panels: the speed-up over dense (dense median time / ours) against the batch size, eager and
-replayed from CUDA graphs; and the median forward time of dense and ours. Each figure's caption names the GPU
+replayed from CUDA graphs; and the median forward time of dense and ours. For generation (`kind="generate"`), per
+dtype: decode tokens/s of dense and ours on the compiled static-cache path against the batch size, and the ratio. Each figure's caption names the GPU
 and the versions recorded in the JSON, and the date and command of the run.
 """
 
@@ -39,10 +40,19 @@ class Figure:
     inputs: list[str]  # files under benchmarks/results/
     date: str
     command: str
+    kind: str = "inference"  # or "generate": a bench_generate.py result
 
 
 # The figures on docs/performance.md. A new run: add its JSON to benchmarks/results/ and a line here.
 FIGURES = [
+    Figure(
+        "generate_llama3-8b_h200_2026-12-01.png",
+        ["h200_bench_generate_8b_fp16_compiled_2026-12-01.json"],
+        "2026-12-01",
+        "PYTHONPATH=src python benchmarks/bench_generate.py --layers 32 --dtypes fp16 --batches 1 8 32 128 "
+        "--eager-batches --new-tokens 128 --ttft --gemm-table --out OUT.json",
+        kind="generate",
+    ),
     Figure(
         "inference_bert_h100_2026-11-24.png",
         ["h100_2026-11-24_inference_bert-base.json", "h100_2026-11-24_inference_bert-large.json"],
@@ -129,6 +139,63 @@ def plot(paths: list[str], output: str, date: str | None = None, command: str | 
     return output
 
 
+def plot_generate(path: str, output: str, date: str | None = None, command: str | None = None) -> str:
+    """Decode tokens/s of dense and ours (compiled static cache) against the batch size, per dtype, and ours/dense."""
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    if "runs" not in data or "env" not in data or not all("decode" in run for run in data["runs"]):
+        raise ValueError(
+            f"{path}: not a bench_generate.py result (no 'runs' with 'decode'); got {sorted(data)}"
+        )
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.4, 7.4))
+    for run, style in zip(data["runs"], ("o-", "s-", "^-"), strict=False):
+        rows = [
+            r
+            for r in run["decode"]
+            if r.get("compiled_dense_tokens_per_s") and r.get("compiled_ours_tokens_per_s")
+        ]
+        batches = [r["batch"] for r in rows]
+        dense = [r["compiled_dense_tokens_per_s"] for r in rows]
+        ours = [r["compiled_ours_tokens_per_s"] for r in rows]
+        top.plot(
+            batches,
+            [o / d for o, d in zip(ours, dense, strict=True)],
+            style,
+            label=f"{run['dtype']}: ours / dense",
+        )
+        bottom.plot(batches, dense, "k.-", label=f"{run['dtype']}: dense")
+        bottom.plot(batches, ours, style, label=f"{run['dtype']}: ours (2:4)")
+        for ax in (top, bottom):
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(batches, [str(b) for b in batches])
+    top.axhline(1.0, color="grey", linewidth=1)
+    top.set_ylim(0.5, 1.6)  # the same scale for every run: parity and a 1.5x gain both readable
+    top.set_ylabel("decode tokens/s, ours / dense")
+    top.set_title(
+        f"{data.get('layers')}-block Llama-3-8B shapes, prompt {data.get('prompt')},\n"
+        f"{data.get('new_tokens')} new tokens, compiled static-cache decode"
+    )
+    bottom.set_yscale("log")
+    bottom.set_ylabel("decode tokens/s")
+    for ax in (top, bottom):
+        ax.set_xlabel("batch size")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    env = data["env"]
+    caption = f"{env.get('gpu')}, driver {env.get('driver')}, torch {env.get('torch')}, cuSPARSELt {env.get('cusparselt')}"
+    caption += f", transformers {env.get('transformers')}" + (f", {date}" if date else "")
+    if command:
+        caption += "\n" + command
+    fig.text(0.01, 0.005, caption, fontsize=6, family="monospace", va="bottom", wrap=True)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    tmp = output + ".tmp.png"
+    fig.savefig(tmp, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    os.replace(tmp, output)
+    return output
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -145,7 +212,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     for figure in FIGURES:
         paths = [os.path.join(RESULTS, name) for name in figure.inputs]
-        print(plot(paths, os.path.join(IMG, figure.output), figure.date, figure.command))
+        output = os.path.join(IMG, figure.output)
+        if figure.kind == "generate":
+            print(plot_generate(paths[0], output, figure.date, figure.command))
+        else:
+            print(plot(paths, output, figure.date, figure.command))
 
 
 if __name__ == "__main__":

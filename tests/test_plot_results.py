@@ -54,3 +54,20 @@ def test_plot_draws_a_png_and_refuses_mixed_machines(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps({"gemms": []}))
     with pytest.raises(ValueError, match="not a bench_inference.py result"):
         plot_results.plot([str(tmp_path / "c.json")], str(tmp_path / "c.png"))
+
+
+def test_generate_figure_draws_a_png_and_refuses_other_results(tmp_path):
+    run = {
+        "dtype": "fp16",
+        "decode": [
+            {"batch": 1, "compiled_dense_tokens_per_s": 140.0, "compiled_ours_tokens_per_s": 145.0},
+            {"batch": 8, "compiled_dense_tokens_per_s": 930.0, "compiled_ours_tokens_per_s": 935.0},
+        ],
+    }
+    path = tmp_path / "gen.json"
+    path.write_text(json.dumps({"env": ENV, "layers": 32, "prompt": 512, "new_tokens": 128, "runs": [run]}))
+    out = plot_results.plot_generate(str(path), str(tmp_path / "g" / "gen.png"), "2026-12-01", "python x.py")
+    assert Path(out).read_bytes()[:4] == b"\x89PNG" and os.listdir(tmp_path / "g") == ["gen.png"]
+    (tmp_path / "inf.json").write_text(json.dumps(result("bert-base", {4: (5.0, 4.0)})))
+    with pytest.raises(ValueError, match="not a bench_generate.py result"):
+        plot_results.plot_generate(str(tmp_path / "inf.json"), str(tmp_path / "x.png"))
