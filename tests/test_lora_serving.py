@@ -11,6 +11,7 @@ tests/gpu/check_lora_gpu.py checks the same on real kernels.
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 
 from hf_semisparse import kernels, prune_24
 from hf_semisparse.kernels.linear import SemiSparseLinear, _finish
@@ -141,12 +142,8 @@ def test_merging_into_kernel_bases_is_refused_and_changes_nothing(
     kernels.accelerate_24(model, keep_dense=keep_dense)  # with a dense copy too: no merge may touch it
     expected = logits(model, IDS)
     before = {n: m.get_base_layer().compressed.clone() for n, m in lora_layers(model).items()}
-    if safe_merge and not keep_dense:
-        # PEFT's safe merge copies `base_layer.weight` before asking the variant; a base without a dense weight
-        # fails there, at the first layer, with PEFT's own error (merge_sparse_lora says it clearly, below)
-        refused, match = AttributeError, "'NoneType' object has no attribute 'data'"
-    else:
-        refused, match = MergeOnKernelsError, r"model\.layers\.0\.self_attn\.q_proj.*merge_sparse_lora"
+    # refused by the layer's own `merge`, before PEFT's safe merge copies a (possibly absent) dense weight
+    refused, match = MergeOnKernelsError, r"model\.layers\.0\.self_attn\.q_proj.*merge_sparse_lora"
     with pytest.raises(refused, match=match):
         model.merge_and_unload(safe_merge=safe_merge)
     with pytest.raises(refused):
@@ -223,3 +220,54 @@ def test_unload_keeps_the_base_on_kernels(kernels_on_cpu):
     assert not lora_layers(plain)
     assert isinstance(plain.model.layers[0].self_attn.q_proj, SemiSparseLinear)
     torch.testing.assert_close(logits(plain, IDS), base_only, atol=0, rtol=0)
+
+
+def test_a_plain_adapter_added_after_acceleration_cannot_be_merged_either(kernels_on_cpu):
+    model = served("llama", masked=False)
+    kernels.accelerate_24(model, keep_dense=True)  # a dense copy that a merge would change, the kernels not
+    torch.manual_seed(7)
+    model.add_adapter("late", peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    before = {n: m.get_base_layer().weight.clone() for n, m in lora_layers(model).items()}
+    for safe_merge in (True, False):
+        with pytest.raises(MergeOnKernelsError, match="Nothing was merged"):
+            model.merge_and_unload(safe_merge=safe_merge, adapter_names=["late"])
+    for name, layer in lora_layers(model).items():
+        assert torch.equal(layer.get_base_layer().weight, before[name]), name
+
+
+def test_dora_on_a_24_layer_is_refused_before_anything_changes(kernels_on_cpu):
+    model = make_model("llama").eval()
+    prune_24(model, show_progress=False)
+    model = peft.get_peft_model(
+        model.to(DTYPE), peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True)
+    )
+    with pytest.raises(
+        ValueError, match=r"q_proj carries the adapter 'default' with the LoRA variant DoraLinear"
+    ):
+        kernels.accelerate_24(model)
+    assert not any(isinstance(m, SemiSparseLinear) for m in model.modules())
+
+
+def test_adapters_attached_by_transformers_own_peft_integration_are_served(kernels_on_cpu):
+    model = make_model("llama", attention_dropout=0.0).eval()
+    prune_24(model, show_progress=False)
+    model = model.to(DTYPE)
+    torch.manual_seed(3)
+    try:
+        model.add_adapter(
+            peft.LoraConfig(r=4, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+        )
+    except ValueError as exc:  # transformers 5.24 wants peft >= 0.22; .ci/older_transformers (5.17) runs this
+        if "version of PEFT" not in str(exc):
+            raise
+        pytest.skip(f"transformers {transformers.__version__} refuses peft {peft.__version__}: {exc}")
+    assert mask_lora(model)
+    ids = IDS
+    expected = logits(model, ids)
+    report = kernels.accelerate_24(model)
+    assert report.ok and "model.layers.0.self_attn.q_proj" in report.accelerated, report
+    layer = model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer.base_layer, SemiSparseLinear) and MASK_BITS in layer._buffers
+    torch.testing.assert_close(logits(model, ids), expected, atol=0, rtol=0)
+    with pytest.raises(MergeOnKernelsError):
+        layer.merge()

@@ -21,6 +21,7 @@ beyond plain `accelerate_24`:
 from __future__ import annotations
 
 import logging
+import types
 
 import torch
 from torch import nn
@@ -117,6 +118,16 @@ def check_kernel_bases(names: list[str], slots: dict[str, tuple[nn.Module, str]]
                 "beside a base on 2:4 kernels. Merge the adapter first (model.merge_and_unload()), or pass "
                 "targets= without this layer."
             )
+        from .lora import MaskedLoraVariant, PlainLoraGuard
+
+        for adapter, variant in tuner.lora_variant.items():
+            if not isinstance(variant, (MaskedLoraVariant, PlainLoraGuard)):
+                raise ValueError(
+                    f"accelerate_24: {name} carries the adapter {adapter!r} with the LoRA variant "
+                    f"{type(variant).__name__} (e.g. DoRA), whose forward and merge need the dense base weight; "
+                    "only plain and masked LoRA (hf_semisparse.lora.mask_lora) run beside a base on 2:4 kernels. "
+                    "Merge it first (merge_and_unload()), or pass targets= without this layer."
+                )
         if tuner.merged:
             raise ValueError(
                 f"accelerate_24: {name} has the adapters {tuner.merged_adapters} merged into its weight; "
@@ -146,6 +157,7 @@ def attach_kernel_bases(base: nn.Module, names: list[str], slots: dict[str, tupl
         if lora_linear is None or not isinstance(module, lora_linear):
             continue
         setattr(module, ON_KERNELS, on_kernels)
+        _guard_merges(module)
         for adapter in module.lora_A:
             if adapter not in module.lora_variant:  # plain LoRA: same forward, merges refused
                 module.lora_variant[adapter] = PlainLoraGuard()
@@ -155,6 +167,19 @@ def attach_kernel_bases(base: nn.Module, names: list[str], slots: dict[str, tupl
         len(names),
         guarded,
     )
+
+
+def _guarded_merge(self, *args, **kwargs):
+    refuse_merge_on_kernels(self, "merge")
+    return type(self).merge(self, *args, **kwargs)
+
+
+def _guard_merges(lora_layer: nn.Module) -> None:
+    """`merge` of this LoRA layer refuses before PEFT touches any weight, whatever adapter is (or is later) on it:
+    PEFT's `merge_and_unload`, `merge_adapter` and safe merges all call the layer's `merge`. (Nothing can be merged
+    then, so `unmerge` has nothing to undo and stays PEFT's.) A bound method in the instance's `__dict__`: a deep
+    copy of the model keeps it, bound to the copy."""
+    lora_layer.merge = types.MethodType(_guarded_merge, lora_layer)
 
 
 def refuse_merge_on_kernels(lora_layer: nn.Module, what: str = "merge") -> None:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..masks import find_nm_violation
-from ..peft_structure import is_peft_model, peft_base_model
+from ..peft_structure import is_peft_model, is_tuner_layer, peft_base_model
 from ..utils import unwrap_model
 from .fp8_linear import Fp8SemiSparseLinear
 from .graphs import CUDAGraphedModel
@@ -192,7 +192,8 @@ def accelerate_24(
     if weights not in WEIGHTS:
         raise ValueError(f"accelerate_24: weights must be one of {WEIGHTS}, got {weights!r}")
     root = unwrap_model(model)
-    peft = is_peft_model(root)
+    # a PeftModel, or a transformers model with adapters attached by its own PEFT integration (add_adapter)
+    peft = is_peft_model(root) or any(is_tuner_layer(m) for m in root.modules())
     if peft:  # names and parents as in the plain model; a LoRA layer's name stands for its base layer
         from ..lora_serving import attach_kernel_bases, check_kernel_bases, kernel_slots
 
