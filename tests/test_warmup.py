@@ -372,6 +372,9 @@ def test_quick_searches_try_the_fastest_ids_of_the_shapes_first_search(monkeypat
     first, second = ({i for i in t if isinstance(i, int)} for t in timed)
     assert set(range(16)) <= first
     assert {0, 1, 2, 3, 10, 7, 11} <= second and not second & {5, 6, 8, 9, 12, 13, 14, 15}
+    timed.append([])  # a prefill size ranks on its own: its first quick search tries ids 0-15 again
+    tuning.search_alg(FakeHandle(), 64, 64, 512, torch.bfloat16, None, False, None, x, 0, quick=True)
+    assert set(range(16)) <= set(timed[-1])
 
 
 @pytest.mark.parametrize("dtype, warned", [(torch.bfloat16, True), (torch.float16, False)])

@@ -175,11 +175,11 @@ SAFE_MAX_ALG_ID = int(os.environ.get("HF_SEMISPARSE_MAX_ALG_ID", "35"))
 QUICK_ALG_IDS = 4  # ids searched by a quick search (warm-ups)
 # the first quick search of a shape (its smallest size: a decode size in a warm-up) tries ids up to this one, and
 # later quick searches of that shape add its fastest ids to the first QUICK_ALG_IDS: on an H200 (cuSPARSELt 0.8,
-# 2026-12-01) ids 0-3 were the slowest bf16 kernels at 16 tokens (N4096 K4096: 49-196 us, id 10: 19 us)
+# 2026-12-01) none of ids 0-3 came within 2.5x of the fastest bf16 kernel at 16 tokens (N4096 K4096: 49-196 us,
+# id 10: 19 us)
 FIRST_SEARCH_MAX_ALG_ID = 15
-_SHAPE_RANKING: dict[
-    tuple, list[int]
-] = {}  # (GPU, N, K, dtype, epilogue) -> ids of its first search, fastest first
+# (GPU, N, K, dtype, bias, GELU, residual, decode size) -> the ids of its first search, fastest first
+_SHAPE_RANKING: dict[tuple, list[int]] = {}
 QUICK_SPLIT_K_MAX_M = 256  # a quick search tries split-K at these token counts only (decode)
 GRAPH_TIMING_MAX_M = (
     256  # searches at these token counts time CUDA graph replays (`time_cuda_us(graph=True)`)
@@ -280,7 +280,18 @@ def search_alg(
         runners[alg] = fn
 
     probe = handle.selection(n, k, m, dtype, bias is not None, gelu)
-    shape = (getattr(handle, "device_name", None), n, k, str(dtype), bias is not None, gelu, c is not None)
+    # decode and prefill sizes rank the ids apart: a first-use prefill search must not narrow the decode ones
+    decode = m <= QUICK_SPLIT_K_MAX_M
+    shape = (
+        getattr(handle, "device_name", None),
+        n,
+        k,
+        str(dtype),
+        bias is not None,
+        gelu,
+        c is not None,
+        decode,
+    )
     ids = candidate_alg_ids(min(probe.max_alg_id(), SAFE_MAX_ALG_ID), quick, _SHAPE_RANKING.get(shape))
     for alg_id in ids:
         measure(AlgConfig(alg_id))
