@@ -136,3 +136,74 @@ def test_causal_lm_distillation_is_a_per_token_mean_over_real_tokens():
         reduction="batchmean",
     )
     assert logits_distillation_loss(qa_s, qa_t, 2.0, mask) == pytest.approx(4.0 * batchmean.item(), rel=1e-5)
+
+
+def test_distillation_is_averaged_over_accumulated_micro_batches_as_the_task_loss(tmp_path):
+    """With a model that normalises its loss by the accumulated token count, transformers does not divide the loss
+    by the accumulation steps: the distillation term must be divided, or accumulation would weigh it more."""
+    student = make_model("llama").eval()
+    teacher = copy.deepcopy(student)
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(1.5)  # a different distribution: a positive KL
+    args = TrainingArguments(**training_args(tmp_path, max_steps=1))
+    trainer = SparsityTrainer(
+        model=student,
+        args=args,
+        train_dataset=ToyDataset("llama"),
+        teacher_model=teacher,
+        distillation_weight=1.0,
+    )
+    assert trainer.model_accepts_loss_kwargs
+    inputs = torch.utils.data.default_collate([ToyDataset("llama")[i] for i in range(4)])
+    per_micro_batch = trainer.compute_loss(student, inputs).item()  # no num_items_in_batch: evaluation
+    assert per_micro_batch > 1e-4
+    trainer.current_gradient_accumulation_steps = 2
+    accumulated = trainer.compute_loss(student, inputs, num_items_in_batch=torch.tensor(4 * 15))
+    assert accumulated.item() == pytest.approx(per_micro_batch / 2, rel=1e-5)
+
+
+def test_a_teacher_with_another_vocabulary_is_a_clear_error():
+    from hf_semisparse.training.trainer import logits_distillation_loss
+
+    with pytest.raises(
+        ValueError, match=r"teacher's logits has shape \(2, 3, 7\), the student's \(2, 3, 5\)"
+    ):
+        logits_distillation_loss({"logits": torch.zeros(2, 3, 5)}, {"logits": torch.zeros(2, 3, 7)}, 2.0)
+
+
+def test_an_encoder_decoder_is_never_masked_with_the_encoder_mask(tmp_path, monkeypatch):
+    """T5's logits are the decoder's: the encoder's attention mask (same shape when source and target lengths
+    agree) must not pick its positions; the decoder's mask does."""
+    import hf_semisparse.training.trainer as trainer_mod
+
+    seen = []
+    real = trainer_mod.logits_distillation_loss
+    monkeypatch.setattr(
+        trainer_mod,
+        "logits_distillation_loss",
+        lambda s, t, temp, mask=None: seen.append(mask) or real(s, t, temp, mask),
+    )
+    student = make_model("t5").eval()
+    args = TrainingArguments(**training_args(tmp_path, max_steps=1))
+    trainer = SparsityTrainer(
+        model=student, args=args, train_dataset=ToyDataset("t5"), teacher_model=copy.deepcopy(student)
+    )
+    ids = torch.randint(3, 100, (2, 6))
+    encoder_mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]])
+    trainer.compute_loss(student, {"input_ids": ids, "attention_mask": encoder_mask, "labels": ids})
+    assert seen[-1] is None
+    decoder_mask = torch.ones(2, 6, dtype=torch.long)
+    trainer.compute_loss(
+        student,
+        {
+            "input_ids": ids,
+            "attention_mask": encoder_mask,
+            "labels": ids,
+            "decoder_attention_mask": decoder_mask,
+        },
+    )
+    assert seen[-1] is decoder_mask
+    # the teacher decodes from the same decoder inputs (shifted labels) as the student: an identical teacher, KL 0
+    trainer.distillation_weight = 1.0
+    loss = trainer.compute_loss(student, {"input_ids": ids, "attention_mask": encoder_mask, "labels": ids})
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)

@@ -48,6 +48,11 @@ def logits_distillation_loss(
     for key, student_logits in student_out.items():
         if not key.endswith("logits") or key not in teacher_out:
             continue
+        if teacher_out[key].shape != student_logits.shape:
+            raise ValueError(
+                f"distillation: the teacher's {key} has shape {tuple(teacher_out[key].shape)}, the student's "
+                f"{tuple(student_logits.shape)}; the teacher must share the student's vocabulary (or classes)"
+            )
         s_log = torch.log_softmax(student_logits.float() / t, dim=-1)
         t_log = torch.log_softmax(teacher_out[key].float() / t, dim=-1)
         per_row = torch.nn.functional.kl_div(s_log, t_log, log_target=True, reduction="none").sum(-1)
@@ -165,16 +170,43 @@ class SparsityTrainer(Trainer):
             inputs = {**inputs, "output_hidden_states": True}
         loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
         label_keys = set(self.label_names or []) | {"labels", "start_positions", "end_positions"}
+        teacher_inputs = {k: v for k, v in inputs.items() if k not in label_keys}
+        # the mask of the positions the logits belong to: the decoder's for an encoder-decoder, never the encoder's
+        encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+        prepare = getattr(self.teacher_model, "prepare_decoder_input_ids_from_labels", None)
+        if encoder_decoder and "decoder_input_ids" not in inputs and "labels" in inputs and callable(prepare):
+            # the student made its decoder inputs from the labels: the teacher gets the same ones
+            teacher_inputs["decoder_input_ids"] = prepare(labels=inputs["labels"])
         with torch.no_grad():
-            teacher_out = self.teacher_model(**{k: v for k, v in inputs.items() if k not in label_keys})
-        kd = logits_distillation_loss(
-            outputs, teacher_out, self.distillation_temperature, inputs.get("attention_mask")
-        )
+            teacher_out = self.teacher_model(**teacher_inputs)
+        mask = inputs.get("decoder_attention_mask" if encoder_decoder else "attention_mask")
+        kd = logits_distillation_loss(outputs, teacher_out, self.distillation_temperature, mask)
+        if hidden:
+            kd_hidden = hidden_states_loss(outputs, teacher_out)
+        if self._task_loss_spans_accumulation(num_items_in_batch):
+            # the task loss is already a mean over all micro-batches of the step (divided by num_items_in_batch)
+            # and the Trainer will not divide it by the accumulation steps: so that the sum over micro-batches
+            # weighs the distillation terms as it weighs the task loss, divide them here
+            steps = getattr(self, "current_gradient_accumulation_steps", 1) or 1
+            kd = kd / steps
+            if hidden:
+                kd_hidden = kd_hidden / steps
         w = self.distillation_weight
         loss = (1 - w) * loss + w * kd
         if hidden:
-            loss = loss + self.distillation_hidden_weight * hidden_states_loss(outputs, teacher_out)
+            loss = loss + self.distillation_hidden_weight * kd_hidden
         return (loss, outputs) if return_outputs else loss
+
+    def _task_loss_spans_accumulation(self, num_items_in_batch) -> bool:
+        """Whether transformers' Trainer normalised the task loss by the accumulated `num_items_in_batch` (and so
+        does not divide it by the gradient accumulation steps), as its `training_step` decides."""
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled is not None:
+            return bool(scaled)
+        return bool(
+            (getattr(self, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None)
+            or getattr(self, "compute_loss_func", None) is not None
+        )
 
     @property
     def sparsity_config(self) -> SparsityConfig:
