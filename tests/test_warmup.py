@@ -387,3 +387,8 @@ def test_bf16_decoders_are_told_that_bf16_decode_kernels_are_slow(monkeypatch, c
     with caplog.at_level(logging.WARNING), pytest.raises(ValueError, match="no module named 'nope'"):
         kernels.accelerate_24(model, targets=["nope"])  # stops right after the checks of the model
     assert ("bf16 decoder: cuSPARSELt 0.8's bf16 2:4 kernels measured slower" in caplog.text) is warned
+    caplog.clear()
+    monkeypatch.setattr(kernels, "_SAID", set())  # said once per process: forget it
+    with caplog.at_level(logging.WARNING), pytest.raises(ValueError, match="no module named 'nope'"):
+        kernels.accelerate_24(model, targets=["nope"], weights="fp8")  # FP8 does not run cuSPARSELt's kernels
+    assert "bf16 decoder" not in caplog.text

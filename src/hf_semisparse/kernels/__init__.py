@@ -212,7 +212,7 @@ def accelerate_24(
     if reason:
         _say_once(f"not accelerated: {reason}")
         return AccelerationReport(reason=reason)
-    if decoder and param.dtype == torch.bfloat16:
+    if decoder and param.dtype == torch.bfloat16 and weights == "native" and kernel != "cutlass":
         _say_once(
             "bf16 decoder: cuSPARSELt 0.8's bf16 2:4 kernels measured slower than dense at decode sizes on an H200 "
             "(2026-12-01; fp16 is at parity): for generation, prefer fp16, or keep_dense=True to run dense where "
