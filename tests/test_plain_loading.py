@@ -74,13 +74,19 @@ def test_plain_from_pretrained_is_exact_and_save_pretrained_round_trips(arch, tm
 def test_weights_the_loader_did_not_decompress_are_an_error_not_random(tmp_path, monkeypatch):
     """A transformers version whose weight loading bypasses our decompression (transformers 5.17 did, for the
     bitmask, before the bitmask's pattern came first) must stop the load, never leave random weights."""
+    from hf_semisparse import quantizer_ops
     from hf_semisparse.quantizer import SemiSparseHfQuantizer
 
     model = make_model("llama").eval()
     prune_24(model)
     save_sparse_pretrained(model, tmp_path / "ckpt")
+    # the op runs but its weights are not recorded as decompressed: our check alone must stop it, on any version
+    monkeypatch.setattr(quantizer_ops.Sparse24Expand, "_record", lambda self, name: None)
+    with pytest.raises(SparseCheckpointError, match=r"not decompressed .* random weights"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    monkeypatch.undo()
+    # no conversion at all: transformers 5.24 stops at the size mismatch itself, 5.17 loaded on and our check stops
     monkeypatch.setattr(SemiSparseHfQuantizer, "get_weight_conversions", lambda self: [])
-    # transformers 5.24 stops at the size mismatch itself; 5.17 loaded on with a warning, and our check stops it
     with pytest.raises((SparseCheckpointError, RuntimeError), match=r"not decompressed|mismatched_sizes"):
         transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
 

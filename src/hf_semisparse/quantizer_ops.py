@@ -35,8 +35,9 @@ class Sparse24Expand(ConversionOps):
 
     def __deepcopy__(self, memo):
         # transformers deep-copies a converter for every layer it loads: the copies share our one quantizer,
-        # which records what was decompressed (`SemiSparseHfQuantizer.expanded`)
-        return type(self)(self.hf_quantizer)
+        # which records what was decompressed (`SemiSparseHfQuantizer.expanded`); a deep copy of a whole model
+        # (whose memo holds its quantizer) gets its own
+        return type(self)(memo.get(id(self.hf_quantizer), self.hf_quantizer))
 
     def convert(self, input_dict, full_layer_name=None, model=None, **kwargs):
         try:
@@ -68,7 +69,8 @@ class Sparse24Expand(ConversionOps):
             masks = masks if isinstance(masks, list) else [masks]
             name = full_layer_name or key
             result[key] = [expand_values(v, m, name) for v, m in zip(values_list, masks, strict=True)]
-            self.hf_quantizer.expanded.add(name.rsplit(".", 1)[0])
+            if full_layer_name is not None:
+                self._record(full_layer_name)
             if not isinstance(value, list):
                 result[key] = result[key][0]
         if list(result) == ["weight"] and full_layer_name is not None:  # one module's weight
@@ -77,9 +79,13 @@ class Sparse24Expand(ConversionOps):
             return {full_layer_name: self._finish(weight, full_layer_name, compressed=compressed)}
         return result
 
+    def _record(self, full_layer_name: str) -> None:
+        """Tell the quantizer that this module's weight was decompressed (`_check_all_expanded` after loading)."""
+        self.hf_quantizer.expanded.add(full_layer_name.rsplit(".", 1)[0])
+
     def _finish(self, weight, full_layer_name, compressed):
         if compressed:
-            self.hf_quantizer.expanded.add(full_layer_name.rsplit(".", 1)[0])
+            self._record(full_layer_name)
         if compressed and full_layer_name.rsplit(".", 1)[0] in self.hf_quantizer.transposed_modules:
             weight = weight.transpose(-2, -1).contiguous()
         return weight  # already in the planned dtype (`SemiSparseHfQuantizer.get_new_dtype`)
@@ -96,9 +102,8 @@ class Sparse24Compress(ConversionOps):
         self.hf_quantizer = hf_quantizer
 
     def __deepcopy__(self, memo):
-        # transformers deep-copies a converter for every layer it loads: the copies share our one quantizer,
-        # which records what was decompressed (`SemiSparseHfQuantizer.expanded`)
-        return type(self)(self.hf_quantizer)
+        # as `Sparse24Expand`: the per-layer copies transformers makes share the quantizer (its saved targets)
+        return type(self)(memo.get(id(self.hf_quantizer), self.hf_quantizer))
 
     def convert(self, input_dict, full_layer_name=None, model=None, **kwargs):
         out = {}
