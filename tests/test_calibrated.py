@@ -11,7 +11,7 @@ from hf_semisparse import (
     prune_24,
     select_targets,
 )
-from hf_semisparse.pruning.calibrated import calibrated_prune_, sparsegpt_nm
+from hf_semisparse.pruning.calibrated import _inverse_cholesky, calibrated_prune_, sparsegpt_nm
 from hf_semisparse.targets import SparseTarget
 from tests.conftest import ToyDataset, make_model, training_args
 
@@ -99,6 +99,82 @@ def test_sparsegpt_as_first_step_of_training(tmp_path):
         assert is_nm_sparse(t.linear_view()), t.name
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert losses[-1] < losses[0]
+
+
+def reference_inverse_cholesky(h, damp):
+    """The reference's factor: Cholesky, explicit inverse, Cholesky of the inverse (float64)."""
+    h64 = h.double() + damp * h.double().diagonal().mean() * torch.eye(h.shape[0], dtype=torch.float64)
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h64)), upper=True).float()
+
+
+def reference_sparsegpt(weight, hessian, n=2, m=4, blocksize=128, damp=0.01):
+    """The column loop of IST-DASLab/sparsegpt `fasterprune` (prunen=n, prunem=m), as first written here."""
+    w = weight.clone().float()
+    h = hessian.clone().float()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h_inv = _inverse_cholesky(h, damp)
+    for i1 in range(0, w.shape[1], blocksize):
+        i2 = min(i1 + blocksize, w.shape[1])
+        w1, q1, err1 = w[:, i1:i2].clone(), torch.zeros_like(w[:, i1:i2]), torch.zeros_like(w[:, i1:i2])
+        hinv1 = h_inv[i1:i2, i1:i2]
+        pruned = torch.zeros_like(w1, dtype=torch.bool)
+        for i in range(i2 - i1):
+            if i % m == 0:
+                cost = w1[:, i : i + m] ** 2 / torch.diag(hinv1)[i : i + m].reshape(1, -1) ** 2
+                pruned[:, i : i + m].scatter_(1, torch.topk(cost, m - n, dim=1, largest=False).indices, True)
+            col = w1[:, i]
+            q = col.masked_fill(pruned[:, i], 0.0)
+            q1[:, i] = q
+            e = (col - q) / hinv1[i, i]
+            w1[:, i:] -= e.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = e
+        w[:, i1:i2] = q1
+        w[:, i2:] -= err1 @ h_inv[i1:i2, i2:]
+    return w
+
+
+@pytest.mark.parametrize("rows,cols,blocksize", [(48, 136, 32), (40, 256, 128), (24, 64, 64)])
+def test_sparsegpt_solve_equals_the_reference_loop_bit_for_bit(rows, cols, blocksize):
+    g = torch.Generator().manual_seed(rows + cols)
+    x = torch.randn(4 * cols, cols, generator=g) * torch.exp(torch.randn(cols, generator=g))
+    x[:, 5] = 0.0  # a dead input channel
+    h = x.t() @ x / x.shape[0]
+    weight = torch.randn(rows, cols, generator=g)
+    weight[3, 8:12] = 0.5  # equal weights in one group
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # BLAS sums may depend on the thread count; the solve itself runs on one
+    try:
+        expected = reference_sparsegpt(weight, h, blocksize=blocksize)
+    finally:
+        torch.set_num_threads(threads)
+    got = sparsegpt_nm(weight, h, blocksize=blocksize)
+    assert torch.equal(got, expected)
+    assert is_nm_sparse(got)
+    assert torch.get_num_threads() == threads
+
+
+@pytest.mark.parametrize("cols", [8, 96, 300])
+def test_inverse_cholesky_is_the_upper_factor_of_the_damped_inverse(cols):
+    g = torch.Generator().manual_seed(cols)
+    x = torch.randn(2 * cols, cols, generator=g) * torch.exp(torch.randn(cols, generator=g))
+    h = x.t() @ x
+    u = _inverse_cholesky(h, 0.01)
+    assert torch.equal(u, u.triu())
+    torch.testing.assert_close(u, reference_inverse_cholesky(h, 0.01), rtol=1e-6, atol=1e-7 * u.abs().max())
+    damped = h.double() + 0.01 * h.double().diagonal().mean() * torch.eye(cols, dtype=torch.float64)
+    identity = u.double().t() @ u.double() @ damped
+    torch.testing.assert_close(identity, torch.eye(cols, dtype=torch.float64), rtol=0, atol=1e-4)
+
+
+def test_sparsegpt_restores_the_thread_count_after_an_error():
+    threads = torch.get_num_threads()
+    h = torch.eye(8)
+    h[3, 3] = float("nan")
+    with pytest.raises(torch.linalg.LinAlgError):
+        sparsegpt_nm(torch.randn(4, 8), h)
+    assert torch.get_num_threads() == threads
 
 
 def test_sparsegpt_raises_damping_for_an_indefinite_hessian(caplog):
