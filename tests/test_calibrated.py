@@ -144,7 +144,7 @@ def test_sparsegpt_solve_equals_the_reference_loop_bit_for_bit(rows, cols, block
     weight = torch.randn(rows, cols, generator=g)
     weight[3, 8:12] = 0.5  # equal weights in one group
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # BLAS sums may depend on the thread count; the solve itself runs on one
+    torch.set_num_threads(1)  # LAPACK/BLAS results may depend on the thread count; the solve runs on one
     try:
         expected = reference_sparsegpt(weight, h, blocksize=blocksize)
     finally:
@@ -162,7 +162,9 @@ def test_inverse_cholesky_is_the_upper_factor_of_the_damped_inverse(cols):
     h = x.t() @ x
     u = _inverse_cholesky(h, 0.01)
     assert torch.equal(u, u.triu())
-    torch.testing.assert_close(u, reference_inverse_cholesky(h, 0.01), rtol=1e-6, atol=1e-7 * u.abs().max())
+    torch.testing.assert_close(
+        u, reference_inverse_cholesky(h, 0.01), rtol=1e-6, atol=1e-7 * float(u.abs().max())
+    )
     damped = h.double() + 0.01 * h.double().diagonal().mean() * torch.eye(cols, dtype=torch.float64)
     identity = u.double().t() @ u.double() @ damped
     torch.testing.assert_close(identity, torch.eye(cols, dtype=torch.float64), rtol=0, atol=1e-4)

@@ -42,7 +42,8 @@ def sparsegpt_nm(
     """SparseGPT for an N:M pattern: returns the pruned and updated weight `[out, in]` (float32), exactly N:M.
 
     `hessian` is X^T X / samples for the layer's inputs X `[samples, in]`. The arithmetic is that of the
-    reference implementation (github.com/IST-DASLab/sparsegpt, `SparseGPT.fasterprune`), element for element.
+    reference implementation (github.com/IST-DASLab/sparsegpt, `SparseGPT.fasterprune`) run on one CPU thread,
+    element for element.
     """
     if blocksize % m:
         raise ValueError(f"blocksize {blocksize} must be a multiple of m={m}")
@@ -92,9 +93,11 @@ def _sparsegpt_block(
 def _one_cpu_thread(device: torch.device) -> Iterator[None]:
     """Run CPU torch ops on one thread inside the block (restored on exit; nothing changes for other devices).
 
-    SparseGPT's solve issues thousands of small ops (the column loop) and a few mid-sized factorizations; split
-    over threads they gain little, and on a busy machine every parallel op waits for a descheduled worker
-    (measured on 2 cores under load: the 7 solves of one SmolLM2-135M block, 3-18 s with 2 threads, 0.6 s with 1).
+    SparseGPT's column loop issues thousands of small ops, and its Hessian inverse and lazy updates are mid-sized
+    LAPACK/BLAS calls; split over threads they gain little, and on a busy machine every parallel op waits for a
+    descheduled worker (2 cores under load: the 7 solves of one SmolLM2-135M block took 3-18 s on 2 threads,
+    under 1 s on 1). On one thread the result is also the same whatever `torch.get_num_threads()` is (MKL's
+    factorizations and products can change their last bits with the thread count).
     """
     if device.type != "cpu":
         yield
@@ -108,32 +111,27 @@ def _one_cpu_thread(device: torch.device) -> Iterator[None]:
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float, tries: int = 4) -> torch.Tensor:
-    """Upper Cholesky factor U of (H + d I)^-1, U^T U = (H + d I)^-1 (float64 math, float32 result).
-
-    d = damp * mean(diag H). The reference implementation factors H, inverts it (`cholesky_inverse`) and factors
-    the inverse again. Here, with J the reversal permutation and L L^T = J (H + d I) J, U = J L^-1 J: the same
-    factor from one Cholesky factorization and one triangular solve, without the explicit inverse (less work,
-    and LAPACK's inverse from a factor scales badly over threads: on a busy 2-core machine 0.6-0.9 s against
-    0.07-0.09 s for a 576- or 1536-column Hessian).
+    """Upper Cholesky factor of (H + d I)^-1 (float64 math, float32 result), d = damp * mean(diag H).
 
     Activations with near-constant channels (padding tokens, dead GELU units) can leave H numerically
     singular even after the usual 1% damping; then the damping grows tenfold, up to `tries` times.
     """
-    mean_diag = torch.mean(h.diagonal().double())
+    h64 = h.double()  # damped in place on its diagonal: no identity matrix or second copy (70B MLPs: 28672^2)
+    diag = h64.diagonal()
+    base = diag.clone()
+    mean_diag = torch.mean(base)
     for attempt in range(tries):
-        h64 = h.flip(0, 1).double()  # damped in place on its diagonal: no identity matrix (70B MLPs: 28672^2)
-        h64.diagonal().add_(damp * mean_diag)
+        diag.copy_(base + damp * mean_diag)
         factor, info = torch.linalg.cholesky_ex(h64)
-        del h64
         if int(info) == 0:
-            eye = torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
-            inverse = torch.linalg.solve_triangular(factor, eye, upper=False)
-            del factor, eye
-            if bool(torch.isfinite(inverse).all()):
+            inverse = torch.cholesky_inverse(factor)
+            del factor
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
+            if int(info) == 0:
                 if attempt:
                     logger.warning("SparseGPT: Hessian needed damping %.3g to be positive definite", damp)
-                return inverse.float().flip(0, 1)
-            del inverse
+                return upper.float()
         damp *= 10.0
     raise torch.linalg.LinAlgError(
         f"SparseGPT: the calibration Hessian is not positive definite even with damping {damp / 10:.3g}; "
