@@ -172,7 +172,15 @@ def inspect_checkpoint(path: str, verify_data: bool = False) -> dict:
                 "shape": list(layer.dense_shape),
                 "dtype": layer.dtype,
                 "stored": "compressed",
-                "orientation": "Conv1D [in, out], stored [out, in]" if layer.transposed else "as stored",
+                "orientation": (
+                    (
+                        "experts [experts, in, out], stored [experts, out, in]"
+                        if layer.kind == "experts"
+                        else "Conv1D [in, out], stored [out, in]"
+                    )
+                    if layer.transposed
+                    else "as stored"
+                ),
                 "is_24": True,
                 "problem": None,
             }

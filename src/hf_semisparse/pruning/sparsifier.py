@@ -39,6 +39,11 @@ def _stored_weight(target) -> torch.Tensor:
     )
 
 
+def _partial_mask(cfg: SparsityConfig, weight: torch.Tensor, level: float) -> torch.Tensor:
+    scores = compute_scores(cfg.method, weight)
+    return compute_partial_nm_mask(weight, level, cfg.n, cfg.m, scores=scores)
+
+
 def _multi_process() -> bool:
     dist = torch.distributed
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -77,8 +82,10 @@ class Sparsifier:
             # a sharded (FSDP2) weight is gathered: the groups may straddle shards, and every rank gets the same
             # mask; the mask is then sharded as the weight is
             weight = target.linear_view(full_tensor(source))
-            scores = compute_scores(cfg.method, weight)
-            mask = compute_partial_nm_mask(weight, level, cfg.n, cfg.m, scores=scores)
+            if weight.dim() == 3:  # fused experts: one expert at a time bounds the sort's memory
+                mask = torch.stack([_partial_mask(cfg, w, level) for w in weight.unbind(0)])
+            else:
+                mask = _partial_mask(cfg, weight, level)
             self.masks[target.name] = like(target.param_view(mask).contiguous(), source)
         self.level = level
         self.apply_masks()
