@@ -318,3 +318,21 @@ def test_recovery_training_keeps_every_expert_24(tmp_path):
     assert sparsifier.load_masks(tmp_path / "checkpoint-4") == 4
     gate_up = model.model.layers[0].mlp.experts.gate_up_proj
     assert torch.equal(sparsifier.masks["model.layers.0.mlp.experts.gate_up_proj"], gate_up.detach() != 0)
+
+
+def test_a_dense_checkpoint_of_a_pruned_moe_is_checked_on_load(tmp_path):
+    from hf_semisparse import AutoSparseModel
+
+    model = make_moe("mixtral", layers=1).eval()
+    prune_24(model, show_progress=False)
+    # transformers' own writer: dense tensors (Mixtral's experts under their per-expert legacy names w1/w2/w3),
+    # sparsity_config recorded; the loader checks the fused weights once transformers has merged them
+    model.save_pretrained(tmp_path / "dense")
+    loaded = AutoSparseModel.from_pretrained(tmp_path / "dense", model_class=MixtralForCausalLM)
+    assert torch.equal(loaded.model.layers[0].mlp.experts.down_proj, model.model.layers[0].mlp.experts.down_proj)
+
+    with torch.no_grad():
+        model.model.layers[0].mlp.experts.down_proj[1].fill_(0.5)  # expert 1 dense again
+    model.save_pretrained(tmp_path / "broken")
+    with pytest.raises(SparseCheckpointError, match=r"experts\.down_proj is recorded as 2:4"):
+        AutoSparseModel.from_pretrained(tmp_path / "broken", model_class=MixtralForCausalLM)
