@@ -329,7 +329,9 @@ def test_a_dense_checkpoint_of_a_pruned_moe_is_checked_on_load(tmp_path):
     # sparsity_config recorded; the loader checks the fused weights once transformers has merged them
     model.save_pretrained(tmp_path / "dense")
     loaded = AutoSparseModel.from_pretrained(tmp_path / "dense", model_class=MixtralForCausalLM)
-    assert torch.equal(loaded.model.layers[0].mlp.experts.down_proj, model.model.layers[0].mlp.experts.down_proj)
+    assert torch.equal(
+        loaded.model.layers[0].mlp.experts.down_proj, model.model.layers[0].mlp.experts.down_proj
+    )
 
     with torch.no_grad():
         model.model.layers[0].mlp.experts.down_proj[1].fill_(0.5)  # expert 1 dense again
