@@ -338,3 +338,13 @@ def test_a_dense_checkpoint_of_a_pruned_moe_is_checked_on_load(tmp_path):
     model.save_pretrained(tmp_path / "broken")
     with pytest.raises(SparseCheckpointError, match=r"experts\.down_proj is recorded as 2:4"):
         AutoSparseModel.from_pretrained(tmp_path / "broken", model_class=MixtralForCausalLM)
+
+
+def test_block_by_block_and_whole_model_pipelines_agree_on_experts():
+    sequential, per_block = make_moe("mixtral").eval(), make_moe("mixtral").eval()
+    config = SparsityConfig(method="wanda")
+    prune_24(sequential, config, calibration_data=batches(), show_progress=False)
+    prune_24(per_block, config, calibration_data=batches(), show_progress=False, pipeline="per_block")
+    got, expected = expert_params(sequential), expert_params(per_block)
+    for name, weight in expected.items():
+        assert torch.equal(got[name], weight), name
