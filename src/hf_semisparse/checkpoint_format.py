@@ -12,6 +12,17 @@ error instead of loading a random weight. GPT-2 style `Conv1D` weights (stored `
 stored as `[out, in]` (their 2:4 groups run along `in`) and listed under `transposed`, so the orientation is
 recorded at save time and checked at load time. Every other tensor is stored as it is.
 
+Fused mixture-of-experts weights (transformers 5 experts modules, e.g. Mixtral's `m.gate_up_proj`
+`[experts, out, in]`) are stored the same way under their own names, each expert's matrix compressed along its
+input dimension:
+
+    m.gate_up_proj          kept values [experts, out, in / 2]
+    m.gate_up_proj_bitmask  uint8 [experts, out, ceil(in / 8)]
+
+listed under `expert_targets` (and under `expert_transposed` when the module stores them `[experts, in, out]`:
+stored `[experts, out, in]`). A checkpoint with expert targets is format version 3, so that an hf_semisparse that
+predates them refuses it with "upgrade" instead of a size mismatch; one without is version 2.
+
 `config.json` carries
 
     "quantization_config": {"quant_method": "hf_semisparse", "format": "sparse-24-bitmask", "version": 2,
@@ -36,6 +47,8 @@ from .masks import compute_nm_mask, find_nm_violation, pack_mask, unpack_mask
 QUANT_METHOD = "hf_semisparse"
 SPARSITY_FORMAT = "sparse-24-bitmask"
 FORMAT_VERSION = 2
+EXPERTS_FORMAT_VERSION = 3  # version 2 plus fused expert weights (`expert_targets`)
+READABLE_VERSIONS = (FORMAT_VERSION, EXPERTS_FORMAT_VERSION)
 BITMASK_SUFFIX = "_bitmask"  # m.weight_bitmask
 LEGACY_SUFFIXES = ("shape", "compressed", "bitmask")
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
@@ -62,6 +75,9 @@ def compress_values(weight: torch.Tensor, name: str = "weight") -> tuple[torch.T
             f"{name} claims 2:4 sparsity but the group at {bad.index} has {bad.nonzeros} non-zeros"
         )
     weight = weight.detach().cpu()
+    if weight.dim() > 2:  # stacked experts: one matrix at a time bounds the mask's sort memory
+        parts = [compress_values(w, name) for w in weight.unbind(0)]
+        return torch.stack([v for v, _ in parts]), torch.stack([b for _, b in parts])
     mask = compute_nm_mask(weight)
     values = weight[mask].reshape(*weight.shape[:-1], weight.shape[-1] // 2).contiguous()
     return values, pack_mask(mask)
@@ -131,6 +147,7 @@ class CompressedLayer:
     transposed: bool
     keys: tuple[str, ...]  # its tensors in the checkpoint
     bitmask_key: str
+    kind: str = "linear"  # "linear": `module` is a module name; "experts": a fused expert parameter's name
 
 
 @dataclass
@@ -165,17 +182,22 @@ def check_layout(quant: dict, tensors: dict[str, TensorInfo]) -> CheckpointLayou
 
 def _check_ours(quant: dict, tensors: dict[str, TensorInfo]) -> CheckpointLayout:
     version = quant.get("version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
+        newest = max(READABLE_VERSIONS)
         raise SparseCheckpointError(
-            f"checkpoint format version {version!r} is not the one this hf_semisparse reads ({FORMAT_VERSION})"
-            + (": upgrade hf_semisparse" if isinstance(version, int) and version > FORMAT_VERSION else "")
+            f"checkpoint format version {version!r} is not one this hf_semisparse reads {list(READABLE_VERSIONS)}"
+            + (": upgrade hf_semisparse" if isinstance(version, int) and version > newest else "")
         )
     if quant.get("format") != SPARSITY_FORMAT:
         raise SparseCheckpointError(
             f"quantization_config.format {quant.get('format')!r} is not supported (expected {SPARSITY_FORMAT!r})"
         )
     targets = quant.get("targets")
-    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+    if (
+        not isinstance(targets, list)
+        or not (targets or quant.get("expert_targets"))
+        or not all(isinstance(t, str) for t in targets)
+    ):
         raise SparseCheckpointError("quantization_config.targets must be a non-empty list of module names")
     transposed = quant.get("transposed", [])
     if not isinstance(transposed, list) or not set(transposed) <= set(targets):
@@ -183,14 +205,26 @@ def _check_ours(quant: dict, tensors: dict[str, TensorInfo]) -> CheckpointLayout
             "quantization_config.transposed (the Conv1D targets) must be a list of names from targets, got "
             f"{transposed!r}"
         )
-    stray = sorted(
-        k
-        for k in tensors
-        if k.endswith(".weight" + BITMASK_SUFFIX) and k[: -len(".weight_bitmask")] not in set(targets)
-    )
+    experts = quant.get("expert_targets", [])
+    expert_transposed = quant.get("expert_transposed", [])
+    if not isinstance(experts, list) or not all(isinstance(e, str) for e in experts):
+        raise SparseCheckpointError("quantization_config.expert_targets must be a list of parameter names")
+    if experts and version < EXPERTS_FORMAT_VERSION:
+        raise SparseCheckpointError(
+            f"quantization_config lists expert_targets but says format version {version}; expert weights need "
+            f"version {EXPERTS_FORMAT_VERSION} (the config was edited or written by another tool)"
+        )
+    if not isinstance(expert_transposed, list) or not set(expert_transposed) <= set(experts):
+        raise SparseCheckpointError(
+            "quantization_config.expert_transposed must be a list of names from expert_targets, got "
+            f"{expert_transposed!r}"
+        )
+    listed = {f"{t}.weight{BITMASK_SUFFIX}" for t in targets} | {f"{e}{BITMASK_SUFFIX}" for e in experts}
+    stray = sorted(k for k in tensors if k.endswith(BITMASK_SUFFIX) and k not in listed)
     if stray:
         raise SparseCheckpointError(
-            f"tensors {stray[:5]} hold 2:4 bitmasks of modules that quantization_config.targets does not list"
+            f"tensors {stray[:5]} hold 2:4 bitmasks of weights that quantization_config.targets / expert_targets "
+            "do not list"
         )
     layers = []
     for module in targets:
@@ -208,6 +242,26 @@ def _check_ours(quant: dict, tensors: dict[str, TensorInfo]) -> CheckpointLayout
         check_bitmask_layout(wkey, values.shape, bitmask.dtype, bitmask.shape)
         dense = (*values.shape[:-1], values.shape[-1] * 2)
         layers.append(CompressedLayer(module, dense, values.dtype, module in transposed, (wkey, mkey), mkey))
+    for param in experts:
+        mkey = f"{param}{BITMASK_SUFFIX}"
+        missing = [k for k in (param, mkey) if k not in tensors]
+        if missing:
+            raise SparseCheckpointError(
+                f"{param} is listed in quantization_config.expert_targets but the checkpoint lacks {missing}"
+            )
+        values, bitmask = tensors[param], tensors[mkey]
+        if values.dtype not in FLOAT_DTYPES or len(values.shape) != 3:
+            raise SparseCheckpointError(
+                f"{param}: compressed expert values are {values.dtype} {list(values.shape)}, expected a 3-D "
+                "float tensor [experts, out, in / 2]"
+            )
+        check_bitmask_layout(param, values.shape, bitmask.dtype, bitmask.shape)
+        dense = (*values.shape[:-1], values.shape[-1] * 2)
+        layers.append(
+            CompressedLayer(
+                param, dense, values.dtype, param in expert_transposed, (param, mkey), mkey, kind="experts"
+            )
+        )
     return CheckpointLayout(QUANT_METHOD, SPARSITY_FORMAT, layers, list(quant.get("ignore") or []))
 
 

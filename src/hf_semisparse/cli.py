@@ -150,6 +150,7 @@ def inspect_checkpoint(path: str, verify_data: bool = False) -> dict:
             f"{os.path.join(path, 'config.json')}: quantization_config is not an object"
         )
     recorded = (config.get("sparsity_config") or {}).get("targets") or []
+    recorded_experts = set((config.get("sparsity_config") or {}).get("expert_targets") or [])
     require = digests_recorded(quant)
     files = weight_files(path)
     for file in files:  # every file's header against its digest record; with verify_data, every tensor too
@@ -172,7 +173,15 @@ def inspect_checkpoint(path: str, verify_data: bool = False) -> dict:
                 "shape": list(layer.dense_shape),
                 "dtype": layer.dtype,
                 "stored": "compressed",
-                "orientation": "Conv1D [in, out], stored [out, in]" if layer.transposed else "as stored",
+                "orientation": (
+                    (
+                        "experts [experts, in, out], stored [experts, out, in]"
+                        if layer.kind == "experts"
+                        else "Conv1D [in, out], stored [out, in]"
+                    )
+                    if layer.transposed
+                    else "as stored"
+                ),
                 "is_24": True,
                 "problem": None,
             }
@@ -193,18 +202,19 @@ def inspect_checkpoint(path: str, verify_data: bool = False) -> dict:
         for file in files:
             with open_verified(file, require=require, check_data=True) as f:
                 for key in sorted(f.keys()):  # noqa: SIM118 - not a dict
-                    if not (key.endswith(".weight") and key[: -len(".weight")] in recorded):
+                    expert = key in recorded_experts
+                    if not (expert or key.endswith(".weight") and key[: -len(".weight")] in recorded):
                         continue
                     tensor = f.get_tensor(key)
                     bad = find_nm_violation(tensor)
-                    if bad is not None and find_nm_violation(tensor.t()) is None:
-                        bad = None  # a GPT-2 style Conv1D weight, stored [in, out]
+                    if bad is not None and find_nm_violation(tensor.transpose(-2, -1)) is None:
+                        bad = None  # a GPT-2 style Conv1D weight [in, out], or experts stored [experts, in, out]
                     problem = None if bad is None else f"group at {bad.index}: {bad.nonzeros} non-zeros"
                     if problem:
                         problems.append(f"{key}: {problem}")
                     layers.append(
                         {
-                            "module": key[: -len(".weight")],
+                            "module": key if expert else key[: -len(".weight")],
                             "shape": list(tensor.shape),
                             "dtype": str(tensor.dtype).split(".")[-1],
                             "stored": "dense",

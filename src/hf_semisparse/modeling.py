@@ -127,8 +127,10 @@ class AutoSparseModel:
             getattr(model, "hf_quantizer", None) is None
         ):  # a dense checkpoint: its recorded targets must be 2:4
             recorded = getattr(model.config, "sparsity_config", None)
-            if isinstance(recorded, dict) and recorded.get("targets"):
-                _check_dense_targets(model, recorded["targets"])
+            if isinstance(recorded, dict) and (recorded.get("targets") or recorded.get("expert_targets")):
+                _check_dense_targets(
+                    model, recorded.get("targets") or [], recorded.get("expert_targets") or []
+                )
             if accelerate:
                 from .kernels import accelerate_24
 
@@ -136,8 +138,22 @@ class AutoSparseModel:
         return model
 
 
-def _check_dense_targets(model: torch.nn.Module, targets: list[str]) -> None:
+def _check_dense_targets(model: torch.nn.Module, targets: list[str], experts: list[str] = ()) -> None:
     modules = dict(model.named_modules())
+    for name in experts:  # fused expert weights: 2:4 along each expert's input dimension
+        module_name, _, param = name.rpartition(".")
+        weight = getattr(modules.get(module_name), param, None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 3:
+            raise SparseCheckpointError(
+                f"config.sparsity_config names the expert weight {name}, which the model lacks"
+            )
+        view = weight.transpose(-2, -1) if getattr(modules[module_name], "is_transposed", False) else weight
+        bad = find_nm_violation(view)
+        if bad is not None:
+            raise SparseCheckpointError(
+                f"{name} is recorded as 2:4 but the group at {bad.index} ([experts, out, in] layout) has "
+                f"{bad.nonzeros} non-zeros"
+            )
     for name in targets:
         module = modules.get(name)
         if module is None:

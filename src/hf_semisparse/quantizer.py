@@ -31,6 +31,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .checkpoint_format import (
     BITMASK_SUFFIX,
+    EXPERTS_FORMAT_VERSION,
     FORMAT_VERSION,
     QUANT_METHOD,
     SPARSITY_FORMAT,
@@ -55,6 +56,8 @@ class SemiSparseConfig(QuantizationConfigMixin):
     Args:
         targets: the compressed modules' names.
         transposed: the targets that are transformers `Conv1D` layers (weight `[in, out]`, stored `[out, in]`).
+        expert_targets: the compressed fused expert parameters' names (format version 3).
+        expert_transposed: the expert targets whose module stores them `[experts, in, out]`.
         ignore: linear layers left dense (informational).
         legacy: for a compressed-tensors checkpoint read through this config, its original `quantization_config`.
     """
@@ -76,6 +79,8 @@ class SemiSparseConfig(QuantizationConfigMixin):
         self.transposed = list(transposed or [])
         self.ignore = list(ignore or [])
         self.legacy = legacy
+        self.expert_targets = list(kwargs.pop("expert_targets", None) or [])
+        self.expert_transposed = list(kwargs.pop("expert_transposed", None) or [])
         for key, value in kwargs.items():  # global_sparsity, target_bytes_ratio, library_version, ...
             setattr(self, key, value)
 
@@ -89,6 +94,9 @@ class SemiSparseConfig(QuantizationConfigMixin):
         own `save_pretrained` does not."""
         out = dict(self.__dict__)
         out.pop("tensor_digests", None)
+        if not out.get("expert_targets"):
+            out.pop("expert_targets", None)
+            out.pop("expert_transposed", None)
         if out.get("legacy") is None:
             out.pop("legacy", None)
         elif isinstance(out["legacy"].get("hf_semisparse"), dict):
@@ -166,6 +174,9 @@ class SemiSparseHfQuantizer(HfQuantizer):
         self._module_of: dict[str, str] = {}  # model module name -> checkpoint module name
         self.transposed_modules: set[str] = set()  # model module names whose stored weight is transposed
         self.expanded: set[str] = set()  # model module names whose weight `Sparse24Expand` decompressed
+        self._expert_of: dict[str, str] = {}  # model expert parameter name -> checkpoint name
+        self.transposed_experts: set[str] = set()  # model expert parameter names stored [experts, out, in]
+        self.saved_experts: dict[str, bool] = {}  # expert parameter -> transposed, compressed when saving
 
     # -- checks before anything is loaded
     def validate_environment(self, *args, **kwargs):
@@ -197,6 +208,9 @@ class SemiSparseHfQuantizer(HfQuantizer):
             self.dense_targets = resolve_ct_targets(model, sparsity.get("targets"), sparsity.get("ignore"))
             return model
         for layer in self.layout.layers:
+            if layer.kind == "experts":
+                self._check_expert_layer(layer, modules, prefix)
+                continue
             name = _model_name(layer.module, modules, prefix)
             if name is None:
                 raise SparseCheckpointError(
@@ -233,6 +247,37 @@ class SemiSparseHfQuantizer(HfQuantizer):
                 self.transposed_modules.add(name)
         return model
 
+    def _check_expert_layer(self, layer, modules: dict, prefix: str) -> None:
+        """A compressed fused expert weight must be a 3-D expert parameter of the model, same orientation and
+        shape (checked before any weight is read)."""
+        from .targets import is_experts_module
+
+        module_name, param = layer.module.rsplit(".", 1)
+        name = _model_name(module_name, modules, prefix)
+        module = modules.get(name) if name is not None else None
+        weight = getattr(module, param, None) if module is not None else None
+        if module is None or not is_experts_module(module) or not isinstance(weight, torch.Tensor):
+            raise SparseCheckpointError(
+                f"the checkpoint compresses the fused expert weight {layer.module}, which this model does not have "
+                "as a transformers experts parameter (config and weights disagree, or the wrong model class)"
+            )
+        transposed = bool(getattr(module, "is_transposed", False))
+        if transposed != layer.transposed:
+            raise SparseCheckpointError(
+                f"{name}.{param}: the checkpoint records it as "
+                f"{'[experts, in, out]' if layer.transposed else '[experts, out, in]'} but this model's "
+                f"{type(module).__name__} stores it the other way: orientation mismatch"
+            )
+        expected = tuple(weight.transpose(-2, -1).shape if transposed else weight.shape)
+        if tuple(layer.dense_shape) != expected:
+            raise SparseCheckpointError(
+                f"{name}.{param}: the checkpoint holds a {list(layer.dense_shape)} [experts, out, in] weight, the "
+                f"model expects {list(expected)}"
+            )
+        self._expert_of[f"{name}.{param}"] = layer.module
+        if transposed:
+            self.transposed_experts.add(f"{name}.{param}")
+
     def get_new_dtype(self, converter, param, dtype):
         """Stored float tensors (kept values included) are cast to the dtype transformers plans for the parameter
         (e.g. T5's `wo` kept in float32) before expanding, which is exact; bitmasks and shapes are not cast."""
@@ -262,7 +307,10 @@ class SemiSparseHfQuantizer(HfQuantizer):
             return [WeightConverter(["compressed", "bitmask", "shape"], "weight", [Sparse24Expand(self)])]
         # the bitmask's pattern first: transformers 5.17 matches source patterns by an unanchored regex search in
         # this order, where "weight" would also claim "x.weight_bitmask" and the bitmask would be dropped
-        return [WeightConverter(["weight" + BITMASK_SUFFIX, "weight"], "weight", [Sparse24Expand(self)])]
+        return [
+            WeightConverter(["weight" + BITMASK_SUFFIX, "weight"], "weight", [Sparse24Expand(self)]),
+            *_expert_converters(self.quantization_config.expert_targets, Sparse24Expand(self)),
+        ]
 
     # -- after loading
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -282,7 +330,10 @@ class SemiSparseHfQuantizer(HfQuantizer):
         else:
             compressed = sorted(self._module_of)
             self._check_all_expanded(compressed)
-        if not compressed:  # only a legacy "dense" checkpoint gets here (ours lists at least one target)
+        experts = {name: name in self.transposed_experts for name in self._expert_of}
+        if experts:
+            self._check_all_expanded(sorted(experts), suffix="")
+        if not compressed and not experts:  # only a legacy "dense" checkpoint gets here
             logger.warning(
                 "hf_semisparse: none of the compressed-tensors sparsity targets of this checkpoint is 2:4: it "
                 "loaded as a dense model, and nothing runs on 2:4 kernels"
@@ -295,6 +346,13 @@ class SemiSparseHfQuantizer(HfQuantizer):
         old = self.quantization_config
         kept = {k: v for k, v in old.__dict__.items() if k in ("global_sparsity", "library_version")}
         linear = [n for n, m in model.named_modules() if is_linear_module(m)]
+        self.saved_experts = experts
+        if experts:
+            kept.update(
+                version=EXPERTS_FORMAT_VERSION,
+                expert_targets=sorted(experts),
+                expert_transposed=sorted(n for n, t in experts.items() if t),
+            )
         self.quantization_config = SemiSparseConfig(
             targets=sorted(compressed),
             transposed=sorted(self.saved_transposed),
@@ -306,6 +364,8 @@ class SemiSparseHfQuantizer(HfQuantizer):
         record = getattr(model.config, "sparsity_config", None)
         record = dict(record) if isinstance(record, dict) else {"pattern": "2:4"}
         record["targets"] = sorted(compressed)
+        if experts:
+            record["expert_targets"] = sorted(experts)
         model.config.sparsity_config = record
         options = current_load_options()
         on_cuda = any(p.is_cuda for p in model.parameters())
@@ -315,14 +375,15 @@ class SemiSparseHfQuantizer(HfQuantizer):
             model.sparsity_acceleration = accelerate_24(model, keep_dense=options["keep_dense"])
         return model
 
-    def _check_all_expanded(self, compressed: list[str]) -> None:
-        """Every compressed module's weight went through `Sparse24Expand`: a transformers version whose weight
-        loading bypassed it would otherwise leave those weights randomly initialised, with a warning at most."""
+    def _check_all_expanded(self, compressed: list[str], suffix: str = ".weight") -> None:
+        """Every compressed module's weight (`suffix` "": every compressed fused expert parameter) went through
+        `Sparse24Expand`: a transformers version whose weight loading bypassed it would otherwise leave those weights
+        randomly initialised, with a warning at most."""
         missing = [name for name in compressed if name not in self.expanded]
         if missing:
             raise SparseCheckpointError(
                 f"{len(missing)} compressed 2:4 weights were not decompressed while transformers "
-                f"{transformers_version} loaded the checkpoint (first: {missing[0]}.weight); the model would hold "
+                f"{transformers_version} loaded the checkpoint (first: {missing[0]}{suffix}); the model would hold "
                 "random weights there. Please report this with your transformers version; hf_semisparse is tested "
                 "with transformers 5.17 and the newest release."
             )
@@ -340,8 +401,10 @@ class SemiSparseHfQuantizer(HfQuantizer):
             for c in getattr(model, "_weight_conversions", None) or []
             if not any(isinstance(op, Sparse24Expand) for op in getattr(c, "operations", []))
         ]
+        # values first: transformers <= 5.17 names a reversed converter's outputs after these patterns in order
         ours = WeightConverter(["weight", "weight" + BITMASK_SUFFIX], "weight", [Sparse24Expand(self)])
-        model._weight_conversions = [*kept, ours]
+        experts = _expert_converters(sorted(self.saved_experts), Sparse24Expand(self), for_saving=True)
+        model._weight_conversions = [*kept, ours, *experts]
 
     def is_serializable(self):
         return True
@@ -349,6 +412,19 @@ class SemiSparseHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self):
         return True
+
+
+def _expert_converters(names: list[str], operation, for_saving: bool = False) -> list:
+    """One weight converter per kind of fused expert parameter (`experts.gate_up_proj`, `experts.down_proj`):
+    the values and `_bitmask` of each are expanded into the parameter. The patterns hold the experts module's own
+    name, so a dense `shared_expert.down_proj.weight` is not collected."""
+    from transformers.core_model_loading import WeightConverter
+
+    patterns = sorted({".".join(name.rsplit(".", 2)[-2:]) for name in names})
+    return [
+        WeightConverter([p, p + BITMASK_SUFFIX] if for_saving else [p + BITMASK_SUFFIX, p], p, [operation])
+        for p in patterns
+    ]
 
 
 def _model_name(checkpoint_name: str, modules: dict, prefix: str) -> str | None:

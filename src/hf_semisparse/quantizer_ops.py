@@ -73,20 +73,28 @@ class Sparse24Expand(ConversionOps):
                 self._record(full_layer_name)
             if not isinstance(value, list):
                 result[key] = result[key][0]
-        if list(result) == ["weight"] and full_layer_name is not None:  # one module's weight
-            weight = _one(result["weight"])
-            compressed = "weight" + BITMASK_SUFFIX in input_dict
+        if (
+            len(result) == 1 and full_layer_name is not None
+        ):  # one module's weight, or one fused expert weight
+            (key,) = result
+            weight = _one(result[key])
+            compressed = key + BITMASK_SUFFIX in input_dict
             return {full_layer_name: self._finish(weight, full_layer_name, compressed=compressed)}
         return result
 
     def _record(self, full_layer_name: str) -> None:
-        """Tell the quantizer that this module's weight was decompressed (`_check_all_expanded` after loading)."""
-        self.hf_quantizer.expanded.add(full_layer_name.rsplit(".", 1)[0])
+        """Tell the quantizer that this module's weight (or this fused expert parameter) was decompressed
+        (`_check_all_expanded` after loading)."""
+        self.hf_quantizer.expanded.update((full_layer_name.rsplit(".", 1)[0], full_layer_name))
 
     def _finish(self, weight, full_layer_name, compressed):
+        quantizer = self.hf_quantizer
         if compressed:
             self._record(full_layer_name)
-        if compressed and full_layer_name.rsplit(".", 1)[0] in self.hf_quantizer.transposed_modules:
+        if compressed and (
+            full_layer_name.rsplit(".", 1)[0] in quantizer.transposed_modules
+            or full_layer_name in quantizer.transposed_experts
+        ):
             weight = weight.transpose(-2, -1).contiguous()
         return weight  # already in the planned dtype (`SemiSparseHfQuantizer.get_new_dtype`)
 
@@ -111,7 +119,12 @@ class Sparse24Compress(ConversionOps):
             tensor = _one(value)
             name = full_layer_name or key
             module_name = name[: -len(".weight")] if name.endswith(".weight") else None
-            if module_name is not None and module_name in self.hf_quantizer.saved_targets:
+            if name in self.hf_quantizer.saved_experts:
+                weight = tensor.transpose(-2, -1) if self.hf_quantizer.saved_experts[name] else tensor
+                values, bitmask = compress_values(weight, name)
+                out[name] = values
+                out[name + BITMASK_SUFFIX] = bitmask
+            elif module_name is not None and module_name in self.hf_quantizer.saved_targets:
                 weight = tensor.t() if module_name in self.hf_quantizer.saved_transposed else tensor
                 values, bitmask = compress_values(weight, name)
                 out[name] = values

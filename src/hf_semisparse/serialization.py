@@ -20,6 +20,7 @@ from torch import nn
 from . import save_destination
 from .checkpoint_format import (
     BITMASK_SUFFIX,
+    EXPERTS_FORMAT_VERSION,
     FORMAT_VERSION,
     QUANT_METHOD,
     SPARSITY_FORMAT,
@@ -103,13 +104,13 @@ def sparse_targets(model: nn.Module) -> dict[str, nn.Module]:
     root = unwrap_model(model)
     modules = dict(root.named_modules())
     recorded = getattr(getattr(root, "config", None), "sparsity_config", None)
-    if isinstance(recorded, dict) and recorded.get("targets"):
-        missing = [n for n in recorded["targets"] if n not in modules]
+    if isinstance(recorded, dict) and (recorded.get("targets") or recorded.get("expert_targets")):
+        missing = [n for n in recorded.get("targets") or [] if n not in modules]
         if missing:
             raise SparseCheckpointError(
                 f"config.sparsity_config names modules the model lacks: {missing[:5]}"
             )
-        return {n: modules[n] for n in recorded["targets"]}
+        return {n: modules[n] for n in recorded.get("targets") or []}
     out = {}
     for name, module in modules.items():
         if not is_linear_module(module):
@@ -123,6 +124,44 @@ def sparse_targets(model: nn.Module) -> dict[str, nn.Module]:
         ) and find_nm_violation(weight) is None:
             out[name] = module
     return out
+
+
+def sparse_expert_params(model: nn.Module) -> dict[str, bool]:
+    """Fused expert parameters stored compressed -> whether their module stores them `[experts, in, out]`.
+
+    The recorded `config.sparsity_config["expert_targets"]`, else every fused expert weight of a transformers
+    experts module that is 2:4 along its input dimension (and not all zero).
+
+    Raises:
+        SparseCheckpointError: a recorded name is not a fused expert weight of the model.
+    """
+    from .targets import EXPERT_PARAMS, is_experts_module
+
+    root = unwrap_model(model)
+    modules = dict(root.named_modules())
+    recorded = getattr(getattr(root, "config", None), "sparsity_config", None)
+    found: dict[str, tuple[nn.Module, str]] = {}
+    for name, module in modules.items():
+        if is_experts_module(module):
+            for param in EXPERT_PARAMS:
+                tensor = getattr(module, param, None)
+                if isinstance(tensor, torch.Tensor) and tensor.dim() == 3:
+                    found[f"{name}.{param}"] = (module, param)
+    if isinstance(recorded, dict) and (recorded.get("targets") or recorded.get("expert_targets")):
+        names = list(recorded.get("expert_targets") or [])
+        missing = [n for n in names if n not in found]
+        if missing:
+            raise SparseCheckpointError(
+                f"config.sparsity_config names fused expert weights the model lacks: {missing[:5]}"
+            )
+    else:
+        names = []
+        for name, (module, param) in found.items():
+            weight = getattr(module, param)
+            view = weight.transpose(-2, -1) if getattr(module, "is_transposed", False) else weight
+            if view.shape[-1] % 4 == 0 and not (view == 0).all() and find_nm_violation(view) is None:
+                names.append(name)
+    return {n: bool(getattr(found[n][0], "is_transposed", False)) for n in names}
 
 
 # ----------------------------------------------------------------------------- save
@@ -243,9 +282,15 @@ def save_sparse_pretrained(
     source = getattr(getattr(root, "config", None), "_name_or_path", None)
     destination = check_save_destination(save_directory, source=source or None, overwrite=overwrite)
     targets = sparse_targets(root)
-    if not targets:
+    experts = sparse_expert_params(root)
+    if not targets and not experts:
         raise SparseCheckpointError(
             "no 2:4 linear layer to compress: prune the model first (prune_24 or SparsityTrainer)"
+        )
+    if legacy and experts:
+        raise SparseCheckpointError(
+            f"the compressed-tensors layout holds 2-D weights only, and this model has 2:4 fused expert weights "
+            f"({sorted(experts)[:2]}...): save it in the hf_semisparse format (the default)"
         )
     check_not_tied(root, targets)
     from .targets import is_linear_module
@@ -256,7 +301,15 @@ def save_sparse_pretrained(
     transposed, dense_bytes, compressed_bytes = [], 0, 0
     for name, tensor in state.items():
         module_name = name[: -len(".weight")] if name.endswith(".weight") else None
-        if module_name in targets:
+        if name in experts:
+            weight = tensor.transpose(-2, -1) if experts[name] else tensor
+            values, bitmask = compress_values(weight, name)
+            parts = {name: values, name + BITMASK_SUFFIX: bitmask}
+            tensors.update(parts)
+            groups.append(list(parts))
+            dense_bytes += weight.numel() * weight.element_size()
+            compressed_bytes += values.numel() * values.element_size() + bitmask.numel()
+        elif module_name in targets:
             module = targets[module_name]
             weight = tensor if isinstance(module, nn.Linear) else tensor.t()
             if not isinstance(module, nn.Linear):
@@ -308,9 +361,17 @@ def save_sparse_pretrained(
         quant_config = {
             "quant_method": QUANT_METHOD,
             "format": SPARSITY_FORMAT,
-            "version": FORMAT_VERSION,
+            "version": EXPERTS_FORMAT_VERSION if experts else FORMAT_VERSION,
             "targets": target_names,
             "transposed": sorted(transposed),
+            **(
+                {
+                    "expert_targets": sorted(experts),
+                    "expert_transposed": sorted(n for n, t in experts.items() if t),
+                }
+                if experts
+                else {}
+            ),
             "ignore": ignore,
             **ours,
         }
@@ -319,7 +380,7 @@ def save_sparse_pretrained(
             "format": SPARSITY_FORMAT,
             "targets": len(target_names),
             "library": f"hf_semisparse {__version__}",
-            "version": 1 if legacy else FORMAT_VERSION,
+            "version": 1 if legacy else quant_config["version"],
         }
     )
 
@@ -360,6 +421,7 @@ def save_sparse_pretrained(
         raise
     return {
         "targets": target_names,
+        "expert_targets": sorted(experts),
         "dense_target_bytes": dense_bytes,
         "compressed_target_bytes": compressed_bytes,
         "target_ratio": compressed_bytes / dense_bytes,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -27,59 +28,126 @@ except ImportError:  # torch built without distributed support
     FSDP1_TYPES = ()
 
 
+EXPERT_PARAMS = ("gate_up_proj", "up_proj", "down_proj")  # transformers 5 fused expert weights
+
+
 @dataclass
 class SparseTarget:
-    """A module whose weight is N:M sparsified."""
+    """A weight that is N:M sparsified: a linear layer's `weight`, or a fused mixture-of-experts parameter.
+
+    A linear target is named after its module (`model.layers.0.mlp.up_proj`); an expert target after its parameter
+    (`model.layers.0.mlp.experts.gate_up_proj`, shape `[experts, out, in]`, or `[experts, in, out]` when the
+    experts module is `is_transposed`). Masks are computed in the "linear view" `[..., out, in]`, whose last
+    dimension is the one the matmul contracts, so each expert's matrix is pruned along its own input dimension.
+    """
 
     name: str
     module: nn.Module
-    transposed: bool  # True for Conv1D, whose weight is [in, out]
+    transposed: bool  # True for Conv1D ([in, out]) and transposed experts ([experts, in, out])
+    param_name: str = "weight"
 
     @property
     def weight(self) -> nn.Parameter:
-        return self.module.weight
-
-    def linear_view(self, tensor: torch.Tensor | None = None) -> torch.Tensor:
-        """`tensor` (default: the weight) seen as `[out, in]`, the layout masks are computed in."""
-        tensor = self.weight if tensor is None else tensor
-        return tensor.t() if self.transposed else tensor
+        return getattr(self.module, self.param_name)
 
     @property
-    def shape(self) -> tuple[int, int]:
+    def is_expert(self) -> bool:
+        """A fused `[experts, ...]` parameter of a transformers mixture-of-experts module."""
+        return self.param_name != "weight"
+
+    @property
+    def weight_name(self) -> str:
+        """The parameter's qualified name (`...up_proj.weight`, or the expert parameter's own name)."""
+        return self.name if self.is_expert else f"{self.name}.weight"
+
+    @property
+    def module_name(self) -> str:
+        return self.name.rsplit(".", 1)[0] if self.is_expert else self.name
+
+    def linear_view(self, tensor: torch.Tensor | None = None) -> torch.Tensor:
+        """`tensor` (default: the weight) seen as `[..., out, in]`, the layout masks are computed in."""
+        tensor = self.weight if tensor is None else tensor
+        return tensor.transpose(-2, -1) if self.transposed else tensor
+
+    def param_view(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Inverse of `linear_view`: an `[..., out, in]` tensor in the parameter's own layout."""
+        return tensor.transpose(-2, -1) if self.transposed else tensor
+
+    @property
+    def shape(self) -> tuple[int, ...]:
         return tuple(self.linear_view().shape)
+
+
+def is_experts_module(module: nn.Module) -> bool:
+    """A transformers 5 experts module (`@use_experts_implementation`): fused 3-D expert weights whose layout
+    the decorator records (`is_transposed`, `has_gate`), dispatched to eager / batched_mm / grouped_mm."""
+    return (
+        hasattr(module, "is_transposed")
+        and hasattr(module, "has_gate")
+        and any(
+            isinstance(getattr(module, p, None), torch.Tensor) and getattr(module, p).dim() == 3
+            for p in EXPERT_PARAMS
+        )
+    )
 
 
 @dataclass
 class ModuleDecision:
+    """One weight of the model: sparsified or kept dense, and why.
+
+    `kind` is "linear" (a linear layer, named after its module), "experts" (a fused mixture-of-experts parameter,
+    named after the parameter) or "other" (another weight of 2 or more dimensions, named after the parameter:
+    embeddings, routers, ..., always dense).
+    """
+
     name: str
     module_type: str
-    shape: tuple[int, ...] | None  # [out, in]
+    shape: tuple[int, ...] | None  # [out, in]; [experts, out, in] for expert weights
     selected: bool
     reason: str
+    kind: str = "linear"
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape) if self.shape else 0
 
 
 @dataclass
 class SparsityReport:
-    """Per module: sparsified or skipped, and why."""
+    """Per weight: sparsified or kept dense, and why (every weight of 2 or more dimensions is listed)."""
 
     decisions: list[ModuleDecision]
     pattern: str = "2:4"
 
     @property
     def targets(self) -> list[str]:
-        return [d.name for d in self.decisions if d.selected]
+        """The sparsified linear layers (module names)."""
+        return [d.name for d in self.decisions if d.selected and d.kind == "linear"]
+
+    @property
+    def expert_targets(self) -> list[str]:
+        """The sparsified fused expert parameters (parameter names, e.g. `...mlp.experts.gate_up_proj`)."""
+        return [d.name for d in self.decisions if d.selected and d.kind == "experts"]
 
     @property
     def skipped(self) -> list[ModuleDecision]:
         return [d for d in self.decisions if not d.selected]
 
+    @property
+    def sparsified_share(self) -> float:
+        """Share of the listed weights' parameters that are sparsified (0 to 1)."""
+        total = sum(d.numel for d in self.decisions)
+        return sum(d.numel for d in self.decisions if d.selected) / total if total else 0.0
+
     def to_dict(self) -> dict:
         return {
             "pattern": self.pattern,
+            "sparsified_share": round(self.sparsified_share, 4),
             "modules": [
                 {
                     "name": d.name,
                     "type": d.module_type,
+                    "kind": d.kind,
                     "shape": list(d.shape) if d.shape else None,
                     "sparsified": d.selected,
                     "reason": d.reason,
@@ -90,12 +158,21 @@ class SparsityReport:
 
     def __str__(self) -> str:
         width = max((len(d.name) for d in self.decisions), default=4)
-        lines = [f"{'module':<{width}}  {'shape':>12}  status"]
+        lines = [f"{'weight':<{width}}  {'shape':>14}  status"]
         for d in self.decisions:
             shape = "x".join(map(str, d.shape)) if d.shape else "-"
-            status = f"{self.pattern} sparse" if d.selected else f"skipped: {d.reason}"
-            lines.append(f"{d.name:<{width}}  {shape:>12}  {status}")
-        lines.append(f"{len(self.targets)} of {len(self.decisions)} linear modules sparsified")
+            status = f"{self.pattern} sparse" if d.selected else f"dense: {d.reason}"
+            lines.append(f"{d.name:<{width}}  {shape:>14}  {status}")
+        linear = [d for d in self.decisions if d.kind == "linear"]
+        experts = [d for d in self.decisions if d.kind == "experts"]
+        summary = f"{len(self.targets)} of {len(linear)} linear modules sparsified"
+        if experts:
+            summary += f", {len(self.expert_targets)} of {len(experts)} fused expert weights"
+        summary += (
+            f"; {self.sparsified_share:.0%} of the parameters of the {len(self.decisions)} weights listed are "
+            f"{self.pattern} sparse"
+        )
+        lines.append(summary)
         return "\n".join(lines)
 
 
@@ -159,24 +236,82 @@ def _tied_to_non_linear(name: str, shared: dict[str, list[str]], model: nn.Modul
     )
 
 
-def _dense_expert_weights(model: nn.Module) -> list[ModuleDecision]:
-    """Fused 3-D weights (transformers 5 mixture-of-experts layers: `[experts, out, in]` parameters such as
-    Mixtral's `experts.gate_up_proj` / `experts.down_proj`), listed so the report shows they stay dense."""
-    found = []
-    for module_name, module in model.named_modules():
-        for param_name, param in module.named_parameters(recurse=False):
-            if param.dim() == 3:
-                found.append(
-                    ModuleDecision(
-                        f"{module_name}.{param_name}" if module_name else param_name,
-                        type(module).__name__,
-                        tuple(param.shape),
-                        False,
-                        "fused 3-D expert weight [experts, out, in]: stays dense (2:4 pruning of fused "
-                        "experts is not supported yet)",
-                    )
-                )
-    return found
+def _expert_decisions(
+    name: str, module: nn.Module, config: SparsityConfig, explicit: bool
+) -> tuple[list[ModuleDecision], list[SparseTarget]]:
+    """The fused expert parameters of the experts module `name`: each expert's `[out, in]` matrix is pruned along
+    its input dimension (groups of `m` along `in`)."""
+    decisions, targets = [], []
+    transposed = bool(getattr(module, "is_transposed", False))
+    for param_name in EXPERT_PARAMS:
+        param = getattr(module, param_name, None)
+        if not isinstance(param, torch.Tensor) or param.dim() != 3:
+            continue
+        full = f"{name}.{param_name}"
+        view = param.transpose(-2, -1) if transposed else param
+        shape = tuple(view.shape)
+        in_f = shape[-1]
+        named = _matches(full, config.target_modules) or _matches(name, config.target_modules)
+        reason = ""
+        if explicit and not named:
+            reason = "not in target_modules"
+        elif _excluded(full, config.exclude_modules):
+            reason = "in exclude_modules"
+        elif in_f % config.m:
+            msg = f"expert input features {in_f} are not a multiple of {config.m}"
+            if explicit:
+                raise ValueError(f"{full}: {msg}, so it has no {config.pattern} groups. Exclude it.")
+            reason = msg
+        elif param.dtype not in KERNEL_DTYPES:
+            reason = f"dtype {param.dtype} is not a floating dtype hf_semisparse prunes"
+        elif min(shape[-2:]) < config.min_features:
+            reason = f"too small (min_features={config.min_features})"
+        decisions.append(
+            ModuleDecision(
+                full, type(module).__name__, shape, not reason, reason or "selected", kind="experts"
+            )
+        )
+        if not reason:
+            targets.append(SparseTarget(full, module, transposed, param_name))
+    return decisions, targets
+
+
+def _is_router(name: str, module: nn.Module, parent: nn.Module | None) -> bool:
+    """A mixture-of-experts router: a `...Router` module, or the `gate` beside an experts module."""
+    if "router" in type(module).__name__.lower():
+        return True
+    last = name.rsplit(".", 1)[-1]
+    return (
+        parent is not None
+        and last in ("gate", "router")
+        and any(is_experts_module(m) for m in parent.children())
+    )
+
+
+def _other_weight_decisions(
+    name: str, module: nn.Module, parent: nn.Module | None, embeddings: set[int], unsupported_3d: bool
+) -> list[ModuleDecision]:
+    """Weights of 2 or more dimensions of a module that is neither a linear layer nor an experts module."""
+    out = []
+    for param_name, param in module.named_parameters(recurse=False):
+        if param.dim() < 2:
+            continue
+        if id(module) in embeddings or isinstance(module, nn.Embedding):
+            reason = "embedding: a table lookup, not a matmul (2:4 does not apply)"
+        elif _is_router(name, module, parent):
+            reason = "mixture-of-experts router: kept dense (small, and every token's routing depends on it)"
+        elif param.dim() == 3 and unsupported_3d:
+            reason = (
+                f"fused 3-D weight of {type(module).__name__}, not a transformers experts module "
+                "(@use_experts_implementation): its layout is unknown, so it stays dense"
+            )
+        else:
+            reason = f"weight of a {type(module).__name__}, not a linear layer: no {param.dim()}-D 2:4 rule"
+        full = f"{name}.{param_name}" if name else param_name
+        out.append(
+            ModuleDecision(full, type(module).__name__, tuple(param.shape), False, reason, kind="other")
+        )
+    return out
 
 
 def select_targets(model: nn.Module, config: SparsityConfig) -> tuple[list[SparseTarget], SparsityReport]:
@@ -204,6 +339,15 @@ def select_targets(model: nn.Module, config: SparsityConfig) -> tuple[list[Spars
     decisions: list[ModuleDecision] = []
     explicit = config.target_modules is not None
     adapters = adapter_prefixes(model)
+    modules = dict(model.named_modules())
+    embeddings = set()
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            found = getattr(model, getter)() if hasattr(model, getter) else None
+        except (AttributeError, NotImplementedError):
+            found = None
+        if isinstance(found, nn.Module) and not is_linear_module(found):
+            embeddings.add(id(found))
 
     for wrapped_name, module in model.named_modules():
         if not wrapped_name:
@@ -224,12 +368,20 @@ def select_targets(model: nn.Module, config: SparsityConfig) -> tuple[list[Spars
                 )
             continue
         named = _matches(name, config.target_modules)
+        if is_experts_module(module):
+            found, selected = _expert_decisions(name, module, config, explicit)
+            decisions += found
+            targets += selected
+            continue
         if not is_linear_module(module):
+            parent = modules.get(wrapped_name.rsplit(".", 1)[0]) if "." in wrapped_name else model
+            decisions += _other_weight_decisions(name, module, parent, embeddings, True)
             has_weight = isinstance(getattr(module, "weight", None), torch.Tensor)
             if named and has_weight and not list(module.children()):
                 raise TypeError(
-                    f"target_modules selects {name} ({type(module).__name__}), but only nn.Linear and "
-                    "transformers' Conv1D can be N:M sparsified. Narrow target_modules."
+                    f"target_modules selects {name} ({type(module).__name__}), but only nn.Linear, "
+                    "transformers' Conv1D and the fused weights of transformers experts modules can be N:M "
+                    "sparsified. Narrow target_modules."
                 )
             continue
 
@@ -269,7 +421,6 @@ def select_targets(model: nn.Module, config: SparsityConfig) -> tuple[list[Spars
         if not reason:
             targets.append(SparseTarget(name, module, transposed))
 
-    decisions += _dense_expert_weights(model)
     report = SparsityReport(decisions, pattern=config.pattern)
     if not targets:
         raise NoTargetsError(

@@ -174,6 +174,44 @@ class _InputStats:
         self.add(inputs[0])
 
 
+class _ExpertStats:
+    """The input statistics of one fused expert weight, one `_InputStats` per expert (its routed tokens only)."""
+
+    def __init__(self, method: str, num_experts: int) -> None:
+        self.experts = [_InputStats(method) for _ in range(num_experts)]
+
+    @property
+    def count(self) -> int:
+        return sum(e.count for e in self.experts)
+
+
+def _expert_hidden(module: nn.Module, x: torch.Tensor, expert: int) -> torch.Tensor:
+    """The input of expert `expert`'s down projection for its routed tokens `x` `[tokens, hidden]`: the up (or
+    gate-up) projection, its bias, then the module's own gating (`_apply_gate`) or activation, as transformers'
+    experts forwards (eager, batched_mm, grouped_mm in `transformers.integrations.moe`) compute it."""
+    has_gate = bool(getattr(module, "has_gate", True))
+    up = "gate_up_proj" if has_gate else "up_proj"
+    weight = getattr(module, up)[expert]
+    out = x @ weight if getattr(module, "is_transposed", False) else nn.functional.linear(x, weight)
+    if getattr(module, "has_bias", False):
+        out = out + getattr(module, f"{up}_bias")[expert]
+    return module._apply_gate(out) if has_gate else module.act_fn(out)
+
+
+def _routed_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(hidden_states [tokens, hidden], top_k_index [tokens, k])` of a call to an experts module."""
+    names = ("hidden_states", "top_k_index")
+    values = [args[i] if len(args) > i else kwargs.get(name) for i, name in enumerate(names)]
+    if not all(torch.is_tensor(v) for v in values):
+        raise TypeError(
+            "an experts module was called without (hidden_states, top_k_index, top_k_weights): hf_semisparse "
+            "reads the routing of transformers 5 experts modules (@use_experts_implementation) from these arguments"
+        )
+    hidden, index = values
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    return hidden, index.reshape(hidden.shape[0], -1)
+
+
 class StatsCollector:
     """Forward hooks that gather the input statistics of several targets.
 
@@ -190,9 +228,42 @@ class StatsCollector:
         self._handles: list = []
 
     def attach(self, targets: list[SparseTarget]) -> StatsCollector:
+        experts: dict[int, list[SparseTarget]] = {}
         for t in targets:
-            self._handles.append(t.module.register_forward_hook(self._hook(t.name)))
+            if t.is_expert:
+                experts.setdefault(id(t.module), []).append(t)
+            else:
+                self._handles.append(t.module.register_forward_hook(self._hook(t.name)))
+        for group in experts.values():
+            hook = self._expert_hook(group)
+            self._handles.append(group[0].module.register_forward_pre_hook(hook, with_kwargs=True))
         return self
+
+    def _expert_hook(self, targets: list[SparseTarget]):
+        """Statistics per expert from the tokens the router sends to it: the fused input projection sees the
+        routed hidden states, the down projection their gated up projection (recomputed here, so that the
+        statistics do not depend on which transformers experts implementation runs the forward)."""
+        by_param = {t.param_name: t.name for t in targets}
+
+        def hook(module, args, kwargs) -> None:
+            hidden, index = _routed_inputs(args, kwargs)
+            num_experts = getattr(targets[0].weight, "shape", (0,))[0]
+            for name in by_param.values():
+                if name not in self.order:
+                    self.order.append(name)
+                self.stats.setdefault(name, _ExpertStats(self.method, num_experts))
+            for expert in range(num_experts):
+                rows = (index == expert).any(dim=-1).nonzero().flatten()
+                if rows.numel() == 0:
+                    continue
+                x = hidden[rows]
+                for param, name in by_param.items():
+                    if param != "down_proj":
+                        self.stats[name].experts[expert].add(x)
+                if "down_proj" in by_param:
+                    self.stats[by_param["down_proj"]].experts[expert].add(_expert_hidden(module, x, expert))
+
+        return hook
 
     def detach(self) -> None:
         for h in self._handles:
@@ -221,26 +292,62 @@ class StatsCollector:
 def pruned_weight(
     target: SparseTarget,
     weight: torch.Tensor,
-    stats: _InputStats | None,
+    stats: _InputStats | _ExpertStats | None,
     method: str,
     n: int,
     m: int,
     blocksize: int,
     damp: float,
 ) -> torch.Tensor:
-    """The 2:4-pruned `[out, in]` float32 weight of `target`, validated; nothing is written.
+    """The N:M-pruned `[out, in]` float32 weight of `target` (`[experts, out, in]` for a fused expert weight,
+    each expert pruned with the statistics of the tokens routed to it), validated; nothing is written.
+
+    An expert that received no calibration token is pruned by magnitude, with a warning naming it.
 
     Raises:
         RuntimeError: the target saw no calibration input.
         ValueError: its statistics or result hold NaN/inf (the message names the layer and the likely cause).
         torch.linalg.LinAlgError: SparseGPT's Hessian stays indefinite (named).
     """
-    check_finite_weight(target.name, weight)
-    count = 0 if stats is None else stats.count
-    if count == 0:
-        check_statistics(target.name, method, 0, torch.zeros(0), weight.shape[1])
+    check_finite_weight(target.weight_name, weight)
+    if stats is None or stats.count == 0:
+        check_statistics(target.name, method, 0, torch.zeros(0), weight.shape[-1])
+    if not isinstance(stats, _ExpertStats):
+        return _pruned_matrix(target.name, weight, stats, method, n, m, blocksize, damp)
+    new = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
+    unrouted = []
+    for expert, expert_stats in enumerate(stats.experts):
+        if expert_stats.count == 0:
+            unrouted.append(expert)
+            new[expert] = weight[expert].float() * compute_nm_mask(weight[expert], n, m)
+            continue
+        label = f"{target.name}[expert {expert}]"
+        new[expert] = _pruned_matrix(label, weight[expert], expert_stats, method, n, m, blocksize, damp)
+    if unrouted:
+        logger.warning(
+            "%s: expert(s) %s received no calibration token; their %d:%d masks are chosen by magnitude. Calibrate "
+            "on more (or more varied) data to give every expert tokens.",
+            target.name,
+            unrouted,
+            n,
+            m,
+        )
+    return new
+
+
+def _pruned_matrix(
+    name: str,
+    weight: torch.Tensor,
+    stats: _InputStats,
+    method: str,
+    n: int,
+    m: int,
+    blocksize: int,
+    damp: float,
+) -> torch.Tensor:
+    """Wanda or SparseGPT on one `[out, in]` matrix with its input statistics; validated, float32."""
     stat = stats.value / stats.count
-    check_statistics(target.name, method, count, stat, weight.shape[1])
+    check_statistics(name, method, stats.count, stat, weight.shape[1])
     try:
         if method == "wanda":
             mask = compute_nm_mask(weight, n, m, scores=wanda_scores(weight, stat))
@@ -248,27 +355,26 @@ def pruned_weight(
         else:
             new = sparsegpt_nm(weight, stat, n, m, blocksize, damp)
     except torch.linalg.LinAlgError as exc:
-        raise torch.linalg.LinAlgError(f"{target.name}: {exc}. {FP16_HINT}") from exc
+        raise torch.linalg.LinAlgError(f"{name}: {exc}. {FP16_HINT}") from exc
     if not bool(torch.isfinite(new).all()):
-        raise ValueError(f"{target.name}: {method} produced NaN or infinite weights. {FP16_HINT}")
+        raise ValueError(f"{name}: {method} produced NaN or infinite weights. {FP16_HINT}")
     return new
 
 
 def write_linear(target: SparseTarget, new: torch.Tensor) -> None:
-    """Write an `[out, in]` weight into `target` (its module or accelerate's offloaded copy)."""
-    write_weight(target.module, new.t() if target.transposed else new)
+    """Write an `[..., out, in]` weight into `target` (its module or accelerate's offloaded copy)."""
+    write_weight(target.module, target.param_view(new), target.param_name)
 
 
 def read_linear(target: SparseTarget, device: torch.device | None = None) -> torch.Tensor:
     """`target`'s weight in `[out, in]` layout (loaded from accelerate's offload when offloaded)."""
-    weight = read_weight(target.module, device)
-    return weight.t() if target.transposed else weight
+    return target.linear_view(read_weight(target.module, device, target.param_name))
 
 
 def check_targets_finite(targets: list[SparseTarget]) -> None:
     """Refuse, before any write, a target whose weight holds NaN/inf (named)."""
     for t in targets:
-        check_finite_weight(t.name, read_linear(t))
+        check_finite_weight(t.weight_name, read_linear(t))
 
 
 def calibrated_prune_(

@@ -31,24 +31,25 @@ def is_offloaded(module: nn.Module) -> bool:
     return offload_hook(module) is not None
 
 
-def read_weight(module: nn.Module, device: torch.device | None = None) -> torch.Tensor:
-    """The module's weight as stored (parameter layout), on `device` (default: where it is)."""
+def read_weight(module: nn.Module, device: torch.device | None = None, name: str = "weight") -> torch.Tensor:
+    """The module's parameter `name` as stored (parameter layout), on `device` (default: where it is)."""
     hook = offload_hook(module)
-    weight = hook.weights_map["weight"] if hook is not None else module.weight.detach()
+    weight = hook.weights_map[name] if hook is not None else getattr(module, name).detach()
     return weight if device is None else weight.to(device)
 
 
-def write_weight(module: nn.Module, new: torch.Tensor) -> None:
-    """Replace the module's weight (parameter layout, same shape) with `new`, cast to the stored dtype."""
+def write_weight(module: nn.Module, new: torch.Tensor, name: str = "weight") -> None:
+    """Replace the module's parameter `name` (parameter layout, same shape) with `new`, cast to its dtype."""
     hook = offload_hook(module)
     if hook is None:
+        param = getattr(module, name)
         with torch.no_grad():
-            module.weight.copy_(new.to(module.weight.dtype))
+            param.copy_(new.to(param.dtype))
         return
     weights_map = hook.weights_map
     dataset = getattr(weights_map, "dataset", weights_map)
-    key = f"{getattr(weights_map, 'prefix', '')}weight"
-    old = weights_map["weight"]
+    key = f"{getattr(weights_map, 'prefix', '')}{name}"
+    old = weights_map[name]
     value = new.detach().to(device=old.device, dtype=old.dtype).contiguous()
     state_dict = getattr(dataset, "state_dict", None)
     index = getattr(dataset, "index", None)

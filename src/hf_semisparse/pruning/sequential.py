@@ -230,8 +230,8 @@ def sequential_prune_(
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     first_block = order[f"{list_name}.0"]
     inside = [t for t in targets if t.name.startswith(f"{list_name}.")]
-    before = [t for t in targets if t not in inside and order[t.name] < first_block]
-    after = [t for t in targets if t not in inside and order[t.name] > first_block]
+    before = [t for t in targets if t not in inside and order[t.module_name] < first_block]
+    after = [t for t in targets if t not in inside and order[t.module_name] > first_block]
     stats: dict = {"pipeline": "sequential", "blocks": 0, "block_s": [], "fallback_targets": []}
     was_training = model.training
     model.eval()

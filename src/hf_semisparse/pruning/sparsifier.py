@@ -34,7 +34,14 @@ MASKS_VERSION = "1"
 
 def _stored_weight(target) -> torch.Tensor:
     """The target's weight, loaded from accelerate's offload when the module holds only a meta placeholder."""
-    return read_weight(target.module) if is_offloaded(target.module) else target.weight
+    return (
+        read_weight(target.module, name=target.param_name) if is_offloaded(target.module) else target.weight
+    )
+
+
+def _partial_mask(cfg: SparsityConfig, weight: torch.Tensor, level: float) -> torch.Tensor:
+    scores = compute_scores(cfg.method, weight)
+    return compute_partial_nm_mask(weight, level, cfg.n, cfg.m, scores=scores)
 
 
 def _multi_process() -> bool:
@@ -69,15 +76,17 @@ class Sparsifier:
         finite = [torch.isfinite(full_tensor(s)).all() for s in sources.values() if s.device.type != "meta"]
         if finite and not bool(torch.stack([f.to(finite[0].device) for f in finite]).all()):
             for target in self.targets:
-                check_finite_weight(target.name, full_tensor(sources[target.name]))
+                check_finite_weight(target.weight_name, full_tensor(sources[target.name]))
         for target in self.targets:
             source = sources[target.name]
             # a sharded (FSDP2) weight is gathered: the groups may straddle shards, and every rank gets the same
             # mask; the mask is then sharded as the weight is
             weight = target.linear_view(full_tensor(source))
-            scores = compute_scores(cfg.method, weight)
-            mask = compute_partial_nm_mask(weight, level, cfg.n, cfg.m, scores=scores)
-            self.masks[target.name] = like((mask.t() if target.transposed else mask).contiguous(), source)
+            if weight.dim() == 3:  # fused experts: one expert at a time bounds the sort's memory
+                mask = torch.stack([_partial_mask(cfg, w, level) for w in weight.unbind(0)])
+            else:
+                mask = _partial_mask(cfg, weight, level)
+            self.masks[target.name] = like(target.param_view(mask).contiguous(), source)
         self.level = level
         self.apply_masks()
 
@@ -93,8 +102,10 @@ class Sparsifier:
         self._multiply_by_masks(lambda target: [target.weight.data])
         for target in self.targets:
             if target.name in self.masks and is_offloaded(target.module):
-                weight = read_weight(target.module)
-                write_weight(target.module, weight * self._mask_on(target.name, weight.device))
+                weight = read_weight(target.module, name=target.param_name)
+                write_weight(
+                    target.module, weight * self._mask_on(target.name, weight.device), name=target.param_name
+                )
 
     def _multiply_by_masks(self, tensors_of) -> None:
         """Multiply the tensors `tensors_of(target)` (None entries skipped) of every masked target by its mask, in
@@ -154,8 +165,8 @@ class Sparsifier:
             bad = find_nm_violation(full_tensor(target.linear_view()), self.config.n, self.config.m)
             if bad is not None:
                 raise ValueError(
-                    f"{target.name}.weight is not {self.config.pattern} sparse: the group at {bad.index} "
-                    f"(in [out, in] layout) has {bad.nonzeros} non-zeros"
+                    f"{target.weight_name} is not {self.config.pattern} sparse: the group at {bad.index} "
+                    f"(in [..., out, in] layout) has {bad.nonzeros} non-zeros"
                 )
 
     # ------------------------------------------------------------------ gradients
@@ -251,7 +262,7 @@ class Sparsifier:
             if mask is None:
                 continue
             mask = full_tensor(mask)
-            linear = mask.t() if target.transposed else mask
+            linear = target.linear_view(mask)
             tensors[f"{target.name}.mask"] = pack_mask(linear.cpu().contiguous())
             shapes[target.name] = list(linear.shape)
             if target.name in self.dense_shadow:
@@ -343,9 +354,7 @@ class Sparsifier:
                     f"{path}: mask of {target.name} does not match the checkpoint's weights "
                     "(non-zero weights where the mask prunes); the files come from different steps"
                 )
-            masks[target.name] = like(
-                (linear.t() if target.transposed else linear).contiguous(), target.weight
-            )
+            masks[target.name] = like(target.param_view(linear).contiguous(), target.weight)
             dense_key = f"{target.name}.dense"
             if dense_key in tensors:
                 shadows[target.name] = like(tensors[dense_key].to(target.weight.dtype), target.weight)
@@ -434,6 +443,7 @@ def record_sparsity_in_config(model: torch.nn.Module, config: SparsityConfig, re
         **config.to_dict(),
         "pattern": config.pattern,
         "targets": report.targets,
+        **({"expert_targets": report.expert_targets} if report.expert_targets else {}),
         "library": "hf_semisparse",
         "library_version": __version__,
     }
@@ -457,10 +467,19 @@ def _inherited_mask_source(model, hf_config, config: SparsityConfig, report: Spa
         return None
     if sorted(previous.get("targets") or []) != sorted(report.targets):
         return None
+    if sorted(previous.get("expert_targets") or []) != sorted(report.expert_targets):
+        return None
     modules = modules_by_base_name(model)  # through a PEFT wrapper: the base layers
+    weights = []
     for name in report.targets:
         module = modules.get(name)
-        weight = module.weight if isinstance(module, torch.nn.Linear) else module.weight.t()
+        weights.append(module.weight if isinstance(module, torch.nn.Linear) else module.weight.t())
+    for name in report.expert_targets:
+        module_name, param_name = name.rsplit(".", 1)
+        module = modules.get(module_name)
+        param = getattr(module, param_name)
+        weights.append(param.transpose(-2, -1) if getattr(module, "is_transposed", False) else param)
+    for weight in weights:
         if find_nm_violation(full_tensor(weight.detach()), config.n, config.m) is not None:
             return None
     return source

@@ -11,7 +11,7 @@ FP16_HINT = (
 
 
 def check_finite_weight(name: str, weight: torch.Tensor) -> None:
-    """Raise `ValueError` naming `name` if `weight` holds NaN or infinite values.
+    """Raise `ValueError` naming the parameter `name` (e.g. `...up_proj.weight`) if `weight` holds NaN or inf.
 
     Pruning a layer whose weight is not finite would spread the NaN (SparseGPT's update mixes columns) or pick
     an arbitrary mask (magnitude, Wanda), so it is refused before any weight of the model is written.
@@ -23,7 +23,7 @@ def check_finite_weight(name: str, weight: torch.Tensor) -> None:
         bad = int((~finite).sum())
         first = tuple(int(i) for i in torch.nonzero(~finite)[0])
         raise ValueError(
-            f"{name}.weight holds {bad} NaN or infinite value(s) (first at index {first}, shape "
+            f"{name} holds {bad} NaN or infinite value(s) (first at index {first}, shape "
             f"{tuple(weight.shape)}); 2:4 pruning needs finite weights. The model is unchanged: repair or "
             "reload the checkpoint, or exclude the layer with exclude_modules."
         )
