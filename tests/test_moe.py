@@ -3,6 +3,7 @@ training, compressed checkpoints that plain `from_pretrained` loads exactly."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 
@@ -197,7 +198,8 @@ def test_wanda_statistics_of_an_expert_are_those_of_its_routed_tokens():
 
     # prune_24 (block by block) picks exactly the masks these per-expert norms give for the first block
     prune_24(model, SparsityConfig(method="wanda"), calibration_data=data, show_progress=False)
-    for param, stats in (("gate_up_proj", "model.layers.0.mlp.experts.gate_up_proj"),):
+    for param in ("gate_up_proj", "down_proj"):
+        stats = f"model.layers.0.mlp.experts.{param}"
         for e in range(EXPERTS):
             before = getattr(make_moe("mixtral").model.layers[0].mlp.experts, param)[e].detach()
             norms = collector.stats[stats].experts[e].value
@@ -348,3 +350,36 @@ def test_block_by_block_and_whole_model_pipelines_agree_on_experts():
     got, expected = expert_params(sequential), expert_params(per_block)
     for name, weight in expected.items():
         assert torch.equal(got[name], weight), name
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_experts_offloaded_to_disk_by_accelerate_get_the_same_statistics(method, tmp_path):
+    """The experts' statistics hook runs before accelerate's hook puts offloaded weights in place: the down
+    projection's inputs must be recomputed from the offloaded weights, not from the meta placeholders."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_semisparse.pruning.offload import read_weight
+
+    base = make_moe("mixtral", layers=2).eval()
+    base.save_pretrained(tmp_path / "dense")
+    data = batches()
+    reference = copy.deepcopy(base)
+    prune_24(reference, SparsityConfig(method=method), calibration_data=data, show_progress=False)
+    device_map = {
+        "model.embed_tokens": "cpu",
+        "model.layers.0": "cpu",
+        "model.layers.1": "disk",
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "cpu",
+    }
+    offloaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "dense", device_map=device_map, offload_folder=str(tmp_path / "off"), dtype=torch.float32
+    )
+    assert offloaded.model.layers[1].mlp.experts.down_proj.device.type == "meta"
+    prune_24(offloaded, SparsityConfig(method=method), calibration_data=data, show_progress=False)
+    modules = dict(offloaded.named_modules())
+    for name, expected in expert_params(reference).items():
+        module, param = name.rsplit(".", 1)
+        got = read_weight(modules[module], torch.device("cpu"), param)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5, msg=name)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..masks import compute_nm_mask
 from ..targets import SparseTarget
-from .offload import read_weight, write_weight
+from .offload import is_offloaded, read_weight, write_weight
 from .validation import FP16_HINT, check_finite_weight, check_statistics
 
 logger = logging.getLogger(__name__)
@@ -185,17 +185,34 @@ class _ExpertStats:
         return sum(e.count for e in self.experts)
 
 
-def _expert_hidden(module: nn.Module, x: torch.Tensor, expert: int) -> torch.Tensor:
+def _expert_up_params(module: nn.Module, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The fused up (or gate-up) weight of an experts module and its bias (or None), on `device`. Read through
+    accelerate's offload map when the module is offloaded: a forward pre-hook runs before accelerate's own hook
+    has put the weights in place (they are still on the meta device there)."""
+    up = "gate_up_proj" if bool(getattr(module, "has_gate", True)) else "up_proj"
+    has_bias = getattr(module, "has_bias", False)
+    if is_offloaded(module):
+        bias = read_weight(module, device, f"{up}_bias") if has_bias else None
+        return read_weight(module, device, up), bias
+    return getattr(module, up).detach(), getattr(module, f"{up}_bias").detach() if has_bias else None
+
+
+def _expert_hidden(
+    module: nn.Module,
+    x: torch.Tensor,
+    expert: int,
+    up: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+) -> torch.Tensor:
     """The input of expert `expert`'s down projection for its routed tokens `x` `[tokens, hidden]`: the up (or
     gate-up) projection, its bias, then the module's own gating (`_apply_gate`) or activation, as transformers'
-    experts forwards (eager, batched_mm, grouped_mm in `transformers.integrations.moe`) compute it."""
-    has_gate = bool(getattr(module, "has_gate", True))
-    up = "gate_up_proj" if has_gate else "up_proj"
-    weight = getattr(module, up)[expert]
+    experts forwards (eager, batched_mm, grouped_mm in `transformers.integrations.moe`) compute it. `up`: the
+    module's `_expert_up_params` (read once per call of the module)."""
+    weights, biases = up if up is not None else _expert_up_params(module, x.device)
+    weight = weights[expert]
     out = x @ weight if getattr(module, "is_transposed", False) else nn.functional.linear(x, weight)
-    if getattr(module, "has_bias", False):
-        out = out + getattr(module, f"{up}_bias")[expert]
-    return module._apply_gate(out) if has_gate else module.act_fn(out)
+    if biases is not None:
+        out = out + biases[expert]
+    return module._apply_gate(out) if bool(getattr(module, "has_gate", True)) else module.act_fn(out)
 
 
 def _routed_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,6 +269,7 @@ class StatsCollector:
                 if name not in self.order:
                     self.order.append(name)
                 self.stats.setdefault(name, _ExpertStats(self.method, num_experts))
+            up = _expert_up_params(module, hidden.device) if "down_proj" in by_param else None
             for expert in range(num_experts):
                 rows = (index == expert).any(dim=-1).nonzero().flatten()
                 if rows.numel() == 0:
@@ -261,7 +279,9 @@ class StatsCollector:
                     if param != "down_proj":
                         self.stats[name].experts[expert].add(x)
                 if "down_proj" in by_param:
-                    self.stats[by_param["down_proj"]].experts[expert].add(_expert_hidden(module, x, expert))
+                    self.stats[by_param["down_proj"]].experts[expert].add(
+                        _expert_hidden(module, x, expert, up)
+                    )
 
         return hook
 
