@@ -340,6 +340,12 @@ def test_a_dense_checkpoint_of_a_pruned_moe_is_checked_on_load(tmp_path):
     model.save_pretrained(tmp_path / "broken")
     with pytest.raises(SparseCheckpointError, match=r"experts\.down_proj is recorded as 2:4"):
         AutoSparseModel.from_pretrained(tmp_path / "broken", model_class=MixtralForCausalLM)
+    # inspect reads tensors without building the model: the per-expert tensors are not the recorded fused weight,
+    # and it says it could not check them instead of passing them
+    from hf_semisparse.cli import inspect_checkpoint
+
+    problems = inspect_checkpoint(str(tmp_path / "broken"))["problems"]
+    assert any("experts.down_proj" in p and "not checked by inspect" in p for p in problems), problems
 
 
 def test_block_by_block_and_whole_model_pipelines_agree_on_experts():
