@@ -170,13 +170,38 @@ def test_inverse_cholesky_is_the_upper_factor_of_the_damped_inverse(cols):
     torch.testing.assert_close(identity, torch.eye(cols, dtype=torch.float64), rtol=0, atol=1e-4)
 
 
+def test_sparsegpt_solves_on_one_cpu_thread_and_restores_the_count(monkeypatch):
+    import hf_semisparse.pruning.calibrated as calibrated
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # so that one thread inside is a change this test can see
+    seen = []
+    real = calibrated._inverse_cholesky
+    monkeypatch.setattr(
+        calibrated,
+        "_inverse_cholesky",
+        lambda h, damp, tries=4: seen.append(torch.get_num_threads()) or real(h, damp),
+    )
+    try:
+        w = torch.randn(8, 16)
+        x = torch.randn(64, 16)
+        calibrated.sparsegpt_nm(w, x.t() @ x / 64)
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_sparsegpt_restores_the_thread_count_after_an_error():
     threads = torch.get_num_threads()
-    h = torch.eye(8)
-    h[3, 3] = float("nan")
-    with pytest.raises(torch.linalg.LinAlgError):
-        sparsegpt_nm(torch.randn(4, 8), h)
-    assert torch.get_num_threads() == threads
+    torch.set_num_threads(2)  # not already 1, or a restore that never happened would pass
+    try:
+        h = torch.eye(8)
+        h[3, 3] = float("nan")
+        with pytest.raises(torch.linalg.LinAlgError):
+            sparsegpt_nm(torch.randn(4, 8), h)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_sparsegpt_raises_damping_for_an_indefinite_hessian(caplog):

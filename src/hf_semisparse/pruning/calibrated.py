@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
@@ -102,12 +103,23 @@ def _one_cpu_thread(device: torch.device) -> Iterator[None]:
     if device.type != "cpu":
         yield
         return
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
+    # torch's thread count is process-wide: nested or concurrent solves set and restore it once, at the outermost
+    with _ONE_THREAD_LOCK:
+        _ONE_THREAD_STATE["depth"] += 1
+        if _ONE_THREAD_STATE["depth"] == 1:
+            _ONE_THREAD_STATE["saved"] = torch.get_num_threads()
+            torch.set_num_threads(1)
     try:
         yield
     finally:
-        torch.set_num_threads(saved)
+        with _ONE_THREAD_LOCK:
+            _ONE_THREAD_STATE["depth"] -= 1
+            if _ONE_THREAD_STATE["depth"] == 0:
+                torch.set_num_threads(_ONE_THREAD_STATE["saved"])
+
+
+_ONE_THREAD_LOCK = threading.Lock()
+_ONE_THREAD_STATE = {"depth": 0, "saved": 1}
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float, tries: int = 4) -> torch.Tensor:
