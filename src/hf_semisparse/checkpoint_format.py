@@ -198,7 +198,9 @@ def _check_ours(quant: dict, tensors: dict[str, TensorInfo]) -> CheckpointLayout
         or not (targets or quant.get("expert_targets"))
         or not all(isinstance(t, str) for t in targets)
     ):
-        raise SparseCheckpointError("quantization_config.targets must be a non-empty list of module names")
+        raise SparseCheckpointError(
+            "quantization_config.targets must be a list of module names, and it or expert_targets non-empty"
+        )
     transposed = quant.get("transposed", [])
     if not isinstance(transposed, list) or not set(transposed) <= set(targets):
         raise SparseCheckpointError(
