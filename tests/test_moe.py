@@ -389,3 +389,24 @@ def test_experts_offloaded_to_disk_by_accelerate_get_the_same_statistics(method,
         module, param = name.rsplit(".", 1)
         got = read_weight(modules[module], torch.device("cpu"), param)
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_format_version_follows_the_experts(tmp_path):
+    """Version 3 exactly when expert weights are compressed; a config that lists experts under version 2 (edited,
+    or written by another tool) is refused before anything loads."""
+    model = make_moe("mixtral", layers=1).eval()
+    prune_24(model, show_progress=False)
+    save_sparse_pretrained(model, tmp_path / "experts")
+    config_path = tmp_path / "experts" / "config.json"
+    config = json.loads(config_path.read_text())
+    assert config["quantization_config"]["version"] == 3
+    config["quantization_config"]["version"] = 2
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(SparseCheckpointError, match="lists expert_targets but says format version 2"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "experts")
+
+    dense_experts = make_moe("mixtral", layers=1).eval()
+    prune_24(dense_experts, SparsityConfig(exclude_modules=["lm_head", "experts"]), show_progress=False)
+    save_sparse_pretrained(dense_experts, tmp_path / "linear")
+    quant = json.loads((tmp_path / "linear" / "config.json").read_text())["quantization_config"]
+    assert quant["version"] == 2 and not quant.get("expert_targets")
