@@ -11,6 +11,7 @@ every step, so the two-rank run and the single-process run compute the same aver
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import sys
 
@@ -21,6 +22,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from hf_semisparse import SparsityCallback, SparsityConfig  # noqa: E402
 from tests.conftest import ToyDataset, make_model  # noqa: E402
+
+# a rank that waits for a peer forever prints where it waits and exits, so the test fails with a traceback
+# instead of hanging until its timeout (tests/test_distributed.py)
+faulthandler.dump_traceback_later(int(os.environ.get("HF_SEMISPARSE_WORKER_TIMEOUT", "180")), exit=True)
 
 
 def build_model() -> torch.nn.Module:

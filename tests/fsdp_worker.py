@@ -14,6 +14,7 @@ the full weights, shards them when there are several ranks, then loads the masks
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import sys
 
@@ -26,6 +27,10 @@ from hf_semisparse.distributed import full_tensor  # noqa: E402
 from hf_semisparse.pruning import Sparsifier  # noqa: E402
 from tests.conftest import ToyDataset  # noqa: E402
 from tests.ddp_worker import build_model, finish  # noqa: E402
+
+# a rank that waits for a peer forever prints where it waits and exits, so the test fails with a traceback
+# instead of hanging until its timeout (tests/test_distributed.py)
+faulthandler.dump_traceback_later(int(os.environ.get("HF_SEMISPARSE_WORKER_TIMEOUT", "180")), exit=True)
 
 
 def full_state(model, sp) -> dict:
