@@ -56,6 +56,7 @@ class Sparse24Expand(ConversionOps):
                 raise SparseCheckpointError(f"{module}: compressed weight lacks its bitmask or shape tensor")
             check_legacy_shape(module, shape, values)
             dense = expand_values(values, bitmask, f"{module}.weight")
+            self._record(full_layer_name)
             return {full_layer_name: self._finish(dense, full_layer_name, compressed=True)}
         result = {}
         for key, value in input_dict.items():
@@ -89,8 +90,6 @@ class Sparse24Expand(ConversionOps):
 
     def _finish(self, weight, full_layer_name, compressed):
         quantizer = self.hf_quantizer
-        if compressed:
-            self._record(full_layer_name)
         if compressed and (
             full_layer_name.rsplit(".", 1)[0] in quantizer.transposed_modules
             or full_layer_name in quantizer.transposed_experts

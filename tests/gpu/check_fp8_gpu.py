@@ -37,6 +37,7 @@ import traceback
 
 import torch
 import torch.nn.functional as F
+from script_checks import CHECKS, FAILURES, check  # tests/gpu, beside this script
 
 from hf_semisparse.kernels import accelerate_24, cutlass_fp8
 from hf_semisparse.kernels.fp8_linear import Fp8SemiSparseLinear, fp8_handle
@@ -51,16 +52,6 @@ MODEL_TOL = 3e-2  # a model's logits against the same FP8 math in torch (roundin
 MODEL_QUANT_TOL = 0.15  # a random 2-layer model's logits against bf16 2:4 (9.2e-2 in the CPU emulation)
 SHAPES_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 TOKENS = (16, 128, 2048, 8192)
-FAILURES: list[str] = []
-CHECKS: list[str] = []
-
-
-def check(ok: bool, what: str) -> None:
-    line = ("ok    " if ok else "FAIL  ") + what
-    print(line, flush=True)
-    CHECKS.append(line)
-    if not ok:
-        FAILURES.append(what)
 
 
 def sparse_weight(n: int, k: int, dtype, seed: int = 0) -> torch.Tensor:

@@ -39,6 +39,7 @@ import time
 import traceback
 
 import torch
+from script_checks import CHECKS, FAILURES, check  # tests/gpu, beside this script
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_semisparse import is_nm_sparse, prune_24
@@ -51,16 +52,6 @@ TOL = 5e-3  # fp16 logits against the fp32 reference, relative (Frobenius)
 # the adapter must move the reference logits by more than this (else the checks cannot see a wrong mask)
 ADAPTER_EFFECT = 1e-2
 SHAPES = {"prefill 1x512": (1, 512), "decode-like 16x1": (16, 1)}
-FAILURES: list[str] = []
-CHECKS: list[str] = []
-
-
-def check(ok: bool, what: str) -> None:
-    line = ("ok    " if ok else "FAIL  ") + what
-    print(line, flush=True)
-    CHECKS.append(line)
-    if not ok:
-        FAILURES.append(what)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
