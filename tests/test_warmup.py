@@ -315,12 +315,13 @@ def test_compiled_siblings_of_one_input_share_a_round_only_for_the_same_shape(ba
 
 
 def test_quick_searches_try_the_fastest_ids_of_the_shapes_first_search(monkeypatch):
-    """The first quick search of a shape tries ids up to FIRST_SEARCH_MAX_ALG_ID (bf16 on an H200: ids 0-3 were the
-    slowest at decode sizes); later quick searches of that shape try ids 0-3 and that search's fastest ids."""
+    """The first quick search of a shape tries every id (on an H200 the fastest decode kernels were ids 15-25);
+    later quick searches of that shape try ids 0-3 and that search's fastest ids."""
     from hf_semisparse.kernels import tuning
 
     assert tuning.candidate_alg_ids(40, quick=False, ranking=None) == list(range(41))
-    assert tuning.candidate_alg_ids(21, quick=True, ranking=None) == list(range(16))
+    assert tuning.candidate_alg_ids(21, quick=True, ranking=None) == list(range(22))
+    assert tuning.candidate_alg_ids(35, quick=True, ranking=None) == list(range(36))
     assert tuning.candidate_alg_ids(21, quick=True, ranking=[10, 7, 11, 0, 4]) == [0, 1, 2, 3, 7, 10, 11]
     assert tuning.candidate_alg_ids(2, quick=True, ranking=[10]) == [0, 1, 2]  # ids the shape has
 
@@ -372,7 +373,7 @@ def test_quick_searches_try_the_fastest_ids_of_the_shapes_first_search(monkeypat
     first, second = ({i for i in t if isinstance(i, int)} for t in timed)
     assert set(range(16)) <= first
     assert {0, 1, 2, 3, 10, 7, 11} <= second and not second & {5, 6, 8, 9, 12, 13, 14, 15}
-    timed.append([])  # a prefill size ranks on its own: its first quick search tries ids 0-15 again
+    timed.append([])  # a prefill size ranks on its own: its first quick search tries every id again
     tuning.search_alg(FakeHandle(), 64, 64, 512, torch.bfloat16, None, False, None, x, 0, quick=True)
     assert set(range(16)) <= set(timed[-1])
 

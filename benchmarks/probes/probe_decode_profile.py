@@ -6,8 +6,9 @@ A diagnosis for `bench_generate.py`, whose bf16 rows ran at about half of dense'
    sparse or dense, the algorithm, both times, the reason;
 2. decode tokens/s of dense and ours on the compiled static-cache path (`--layers` blocks of Llama-3-8B's shapes),
    then torch.profiler over `--profile-steps` decode steps of each: the CUDA kernels by total time;
-3. every cuSPARSELt algorithm id up to `--max-alg`, timed from CUDA graph replays at `--alg-tokens` tokens for
-   two shapes, per dtype, with the dense GEMM (cuBLAS) beside them.
+3. every cuSPARSELt algorithm id up to `--max-alg` (and split-K variants of the fastest), timed from CUDA graph
+   replays at `--alg-tokens` tokens for Llama-3-8B's four GEMM shapes, per dtype, with the dense GEMM (cuBLAS) and
+   the time of reading the weight at copy bandwidth beside them.
 
     PYTHONPATH=src python benchmarks/probes/probe_decode_profile.py --layers 2 --json out.json
 """
@@ -56,14 +57,54 @@ def kernel_table(model, ids, steps: int) -> list[dict]:
         if cuda_us > 0:
             rows.append({"name": event.key[:110], "calls": event.count, "cuda_us": cuda_us})
     rows.sort(key=lambda r: -r["cuda_us"])
-    return rows[:25]
+    return rows
 
 
-def alg_table(dtype: torch.dtype, tokens: int, max_alg: int) -> list[dict]:
+GEMM_KERNEL_NAMES = ("gemm", "nvjet", "xmma", "cutlass", "splitkreduce")
+
+
+def time_split(rows: list[dict], steps: int) -> dict:
+    """CUDA time per decode step, in GEMM kernels (cuBLAS, cuSPARSELt, CUTLASS) and in everything else."""
+    gemm = sum(r["cuda_us"] for r in rows if any(n in r["name"].lower() for n in GEMM_KERNEL_NAMES))
+    total = sum(r["cuda_us"] for r in rows)
+    return {
+        "gemm_us_per_step": gemm / steps,
+        "other_us_per_step": (total - gemm) / steps,
+        "kernels": len(rows),
+    }
+
+
+# Llama-3-8B's 2:4 GEMMs at decode, as accelerate_24 runs them: q/k/v joined, o, gate/up joined, down
+SHAPES = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336))
+
+
+def time_alg(handle, w, compressed, x, out, alg: AlgConfig) -> float | str:
+    """Microseconds of one cuSPARSELt GEMM with `alg` (CUDA graph replays), or why it could not run."""
+    (n, k), tokens = w.shape, x.shape[0]
+    try:
+        plan = MatmulPlan(handle, n, k, tokens, w.dtype, alg=alg)
+        ws = torch.empty(max(plan.workspace_size, 1), dtype=torch.uint8, device="cuda")
+
+        def run():
+            plan.run(compressed, x, out, ws, torch.cuda.current_stream().cuda_stream)
+
+        us = time_cuda_us(run, graph=True, inner=20)
+        torch.testing.assert_close(out.float(), F.linear(x, w).float(), rtol=2e-2, atol=2e-1)
+        return us
+    except (CusparseLtError, AssertionError) as exc:
+        return repr(exc)[:120]
+
+
+def alg_table(dtype: torch.dtype, tokens: int, max_alg: int, bandwidth: float | None) -> list[dict]:
+    """Every cuSPARSELt algorithm id up to `max_alg` (and split-K / Segment-K variants of the fastest) at `tokens`
+    tokens, per shape, from CUDA graph replays, beside dense; `bandwidth` (bytes/s, measured by a copy): the time
+    reading the weight once would take, dense and compressed (0.5625x the bytes)."""
+    from hf_semisparse.kernels.tuning import SEGMENT_K_CANDIDATES, SPLIT_K_CANDIDATES
+
     backend = get_backend()
     handle = backend.handle(torch.device("cuda"))
     rows = []
-    for n, k in ((4096, 4096), (28672, 4096)):
+    for n, k in SHAPES:
         w = torch.randn(n, k, dtype=dtype, device="cuda")
         w = w * compute_nm_mask(w, 2, 4)
         compressed = handle.compress(w)
@@ -71,32 +112,44 @@ def alg_table(dtype: torch.dtype, tokens: int, max_alg: int) -> list[dict]:
         out = torch.empty(tokens, n, dtype=dtype, device="cuda")
         dense_us = time_cuda_us(lambda x=x, w=w: F.linear(x, w), graph=True, inner=20)
         row = {"n": n, "k": k, "m": tokens, "dtype": str(dtype), "dense_us": dense_us, "algs": {}}
+        if bandwidth:
+            row["dense_bound_us"] = n * k * w.element_size() / bandwidth * 1e6
+            row["sparse_bound_us"] = row["dense_bound_us"] * 0.5625
         probe = MatmulPlan(handle, n, k, tokens, dtype)
         row["max_alg_id"] = probe.max_alg_id()
+
         for alg_id in range(min(max_alg, row["max_alg_id"]) + 1):
-            try:
-                plan = MatmulPlan(handle, n, k, tokens, dtype, alg=AlgConfig(alg_id))
-                ws = torch.empty(max(plan.workspace_size, 1), dtype=torch.uint8, device="cuda")
-
-                def run(plan=plan, ws=ws, x=x, out=out, compressed=compressed):
-                    plan.run(compressed, x, out, ws, torch.cuda.current_stream().cuda_stream)
-
-                us = time_cuda_us(run, graph=True, inner=20)
-                torch.testing.assert_close(out.float(), F.linear(x, w).float(), rtol=2e-2, atol=2e-1)
-                row["algs"][alg_id] = us
-            except (CusparseLtError, AssertionError) as exc:
-                row["algs"][alg_id] = repr(exc)[:120]
+            row["algs"][str(alg_id)] = time_alg(handle, w, compressed, x, out, AlgConfig(alg_id))
+        timed = {i: v for i, v in row["algs"].items() if isinstance(v, float)}
+        if timed:
+            best = int(min(timed, key=timed.get))
+            for split_k, mode in (*SPLIT_K_CANDIDATES, *SEGMENT_K_CANDIDATES):
+                buffers = split_k - 1 if split_k > 1 else 1
+                alg = AlgConfig(best, split_k, mode, buffers)
+                row["algs"][f"{best}/split{split_k}/mode{mode}"] = time_alg(
+                    handle, w, compressed, x, out, alg
+                )
         rows.append(row)
-        best = min((v for v in row["algs"].values() if isinstance(v, float)), default=float("nan"))
+        best_us = min((v for v in row["algs"].values() if isinstance(v, float)), default=float("nan"))
+        row["best_us"] = best_us
+        bound = f", compressed-bytes bound {row['sparse_bound_us']:.1f} us" if bandwidth else ""
         print(
             f"  {dtype} N{n} K{k} M{tokens}: max alg id {row['max_alg_id']}, dense {dense_us:.1f} us, best 2:4 "
-            f"{best:.1f} us; per id: "
+            f"{best_us:.1f} us{bound}; per id: "
             + ", ".join(
                 f"{i}:{v:.1f}" if isinstance(v, float) else f"{i}:err" for i, v in row["algs"].items()
             ),
             flush=True,
         )
     return rows
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a device-to-device copy of 1 GiB (read + write counted), the practical bandwidth bound."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    us = time_cuda_us(lambda: dst.copy_(src), repeats=5, inner=2)
+    return 2 * src.numel() / (us * 1e-6)
 
 
 def main() -> None:
@@ -108,14 +161,16 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--profile-steps", type=int, default=8)
     p.add_argument("--alg-tokens", type=int, default=16)
-    p.add_argument("--max-alg", type=int, default=11)
+    p.add_argument("--max-alg", type=int, default=35)
     p.add_argument("--json", default="outputs/probe_decode_profile.json")
     args = p.parse_args()
     results: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "args": vars(args)}
+    results["copy_bandwidth_bytes_per_s"] = bandwidth = copy_bandwidth()
+    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
     for name in args.dtypes:
         dtype = DTYPES[name]
         print(f"=== {name}", flush=True)
-        results[name] = {"alg_table": alg_table(dtype, args.alg_tokens, args.max_alg)}
+        results[name] = {"alg_table": alg_table(dtype, args.alg_tokens, args.max_alg, bandwidth)}
         dense = build_model(args.layers, dtype)
         ours = copy.deepcopy(dense)
         results[name]["accelerate"] = str(accelerate_24(ours))
@@ -129,14 +184,20 @@ def main() -> None:
             generate(model, ids, args.new_tokens, compiled=True)  # compiles
             tps = generate(model, ids, args.new_tokens, compiled=True)["tokens_per_s"]
             table = kernel_table(model, ids, args.profile_steps)
+            split = time_split(table, args.profile_steps)
             skips = {k: v for k, v in counters["inductor"].items() if "cudagraph" in k}
             results[name][label] = {
                 "tokens_per_s": tps,
-                "kernels": table,
+                "kernels": table[:25],
+                "cuda_time_split": split,
                 "inductor_cudagraph_counters": skips,
             }
             print(f"  [{name} {label}] inductor cudagraph counters: {skips}", flush=True)
-            print(f"  [{name} {label}] {tps:.1f} tokens/s; top kernels over {args.profile_steps} steps:")
+            print(
+                f"  [{name} {label}] {tps:.1f} tokens/s = {1e3 / tps * args.batch:.2f} ms/step; CUDA time per step: "
+                f"GEMMs {split['gemm_us_per_step']:.0f} us, other {split['other_us_per_step']:.0f} us; top kernels "
+                f"over {args.profile_steps} steps:"
+            )
             for row in table[:14]:
                 print(f"    {row['cuda_us']:9.0f} us {row['calls']:6d}x  {row['name']}", flush=True)
         del dense, ours

@@ -416,10 +416,12 @@ def search_config(
     c: torch.Tensor | None = None,
 ) -> tuple[AlgConfig, float, float | None]:
     """`tuning.search_alg` for the CUTLASS kernels: every tile configuration timed, the three fastest again in
-    turn with `dense`; the fastest configuration, its median time (us) and that of `dense` (None without it)."""
-    from .tuning import pick_finalist, time_cuda_us
+    turn with `dense`; the fastest configuration, its median time (us) and that of `dense` (None without it).
+    Decode sizes are timed from CUDA graph replays, as `search_alg` times them."""
+    from .tuning import GRAPH_TIMING_MAX_M, graph_timing_allowed, pick_finalist, time_cuda_us
 
     out = torch.empty(m, n, dtype=dtype, device=x.device)
+    graph = m <= GRAPH_TIMING_MAX_M and graph_timing_allowed()
     runners, timings = {}, {}
     for config in range(handle.num_configs):
         alg = AlgConfig(config)
@@ -428,12 +430,13 @@ def search_config(
             ws = torch.empty(max(plan.workspace_size, 1), dtype=torch.uint8, device=x.device)
 
             def fn(plan=plan, ws=ws):
-                plan.run(compressed, x, out, ws, stream, c=c)
+                # captured for graph timing: launched on the capturing stream
+                plan.run(compressed, x, out, ws, _stream(x.device) if graph else stream, c=c)
 
-            timings[alg] = time_cuda_us(fn, warmup=1, repeats=3, inner=3)
+            timings[alg] = time_cuda_us(fn, warmup=1, repeats=3, inner=10 if graph else 3, graph=graph)
         except CutlassUnavailable:
             continue
         runners[alg] = fn
     if not timings:
         raise CutlassUnavailable(f"no CUTLASS configuration runs N{n} K{k} M{m} {dtype}")
-    return pick_finalist(timings, runners, dense)
+    return pick_finalist(timings, runners, dense, graph=graph)

@@ -660,8 +660,10 @@ class SemiSparseLinear(nn.Module):
             return x.new_empty(*lead, self.out_features), False
         # the kernel reads x through its pointer: a contiguous input needs no reshape (host time per call counts)
         padded = padded_tokens(m)
-        if padded != m:
-            x = F.pad(x.reshape(m, self.in_features), (0, 0, 0, padded - m))
+        if padded != m:  # the rows added are never read back: left uninitialised, no fill kernel
+            rows = x.new_empty(padded, self.in_features)
+            rows[:m].copy_(x.reshape(m, self.in_features))
+            x = rows
         elif not x.is_contiguous():
             x = x.contiguous()
         stream = _current_stream(key[0])

@@ -173,11 +173,12 @@ SEGMENT_K_CANDIDATES = ((-1, 1), (-1, 2))
 # The search never tries ids above this; HF_SEMISPARSE_MAX_ALG_ID overrides it.
 SAFE_MAX_ALG_ID = int(os.environ.get("HF_SEMISPARSE_MAX_ALG_ID", "35"))
 QUICK_ALG_IDS = 4  # ids searched by a quick search (warm-ups)
-# the first quick search of a shape (its smallest size: a decode size in a warm-up) tries ids up to this one, and
-# later quick searches of that shape add its fastest ids to the first QUICK_ALG_IDS: on an H200 (cuSPARSELt 0.8,
-# 2026-12-01) none of ids 0-3 came within 2.5x of the fastest bf16 kernel at 16 tokens (N4096 K4096: 49-196 us,
-# id 10: 19 us)
-FIRST_SEARCH_MAX_ALG_ID = 15
+# the first quick search of a shape (its smallest size: a decode size in a warm-up) tries every id a full search
+# tries, and later quick searches of that shape add its fastest ids to the first QUICK_ALG_IDS. On an H200
+# (cuSPARSELt 0.8, 2026-12-01, benchmarks/probes/probe_decode_profile.py) the fastest kernels at 16 tokens were
+# ids 15-25, not 0-3: bf16 N4096 K4096 ids 0-3 took 51-210 us, id 15 19 us; fp16 N6144 K4096 id 15 (the best of
+# 0-15) 14.8 us, id 22 9.0 us
+FIRST_SEARCH_MAX_ALG_ID = SAFE_MAX_ALG_ID
 # (GPU, N, K, dtype, bias, GELU, residual, decode size) -> the ids of its first search, fastest first
 _SHAPE_RANKING: dict[tuple, list[int]] = {}
 QUICK_SPLIT_K_MAX_M = 256  # a quick search tries split-K at these token counts only (decode)
@@ -316,7 +317,7 @@ def search_alg(
 def candidate_alg_ids(max_id: int, quick: bool, ranking: list[int] | None) -> list[int]:
     """The cuSPARSELt algorithm ids a search times, ascending: all up to `max_id` for a full search; for a quick one,
     the first `QUICK_ALG_IDS` plus, once a search of the same shape ranked ids (`ranking`, fastest first), its
-    `QUICK_ALG_IDS` fastest; a shape's first quick search tries ids up to `FIRST_SEARCH_MAX_ALG_ID`."""
+    `QUICK_ALG_IDS` fastest; a shape's first quick search tries ids up to `FIRST_SEARCH_MAX_ALG_ID` (all)."""
     if not quick:
         return list(range(max_id + 1))
     if ranking is None:

@@ -46,7 +46,8 @@ using LayoutD = cutlass::layout::ColumnMajor;
 constexpr int kAlign = 128 / cutlass::sizeof_bits<Element>::value;
 using ProblemShape = Shape<int, int, int, int>;
 
-template <template <class> class Act, class Tile, class Cluster, class MainSched, class EpiSched>
+template <template <class> class Act, class Tile, class Cluster, class MainSched, class EpiSched,
+          class Scheduler = void>
 struct Kernel {
   using Fusion = cutlass::epilogue::fusion::LinCombPerRowBiasEltAct<Act, Element, ElementAcc, Element, Element,
                                                                     ElementAcc>;
@@ -59,7 +60,7 @@ struct Kernel {
       ElementAcc, Tile, Cluster,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
       MainSched>::CollectiveOp;
-  using GemmKernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue>;
+  using GemmKernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue, Scheduler>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
 };
 
@@ -68,24 +69,34 @@ using CoopEpi = cutlass::epilogue::TmaWarpSpecializedCooperative;
 using Ping = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
 using PingEpi = cutlass::epilogue::TmaWarpSpecialized;
 
-// The tile configurations, by index (tile M x N x K, cluster, schedule).
-template <class Tile_, class Cluster_, class Main_, class Epi_>
+// The tile configurations, by index (tile M x N x K, cluster, schedule, tile scheduler).
+template <class Tile_, class Cluster_, class Main_, class Epi_, class Scheduler_ = void>
 struct Config {
   using Tile = Tile_;
   using Cluster = Cluster_;
   using Main = Main_;
   using Epi = Epi_;
+  using Scheduler = Scheduler_;
 };
 using Config0 = Config<Shape<_128, _128, _128>, Shape<_1, _2, _1>, Coop, CoopEpi>;
 using Config1 = Config<Shape<_128, _256, _128>, Shape<_1, _1, _1>, Coop, CoopEpi>;
 using Config2 = Config<Shape<_64, _128, _128>, Shape<_1, _2, _1>, Ping, PingEpi>;
 using Config3 = Config<Shape<_64, _256, _128>, Shape<_1, _1, _1>, Ping, PingEpi>;
 using Config4 = Config<Shape<_256, _128, _128>, Shape<_2, _1, _1>, Coop, CoopEpi>;
-#define HSS_CONFIGS(X) X(0, Config0) X(1, Config1) X(2, Config2) X(3, Config3) X(4, Config4)
-constexpr int kNumConfigs = 5;
+// Decode (a few tokens: GEMM N = 16-64): small token tiles; the weight is the only large operand, so what counts
+// is how many SMs stream it. 64-row tiles give a 4096-row weight 64 CTAs; Stream-K splits K across the rest.
+using Config5 = Config<Shape<_64, _64, _128>, Shape<_1, _1, _1>, Ping, PingEpi>;
+using Config6 = Config<Shape<_64, _32, _128>, Shape<_1, _1, _1>, Ping, PingEpi>;
+using Config7 = Config<Shape<_128, _64, _128>, Shape<_1, _1, _1>, Coop, CoopEpi, cutlass::gemm::StreamKScheduler>;
+using Config8 = Config<Shape<_128, _32, _128>, Shape<_1, _1, _1>, Coop, CoopEpi, cutlass::gemm::StreamKScheduler>;
+#define HSS_CONFIGS(X) \
+  X(0, Config0) X(1, Config1) X(2, Config2) X(3, Config3) X(4, Config4) X(5, Config5) X(6, Config6) X(7, Config7) \
+  X(8, Config8)
+constexpr int kNumConfigs = 9;
 
 template <template <class> class Act, class C>
-using KernelOf = Kernel<Act, typename C::Tile, typename C::Cluster, typename C::Main, typename C::Epi>;
+using KernelOf =
+    Kernel<Act, typename C::Tile, typename C::Cluster, typename C::Main, typename C::Epi, typename C::Scheduler>;
 
 using Reference = KernelOf<cutlass::epilogue::thread::Identity, Config0>;
 using Mainloop0 = Reference::Mainloop;
