@@ -83,6 +83,9 @@ def test_cli_convert_and_inspect(tmp_path, capsys):
     loaded = AutoSparseModel.from_pretrained(tmp_path / "sparse")
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
+    assert main(["inspect", str(tmp_path / "sparse")]) == 0
+    summary = capsys.readouterr().out.splitlines()[-1]
+    assert report["ignored"] and all(name in summary for name in report["ignored"][:5]), summary
 
 
 def test_cli_inspect_flags_a_layer_that_is_not_24(tmp_path, capsys):

@@ -86,6 +86,32 @@ def test_tokenizer_first_then_model(model, tmp_path):
     assert (folder / "README.md").read_text() == "card"
 
 
+def word_tokenizer():
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(WordLevel({"[UNK]": 0, "hello": 1, "world": 2}, unk_token="[UNK]"))
+    backend.pre_tokenizer = Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+
+
+def test_tokenizer_saved_with_the_model_in_one_step(model, tmp_path):
+    from transformers import AutoTokenizer
+
+    save_sparse_pretrained(model, tmp_path / "out", tokenizer=word_tokenizer())
+    assert AutoTokenizer.from_pretrained(tmp_path / "out")("hello world")["input_ids"] == [1, 2]
+    loaded = AutoSparseModel.from_pretrained(tmp_path / "out")
+    assert torch.equal(
+        loaded.state_dict()["transformer.h.0.attn.c_attn.weight"],
+        model.state_dict()["transformer.h.0.attn.c_attn.weight"],
+    )
+    with pytest.raises(TypeError, match="save_pretrained"):
+        save_sparse_pretrained(model, tmp_path / "other", tokenizer="gpt2")
+    assert not (tmp_path / "other").exists()
+
+
 def test_current_directory_is_refused_unless_asked(model, tmp_path, monkeypatch):
     project = tmp_path / "project"
     (project / "src").mkdir(parents=True)

@@ -296,3 +296,33 @@ def test_calibration_inputs_keep_what_models_need():
     assert "labels" not in out
     assert torch.equal(out["decoder_input_ids"], t5.prepare_decoder_input_ids_from_labels(labels=labels))
     assert "labels" not in calibration_inputs(batch, make_model("llama"))  # decoders need no labels
+
+
+def test_prune_24_passes_its_named_calibration_options_and_refuses_them_for_magnitude(monkeypatch):
+    from hf_semisparse.pruning import sparsifier
+
+    seen = {}
+
+    def fake_calibrated_prune_(model, targets, method, batches, n, m, show_progress=True, **options):
+        seen.update(options)
+        return {}
+
+    monkeypatch.setattr("hf_semisparse.pruning.calibrated.calibrated_prune_", fake_calibrated_prune_)
+    model = llama(1)
+    prune_24(
+        model,
+        SparsityConfig(method="sparsegpt"),
+        token_batches(1),
+        show_progress=False,
+        device="cpu",
+        damp=0.05,
+        blocksize=64,
+        true_sequential=True,
+    )
+    assert seen == {"device": "cpu", "damp": 0.05, "blocksize": 64, "true_sequential": True}
+
+    fresh = llama(1)
+    before = copy.deepcopy(fresh.state_dict())
+    with pytest.raises(TypeError, match=r"\['damp'\] only apply to wanda/sparsegpt"):
+        sparsifier.prune_24(fresh, damp=0.05)
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())

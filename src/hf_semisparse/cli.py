@@ -271,8 +271,13 @@ def _inspect(args) -> int:
         for problem in report["problems"]:
             if not any(problem == layer.get("problem") for layer in report["layers"]):
                 print(f"  PROBLEM: {problem}")
+        ignored = report["ignored"]
+        named = ", ".join(map(str, ignored[:5])) + (
+            f" and {len(ignored) - 5} more" if len(ignored) > 5 else ""
+        )
         print(
-            f"{len(report['layers'])} 2:4 layers recorded; {len(report['ignored'])} linear layers left dense"
+            f"{len(report['layers'])} 2:4 layers recorded; {len(ignored)} linear layer"
+            f"{'' if len(ignored) == 1 else 's'} left dense{f' ({named})' if ignored else ''}"
             + ("; every tensor matches its recorded CRC32" if args.verify else "")
         )
     return 0 if _is_sparse(report) else 1

@@ -233,6 +233,7 @@ def save_sparse_pretrained(
     format: str = "hf_semisparse",  # noqa: A002 - as in transformers' save options
     *,
     overwrite: bool = False,
+    tokenizer=None,
 ) -> dict:
     """Save `model` with every 2:4 target weight compressed, never losing files already there.
 
@@ -251,6 +252,8 @@ def save_sparse_pretrained(
         overwrite: also write into a folder that is refused by default: the current directory or a folder above
             it, a folder above the checkpoint the model was loaded from, a non-empty folder holding no checkpoint.
             Even then only the files listed above are replaced.
+        tokenizer: a tokenizer or processor (anything with transformers' `save_pretrained`), saved into the same
+            folder in the same atomic step, so the folder loads with `AutoTokenizer.from_pretrained` too.
 
     Returns:
         A summary: targets, bytes of the pruned layers dense vs compressed, file bytes.
@@ -259,15 +262,18 @@ def save_sparse_pretrained(
         SaveDestinationError: `save_directory` is refused (see `overwrite`), or is a file.
         SparseCheckpointError: the model has no 2:4 layer, or a recorded target is not 2:4 (names the tensor).
         ValueError: `max_shard_size` or an `extra_files` name is invalid.
+        TypeError: `tokenizer` has no `save_pretrained`.
 
     Example:
-        >>> save_sparse_pretrained(model, "out/bert-24")
-        >>> tokenizer.save_pretrained("out/bert-24")  # either order: neither removes the other's files
+        >>> save_sparse_pretrained(model, "out/bert-24", tokenizer=tokenizer)
+        >>> # or tokenizer.save_pretrained("out/bert-24") before or after: neither removes the other's files
     """
     from . import __version__
 
     if format not in ("hf_semisparse", "compressed-tensors"):
         raise ValueError(f"format must be 'hf_semisparse' or 'compressed-tensors', got {format!r}")
+    if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
+        raise TypeError(f"tokenizer must have a save_pretrained method, got {type(tokenizer).__name__}")
     legacy = format == "compressed-tensors"
     shard_limit = parse_shard_size(max_shard_size)
     for fname in extra_files or {}:
@@ -387,6 +393,8 @@ def save_sparse_pretrained(
     shards = _shards(tensors, groups, shard_limit)
     staging = save_destination.stage(destination)
     try:
+        if tokenizer is not None:  # first: the model's own files below replace any namesake it writes
+            tokenizer.save_pretrained(staging)
         config.architectures = [type(root).__name__]  # as transformers' save_pretrained records it
         previous = getattr(config, "quantization_config", None)
         config.quantization_config = quant_config

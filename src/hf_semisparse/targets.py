@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import SparsityConfig
+from .config import DEFAULT_EXCLUDE_MODULES, SparsityConfig
 from .peft_structure import adapter_of, adapter_prefixes, base_name, peft_base_model
 from .utils import unwrap_model
 
@@ -194,6 +194,19 @@ def _excluded(name: str, patterns: list[str] | str | None) -> bool:
         return re.fullmatch(patterns, name) is not None
     parts = name.split(".")
     return any(_matches(".".join(parts[: i + 1]), patterns) for i in range(len(parts)))
+
+
+def _exclusion_reason(name: str, config: SparsityConfig, shared: dict, model: nn.Module) -> str:
+    """Why an excluded layer stays dense, in the words a user needs: a head the default list names is a task or
+    output head (tied to the input embedding, for most decoder LLMs), not something the user chose."""
+    if not _excluded(name, DEFAULT_EXCLUDE_MODULES) or isinstance(config.exclude_modules, str):
+        return "in exclude_modules"
+    if not set(DEFAULT_EXCLUDE_MODULES) <= set(config.exclude_modules):
+        return "in exclude_modules"
+    why = "output or task head, left dense by default (exclude_modules)"
+    if _tied_to_non_linear(name, shared, model):
+        why += f"; its weight is tied to {shared[f'{name}.weight']}"
+    return why
 
 
 def is_linear_module(module: nn.Module) -> bool:
@@ -393,7 +406,7 @@ def select_targets(model: nn.Module, config: SparsityConfig) -> tuple[list[Spars
         if explicit and not named:
             reason = "not in target_modules"
         elif _excluded(name, config.exclude_modules):
-            reason = "in exclude_modules"
+            reason = _exclusion_reason(name, config, shared, model)
         elif not explicit and any(name == h or name.startswith(h + ".") for h in heads):
             reason = "task head (outside the base model)"
         elif in_f % config.m:

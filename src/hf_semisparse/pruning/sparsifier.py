@@ -371,7 +371,13 @@ def prune_24(
     config: SparsityConfig | None = None,
     calibration_data=None,
     show_progress: bool = True,
-    **calibration_options,
+    *,
+    device: torch.device | str | None = None,
+    true_sequential: bool | None = None,
+    offload_activations: bool | None = None,
+    pipeline: str | None = None,
+    blocksize: int | None = None,
+    damp: float | None = None,
 ) -> SparsityReport:
     """One-shot N:M (default 2:4) pruning in place, for people who do not train.
 
@@ -381,29 +387,50 @@ def prune_24(
     Args:
         config: what to prune and how; default 2:4 magnitude.
         calibration_data: batches of model inputs (dicts of tensors), needed by method "wanda" and "sparsegpt".
-        **calibration_options: for "wanda"/"sparsegpt": `device` (compute device of the block-by-block
-            pipeline; default CUDA when available), `true_sequential` (calibrate sub-layers on the outputs of
-            pruned earlier ones), `offload_activations`, `pipeline` ("sequential" or "per_block"); see
-            `hf_semisparse.pruning.calibrated.calibrated_prune_`.
+        show_progress: progress bars (one per transformer block for the calibrated methods).
+
+    Calibration options (method "wanda" or "sparsegpt" only; None: the default of
+    `hf_semisparse.pruning.calibrated.calibrated_prune_`):
+        device: compute device of the block-by-block pipeline (default: CUDA when available); the model may stay
+            on the CPU or be offloaded by accelerate: one block at a time is brought there.
+        true_sequential: SparseGPT calibrates each sub-layer on the outputs of the pruned sub-layers before it
+            (attention before MLP), as the SparseGPT paper's "true sequential" (default False).
+        offload_activations: keep the cached block inputs on the CPU (default: when they would not fit).
+        pipeline: "sequential" (default; each block runs each calibration sample once) or "per_block".
+        blocksize: SparseGPT's column block size (default 128, Frantar & Alistarh 2023).
+        damp: SparseGPT's Hessian dampening, as a fraction of its mean diagonal (default 0.01).
 
     Raises:
         ValueError: a target weight holds NaN/inf (named; the model is unchanged), calibration statistics
             overflow (named, with the likely cause), or calibration data is missing.
+        TypeError: a calibration option given for method "magnitude".
 
     Example:
-        >>> report = prune_24(model, SparsityConfig(method="sparsegpt"), calibration_data=batches)
+        >>> report = prune_24(model, SparsityConfig(method="sparsegpt"), calibration_data=batches, device="cuda")
         >>> print(report)
     """
+    options = {
+        name: value
+        for name, value in dict(
+            device=device,
+            true_sequential=true_sequential,
+            offload_activations=offload_activations,
+            pipeline=pipeline,
+            blocksize=blocksize,
+            damp=damp,
+        ).items()
+        if value is not None
+    }
     config = config or SparsityConfig()
+    if config.method == "magnitude" and options:
+        raise TypeError(f"calibration options {sorted(options)} only apply to wanda/sparsegpt")
     sparsifier = Sparsifier(model, config)
     if config.method != "magnitude":
         if calibration_data is None:
             raise ValueError(
                 f"method {config.method!r} needs calibration_data (a few batches of model inputs)"
             )
-        calibrate(model, sparsifier, calibration_data, show_progress, **calibration_options)
-    elif calibration_options:
-        raise TypeError(f"calibration options {sorted(calibration_options)} only apply to wanda/sparsegpt")
+        calibrate(model, sparsifier, calibration_data, show_progress, **options)
     sparsifier.update_masks(level=1.0)
     record_sparsity_in_config(model, config, sparsifier.report)
     logger.info("Pruned %d modules to %s", len(sparsifier.targets), config.pattern)
