@@ -475,6 +475,7 @@ def main() -> None:
         write_json(args.out, results)
     for name in args.dtypes:
         run_dtype(args, name, DTYPES[name], results)
+        write_json(args.out, results)  # a run cut short keeps the dtypes done
     print_tables(results)
     write_json(args.out, results)
 

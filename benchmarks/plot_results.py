@@ -46,6 +46,15 @@ class Figure:
 # The figures on docs/performance.md. A new run: add its JSON to benchmarks/results/ and a line here.
 FIGURES = [
     Figure(
+        "generate_llama3-8b_bf16_h200_2026-12-01.png",
+        ["h200_bench_generate_8b_bf16_cutlass_2026-12-01.json"],
+        "2026-12-01",
+        "PYTHONPATH=src HF_SEMISPARSE_KERNEL_DIR=build/kernels python benchmarks/bench_generate.py --layers 32 "
+        "--dtypes bf16 --batches 1 8 32 128 --eager-batches 1 --new-tokens 256 --ttft 1x2048 8x2048 --gemm-table "
+        "--reference-batches 1 --out OUT.json",
+        kind="generate",
+    ),
+    Figure(
         "generate_llama3-8b_h200_2026-12-01.png",
         ["h200_bench_generate_8b_fp16_compiled_2026-12-01.json"],
         "2026-12-01",

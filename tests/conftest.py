@@ -185,6 +185,9 @@ class _FakeBackend:
     def handle(self, device):
         return _FakeHandle(self.compressed)
 
+    def cutlass_handle(self, device, dtype):
+        return _FakeHandle(self.compressed)
+
 
 @pytest.fixture
 def backend(monkeypatch):

@@ -161,10 +161,11 @@ def accelerate_24(
         fuse_gelu: in BERT-style intermediate blocks with exact GELU (`kernels/residual.py`), hand the GELU to the
             2:4 layer, which applies it in the GEMM's epilogue on our CUTLASS kernels where that measured faster
             (and as a separate `F.gelu` otherwise).
-        kernel: "auto" runs the layers whose output an epilogue takes (a fused residual add or GELU) on our
-            CUTLASS kernels for Hopper where they are built or can be (built on first use where nvcc is present;
-            `kernels/cutlass_sm90.py`), and every other layer on cuSPARSELt (plain GEMMs ran faster there;
-            docs/performance.md). "cutlass" or "cusparselt" puts every layer on one.
+        kernel: "auto" runs on our CUTLASS kernels for Hopper, where they are built or can be (built on first use
+            where nvcc is present; `kernels/cutlass_sm90.py`), the layers whose output an epilogue takes (a fused
+            residual add or GELU) and every layer of a bf16 decoder (cuSPARSELt 0.8's bf16 kernels ran slower
+            than dense at decode sizes on an H200, ours faster); every other layer runs on cuSPARSELt (plain fp16
+            GEMMs ran faster there; docs/performance.md). "cutlass" or "cusparselt" puts every layer on one.
         weights: "native" runs the weights in the model's dtype. "fp8" runs every 2:4 layer the FP8 kernels can
             take (Hopper, `hf-semisparse build-kernels --fp8`, in_features % 256 == 0, out_features % 64 == 0) as
             an `Fp8SemiSparseLinear`: e4m3 weights with one scale per output channel (computed here from the
@@ -212,12 +213,9 @@ def accelerate_24(
     if reason:
         _say_once(f"not accelerated: {reason}")
         return AccelerationReport(reason=reason)
-    if decoder and param.dtype == torch.bfloat16 and weights == "native" and kernel != "cutlass":
-        _say_once(
-            "bf16 decoder: cuSPARSELt 0.8's bf16 2:4 kernels measured slower than dense at decode sizes on an H200 "
-            "(2026-12-01; fp16 is at parity): for generation, prefer fp16, or keep_dense=True to run dense where "
-            "dense is faster (docs/guides/generation.md)"
-        )
+    # bf16 decoders: cuSPARSELt 0.8's bf16 kernels ran 1.5-1.9x slower than dense at decode sizes on an H200, our
+    # CUTLASS kernels' decode tile configurations 1.0-1.45x faster (benchmarks/probes/probe_decode_kernels.py)
+    prefer_cutlass = kernel == "auto" and decoder and param.dtype == torch.bfloat16
 
     if targets is None:
         recorded = getattr(getattr(root, "config", None), "sparsity_config", None)
@@ -283,7 +281,8 @@ def accelerate_24(
     epilogue_layers = fusion_targets(root, residual=fuse_residual, gelu=fuse_gelu)
     joined: set[str] = set()
     if fuse_projections:
-        joined_kernel = "cutlass" if kernel == "cutlass" else "cusparselt"  # plain GEMMs: no epilogue to fuse
+        # plain GEMMs, no epilogue to fuse: cuSPARSELt, unless CUTLASS is preferred ("auto": where it can run)
+        joined_kernel = "cutlass" if kernel == "cutlass" else "auto" if prefer_cutlass else "cusparselt"
         for parent_name, names in fuse_projections_(root, set(eligible), keep_dense, joined_kernel).items():
             prefix = f"{parent_name}." if parent_name else ""
             joined.update(prefix + n for n in names)
@@ -291,13 +290,22 @@ def accelerate_24(
     for name in eligible:
         if name not in joined:
             parent, child = slot(name)
-            layer_kernel = choose_kernel(kernel, _linear_weight(modules[name]), name in epilogue_layers)
+            takes_epilogue = prefer_cutlass or name in epilogue_layers
+            layer_kernel = choose_kernel(kernel, _linear_weight(modules[name]), takes_epilogue)
             setattr(
                 parent, child, SemiSparseLinear(modules[name], keep_dense=keep_dense, kernel=layer_kernel)
             )
         report.accelerated.append(name)
     for layer in semi_sparse_layers(root):
         report.kernels[layer.kernel] = report.kernels.get(layer.kernel, 0) + 1
+    if decoder and param.dtype == torch.bfloat16 and report.kernels.get("cusparselt"):
+        _say_once(
+            f"bf16 decoder: {report.kernels['cusparselt']} layers run on cuSPARSELt, whose bf16 2:4 kernels measured "
+            "1.5-1.9x slower than dense at decode sizes on an H200 (cuSPARSELt 0.8, 2026-12-01). On Hopper our "
+            "CUTLASS kernels run them faster than dense (kernel='auto' with the kernels built: hf-semisparse "
+            "build-kernels); elsewhere prefer fp16, or keep_dense=True to run dense where dense is faster "
+            "(docs/guides/generation.md)"
+        )
 
     modules = dict(root.named_modules())
     for name, slice_ in modules.items():

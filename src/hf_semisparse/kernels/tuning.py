@@ -179,6 +179,10 @@ QUICK_ALG_IDS = 4  # ids searched by a quick search (warm-ups)
 # ids 15-25, not 0-3: bf16 N4096 K4096 ids 0-3 took 51-210 us, id 15 19 us; fp16 N6144 K4096 id 15 (the best of
 # 0-15) 14.8 us, id 22 9.0 us
 FIRST_SEARCH_MAX_ALG_ID = SAFE_MAX_ALG_ID
+# prefill sizes (M > 256): compute-bound, where cuSPARSELt's first ids win most searches (ids 0-7: 84% of 144 BERT
+# searches on an H100); 16 ids keep the warm-up of a Llama-3-8B's shapes' prefill sizes short
+FIRST_PREFILL_MAX_ALG_ID = 15
+QUICK_PREFILL_HEURISTIC_IDS = 2  # later quick searches at prefill sizes also try ids 0-1
 # (GPU, N, K, dtype, bias, GELU, residual, decode size) -> the ids of its first search, fastest first
 _SHAPE_RANKING: dict[tuple, list[int]] = {}
 QUICK_SPLIT_K_MAX_M = 256  # a quick search tries split-K at these token counts only (decode)
@@ -234,12 +238,11 @@ def search_alg(
 ) -> tuple[AlgConfig, float, float | None]:
     """Time every cuSPARSELt algorithm id on these inputs, then split-K and Segment-K variants of the best ones.
 
-    `quick`: fewer candidates, for warm-ups over many sizes (`candidate_alg_ids`): the first search of a shape
-    tries ids up to `FIRST_SEARCH_MAX_ALG_ID`, later ones the first `QUICK_ALG_IDS` ids (cuSPARSELt ranks its
-    configurations by its own heuristic; ids 0-7 won 84% of 144 searches over BERT shapes on an H100) and the
-    shape's fastest ids so far; split-K only at decode sizes (M <= 256) and Segment-K for the best id only. Each candidate
-    costs about 0.2 s of host time (its algorithm selection); the winner's selection is kept for the plans that
-    follow (`Handle.selection`).
+    `quick`: fewer candidates, for warm-ups over many sizes (`candidate_alg_ids`): the first search of a shape in
+    a regime (decode M <= 256, prefill above) tries every id at decode sizes and ids 0-15 at prefill sizes, later
+    ones that first search's fastest ids (plus ids 0-1 at prefill sizes); split-K (before Hopper) and Segment-K
+    (Hopper) only at decode sizes, for the best id. Each candidate costs about 0.2-0.3 s of host time (its
+    algorithm selection); the winner's selection is kept for the plans that follow (`Handle.selection`).
 
     `dense`: the computation to compare with, called without arguments; the finalists and it are re-timed in turn
     (`time_interleaved`). `c`: search for out = x @ W^T (+ bias) + c, the C operand read in the epilogue (the best
@@ -293,7 +296,9 @@ def search_alg(
         c is not None,
         decode,
     )
-    ids = candidate_alg_ids(min(probe.max_alg_id(), SAFE_MAX_ALG_ID), quick, _SHAPE_RANKING.get(shape))
+    ids = candidate_alg_ids(
+        min(probe.max_alg_id(), SAFE_MAX_ALG_ID), quick, _SHAPE_RANKING.get(shape), decode
+    )
     for alg_id in ids:
         measure(AlgConfig(alg_id))
     if not timings:
@@ -301,11 +306,14 @@ def search_alg(
     ranked = sorted(timings, key=timings.get)
     if shape not in _SHAPE_RANKING:
         _SHAPE_RANKING[shape] = [alg.alg_id for alg in ranked]
-    if not quick or m <= QUICK_SPLIT_K_MAX_M:
+    hopper = torch.cuda.get_device_capability(x.device) >= (9, 0)
+    # split-K: cuSPARSELt 0.8 refused it for every id tried on an H200 ("invalid value"), after the 0.2 s
+    # selection each candidate costs: Segment-K is Hopper's form
+    if not hopper and (not quick or m <= QUICK_SPLIT_K_MAX_M):
         for split_k, mode in SPLIT_K_CANDIDATES:
             if k // split_k >= 64:
                 measure(AlgConfig(ranked[0].alg_id, split_k, mode, split_k - 1))
-    if torch.cuda.get_device_capability(x.device) >= (9, 0):
+    if hopper and (not quick or decode):  # Segment-K tied the plain kernels at 2,048 tokens on an H200
         for alg in ranked[: 1 if quick else 2]:
             for split_k, mode in SEGMENT_K_CANDIDATES:
                 measure(AlgConfig(alg.alg_id, split_k, mode))
@@ -314,15 +322,23 @@ def search_alg(
     return best, best_us, dense_us
 
 
-def candidate_alg_ids(max_id: int, quick: bool, ranking: list[int] | None) -> list[int]:
-    """The cuSPARSELt algorithm ids a search times, ascending: all up to `max_id` for a full search; for a quick one,
-    the first `QUICK_ALG_IDS` plus, once a search of the same shape ranked ids (`ranking`, fastest first), its
-    `QUICK_ALG_IDS` fastest; a shape's first quick search tries ids up to `FIRST_SEARCH_MAX_ALG_ID` (all)."""
+def candidate_alg_ids(max_id: int, quick: bool, ranking: list[int] | None, decode: bool = True) -> list[int]:
+    """The cuSPARSELt algorithm ids a search times, ascending: all up to `max_id` for a full search.
+
+    A quick search (warm-ups over many sizes; each candidate costs about 0.2 s of host time) of a shape's first
+    size in a regime (`decode`: M <= 256, else prefill) tries ids up to `FIRST_SEARCH_MAX_ALG_ID` (all) at decode
+    sizes and up to `FIRST_PREFILL_MAX_ALG_ID` at prefill sizes; later quick searches try that first search's
+    `QUICK_ALG_IDS` fastest (`ranking`, fastest first), plus, at prefill sizes, the first
+    `QUICK_PREFILL_HEURISTIC_IDS` ids (cuSPARSELt's own heuristic order, which won most large searches; at decode
+    sizes on an H200 they were the slowest)."""
     if not quick:
         return list(range(max_id + 1))
     if ranking is None:
-        return list(range(min(max_id, FIRST_SEARCH_MAX_ALG_ID) + 1))
-    ids = set(range(min(max_id + 1, QUICK_ALG_IDS))) | {i for i in ranking[:QUICK_ALG_IDS] if i <= max_id}
+        first = FIRST_SEARCH_MAX_ALG_ID if decode else FIRST_PREFILL_MAX_ALG_ID
+        return list(range(min(max_id, first) + 1))
+    ids = {i for i in ranking[:QUICK_ALG_IDS] if i <= max_id}
+    if not decode or not ids:
+        ids |= set(range(min(max_id + 1, QUICK_PREFILL_HEURISTIC_IDS if ids else QUICK_ALG_IDS)))
     return sorted(ids)
 
 
