@@ -171,7 +171,7 @@ def test_without_nvcc_one_warning_says_what_is_lost_and_how_to_get_it(
         assert cutlass_sm90.why_unavailable(hopper, torch.float16, 768, 3072) == why
     warnings = [r.getMessage() for r in caplog.records if "not available" in r.getMessage()]
     assert len(warnings) == 1
-    assert "decoder LLM layers are unaffected" in warnings[0]
+    assert "bf16 decoder LLMs" in warnings[0] and "fp16 decoders are unaffected" in warnings[0]
     assert "install the CUDA toolkit" in warnings[0] and "hf-semisparse[cutlass]" in warnings[0]
     assert not (tmp_path / "kernels").exists() or os.listdir(tmp_path / "kernels") == []
 

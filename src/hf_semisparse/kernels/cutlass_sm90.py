@@ -157,11 +157,13 @@ _AUTO_BUILD: dict[
     tuple[str, torch.dtype], str | None
 ] = {}  # (directory, dtype) -> why not built, this process
 _BUILD_LOCK = threading.Lock()
-# What a user without the kernels loses, measured on an H100 (docs/performance.md): the only layers that use them
+# What a user without the kernels loses, measured on an H100 and an H200 (docs/performance.md,
+# docs/guides/generation.md): the layers that use them
 LOST = (
     "BERT-style up-projections with GELU and output projections with a residual add run on cuSPARSELt instead "
-    "(1-19% slower per such layer on an H100; bert-large batch 256: 1.25x over dense instead of 1.31x); decoder "
-    "LLM layers are unaffected"
+    "(1-19% slower per such layer on an H100; bert-large batch 256: 1.25x over dense instead of 1.31x), and so do "
+    "the layers of bf16 decoder LLMs, whose decode GEMMs cuSPARSELt 0.8 ran 1.5-1.9x slower than dense on an H200 "
+    "(fp16 decoders are unaffected)"
 )
 
 

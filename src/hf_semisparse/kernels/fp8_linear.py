@@ -220,12 +220,19 @@ class Fp8SemiSparseLinear(nn.Module):
         return plan
 
     def _workspace(self, device: torch.device, stream: int, size: int) -> torch.Tensor | None:
+        """The GEMM's workspace, kept outside every CUDA graph memory pool (`SparseGemmBackend.workspace`): a kept
+        tensor allocated in a graph tree's pool breaks inductor's CUDA graph trees (compiled static-cache
+        generate). During a capture a too small one serves that call only."""
         if size == 0:
             return None
         key = (device.index, stream)
         ws = self._workspaces.get(key)
         if ws is None or ws.numel() < size:
-            ws = self._workspaces[key] = torch.empty(size, dtype=torch.uint8, device=device)
+            from .linear import get_backend
+
+            ws = get_backend().workspace(device, stream, size)
+            if not torch.cuda.is_current_stream_capturing():
+                self._workspaces[key] = ws
         return ws
 
 
