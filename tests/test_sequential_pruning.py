@@ -326,3 +326,30 @@ def test_prune_24_passes_its_named_calibration_options_and_refuses_them_for_magn
     with pytest.raises(TypeError, match=r"\['damp'\] only apply to wanda/sparsegpt"):
         sparsifier.prune_24(fresh, damp=0.05)
     assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "option, match",
+    [
+        ({"pipeline": "fast"}, "pipeline must be"),
+        ({"blocksize": 0}, "blocksize must be a positive multiple of m=4"),
+        ({"blocksize": 130}, "blocksize must be a positive multiple of m=4"),
+        ({"damp": -0.1}, "damp must be a finite number >= 0"),
+        ({"damp": float("nan")}, "damp must be a finite number >= 0"),
+    ],
+)
+def test_bad_calibration_options_are_refused_before_any_change(option, match):
+    model = llama(1)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=match):
+        prune_24(model, SparsityConfig(method="sparsegpt"), token_batches(1), show_progress=False, **option)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where no CUDA GPU exists")
+def test_a_cuda_device_without_a_gpu_is_refused_before_any_change():
+    model = llama(1)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="no CUDA GPU is available"):
+        prune_24(model, SparsityConfig(method="wanda"), token_batches(1), show_progress=False, device="cuda")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

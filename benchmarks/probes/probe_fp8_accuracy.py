@@ -1,6 +1,7 @@
 """Perplexity of FP8 (e4m3) 2:4 against bf16 2:4, with the FP8 GEMM's math emulated on CPU.
 
-The model is pruned to 2:4 (magnitude, or SparseGPT calibrated on Gutenberg plays), then evaluated in bf16 and
+The model is pruned to 2:4 (magnitude, or SparseGPT calibrated on 128 random 512-token windows of the Gutenberg
+plays, as `benchmarks/bench_pruning_llm.py` does), then evaluated in bf16 and
 with every pruned linear layer replaced by the FP8 2:4 kernel's math in torch (`cutlass_fp8.fp8_linear_reference`:
 weights quantised to e4m3 per output channel, activations per token, matmul in float32, output in bf16). The
 "kernel-eligible" row quantises only the layers the FP8 kernels take (in_features % 256 == 0 and out_features %
@@ -21,18 +22,22 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from bench_pruning_llm import calibration_batches  # noqa: E402
+
 from hf_semisparse import SparsityConfig, prune_24
 from hf_semisparse.kernels import cutlass_fp8
 
 SHARED = os.environ.get("HF_SEMISPARSE_SHARED", "/work/shared")
 TEXT = os.path.join(SHARED, "data", "text", "eb1911-shakespeare.txt")
-CALIBRATION = os.path.join(SHARED, "data", "text", "gutenberg-shakespeare", "hamlet_gut.txt")
+CALIBRATION_DIR = os.path.join(SHARED, "data", "text", "gutenberg-shakespeare")
 
 
 class EmulatedFp8Linear(nn.Module):
@@ -73,7 +78,7 @@ def main() -> None:
     parser.add_argument("--method", default="magnitude", choices=["magnitude", "sparsegpt"])
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--window", type=int, default=512)
-    parser.add_argument("--calibration-samples", type=int, default=32)
+    parser.add_argument("--calibration-samples", type=int, default=128)
     parser.add_argument("--json", default=None)
     parser.add_argument(
         "--only-all-layers", action="store_true", help="skip dense and the kernel-eligible row"
@@ -92,10 +97,10 @@ def main() -> None:
 
     calibration = None
     if args.method == "sparsegpt":
-        with open(CALIBRATION, encoding="utf-8") as f:
-            cal = tokenizer(f.read(), return_tensors="pt").input_ids[0]
-        n = args.calibration_samples
-        calibration = [{"input_ids": cal[i * 512 : (i + 1) * 512][None]} for i in range(n)]
+        # the calibration of benchmarks/bench_pruning_llm.py: random 512-token windows of all the Gutenberg plays
+        calibration, _ = calibration_batches(
+            tokenizer, CALIBRATION_DIR, args.calibration_samples, 512, batch_size=8, seed=0
+        )
         model.float()  # SparseGPT's Hessian in float32, then back to bf16
     report = prune_24(
         model, SparsityConfig(method=args.method), calibration_data=calibration, show_progress=False

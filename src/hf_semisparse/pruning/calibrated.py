@@ -440,14 +440,31 @@ def calibrated_prune_(
         true_sequential: SparseGPT/Wanda sub-layer by sub-layer inside each block (attention before MLP): later
             sub-layers are calibrated on the outputs of pruned earlier ones (Frantar & Alistarh 2023, sec. 4).
         offload_activations: keep the cached block inputs on CPU (None: decide from free device memory).
+        blocksize: SparseGPT's column block size, a multiple of `m` (Frantar & Alistarh 2023, Algorithm 1).
+        damp: SparseGPT's Hessian dampening, a fraction of the mean of its diagonal added to it (>= 0).
 
     Returns:
         Timings and counts: {"pipeline", "blocks", "capture_s", "block_s": [...], "fallback_targets"}.
+
+    Raises:
+        ValueError: a bad `method`, `pipeline`, `blocksize`, `damp` or `device` (nothing changed), no batches, a
+            target weight with NaN/inf (nothing changed), or calibration statistics that are not finite (the
+            block restored; the layer and the likely cause named).
     """
     if method not in CALIBRATED_METHODS:
         raise ValueError(f"method must be one of {CALIBRATED_METHODS}, got {method!r}")
     if pipeline not in ("sequential", "per_block"):
         raise ValueError(f"pipeline must be 'sequential' or 'per_block', got {pipeline!r}")
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < m or blocksize % m:
+        raise ValueError(f"blocksize must be a positive multiple of m={m}, got {blocksize!r}")
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 <= damp < float("inf"):
+        raise ValueError(
+            f"damp must be a finite number >= 0 (a fraction of the Hessian's mean diagonal), got {damp!r}"
+        )
+    if device is not None:
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device} was asked for, but no CUDA GPU is available here")
     batches = list(batches)
     if not batches:
         raise ValueError(f"{method} needs calibration data: pass at least one batch")
