@@ -103,7 +103,7 @@ def test_kernel_choice_off_hopper(backend):
     weight = torch.zeros(64, 128, dtype=torch.float16)
     assert cutlass_sm90.why_unavailable(weight.device, weight.dtype, 64, 128) == "on cpu"
     assert choose_kernel("auto", weight) == "cusparselt"
-    assert choose_kernel("auto", weight, takes_epilogue=False) == "cusparselt"
+    assert choose_kernel("auto", weight, prefer_cutlass=False) == "cusparselt"
     assert choose_kernel("cusparselt", weight) == "cusparselt"
     with pytest.raises(cutlass_sm90.CutlassUnavailable, match="on cpu"):
         choose_kernel("cutlass", weight)

@@ -283,3 +283,31 @@ def test_a_built_library_answers_its_host_functions():
     size = ctypes.c_size_t(7)
     assert lib.hss_fp8_gemm_workspace(0, 4096, 2048, 4096, ctypes.byref(size)) == 0
     assert lib.hss_fp8_gemm_workspace(99, 4096, 2048, 4096, ctypes.byref(size)) == 1  # no such configuration
+
+
+def test_fp8_layers_keep_their_workspace_outside_cuda_graph_pools(monkeypatch):
+    """The GEMM workspace comes from the backend's allocator outside every graph pool, is kept across calls, and a
+    larger one needed during a capture serves that call only (as the fp16/bf16 layers' workspaces)."""
+    import types
+
+    from hf_semisparse.kernels import linear
+    from hf_semisparse.kernels.fp8_linear import Fp8SemiSparseLinear
+
+    sizes = []
+
+    class Backend:
+        def workspace(self, device, stream, size):
+            sizes.append(size)
+            return torch.empty(size, dtype=torch.uint8)
+
+    monkeypatch.setattr(linear, "get_backend", lambda: Backend())
+    layer = types.SimpleNamespace(_workspaces={})
+    device = torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    kept = Fp8SemiSparseLinear._workspace(layer, device, 7, 100)
+    assert sizes == [100] and layer._workspaces[(None, 7)] is kept
+    assert Fp8SemiSparseLinear._workspace(layer, device, 7, 50) is kept and sizes == [100]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    during = Fp8SemiSparseLinear._workspace(layer, device, 7, 200)
+    assert during.numel() == 200 and sizes == [100, 200] and layer._workspaces[(None, 7)] is kept
+    assert Fp8SemiSparseLinear._workspace(layer, device, 7, 0) is None

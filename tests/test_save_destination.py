@@ -3,6 +3,7 @@
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,6 +113,20 @@ def test_tokenizer_saved_with_the_model_in_one_step(model, tmp_path):
     assert not (tmp_path / "other").exists()
 
 
+def test_a_tokenizer_that_fails_half_way_leaves_the_checkpoint_as_it_was(model, tmp_path):
+    save_sparse_pretrained(model, tmp_path / "out", tokenizer=word_tokenizer())
+    before = snapshot(tmp_path / "out")
+
+    class Failing:
+        def save_pretrained(self, folder):
+            (Path(folder) / "tokenizer.json").write_text("half written")
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        save_sparse_pretrained(model, tmp_path / "out", tokenizer=Failing())
+    assert snapshot(tmp_path / "out") == before
+
+
 def test_current_directory_is_refused_unless_asked(model, tmp_path, monkeypatch):
     project = tmp_path / "project"
     (project / "src").mkdir(parents=True)
@@ -216,3 +231,17 @@ def test_digest_record_matches_tensors(model, tmp_path):
     )
     with pytest.raises(CorruptCheckpointError, match=f"tensor {key} do not match the CRC32"):
         AutoSparseModel.from_pretrained(tmp_path / "ckpt")
+
+
+def test_a_processor_that_writes_a_folder_keeps_it_traversable(model, tmp_path):
+    from hf_semisparse.save_destination import default_dir_mode
+
+    class WithFolder:
+        def save_pretrained(self, folder):
+            (Path(folder) / "templates").mkdir()
+            (Path(folder) / "templates" / "chat.jinja").write_text("{{ messages }}")
+
+    save_sparse_pretrained(model, tmp_path / "out", tokenizer=WithFolder())
+    assert stat.S_IMODE(os.stat(tmp_path / "out" / "templates").st_mode) == default_dir_mode()
+    assert (tmp_path / "out" / "templates" / "chat.jinja").read_text() == "{{ messages }}"
+    save_sparse_pretrained(model, tmp_path / "out", tokenizer=WithFolder.__new__(WithFolder))

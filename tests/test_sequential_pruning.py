@@ -307,6 +307,12 @@ def test_prune_24_passes_its_named_calibration_options_and_refuses_them_for_magn
         seen.update(options)
         return {}
 
+    import inspect
+
+    named = ("device", "true_sequential", "offload_activations", "pipeline", "blocksize", "damp")
+    parameters = inspect.signature(prune_24).parameters
+    assert all(parameters[name].kind is inspect.Parameter.KEYWORD_ONLY for name in named)
+    assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())  # no hidden **kwargs
     monkeypatch.setattr("hf_semisparse.pruning.calibrated.calibrated_prune_", fake_calibrated_prune_)
     model = llama(1)
     prune_24(
@@ -325,6 +331,8 @@ def test_prune_24_passes_its_named_calibration_options_and_refuses_them_for_magn
     before = copy.deepcopy(fresh.state_dict())
     with pytest.raises(TypeError, match=r"\['damp'\] only apply to wanda/sparsegpt"):
         sparsifier.prune_24(fresh, damp=0.05)
+    with pytest.raises(TypeError, match="nsamples"):  # a misspelt option is refused, not passed on
+        sparsifier.prune_24(fresh, SparsityConfig(method="wanda"), token_batches(1), nsamples=1)
     assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
 
 

@@ -125,3 +125,28 @@ def test_heads_stay_out_however_excludes_are_given(tied, excludes):
     else:
         targets, _ = select_targets(model, named)
         assert [t.name for t in targets] == ["lm_head"]  # named explicitly (and not excluded): selected
+
+
+@pytest.mark.parametrize(
+    "arch, tie", [("gpt2", "; its weight is tied to transformer.wte.weight"), ("llama", "")]
+)
+def test_report_says_why_a_default_excluded_head_stays_dense(arch, tie):
+    from hf_semisparse.config import DEFAULT_EXCLUDE_MODULES
+
+    model = make_model(arch)
+    reasons = {d.name: d.reason for d in select_targets(model, SparsityConfig())[1].decisions}
+    assert (
+        reasons["lm_head"] == f"a head (output, task or pooler), left dense by default (exclude_modules){tie}"
+    )
+    # the defaults and more: the defaults are still named as such, the user's own entries as theirs
+    config = SparsityConfig(exclude_modules=[*DEFAULT_EXCLUDE_MODULES, "q_proj", "c_attn"])
+    reasons = {d.name: d.reason for d in select_targets(model, config)[1].decisions}
+    assert reasons["lm_head"].startswith("a head (output, task or pooler)")
+    attention = "model.layers.0.self_attn.q_proj" if arch == "llama" else "transformer.h.0.attn.c_attn"
+    assert reasons[attention] == "in exclude_modules"
+    # a list of the user's own that names the head: theirs
+    reasons = {
+        d.name: d.reason
+        for d in select_targets(model, SparsityConfig(exclude_modules=["lm_head"]))[1].decisions
+    }
+    assert reasons["lm_head"] == "in exclude_modules"

@@ -314,7 +314,8 @@ def test_compiled_siblings_of_one_input_share_a_round_only_for_the_same_shape(ba
     assert calls == [(2, 8), (2, 8), (5, 8)]
 
 
-def test_quick_searches_try_the_fastest_ids_of_the_shapes_first_search(monkeypatch):
+@pytest.mark.parametrize("capability", [(8, 0), (9, 0)])
+def test_quick_searches_try_the_fastest_ids_of_the_shapes_first_search(monkeypatch, capability):
     """The first quick search of a shape at decode sizes tries every id (on an H200 the fastest decode kernels were
     ids 15-25), at prefill sizes ids 0-15; later quick searches try that search's fastest ids (and, at prefill
     sizes, ids 0-3)."""
@@ -364,6 +365,7 @@ def test_quick_searches_try_the_fastest_ids_of_the_shapes_first_search(monkeypat
             c.cell_contents for c in fn.__closure__ if isinstance(c.cell_contents, Plan)
         )
         timed[-1].append(alg.alg.alg_id)
+        splits[-1].append(alg.alg.split_k)
         return speed.get(alg.alg.alg_id, 100.0) * (alg.alg.split_k if alg.alg.split_k > 0 else 1.5)
 
     monkeypatch.setattr(tuning, "MatmulPlan", Plan)
@@ -371,21 +373,33 @@ def test_quick_searches_try_the_fastest_ids_of_the_shapes_first_search(monkeypat
     monkeypatch.setattr(
         tuning, "time_interleaved", lambda fns, graph=False: {k: time_us(f) for k, f in fns.items()}
     )
-    monkeypatch.setattr(tuning.torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(tuning.torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(tuning, "_SHAPE_RANKING", {})
-    x = torch.zeros(16, 64)
+    x = torch.zeros(16, 256)  # K 256: split-K candidates need K / splits >= 64
+    splits: list[list[int]] = []
     for m in (16, 32):
         timed.append([])
+        splits.append([])
         alg, us, _ = tuning.search_alg(
-            FakeHandle(), 64, 64, m, torch.bfloat16, None, False, None, x, 0, quick=True
+            FakeHandle(), 64, 256, m, torch.bfloat16, None, False, None, x, 0, quick=True
         )
         assert alg.alg_id == 10 and us == 19.0
     first, second = ({i for i in t if isinstance(i, int)} for t in timed)
-    assert set(range(16)) <= first
+    assert set(range(22)) == first  # every id the shape has (max_alg_id 21)
     assert {0, 7, 10, 11} <= second and not second & {1, 2, 3, 5, 6, 8, 9, 12, 13, 14, 15}
     timed.append([])  # a prefill size ranks on its own: its first quick search tries ids 0-15
-    tuning.search_alg(FakeHandle(), 64, 64, 512, torch.bfloat16, None, False, None, x, 0, quick=True)
+    splits.append([])
+    tuning.search_alg(FakeHandle(), 64, 256, 512, torch.bfloat16, None, False, None, x, 0, quick=True)
     assert set(range(16)) == set(timed[-1])
+    decode_splits, prefill_splits = set(splits[0] + splits[1]), set(splits[2])
+    if capability == (
+        9,
+        0,
+    ):  # cuSPARSELt 0.8 refused split-K on an H200: Segment-K (-1), at decode sizes only
+        assert -1 in decode_splits and not {s for s in decode_splits | prefill_splits if s > 1}
+    else:  # split-K at decode sizes, no Segment-K before Hopper
+        assert {2, 4} <= decode_splits and -1 not in decode_splits | prefill_splits
+    assert prefill_splits == {1}
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,9 @@ of our CUTLASS 2:4 kernels, for Llama-3-8B's four GEMM shapes, fp16 and bf16. On
 The question it answers: cuSPARSELt 0.8's bf16 kernels ran 1.5-1.9x slower than dense bf16 at 16 tokens on an H200
 (2026-12-01, `probe_decode_profile.py`) while its fp16 ones ran up to 1.6x faster; do our CUTLASS kernels (the same
 sparse tensor-core instructions, with small token tiles and Stream-K for decode) do better? Every time is the median
-of CUDA graph replays (events around 20 back-to-back calls); every 2:4 result is checked against dense first. The
+of CUDA graph replays (events around 20 back-to-back calls). Each CUTLASS configuration and cuSPARSELt's chosen
+kernel are checked against a float64 reference (the relative error is recorded; a CUTLASS configuration over 5e-3
+is not timed). The
 copy bandwidth gives the time reading the weight once would take (the decode bound; 0.5625x the bytes for 2:4).
 """
 
@@ -21,23 +23,17 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "src"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from bench_generate import copy_bandwidth  # noqa: E402
 
 from hf_semisparse.kernels import cutlass_sm90  # noqa: E402
-from hf_semisparse.kernels.cusparselt import AlgConfig, Handle  # noqa: E402
+from hf_semisparse.kernels.cusparselt import AlgConfig, Handle, MatmulPlan  # noqa: E402
 from hf_semisparse.kernels.tuning import search_alg, time_cuda_us  # noqa: E402
 from hf_semisparse.masks import compute_nm_mask  # noqa: E402
 from hf_semisparse.utils import write_json  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def copy_bandwidth() -> float:
-    """Bytes/s of a device-to-device copy of 1 GiB, read and write counted."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    us = time_cuda_us(lambda: dst.copy_(src), repeats=5, inner=2)
-    return 2 * src.numel() / (us * 1e-6)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -79,23 +75,24 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--json", default="outputs/probe_decode_kernels.json")
     args = ap.parse_args()
-    why = cutlass_sm90.why_unavailable(torch.device("cuda"), torch.float16, 4096, 4096)
     bandwidth = copy_bandwidth()
     results = {
+        "command": " ".join(sys.argv),
+        "args": vars(args),
         "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "copy_bandwidth_bytes_per_s": bandwidth,
-        "cutlass": why or "available",
+        "cutlass": {},
         "rows": [],
     }
-    print(
-        f"{results['gpu']}, copy bandwidth {bandwidth / 1e12:.2f} TB/s, CUTLASS: {results['cutlass']}",
-        flush=True,
-    )
+    print(f"{results['gpu']}, copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
     handle = Handle(torch.device("cuda"))
     stream = torch.cuda.current_stream().cuda_stream
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
+        why = cutlass_sm90.why_unavailable(torch.device("cuda"), dtype, 4096, 4096)
+        results["cutlass"][dtype_name] = why or "available"
+        print(f"CUTLASS {dtype_name}: {results['cutlass'][dtype_name]}", flush=True)
         for shape in args.shapes:
             n, k = SHAPES[shape]
             torch.manual_seed(0)
@@ -108,6 +105,11 @@ def main() -> None:
                 ref = F.linear(x.double(), w.double())
                 dense_us = time_cuda_us(lambda x=x, w=w: F.linear(x, w), graph=graph, inner=20)
                 alg, cusparselt_us, _ = search_alg(handle, n, k, m, dtype, None, False, compressed, x, stream)
+                plan = MatmulPlan(handle, n, k, m, dtype, alg=alg)  # the winner, checked as CUTLASS's are
+                ws = torch.empty(max(plan.workspace_size, 1), dtype=torch.uint8, device="cuda")
+                out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
+                plan.run(compressed, x, out, ws, stream)
+                cusparselt_error = rel(out, ref)
                 row = {
                     "dtype": dtype_name,
                     "shape": shape,
@@ -117,6 +119,7 @@ def main() -> None:
                     "dense_us": dense_us,
                     "cusparselt_us": cusparselt_us,
                     "cusparselt_alg": alg.to_dict(),
+                    "cusparselt_rel_error": cusparselt_error,
                     "dense_bound_us": n * k * w.element_size() / bandwidth * 1e6,
                 }
                 row["sparse_bound_us"] = row["dense_bound_us"] * 0.5625

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from bench_generate import DTYPES, build_model, generate  # noqa: E402
+from bench_generate import DTYPES, build_model, copy_bandwidth, generate  # noqa: E402
 
 from hf_semisparse.kernels import accelerate_24, prepare_token_counts  # noqa: E402
 from hf_semisparse.kernels.cusparselt import AlgConfig, CusparseLtError, MatmulPlan  # noqa: E402
@@ -142,14 +142,6 @@ def alg_table(dtype: torch.dtype, tokens: int, max_alg: int, bandwidth: float | 
             flush=True,
         )
     return rows
-
-
-def copy_bandwidth() -> float:
-    """Bytes/s of a device-to-device copy of 1 GiB (read + write counted), the practical bandwidth bound."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    us = time_cuda_us(lambda: dst.copy_(src), repeats=5, inner=2)
-    return 2 * src.numel() / (us * 1e-6)
 
 
 def main() -> None:

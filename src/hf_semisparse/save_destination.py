@@ -124,17 +124,27 @@ def commit(staging: str, destination: str) -> list[str]:
     """
     names = sorted(os.listdir(staging), key=lambda n: (not OWNED_WEIGHTS.fullmatch(n), n))
     for name in names:
-        os.chmod(os.path.join(staging, name), default_file_mode())
+        path = os.path.join(staging, name)  # a processor may write a folder (e.g. a chat template folder)
+        os.chmod(path, default_dir_mode() if os.path.isdir(path) else default_file_mode())
     if not os.path.isdir(destination):
         os.chmod(staging, default_dir_mode())
         os.replace(staging, destination)
         return names
     for name in names:
         target = os.path.join(destination, name)
-        if os.path.isdir(target) and not os.path.islink(target):
+        new_is_dir = os.path.isdir(os.path.join(staging, name))
+        if os.path.isdir(target) and not os.path.islink(target) and not new_is_dir:
             raise SaveDestinationError(f"cannot write {target}: a folder of that name is in the way")
     for name in names:
-        os.replace(os.path.join(staging, name), os.path.join(destination, name))
+        source, target = os.path.join(staging, name), os.path.join(destination, name)
+        if os.path.isdir(source) and os.path.isdir(target) and not os.path.islink(target):
+            # a folder the save writes (a processor's templates, say) replaces the old one of that name
+            old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=destination)
+            os.replace(target, os.path.join(old, name))
+            os.replace(source, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(source, target)
     os.rmdir(staging)
     for name in os.listdir(destination):
         if OWNED_WEIGHTS.fullmatch(name) and name not in names:

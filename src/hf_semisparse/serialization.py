@@ -12,6 +12,7 @@ import logging
 import os
 import re
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file
@@ -33,6 +34,9 @@ from .errors import CorruptCheckpointError, SaveDestinationError, SparseCheckpoi
 from .masks import find_nm_violation
 from .save_destination import check_save_destination
 from .utils import unwrap_model
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase, ProcessorMixin
 
 logger = logging.getLogger(__name__)
 
@@ -233,7 +237,7 @@ def save_sparse_pretrained(
     format: str = "hf_semisparse",  # noqa: A002 - as in transformers' save options
     *,
     overwrite: bool = False,
-    tokenizer=None,
+    tokenizer: PreTrainedTokenizerBase | ProcessorMixin | None = None,
 ) -> dict:
     """Save `model` with every 2:4 target weight compressed, never losing files already there.
 

@@ -203,9 +203,9 @@ def _exclusion_reason(name: str, config: SparsityConfig, shared: dict, model: nn
         return "in exclude_modules"
     if not set(DEFAULT_EXCLUDE_MODULES) <= set(config.exclude_modules):
         return "in exclude_modules"
-    why = "output or task head, left dense by default (exclude_modules)"
+    why = "a head (output, task or pooler), left dense by default (exclude_modules)"
     if _tied_to_non_linear(name, shared, model):
-        why += f"; its weight is tied to {shared[f'{name}.weight']}"
+        why += f"; its weight is tied to {', '.join(shared[f'{name}.weight'])}"
     return why
 
 

@@ -106,7 +106,7 @@ def test_unsupported_shape_falls_back_or_refuses():
     assert choose_kernel("auto", lin.weight) == "cusparselt"
     assert choose_kernel("auto", sparse_linear(768, 128, torch.float16).weight) == "cutlass"
     assert (
-        choose_kernel("auto", sparse_linear(768, 128, torch.float16).weight, takes_epilogue=False)
+        choose_kernel("auto", sparse_linear(768, 128, torch.float16).weight, prefer_cutlass=False)
         == "cusparselt"
     )
     with pytest.raises(CutlassUnavailable, match="in_features"):

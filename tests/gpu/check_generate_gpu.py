@@ -138,7 +138,7 @@ def kernel_with_workspace(layer, m: int) -> AlgConfig | None:
     return None
 
 
-def test_workspace_of_a_split_k_kernel_under_graph_trees():
+def test_workspace_of_a_segment_k_or_split_k_kernel_under_graph_trees():
     """A kernel with a workspace (split-K or Segment-K) under inductor's CUDA graph trees: the workspace must not
     come from the graph's pool (that failed with "tensor(s) in the cudagraph pool not tracked as outputs")."""
     dense, ours = llama_pair(torch.float16, layers=1)

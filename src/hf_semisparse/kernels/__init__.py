@@ -213,7 +213,7 @@ def accelerate_24(
     if reason:
         _say_once(f"not accelerated: {reason}")
         return AccelerationReport(reason=reason)
-    # bf16 decoders: cuSPARSELt 0.8's bf16 kernels ran 1.5-1.9x slower than dense at decode sizes on an H200, our
+    # bf16 decoders: at 16 tokens on an H200, cuSPARSELt 0.8's bf16 kernels ran 1.6-1.9x slower than dense, our
     # CUTLASS kernels' decode tile configurations 1.0-1.45x faster (benchmarks/probes/probe_decode_kernels.py)
     prefer_cutlass = kernel == "auto" and decoder and param.dtype == torch.bfloat16
 
@@ -290,8 +290,9 @@ def accelerate_24(
     for name in eligible:
         if name not in joined:
             parent, child = slot(name)
-            takes_epilogue = prefer_cutlass or name in epilogue_layers
-            layer_kernel = choose_kernel(kernel, _linear_weight(modules[name]), takes_epilogue)
+            layer_kernel = choose_kernel(
+                kernel, _linear_weight(modules[name]), prefer_cutlass or name in epilogue_layers
+            )
             setattr(
                 parent, child, SemiSparseLinear(modules[name], keep_dense=keep_dense, kernel=layer_kernel)
             )
@@ -300,11 +301,11 @@ def accelerate_24(
         report.kernels[layer.kernel] = report.kernels.get(layer.kernel, 0) + 1
     if decoder and param.dtype == torch.bfloat16 and report.kernels.get("cusparselt"):
         _say_once(
-            f"bf16 decoder: {report.kernels['cusparselt']} layers run on cuSPARSELt, whose bf16 2:4 kernels measured "
-            "1.5-1.9x slower than dense at decode sizes on an H200 (cuSPARSELt 0.8, 2026-12-01). On Hopper our "
-            "CUTLASS kernels run them faster than dense (kernel='auto' with the kernels built: hf-semisparse "
-            "build-kernels); elsewhere prefer fp16, or keep_dense=True to run dense where dense is faster "
-            "(docs/guides/generation.md)"
+            f"bf16 decoder: {report.kernels['cusparselt']} of its 2:4 GEMMs run on cuSPARSELt, whose bf16 kernels "
+            "measured 1.3-2.3x slower than dense at decode sizes (16-64 tokens) on an H200 (cuSPARSELt 0.8, "
+            "2026-12-01). On Hopper, kernel='auto' runs them on our CUTLASS kernels where those are built "
+            "(hf-semisparse build-kernels) and the shape allows (in_features % 128, out_features % 64); elsewhere "
+            "prefer fp16, or keep_dense=True to run dense where dense is faster (docs/guides/generation.md)"
         )
 
     modules = dict(root.named_modules())

@@ -5,7 +5,7 @@ output (about 100 us per bert-base layer at batch 64 on an H100). `csrc/sm90_spa
 H100 its best tile configuration was also faster than cuSPARSELt's searched algorithm on most BERT shapes
 (docs/performance.md).
 
-The kernels are compiled once per machine and dtype (about 4 minutes each with one CPU core), into
+The kernels are compiled once per machine and dtype (about 3 minutes each; nine tile configurations), into
 `libhss_sm90_fp16.so` / `libhss_sm90_bf16.so` under `kernel_dir()` (`HF_SEMISPARSE_KERNEL_DIR`, by default
 `~/.cache/hf_semisparse/kernels`). Where nvcc (CUDA toolkit 12.2 or newer) and CUTLASS's headers
 (`pip install "hf-semisparse[cutlass]"`) are present, the first Hopper layer that would use them builds them
@@ -162,7 +162,7 @@ _BUILD_LOCK = threading.Lock()
 LOST = (
     "BERT-style up-projections with GELU and output projections with a residual add run on cuSPARSELt instead "
     "(1-19% slower per such layer on an H100; bert-large batch 256: 1.25x over dense instead of 1.31x), and so do "
-    "the layers of bf16 decoder LLMs, whose decode GEMMs cuSPARSELt 0.8 ran 1.5-1.9x slower than dense on an H200 "
+    "the layers of bf16 decoder LLMs, whose decode GEMMs cuSPARSELt 0.8 ran 1.3-2.2x slower than dense on an H200 "
     "(fp16 decoders are unaffected)"
 )
 
@@ -212,7 +212,7 @@ def _how_to_get(why: str) -> str:
     if "header" in why or "cutlass.h" in why:
         return '`pip install "hf-semisparse[cutlass]"` (or set CUTLASS_PATH to a CUTLASS checkout)'
     if AUTO_BUILD_ENV in why:
-        return "run `hf-semisparse build-kernels` once (about 4 minutes per dtype)"
+        return "run `hf-semisparse build-kernels` once (about 3 minutes per dtype)"
     return "run `hf-semisparse build-kernels` to see the whole error"
 
 

@@ -107,18 +107,20 @@ KERNELS = ("auto", "cutlass", "cusparselt")
 _SAID: set[str] = set()
 
 
-def choose_kernel(kernel: str, weight: torch.Tensor, takes_epilogue: bool = True) -> str:
+def choose_kernel(kernel: str, weight: torch.Tensor, prefer_cutlass: bool = True) -> str:
     """ "cutlass" or "cusparselt" for `weight`.
 
-    "auto" takes our CUTLASS kernels for a layer whose output an epilogue takes (`takes_epilogue`: a residual add
-    or GELU follows it) where they can run (Hopper, built, shape and dtype supported), and cuSPARSELt otherwise:
-    on an H100, CUTLASS with its fused epilogues beat cuSPARSELt on every BERT shape measured, but plain GEMMs
-    (no bias, no epilogue) ran up to 22% slower on it than on cuSPARSELt (CHANGELOG.md, 0.1.0.dev8).
+    "auto" takes our CUTLASS kernels where they can run (Hopper, built or buildable, shape and dtype supported)
+    for a layer that prefers them (`prefer_cutlass`): one whose output an epilogue takes (a residual add or GELU
+    follows it), or any layer of a bf16 decoder LLM (`accelerate_24`); cuSPARSELt otherwise. On an H100, CUTLASS
+    with its fused epilogues beat cuSPARSELt on every BERT shape measured, but plain fp16 GEMMs (no bias, no
+    epilogue) ran up to 22% slower on it (CHANGELOG.md, 0.1.0.dev8); on an H200, cuSPARSELt 0.8's bf16 kernels ran
+    1.3-2.3x slower than dense at 16-64 tokens, ours mostly faster (docs/guides/generation.md).
     "cutlass" raises `CutlassUnavailable` where they cannot run.
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    if kernel == "cusparselt" or (kernel == "auto" and not takes_epilogue):
+    if kernel == "cusparselt" or (kernel == "auto" and not prefer_cutlass):
         return "cusparselt"
     n, k = weight.shape
     why = cutlass_sm90.why_unavailable(weight.device, weight.dtype, n, k)

@@ -240,8 +240,8 @@ def search_alg(
 
     `quick`: fewer candidates, for warm-ups over many sizes (`candidate_alg_ids`): the first search of a shape in
     a regime (decode M <= 256, prefill above) tries every id at decode sizes and ids 0-15 at prefill sizes, later
-    ones that first search's fastest ids (plus ids 0-1 at prefill sizes); split-K (before Hopper) and Segment-K
-    (Hopper) only at decode sizes, for the best id. Each candidate costs about 0.2-0.3 s of host time (its
+    ones that first search's fastest ids (plus ids 0-1 at prefill sizes); split-K (not on compute capability 9.0,
+    where cuSPARSELt 0.8 refused it) and Segment-K (9.0 and newer) only at decode sizes, for the best id. Each candidate costs about 0.2-0.3 s of host time (its
     algorithm selection); the winner's selection is kept for the plans that follow (`Handle.selection`).
 
     `dense`: the computation to compare with, called without arguments; the finalists and it are re-timed in turn
@@ -306,14 +306,14 @@ def search_alg(
     ranked = sorted(timings, key=timings.get)
     if shape not in _SHAPE_RANKING:
         _SHAPE_RANKING[shape] = [alg.alg_id for alg in ranked]
-    hopper = torch.cuda.get_device_capability(x.device) >= (9, 0)
+    capability = torch.cuda.get_device_capability(x.device)
     # split-K: cuSPARSELt 0.8 refused it for every id tried on an H200 ("invalid value"), after the 0.2 s
-    # selection each candidate costs: Segment-K is Hopper's form
-    if not hopper and (not quick or m <= QUICK_SPLIT_K_MAX_M):
+    # selection each candidate costs; Segment-K is Hopper's form. Newer GPUs: not measured, both are tried
+    if capability != (9, 0) and (not quick or m <= QUICK_SPLIT_K_MAX_M):
         for split_k, mode in SPLIT_K_CANDIDATES:
             if k // split_k >= 64:
                 measure(AlgConfig(ranked[0].alg_id, split_k, mode, split_k - 1))
-    if hopper and (not quick or decode):  # Segment-K tied the plain kernels at 2,048 tokens on an H200
+    if capability >= (9, 0) and (not quick or decode):  # Segment-K tied plain kernels at 2,048 tokens (H200)
         for alg in ranked[: 1 if quick else 2]:
             for split_k, mode in SEGMENT_K_CANDIDATES:
                 measure(AlgConfig(alg.alg_id, split_k, mode))

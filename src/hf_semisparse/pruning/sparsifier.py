@@ -388,22 +388,25 @@ def prune_24(
         config: what to prune and how; default 2:4 magnitude.
         calibration_data: batches of model inputs (dicts of tensors), needed by method "wanda" and "sparsegpt".
         show_progress: progress bars (one per transformer block for the calibrated methods).
-
-    Calibration options (method "wanda" or "sparsegpt" only; None: the default of
-    `hf_semisparse.pruning.calibrated.calibrated_prune_`):
-        device: compute device of the block-by-block pipeline (default: CUDA when available); the model may stay
-            on the CPU or be offloaded by accelerate: one block at a time is brought there.
-        true_sequential: SparseGPT calibrates each sub-layer on the outputs of the pruned sub-layers before it
-            (attention before MLP), as the SparseGPT paper's "true sequential" (default False).
-        offload_activations: keep the cached block inputs on the CPU (default: when they would not fit).
-        pipeline: "sequential" (default; each block runs each calibration sample once) or "per_block".
-        blocksize: SparseGPT's column block size (default 128, Frantar & Alistarh 2023).
-        damp: SparseGPT's Hessian dampening, as a fraction of its mean diagonal (default 0.01).
+        device: (wanda, sparsegpt) compute device of the block-by-block pipeline; default CUDA when available.
+            The model may stay on the CPU or be offloaded by accelerate: one block at a time is brought there.
+        true_sequential: (wanda, sparsegpt) calibrate each sub-layer on the outputs of the pruned sub-layers
+            before it (attention before MLP), the SparseGPT paper's "true sequential"; default False.
+        offload_activations: (wanda, sparsegpt) keep the cached block inputs on the CPU; default: when they
+            would take over 40% of the device's free memory.
+        pipeline: (wanda, sparsegpt) "sequential" (default: each block runs each calibration sample twice) or
+            "per_block" (the whole model once per block).
+        blocksize: (sparsegpt; Wanda ignores it) the column block size, a multiple of M; default 128
+            (Frantar & Alistarh 2023).
+        damp: (sparsegpt; Wanda ignores it) the Hessian dampening, a fraction of its mean diagonal, >= 0;
+            default 0.01.
+        (None for any of these: the default of `hf_semisparse.pruning.calibrated.calibrated_prune_`.)
 
     Raises:
         ValueError: a target weight holds NaN/inf (named; the model is unchanged), calibration statistics
-            overflow (named, with the likely cause), or calibration data is missing.
-        TypeError: a calibration option given for method "magnitude".
+            overflow (named, with the likely cause), calibration data is missing, or a calibration option is
+            bad (a `pipeline` name, `blocksize`, `damp`, or a CUDA `device` without a GPU; nothing changed).
+        TypeError: a calibration option given for method "magnitude" (nothing changed).
 
     Example:
         >>> report = prune_24(model, SparsityConfig(method="sparsegpt"), calibration_data=batches, device="cuda")
