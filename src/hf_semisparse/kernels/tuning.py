@@ -241,8 +241,9 @@ def search_alg(
     `quick`: fewer candidates, for warm-ups over many sizes (`candidate_alg_ids`): the first search of a shape in
     a regime (decode M <= 256, prefill above) tries every id at decode sizes and ids 0-15 at prefill sizes, later
     ones that first search's fastest ids (plus ids 0-1 at prefill sizes); split-K (not on compute capability 9.0,
-    where cuSPARSELt 0.8 refused it) and Segment-K (9.0 and newer) only at decode sizes, for the best id. Each candidate costs about 0.2-0.3 s of host time (its
-    algorithm selection); the winner's selection is kept for the plans that follow (`Handle.selection`).
+    where cuSPARSELt 0.8 refused it) and Segment-K (9.0 and newer) only at decode sizes, for the best id. Each
+    candidate costs about 0.2-0.3 s of host time (its algorithm selection); the winner's selection is kept for the
+    plans that follow (`Handle.selection`).
 
     `dense`: the computation to compare with, called without arguments; the finalists and it are re-timed in turn
     (`time_interleaved`). `c`: search for out = x @ W^T (+ bias) + c, the C operand read in the epilogue (the best
