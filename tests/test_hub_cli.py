@@ -88,6 +88,19 @@ def test_cli_convert_and_inspect(tmp_path, capsys):
     assert report["ignored"] and all(name in summary for name in report["ignored"][:5]), summary
 
 
+def test_cli_convert_keeps_the_tokenizer(tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from tests.test_save_destination import word_tokenizer
+
+    model = make_model("gpt2").eval()
+    prune_24(model)
+    model.save_pretrained(tmp_path / "dense")
+    word_tokenizer().save_pretrained(tmp_path / "dense")
+    assert main(["convert", str(tmp_path / "dense"), str(tmp_path / "sparse")]) == 0
+    assert AutoTokenizer.from_pretrained(tmp_path / "sparse")("hello world")["input_ids"] == [1, 2]
+
+
 def test_cli_inspect_flags_a_layer_that_is_not_24(tmp_path, capsys):
     model = make_model("bert")
     prune_24(model)

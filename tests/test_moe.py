@@ -410,3 +410,28 @@ def test_format_version_follows_the_experts(tmp_path):
     save_sparse_pretrained(dense_experts, tmp_path / "linear")
     quant = json.loads((tmp_path / "linear" / "config.json").read_text())["quantization_config"]
     assert quant["version"] == 2 and not quant.get("expert_targets")
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_padding_tokens_routed_to_experts_do_not_count(method):
+    """Experts' statistics come from the real tokens routed to them: a right-padded batch (attention_mask 0)
+    prunes the experts as the same batch unpadded."""
+    plain, padded = make_moe("mixtral"), make_moe("mixtral")
+    for model in (plain, padded):
+        model.config._attn_implementation = "eager"
+    ids = batches(1)[0]["input_ids"]
+    pad = torch.zeros(2, 12, dtype=ids.dtype)
+    mask = torch.cat([torch.ones_like(ids), torch.zeros_like(pad)], dim=1)
+    config = SparsityConfig(method=method)
+    prune_24(plain, config, [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}], show_progress=False)
+    prune_24(
+        padded,
+        config,
+        [{"input_ids": torch.cat([ids, pad], dim=1), "attention_mask": mask}],
+        show_progress=False,
+    )
+    experts = [k for k in plain.state_dict() if "experts" in k]
+    assert experts
+    for (name, a), b in zip(plain.state_dict().items(), padded.state_dict().values(), strict=True):
+        assert torch.equal(a != 0, b != 0), name
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)

@@ -108,8 +108,9 @@ def test_tokenizer_saved_with_the_model_in_one_step(model, tmp_path):
         loaded.state_dict()["transformer.h.0.attn.c_attn.weight"],
         model.state_dict()["transformer.h.0.attn.c_attn.weight"],
     )
-    with pytest.raises(TypeError, match="save_pretrained"):
-        save_sparse_pretrained(model, tmp_path / "other", tokenizer="gpt2")
+    for wrong in ("gpt2", model, model.config):  # a name, a model, a config: not a tokenizer
+        with pytest.raises(TypeError, match="tokenizer must be a tokenizer or processor"):
+            save_sparse_pretrained(model, tmp_path / "other", tokenizer=wrong)
     assert not (tmp_path / "other").exists()
 
 
@@ -154,6 +155,20 @@ def test_folder_above_the_source_is_refused(model, tmp_path):
     assert snapshot(proj) == before
     save_sparse_pretrained(loaded, proj / "ckpt")  # saving back into the source folder itself is fine
     assert_loads_as(proj / "ckpt", model)
+
+
+def test_the_dense_checkpoint_the_model_came_from_is_not_replaced_unless_asked(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    make_model("gpt2").save_pretrained(tmp_path / "dense")
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    prune_24(pruned, show_progress=False)
+    before = snapshot(tmp_path / "dense")
+    with pytest.raises(SaveDestinationError, match="dense checkpoint the model was loaded from"):
+        save_sparse_pretrained(pruned, tmp_path / "dense")
+    assert snapshot(tmp_path / "dense") == before
+    save_sparse_pretrained(pruned, tmp_path / "dense", overwrite=True)  # asked for: replaced
+    assert_loads_as(tmp_path / "dense", pruned)
 
 
 def test_non_empty_folder_without_checkpoint_and_files(model, tmp_path):

@@ -361,3 +361,75 @@ def test_a_cuda_device_without_a_gpu_is_refused_before_any_change():
     with pytest.raises(ValueError, match="no CUDA GPU is available"):
         prune_24(model, SparsityConfig(method="wanda"), token_batches(1), show_progress=False, device="cuda")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("pipeline", ["sequential", "per_block"])
+def test_padding_tokens_do_not_count_in_the_calibration_statistics(method, pipeline):
+    """A calibration batch padded with `attention_mask` 0 gives the masks and weights of the same batch unpadded:
+    padding positions are left out of Wanda's norms and SparseGPT's Hessians."""
+    plain, padded = llama(2), llama(2)
+    for model in (plain, padded):
+        model.config._attn_implementation = "eager"  # the same attention kernel with and without a mask
+    ids = token_batches(1, batch=2, seq=12)[0]["input_ids"]
+    pad = torch.zeros(2, 20, dtype=ids.dtype)
+    unpadded = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
+    right_padded = [
+        {
+            "input_ids": torch.cat([ids, pad], dim=1),
+            "attention_mask": torch.cat([torch.ones_like(ids), torch.zeros_like(pad)], dim=1),
+        }
+    ]
+    config = SparsityConfig(method=method)
+    prune_24(plain, config, unpadded, show_progress=False, pipeline=pipeline, device="cpu")
+    prune_24(padded, config, right_padded, show_progress=False, pipeline=pipeline, device="cpu")
+    for (name, a), b in zip(plain.state_dict().items(), padded.state_dict().values(), strict=True):
+        assert torch.equal(a != 0, b != 0), name
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize(
+    "data, error, match",
+    [
+        ([torch.ones(2, 8, dtype=torch.long)], TypeError, "calibration batch 0 is a Tensor"),
+        ({"input_ids": torch.ones(2, 8, dtype=torch.long)}, TypeError, "got one dict"),
+        ([{"input_ids": torch.ones(8, dtype=torch.long)}], ValueError, r"expected \[batch, seq\]"),
+    ],
+)
+def test_calibration_data_in_the_wrong_form_is_refused_clearly(data, error, match):
+    model = llama(1)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(error, match=match):
+        prune_24(model, SparsityConfig(method="wanda"), data, show_progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "option, error, match",
+    [
+        ({"device": "meta"}, ValueError, "holds no data"),
+        ({"device": "tpu9"}, ValueError, "is not a torch device"),
+        ({"true_sequential": "no"}, TypeError, "true_sequential must be True or False"),
+        ({"offload_activations": 1}, TypeError, "offload_activations must be"),
+    ],
+)
+def test_bad_device_and_flags_are_refused_before_any_change(option, error, match):
+    model = llama(1)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(error, match=match):
+        prune_24(model, SparsityConfig(method="sparsegpt"), token_batches(1), show_progress=False, **option)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_a_tokenizer_output_is_a_calibration_batch():
+    """Tokenizers return a BatchEncoding (a mapping, not a dict): accepted, and its attention mask is read."""
+    from transformers import BatchEncoding
+
+    ids = token_batches(1)[0]["input_ids"]
+    batch = BatchEncoding({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    a, b = llama(1), llama(1)
+    prune_24(a, SparsityConfig(method="wanda"), [batch], show_progress=False)
+    prune_24(b, SparsityConfig(method="wanda"), [dict(batch)], show_progress=False)
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(x, y), name

@@ -74,6 +74,20 @@ def _convert_source(source: str) -> str:
     return source
 
 
+def _source_tokenizer(source: str):
+    """The source checkpoint's tokenizer, to write beside the converted weights; None where it has none (said)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, KeyError) as exc:
+        print(
+            f"note: no tokenizer copied from {source} ({type(exc).__name__}: {str(exc)[:120]})",
+            file=sys.stderr,
+        )
+        return None
+
+
 def _convert(args) -> int:
     source = _convert_source(args.source)
     from .serialization import check_save_destination
@@ -89,7 +103,7 @@ def _convert(args) -> int:
     from .serialization import save_sparse_pretrained
 
     try:
-        model = AutoSparseModel.from_pretrained(source, accelerate=False, torch_dtype=args.dtype)
+        model = AutoSparseModel.from_pretrained(source, accelerate=False, dtype=args.dtype)
     except (HfHubHTTPError, LocalEntryNotFoundError, ConnectionError) as exc:
         raise CliInputError(
             f"{source} is not a local folder and cannot be downloaded from the Hub: {exc}"
@@ -100,6 +114,7 @@ def _convert(args) -> int:
         max_shard_size=args.max_shard_size,
         format=args.format,
         overwrite=args.overwrite,
+        tokenizer=_source_tokenizer(source),
     )
     print(
         f"wrote {args.destination}: {len(summary['targets'])} 2:4 layers, "

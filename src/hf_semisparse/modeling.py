@@ -62,7 +62,7 @@ class AutoSparseModel:
     checkpoints whose recorded targets are 2:4 zeros) and, on a GPU that can, runs the 2:4 layers on sparse kernels.
 
     Example:
-        >>> model = AutoSparseModel.from_pretrained("out/sparse", torch_dtype=torch.float16, device_map="cuda")
+        >>> model = AutoSparseModel.from_pretrained("out/sparse", dtype=torch.float16, device_map="cuda")
         >>> model.sparsity_acceleration  # which layers run on 2:4 kernels, or why none do
     """
 

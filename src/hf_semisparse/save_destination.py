@@ -10,6 +10,7 @@ the umask), not `tempfile`'s 0700, and files 0666 less the umask, as `open` give
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -61,6 +62,22 @@ def _holds_checkpoint(folder: str) -> bool:
     return False
 
 
+def _holds_dense_weights(folder: str) -> bool:
+    """Weight files whose `config.json` records no 2:4 format of ours (a dense or other checkpoint)."""
+    weights = any(
+        name.endswith((".safetensors", ".bin")) and not name.startswith(".") for name in os.listdir(folder)
+    )
+    if not weights:
+        return False
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            quant = json.load(f).get("quantization_config") or {}
+    except (OSError, ValueError, AttributeError):
+        return True
+    sparsity = quant.get("sparsity_config") or {}
+    return not (quant.get("quant_method") == "hf_semisparse" or sparsity.get("format") == "sparse-24-bitmask")
+
+
 def _visible_entries(folder: str) -> list[str]:
     return sorted(name for name in os.listdir(folder) if not name.startswith("."))
 
@@ -71,8 +88,9 @@ def check_save_destination(
     """Refuse a destination where saving could lose files; return its absolute real path.
 
     Refused unless `overwrite=True`: the current directory or a folder above it, a folder above `source` (the
-    checkpoint the model came from), a non-empty folder that holds no checkpoint (see `_CHECKPOINT_FILE`; names
-    starting with "." do not count). Always refused: a path that is a file. Even with `overwrite=True` a save
+    checkpoint the model came from), `source` itself when it holds weights in another format than our 2:4 one (a
+    dense checkpoint: the save would replace its weights), a non-empty folder that holds no checkpoint (see
+    `_CHECKPOINT_FILE`; names starting with "." do not count). Always refused: a path that is a file. Even with `overwrite=True` a save
     only replaces the files it writes.
 
     Raises:
@@ -97,6 +115,11 @@ def check_save_destination(
         if source != destination and _within(source, destination):
             raise SaveDestinationError(
                 f"refusing to save into {destination}: it holds the source checkpoint {source}; {hint}"
+            )
+        if source == destination and _holds_dense_weights(destination):
+            raise SaveDestinationError(
+                f"refusing to save into {destination}: it is the dense checkpoint the model was loaded from, and "
+                f"the save would replace its weights with the compressed 2:4 ones; {hint}"
             )
     if os.path.isdir(destination) and not _holds_checkpoint(destination):
         entries = _visible_entries(destination)

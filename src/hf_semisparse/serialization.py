@@ -266,7 +266,7 @@ def save_sparse_pretrained(
         SaveDestinationError: `save_directory` is refused (see `overwrite`), or is a file.
         SparseCheckpointError: the model has no 2:4 layer, or a recorded target is not 2:4 (names the tensor).
         ValueError: `max_shard_size` or an `extra_files` name is invalid.
-        TypeError: `tokenizer` has no `save_pretrained`.
+        TypeError: `tokenizer` is not a tokenizer or processor (no `save_pretrained`, or a model or config).
 
     Example:
         >>> save_sparse_pretrained(model, "out/bert-24", tokenizer=tokenizer)
@@ -276,8 +276,16 @@ def save_sparse_pretrained(
 
     if format not in ("hf_semisparse", "compressed-tensors"):
         raise ValueError(f"format must be 'hf_semisparse' or 'compressed-tensors', got {format!r}")
-    if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
-        raise TypeError(f"tokenizer must have a save_pretrained method, got {type(tokenizer).__name__}")
+    if tokenizer is not None:
+        from transformers import GenerationConfig, PretrainedConfig
+
+        if not callable(getattr(tokenizer, "save_pretrained", None)) or isinstance(
+            tokenizer, (nn.Module, PretrainedConfig, GenerationConfig)
+        ):
+            raise TypeError(
+                "tokenizer must be a tokenizer or processor (AutoTokenizer / AutoProcessor.from_pretrained) with a "
+                f"save_pretrained method, got {type(tokenizer).__name__}"
+            )
     legacy = format == "compressed-tensors"
     shard_limit = parse_shard_size(max_shard_size)
     for fname in extra_files or {}:

@@ -94,7 +94,7 @@ def why_not_accelerated(device: torch.device, dtype: torch.dtype) -> str | None:
             "2:4 tensor cores need 8.0 or newer"
         )
     if dtype not in (torch.float16, torch.bfloat16):
-        return f"the weights are {dtype}; 2:4 kernels run fp16 or bf16 (load with torch_dtype=torch.float16)"
+        return f"the weights are {dtype}; 2:4 kernels run fp16 or bf16 (load with dtype=torch.float16)"
     from .cusparselt import CusparseLtUnavailable, load_library
 
     try:
@@ -183,7 +183,7 @@ def accelerate_24(
             adapter is not LoRA or has adapters merged into it. Nothing is changed then.
 
     Example:
-        >>> model = AutoModelForQuestionAnswering.from_pretrained(path, torch_dtype=torch.float16).cuda()
+        >>> model = AutoModelForQuestionAnswering.from_pretrained(path, dtype=torch.float16).cuda()
         >>> print(accelerate_24(model))
     """
     from .linear import KERNELS

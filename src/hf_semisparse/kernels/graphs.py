@@ -115,7 +115,7 @@ class CUDAGraphedModel(nn.Module):
     its signature's forward: cap `max_graphs`, or use this for the small batches where host time dominates.
 
     Example:
-        >>> model = AutoSparseModel.from_pretrained(path, torch_dtype=torch.float16, device_map="cuda")
+        >>> model = AutoSparseModel.from_pretrained(path, dtype=torch.float16, device_map="cuda")
         >>> fast = CUDAGraphedModel(model)
         >>> out = fast(input_ids=ids, attention_mask=mask)  # first call per shape: warm-up and capture
     """

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -170,8 +170,12 @@ class _InputStats:
         self.count = 0
         self.value: torch.Tensor | None = None
 
-    def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()
+    def add(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> None:
+        """Add the rows of `x` `[..., in]`; `token_mask`: bool `[rows]`, the rows to count (padding left out)."""
+        x = x.detach().reshape(-1, x.shape[-1])
+        if token_mask is not None and token_mask.numel() == x.shape[0]:
+            x = x[token_mask.to(x.device)]
+        x = x.float()
         if self.value is None:
             cols = x.shape[-1]
             shape = (cols,) if self.method == "wanda" else (cols, cols)
@@ -184,6 +188,18 @@ class _InputStats:
 
     def __call__(self, module, inputs, output) -> None:
         self.add(inputs[0])
+
+
+def token_mask_of(batch: dict, model: nn.Module | None = None) -> torch.Tensor | None:
+    """The tokens of a calibration batch that count, bool `[batch * seq]` (row-major, as a layer sees its input
+    `[batch, seq, hidden]` flattened): its 2-D `attention_mask` != 0. None where there is none, or for an
+    encoder-decoder (its decoder's tokens are not the ones the mask describes)."""
+    if model is not None and getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return None
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    if not torch.is_tensor(mask) or mask.dim() != 2:
+        return None
+    return mask.reshape(-1) != 0
 
 
 class _ExpertStats:
@@ -252,6 +268,9 @@ class StatsCollector:
         self.method = method
         self.stats: dict[str, _InputStats] = {}
         self.order: list[str] = []
+        # bool [batch * seq] of the batch being run (`token_mask_of`): padding tokens are not counted; applied to
+        # inputs with exactly that many rows
+        self.token_mask: torch.Tensor | None = None
         self._last_x: torch.Tensor | None = None
         self._last_name: str | None = None
         self._handles: list = []
@@ -282,8 +301,11 @@ class StatsCollector:
                     self.order.append(name)
                 self.stats.setdefault(name, _ExpertStats(self.method, num_experts))
             up = _expert_up_params(module, hidden.device) if "down_proj" in by_param else None
+            mask = self.token_mask
+            keep = mask.to(hidden.device) if mask is not None and mask.numel() == hidden.shape[0] else None
             for expert in range(num_experts):
-                rows = (index == expert).any(dim=-1).nonzero().flatten()
+                routed = (index == expert).any(dim=-1)
+                rows = (routed if keep is None else routed & keep).nonzero().flatten()
                 if rows.numel() == 0:
                     continue
                 x = hidden[rows]
@@ -315,7 +337,7 @@ class StatsCollector:
             elif same_input and name not in self.stats:
                 self.stats[name] = last
             else:
-                self.stats.setdefault(name, _InputStats(self.method)).add(x)
+                self.stats.setdefault(name, _InputStats(self.method)).add(x, self.token_mask)
             self._last_x, self._last_name = x, name
 
         return hook
@@ -447,9 +469,11 @@ def calibrated_prune_(
         Timings and counts: {"pipeline", "blocks", "capture_s", "block_s": [...], "fallback_targets"}.
 
     Raises:
-        ValueError: a bad `method`, `pipeline`, `blocksize`, `damp` or `device` (nothing changed), no batches, a
-            target weight with NaN/inf (nothing changed), or calibration statistics that are not finite (the
-            block restored; the layer and the likely cause named).
+        ValueError: a bad `method`, `pipeline`, `blocksize`, `damp` or `device`, no batches, `input_ids` that are
+            not `[batch, seq]`, a target weight with NaN/inf (nothing changed in all these), or calibration
+            statistics that are not finite (the block restored; the layer and the likely cause named).
+        TypeError: `true_sequential` / `offload_activations` not booleans, or batches that are not dicts of model
+            inputs (nothing changed).
     """
     if method not in CALIBRATED_METHODS:
         raise ValueError(f"method must be one of {CALIBRATED_METHODS}, got {method!r}")
@@ -461,13 +485,39 @@ def calibrated_prune_(
         raise ValueError(
             f"damp must be a finite number >= 0 (a fraction of the Hessian's mean diagonal), got {damp!r}"
         )
+    if not isinstance(true_sequential, bool):
+        raise TypeError(f"true_sequential must be True or False, got {true_sequential!r}")
+    if offload_activations is not None and not isinstance(offload_activations, bool):
+        raise TypeError(f"offload_activations must be True, False or None, got {offload_activations!r}")
     if device is not None:
-        device = torch.device(device)
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"device {device!r} is not a torch device ({exc})") from None
+        if device.type == "meta":
+            raise ValueError("device 'meta' holds no data: calibrate on 'cuda' or 'cpu'")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {device} was asked for, but no CUDA GPU is available here")
+    if isinstance(batches, Mapping) or torch.is_tensor(batches):
+        raise TypeError(
+            "calibration_data must be an iterable of batches, each a dict of model inputs such as "
+            f"{{'input_ids': LongTensor [batch, seq]}}; got one {type(batches).__name__} (wrap it in a list)"
+        )
     batches = list(batches)
     if not batches:
         raise ValueError(f"{method} needs calibration data: pass at least one batch")
+    for i, batch in enumerate(batches):
+        if not isinstance(batch, Mapping) or not any(torch.is_tensor(v) for v in batch.values()):
+            raise TypeError(
+                f"calibration batch {i} is a {type(batch).__name__}: each batch must be a dict of model inputs, "
+                "such as {'input_ids': LongTensor [batch, seq], 'attention_mask': ...} (a tokenizer's output)"
+            )
+        ids = batch.get("input_ids")
+        if torch.is_tensor(ids) and ids.dim() != 2:
+            raise ValueError(
+                f"calibration batch {i}: input_ids has shape {tuple(ids.shape)}, expected [batch, seq] "
+                "(add a batch dimension: ids[None])"
+            )
     check_targets_finite(targets)
     options = dict(n=n, m=m, blocksize=blocksize, damp=damp, show_progress=show_progress)
     if pipeline == "sequential":
@@ -528,6 +578,7 @@ def per_block_prune_(
             try:
                 with torch.no_grad():
                     for batch in batches:
+                        collector.token_mask = token_mask_of(batch, model)
                         model(**batch)
             finally:
                 collector.detach()

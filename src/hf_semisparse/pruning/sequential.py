@@ -33,6 +33,7 @@ from .calibrated import (
     per_block_prune_,
     prune_group_,
     read_linear,
+    token_mask_of,
     write_linear,
 )
 from .offload import is_offloaded, offload_hook
@@ -105,7 +106,7 @@ def _drop_caches(kwargs: dict) -> dict:
 class _Sample:
     """One calibration batch's inputs to the current block: hidden states and the other arguments."""
 
-    __slots__ = ("hidden", "args", "kwargs", "hidden_key")
+    __slots__ = ("hidden", "args", "kwargs", "hidden_key", "token_mask")
 
     def __init__(self, args: tuple, kwargs: dict, store: torch.device) -> None:
         if args:
@@ -121,6 +122,9 @@ class _Sample:
         self.hidden = self.hidden.detach().to(store)
         self.args = _to(tuple(None if _is_cache(a) else a for a in rest), store)
         self.kwargs = _to(_drop_caches(kwargs), store)
+        self.token_mask: torch.Tensor | None = (
+            None  # the batch's real tokens (`token_mask_of`), set by _capture
+        )
 
     def run(self, block: nn.Module, device: torch.device | None) -> torch.Tensor:
         hidden = self.hidden if device is None else self.hidden.to(device, non_blocking=True)
@@ -152,6 +156,7 @@ def _capture(model: nn.Module, first: nn.Module, batches: list[dict], store: tor
                 try:
                     model(**inputs)
                 except _StopForward:
+                    samples[-1].token_mask = token_mask_of(batch, model)
                     continue
                 raise RuntimeError("the model's forward finished without calling its first transformer block")
     finally:
@@ -280,16 +285,17 @@ def _prune_block(
         hooks = [offload_hook(mod) for mod in block.modules() if is_offloaded(mod)]
         run_device = getattr(hooks[0], "execution_device", None) or device
         run_device = torch.device(run_device) if not isinstance(run_device, torch.device) else run_device
-    elif home != device:
-        block.to(device)
     backup: dict[str, torch.Tensor] = {}
     try:
+        if not offloaded and home != device:
+            block.to(device)  # inside the try: a failed move is moved back by the `finally`
         with torch.no_grad():
             remaining = list(targets)
             while remaining:
                 collector = StatsCollector(method).attach(remaining)
                 try:
                     for s in samples:
+                        collector.token_mask = s.token_mask  # padding tokens are not counted
                         s.run(block, run_device)
                 finally:
                     collector.detach()
