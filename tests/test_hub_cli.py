@@ -101,6 +101,12 @@ def test_cli_convert_keeps_the_tokenizer(tmp_path, capsys):
     assert AutoTokenizer.from_pretrained(tmp_path / "sparse")("hello world")["input_ids"] == [1, 2]
 
 
+def test_cli_inspect_says_when_a_checkpoint_records_no_sparsity(tmp_path, capsys):
+    make_model("gpt2").save_pretrained(tmp_path / "dense")
+    assert main(["inspect", str(tmp_path / "dense")]) == 1
+    assert "config.json has no sparsity record" in capsys.readouterr().out.splitlines()[-1]
+
+
 def test_cli_inspect_flags_a_layer_that_is_not_24(tmp_path, capsys):
     model = make_model("bert")
     prune_24(model)

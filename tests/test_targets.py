@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -150,3 +152,16 @@ def test_report_says_why_a_default_excluded_head_stays_dense(arch, tie):
         for d in select_targets(model, SparsityConfig(exclude_modules=["lm_head"]))[1].decisions
     }
     assert reasons["lm_head"] == "in exclude_modules"
+
+
+@pytest.mark.parametrize(
+    "config, hint",
+    [
+        (SparsityConfig(target_modules=["lm_head"]), "pass exclude_modules=[] to prune one"),
+        (SparsityConfig(target_modules=["mlp"]), "not a parent such as 'mlp'"),
+    ],
+)
+def test_an_empty_selection_says_its_likely_cause_first(config, hint):
+    with pytest.raises(NoTargetsError, match=re.escape(hint)) as caught:
+        select_targets(make_model("llama"), config)
+    assert str(caught.value).index(hint) < str(caught.value).index("What was found")

@@ -290,6 +290,12 @@ def _inspect(args) -> int:
         named = ", ".join(map(str, ignored[:5])) + (
             f" and {len(ignored) - 5} more" if len(ignored) > 5 else ""
         )
+        if not report["layers"] and not ignored:
+            print(
+                "no 2:4 layers recorded: config.json has no sparsity record (not saved after prune_24, "
+                "SparsityTrainer or save_sparse_pretrained?)"
+            )
+            return 1
         print(
             f"{len(report['layers'])} 2:4 layers recorded; {len(ignored)} linear layer"
             f"{'' if len(ignored) == 1 else 's'} left dense{f' ({named})' if ignored else ''}"

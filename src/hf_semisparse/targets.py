@@ -437,7 +437,27 @@ def select_targets(model: nn.Module, config: SparsityConfig) -> tuple[list[Spars
     report = SparsityReport(decisions, pattern=config.pattern)
     if not targets:
         raise NoTargetsError(
-            f"SparsityConfig selects no module (target_modules={config.target_modules!r}). "
-            f"What was found:\n{report}"
+            f"SparsityConfig selects no module (target_modules={config.target_modules!r}).{_no_target_hint(decisions)}"
+            f" What was found:\n{report}"
         )
     return targets, report
+
+
+def _no_target_hint(decisions: list[ModuleDecision]) -> str:
+    """The likely cause of an empty selection, said before the full report."""
+    weights = [d for d in decisions if d.kind in ("linear", "experts")]
+    excluded = {
+        d.name for d in weights if d.reason == "in exclude_modules" or "left dense by default" in d.reason
+    }
+    named = [d.name for d in weights if d.reason != "not in target_modules"]
+    if named and set(named) <= excluded:
+        return (
+            f" Every module it names is excluded ({', '.join(named[:3])}{', ...' if len(named) > 3 else ''}): "
+            "exclude_modules excludes output and task heads by default; pass exclude_modules=[] to prune one."
+        )
+    if not named:
+        return (
+            " No linear module's name matches: an entry matches a full name or its last parts (for example "
+            "'q_proj' or 'self_attn.q_proj', not a parent such as 'mlp'), or give one regex for the full name."
+        )
+    return ""
