@@ -146,6 +146,11 @@ def test_report_says_why_a_default_excluded_head_stays_dense(arch, tie):
     assert reasons["lm_head"].startswith("a head (output, task or pooler)")
     attention = "model.layers.0.self_attn.q_proj" if arch == "llama" else "transformer.h.0.attn.c_attn"
     assert reasons[attention] == "in exclude_modules"
+    # no exclusions at all: the head is still a head, and still tied
+    reasons = {
+        d.name: d.reason for d in select_targets(model, SparsityConfig(exclude_modules=[]))[1].decisions
+    }
+    assert reasons["lm_head"] == f"task head (outside the base model){tie}"
     # a list of the user's own that names the head: theirs
     reasons = {
         d.name: d.reason

@@ -409,6 +409,8 @@ def select_targets(model: nn.Module, config: SparsityConfig) -> tuple[list[Spars
             reason = _exclusion_reason(name, config, shared, model)
         elif not explicit and any(name == h or name.startswith(h + ".") for h in heads):
             reason = "task head (outside the base model)"
+            if _tied_to_non_linear(name, shared, model):
+                reason += f"; its weight is tied to {', '.join(shared[f'{name}.weight'])}"
         elif in_f % config.m:
             msg = f"in_features {in_f} is not a multiple of {config.m}"
             if explicit:
