@@ -101,6 +101,21 @@ def test_cli_convert_keeps_the_tokenizer(tmp_path, capsys):
     assert AutoTokenizer.from_pretrained(tmp_path / "sparse")("hello world")["input_ids"] == [1, 2]
 
 
+def test_cli_convert_copies_tokenizer_files_without_running_their_code(tmp_path, capsys):
+    model = make_model("gpt2").eval()
+    prune_24(model)
+    model.save_pretrained(tmp_path / "dense")
+    marker = tmp_path / "ran"
+    (tmp_path / "dense" / "tok.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    config = {"auto_map": {"AutoTokenizer": ["tok.Tok", None]}, "tokenizer_class": "Tok"}
+    (tmp_path / "dense" / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "dense" / "notes.txt").write_text("not a tokenizer file")
+    assert main(["convert", str(tmp_path / "dense"), str(tmp_path / "sparse")]) == 0
+    assert not marker.exists()
+    assert json.loads((tmp_path / "sparse" / "tokenizer_config.json").read_text()) == config
+    assert not (tmp_path / "sparse" / "notes.txt").exists() and not (tmp_path / "sparse" / "tok.py").exists()
+
+
 def test_cli_inspect_says_when_a_checkpoint_records_no_sparsity(tmp_path, capsys):
     make_model("gpt2").save_pretrained(tmp_path / "dense")
     assert main(["inspect", str(tmp_path / "dense")]) == 1

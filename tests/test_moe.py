@@ -435,3 +435,14 @@ def test_padding_tokens_routed_to_experts_do_not_count(method):
     for (name, a), b in zip(plain.state_dict().items(), padded.state_dict().values(), strict=True):
         assert torch.equal(a != 0, b != 0), name
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_inspect_of_an_experts_only_dense_save_is_not_called_unrecorded(tmp_path, capsys):
+    from hf_semisparse.cli import main
+
+    model = make_moe("mixtral")
+    prune_24(model, SparsityConfig(target_modules=["gate_up_proj", "down_proj"]), show_progress=False)
+    assert model.config.sparsity_config.get("expert_targets") and not model.config.sparsity_config["targets"]
+    model.save_pretrained(tmp_path / "dense")
+    main(["inspect", str(tmp_path / "dense")])
+    assert "has no sparsity record" not in capsys.readouterr().out

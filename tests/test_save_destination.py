@@ -171,6 +171,22 @@ def test_the_dense_checkpoint_the_model_came_from_is_not_replaced_unless_asked(t
     assert_loads_as(tmp_path / "dense", pruned)
 
 
+def test_saving_back_into_a_sparse_source_is_allowed_whatever_its_layout(model, tmp_path):
+    save_sparse_pretrained(model, tmp_path / "sharded", max_shard_size="20KB")
+    save_sparse_pretrained(model, tmp_path / "legacy", format="compressed-tensors")
+    for folder in ("sharded", "legacy"):
+        loaded = AutoSparseModel.from_pretrained(tmp_path / folder)
+        save_sparse_pretrained(loaded, tmp_path / folder)  # our 2:4 layout: saved back in place
+        assert_loads_as(tmp_path / folder, model)
+    config = json.loads((tmp_path / "legacy" / "config.json").read_text())
+    config["quantization_config"] = ["not", "an", "object"]  # unreadable: treated as another format
+    (tmp_path / "legacy" / "config.json").write_text(json.dumps(config))
+    from hf_semisparse.save_destination import check_save_destination
+
+    with pytest.raises(SaveDestinationError, match="dense checkpoint"):
+        check_save_destination(tmp_path / "legacy", source=tmp_path / "legacy")
+
+
 def test_non_empty_folder_without_checkpoint_and_files(model, tmp_path):
     folder = tmp_path / "docs"
     folder.mkdir()
@@ -260,3 +276,40 @@ def test_a_processor_that_writes_a_folder_keeps_it_traversable(model, tmp_path):
     assert stat.S_IMODE(os.stat(tmp_path / "out" / "templates").st_mode) == default_dir_mode()
     assert (tmp_path / "out" / "templates" / "chat.jinja").read_text() == "{{ messages }}"
     save_sparse_pretrained(model, tmp_path / "out", tokenizer=WithFolder.__new__(WithFolder))
+
+
+def test_an_entry_of_another_kind_in_the_way_is_refused_before_anything_moves(model, tmp_path):
+    class WithFolder:
+        def save_pretrained(self, folder):
+            (Path(folder) / "templates").mkdir()
+            (Path(folder) / "templates" / "chat.jinja").write_text("new")
+
+    save_sparse_pretrained(model, tmp_path / "out")
+    (tmp_path / "out" / "templates").write_text("a file where the save writes a folder")
+    before = snapshot(tmp_path / "out")
+    with pytest.raises(SaveDestinationError, match="a file of that name is in the way"):
+        save_sparse_pretrained(model, tmp_path / "out", tokenizer=WithFolder())
+    assert snapshot(tmp_path / "out") == before
+
+
+def test_a_save_that_fails_half_way_puts_back_what_it_replaced(model, tmp_path, monkeypatch):
+    from hf_semisparse import save_destination
+
+    save_sparse_pretrained(model, tmp_path / "out", tokenizer=word_tokenizer())
+    before = snapshot(tmp_path / "out")
+    replace = os.replace
+    calls = []
+
+    def failing_replace(src, dst):  # the third move into the checkpoint fails (disk full, say)
+        if os.path.dirname(os.fspath(dst)) == os.fspath(tmp_path / "out") and ".partial" in os.fspath(src):
+            calls.append(dst)
+            if len(calls) == 3:
+                raise OSError("disk full")
+        return replace(src, dst)
+
+    monkeypatch.setattr(save_destination.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        save_sparse_pretrained(model, tmp_path / "out", tokenizer=word_tokenizer())
+    monkeypatch.setattr(save_destination.os, "replace", replace)
+    assert snapshot(tmp_path / "out") == before
+    assert not [n for n in os.listdir(tmp_path / "out") if n.startswith(".")]  # no backup or staging left

@@ -423,13 +423,64 @@ def test_bad_device_and_flags_are_refused_before_any_change(option, error, match
 
 
 def test_a_tokenizer_output_is_a_calibration_batch():
-    """Tokenizers return a BatchEncoding (a mapping, not a dict): accepted, and its attention mask is read."""
+    """Tokenizers return a BatchEncoding (a mapping, not a dict): accepted, and its attention mask is read (the
+    padded batch prunes as the unpadded one)."""
     from transformers import BatchEncoding
 
-    ids = token_batches(1)[0]["input_ids"]
-    batch = BatchEncoding({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    ids = token_batches(1, seq=12)[0]["input_ids"]
+    padded = BatchEncoding(
+        {
+            "input_ids": torch.cat([ids, torch.zeros(2, 20, dtype=ids.dtype)], dim=1),
+            "attention_mask": torch.cat([torch.ones_like(ids), torch.zeros(2, 20, dtype=ids.dtype)], dim=1),
+        }
+    )
     a, b = llama(1), llama(1)
-    prune_24(a, SparsityConfig(method="wanda"), [batch], show_progress=False)
-    prune_24(b, SparsityConfig(method="wanda"), [dict(batch)], show_progress=False)
+    for model in (a, b):
+        model.config._attn_implementation = "eager"
+    prune_24(a, SparsityConfig(method="wanda"), [padded], show_progress=False)
+    prune_24(b, SparsityConfig(method="wanda"), [{"input_ids": ids}], show_progress=False)
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
-        assert torch.equal(x, y), name
+        assert torch.equal(x != 0, y != 0), name
+
+
+def test_left_padding_prunes_as_the_unpadded_batch():
+    ids = token_batches(1, seq=12)[0]["input_ids"]
+    pad = torch.zeros(2, 20, dtype=ids.dtype)
+    mask = torch.cat([torch.zeros_like(pad), torch.ones_like(ids)], dim=1)
+    left = {
+        "input_ids": torch.cat([pad, ids], dim=1),
+        "attention_mask": mask,
+        "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),  # the real tokens at positions 0..11, as unpadded
+    }
+    a, b = llama(2), llama(2)
+    for model in (a, b):
+        model.config._attn_implementation = "eager"
+    prune_24(a, SparsityConfig(method="sparsegpt"), [left], show_progress=False)
+    prune_24(b, SparsityConfig(method="sparsegpt"), [{"input_ids": ids}], show_progress=False)
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(x != 0, y != 0), name
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_multiple_choice_batches_calibrate_with_their_mask():
+    """`[batch, choices, seq]` inputs (multiple choice): accepted, and their padding left out as well."""
+    from transformers import BertConfig, BertForMultipleChoice
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128
+    )
+    ids = torch.randint(3, VOCAB, (2, 3, 10))
+    pad = torch.zeros(2, 3, 6, dtype=ids.dtype)
+    padded = {
+        "input_ids": torch.cat([ids, pad], dim=2),
+        "attention_mask": torch.cat([torch.ones_like(ids), torch.zeros_like(pad)], dim=2),
+    }
+    a, b = BertForMultipleChoice(config).eval(), None
+    b = copy.deepcopy(a)
+    for model in (a, b):
+        model.config._attn_implementation = "eager"
+    prune_24(a, SparsityConfig(method="wanda"), [padded], show_progress=False)
+    prune_24(b, SparsityConfig(method="wanda"), [{"input_ids": ids}], show_progress=False)
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(x != 0, y != 0), name

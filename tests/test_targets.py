@@ -164,6 +164,7 @@ def test_report_says_why_a_default_excluded_head_stays_dense(arch, tie):
     [
         (SparsityConfig(target_modules=["lm_head"]), "pass exclude_modules=[] to prune one"),
         (SparsityConfig(target_modules=["mlp"]), "not a parent such as 'mlp'"),
+        (SparsityConfig(target_modules=["q_proj"], exclude_modules=["q_proj"]), "narrow exclude_modules"),
     ],
 )
 def test_an_empty_selection_says_its_likely_cause_first(config, hint):

@@ -90,7 +90,13 @@ def main() -> None:
     with open(TEXT, encoding="utf-8") as f:
         ids = tokenizer(f.read(), return_tensors="pt").input_ids[0][: args.tokens]
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16).eval()
-    results = {"model": args.model, "method": args.method, "tokens": ids.numel(), "window": args.window}
+    results = {
+        "command": " ".join(sys.argv),
+        "model": args.model,
+        "method": args.method,
+        "tokens": ids.numel(),
+        "window": args.window,
+    }
     t0 = time.time()
     if not args.only_all_layers:
         results["dense_bf16"] = perplexity(model, ids, args.window)
@@ -101,6 +107,12 @@ def main() -> None:
         calibration, _ = calibration_batches(
             tokenizer, CALIBRATION_DIR, args.calibration_samples, 512, batch_size=8, seed=0
         )
+        results["calibration"] = {
+            "dir": CALIBRATION_DIR,
+            "samples": args.calibration_samples,
+            "seq": 512,
+            "seed": 0,
+        }
         model.float()  # SparseGPT's Hessian in float32, then back to bf16
     report = prune_24(
         model, SparsityConfig(method=args.method), calibration_data=calibration, show_progress=False

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
 import sys
 
 DEBUG_ENV = "HF_SEMISPARSE_DEBUG"
@@ -74,13 +76,47 @@ def _convert_source(source: str) -> str:
     return source
 
 
+# the files of a tokenizer or processor that transformers writes beside a model (copied by `convert`)
+TOKENIZER_FILES = re.compile(
+    r"tokenizer(_config)?\.json|special_tokens_map\.json|added_tokens\.json|vocab\.(json|txt)|merges\.txt"
+    r"|.*\.model|chat_template\.(jinja|json)|preprocessor_config\.json|processor_config\.json"
+)
+TOKENIZER_DIRS = ("additional_chat_templates",)
+
+
+class _TokenizerFiles:
+    """The tokenizer and processor files of a local checkpoint folder, copied byte for byte by `save_pretrained`
+    (no tokenizer is built, so no code of the checkpoint's runs)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self.names = sorted(
+            n
+            for n in os.listdir(folder)
+            if (TOKENIZER_FILES.fullmatch(n) and os.path.isfile(os.path.join(folder, n)))
+            or (n in TOKENIZER_DIRS and os.path.isdir(os.path.join(folder, n)))
+        )
+
+    def save_pretrained(self, destination: str) -> None:
+        for name in self.names:
+            source = os.path.join(self.folder, name)
+            if os.path.isdir(source):
+                shutil.copytree(source, os.path.join(destination, name))
+            else:
+                shutil.copy2(source, os.path.join(destination, name))
+
+
 def _source_tokenizer(source: str):
-    """The source checkpoint's tokenizer, to write beside the converted weights; None where it has none (said)."""
+    """What `convert` writes beside the weights: a local folder's tokenizer files as they are, or a Hub repo's
+    tokenizer (never its remote code); None where there is none (said)."""
+    if os.path.isdir(source):
+        files = _TokenizerFiles(source)
+        return files if files.names else None
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError, KeyError) as exc:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+    except Exception as exc:  # noqa: BLE001 - a repo without a (loadable) tokenizer still converts
         print(
             f"note: no tokenizer copied from {source} ({type(exc).__name__}: {str(exc)[:120]})",
             file=sys.stderr,
@@ -256,6 +292,8 @@ def inspect_checkpoint(path: str, verify_data: bool = False) -> dict:
             "global_sparsity", (quant.get("sparsity_config") or {}).get("global_sparsity")
         ),
         "problems": problems,
+        # whether config.json records any 2:4 weight (a sparse format, or a dense save's sparsity record)
+        "records_sparsity": bool(recorded or recorded_experts or fmt != "dense"),
     }
 
 
@@ -290,7 +328,7 @@ def _inspect(args) -> int:
         named = ", ".join(map(str, ignored[:5])) + (
             f" and {len(ignored) - 5} more" if len(ignored) > 5 else ""
         )
-        if not report["layers"] and not ignored:
+        if not report["records_sparsity"]:
             print(
                 "no 2:4 layers recorded: config.json has no sparsity record (not saved after prune_24, "
                 "SparsityTrainer or save_sparse_pretrained?)"

@@ -71,11 +71,15 @@ def _holds_dense_weights(folder: str) -> bool:
         return False
     try:
         with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-            quant = json.load(f).get("quantization_config") or {}
-    except (OSError, ValueError, AttributeError):
+            config = json.load(f)
+    except (OSError, ValueError):
         return True
-    sparsity = quant.get("sparsity_config") or {}
-    return not (quant.get("quant_method") == "hf_semisparse" or sparsity.get("format") == "sparse-24-bitmask")
+    quant = config.get("quantization_config") if isinstance(config, dict) else None
+    if not isinstance(quant, dict):
+        return True
+    sparsity = quant.get("sparsity_config")
+    legacy = isinstance(sparsity, dict) and sparsity.get("format") == "sparse-24-bitmask"
+    return not (quant.get("quant_method") == "hf_semisparse" or legacy)
 
 
 def _visible_entries(folder: str) -> list[str]:
@@ -143,7 +147,10 @@ def stage(destination: str) -> str:
 def commit(staging: str, destination: str) -> list[str]:
     """Move every file of `staging` into `destination`; drop our stale weight files; return the names moved.
 
-    Weight files move first and config files last, so that a reader never sees a config before its weights.
+    Weight files move first and config files last, so that a reader never sees a config before its weights. Each
+    file replaces its namesake atomically; if a move fails, every entry already replaced is put back and the
+    error raised. Raises `SaveDestinationError`, before anything moves, where an entry of another kind (a file, a
+    folder, a link) is in the way of one the save writes.
     """
     names = sorted(os.listdir(staging), key=lambda n: (not OWNED_WEIGHTS.fullmatch(n), n))
     for name in names:
@@ -153,26 +160,56 @@ def commit(staging: str, destination: str) -> list[str]:
         os.chmod(staging, default_dir_mode())
         os.replace(staging, destination)
         return names
-    for name in names:
+    for name in names:  # checked before anything moves: a failure here changes nothing
         target = os.path.join(destination, name)
         new_is_dir = os.path.isdir(os.path.join(staging, name))
+        if os.path.islink(target) and new_is_dir:
+            raise SaveDestinationError(f"cannot write the folder {target}: a link of that name is in the way")
         if os.path.isdir(target) and not os.path.islink(target) and not new_is_dir:
             raise SaveDestinationError(f"cannot write {target}: a folder of that name is in the way")
-    for name in names:
-        source, target = os.path.join(staging, name), os.path.join(destination, name)
-        if os.path.isdir(source) and os.path.isdir(target) and not os.path.islink(target):
-            # a folder the save writes (a processor's templates, say) replaces the old one of that name
-            old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=destination)
-            os.replace(target, os.path.join(old, name))
+        if new_is_dir and os.path.lexists(target) and not os.path.isdir(target):
+            raise SaveDestinationError(f"cannot write the folder {target}: a file of that name is in the way")
+    backup = tempfile.mkdtemp(prefix=".hf_semisparse-previous-", dir=destination)
+    moved: list[tuple[str, bool]] = []  # (name, whether an old entry was kept in `backup`)
+    try:
+        for name in names:
+            source, target = os.path.join(staging, name), os.path.join(destination, name)
+            kept = os.path.lexists(target)
+            if kept and os.path.isdir(source):
+                os.replace(target, os.path.join(backup, name))  # a folder: moved aside, then replaced
+            elif kept:
+                _keep_copy(target, os.path.join(backup, name))  # a file: replaced atomically below
             os.replace(source, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(source, target)
+            moved.append((name, kept))
+    except BaseException:
+        for name, kept in reversed(moved):  # put back what this save replaced
+            target = os.path.join(destination, name)
+            if os.path.isdir(target) and not os.path.islink(target):
+                shutil.rmtree(target, ignore_errors=True)
+            elif os.path.lexists(target):
+                os.remove(target)
+            if kept:
+                os.replace(os.path.join(backup, name), target)
+        for name in os.listdir(backup):  # left: the entry of the move that failed (done ones were put back)
+            if not os.path.lexists(os.path.join(destination, name)):  # a folder moved aside, not yet replaced
+                os.replace(os.path.join(backup, name), os.path.join(destination, name))
+        shutil.rmtree(backup, ignore_errors=True)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
     os.rmdir(staging)
     for name in os.listdir(destination):
         if OWNED_WEIGHTS.fullmatch(name) and name not in names:
             os.remove(os.path.join(destination, name))
     return names
+
+
+def _keep_copy(path: str, copy: str) -> None:
+    """A second name for the file at `path` (a hard link; a copy where links are not supported), so that it can be
+    put back if the save fails after replacing it."""
+    try:
+        os.link(path, copy, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(path, copy, follow_symlinks=False)
 
 
 def discard(staging: str) -> None:

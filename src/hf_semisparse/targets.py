@@ -453,10 +453,14 @@ def _no_target_hint(decisions: list[ModuleDecision]) -> str:
     }
     named = [d.name for d in weights if d.reason != "not in target_modules"]
     if named and set(named) <= excluded:
-        return (
-            f" Every module it names is excluded ({', '.join(named[:3])}{', ...' if len(named) > 3 else ''}): "
-            "exclude_modules excludes output and task heads by default; pass exclude_modules=[] to prune one."
-        )
+        by_default = any("left dense by default" in d.reason for d in weights if d.name in excluded)
+        shown = f"{', '.join(named[:3])}{', ...' if len(named) > 3 else ''}"
+        if by_default:
+            return (
+                f" Every module it names is excluded ({shown}): exclude_modules excludes output and task heads by "
+                "default; pass exclude_modules=[] to prune one."
+            )
+        return f" Every module it names is in exclude_modules ({shown}): narrow exclude_modules."
     if not named:
         return (
             " No linear module's name matches: an entry matches a full name or its last parts (for example "

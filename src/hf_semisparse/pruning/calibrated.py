@@ -171,10 +171,12 @@ class _InputStats:
         self.value: torch.Tensor | None = None
 
     def add(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> None:
-        """Add the rows of `x` `[..., in]`; `token_mask`: bool `[rows]`, the rows to count (padding left out)."""
-        x = x.detach().reshape(-1, x.shape[-1])
-        if token_mask is not None and token_mask.numel() == x.shape[0]:
-            x = x[token_mask.to(x.device)]
+        """Add the rows of `x` `[..., in]`; `token_mask`: bool, the calibration batch's real tokens (`token_mask_of`),
+        applied where `x` is laid out as the batch (`applies_to`): padding left out."""
+        if token_mask is not None and applies_to(token_mask, x):
+            x = x.detach().reshape(-1, x.shape[-1])[token_mask.reshape(-1).to(x.device)]
+        else:
+            x = x.detach().reshape(-1, x.shape[-1])
         x = x.float()
         if self.value is None:
             cols = x.shape[-1]
@@ -186,20 +188,30 @@ class _InputStats:
         else:
             self.value.addmm_(x.t(), x)
 
-    def __call__(self, module, inputs, output) -> None:
-        self.add(inputs[0])
-
 
 def token_mask_of(batch: dict, model: nn.Module | None = None) -> torch.Tensor | None:
-    """The tokens of a calibration batch that count, bool `[batch * seq]` (row-major, as a layer sees its input
-    `[batch, seq, hidden]` flattened): its 2-D `attention_mask` != 0. None where there is none, or for an
+    """The tokens of a calibration batch that count, bool in the shape of its `attention_mask` (`[batch, seq]`, or
+    `[batch, choices, seq]` for multiple choice): mask != 0. None where there is none (or a 4-D one), or for an
     encoder-decoder (its decoder's tokens are not the ones the mask describes)."""
     if model is not None and getattr(getattr(model, "config", None), "is_encoder_decoder", False):
         return None
     mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-    if not torch.is_tensor(mask) or mask.dim() != 2:
+    if not torch.is_tensor(mask) or mask.dim() not in (2, 3):
         return None
-    return mask.reshape(-1) != 0
+    return mask != 0
+
+
+def applies_to(token_mask: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether a layer input `x` holds the batch's tokens in the batch's order: `[*mask.shape, features]` (a
+    transformers block's `[batch, seq, hidden]`), or the same rows flattened, `[batch * seq, features]` (an MoE
+    block's shared expert). Anything else (another layout, another sequence) is counted whole."""
+    lead = tuple(x.shape[:-1])
+    if lead == tuple(token_mask.shape):
+        return True
+    if x.dim() == 2 and token_mask.dim() == 2:
+        return lead[0] == token_mask.numel()
+    # multiple choice: the model runs [batch * choices, seq]
+    return token_mask.dim() == 3 and lead == (token_mask.shape[0] * token_mask.shape[1], token_mask.shape[2])
 
 
 class _ExpertStats:
@@ -268,8 +280,8 @@ class StatsCollector:
         self.method = method
         self.stats: dict[str, _InputStats] = {}
         self.order: list[str] = []
-        # bool [batch * seq] of the batch being run (`token_mask_of`): padding tokens are not counted; applied to
-        # inputs with exactly that many rows
+        # the real tokens of the batch being run (`token_mask_of`): padding tokens are not counted, in inputs laid
+        # out as the batch (`applies_to`)
         self.token_mask: torch.Tensor | None = None
         self._last_x: torch.Tensor | None = None
         self._last_name: str | None = None
@@ -301,8 +313,12 @@ class StatsCollector:
                     self.order.append(name)
                 self.stats.setdefault(name, _ExpertStats(self.method, num_experts))
             up = _expert_up_params(module, hidden.device) if "down_proj" in by_param else None
-            mask = self.token_mask
-            keep = mask.to(hidden.device) if mask is not None and mask.numel() == hidden.shape[0] else None
+            mask = self.token_mask  # fused experts see the batch's tokens flattened, in order
+            keep = (
+                mask.reshape(-1).to(hidden.device)
+                if mask is not None and mask.numel() == hidden.shape[0]
+                else None
+            )
             for expert in range(num_experts):
                 routed = (index == expert).any(dim=-1)
                 rows = (routed if keep is None else routed & keep).nonzero().flatten()
@@ -507,13 +523,18 @@ def calibrated_prune_(
     if not batches:
         raise ValueError(f"{method} needs calibration data: pass at least one batch")
     for i, batch in enumerate(batches):
-        if not isinstance(batch, Mapping) or not any(torch.is_tensor(v) for v in batch.values()):
+        if not isinstance(batch, Mapping):
             raise TypeError(
                 f"calibration batch {i} is a {type(batch).__name__}: each batch must be a dict of model inputs, "
                 "such as {'input_ids': LongTensor [batch, seq], 'attention_mask': ...} (a tokenizer's output)"
             )
+        if not any(torch.is_tensor(v) for v in batch.values()):
+            raise TypeError(
+                f"calibration batch {i} holds no tensor (keys {sorted(batch)}): tokenize with "
+                "return_tensors='pt'"
+            )
         ids = batch.get("input_ids")
-        if torch.is_tensor(ids) and ids.dim() != 2:
+        if torch.is_tensor(ids) and ids.dim() < 2:
             raise ValueError(
                 f"calibration batch {i}: input_ids has shape {tuple(ids.shape)}, expected [batch, seq] "
                 "(add a batch dimension: ids[None])"

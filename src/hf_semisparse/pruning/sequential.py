@@ -250,6 +250,7 @@ def sequential_prune_(
         if store != torch.device("cpu"):
             for s in samples:
                 s.hidden, s.args, s.kwargs = s.hidden.to(store), _to(s.args, store), _to(s.kwargs, store)
+                s.token_mask = None if s.token_mask is None else s.token_mask.to(store)
         stats["capture_s"] = time.perf_counter() - start
         for index, block in enumerate(
             tqdm(blocks, desc=f"{method} 2:{m} pruning", unit="block", disable=not show_progress)

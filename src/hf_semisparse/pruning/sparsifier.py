@@ -404,9 +404,11 @@ def prune_24(
 
     Raises:
         ValueError: a target weight holds NaN/inf (named; the model is unchanged), calibration statistics
-            overflow (named, with the likely cause), calibration data is missing, or a calibration option is
-            bad (a `pipeline` name, `blocksize`, `damp`, or a CUDA `device` without a GPU; nothing changed).
-        TypeError: a calibration option given for method "magnitude" (nothing changed).
+            overflow (named, with the likely cause), calibration data is missing or has `input_ids` of fewer than
+            2 dimensions, or a calibration option is bad (a `pipeline` name, `blocksize`, `damp`, a `device`
+            that is not one, "meta", or CUDA without a GPU); nothing changed in all but the overflow.
+        TypeError: a calibration option given for method "magnitude", batches that are not dicts of tensors,
+            or `true_sequential` / `offload_activations` not booleans (nothing changed).
 
     Example:
         >>> report = prune_24(model, SparsityConfig(method="sparsegpt"), calibration_data=batches, device="cuda")
