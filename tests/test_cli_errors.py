@@ -191,3 +191,13 @@ def test_help_and_inspect_do_not_import_transformers(sparse_ckpt):
         env=dict(os.environ, PYTHONPATH=os.path.abspath(SRC)),
     )
     assert imported.stdout.strip() == "False"
+
+
+def test_python_dash_m_runs_the_command_line():
+    result = subprocess.run(
+        [sys.executable, "-m", "hf_semisparse", "--help"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=os.path.abspath(SRC)),
+    )
+    assert result.returncode == 0 and "convert" in result.stdout and "inspect" in result.stdout
