@@ -29,10 +29,13 @@ def run(cmd, out, *extra):
     proc = subprocess.run(
         cmd + [str(out), *extra], capture_output=True, text=True, timeout=600, env=env, check=False
     )
-    if proc.returncode != 0 and "Timeout (0:" in proc.stderr and "torch.distributed.run" in cmd:
+    flaky = "Timeout (0:" in proc.stderr or "terminate called without an active exception" in proc.stderr
+    if proc.returncode != 0 and flaky and "torch.distributed.run" in cmd:
         # once in CI (2026-12-01, 2 busy cores) one rank of a two-rank launch waited forever for its peer, which
-        # had exited; the workers' faulthandler ends such a hang with a traceback. A hang, and only a hang, is
-        # relaunched once on a fresh port; a second one fails the test with both tracebacks.
+        # had exited; the workers' faulthandler ends such a hang with a traceback. Once a rank aborted at exit in
+        # gloo's teardown ("terminate called without an active exception"; the workers now skip that teardown).
+        # These two failures, and only these, are relaunched once on a fresh port; a second one fails the test
+        # with both outputs.
         first = proc.stderr[-3000:]
         cmd = [f"--master_port={free_port()}" if c.startswith("--master_port=") else c for c in cmd]
         proc = subprocess.run(
