@@ -128,24 +128,7 @@ def plot(paths: list[str], output: str, date: str | None = None, command: str | 
             ax.set_xlabel("batch size")
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=8)
-    cusparselt = env.get("cusparselt")
-    caption = (
-        f"{env.get('gpu')}, driver {env.get('driver')}, torch {env.get('torch')}, "
-        f"cuSPARSELt {cusparselt // 1000}.{cusparselt // 100 % 10}.{cusparselt % 100}"
-        if isinstance(cusparselt, int)
-        else f"{env.get('gpu')}, torch {env.get('torch')}"
-    )
-    caption += f", transformers {env.get('transformers')}, fp16" + (f", {date}" if date else "")
-    if command:
-        caption += "\n" + command
-    fig.text(0.01, 0.005, caption, fontsize=7, family="monospace", va="bottom", wrap=True)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    tmp = output + ".tmp.png"
-    fig.savefig(tmp, dpi=110, metadata={"Software": None})  # no version string: reruns give the same file
-    plt.close(fig)
-    os.replace(tmp, output)
-    return output
+    return save_figure(fig, output, caption(env, date, command, "fp16"), fontsize=7, bottom=0.06)
 
 
 def plot_generate(path: str, output: str, date: str | None = None, command: str | None = None) -> str:
@@ -190,13 +173,25 @@ def plot_generate(path: str, output: str, date: str | None = None, command: str 
         ax.set_xlabel("batch size")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    env = data["env"]
-    caption = f"{env.get('gpu')}, driver {env.get('driver')}, torch {env.get('torch')}, cuSPARSELt {env.get('cusparselt')}"
-    caption += f", transformers {env.get('transformers')}" + (f", {date}" if date else "")
-    if command:
-        caption += "\n" + command
-    fig.text(0.01, 0.005, caption, fontsize=6, family="monospace", va="bottom", wrap=True)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    return save_figure(fig, output, caption(data["env"], date, command), fontsize=6, bottom=0.07)
+
+
+def caption(env: dict, date: str | None, command: str | None, dtype: str | None = None) -> str:
+    """The line under a figure: GPU, driver and library versions, dtype, date, then the command of the run."""
+    cusparselt = env.get("cusparselt")
+    text = f"{env.get('gpu')}, driver {env.get('driver')}, torch {env.get('torch')}"
+    if isinstance(cusparselt, int):  # cuSPARSELt's version number: 800 is 0.8.0
+        text += f", cuSPARSELt {cusparselt // 1000}.{cusparselt // 100 % 10}.{cusparselt % 100}"
+    text += f", transformers {env.get('transformers')}"
+    text += "".join(f", {part}" for part in (dtype, date) if part)
+    return text + (f"\n{command}" if command else "")
+
+
+def save_figure(fig, output: str, text: str, fontsize: int, bottom: float) -> str:
+    """`text` under the figure, then the PNG written atomically to `output` (no version string in its metadata:
+    reruns give the same file); returns `output`."""
+    fig.text(0.01, 0.005, text, fontsize=fontsize, family="monospace", va="bottom", wrap=True)
+    fig.tight_layout(rect=(0, bottom, 1, 1))
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     tmp = output + ".tmp.png"
     fig.savefig(tmp, dpi=110, metadata={"Software": None})

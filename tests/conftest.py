@@ -196,3 +196,12 @@ def backend(monkeypatch):
     fake = _FakeBackend()
     monkeypatch.setattr(linear_mod, "_BACKEND", fake)
     return fake
+
+
+def assert_same_pruning(a, b, values: bool = True):
+    """Models `a` and `b` hold the same 2:4 masks, tensor by tensor, and (`values`) the same weights within float32
+    rounding (rtol 1e-4, atol 1e-5)."""
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(x != 0, y != 0), name
+        if values:
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=name)

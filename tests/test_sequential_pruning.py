@@ -9,7 +9,7 @@ import torch
 from hf_semisparse import SparsityConfig, is_nm_sparse, prune_24, select_targets
 from hf_semisparse.pruning.calibrated import calibrated_prune_
 from hf_semisparse.pruning.sequential import find_block_list
-from tests.conftest import VOCAB, make_model
+from tests.conftest import VOCAB, assert_same_pruning, make_model
 
 
 def llama(layers, seed=0):
@@ -29,6 +29,16 @@ def llama(layers, seed=0):
         eos_token_id=2,
     )
     return LlamaForCausalLM(cfg)
+
+
+def assert_refused_unchanged(model, error, match, config, data, **options):
+    """`prune_24` raises `error` (message matching `match`) and leaves every tensor of `model` as it was, where it
+    was (on the CPU)."""
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(error, match=match):
+        prune_24(model, config, data, show_progress=False, **options)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.device.type == "cpu" for p in model.parameters())
 
 
 def token_batches(n_batches=3, batch=2, seq=16, seed=0, attention_mask=True):
@@ -337,55 +347,28 @@ def test_prune_24_passes_its_named_calibration_options_and_refuses_them_for_magn
 
 
 @pytest.mark.parametrize(
-    "option, match",
+    "option, error, match",
     [
-        ({"pipeline": "fast"}, "pipeline must be"),
-        ({"blocksize": 0}, "blocksize must be a positive multiple of m=4"),
-        ({"blocksize": 130}, "blocksize must be a positive multiple of m=4"),
-        ({"damp": -0.1}, "damp must be a finite number >= 0"),
-        ({"damp": float("nan")}, "damp must be a finite number >= 0"),
+        ({"pipeline": "fast"}, ValueError, "pipeline must be"),
+        ({"blocksize": 0}, ValueError, "blocksize must be a positive multiple of m=4"),
+        ({"blocksize": 130}, ValueError, "blocksize must be a positive multiple of m=4"),
+        ({"damp": -0.1}, ValueError, "damp must be a finite number >= 0"),
+        ({"damp": float("nan")}, ValueError, "damp must be a finite number >= 0"),
+        ({"device": "meta"}, ValueError, "holds no data"),
+        ({"device": "tpu9"}, ValueError, "is not a torch device"),
+        ({"true_sequential": "no"}, TypeError, "true_sequential must be True or False"),
+        ({"offload_activations": 1}, TypeError, "offload_activations must be"),
     ],
 )
-def test_bad_calibration_options_are_refused_before_any_change(option, match):
-    model = llama(1)
-    before = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError, match=match):
-        prune_24(model, SparsityConfig(method="sparsegpt"), token_batches(1), show_progress=False, **option)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+def test_bad_calibration_options_are_refused_before_any_change(option, error, match):
+    config = SparsityConfig(method="sparsegpt")
+    assert_refused_unchanged(llama(1), error, match, config, token_batches(1), **option)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where no CUDA GPU exists")
 def test_a_cuda_device_without_a_gpu_is_refused_before_any_change():
-    model = llama(1)
-    before = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError, match="no CUDA GPU is available"):
-        prune_24(model, SparsityConfig(method="wanda"), token_batches(1), show_progress=False, device="cuda")
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-
-
-@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
-@pytest.mark.parametrize("pipeline", ["sequential", "per_block"])
-def test_padding_tokens_do_not_count_in_the_calibration_statistics(method, pipeline):
-    """A calibration batch padded with `attention_mask` 0 gives the masks and weights of the same batch unpadded:
-    padding positions are left out of Wanda's norms and SparseGPT's Hessians."""
-    plain, padded = llama(2), llama(2)
-    for model in (plain, padded):
-        model.config._attn_implementation = "eager"  # the same attention kernel with and without a mask
-    ids = token_batches(1, batch=2, seq=12)[0]["input_ids"]
-    pad = torch.zeros(2, 20, dtype=ids.dtype)
-    unpadded = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
-    right_padded = [
-        {
-            "input_ids": torch.cat([ids, pad], dim=1),
-            "attention_mask": torch.cat([torch.ones_like(ids), torch.zeros_like(pad)], dim=1),
-        }
-    ]
-    config = SparsityConfig(method=method)
-    prune_24(plain, config, unpadded, show_progress=False, pipeline=pipeline, device="cpu")
-    prune_24(padded, config, right_padded, show_progress=False, pipeline=pipeline, device="cpu")
-    for (name, a), b in zip(plain.state_dict().items(), padded.state_dict().values(), strict=True):
-        assert torch.equal(a != 0, b != 0), name
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    config, data = SparsityConfig(method="wanda"), token_batches(1)
+    assert_refused_unchanged(llama(1), ValueError, "no CUDA GPU is available", config, data, device="cuda")
 
 
 @pytest.mark.parametrize(
@@ -397,29 +380,40 @@ def test_padding_tokens_do_not_count_in_the_calibration_statistics(method, pipel
     ],
 )
 def test_calibration_data_in_the_wrong_form_is_refused_clearly(data, error, match):
-    model = llama(1)
-    before = copy.deepcopy(model.state_dict())
-    with pytest.raises(error, match=match):
-        prune_24(model, SparsityConfig(method="wanda"), data, show_progress=False)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert_refused_unchanged(llama(1), error, match, SparsityConfig(method="wanda"), data)
 
 
-@pytest.mark.parametrize(
-    "option, error, match",
-    [
-        ({"device": "meta"}, ValueError, "holds no data"),
-        ({"device": "tpu9"}, ValueError, "is not a torch device"),
-        ({"true_sequential": "no"}, TypeError, "true_sequential must be True or False"),
-        ({"offload_activations": 1}, TypeError, "offload_activations must be"),
-    ],
-)
-def test_bad_device_and_flags_are_refused_before_any_change(option, error, match):
-    model = llama(1)
-    before = copy.deepcopy(model.state_dict())
-    with pytest.raises(error, match=match):
-        prune_24(model, SparsityConfig(method="sparsegpt"), token_batches(1), show_progress=False, **option)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert all(p.device.type == "cpu" for p in model.parameters())
+def pad_right(ids: torch.Tensor, pad: int) -> dict:
+    """`ids` `[..., seq]` with `pad` padding tokens after each sequence, and the attention mask saying so."""
+    zeros = torch.zeros(*ids.shape[:-1], pad, dtype=ids.dtype)
+    return {
+        "input_ids": torch.cat([ids, zeros], dim=-1),
+        "attention_mask": torch.cat([torch.ones_like(ids), zeros], dim=-1),
+    }
+
+
+def eager_pair(make):
+    """Two models from `make()` on eager attention: the same kernel with and without a padding mask."""
+    pair = make(), make()
+    for model in pair:
+        model.config._attn_implementation = "eager"
+    return pair
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("pipeline", ["sequential", "per_block"])
+def test_padding_tokens_do_not_count_in_the_calibration_statistics(method, pipeline):
+    """A calibration batch padded with `attention_mask` 0 gives the masks and weights of the same batch unpadded:
+    padding positions are left out of Wanda's norms and SparseGPT's Hessians."""
+    plain, padded = eager_pair(lambda: llama(2))
+    ids = token_batches(1, batch=2, seq=12)[0]["input_ids"]
+    config, options = (
+        SparsityConfig(method=method),
+        dict(show_progress=False, pipeline=pipeline, device="cpu"),
+    )
+    prune_24(plain, config, [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}], **options)
+    prune_24(padded, config, [pad_right(ids, 20)], **options)
+    assert_same_pruning(plain, padded)
 
 
 def test_a_tokenizer_output_is_a_calibration_batch():
@@ -428,19 +422,10 @@ def test_a_tokenizer_output_is_a_calibration_batch():
     from transformers import BatchEncoding
 
     ids = token_batches(1, seq=12)[0]["input_ids"]
-    padded = BatchEncoding(
-        {
-            "input_ids": torch.cat([ids, torch.zeros(2, 20, dtype=ids.dtype)], dim=1),
-            "attention_mask": torch.cat([torch.ones_like(ids), torch.zeros(2, 20, dtype=ids.dtype)], dim=1),
-        }
-    )
-    a, b = llama(1), llama(1)
-    for model in (a, b):
-        model.config._attn_implementation = "eager"
-    prune_24(a, SparsityConfig(method="wanda"), [padded], show_progress=False)
+    a, b = eager_pair(lambda: llama(1))
+    prune_24(a, SparsityConfig(method="wanda"), [BatchEncoding(pad_right(ids, 20))], show_progress=False)
     prune_24(b, SparsityConfig(method="wanda"), [{"input_ids": ids}], show_progress=False)
-    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
-        assert torch.equal(x != 0, y != 0), name
+    assert_same_pruning(a, b, values=False)
 
 
 def test_left_padding_prunes_as_the_unpadded_batch():
@@ -452,35 +437,26 @@ def test_left_padding_prunes_as_the_unpadded_batch():
         "attention_mask": mask,
         "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),  # the real tokens at positions 0..11, as unpadded
     }
-    a, b = llama(2), llama(2)
-    for model in (a, b):
-        model.config._attn_implementation = "eager"
+    a, b = eager_pair(lambda: llama(2))
     prune_24(a, SparsityConfig(method="sparsegpt"), [left], show_progress=False)
     prune_24(b, SparsityConfig(method="sparsegpt"), [{"input_ids": ids}], show_progress=False)
-    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
-        assert torch.equal(x != 0, y != 0), name
-        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=name)
+    assert_same_pruning(a, b)
 
 
 def test_multiple_choice_batches_calibrate_with_their_mask():
     """`[batch, choices, seq]` inputs (multiple choice): accepted, and their padding left out as well."""
     from transformers import BertConfig, BertForMultipleChoice
 
-    torch.manual_seed(0)
     config = BertConfig(
         vocab_size=VOCAB, hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128
     )
+
+    def make():
+        torch.manual_seed(0)
+        return BertForMultipleChoice(config).eval()
+
     ids = torch.randint(3, VOCAB, (2, 3, 10))
-    pad = torch.zeros(2, 3, 6, dtype=ids.dtype)
-    padded = {
-        "input_ids": torch.cat([ids, pad], dim=2),
-        "attention_mask": torch.cat([torch.ones_like(ids), torch.zeros_like(pad)], dim=2),
-    }
-    a, b = BertForMultipleChoice(config).eval(), None
-    b = copy.deepcopy(a)
-    for model in (a, b):
-        model.config._attn_implementation = "eager"
-    prune_24(a, SparsityConfig(method="wanda"), [padded], show_progress=False)
+    a, b = eager_pair(make)
+    prune_24(a, SparsityConfig(method="wanda"), [pad_right(ids, 6)], show_progress=False)
     prune_24(b, SparsityConfig(method="wanda"), [{"input_ids": ids}], show_progress=False)
-    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
-        assert torch.equal(x != 0, y != 0), name
+    assert_same_pruning(a, b, values=False)
