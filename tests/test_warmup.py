@@ -318,7 +318,7 @@ def test_compiled_siblings_of_one_input_share_a_round_only_for_the_same_shape(ba
 def test_quick_searches_try_the_fastest_ids_of_the_shapes_first_search(monkeypatch, capability):
     """The first quick search of a shape at decode sizes tries every id (on an H200 the fastest decode kernels were
     ids 15-25), at prefill sizes ids 0-15; later quick searches try that search's fastest ids (and, at prefill
-    sizes, ids 0-3)."""
+    sizes, ids 0-1)."""
     from hf_semisparse.kernels import tuning
 
     assert tuning.candidate_alg_ids(40, quick=False, ranking=None) == list(range(41))
@@ -400,6 +400,59 @@ def test_quick_searches_try_the_fastest_ids_of_the_shapes_first_search(monkeypat
     else:  # split-K at decode sizes, no Segment-K before Hopper
         assert {2, 4} <= decode_splits and -1 not in decode_splits | prefill_splits
     assert prefill_splits == {1}
+
+
+def test_a_warm_up_of_one_weight_shape_times_120_cusparselt_candidates_on_hopper(monkeypatch):
+    """The candidate count behind the fp16 warm-up figure in docs/guides/generation.md: Llama-3-8B's warm-up up to
+    65536 tokens searches 5 decode and 8 prefill anchor sizes per weight shape; at about 0.3 s of host time per
+    candidate (H200), 120 candidates per shape (the version measured at 257 s for four shapes tried 206)."""
+    from hf_semisparse.kernels import tuning
+
+    speed = {22: 9.0, 18: 10.0, 25: 11.0, 16: 12.0, 12: 50.0, 13: 60.0, 14: 70.0, 15: 80.0}  # us; others 100
+    candidates = []
+
+    class Plan:
+        workspace_size = 0
+
+        def __init__(self, handle, n, k, m, dtype, bias=None, gelu=False, alg=None):
+            self.alg = alg
+            if alg is not None:
+                candidates.append((m, alg))
+
+        def run(self, *args, **kwargs):
+            pass
+
+        def max_alg_id(self):
+            return 52  # cuSPARSELt 0.8's fp16 ids at 16 tokens on an H200; the search stops at 35
+
+    class FakeHandle:
+        device_name = "stand-in"
+
+        def selection(self, *args):
+            return Plan(None, 0, 0, 0, None)
+
+        def adopt_selection(self, plan, bias):
+            pass
+
+    def time_us(fn, **kwargs):
+        plan = next(c.cell_contents for c in fn.__closure__ if isinstance(c.cell_contents, Plan))
+        return speed.get(plan.alg.alg_id, 100.0) * (1.0 if plan.alg.split_k == 1 else 1.5)
+
+    monkeypatch.setattr(tuning, "MatmulPlan", Plan)
+    monkeypatch.setattr(tuning, "time_cuda_us", time_us)
+    monkeypatch.setattr(
+        tuning, "time_interleaved", lambda fns, graph=False: {k: time_us(f) for k, f in fns.items()}
+    )
+    monkeypatch.setattr(tuning.torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(tuning, "_SHAPE_RANKING", {})
+    anchors = sorted({buckets.anchor_of(m) for m in buckets.ladder(65536)})
+    assert len(anchors) == 13
+    x = torch.zeros(16, 4096)
+    for m in anchors:
+        tuning.search_alg(FakeHandle(), 4096, 4096, m, torch.float16, None, False, None, x, 0, quick=True)
+    per_size = [sum(1 for size, _ in candidates if size == m) for m in anchors]
+    assert per_size == [38, 6, 6, 6, 6, 16, 6, 6, 6, 6, 6, 6, 6]
+    assert len(candidates) == 120
 
 
 @pytest.mark.parametrize(

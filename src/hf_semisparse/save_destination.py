@@ -77,9 +77,10 @@ def _holds_dense_weights(folder: str) -> bool:
     quant = config.get("quantization_config") if isinstance(config, dict) else None
     if not isinstance(quant, dict):
         return True
-    sparsity = quant.get("sparsity_config")
-    legacy = isinstance(sparsity, dict) and sparsity.get("format") == "sparse-24-bitmask"
-    return not (quant.get("quant_method") == "hf_semisparse" or legacy)
+    from .checkpoint_format import QUANT_METHOD, SPARSITY_FORMAT, is_legacy_sparse_24
+
+    legacy = is_legacy_sparse_24(quant) and quant["sparsity_config"].get("format") == SPARSITY_FORMAT
+    return not (quant.get("quant_method") == QUANT_METHOD or legacy)
 
 
 def _visible_entries(folder: str) -> list[str]:
@@ -94,8 +95,8 @@ def check_save_destination(
     Refused unless `overwrite=True`: the current directory or a folder above it, a folder above `source` (the
     checkpoint the model came from), `source` itself when it holds weights in another format than our 2:4 one (a
     dense checkpoint: the save would replace its weights), a non-empty folder that holds no checkpoint (see
-    `_CHECKPOINT_FILE`; names starting with "." do not count). Always refused: a path that is a file. Even with `overwrite=True` a save
-    only replaces the files it writes.
+    `_CHECKPOINT_FILE`; names starting with "." do not count). Always refused: a path that is a file. Even with
+    `overwrite=True` a save only replaces the files it writes.
 
     Raises:
         SaveDestinationError: with the reason and the keyword that allows it.

@@ -315,9 +315,7 @@ class StatsCollector:
             up = _expert_up_params(module, hidden.device) if "down_proj" in by_param else None
             mask = self.token_mask  # fused experts see the batch's tokens flattened, in order
             keep = (
-                mask.reshape(-1).to(hidden.device)
-                if mask is not None and mask.numel() == hidden.shape[0]
-                else None
+                mask.reshape(-1).to(hidden.device) if mask is not None and applies_to(mask, hidden) else None
             )
             for expert in range(num_experts):
                 routed = (index == expert).any(dim=-1)

@@ -317,10 +317,10 @@ def _prune_block(
         names = ", ".join(t.name for t in targets[:1])
         if hasattr(exc, "add_note"):  # Python 3.11+
             exc.add_note(
-                f"hf_semisparse: the block of {names} was restored; earlier blocks are already pruned."
+                f"hf_semisparse: the block of {names} was restored; blocks before it (if any) are already pruned."
             )
         else:
-            logger.error("the block of %s was restored; earlier blocks are already pruned", names)
+            logger.error("the block of %s was restored; blocks before it (if any) are already pruned", names)
         raise
     finally:
         if not offloaded and home != device:
