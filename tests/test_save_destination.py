@@ -178,11 +178,20 @@ def test_saving_back_into_a_sparse_source_is_allowed_whatever_its_layout(model, 
         loaded = AutoSparseModel.from_pretrained(tmp_path / folder)
         save_sparse_pretrained(loaded, tmp_path / folder)  # our 2:4 layout: saved back in place
         assert_loads_as(tmp_path / folder, model)
+    from hf_semisparse.save_destination import check_save_destination
+
+    save_sparse_pretrained(model, tmp_path / "quantized", format="compressed-tensors")
+    config = json.loads((tmp_path / "quantized" / "config.json").read_text())
+    check_save_destination(
+        tmp_path / "quantized", source=tmp_path / "quantized"
+    )  # compressed-tensors 2:4: ours
+    config["quantization_config"]["config_groups"] = {"group_0": {"weights": {"num_bits": 8}}}
+    (tmp_path / "quantized" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SaveDestinationError, match="dense checkpoint"):  # 2:4 and quantized: not our layout
+        check_save_destination(tmp_path / "quantized", source=tmp_path / "quantized")
     config = json.loads((tmp_path / "legacy" / "config.json").read_text())
     config["quantization_config"] = ["not", "an", "object"]  # unreadable: treated as another format
     (tmp_path / "legacy" / "config.json").write_text(json.dumps(config))
-    from hf_semisparse.save_destination import check_save_destination
-
     with pytest.raises(SaveDestinationError, match="dense checkpoint"):
         check_save_destination(tmp_path / "legacy", source=tmp_path / "legacy")
 

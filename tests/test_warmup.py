@@ -445,6 +445,8 @@ def test_a_warm_up_of_one_weight_shape_times_120_cusparselt_candidates_on_hopper
     )
     monkeypatch.setattr(tuning.torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(tuning, "_SHAPE_RANKING", {})
+    monkeypatch.setattr(tuning, "SAFE_MAX_ALG_ID", 35)  # the default, whatever HF_SEMISPARSE_MAX_ALG_ID says
+    monkeypatch.setattr(tuning, "FIRST_SEARCH_MAX_ALG_ID", 35)
     anchors = sorted({buckets.anchor_of(m) for m in buckets.ladder(65536)})
     assert len(anchors) == 13
     x = torch.zeros(16, 4096)
