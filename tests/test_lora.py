@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_semisparse import (
@@ -128,6 +129,98 @@ def test_masked_update_is_what_merge_adds():
     assert ((after != before) <= (before != 0)).all() and (after != before).any()
     assert is_nm_sparse(after.t())
     torch.testing.assert_close(layer.base_layer.weight, before, atol=1e-6, rtol=0)
+
+
+def masked_lora_layer(arch, dtype, **lora_kwargs):
+    """An adapted 2:4 layer of a tiny `arch` model (gpt2: Conv1D base), B random, in `dtype`, training mode."""
+    model, peft_model = lora_model(arch, **lora_kwargs)
+    prune_24(model, show_progress=False)
+    mask_lora(peft_model)
+    peft_model.to(dtype).train()
+    name = {"llama": "model.layers.0.mlp.up_proj", "gpt2": "transformer.h.0.mlp.c_fc"}[arch]
+    layer = peft_model.get_submodule(f"base_model.model.{name}")
+    torch.nn.init.normal_(layer.lora_B["default"].weight)
+    if layer.lora_B["default"].bias is not None:
+        torch.nn.init.normal_(layer.lora_B["default"].bias)
+    return layer
+
+
+def plain_formula(layer, x):
+    """`base(x) + dropout(x) @ (mask * (B @ A) * scale)^T (+ lora bias * scale)`, by plain autograd."""
+    base = layer.get_base_layer()
+    weight = base.weight.t() if layer.fan_in_fan_out else base.weight  # F.linear's layout
+    lora_a, lora_b = layer.lora_A["default"], layer.lora_B["default"]
+    scale = layer.scaling["default"]
+    delta = torch.where(weight != 0, lora_b.weight @ lora_a.weight * scale, 0.0)
+    y = F.linear(x, weight, base.bias) + F.linear(layer.lora_dropout["default"](x), delta)
+    return y if lora_b.bias is None else y + lora_b.bias * scale
+
+
+def grad_graph_names(tensor):
+    """Type names of the autograd nodes behind `tensor`."""
+    seen, stack = {}, [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and id(node) not in seen:
+            seen[id(node)] = type(node).__name__
+            stack.extend(next_node for next_node, _ in node.next_functions)
+    return set(seen.values())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize(
+    "frozen, lora_kwargs, lead",
+    [
+        ((), {}, (3, 5)),
+        (("lora_A",), {"lora_bias": True}, (7,)),
+        (("lora_B",), {"lora_dropout": 0.3}, (2, 3, 4)),
+        (("x",), {}, (3, 5)),
+    ],
+)
+def test_masked_update_gradients_equal_plain_autograd(arch, frozen, lora_kwargs, lead):
+    """The masked update's own backward gives autograd's gradients through the plain formula (float64)."""
+    layer = masked_lora_layer(arch, torch.float64, **lora_kwargs)
+    for name in ("lora_A", "lora_B"):
+        if name in frozen:
+            getattr(layer, name)["default"].weight.requires_grad_(False)
+    x = torch.randn(*lead, layer.in_features, dtype=torch.float64, requires_grad="x" not in frozen)
+    grad_y = torch.randn(*lead, layer.out_features, dtype=torch.float64)
+    inputs = [t for t in (x, *layer.parameters()) if t.requires_grad]
+    outputs = []
+    for forward in (layer, lambda x: plain_formula(layer, x)):
+        torch.manual_seed(1)  # the same dropout
+        y = forward(x)
+        outputs.append((y, torch.autograd.grad(y, inputs, grad_y)))
+    (y, grads), (y_ref, grads_ref) = outputs
+    assert "_MaskedLoraLinearBackward" in grad_graph_names(y)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-10)
+    assert len(grads) == len(grads_ref) >= 2
+    for grad, grad_ref in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(grad, grad_ref, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_masked_update_under_bf16_autocast_computes_as_autocast(arch):
+    """Under CPU bf16 autocast the update's GEMMs run in bf16 as `F.linear` would, gradients land in fp32."""
+    layer = masked_lora_layer(arch, torch.float32)
+    x = torch.randn(3, 5, layer.in_features, requires_grad=True)
+    grad_y = torch.randn(3, 5, layer.out_features, dtype=torch.bfloat16)
+    inputs = [x, layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+    outputs = []
+    for forward in (layer, lambda x: plain_formula(layer, x)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = forward(x)
+        outputs.append((y, torch.autograd.grad(y, inputs, grad_y)))
+    (y, grads), (y_ref, grads_ref) = outputs
+    assert "_MaskedLoraLinearBackward" in grad_graph_names(y)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y, y_ref, rtol=2**-7, atol=1e-6)  # 2 bf16 ulps: the same bf16 GEMMs
+    for grad, grad_ref, tensor in zip(grads, grads_ref, inputs, strict=True):
+        assert grad.dtype == tensor.dtype == torch.float32
+        torch.testing.assert_close(grad, grad_ref, rtol=2**-7, atol=1e-6)
+    # and not fp32 arithmetic: the fp32 update's gradients differ from autocast's by bf16 rounding
+    fp32_grad_a = torch.autograd.grad(plain_formula(layer, x), inputs[1], grad_y.float())[0]
+    assert (fp32_grad_a - grads[1]).abs().max() > 1e-3 * fp32_grad_a.abs().max()
 
 
 def test_bf16_mixed_precision_and_gradient_accumulation(tmp_path):

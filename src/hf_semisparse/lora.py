@@ -17,9 +17,12 @@ loaded by PEFT as usual (the variant adds no weights); after `PeftModel.from_pre
 `load_sparse_lora`), since PEFT does not know the variant.
 
 Cost: the masked update is no longer low-rank, so the adapter path materializes `mask * (B @ A)` (`[out, in]`)
-per call; in training it is recomputed in the backward instead of being kept (`torch.utils.checkpoint`), so
-activation memory is as for plain LoRA. For serving, merge (`merge_sparse_lora`): the result is exactly 2:4 and
-runs on the 2:4 kernels with no adapter path at all. To serve unmerged (adapters kept apart, e.g. to switch
+per call. In training an autograd function (`_MaskedLoraLinear`) keeps only `x`, `A`, `B` and the layer's bool
+mask, and builds the update once more in the backward for the input gradient, so activation memory is as for
+plain LoRA plus one byte per base weight. Beyond the frozen base's two dense GEMMs (forward, input gradient), each
+adapted layer costs three and some rank-r products: `x @ delta^T` in the forward, `dy @ delta` and the masked
+weight gradient `dy^T @ x` in the backward. For serving, merge (`merge_sparse_lora`): the result is exactly 2:4
+and runs on the 2:4 kernels with no adapter path at all. To serve unmerged (adapters kept apart, e.g. to switch
 them), `accelerate_24(peft_model)` puts the base layers on the 2:4 kernels and keeps the adapter path
 (`lora_serving.py`).
 """
@@ -32,7 +35,6 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .lora_serving import MASK_BITS, refuse_merge_on_kernels, stored_mask
 from .masks import find_nm_violation
@@ -82,6 +84,62 @@ def _masked_lora_linear(x, weight_a, weight_b, mask, scale: float) -> torch.Tens
     return F.linear(x, torch.where(mask, delta, torch.zeros((), dtype=delta.dtype, device=delta.device)))
 
 
+def _autocast_to(dtype: torch.dtype | None, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`tensors` as autocast hands them to a GEMM that runs in `dtype` (None: autocast off): float64 stays."""
+    if dtype is None:
+        return tensors
+    return tuple(t if t.dtype == torch.float64 else t.to(dtype) for t in tensors)
+
+
+class _MaskedLoraLinear(torch.autograd.Function):
+    """`_masked_lora_linear` that keeps only its inputs for the backward, not the `[out, in]` update.
+
+    The backward builds the update once more for `dx = dy @ delta`, and reduces the masked weight gradient
+    `g = where(mask, dy^T @ x, 0) * scale` to `dB = g @ A^T` and `dA = B^T @ g`: the GEMMs of autograd through
+    `_masked_lora_linear`, without recomputing its output as `torch.utils.checkpoint` did. `dtype` is autocast's
+    dtype at the call (None: off); the inputs are cast to it inside, as autocast would, so the tensors kept are the
+    caller's (one `x` shared by the layers that read it) and the gradients come back in the inputs' dtypes.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight_a, weight_b, mask, scale: float, dtype: torch.dtype | None):
+        ctx.save_for_backward(x, weight_a, weight_b, mask)
+        ctx.scale, ctx.dtype = scale, dtype
+        return _masked_lora_linear(*_autocast_to(dtype, x, weight_a, weight_b), mask, scale)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        device = grad_out.device.type
+        if torch.is_autocast_enabled(device):  # a backward run inside autocast computes as without
+            with torch.autocast(device, enabled=False):
+                return _MaskedLoraLinear.backward(ctx, grad_out)
+        x_in, a_in, b_in, mask = ctx.saved_tensors
+        x, weight_a, weight_b = _autocast_to(ctx.dtype, x_in, a_in, b_in)
+        need_x, need_a, need_b = ctx.needs_input_grad[:3]
+        grad_x = grad_a = grad_b = None
+        if need_x:
+            delta = torch.where(mask, (weight_b @ weight_a) * ctx.scale, 0.0)
+            grad_x = (grad_out @ delta).to(x_in.dtype)
+            del delta
+        if need_a or need_b:
+            grad = grad_out.reshape(-1, grad_out.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+            grad = torch.where(mask, grad, 0.0).mul_(ctx.scale)
+            if need_b:
+                grad_b = (grad @ weight_a.t()).to(b_in.dtype)
+            if need_a:
+                grad_a = (weight_b.t() @ grad).to(a_in.dtype)
+        return grad_x, grad_a, grad_b, None, None, None
+
+
+def _masked_lora_update(x, weight_a, weight_b, mask, scale: float) -> torch.Tensor:
+    """`_masked_lora_linear(x, weight_a, weight_b, mask, scale)` for training, through `_MaskedLoraLinear`."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return _MaskedLoraLinear.apply(x, weight_a, weight_b, mask, scale, None)
+    with torch.autocast(device, enabled=False):
+        return _MaskedLoraLinear.apply(x, weight_a, weight_b, mask, scale, torch.get_autocast_dtype(device))
+
+
 class MaskedLoraVariant(LoraVariant):
     """PEFT LoRA variant whose weight update is `mask * (B @ A) * scale`, `mask` the base weight's non-zeros.
 
@@ -126,11 +184,11 @@ class MaskedLoraVariant(LoraVariant):
         mask = _weight_mask(module)
         x = module.lora_dropout[active_adapter](x)
         scale = module.scaling[active_adapter]
-        if torch.is_grad_enabled() and (lora_a.weight.requires_grad or lora_b.weight.requires_grad):
-            # recompute the [out, in] update in the backward rather than keep it for every layer
-            update = checkpoint(
-                _masked_lora_linear, x, lora_a.weight, lora_b.weight, mask, scale, use_reentrant=False
-            )
+        if torch.is_grad_enabled() and (
+            x.requires_grad or lora_a.weight.requires_grad or lora_b.weight.requires_grad
+        ):
+            # rebuilds the [out, in] update in the backward rather than keep it for every layer
+            update = _masked_lora_update(x, lora_a.weight, lora_b.weight, mask, scale)
         else:
             update = _masked_lora_linear(x, lora_a.weight, lora_b.weight, mask, scale)
         if lora_b.bias is not None:  # lora_bias=True
