@@ -7,11 +7,13 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from hf_semisparse import cli
 from hf_semisparse.fp8_serialization import compress_fp8_24, decompress_fp8_24
@@ -47,6 +49,133 @@ def test_quantize_rows_scales_by_absmax_and_keeps_zeros():
     assert (q.view(torch.uint8) != 0x80).all()  # x has no -0.0
     neg = cutlass_fp8.quantize_rows(torch.tensor([[-0.0, 1.0]]))[0].view(torch.uint8)
     assert neg.tolist() == [[0x80, 0x7E]]  # as the CUDA quantiser: the sign of -0.0 kept; 448 is 0x7E
+
+
+def _round_to_grid(value: Fraction, mantissa_bits: int, min_exponent: int) -> Fraction:
+    """`value` rounded to the nearest number of a binary float format (ties to even), subnormals included;
+    no overflow handling (the callers stay in range)."""
+    if value == 0:
+        return Fraction(0)
+    magnitude = abs(value)
+    exponent = magnitude.numerator.bit_length() - magnitude.denominator.bit_length()
+    if Fraction(2) ** exponent > magnitude:
+        exponent -= 1
+    step = Fraction(2) ** (max(exponent, min_exponent) - mantissa_bits)
+    return round(value / step) * step  # Fraction's round(): ties to even
+
+
+def to_float32(value: Fraction) -> Fraction:
+    return _round_to_grid(value, 23, -126)
+
+
+def to_e4m3(value: Fraction) -> Fraction:
+    return _round_to_grid(value, 3, -6)
+
+
+def exact_quantize_rows(x: torch.Tensor) -> tuple[list[list[Fraction]], list[Fraction]]:
+    """The documented math of the activations' quantiser (`cutlass_fp8.quantize_rows`, the CUDA kernel), in exact
+    rational arithmetic with each step rounded once: the values of the e4m3 codes and the scales."""
+    values, scales = [], []
+    for row in x.double().tolist():
+        row = [Fraction(v) for v in row]
+        amax = max(abs(v) for v in row)
+        scale = max(to_float32(amax / 448), Fraction(2) ** -126) if amax > 0 else Fraction(1)
+        inverse = to_float32(1 / scale)
+        values.append(
+            [to_e4m3(min(max(to_float32(v * inverse), Fraction(-448)), Fraction(448))) for v in row]
+        )
+        scales.append(scale)
+    return values, scales
+
+
+def quantizer_inputs() -> list[torch.Tensor]:
+    """Rows as the GPU check draws them (scaled random tokens) in both activation dtypes, and rows whose scales
+    are exact or tiny."""
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for dtype in (torch.float16, torch.bfloat16):
+        x = torch.randn(48, 64, generator=g) * torch.rand(48, 1, generator=g) * 10
+        rows.append(x.to(dtype))
+    exact = torch.randn(4, 64, generator=g).to(torch.bfloat16)
+    exact[:, 0] = torch.tensor([3.5, 7.0, 56.0, 0.4375])  # absmax / 448 a power of two: exact ties
+    rows.append(exact)
+    tiny = (torch.randn(2, 64, generator=g) * 1e-37).to(torch.bfloat16)  # absmax / 448 under 2^-126
+    rows.append(tiny)
+    return rows
+
+
+def assert_quantized_exactly(x: torch.Tensor) -> None:
+    q, scale = cutlass_fp8.quantize_rows(x)
+    values, scales = exact_quantize_rows(x)
+    assert [Fraction(s) for s in scale.double().tolist()] == scales
+    got = [[Fraction(v) for v in row] for row in q.double().tolist()]
+    assert got == values
+    assert torch.equal(torch.signbit(q.float()), torch.signbit(x.float()))  # zero keeps the input's sign
+
+
+def test_quantize_rows_is_the_documented_float32_math_exactly():
+    for x in quantizer_inputs():
+        assert_quantized_exactly(x)
+
+
+class ScalarDivisionAsOnCuda(TorchDispatchMode):
+    """Division of a tensor by a Python number as CUDA torch computes it: a multiplication by the number's
+    reciprocal rounded to float32 (ATen's div_true_kernel_cuda), which is not always the correctly rounded
+    quotient that the CPU computes."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if (
+            func is torch.ops.aten.div.Tensor
+            and isinstance(args[1], (int, float))
+            and args[0].is_floating_point()
+        ):
+            reciprocal = torch.tensor(1.0 / args[1], dtype=args[0].dtype)
+            return torch.ops.aten.mul.Tensor(args[0], reciprocal)
+        return func(*args, **kwargs)
+
+
+def test_quantize_rows_gives_the_same_codes_whatever_the_device_divides_by_a_number_with():
+    """The torch reference must not depend on how a device divides by a Python number: on an H200 (2026-12-01)
+    `amax / 448` computed as `amax * fl(1 / 448)` gave other scales for about half of the rows and so other codes
+    for the inputs that fall on e4m3 ties."""
+    inputs = quantizer_inputs()
+    with ScalarDivisionAsOnCuda():
+        x = torch.rand(1000) + 1.0  # the emulation does round differently from the CPU's division
+        assert not torch.equal(x / 448.0, x / torch.full_like(x, 448.0))
+        results = [cutlass_fp8.quantize_rows(x) for x in inputs]
+    for x, (q, scale) in zip(inputs, results, strict=True):
+        ref_q, ref_scale = cutlass_fp8.quantize_rows(x)
+        assert torch.equal(scale, ref_scale) and torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))
+
+
+def test_quantize_rows_rounds_ties_to_even():
+    # absmax 56: scale 1/8 and 1/scale 8 are exact, so x * 8 lands exactly on the values below
+    on_grid = [1.0625, 1.1875, -1.0625, 2**-10, 3 * 2**-10, 432.0, 400.0, 0.0, 448.0]
+    x = torch.tensor([[v / 8 for v in on_grid]])
+    q, scale = cutlass_fp8.quantize_rows(x)
+    assert scale.tolist() == [0.125]
+    # ties go to the even 3-bit mantissa: 1.0625 between 1.0 (000) and 1.125 (001) -> 1.0; 1.1875 between
+    # 1.125 (001) and 1.25 (010) -> 1.25; the subnormal 2^-10 between 0 and 2^-9 -> 0; 3 * 2^-10 between
+    # 2^-9 (001) and 2^-8 (010) -> 2^-8; 432 between 416 (101) and 448 (110) -> 448; 400 between 384 (100) and
+    # 416 (101) -> 384
+    expected = [1.0, 1.25, -1.0, 0.0, 2**-8, 448.0, 384.0, 0.0, 448.0]
+    assert q.float()[0].tolist() == expected
+    assert_quantized_exactly(x)
+
+
+def test_quantize_rows_keeps_rows_of_tiny_values_finite():
+    """absmax / 448 under 2^-126 (bf16 activations can be that small): the scale is held at 2^-126, so 1 / scale
+    is finite, zeros stay zero and no code saturates or becomes NaN."""
+    x = (torch.randn(3, 256, generator=torch.Generator().manual_seed(1)) * 1e-37).to(torch.bfloat16)
+    x[:, :8] = 0.0
+    q, scale = cutlass_fp8.quantize_rows(x)
+    assert (scale == torch.finfo(torch.float32).tiny).all()
+    assert not q.float().isnan().any() and (q.float()[:, :8] == 0).all()
+    assert q.float().abs().max() < 448  # the finer steps of a larger scale are lost, nothing saturates
+    back = q.double() * scale.double()[:, None]
+    big = x.double().abs() > 2**-6 * 2**-126  # in e4m3's normal range at this scale
+    assert ((back - x.double()).abs()[big] <= 2**-4 * x.double().abs()[big]).all()
 
 
 def test_quantized_2_4_weight_stays_2_4():
@@ -137,6 +266,9 @@ def test_build_command_and_library_names(fake_cutlass):  # noqa: F811
     cmd = cutlass_fp8.build_command(torch.bfloat16, "/tmp/o.so", nvcc="/opt/nvcc")
     assert cmd[0] == "/opt/nvcc" and cmd[-1] == cutlass_fp8.SOURCE
     assert "-gencode=arch=compute_90a,code=sm_90a" in cmd
+    assert "-ftz=false" in cmd and not any(
+        "fast_math" in arg for arg in cmd
+    )  # quantize_rows keeps subnormals
     assert "-DHSS_OUT_DTYPE=cutlass::bfloat16_t" in cmd
     assert cutlass_fp8.library_name(torch.float16) == "libhss_sm90_fp8_fp16.so"
     with pytest.raises(ValueError, match="float16 or bfloat16"):

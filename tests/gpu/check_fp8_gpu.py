@@ -7,17 +7,23 @@ Llama-3-8B shapes against dense bf16, dense FP8 (`torch._scaled_mm`, rowwise sca
 (the libraries built elsewhere by `hf-semisparse build-kernels --fp8 --directory build/kernels`).
 
 Correctness (exit status 1 on any failure, every failure listed):
-  * the quantiser kernel against `cutlass_fp8.quantize_rows` (scales to 1e-6; e4m3 codes equal, at most 1e-4 of
-    them one code apart, the count printed; padding rows zero with scale 1);
-  * every tile configuration, both output dtypes, with and without bias, at shapes including odd token counts,
-    against a float64 reference of the dequantised math (`q_x @ q_w^T * scale_x * scale_w + bias` with the
-    kernel's own quantised inputs): ||y - ref|| / ||ref|| under 1e-2 (fp16) and 1.5e-2 (bf16) (output
-    rounding plus the FP8 fast-accumulation mainloop; every error is printed), outputs poisoned with NaN first so every element must be written,
-    fresh random inputs per configuration;
-  * `Fp8SemiSparseLinear` against the same reference, and against the bf16/fp16 2:4 layer (the quantisation
-    error itself, 3.7e-2 in the CPU emulation: under 6e-2); `accelerate_24(weights="fp8")` on a random 2-layer
-    Llama: logits against the FP8 math in torch (3e-2), against the 2:4 model (0.15; 9.2e-2 emulated), and
-    under torch.compile against eager (3e-2).
+  * the quantiser kernel against `cutlass_fp8.quantize_rows`: scales and e4m3 codes equal, bit for bit (both
+    compute the same correctly rounded float32 steps; the first differing elements are printed), padding rows
+    zero with scale 1;
+  * every tile configuration, both output dtypes, with and without bias, at shapes including odd token counts and
+    the layer check's shape and token counts, against a float64 reference of the dequantised math
+    (`q_x @ q_w^T * scale_x * scale_w + bias` with the kernel's own quantised inputs): ||y - ref|| / ||ref||
+    under 1e-2 (fp16) and 1.5e-2 (bf16) (output rounding, about 1.2e-3 rms in bf16, plus the FP8
+    fast-accumulation mainloop; every error is printed), outputs poisoned with NaN first so every element must be
+    written, fresh random inputs per configuration;
+  * `Fp8SemiSparseLinear` against the same reference (the activations quantised by `quantize_rows`, and by the
+    kernel, which must give the same codes), and against the bf16/fp16 2:4 layer (the quantisation error itself,
+    3.7e-2 in the CPU emulation: under 6e-2; the FP8 math's own distance is printed beside it);
+    `accelerate_24(weights="fp8")` on a random 2-layer Llama: each FP8 layer, on the input it got in the model,
+    against the float64 FP8 math (the per-GEMM bound); the logits against the FP8 math in torch, and
+    torch.compile's against eager, under FP8's own effect on the logits (the emulation against the 2:4 model,
+    about 9e-2; see `check_model`); against the 2:4 model (0.15; 9.4e-2 emulated); one layer compiled against
+    eager, bit for bit.
 
 Timings: each method captured `--inner` times into a CUDA graph, the graph replayed `--reps` times, the median
 per call (us). "fp8_24" is the GEMM alone on pre-quantised activations, "fp8_24+q" with the per-token
@@ -48,7 +54,6 @@ DEV = torch.device("cuda")
 # torch._scaled_mm(use_fast_accum=True)); a wrong scale, layout or tile gives errors of order 1
 TOL = {torch.float16: 1e-2, torch.bfloat16: 1.5e-2}
 QUANT_TOL = 6e-2  # one FP8 2:4 layer against bf16 2:4: e4m3's 3 mantissa bits (3.7e-2 in the CPU emulation)
-MODEL_TOL = 3e-2  # a model's logits against the same FP8 math in torch (rounding can flip a few e4m3 codes)
 MODEL_QUANT_TOL = 0.15  # a random 2-layer model's logits against bf16 2:4 (9.2e-2 in the CPU emulation)
 SHAPES_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 TOKENS = (16, 128, 2048, 8192)
@@ -72,29 +77,46 @@ def reference(q, sx, wq, sw, bias):
 
 
 # ------------------------------------------------------------------------------------------ correctness
+def first_differences(x, codes, ref_codes, count: int = 3) -> str:
+    rows, cols = torch.nonzero(codes != ref_codes, as_tuple=True)
+    return "".join(
+        f"; [{r}, {c}] x={x[r, c].item()!r} kernel 0x{codes[r, c].item():02x} torch 0x{ref_codes[r, c].item():02x}"
+        for r, c in zip(rows[:count].tolist(), cols[:count].tolist(), strict=True)
+    )
+
+
 def check_quantiser() -> None:
+    """Scales and codes bit for bit: the kernel and `quantize_rows` compute the same correctly rounded float32
+    steps (csrc/sm90_fp8_sparse_gemm.cu, `quantize_rows`'s docstring), so a single differing code is a defect.
+    (The torch reference of 2026-12-01 divided by a Python number, which CUDA torch computes as a multiplication
+    by its reciprocal: on an H200, 78 to 1882 codes differed, one code apart, and that check allowed 1e-4.)"""
     for dtype in (torch.float16, torch.bfloat16):
         handle = fp8_handle(DEV, dtype)
-        for m, k in ((1, 256), (37, 4096), (300, 14336)):
+        for m, k in ((1, 256), (37, 4096), (300, 14336), (154, 4096)):
             x = torch.randn(m, k, device=DEV, dtype=dtype) * torch.rand(m, 1, device=DEV, dtype=dtype) * 10
             x[0] = 0  # an all-zero token: scale 1
+            if m > 2:
+                x[1] = torch.randn(k, device=DEV, dtype=dtype)  # an unscaled token, as the layer check's
+            if m > 3 and dtype is torch.bfloat16:
+                x[2] = (torch.randn(k, device=DEV) * 1e-37).to(dtype)  # absmax / 448 under 2^-126
             padded = -(-m // 16) * 16
             q, sx = handle.quantize(x, padded, torch.cuda.current_stream().cuda_stream)
             q_ref, s_ref = cutlass_fp8.quantize_rows(x)
-            scale_ok = torch.allclose(sx[:m], s_ref, rtol=1e-6, atol=0) and bool((sx[m:] == 1).all())
-            codes, ref_codes = q[:m].view(torch.uint8).int(), q_ref.view(torch.uint8).int()
-            differ = int((codes != ref_codes).sum())  # expected 0; at most one code apart allowed, counted
-            codes_ok = differ <= codes.numel() * 1e-4 and int((codes - ref_codes).abs().max()) <= 1
-            pad_ok = bool((q[m:].float() == 0).all())
+            scale_ok = torch.equal(sx[:m], s_ref) and bool((sx[m:] == 1).all())
+            codes, ref_codes = q[:m].view(torch.uint8), q_ref.view(torch.uint8)
+            differ = int((codes != ref_codes).sum())
+            pad_ok = bool((q[m:].view(torch.uint8) == 0).all())
             check(
-                scale_ok and codes_ok and pad_ok,
-                f"quantiser {dtype} {m}x{k}: scales {scale_ok}, {differ} codes differ, padding {pad_ok}",
+                scale_ok and differ == 0 and pad_ok,
+                f"quantiser {dtype} {m}x{k}: scales equal {scale_ok}, {differ} codes differ, padding {pad_ok}"
+                + first_differences(x, codes, ref_codes),
             )
 
 
 def check_configs() -> None:
     shapes = [(256, 512, 16), (1024, 4096, 100), (6144, 4096, 1), (4096, 14336, 37), (576, 1536, 130)]
     shapes += [(28672, 4096, 2048)]
+    shapes += [(1024, 4096, 2), (1024, 4096, 32), (1024, 4096, 154)]  # check_layer's shape and token counts
     for dtype in (torch.float16, torch.bfloat16):
         handle = fp8_handle(DEV, dtype)
         stream = torch.cuda.current_stream().cuda_stream
@@ -150,47 +172,123 @@ def tiny_llama(dtype):
     return model.to(DEV, dtype)
 
 
-def check_layer_and_model() -> None:
+def check_layer() -> None:
+    from hf_semisparse.kernels.fp8_linear import _CONFIGS
+
     for dtype in (torch.float16, torch.bfloat16):
         lin = torch.nn.Linear(4096, 1024, bias=True).to(DEV, dtype)
         with torch.no_grad():
             lin.weight.copy_(sparse_weight(1024, 4096, dtype))
         layer = Fp8SemiSparseLinear(lin)
+        handle = fp8_handle(DEV, dtype)
         wq, sw = cutlass_fp8.quantize_weight(lin.weight)
         with torch.inference_mode():
             for m in (1, 16, 77, 512):
                 x = torch.randn(2, m, 4096, device=DEV, dtype=dtype)
                 y = layer(x)
-                q, sx = cutlass_fp8.quantize_rows(x.reshape(-1, 4096))
+                x2 = x.reshape(-1, 4096)
+                q, sx = cutlass_fp8.quantize_rows(x2)
                 ref = reference(q, sx, wq, sw, lin.bias).reshape(2, m, 1024)
                 err = rel_err(y, ref)
-                check(
-                    err < TOL[dtype] and y.shape == (2, m, 1024),
-                    f"Fp8SemiSparseLinear {dtype} M{2 * m}: {err:.2e}",
+                # the kernel's own quantisation of the same tokens: the codes must be torch's, and the layer's
+                # output against it tells the GEMM's error apart from the quantiser's
+                padded = -(-2 * m // 16) * 16
+                q_k, sx_k = handle.quantize(x2, padded, torch.cuda.current_stream().cuda_stream)
+                same = torch.equal(q_k[: 2 * m].view(torch.uint8), q.view(torch.uint8))
+                same = same and torch.equal(sx_k[: 2 * m], sx)
+                err_own = rel_err(
+                    y, reference(q_k[: 2 * m], sx_k[: 2 * m], wq, sw, lin.bias).reshape(2, m, 1024)
                 )
-                err = rel_err(y, lin(x).double())
-                check(err < QUANT_TOL, f"Fp8SemiSparseLinear {dtype} M{2 * m} vs bf16/fp16 2:4: {err:.2e}")
+                config = _CONFIGS.get((handle.device_name, handle.version, 1024, 4096, padded))
+                per_token = ((y.double() - ref).norm(dim=-1) / ref.norm(dim=-1)).flatten()
+                check(
+                    err < TOL[dtype] and err_own < TOL[dtype] and same and y.shape == (2, m, 1024),
+                    f"Fp8SemiSparseLinear {dtype} M{2 * m}: {err:.2e} (config {config}; worst token "
+                    f"{per_token.max().item():.2e}; on the kernel's own quantised activations {err_own:.2e}; "
+                    f"quantiser codes and scales equal: {same})",
+                )
+                exact = lin(x).double()
+                err = rel_err(y, exact)
+                fp8_math = rel_err(ref, exact)  # an FP8 GEMM cannot be much closer to the 2:4 layer than this
+                # the 2:4 layer itself against float64 (bf16/fp16 output rounding): a diagnostic, not a bound
+                dense = rel_err(exact, x.double() @ lin.weight.double().t() + lin.bias.double())
+                check(
+                    err < QUANT_TOL,
+                    f"Fp8SemiSparseLinear {dtype} M{2 * m} vs bf16/fp16 2:4: {err:.2e} (the FP8 math: "
+                    f"{fp8_math:.2e}; the 2:4 layer vs float64: {dense:.2e})",
+                )
+
+
+def check_model() -> None:
+    """`accelerate_24(weights="fp8")` on a random 2-layer Llama.
+
+    Why the logits are not held to the per-GEMM bound against the FP8 math in torch: every FP8 layer re-quantises
+    its input, and a perturbation of relative size d (the kernel's fast accumulation and summation order, about
+    5e-4; or torch.compile's fused norms and activations) moves about d / 2^-4 of the e4m3 codes across a rounding
+    boundary, each by a whole step (2^-3 to 2^-4 of the value); over a few layers two FP8 computations of one
+    model drift apart towards the size of the quantisation error itself. In the CPU emulation of this model
+    (December 2026), 3e-4 of relative noise on each FP8 layer's output moved the logits by 4.1e-2 (fp16) and
+    4.6e-2 (bf16), fusing the MLP's SiLU * up in float32 (as inductor does) by 2.6e-2 / 3.3e-2, while FP8 itself
+    moved them by 9.4e-2 from the 2:4 model. So: each layer is checked on the input it got, against the FP8 math,
+    to the per-GEMM bound; the logits (and compiled against eager) only to stay under FP8's own effect on them."""
+    for dtype in (torch.float16, torch.bfloat16):
         model = tiny_llama(dtype)
         emulated = emulate_fp8(copy.deepcopy(model))
+        emulated_layers = dict(emulated.named_modules())
         ids = torch.randint(0, 1000, (4, 64), device=DEV)
         with torch.inference_mode():
             ref = model(ids).logits.double()
             emu = emulated(ids).logits.double()
+            fp8_effect = rel_err(emu, ref)
             report = accelerate_24(model, weights="fp8")
-            n_fp8 = sum(isinstance(m, Fp8SemiSparseLinear) for m in model.modules())
+            layers = {n: m for n, m in model.named_modules() if isinstance(m, Fp8SemiSparseLinear)}
             check(
-                n_fp8 == 14,
-                f"accelerate_24(weights='fp8') {dtype}: {n_fp8} FP8 layers of 14 ({report.kernels})",
+                len(layers) == 14,
+                f"accelerate_24(weights='fp8') {dtype}: {len(layers)} FP8 layers of 14 ({report.kernels})",
             )
+            seen = {}
+
+            def keep(module, args, out, seen=seen):  # returns None: the output stays as it is
+                seen.setdefault(module, (args[0], out))
+
+            hooks = [layer.register_forward_hook(keep) for layer in layers.values()]
             logits = model(ids).logits
+            for hook in hooks:
+                hook.remove()
+            errors = {}
+            for name, layer in layers.items():
+                if layer not in seen:
+                    continue
+                inp, out = seen[layer]
+                emu_layer = emulated_layers[name]
+                q, sx = cutlass_fp8.quantize_rows(inp.reshape(-1, inp.shape[-1]))
+                layer_ref = reference(q, sx, emu_layer.weight_fp8, emu_layer.scale_w, emu_layer.bias)
+                errors[name] = rel_err(out.reshape(layer_ref.shape), layer_ref)
+            worst = max(errors, key=errors.get) if errors else None
+            check(
+                len(errors) == len(layers) and errors[worst] < TOL[dtype],
+                f"tiny Llama {dtype}: each FP8 layer on its input in the model vs the FP8 math: "
+                f"worst {errors[worst] if worst else float('nan'):.2e} ({worst}; {len(errors)} layers)",
+            )
             err = rel_err(logits, emu)
-            check(err < MODEL_TOL, f"tiny Llama {dtype} FP8 2:4 logits vs the FP8 math in torch: {err:.2e}")
-            err = rel_err(logits, ref)  # random 2-layer model: about 9e-2 in the CPU emulation
+            check(
+                err < fp8_effect,
+                f"tiny Llama {dtype} FP8 2:4 logits vs the FP8 math in torch: {err:.2e} "
+                f"(under FP8's own effect, {fp8_effect:.2e})",
+            )
+            err = rel_err(logits, ref)  # random 2-layer model: about 9.4e-2 in the CPU emulation
             check(err < MODEL_QUANT_TOL, f"tiny Llama {dtype} FP8 2:4 logits vs {dtype} 2:4: {err:.2e}")
             if dtype is torch.bfloat16:  # one compile: it costs GPU-machine time
                 compiled = torch.compile(model)
                 err_c = rel_err(compiled(ids).logits, logits.double())
-                check(err_c < MODEL_TOL, f"tiny Llama {dtype} FP8 2:4 torch.compile vs eager: {err_c:.2e}")
+                check(
+                    err_c < fp8_effect,
+                    f"tiny Llama {dtype} FP8 2:4 torch.compile vs eager: {err_c:.2e} (under {fp8_effect:.2e})",
+                )
+                name = next(iter(layers))
+                inp = seen[layers[name]][0]
+                same = torch.equal(torch.compile(layers[name])(inp), layers[name](inp))
+                check(same, f"{name} {dtype} compiled alone vs eager on one input: bit for bit {same}")
 
 
 class EmulatedFp8Linear(torch.nn.Module):
@@ -373,7 +471,7 @@ def main() -> int:
         return 1
     t0 = time.time()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    for step in (check_quantiser, check_configs, check_layer_and_model):
+    for step in (check_quantiser, check_configs, check_layer, check_model):
         try:
             step()
         except Exception:  # noqa: BLE001

@@ -47,10 +47,21 @@ _STALE: set[str] = set()
 
 
 # ------------------------------------------------------------------------------------------ the math in torch
+# the smallest per-row scale: 1 / scale stays finite (rows of bf16 values under 448 * 2^-126 in magnitude)
+MIN_SCALE = torch.finfo(torch.float32).tiny
+
+
 def quantize_rows(x: torch.Tensor, positive_zero: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row symmetric e4m3 quantisation: `scale = absmax(row) / 448` (1 for an all-zero row),
-    `q = e4m3(clamp(x / scale, -448, 448))` (round to nearest even), bit for bit what the CUDA quantiser of the
-    activations writes (which keeps the sign of a -0.0 input).
+    """Per-row symmetric e4m3 quantisation, bit for bit what the CUDA quantiser of the activations writes (which
+    keeps the sign of a -0.0 input), on any device. For finite inputs, in float32 with every step correctly rounded:
+
+        scale = max(absmax(row) / 448, 2^-126)   (1 for an all-zero row)
+        q     = e4m3(clamp(x * (1 / scale), -448, 448))   (round to nearest, ties to even)
+
+    Both quotients are IEEE divisions of tensors: a Python number as divisor would not do, since CUDA torch divides
+    by one as a multiplication by its reciprocal, which rounds differently for about half of all absmax values
+    (the cause of the codes that differed from the kernel's on an H200, 2026-12-01). `2^-126` keeps `1 / scale`
+    finite; it changes the scale of rows whose absmax is under about 5e-36 only.
 
     Args:
         x: `[rows, cols]`, any float dtype, any device.
@@ -61,8 +72,10 @@ def quantize_rows(x: torch.Tensor, positive_zero: bool = False) -> tuple[torch.T
     """
     xf = x.float()
     amax = xf.abs().amax(dim=-1)
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    scaled = (xf / scale[..., None]).clamp(-FP8_MAX, FP8_MAX)
+    scale = (amax / torch.full_like(amax, FP8_MAX)).clamp_min(MIN_SCALE)
+    scale = torch.where(amax > 0, scale, torch.ones_like(scale))
+    inv_scale = torch.ones_like(scale) / scale
+    scaled = (xf * inv_scale[..., None]).clamp(-FP8_MAX, FP8_MAX)
     if positive_zero:
         scaled = scaled + 0.0  # -0.0 + 0.0 == +0.0
     return scaled.to(FP8_DTYPE), scale
@@ -119,6 +132,7 @@ def build_command(dtype: torch.dtype, output: str, nvcc: str = "nvcc") -> list[s
         "-std=c++17",
         "-O3",
         "-DNDEBUG",
+        "-ftz=false",  # subnormal floats kept, as quantize_rows keeps them (the default; fast math would not)
         f"-DHSS_OUT_DTYPE={OUT_DTYPES[dtype][1]}",
         "--expt-relaxed-constexpr",
         "-gencode=arch=compute_90a,code=sm_90a",  # sparse wgmma needs the 90a target

@@ -19,6 +19,7 @@
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
+#include <cfloat>
 #include <cstdint>
 
 #include "cute/tensor.hpp"
@@ -181,8 +182,12 @@ int run(const void* a_c, const void* e, const void* b, const float* scale_w, con
 }
 
 // ------------------------------------------------------------------------ per-token dynamic quantisation
-// One block per row: absmax over the row, scale = absmax / 448 (1 for an all-zero row), q = e4m3(x / scale)
-// with saturation.  Rows in [m, m_padded) are written as zeros with scale 1.
+// One block per row: absmax over the row, scale = max(absmax / 448, FLT_MIN) (1 for an all-zero row), then
+// q = e4m3(clamp(x * (1 / scale), -448, 448)) rounded to nearest even (cvt.rn.satfinite).  Every step is one
+// correctly rounded float32 operation, spelled with the _rn intrinsics (a division and a reciprocal per row, a
+// multiplication per element that is never fused into anything), so cutlass_fp8.quantize_rows reproduces the codes
+// bit for bit on any device whatever -prec-div says; subnormals are kept (-ftz=false, as the build sets).  FLT_MIN
+// keeps 1 / scale finite for rows of tiny bf16 values.  Rows in [m, m_padded) are written as zeros with scale 1.
 constexpr float kFp8Max = 448.0f;
 constexpr int kQuantThreads = 256;
 
@@ -220,7 +225,8 @@ __global__ void quantize_rows(const ElementOut* __restrict__ x, __nv_fp8_e4m3* _
   }
   __syncthreads();
   amax = warp_max[0];
-  const float s = amax > 0.0f ? amax / kFp8Max : 1.0f;
+  const float s = amax > 0.0f ? fmaxf(__fdiv_rn(amax, kFp8Max), FLT_MIN) : 1.0f;
+  const float inv_s = __frcp_rn(s);  // once per row: a multiplication per element instead of a division
   if (threadIdx.x == 0) scale[row] = s;
   uint2* q_vec = reinterpret_cast<uint2*>(q_row);
   for (int i = threadIdx.x; i < k_vec; i += blockDim.x) {
@@ -229,7 +235,7 @@ __global__ void quantize_rows(const ElementOut* __restrict__ x, __nv_fp8_e4m3* _
     __nv_fp8_e4m3 out[8];
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-      out[j] = __nv_fp8_e4m3(fminf(fmaxf(to_float(v[j]) / s, -kFp8Max), kFp8Max));  // division, as torch
+      out[j] = __nv_fp8_e4m3(fminf(fmaxf(__fmul_rn(to_float(v[j]), inv_s), -kFp8Max), kFp8Max));
     }
     q_vec[i] = *reinterpret_cast<uint2*>(out);
   }
