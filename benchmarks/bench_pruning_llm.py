@@ -6,7 +6,8 @@ windows of `--window` tokens (perplexity = exp of the mean next-token loss over 
 texts are disjoint. Each method starts from a fresh copy of the dense model, in float32.
 
 `--recover-steps N` then fine-tunes the SparseGPT model for N steps with SparsityTrainer (masks kept), distilling
-from the dense model (logits KL, weight `--distill-weight`), on the calibration text, and evaluates again.
+from the dense model (logits KL, weight `--distill-weight`), on the calibration text, and evaluates again;
+`--recover-bf16` trains in bf16 mixed precision (the master weights and the evaluation stay float32).
 
     python /work/shared/models/smollm2-135m-instruct-q4_1/to_hf.py outputs/smollm2-135m   # once
     PYTHONPATH=src python benchmarks/bench_pruning_llm.py --model outputs/smollm2-135m \\
@@ -84,6 +85,7 @@ def recover(model, teacher, train_ids, args) -> float:
         save_strategy="no",
         report_to=[],
         use_cpu=args.device == "cpu",
+        bf16=args.recover_bf16,
         disable_tqdm=False,
     )
     trainer = SparsityTrainer(
@@ -120,6 +122,7 @@ def main() -> None:
     p.add_argument("--recover-batch", type=int, default=4)
     p.add_argument("--recover-lr", type=float, default=2e-5)
     p.add_argument("--distill-weight", type=float, default=1.0)
+    p.add_argument("--recover-bf16", action="store_true", help="recovery in bf16 mixed precision")
     p.add_argument("--out", help="JSON results path")
     args = p.parse_args()
 
