@@ -11,12 +11,14 @@ block on the GPU from 32 random sequences of 512 tokens. Checks and reports:
 - `save_sparse_pretrained` then plain `AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16,
   device_map="cuda")`: the expert weights are bit-identical to the pruned ones, and the loaded model's logits
   are as close to the pruned model's (run dense in bf16 on the GPU) as bf16 allows (linear layers run on 2:4
-  kernels, the experts run transformers' dense experts code).
+  kernels, the experts run transformers' dense experts code), with every token routed as in the pruned model (the
+  share of tokens that the loaded model's own routers send to other experts is reported).
 Writes the numbers to $OUT/moe_gpu.json when OUT is set.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -53,6 +55,47 @@ def _experts(model) -> dict[str, torch.Tensor]:
     }
 
 
+def _routers(model) -> list[torch.nn.Module]:
+    return [m for name, m in model.named_modules() if name.endswith("mlp.gate")]
+
+
+@contextlib.contextmanager
+def _recorded_routing(model):
+    """Records each router's output `(router_logits, scores, indices)`, one entry per MoE layer in call order."""
+    outputs: list[tuple] = []
+    hooks = [r.register_forward_hook(lambda m, i, out: outputs.append(out)) for r in _routers(model)]
+    try:
+        yield outputs
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@contextlib.contextmanager
+def _forced_routing(model, outputs: list[tuple]):
+    """Each router returns the recorded output instead of its own, so both models send every token to the same
+    experts with the same weights. Random routers put many tokens close to a tie between their 2nd and 3rd
+    expert: a bf16 rounding difference in the attention output (2:4 kernels against dense) then sends them
+    elsewhere, and their logits change by far more than the kernels' rounding (0.24 relative on an H200)."""
+    calls = iter(outputs)
+    hooks = [r.register_forward_hook(lambda m, i, out: next(calls)) for r in _routers(model)]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _flipped_share(ours: list[tuple], theirs: list[tuple]) -> float:
+    """The share of (token, layer) pairs whose set of chosen experts differs between two recorded runs."""
+    assert len(ours) == len(theirs) > 0
+    differ = [
+        (a[2].sort(dim=-1).values != b[2].sort(dim=-1).values).any(dim=-1).float().mean().item()
+        for a, b in zip(ours, theirs)
+    ]
+    return sum(differ) / len(differ)
+
+
 def test_mixtral_shaped_prune_save_load(tmp_path, caplog):
     torch.manual_seed(0)
     model = MixtralForCausalLM(_config()).to(torch.bfloat16).eval()
@@ -75,7 +118,7 @@ def test_mixtral_shaped_prune_save_load(tmp_path, caplog):
 
     ids = batches[0]["input_ids"]
     model.to(DEVICE)
-    with torch.no_grad():
+    with torch.no_grad(), _recorded_routing(model) as routing:
         reference = model(ids.to(DEVICE)).logits.float()
     model.to("cpu")
     start = time.perf_counter()
@@ -86,7 +129,10 @@ def test_mixtral_shaped_prune_save_load(tmp_path, caplog):
     load_s = time.perf_counter() - start
     for name, weight in _experts(loaded).items():
         assert torch.equal(weight.cpu(), experts[name]), name
-    with torch.no_grad():
+    with torch.no_grad(), _recorded_routing(loaded) as own_routing:
+        loaded(ids.to(DEVICE))
+    flipped = _flipped_share(routing, own_routing)
+    with torch.no_grad(), _forced_routing(loaded, routing):
         logits = loaded(ids.to(DEVICE)).logits.float()
     rel = float((logits - reference).norm() / reference.norm())
     assert rel < 2e-2, rel
@@ -100,6 +146,7 @@ def test_mixtral_shaped_prune_save_load(tmp_path, caplog):
         "load_s": round(load_s, 2),
         "target_ratio": round(summary["target_ratio"], 4),
         "logits_rel_error_loaded_vs_pruned": rel,
+        "tokens_routed_differently": flipped,
         "sparsified_share": round(report.sparsified_share, 4),
     }
     print(json.dumps(numbers, indent=2, default=str))
