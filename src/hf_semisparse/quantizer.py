@@ -299,7 +299,8 @@ class SemiSparseHfQuantizer(HfQuantizer):
         else:
             stored = {torch.float8_e4m3fn: "F8_E4M3", torch.float32: "F32"}.get(param.dtype, "F16")
             stored = stored if param.is_floating_point() else "U8"
-        if self.fp8 and stored in ("F8_E4M3", "F32"):
+        ours = any(type(op).__name__ == "Sparse24Expand" for op in getattr(converter, "operations", ()))
+        if self.fp8 and ours and stored in ("F8_E4M3", "F32"):
             # e4m3 codes and their float32 scales are dequantised by `Sparse24Expand`, which casts the result (and
             # any other float32 tensor it passes) to the planned dtype: a scale cast to fp16 first would be rounded
             return None
