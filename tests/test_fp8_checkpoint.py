@@ -43,7 +43,9 @@ def linear_weights(model) -> dict[str, torch.Tensor]:
     out = {}
     for name in model.config.sparsity_config["targets"]:
         module = model.get_submodule(name)
-        out[name] = module.weight.detach() if isinstance(module, torch.nn.Linear) else module.weight.detach().t()
+        out[name] = (
+            module.weight.detach() if isinstance(module, torch.nn.Linear) else module.weight.detach().t()
+        )
     return out
 
 
@@ -61,7 +63,9 @@ def fp8_ckpt(tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------------------ writing and loading
-@pytest.mark.parametrize(("arch", "dtype"), [("llama", torch.float16), ("llama", torch.bfloat16), ("gpt2", torch.float32)])
+@pytest.mark.parametrize(
+    ("arch", "dtype"), [("llama", torch.float16), ("llama", torch.bfloat16), ("gpt2", torch.float32)]
+)
 def test_codes_are_quantize_weight_and_loading_gives_the_dequantised_codes_exactly(arch, dtype, tmp_path):
     model = pruned(arch, dtype)
     summary = save_sparse_pretrained(model, tmp_path / "ckpt", weights="fp8")
@@ -282,16 +286,28 @@ CORRUPTIONS = {
     "scale_zero": (_set(f"{LAYER}.weight_scale", _scale_at(0.0)), None, rf"{LAYER}.weight_scale\[5\] is 0.0"),
     "scale_negative": (_set(f"{LAYER}.weight_scale", _scale_at(-1.0)), None, r"weight_scale\[5\] is -1.0"),
     "scale_inf": (_set(f"{LAYER}.weight_scale", _scale_at(float("inf"))), None, r"weight_scale\[5\] is inf"),
-    "scale_fp16": (_set(f"{LAYER}.weight_scale", lambda s: s.half()), None, r"weight_scale is F16 \[128, 1\]"),
+    "scale_fp16": (
+        _set(f"{LAYER}.weight_scale", lambda s: s.half()),
+        None,
+        r"weight_scale is F16 \[128, 1\]",
+    ),
     "scale_flat": (_set(f"{LAYER}.weight_scale", lambda s: s.flatten()), None, r"expected F32 \[128, 1\]"),
     "scale_missing": (lambda t: t.pop(f"{LAYER}.weight_scale"), None, "lacks its scale"),
-    "values_bf16": (_set(f"{LAYER}.weight", lambda v: v.to(torch.bfloat16)), None, r"weight: FP8 values are BF16"),
+    "values_bf16": (
+        _set(f"{LAYER}.weight", lambda v: v.to(torch.bfloat16)),
+        None,
+        r"weight: FP8 values are BF16",
+    ),
     "values_short": (
         _set(f"{LAYER}.weight", lambda v: v[:, :-4].contiguous()),
         None,
         r"up_proj.weight: the bitmask is",
     ),
-    "values_nan": (_set(f"{LAYER}.weight", _nan_code), None, r"up_proj.weight: the stored e4m3 value at \[2, 1\]"),
+    "values_nan": (
+        _set(f"{LAYER}.weight", _nan_code),
+        None,
+        r"up_proj.weight: the stored e4m3 value at \[2, 1\]",
+    ),
     "record_missing": (None, lambda q: q.pop("weights"), "quantization_config.weights is None"),
     "record_targets": (None, lambda q: q["weights"]["targets"].pop(), "weights.targets must list exactly"),
     "scale_in_v2": (None, lambda q: (q.update(version=2), q.pop("weights")), "FP8 weight scales"),
@@ -334,6 +350,16 @@ def test_convert_writes_fp8_and_inspect_shows_it(tmp_path, capsys):
     values, bitmask, scale = compress_fp8_24(weight, LAYER)
     assert torch.equal(stored[f"{LAYER}.weight"].view(torch.uint8), values.view(torch.uint8))
     assert torch.equal(stored[f"{LAYER}.weight_scale"], scale)
-    code = main(["convert", str(tmp_path / "dense"), str(tmp_path / "ct"), "--weights", "fp8", "--format", "compressed-tensors"])
+    code = main(
+        [
+            "convert",
+            str(tmp_path / "dense"),
+            str(tmp_path / "ct"),
+            "--weights",
+            "fp8",
+            "--format",
+            "compressed-tensors",
+        ]
+    )
     assert code == 2 and "hf_semisparse format only" in capsys.readouterr().err
     assert not (tmp_path / "ct").exists()

@@ -129,7 +129,9 @@ def _convert(args) -> int:
     from .serialization import check_save_destination
 
     if args.weights == "fp8" and args.format != "hf_semisparse":
-        raise CliInputError("--weights fp8 is written in the hf_semisparse format only (not --format compressed-tensors)")
+        raise CliInputError(
+            "--weights fp8 is written in the hf_semisparse format only (not --format compressed-tensors)"
+        )
     if os.path.isdir(source) and os.path.realpath(source) == os.path.realpath(args.destination):
         raise CliInputError(
             "the destination is the source folder: convert never replaces its source; choose another"
@@ -224,7 +226,9 @@ def inspect_checkpoint(path: str, verify_data: bool = False) -> dict:
         fmt = QUANT_METHOD if quant.get("quant_method") == QUANT_METHOD else "compressed-tensors"
         fmt += f" {quant.get('format') if fmt == QUANT_METHOD else quant['sparsity_config']['format']}"
         if layout is not None and any(layer.scale_key for layer in layout.layers):
-            fmt += " (version 4: FP8 e4m3 weights, per-channel float32 scales, activations quantised per token)"
+            fmt += (
+                " (version 4: FP8 e4m3 weights, per-channel float32 scales, activations quantised per token)"
+            )
         for layer in layout.layers if layout else []:
             entry = {
                 "module": layer.module,

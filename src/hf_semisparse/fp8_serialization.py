@@ -36,7 +36,9 @@ SOURCE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 STORED_ATTR = "hf_semisparse_fp8"  # the attribute of a loaded layer that holds its stored codes
 
 
-def compress_fp8_24(weight: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def compress_fp8_24(
+    weight: torch.Tensor, name: str = "weight"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantise a 2:4 weight `[rows, cols]` to e4m3 per output row (`cutlass_fp8.quantize_weight`) and compress it.
 
     Args:
@@ -77,7 +79,9 @@ def check_fp8_values(name: str, values: torch.Tensor) -> None:
         raise SparseCheckpointError(f"{name}: FP8 values are {values.dtype}, expected float8_e4m3fn")
     bad = torch.nonzero(torch.isnan(values.float()))
     if bad.numel():
-        raise SparseCheckpointError(f"{name}: the stored e4m3 value at {bad[0].tolist()} is NaN (corrupted file)")
+        raise SparseCheckpointError(
+            f"{name}: the stored e4m3 value at {bad[0].tolist()} is NaN (corrupted file)"
+        )
 
 
 def check_fp8_scale(name: str, scale: torch.Tensor, rows: int) -> torch.Tensor:
@@ -109,7 +113,9 @@ def decompress_fp8_24(
     """
     check_fp8_values(name, values)
     if values.dim() != 2:
-        raise SparseCheckpointError(f"{name}: FP8 values must be 2-D [rows, cols / 2], got {list(values.shape)}")
+        raise SparseCheckpointError(
+            f"{name}: FP8 values must be 2-D [rows, cols / 2], got {list(values.shape)}"
+        )
     check_bitmask_layout(name, tuple(values.shape), str(bitmask.dtype), tuple(bitmask.shape))
     rows, cols = values.shape[0], values.shape[1] * 2
     scale = check_fp8_scale(name + SCALE_SUFFIX, scale, rows)
@@ -165,4 +171,3 @@ def stored_codes(module: nn.Module, weight: torch.Tensor) -> tuple[torch.Tensor,
     if not torch.equal(dequantize_fp8(weight_fp8, scale, weight.dtype), weight.detach()):
         return None
     return weight_fp8, scale
-

@@ -176,7 +176,13 @@ class SemiSparseHfQuantizer(HfQuantizer):
         self.serialized_names = (
             {}
             if legacy is not None
-            else {"weight": ["weight", "weight" + BITMASK_SUFFIX, *(["weight" + SCALE_SUFFIX] if self.fp8 else [])]}
+            else {
+                "weight": [
+                    "weight",
+                    "weight" + BITMASK_SUFFIX,
+                    *(["weight" + SCALE_SUFFIX] if self.fp8 else []),
+                ]
+            }
         )
         self.fp8_codes: dict = {}  # model module name -> StoredFp8Weight (version 4)
         self.requested_dtype = None

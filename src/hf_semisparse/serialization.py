@@ -501,7 +501,9 @@ def _fp8_parts(module: nn.Module, weight: torch.Tensor, name: str):
     `compress_fp8_24` of its weight (validated: dtype, finite, 2:4)."""
     from .fp8_serialization import STORED_ATTR, compress_fp8_24, stored_codes
 
-    if stored_codes(module, weight) is not None:  # loaded from an FP8 checkpoint: its codes (re-quantising may change them)
+    if (
+        stored_codes(module, weight) is not None
+    ):  # loaded from an FP8 checkpoint: its codes (re-quantising may change them)
         stored = getattr(module, STORED_ATTR)
         return stored.values, stored.bitmask, stored.scale.reshape(-1, 1).contiguous()
     return compress_fp8_24(weight, name)

@@ -355,7 +355,9 @@ def _to_fp8(modules: dict[str, nn.Module], eligible: list[str], slot) -> list[st
         if stored is not None:  # loaded from an FP8 checkpoint, weight unchanged: exactly its stored codes
             weight_fp8, scale = stored
             bias = None if module.bias is None else module.bias.detach()
-            layer = Fp8SemiSparseLinear(weight_fp8=weight_fp8, weight_scale=scale, bias=bias, dtype=weight.dtype)
+            layer = Fp8SemiSparseLinear(
+                weight_fp8=weight_fp8, weight_scale=scale, bias=bias, dtype=weight.dtype
+            )
         else:
             layer = Fp8SemiSparseLinear(module)
         setattr(parent, child, layer)
