@@ -111,6 +111,25 @@ def test_a_float32_checkpoint_loads_in_any_dtype_and_scales_stay_float32(tmp_pat
     assert torch.equal(loaded.get_submodule(LAYER).weight, dequantize_fp8(q, s, torch.bfloat16))
 
 
+def test_modules_transformers_keeps_in_float32_stay_float32(tmp_path):
+    """T5's `wo` stays float32 in an fp16 model, as transformers loads a dense or version 2 checkpoint."""
+    model = make_model("t5").eval()
+    prune_24(model)
+    save_sparse_pretrained(model, tmp_path / "fp8", weights="fp8", show_progress=False)
+    save_sparse_pretrained(model, tmp_path / "v2", show_progress=False)
+    auto = transformers.AutoModelForSeq2SeqLM
+    loaded = auto.from_pretrained(tmp_path / "fp8", dtype=torch.float16)
+    native = auto.from_pretrained(tmp_path / "v2", dtype=torch.float16)
+    assert {k: v.dtype for k, v in loaded.state_dict().items()} == {
+        k: v.dtype for k, v in native.state_dict().items()
+    }
+    assert loaded.get_submodule("encoder.block.0.layer.1.DenseReluDense.wo").weight.dtype == torch.float32
+    for name in model.config.sparsity_config["targets"]:
+        weight = loaded.get_submodule(name).weight
+        q, s = cutlass_fp8.quantize_weight(model.get_submodule(name).weight)
+        assert torch.equal(weight, dequantize_fp8(q, s, weight.dtype)), name
+
+
 def test_autosparsemodel_loads_it_and_one_warning_says_why_no_fp8_kernels(fp8_ckpt, caplog):
     model, path = fp8_ckpt
     caplog.clear()

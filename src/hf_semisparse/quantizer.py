@@ -305,8 +305,10 @@ class SemiSparseHfQuantizer(HfQuantizer):
         else:
             stored = {torch.float8_e4m3fn: "F8_E4M3", torch.float32: "F32"}.get(param.dtype, "F16")
             stored = stored if param.is_floating_point() else "U8"
-        ours = any(type(op).__name__ == "Sparse24Expand" for op in getattr(converter, "operations", ()))
+        ours = [op for op in getattr(converter, "operations", ()) if type(op).__name__ == "Sparse24Expand"]
         if self.fp8 and ours and stored in ("F8_E4M3", "F32"):
+            for op in ours:  # each parameter's converter has its own op (`Sparse24Expand.__deepcopy__`)
+                op.planned_dtype = dtype
             # e4m3 codes and their float32 scales are dequantised by `Sparse24Expand`, which casts the result (and
             # any other float32 tensor it passes) to the planned dtype: a scale cast to fp16 first would be rounded
             return None

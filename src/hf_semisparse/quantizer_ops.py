@@ -34,6 +34,7 @@ class Sparse24Expand(ConversionOps):
 
     def __init__(self, hf_quantizer: SemiSparseHfQuantizer):
         self.hf_quantizer = hf_quantizer
+        self.planned_dtype = None  # format version 4: the dtype transformers planned (`get_new_dtype`)
 
     def __deepcopy__(self, memo):
         # transformers deep-copies a converter for every layer it loads: the copies share our one quantizer,
@@ -116,7 +117,10 @@ class Sparse24Expand(ConversionOps):
         return {full_layer_name: self._finish(weight, full_layer_name, compressed=True)}
 
     def _planned_dtype(self, model, full_layer_name):
-        """The dtype transformers planned for the parameter (its meta tensor's), else the requested one."""
+        """The dtype transformers planned for the parameter (as `get_new_dtype` saw it: T5's `wo` stays float32 in
+        an fp16 model), else its meta tensor's, else the requested one."""
+        if isinstance(self.planned_dtype, torch.dtype):
+            return self.planned_dtype
         try:
             return model.get_parameter(full_layer_name).dtype
         except (AttributeError, TypeError):
