@@ -7,6 +7,8 @@ import json
 import logging
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -382,3 +384,39 @@ def test_convert_writes_fp8_and_inspect_shows_it(tmp_path, capsys):
     )
     assert code == 2 and "hf_semisparse format only" in capsys.readouterr().err
     assert not (tmp_path / "ct").exists()
+
+
+# ------------------------------------------------------------------------------------------ never loaded wrong
+def test_without_the_import_transformers_stops(fp8_ckpt):
+    code = (
+        "import sys, transformers\n"
+        f"transformers.AutoModelForCausalLM.from_pretrained({str(fp8_ckpt[1])!r})\n"
+        "assert 'hf_semisparse' not in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0, "an FP8 2:4 checkpoint loaded without hf_semisparse"
+    assert "Unknown quantization type, got hf_semisparse" in result.stderr
+    assert "ignore_mismatched_sizes" in result.stderr  # m.weight holds half the columns
+
+
+def test_sharded_and_offloaded_to_disk(fp8_ckpt, tmp_path):
+    model, path = fp8_ckpt
+    save_sparse_pretrained(
+        model, tmp_path / "ckpt", max_shard_size="20KB", weights="fp8", show_progress=False
+    )
+    files = load_file(path / "model.safetensors")
+    index = json.loads((tmp_path / "ckpt" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(index.values())) > 2
+    for key in files:  # a weight's values, bitmask and scale stay in one shard
+        if key.endswith(".weight_scale"):
+            base = key.removesuffix("_scale")
+            assert index[key] == index[base] == index[base + "_bitmask"], key
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk"}
+    device_map.update({"model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"})
+    offloaded = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "ckpt", device_map=device_map, offload_folder=str(tmp_path / "offload")
+    )
+    whole = transformers.AutoModelForCausalLM.from_pretrained(path)
+    ids = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(offloaded(input_ids=ids).logits, whole(input_ids=ids).logits)
