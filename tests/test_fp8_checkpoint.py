@@ -329,6 +329,11 @@ CORRUPTIONS = {
         None,
         r"up_proj.weight: the stored e4m3 value at \[2, 1\]",
     ),
+    "dense_fp8": (
+        _set("lm_head.weight", lambda w: w.to(torch.float8_e4m3fn)),
+        None,
+        r"\['lm_head.weight'\] are stored as FP8 but are not the values",
+    ),
     "record_missing": (None, lambda q: q.pop("weights"), "quantization_config.weights is None"),
     "record_targets": (None, lambda q: q["weights"]["targets"].pop(), "weights.targets must list exactly"),
     "scale_in_v2": (None, lambda q: (q.update(version=2), q.pop("weights")), "FP8 weight scales"),

@@ -246,6 +246,13 @@ def _check_ours(quant: dict, tensors: dict[str, TensorInfo]) -> CheckpointLayout
             f"tensors {stray[:5]} are FP8 weight scales of modules that this version {version} checkpoint does not "
             "store as FP8 (only version 4 lists FP8 targets)"
         )
+    fp8_values = {f"{t}.weight" for t in targets} if fp8 else set()
+    stray = sorted(k for k, t in tensors.items() if t.dtype.startswith("F8") and k not in fp8_values)
+    if stray:
+        raise SparseCheckpointError(
+            f"tensors {stray[:5]} are stored as FP8 but are not the values of FP8 2:4 targets (a format version 4 "
+            "checkpoint's `weights.targets`): they have no scale to be dequantised with"
+        )
     layers = []
     for module in targets:
         wkey, mkey = f"{module}.weight", f"{module}.weight{BITMASK_SUFFIX}"

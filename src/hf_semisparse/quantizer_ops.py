@@ -101,6 +101,12 @@ class Sparse24Expand(ConversionOps):
         bitmask = _one(input_dict.get("weight" + BITMASK_SUFFIX))
         scale = _one(input_dict.get("weight" + SCALE_SUFFIX))
         if bitmask is None and scale is None:
+            if (
+                value.dtype == torch.float8_e4m3fn
+            ):  # `check_layout` refuses this before loading; never a raw cast
+                raise SparseCheckpointError(
+                    f"{full_layer_name} is stored as FP8 but is not an FP8 2:4 target"
+                )
             if value.is_floating_point() and value.dtype == torch.float32 and dtype is not None:
                 value = value.to(dtype)
             return {full_layer_name: value}
