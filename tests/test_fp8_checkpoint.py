@@ -425,3 +425,60 @@ def test_sharded_and_offloaded_to_disk(fp8_ckpt, tmp_path):
     ids = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(offloaded(input_ids=ids).logits, whole(input_ids=ids).logits)
+
+
+# ------------------------------------------------------------------------------------------ the GPU check's flow
+class _EmulatedFp8Layer(torch.nn.Module):
+    """Stands in for `Fp8SemiSparseLinear` on the CPU: the FP8 math in torch, its codes as `compressed`."""
+
+    def __init__(self, linear=None, *, weight_fp8=None, weight_scale=None, bias=None, dtype=None):
+        super().__init__()
+        if linear is not None:
+            weight_fp8, weight_scale = cutlass_fp8.quantize_weight(linear.weight.detach())
+            bias = linear.bias
+        self.register_buffer("compressed", weight_fp8.view(torch.uint8).clone())
+        self.register_buffer("weight_scale", weight_scale.reshape(-1).float().clone())
+        self.bias = bias
+
+    def forward(self, x):
+        weight_fp8 = self.compressed.view(torch.float8_e4m3fn)
+        return cutlass_fp8.fp8_linear_reference(x, weight_fp8, self.weight_scale, self.bias)
+
+
+@pytest.mark.slow  # about 30 s on a 2-core machine: the check's 512-wide model, FP8 math in torch
+def test_the_gpu_check_runs_its_flow_on_the_cpu_with_emulated_kernels(monkeypatch):
+    """tests/gpu/check_fp8_checkpoint_gpu.py with the kernels replaced by the FP8 math and CUDA by the CPU: every
+    check passes, so on a GPU a failure is the kernels' or the loading path's, not the script's."""
+    import hf_semisparse.kernels as kernels
+    from hf_semisparse.modeling import AutoSparseModel as Auto
+    from hf_semisparse.registration import load_options
+
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "gpu"))
+    import check_fp8_checkpoint_gpu as script
+
+    monkeypatch.setattr(script, "DEV", torch.device("cpu"))
+    monkeypatch.setattr(script, "Fp8SemiSparseLinear", _EmulatedFp8Layer)
+    monkeypatch.setattr(fp8_linear, "Fp8SemiSparseLinear", _EmulatedFp8Layer)
+    monkeypatch.setattr(kernels, "why_not_accelerated", lambda device, dtype: None)
+    monkeypatch.setattr(kernels, "KERNEL_DEVICE_TYPE", "cpu")
+    monkeypatch.setattr(cutlass_fp8, "why_unavailable", lambda *a: None)
+    plain = transformers.AutoModelForCausalLM.from_pretrained.__func__
+    auto = Auto.from_pretrained.__func__
+
+    def plain_on_cpu(cls, path, *args, device_map=None, **kwargs):  # "cuda": the CPU, with the kernels' path
+        if device_map == "cuda":
+            with load_options(accelerate=True):
+                return plain(cls, path, *args, **kwargs)
+        return plain(cls, path, *args, device_map=device_map, **kwargs)
+
+    def auto_on_cpu(cls, path, *args, device_map=None, **kwargs):
+        return auto(cls, path, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", classmethod(plain_on_cpu))
+    monkeypatch.setattr(Auto, "from_pretrained", classmethod(auto_on_cpu))
+    before = len(script.FAILURES), len(script.CHECKS)
+    result = {}
+    script.check_dtype(torch.bfloat16, result)
+    script.check_float32_saved()
+    assert script.FAILURES[before[0] :] == [] and len(script.CHECKS) - before[1] == 9
+    assert result["bfloat16_loaded_vs_on_the_fly"] == 0.0 and result["bfloat16_fp8_effect"] > 0

@@ -161,9 +161,11 @@ def check_dtype(dtype, result: dict) -> None:
             same_file.append(
                 torch.equal(layer.compressed, from_file.compressed) and torch.equal(layer.weight_scale, s)
             )
-        check(all(same_file) and same_file, f"{tag}: every loaded layer holds the file's codes and scales")
         check(
-            all(same_codes) and same_codes,
+            bool(same_file) and all(same_file), f"{tag}: every loaded layer holds the file's codes and scales"
+        )
+        check(
+            bool(same_codes) and all(same_codes),
             f"{tag}: every loaded layer's codes and scales equal accelerate_24(weights='fp8') on the fly "
             f"({sum(same_codes)} of {len(same_codes)})",
         )
