@@ -445,7 +445,7 @@ class _EmulatedFp8Layer(torch.nn.Module):
         return cutlass_fp8.fp8_linear_reference(x, weight_fp8, self.weight_scale, self.bias)
 
 
-@pytest.mark.slow  # about 30 s on a 2-core machine: the check's 512-wide model, FP8 math in torch
+@pytest.mark.slow  # 70 s on a busy 2-core machine: the check's 512-wide model, FP8 math in torch
 def test_the_gpu_check_runs_its_flow_on_the_cpu_with_emulated_kernels(monkeypatch):
     """tests/gpu/check_fp8_checkpoint_gpu.py with the kernels replaced by the FP8 math and CUDA by the CPU: every
     check passes, so on a GPU a failure is the kernels' or the loading path's, not the script's."""
