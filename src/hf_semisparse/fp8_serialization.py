@@ -14,8 +14,9 @@ says `"version": 4` and `"weights": {"format": "fp8-e4m3", "scales": "channel", 
 
 Loading dequantises (`dequantize_fp8`: e4m3 value * scale in float32, then the model's dtype) and keeps the stored
 codes beside the layer (`attach_stored_codes`), so that `accelerate_24(model, weights="fp8")` runs the kernels on
-exactly the stored codes: quantising the dequantised weight again would not always give them back (the row
-maximum `448 * scale` rounded to fp16/bf16 gives another scale, and values on e4m3 ties can then change code).
+exactly the stored codes: quantising the dequantised weight again would not always give them back (loaded in
+another dtype than it was saved in, the row maximum `448 * scale` rounds to another value, hence another scale,
+and values on e4m3 ties could then change code).
 """
 
 from __future__ import annotations
@@ -25,13 +26,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .checkpoint_format import check_bitmask_groups, check_bitmask_layout, compress_values
+from .checkpoint_format import SCALE_SUFFIX, check_bitmask_groups, check_bitmask_layout, compress_values
 from .errors import SparseCheckpointError
 from .masks import unpack_mask
 
 FP8_DTYPE = torch.float8_e4m3fn
-SCALE_SUFFIX = "_scale"  # m.weight_scale
-WEIGHTS_FORMAT = {"format": "fp8-e4m3", "scales": "channel", "activations": "dynamic-token"}
 SOURCE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 STORED_ATTR = "hf_semisparse_fp8"  # the attribute of a loaded layer that holds its stored codes
 
@@ -51,6 +50,10 @@ def compress_fp8_24(
 
     Raises:
         SparseCheckpointError: another dtype or not 2-D, a NaN or infinite value, or not 2:4 (names the tensor).
+
+    Example:
+        >>> values, bitmask, scale = compress_fp8_24(model.model.layers[0].mlp.up_proj.weight, "up_proj.weight")
+        >>> weight_fp8, row_scale = decompress_fp8_24(values, bitmask, scale, "up_proj.weight")
     """
     from .kernels.cutlass_fp8 import quantize_weight
 
