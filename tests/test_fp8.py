@@ -373,25 +373,25 @@ def test_accelerate_24_validates_weights_and_leaves_cpu_models_alone():
 # ------------------------------------------------------------------------------------------ checkpoint layout
 def test_fp8_checkpoint_layout_round_trips():
     w = sparse_weight(64, 256, dtype=torch.float16)
-    parts = compress_fp8_24(w, "layer.weight")
-    assert parts["compressed"].dtype == torch.float8_e4m3fn and parts["compressed"].shape == (64, 128)
-    assert parts["weight_scale"].dtype == torch.float32 and parts["weight_scale"].shape == (64, 1)
-    assert parts["bitmask"].shape == (64, 32) and parts["shape"].flatten().tolist() == [64, 256]
-    wq, scale = decompress_fp8_24(**parts)
+    values, bitmask, scale = compress_fp8_24(w, "layer.weight")
+    assert values.dtype == torch.float8_e4m3fn and values.shape == (64, 128)
+    assert scale.dtype == torch.float32 and scale.shape == (64, 1)
+    assert bitmask.dtype == torch.uint8 and bitmask.shape == (64, 32)
+    wq, row_scale = decompress_fp8_24(values, bitmask, scale, "layer.weight")
     ref_q, ref_s = cutlass_fp8.quantize_weight(w)
-    assert torch.equal(wq.view(torch.uint8), ref_q.view(torch.uint8)) and torch.equal(scale, ref_s)
+    assert torch.equal(wq.view(torch.uint8), ref_q.view(torch.uint8)) and torch.equal(row_scale, ref_s)
 
 
 def test_fp8_checkpoint_errors_name_the_tensor():
-    parts = compress_fp8_24(sparse_weight(64, 256), "m.weight")
-    with pytest.raises(SparseCheckpointError, match="m.compressed is torch.bfloat16"):
-        decompress_fp8_24(**{**parts, "compressed": parts["compressed"].float().bfloat16()}, name="m")
-    bad_scale = parts["weight_scale"].clone()
+    values, bitmask, scale = compress_fp8_24(sparse_weight(64, 256), "m.weight")
+    with pytest.raises(SparseCheckpointError, match="m.weight: FP8 values are torch.bfloat16"):
+        decompress_fp8_24(values.float().bfloat16(), bitmask, scale, "m.weight")
+    bad_scale = scale.clone()
     bad_scale[5] = float("nan")
     with pytest.raises(SparseCheckpointError, match=r"m.weight_scale\[5\] is nan"):
-        decompress_fp8_24(**{**parts, "weight_scale": bad_scale}, name="m")
+        decompress_fp8_24(values, bitmask, bad_scale, "m.weight")
     with pytest.raises(SparseCheckpointError, match="expected float32"):
-        decompress_fp8_24(**{**parts, "weight_scale": parts["weight_scale"].half()}, name="m")
+        decompress_fp8_24(values, bitmask, scale.half(), "m.weight")
     with pytest.raises(SparseCheckpointError, match="not 2:4|claims 2:4"):
         compress_fp8_24(torch.randn(8, 16), "dense.weight")
 

@@ -210,7 +210,7 @@ def test_inspect_agrees_with_the_loader_on_corrupted_checkpoints(tmp_path, capsy
         "no_bitmask": corrupt(good, tmp_path / "b", edit_tensors=no_bitmask),
         "short_bitmask": corrupt(good, tmp_path / "c", edit_tensors=short_bitmask),
         "orientation": corrupt(good, tmp_path / "d", edit_config=lambda q: q.update(transposed=["nope"])),
-        "version": corrupt(good, tmp_path / "e", edit_config=lambda q: q.update(version=4)),
+        "version": corrupt(good, tmp_path / "e", edit_config=lambda q: q.update(version=5)),
         "legacy_four_of_four": corrupt(
             tmp_path / "../" / tmp_path.name / "good", tmp_path / "f", edit_tensors=four_of_four
         ),

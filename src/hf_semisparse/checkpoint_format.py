@@ -23,6 +23,10 @@ listed under `expert_targets` (and under `expert_transposed` when the module sto
 stored `[experts, out, in]`). A checkpoint with expert targets is format version 3, so that an hf_semisparse that
 predates them refuses it with "upgrade" instead of a size mismatch; one without is version 2.
 
+Format version 4 stores FP8 (e4m3) 2:4 weights (`fp8_serialization`): `m.weight` holds the kept values as
+float8_e4m3fn `[rows, cols / 2]`, `m.weight_bitmask` as above, and `m.weight_scale` float32 `[rows, 1]` one scale
+per output row; every target is FP8, listed again under `weights.targets`; no fused expert weights (yet).
+
 `config.json` carries
 
     "quantization_config": {"quant_method": "hf_semisparse", "format": "sparse-24-bitmask", "version": 2,
@@ -48,8 +52,11 @@ QUANT_METHOD = "hf_semisparse"
 SPARSITY_FORMAT = "sparse-24-bitmask"
 FORMAT_VERSION = 2
 EXPERTS_FORMAT_VERSION = 3  # version 2 plus fused expert weights (`expert_targets`)
-READABLE_VERSIONS = (FORMAT_VERSION, EXPERTS_FORMAT_VERSION)
+FP8_FORMAT_VERSION = 4  # version 2 with e4m3 values and per-row scales (`weights`, `fp8_serialization`)
+READABLE_VERSIONS = (FORMAT_VERSION, EXPERTS_FORMAT_VERSION, FP8_FORMAT_VERSION)
 BITMASK_SUFFIX = "_bitmask"  # m.weight_bitmask
+SCALE_SUFFIX = "_scale"  # m.weight_scale (version 4)
+FP8_WEIGHTS_FORMAT = {"format": "fp8-e4m3", "scales": "channel", "activations": "dynamic-token"}
 LEGACY_SUFFIXES = ("shape", "compressed", "bitmask")
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 
@@ -148,6 +155,7 @@ class CompressedLayer:
     keys: tuple[str, ...]  # its tensors in the checkpoint
     bitmask_key: str
     kind: str = "linear"  # "linear": `module` is a module name; "experts": a fused expert parameter's name
+    scale_key: str | None = None  # FP8 (version 4): `m.weight_scale`
 
 
 @dataclass
@@ -228,6 +236,23 @@ def _check_ours(quant: dict, tensors: dict[str, TensorInfo]) -> CheckpointLayout
             f"tensors {stray[:5]} hold 2:4 bitmasks of weights that quantization_config.targets / expert_targets "
             "do not list"
         )
+    fp8 = version == FP8_FORMAT_VERSION
+    if fp8:
+        _check_fp8_record(quant, targets, experts)
+    scales = {f"{t}.weight{SCALE_SUFFIX}" for t in targets} if fp8 else set()
+    stray = sorted(k for k in tensors if k.endswith(f".weight{SCALE_SUFFIX}") and k not in scales)
+    if stray:
+        raise SparseCheckpointError(
+            f"tensors {stray[:5]} are FP8 weight scales of modules that this version {version} checkpoint does not "
+            "store as FP8 (only version 4 lists FP8 targets)"
+        )
+    fp8_values = {f"{t}.weight" for t in targets} if fp8 else set()
+    stray = sorted(k for k, t in tensors.items() if t.dtype.startswith("F8") and k not in fp8_values)
+    if stray:
+        raise SparseCheckpointError(
+            f"tensors {stray[:5]} are stored as FP8 but are not the values of FP8 2:4 targets (a format version 4 "
+            "checkpoint's `weights.targets`): they have no scale to be dequantised with"
+        )
     layers = []
     for module in targets:
         wkey, mkey = f"{module}.weight", f"{module}.weight{BITMASK_SUFFIX}"
@@ -236,14 +261,20 @@ def _check_ours(quant: dict, tensors: dict[str, TensorInfo]) -> CheckpointLayout
             raise SparseCheckpointError(
                 f"{module} is listed in quantization_config.targets but the checkpoint lacks {missing}"
             )
-        values, bitmask = tensors[wkey], tensors[mkey]
-        if values.dtype not in FLOAT_DTYPES:
+        values, bitmask, skey = tensors[wkey], tensors[mkey], None
+        if fp8:
+            skey = f"{wkey}{SCALE_SUFFIX}"
+            _check_fp8_headers(module, wkey, skey, tensors)
+        elif values.dtype not in FLOAT_DTYPES:
             raise SparseCheckpointError(
                 f"{wkey}: compressed values are {values.dtype}, expected a float dtype"
             )
         check_bitmask_layout(wkey, values.shape, bitmask.dtype, bitmask.shape)
         dense = (*values.shape[:-1], values.shape[-1] * 2)
-        layers.append(CompressedLayer(module, dense, values.dtype, module in transposed, (wkey, mkey), mkey))
+        keys = (wkey, mkey, skey) if skey else (wkey, mkey)
+        layers.append(
+            CompressedLayer(module, dense, values.dtype, module in transposed, keys, mkey, scale_key=skey)
+        )
     for param in experts:
         mkey = f"{param}{BITMASK_SUFFIX}"
         missing = [k for k in (param, mkey) if k not in tensors]
@@ -265,6 +296,45 @@ def _check_ours(quant: dict, tensors: dict[str, TensorInfo]) -> CheckpointLayout
             )
         )
     return CheckpointLayout(QUANT_METHOD, SPARSITY_FORMAT, layers, list(quant.get("ignore") or []))
+
+
+def _check_fp8_record(quant: dict, targets: list[str], experts: list[str]) -> None:
+    """Version 4: `weights` says FP8 e4m3 with per-row scales and lists exactly the targets; no fused experts."""
+    record = quant.get("weights")
+    expected = {**FP8_WEIGHTS_FORMAT, "targets": sorted(targets)}
+    if not isinstance(record, dict) or {k: record.get(k) for k in FP8_WEIGHTS_FORMAT} != FP8_WEIGHTS_FORMAT:
+        raise SparseCheckpointError(
+            f"quantization_config.weights is {record!r}; a format version 4 checkpoint needs {FP8_WEIGHTS_FORMAT} "
+            "(FP8 e4m3 weights, one scale per output row, activations quantised per token)"
+        )
+    if not isinstance(record.get("targets"), list) or sorted(record["targets"]) != expected["targets"]:
+        raise SparseCheckpointError(
+            "quantization_config.weights.targets must list exactly the targets (every 2:4 weight of a version 4 "
+            f"checkpoint is FP8), got {record.get('targets')!r}"
+        )
+    if experts:
+        raise SparseCheckpointError(
+            "quantization_config lists expert_targets in a format version 4 (FP8) checkpoint: FP8 fused expert "
+            "weights are not supported"
+        )
+
+
+def _check_fp8_headers(module: str, wkey: str, skey: str, tensors: dict[str, TensorInfo]) -> None:
+    """An FP8 target's values must be F8_E4M3 and its scale F32 `[rows, 1]`."""
+    values = tensors[wkey]
+    if skey not in tensors:
+        raise SparseCheckpointError(f"{module} is an FP8 target but the checkpoint lacks its scale {skey}")
+    if values.dtype != "F8_E4M3" or len(values.shape) != 2:
+        raise SparseCheckpointError(
+            f"{wkey}: FP8 values are {values.dtype} {list(values.shape)}, expected F8_E4M3 (float8_e4m3fn) "
+            "[rows, cols / 2]"
+        )
+    scale = tensors[skey]
+    if scale.dtype != "F32" or tuple(scale.shape) != (values.shape[0], 1):
+        raise SparseCheckpointError(
+            f"{skey} is {scale.dtype} {list(scale.shape)}, expected F32 [{values.shape[0]}, 1] (one scale per "
+            "output row)"
+        )
 
 
 def legacy_sparsity_config(quant: dict) -> dict:

@@ -128,6 +128,10 @@ def _convert(args) -> int:
     source = _convert_source(args.source)
     from .serialization import check_save_destination
 
+    if args.weights == "fp8" and args.format != "hf_semisparse":
+        raise CliInputError(
+            "--weights fp8 is written in the hf_semisparse format only (not --format compressed-tensors)"
+        )
     if os.path.isdir(source) and os.path.realpath(source) == os.path.realpath(args.destination):
         raise CliInputError(
             "the destination is the source folder: convert never replaces its source; choose another"
@@ -151,9 +155,12 @@ def _convert(args) -> int:
         format=args.format,
         overwrite=args.overwrite,
         tokenizer=_source_tokenizer(source),
+        weights=args.weights,
     )
     print(
-        f"wrote {args.destination}: {len(summary['targets'])} 2:4 layers, "
+        f"wrote {args.destination}: {len(summary['targets'])} 2:4 layers"
+        + (" (FP8 e4m3, per-channel scales)" if args.weights == "fp8" else "")
+        + ", "
         f"{summary['dense_target_bytes'] / 2**20:.1f} MiB -> {summary['compressed_target_bytes'] / 2**20:.1f} MiB "
         f"({summary['target_ratio']:.3f}x), files {summary['file_bytes'] / 2**20:.1f} MiB"
     )
@@ -218,6 +225,10 @@ def inspect_checkpoint(path: str, verify_data: bool = False) -> dict:
             problems.append(str(exc))
         fmt = QUANT_METHOD if quant.get("quant_method") == QUANT_METHOD else "compressed-tensors"
         fmt += f" {quant.get('format') if fmt == QUANT_METHOD else quant['sparsity_config']['format']}"
+        if layout is not None and any(layer.scale_key for layer in layout.layers):
+            fmt += (
+                " (version 4: FP8 e4m3 weights, per-channel float32 scales, activations quantised per token)"
+            )
         for layer in layout.layers if layout else []:
             entry = {
                 "module": layer.module,
@@ -236,10 +247,14 @@ def inspect_checkpoint(path: str, verify_data: bool = False) -> dict:
                 "is_24": True,
                 "problem": None,
             }
+            if layer.scale_key:
+                entry["scales"] = "float32 per output row"
             try:
                 with open_verified(_file_of(files, layer.bitmask_key), require=require, check_data=True) as f:
                     bitmask = f.get_tensor(layer.bitmask_key)
                 check_bitmask_groups(layer.bitmask_key, unpack_mask(bitmask, layer.dense_shape))
+                if layer.scale_key:
+                    _check_fp8_tensors(files, layer, require)
             except SparseCheckpointError as exc:
                 if isinstance(exc, CorruptCheckpointError):
                     raise  # damaged bytes: an input error, not a finding
@@ -295,6 +310,18 @@ def inspect_checkpoint(path: str, verify_data: bool = False) -> dict:
         # whether config.json records any 2:4 weight (a sparse format, or a dense save's sparsity record)
         "records_sparsity": bool(recorded or recorded_experts or fmt != "dense"),
     }
+
+
+def _check_fp8_tensors(files: list[str], layer, require: bool) -> None:
+    """An FP8 layer's stored values (float8_e4m3fn, no NaN code) and scales (float32 [rows, 1], finite, > 0)."""
+    from .digests import open_verified
+    from .fp8_serialization import check_fp8_scale, check_fp8_values
+
+    values_key, scale_key = layer.keys[0], layer.scale_key
+    with open_verified(_file_of(files, values_key), require=require, check_data=True) as f:
+        check_fp8_values(values_key, f.get_tensor(values_key))
+    with open_verified(_file_of(files, scale_key), require=require, check_data=True) as f:
+        check_fp8_scale(scale_key, f.get_tensor(scale_key), layer.dense_shape[0])
 
 
 def _file_of(files: list[str], key: str) -> str:
@@ -452,6 +479,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="hf_semisparse",
         help="hf_semisparse (default; plain from_pretrained after import hf_semisparse) or the legacy "
         "compressed-tensors sparse-24-bitmask layout for older serving stacks",
+    )
+    p.add_argument(
+        "--weights",
+        choices=["native", "fp8"],
+        default="native",
+        help="native (default): kept values in the model's dtype; fp8: e4m3 values with one float32 scale per output "
+        "row (format version 4, for the FP8 2:4 kernels on Hopper; docs/guides/fp8.md)",
     )
     p.set_defaults(func=_convert)
     p = sub.add_parser("inspect", help="print the sparsity report of a checkpoint (CPU only, no model built)")

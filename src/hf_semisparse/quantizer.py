@@ -33,7 +33,9 @@ from .checkpoint_format import (
     BITMASK_SUFFIX,
     EXPERTS_FORMAT_VERSION,
     FORMAT_VERSION,
+    FP8_FORMAT_VERSION,
     QUANT_METHOD,
+    SCALE_SUFFIX,
     SPARSITY_FORMAT,
     SparseCheckpointError,
     check_layout,
@@ -58,6 +60,8 @@ class SemiSparseConfig(QuantizationConfigMixin):
         transposed: the targets that are transformers `Conv1D` layers (weight `[in, out]`, stored `[out, in]`).
         expert_targets: the compressed fused expert parameters' names (format version 3).
         expert_transposed: the expert targets whose module stores them `[experts, in, out]`.
+        weights: format version 4: the FP8 record `{"format": "fp8-e4m3", "scales": "channel", "activations":
+            "dynamic-token", "targets": [...]}` (`fp8_serialization`).
         ignore: linear layers left dense (informational).
         legacy: for a compressed-tensors checkpoint read through this config, its original `quantization_config`.
     """
@@ -97,6 +101,8 @@ class SemiSparseConfig(QuantizationConfigMixin):
         if not out.get("expert_targets"):
             out.pop("expert_targets", None)
             out.pop("expert_transposed", None)
+        if out.get("weights") is None:
+            out.pop("weights", None)
         if out.get("legacy") is None:
             out.pop("legacy", None)
         elif isinstance(out["legacy"].get("hf_semisparse"), dict):
@@ -165,9 +171,21 @@ class SemiSparseHfQuantizer(HfQuantizer):
         super().__init__(quantization_config, **kwargs)
         legacy = quantization_config.legacy
         self.legacy_format = legacy_sparsity_config(legacy)["format"] if legacy is not None else None
+        # format version 4: e4m3 values + per-row scales, dequantised at load (their codes kept for the kernels)
+        self.fp8 = legacy is None and getattr(quantization_config, "version", None) == FP8_FORMAT_VERSION
         self.serialized_names = (
-            {} if legacy is not None else {"weight": ["weight", "weight" + BITMASK_SUFFIX]}
+            {}
+            if legacy is not None
+            else {
+                "weight": [
+                    "weight",
+                    "weight" + BITMASK_SUFFIX,
+                    *(["weight" + SCALE_SUFFIX] if self.fp8 else []),
+                ]
+            }
         )
+        self.fp8_codes: dict = {}  # model module name -> StoredFp8Weight (version 4)
+        self.requested_dtype = None
         self.layout = None
         self.saved_targets: set[str] = set()
         self.saved_transposed: set[str] = set()
@@ -187,6 +205,7 @@ class SemiSparseHfQuantizer(HfQuantizer):
             )
 
     def update_dtype(self, dtype):
+        self.requested_dtype = dtype
         return dtype
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
@@ -281,11 +300,19 @@ class SemiSparseHfQuantizer(HfQuantizer):
     def get_new_dtype(self, converter, param, dtype):
         """Stored float tensors (kept values included) are cast to the dtype transformers plans for the parameter
         (e.g. T5's `wo` kept in float32) before expanding, which is exact; bitmasks and shapes are not cast."""
-        is_float = (
-            param.get_dtype().startswith(("F", "BF"))
-            if hasattr(param, "get_dtype")
-            else param.is_floating_point()
-        )
+        if hasattr(param, "get_dtype"):
+            stored = param.get_dtype()
+        else:
+            stored = {torch.float8_e4m3fn: "F8_E4M3", torch.float32: "F32"}.get(param.dtype, "F16")
+            stored = stored if param.is_floating_point() else "U8"
+        ours = [op for op in getattr(converter, "operations", ()) if type(op).__name__ == "Sparse24Expand"]
+        if self.fp8 and ours and stored in ("F8_E4M3", "F32"):
+            for op in ours:  # each parameter's converter has its own op (`Sparse24Expand.__deepcopy__`)
+                op.planned_dtype = dtype
+            # e4m3 codes and their float32 scales are dequantised by `Sparse24Expand`, which casts the result (and
+            # any other float32 tensor it passes) to the planned dtype: a scale cast to fp16 first would be rounded
+            return None
+        is_float = stored.startswith(("F", "BF")) if stored is not None else param.is_floating_point()
         return dtype if is_float else None
 
     def param_needs_quantization(self, model, param_name, **kwargs) -> bool:
@@ -305,6 +332,9 @@ class SemiSparseHfQuantizer(HfQuantizer):
             return []
         if self.legacy_format is not None:
             return [WeightConverter(["compressed", "bitmask", "shape"], "weight", [Sparse24Expand(self)])]
+        if self.fp8:  # the bitmask's and scale's patterns before "weight" (see below)
+            names = ["weight" + BITMASK_SUFFIX, "weight" + SCALE_SUFFIX, "weight"]
+            return [WeightConverter(names, "weight", [Sparse24Expand(self)])]
         # the bitmask's pattern first: transformers 5.17 matches source patterns by an unanchored regex search in
         # this order, where "weight" would also claim "x.weight_bitmask" and the bitmask would be dropped
         return [
@@ -369,11 +399,55 @@ class SemiSparseHfQuantizer(HfQuantizer):
         model.config.sparsity_config = record
         options = current_load_options()
         on_cuda = any(p.is_cuda for p in model.parameters())
-        if options["accelerate"] is True or (options["accelerate"] == "auto" and on_cuda):
+        run_kernels = options["accelerate"] is True or (options["accelerate"] == "auto" and on_cuda)
+        if self.fp8:
+            self._attach_fp8_codes(model)
+        if run_kernels:
             from .kernels import accelerate_24
 
-            model.sparsity_acceleration = accelerate_24(model, keep_dense=options["keep_dense"])
+            model.sparsity_acceleration = accelerate_24(
+                model, keep_dense=options["keep_dense"], weights="fp8" if self.fp8 else "native"
+            )
+        if self.fp8:
+            self._say_fp8_dequantised(model, run_kernels, on_cuda)
         return model
+
+    def _attach_fp8_codes(self, model) -> None:
+        """Keep each FP8 layer's stored codes beside it (`fp8_serialization.attach_stored_codes`), so that the
+        FP8 kernels run exactly those codes (`accelerate_24(model, weights="fp8")`, or saving as FP8 again)."""
+        from .fp8_serialization import attach_stored_codes
+
+        for name, stored in self.fp8_codes.items():
+            attach_stored_codes(model.get_submodule(name), stored)
+
+    def _say_fp8_dequantised(self, model, run_kernels: bool, on_cuda: bool) -> None:
+        """One warning for the whole model where FP8 layers run dequantised instead of on the FP8 kernels."""
+        from .kernels import FP8_KERNEL
+
+        report = getattr(model, "sparsity_acceleration", None) if run_kernels else None
+        on_fp8 = report.kernels.get(FP8_KERNEL, 0) if report is not None else 0
+        total = len(self.fp8_codes)
+        if on_fp8 >= total:
+            return
+        dtype = next(iter(model.parameters())).dtype
+        if not on_cuda:
+            why = "the model is on the CPU (the FP8 2:4 kernels run on Hopper GPUs)"
+        elif not run_kernels:
+            why = "loaded with accelerate=False"
+        else:
+            why = (report.reason if report is not None and report.reason else None) or _fp8_unavailable(
+                model, self.fp8_codes
+            )
+        logger.warning(
+            "hf_semisparse: this checkpoint stores FP8 (e4m3) 2:4 weights with one scale per output row; %d of its "
+            "%d layers were dequantised to %s (e4m3 value * scale: FP8-rounded weights, not the original ones) and "
+            "do not run on the FP8 kernels: %s. On a Hopper GPU with `hf-semisparse build-kernels --fp8`, load "
+            "with device_map='cuda' (or call accelerate_24(model, weights='fp8')) to run the stored codes on them.",
+            total - on_fp8,
+            total,
+            str(dtype).removeprefix("torch."),
+            why,
+        )
 
     def _check_all_expanded(self, compressed: list[str], suffix: str = ".weight") -> None:
         """Every compressed module's weight (`suffix` "": every compressed fused expert parameter) went through
@@ -425,6 +499,20 @@ def _expert_converters(names: list[str], operation, for_saving: bool = False) ->
         WeightConverter([p, p + BITMASK_SUFFIX] if for_saving else [p + BITMASK_SUFFIX, p], p, [operation])
         for p in patterns
     ]
+
+
+def _fp8_unavailable(model, codes: dict) -> str:
+    """Why the FP8 kernels do not take a loaded FP8 layer that stayed dequantised (the first such layer's reason)."""
+    from .kernels import cutlass_fp8
+
+    for name, stored in codes.items():
+        weight = getattr(model.get_submodule(name), "weight", None)
+        if isinstance(weight, torch.Tensor):
+            rows, cols = stored.values.shape[0], stored.values.shape[1] * 2
+            why = cutlass_fp8.why_unavailable(weight.device, weight.dtype, rows, cols)
+            if why is not None:
+                return f"{name}: {why}"
+    return "see the acceleration report (model.sparsity_acceleration)"
 
 
 def _model_name(checkpoint_name: str, modules: dict, prefix: str) -> str | None:

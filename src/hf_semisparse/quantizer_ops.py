@@ -10,10 +10,12 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+import torch
 from transformers.core_model_loading import ConversionOps
 
 from .checkpoint_format import (
     BITMASK_SUFFIX,
+    SCALE_SUFFIX,
     SparseCheckpointError,
     check_legacy_shape,
     compress_values,
@@ -32,6 +34,7 @@ class Sparse24Expand(ConversionOps):
 
     def __init__(self, hf_quantizer: SemiSparseHfQuantizer):
         self.hf_quantizer = hf_quantizer
+        self.planned_dtype = None  # format version 4: the dtype transformers planned (`get_new_dtype`)
 
     def __deepcopy__(self, memo):
         # transformers deep-copies a converter for every layer it loads: the copies share our one quantizer,
@@ -41,6 +44,8 @@ class Sparse24Expand(ConversionOps):
 
     def convert(self, input_dict, full_layer_name=None, model=None, **kwargs):
         try:
+            if self.hf_quantizer.fp8:
+                return self._convert_fp8(input_dict, full_layer_name, model)
             return self._convert(input_dict, full_layer_name)
         except SparseCheckpointError as exc:
             # transformers collects conversion errors into its load report and raises a generic RuntimeError
@@ -82,6 +87,51 @@ class Sparse24Expand(ConversionOps):
             compressed = key + BITMASK_SUFFIX in input_dict
             return {full_layer_name: self._finish(weight, full_layer_name, compressed=compressed)}
         return result
+
+    def _convert_fp8(self, input_dict, full_layer_name, model):
+        """Format version 4: e4m3 values + bitmask + per-row scale -> the dequantised weight in the planned dtype
+        (the codes are kept for the FP8 kernels); any other weight passes, float32 ones cast to the planned dtype
+        (`SemiSparseHfQuantizer.get_new_dtype` leaves every float32 tensor to this op)."""
+        from .fp8_serialization import StoredFp8Weight, decompress_fp8_24, dequantize_fp8
+
+        dtype = self._planned_dtype(model, full_layer_name)
+        value = _one(input_dict.get("weight"))
+        if value is None:
+            raise SparseCheckpointError(f"{full_layer_name}: a bitmask or scale without its weight")
+        bitmask = _one(input_dict.get("weight" + BITMASK_SUFFIX))
+        scale = _one(input_dict.get("weight" + SCALE_SUFFIX))
+        if bitmask is None and scale is None:
+            if (
+                value.dtype == torch.float8_e4m3fn
+            ):  # `check_layout` refuses this before loading; never a raw cast
+                raise SparseCheckpointError(
+                    f"{full_layer_name} is stored as FP8 but is not an FP8 2:4 target"
+                )
+            if value.is_floating_point() and value.dtype == torch.float32 and dtype is not None:
+                value = value.to(dtype)
+            return {full_layer_name: value}
+        if bitmask is None or scale is None:
+            raise SparseCheckpointError(
+                f"{full_layer_name}: an FP8 weight needs both its bitmask and its scale"
+            )
+        weight_fp8, row_scale = decompress_fp8_24(value, bitmask, scale, full_layer_name)
+        module = full_layer_name.rsplit(".", 1)[0]
+        # kept on the CPU (0.625 bytes per weight): the FP8 kernels take them, or saving as FP8 again
+        self.hf_quantizer.fp8_codes[module] = StoredFp8Weight(value.cpu(), bitmask.cpu(), row_scale.cpu())
+        self._record(full_layer_name)
+        weight = dequantize_fp8(weight_fp8, row_scale, dtype or torch.get_default_dtype())
+        return {full_layer_name: self._finish(weight, full_layer_name, compressed=True)}
+
+    def _planned_dtype(self, model, full_layer_name):
+        """The dtype transformers planned for the parameter (as `get_new_dtype` saw it: T5's `wo` stays float32 in
+        an fp16 model), else its meta tensor's, else the requested one."""
+        if isinstance(self.planned_dtype, torch.dtype):
+            return self.planned_dtype
+        try:
+            return model.get_parameter(full_layer_name).dtype
+        except (AttributeError, TypeError):
+            requested = self.hf_quantizer.requested_dtype
+            return requested if isinstance(requested, torch.dtype) else None
 
     def _record(self, full_layer_name: str) -> None:
         """Tell the quantizer that this module's weight (or this fused expert parameter) was decompressed

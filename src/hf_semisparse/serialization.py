@@ -23,7 +23,10 @@ from .checkpoint_format import (
     BITMASK_SUFFIX,
     EXPERTS_FORMAT_VERSION,
     FORMAT_VERSION,
+    FP8_FORMAT_VERSION,
+    FP8_WEIGHTS_FORMAT,
     QUANT_METHOD,
+    SCALE_SUFFIX,
     SPARSITY_FORMAT,
     check_legacy_shape,
     compress_values,
@@ -242,6 +245,7 @@ def save_sparse_pretrained(
     overwrite: bool = False,
     tokenizer: PreTrainedTokenizerBase | ProcessorMixin | None = None,
     show_progress: bool = True,
+    weights: str = "native",
 ) -> dict:
     """Save `model` with every 2:4 target weight compressed, never losing files already there.
 
@@ -264,14 +268,21 @@ def save_sparse_pretrained(
             folder in the same atomic step, so the folder loads with `AutoTokenizer.from_pretrained` too.
         show_progress: a progress bar while the weights are compressed, for models with `PROGRESS_MIN_TARGETS` or
             more 2:4 weights (compression runs on the CPU, tensor by tensor).
+        weights: "native" stores the kept values in the model's dtype (format version 2, or 3 with fused experts).
+            "fp8" stores every 2:4 linear weight as e4m3 codes with one float32 scale per output row (format
+            version 4, `fp8_serialization`), the codes `accelerate_24(model, weights="fp8")` computes; the model
+            must be fp16, bf16 or fp32 with finite 2:4 weights, and without 2:4 fused expert weights. A layer
+            loaded from an FP8 checkpoint whose weight is unchanged keeps its stored codes.
 
     Returns:
         A summary: targets, bytes of the pruned layers dense vs compressed, file bytes.
 
     Raises:
         SaveDestinationError: `save_directory` is refused (see `overwrite`), or is a file.
-        SparseCheckpointError: the model has no 2:4 layer, or a recorded target is not 2:4 (names the tensor).
-        ValueError: `max_shard_size` or an `extra_files` name is invalid.
+        SparseCheckpointError: the model has no 2:4 layer, or a recorded target is not 2:4 (names the tensor);
+            with `weights="fp8"`: a target weight is not finite or of another dtype, or the model has 2:4 fused
+            expert weights. Nothing is written then.
+        ValueError: `max_shard_size`, `weights` or an `extra_files` name is invalid.
         TypeError: `tokenizer` is not a tokenizer or processor (no `save_pretrained`, or a model or config).
 
     Example:
@@ -282,6 +293,14 @@ def save_sparse_pretrained(
 
     if format not in ("hf_semisparse", "compressed-tensors"):
         raise ValueError(f"format must be 'hf_semisparse' or 'compressed-tensors', got {format!r}")
+    if weights not in ("native", "fp8"):
+        raise ValueError(f"weights must be 'native' or 'fp8', got {weights!r}")
+    fp8 = weights == "fp8"
+    if fp8 and format != "hf_semisparse":
+        raise ValueError(
+            "weights='fp8' is written in the hf_semisparse format only (the compressed-tensors layout has no FP8 "
+            "2:4 weights)"
+        )
     if tokenizer is not None:
         from transformers import GenerationConfig, PretrainedConfig
 
@@ -316,6 +335,11 @@ def save_sparse_pretrained(
             f"the compressed-tensors layout holds 2-D weights only, and this model has 2:4 fused expert weights "
             f"({sorted(experts)[:2]}...): save it in the hf_semisparse format (the default)"
         )
+    if fp8 and experts:
+        raise SparseCheckpointError(
+            f"weights='fp8': this model has 2:4 fused expert weights ({sorted(experts)[:2]}...), which FP8 "
+            "checkpoints do not hold yet; save it with weights='native'"
+        )
     check_not_tied(root, targets)
     from .targets import is_linear_module
 
@@ -347,7 +371,11 @@ def save_sparse_pretrained(
             weight = tensor if isinstance(module, nn.Linear) else tensor.t()
             if not isinstance(module, nn.Linear):
                 transposed.append(module_name)
-            values, bitmask = compress_values(weight, name)
+            if fp8:
+                values, bitmask, scale = _fp8_parts(module, weight, name)
+                compressed_bytes += scale.numel() * scale.element_size()
+            else:
+                values, bitmask = compress_values(weight, name)
             if legacy:
                 parts = {
                     f"{module_name}.shape": torch.tensor(list(weight.shape), dtype=torch.int64).reshape(
@@ -358,6 +386,8 @@ def save_sparse_pretrained(
                 }
             else:
                 parts = {name: values, name + BITMASK_SUFFIX: bitmask}
+            if fp8:
+                parts[name + SCALE_SUFFIX] = scale
             tensors.update(parts)
             groups.append(list(parts))
             dense_bytes += weight.numel() * weight.element_size()
@@ -395,8 +425,9 @@ def save_sparse_pretrained(
         quant_config = {
             "quant_method": QUANT_METHOD,
             "format": SPARSITY_FORMAT,
-            "version": EXPERTS_FORMAT_VERSION if experts else FORMAT_VERSION,
+            "version": FP8_FORMAT_VERSION if fp8 else EXPERTS_FORMAT_VERSION if experts else FORMAT_VERSION,
             "targets": target_names,
+            **({"weights": {**FP8_WEIGHTS_FORMAT, "targets": target_names}} if fp8 else {}),
             "transposed": sorted(transposed),
             **(
                 {
@@ -463,6 +494,19 @@ def save_sparse_pretrained(
         "target_ratio": compressed_bytes / dense_bytes,
         "file_bytes": file_bytes,
     }
+
+
+def _fp8_parts(module: nn.Module, weight: torch.Tensor, name: str):
+    """A target's FP8 values, bitmask and scale: the codes it was loaded with if its weight is unchanged, else
+    `compress_fp8_24` of its weight (validated: dtype, finite, 2:4)."""
+    from .fp8_serialization import STORED_ATTR, compress_fp8_24, stored_codes
+
+    if (
+        stored_codes(module, weight) is not None
+    ):  # loaded from an FP8 checkpoint: its codes (re-quantising may change them)
+        stored = getattr(module, STORED_ATTR)
+        return stored.values, stored.bitmask, stored.scale.reshape(-1, 1).contiguous()
+    return compress_fp8_24(weight, name)
 
 
 def _global_sparsity(model: nn.Module) -> float:

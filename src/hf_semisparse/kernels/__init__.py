@@ -171,7 +171,8 @@ def accelerate_24(
             an `Fp8SemiSparseLinear`: e4m3 weights with one scale per output channel (computed here from the
             2:4 weight), activations quantised per token at run time, scales and bias applied in the GEMM's
             epilogue (`kernels/cutlass_fp8.py`, docs/guides/fp8.md). Its dense weight is not kept. The layers
-            it cannot take run on the native 2:4 path, and why is said once.
+            it cannot take run on the native 2:4 path, and why is said once. Layers loaded from an FP8
+            checkpoint (format version 4) run their stored codes and scales, unless their weight changed since.
 
     Returns:
         An `AccelerationReport` (layer names as in the plain model, also for a PEFT model). Where nothing can run
@@ -333,7 +334,10 @@ def accelerate_24(
 
 def _to_fp8(modules: dict[str, nn.Module], eligible: list[str], slot) -> list[str]:
     """Replace each of `eligible` (2:4 linear layers) that the FP8 kernels can take by an `Fp8SemiSparseLinear`;
-    their names. The others are left for the native path, and the reasons said once."""
+    their names. The others are left for the native path, and the reasons said once. A layer loaded from an FP8
+    checkpoint (format version 4) whose weight is still the dequantised stored one runs its stored codes and
+    scales (`fp8_serialization.stored_codes`); every other layer is quantised from its weight."""
+    from ..fp8_serialization import stored_codes
     from . import cutlass_fp8
     from .fp8_linear import Fp8SemiSparseLinear
 
@@ -347,7 +351,16 @@ def _to_fp8(modules: dict[str, nn.Module], eligible: list[str], slot) -> list[st
             _say_once(f"weights='fp8': layers run on the {weight.dtype} 2:4 path instead: {why}")
             continue
         parent, child = slot(name)
-        setattr(parent, child, Fp8SemiSparseLinear(module))
+        stored = stored_codes(module, weight)
+        if stored is not None:  # loaded from an FP8 checkpoint, weight unchanged: exactly its stored codes
+            weight_fp8, scale = stored
+            bias = None if module.bias is None else module.bias.detach()
+            layer = Fp8SemiSparseLinear(
+                weight_fp8=weight_fp8, weight_scale=scale, bias=bias, dtype=weight.dtype
+            )
+        else:
+            layer = Fp8SemiSparseLinear(module)
+        setattr(parent, child, layer)
         converted.append(name)
     if converted:
         logger.info("hf_semisparse: %d layers on FP8 2:4 kernels", len(converted))
