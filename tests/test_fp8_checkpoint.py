@@ -482,3 +482,18 @@ def test_the_gpu_check_runs_its_flow_on_the_cpu_with_emulated_kernels(monkeypatc
     script.check_float32_saved()
     assert script.FAILURES[before[0] :] == [] and len(script.CHECKS) - before[1] == 9
     assert result["bfloat16_loaded_vs_on_the_fly"] == 0.0 and result["bfloat16_fp8_effect"] > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_values_cast_by_the_loader_are_the_same_codes_again(dtype):
+    """transformers 5.17 casts stored e4m3 values to the load dtype before our op: every code survives exactly."""
+    from hf_semisparse.fp8_serialization import e4m3_from_cast
+
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    codes = codes[~torch.isnan(codes.float())]  # 0x7F and 0xFF are NaN
+    back = e4m3_from_cast("w", codes.to(dtype))
+    assert back.dtype == torch.float8_e4m3fn and torch.equal(back.view(torch.uint8), codes.view(torch.uint8))
+    with pytest.raises(
+        SparseCheckpointError, match=r"w: the FP8 values reached the loader as .* \[1\] .*not an e4m3"
+    ):
+        e4m3_from_cast("w", torch.tensor([1.0, 1.0625], dtype=dtype))  # 1.0625 needs 4 mantissa bits

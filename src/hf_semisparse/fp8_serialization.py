@@ -87,6 +87,30 @@ def check_fp8_values(name: str, values: torch.Tensor) -> None:
         )
 
 
+def e4m3_from_cast(name: str, values: torch.Tensor) -> torch.Tensor:
+    """Stored e4m3 values that the loader cast to a wider float dtype, as e4m3 again (exact both ways).
+
+    transformers 5.17 casts every stored float tensor whose key it does not rename to the load dtype before our
+    load op sees it (later releases ask the quantizer, `SemiSparseHfQuantizer.get_new_dtype`). Every e4m3 value is
+    exactly an fp16, bf16 and float32 value, so the cast loses nothing; `check_layout` has checked the file's
+    dtype (F8_E4M3) before loading.
+
+    Raises:
+        SparseCheckpointError: a value is not an e4m3 value, so the tensor cannot be the file's codes.
+    """
+    if values.dtype == FP8_DTYPE or not values.is_floating_point():
+        return values
+    codes = values.to(FP8_DTYPE)
+    inexact = (codes.to(values.dtype) != values) & ~torch.isnan(values)  # NaN codes: `check_fp8_values` says so
+    if inexact.any():
+        bad = torch.nonzero(inexact)[0].tolist()
+        raise SparseCheckpointError(
+            f"{name}: the FP8 values reached the loader as {values.dtype}, and the one at {bad} "
+            f"({values[tuple(bad)].item()}) is not an e4m3 value"
+        )
+    return codes
+
+
 def check_fp8_scale(name: str, scale: torch.Tensor, rows: int) -> torch.Tensor:
     """A stored scale must be float32 `[rows, 1]` of finite positive numbers; returns it as `[rows]`.
 

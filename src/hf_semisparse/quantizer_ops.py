@@ -92,7 +92,7 @@ class Sparse24Expand(ConversionOps):
         """Format version 4: e4m3 values + bitmask + per-row scale -> the dequantised weight in the planned dtype
         (the codes are kept for the FP8 kernels); any other weight passes, float32 ones cast to the planned dtype
         (`SemiSparseHfQuantizer.get_new_dtype` leaves every float32 tensor to this op)."""
-        from .fp8_serialization import StoredFp8Weight, decompress_fp8_24, dequantize_fp8
+        from .fp8_serialization import StoredFp8Weight, decompress_fp8_24, dequantize_fp8, e4m3_from_cast
 
         dtype = self._planned_dtype(model, full_layer_name)
         value = _one(input_dict.get("weight"))
@@ -114,6 +114,10 @@ class Sparse24Expand(ConversionOps):
             raise SparseCheckpointError(
                 f"{full_layer_name}: an FP8 weight needs both its bitmask and its scale"
             )
+        if value.dtype != torch.float8_e4m3fn and value.is_floating_point():
+            # transformers 5.17 cast the values to the dtype it planned for this parameter (T5's `wo` float32)
+            dtype = value.dtype
+            value = e4m3_from_cast(full_layer_name, value)
         weight_fp8, row_scale = decompress_fp8_24(value, bitmask, scale, full_layer_name)
         module = full_layer_name.rsplit(".", 1)[0]
         # kept on the CPU (0.625 bytes per weight): the FP8 kernels take them, or saving as FP8 again
