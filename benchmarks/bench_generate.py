@@ -358,10 +358,9 @@ def fp8_unavailable() -> str | None:
     """None if the fp8 run can go (FP8 2:4 kernels and dense FP8 on this GPU), else why not."""
     from hf_semisparse.kernels import cutlass_fp8
 
-    device = torch.device(DEVICE)
-    if device.type != "cuda" or not torch.cuda.is_available():
+    if not torch.cuda.is_available():
         return "no CUDA GPU"
-    return cutlass_fp8.why_unavailable(device, torch.bfloat16, 64, 256)
+    return cutlass_fp8.why_unavailable(torch.device("cuda"), torch.bfloat16, 64, 256)
 
 
 def prepare_fp8(model: torch.nn.Module, token_counts: list[int]) -> dict:
