@@ -55,10 +55,12 @@ def tiny_llama(dtype=torch.bfloat16, layers=2) -> LlamaForCausalLM:
 
 # ------------------------------------------------------------------------------------------ DenseFp8Linear
 @pytest.fixture(autouse=True)
-def fast_accum():
-    """Each test starts, and leaves, with fast accumulation not refused."""
+def fast_accum_and_rng():
+    """Each test starts, and leaves, with fast accumulation not refused; the global RNG is left as it was found
+    (these tests seed it, and other files' unseeded draws must not depend on whether they ran)."""
     dense_fp8.FAST_ACCUM[0] = True
-    yield
+    with torch.random.fork_rng():
+        yield
     dense_fp8.FAST_ACCUM[0] = True
 
 
