@@ -128,6 +128,56 @@ def test_dense_fp8_linear_calls_scaled_mm_as_torch_requires(monkeypatch):
     assert calls == [(10, 64, 48, torch.bfloat16, True)]
 
 
+@pytest.fixture
+def cpu_scaled_mm(monkeypatch):
+    """The CPU as the FP8 device: this torch's `torch._scaled_mm` runs e4m3 with rowwise scales on the CPU too
+    (refused where it does not)."""
+    try:
+        a = torch.ones(16, 16).to(torch.float8_e4m3fn)
+        torch._scaled_mm(
+            a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.bfloat16
+        )
+    except (RuntimeError, ValueError, NotImplementedError) as exc:
+        pytest.skip(f"torch._scaled_mm does not run on the CPU here: {exc}")
+    monkeypatch.setattr(dense_fp8, "DEVICE_TYPE", "cpu")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+
+
+def test_the_real_scaled_mm_path_gives_the_emulated_result_and_compiles_without_graph_breaks(cpu_scaled_mm):
+    model = tiny_llama()
+    emulated = tiny_llama()
+    report = to_dense_fp8(model, fused_quantizer=False)
+    to_dense_fp8(emulated, emulate=True)
+    assert len(report.converted) == 14 and report.fast_accum is True
+    ids = torch.randint(0, 96, (2, 8))
+    with torch.no_grad():
+        logits = model(ids).logits
+        ref = emulated(ids).logits
+        # the same codes and scales; only the float32 summation order may differ, then bf16 rounding
+        assert ((logits.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # a graph break would raise
+        assert torch.equal(compiled(ids).logits, logits)
+
+
+@pytest.mark.slow
+def test_the_compiled_quantizer_writes_the_codes_of_quantize_rows(cpu_scaled_mm):
+    """`fused_quantize_rows` (inductor, here on the CPU) against the torch ops one by one, on rows with ties, tiny
+    values, zeros and -0.0: the same codes and scales (about 20 s of compiling on a small CPU)."""
+    x = activations((3, 40, 64), dtype=torch.bfloat16).reshape(-1, 64)
+    # absmax 448: scale 1, and the other values fall halfway between e4m3 neighbours (ties, to even)
+    x[5] = torch.tensor([448, 272, 304, -272, 17, 19, 8.5, 9.5] * 8, dtype=torch.bfloat16)
+    x[6] = (torch.randn(64) * 1e-37).to(torch.bfloat16)
+    x[7, :3] = -0.0
+    q, scale = dense_fp8.fused_quantize_rows(x)
+    q_ref, scale_ref = cutlass_fp8.quantize_rows(x)
+    assert torch.equal(scale, scale_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    assert q[5, :8].float().tolist() == [448, 256, 320, -256, 16, 20, 8, 10]
+    layer = DenseFp8Linear(linear())
+    assert layer.fused_quantizer and torch.equal(
+        layer(x[None]), DenseFp8Linear(linear(), fused_quantizer=False)(x[None])
+    )
+
+
 def test_scaled_mm_falls_back_without_fast_accumulation_only_when_that_is_what_was_refused(
     monkeypatch, capsys
 ):
