@@ -294,16 +294,23 @@ def accuracy_key(path: str, label: str) -> str:
 def add_ratios(row: dict, prefix: str, labels: tuple[str, ...], field: str = "tokens_per_s") -> None:
     """Ratios of higher-is-better `{prefix}{label}_{field}` values: `{prefix}speedup` (ours / dense), and with a
     dense FP8 model, `{prefix}ours_vs_dense_fp8` and `{prefix}dense_fp8_vs_dense`. Times (`field="ms"`) are
-    inverted, so every ratio above 1 means the first-named model is faster."""
+    inverted, so every ratio above 1 means the first-named model is faster. Ratios of a model missing from
+    `labels` (it failed) are left out."""
 
     def rate(label: str) -> float:
         value = row[f"{prefix}{label}_{field}"]
         return 1.0 / value if field == "ms" else value
 
-    row[f"{prefix}speedup"] = rate("ours") / rate("dense")
-    if "dense_fp8" in labels:
-        row[f"{prefix}ours_vs_dense_fp8"] = rate("ours") / rate("dense_fp8")
-        row[f"{prefix}dense_fp8_vs_dense"] = rate("dense_fp8") / rate("dense")
+    pairs = (("speedup", "ours", "dense"), ("ours_vs_dense_fp8", "ours", "dense_fp8"))
+    pairs += (("dense_fp8_vs_dense", "dense_fp8", "dense"),)
+    for key, model, baseline in pairs:
+        if model in labels and baseline in labels:
+            row[f"{prefix}{key}"] = rate(model) / rate(baseline)
+
+
+def record_failure(row: dict, key: str, what: str, exc: Exception) -> None:
+    row[key] = repr(exc)[:2000]
+    print(f"{what}: FAILED {exc!r}"[:2000], flush=True)
 
 
 def measure_path(args, row: dict, path: str, models: dict, ids, batch: int, name: str) -> None:
@@ -312,18 +319,29 @@ def measure_path(args, row: dict, path: str, models: dict, ids, batch: int, name
     model's accuracy against dense into `row`."""
     compiled = path == "compiled"
     runs = {}
-    labels = tuple(models)
     for label, model in models.items():
         t0 = time.perf_counter()
-        # the first call compiles; its logits are compared (kept only up to batch 32: 8 GB at batch 128)
-        first = generate(model, ids, args.new_tokens, compiled, scores=batch <= 32)
+        try:  # one model failing (a baseline untried on this GPU) must not lose the others' measurements
+            # the first call compiles; its logits are compared (kept only up to batch 32: 8 GB at batch 128)
+            runs[label] = generate(model, ids, args.new_tokens, compiled, scores=batch <= 32)
+        except Exception as exc:  # noqa: BLE001 - recorded, and the other models go on
+            record_failure(row, f"{path}_{label}_error", f"[{name}] batch {batch} {path} {label}", exc)
+            continue
         row[f"{path}_{label}_first_call_s"] = time.perf_counter() - t0
-        runs[label] = first
+    if "dense" not in runs:
+        raise RuntimeError(f"the dense baseline failed: {row.get(f'{path}_dense_error')}")
+    labels = tuple(label for label in models if label in runs)
     for label in reversed(labels):  # timed, in the other order
-        timed = generate(models[label], ids, args.new_tokens, compiled)
+        try:
+            timed = generate(models[label], ids, args.new_tokens, compiled)
+        except Exception as exc:  # noqa: BLE001
+            record_failure(row, f"{path}_{label}_error", f"[{name}] batch {batch} {path} {label}", exc)
+            del runs[label]
+            continue
         row[f"{path}_{label}_tokens_per_s"] = timed["tokens_per_s"]
         row[f"{path}_{label}_peak_bytes"] = timed["peak_bytes"]
         row[f"{path}_{label}_peak_extra_bytes"] = timed["peak_extra_bytes"]
+    labels = tuple(label for label in labels if label in runs)
     add_ratios(row, f"{path}_", labels)
     d = runs["dense"]["out"]
     for label in labels[1:]:
@@ -344,12 +362,14 @@ def measure_path(args, row: dict, path: str, models: dict, ids, batch: int, name
             row[key] = {"equal_tokens": float((d[:, args.prompt :] == o[:, args.prompt :]).float().mean())}
     del runs, d
     rates = ", ".join(f"{label} {row[f'{path}_{label}_tokens_per_s']:.0f}" for label in labels)
-    ratios = f"ours/dense {row[f'{path}_speedup']:.2f}x"
-    if "dense_fp8" in labels:
-        ratios += (
-            f", ours/dense_fp8 {row[f'{path}_ours_vs_dense_fp8']:.2f}x, "
-            f"dense_fp8/dense {row[f'{path}_dense_fp8_vs_dense']:.2f}x"
-        )
+    names = {
+        "speedup": "ours/dense",
+        "ours_vs_dense_fp8": "ours/dense_fp8",
+        "dense_fp8_vs_dense": "dense_fp8/dense",
+    }
+    ratios = ", ".join(
+        f"{text} {row[f'{path}_{key}']:.2f}x" for key, text in names.items() if f"{path}_{key}" in row
+    )
     accuracy = {label: row[accuracy_key(path, label)] for label in labels[1:]}
     print(f"[{name}] batch {batch} {path}: tok/s {rates} ({ratios}); {accuracy}", flush=True)
 
@@ -410,7 +430,9 @@ def build_variants(args, name: str, result: dict) -> dict:
     if fp8:
         dense_fp8 = copy.deepcopy(dense)
         mirrored = [n for n, m in ours.named_modules() if isinstance(m, Fp8SemiSparseLinear)]
-        result["dense_fp8_report"] = str(to_dense_fp8(dense_fp8, targets=mirrored))
+        fp8_report = to_dense_fp8(dense_fp8, targets=mirrored)
+        result["dense_fp8_report"] = str(fp8_report)
+        result["dense_fp8_fast_accum"] = fp8_report.fast_accum
         models["dense_fp8"] = dense_fp8
         print(f"[{name}] dense FP8: {result['dense_fp8_report']}", flush=True)
     models["ours"] = ours
@@ -462,18 +484,27 @@ def run_dtype(args, name: str, dtype: torch.dtype, results: dict) -> dict:
     for batch, prompt in args.ttft:
         row = {"batch": batch, "prompt": prompt}
         for label, model in models.items():
-            row[f"{label}_ms"] = ttft_ms(model, batch, prompt, vocab)
-        add_ratios(row, "", labels, field="ms")
+            try:
+                row[f"{label}_ms"] = ttft_ms(model, batch, prompt, vocab)
+            except Exception as exc:  # noqa: BLE001 - recorded, and the other models go on
+                record_failure(row, f"{label}_error", f"[{name}] TTFT {batch}x{prompt} {label}", exc)
+        add_ratios(row, "", tuple(label for label in labels if f"{label}_ms" in row), field="ms")
         result["ttft"].append(row)
         write_json(args.out, results)
-        times = ", ".join(f"{label} {row[f'{label}_ms']:.1f} ms" for label in labels)
+        times = ", ".join(f"{label} {row[f'{label}_ms']:.1f} ms" for label in labels if f"{label}_ms" in row)
         print(f"[{name}] TTFT {batch}x{prompt}: {times}", flush=True)
     ids = torch.randint(1, vocab, (1, args.new_prompt), device=DEVICE)
     for label, model in models.items():  # a prompt length no call used before
         t0 = time.perf_counter()
-        generate(model, ids, 2, compiled=False)
+        try:
+            generate(model, ids, 2, compiled=False)
+        except Exception as exc:  # noqa: BLE001
+            record_failure(
+                result, f"new_prompt_length_error_{label}", f"[{name}] new prompt length {label}", exc
+            )
+            continue
         result[f"new_prompt_length_first_call_s_{label}"] = time.perf_counter() - t0
-    result["new_prompt_length_first_call_s"] = result["new_prompt_length_first_call_s_ours"]
+    result["new_prompt_length_first_call_s"] = result.get("new_prompt_length_first_call_s_ours")
     del models, dense
     args.fp32_reference = None
     gc.collect()
@@ -508,7 +539,8 @@ def print_tables(results: dict) -> None:
             print("| --- | --- | --- | --- | --- | --- | --- | --- |")
             for row in r["decode"]:
                 if "compiled_speedup" not in row:
-                    print(f"| {row['batch']} | failed: {row.get('compiled_error', '?')[:200]} |")
+                    error = row.get("compiled_error") or row.get("compiled_ours_error", "?")
+                    print(f"| {row['batch']} | failed: {error[:200]} |")
                     continue
                 eager = (
                     f"{row['eager_dense_tokens_per_s']:.0f} | {row['eager_ours_tokens_per_s']:.0f} | "
@@ -522,16 +554,16 @@ def print_tables(results: dict) -> None:
                 )
             for row in r["ttft"]:
                 print(
-                    f"TTFT {row['batch']}x{row['prompt']}: dense {row['dense_ms']:.1f} ms, ours {row['ours_ms']:.1f} ms, "
-                    f"{row['speedup']:.2f}x"
+                    f"TTFT {row['batch']}x{row['prompt']}: dense {_rate(row, 'dense_ms', '.1f')} ms, ours "
+                    f"{_rate(row, 'ours_ms', '.1f')} ms, {_ratio(row, 'speedup')}"
                 )
         wb = r["weight_bytes"]
         lb = r["linear_weight_bytes"]
         print(
             f"weights: ours {wb['ours'] / 1e9:.2f} GB / dense {wb['dense'] / 1e9:.2f} GB = {wb['ours'] / wb['dense']:.3f}"
             f" (2:4 layers alone {lb['ours'] / lb['dense']:.4f}); warm-up {r['warmup_s']:.1f} s; "
-            f"a new prompt length: {r['new_prompt_length_first_call_s']:.2f} s "
-            f"(dense {r.get('new_prompt_length_first_call_s_dense', float('nan')):.2f} s)"
+            f"a new prompt length: {_rate(r, 'new_prompt_length_first_call_s', '.2f')} s "
+            f"(dense {_rate(r, 'new_prompt_length_first_call_s_dense', '.2f')} s)"
         )
         if "dense_fp8" in wb:
             print(
@@ -561,7 +593,12 @@ def print_fp8_table(r: dict) -> None:
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in r["decode"]:
         for path in ("compiled", "eager"):
-            if f"{path}_speedup" not in row:
+            for label in ("dense", "dense_fp8", "ours"):
+                if f"{path}_{label}_error" in row:
+                    print(
+                        f"| {row['batch']} | {path} | {label} failed: {row[f'{path}_{label}_error'][:200]} |"
+                    )
+            if f"{path}_dense_tokens_per_s" not in row:
                 if f"{path}_error" in row:
                     print(f"| {row['batch']} | {path} | failed: {row[f'{path}_error'][:200]} |")
                 continue
@@ -576,9 +613,9 @@ def print_fp8_table(r: dict) -> None:
             )
     for row in r["ttft"]:
         print(
-            f"TTFT {row['batch']}x{row['prompt']}: dense bf16 {row['dense_ms']:.1f} ms, dense FP8 "
-            f"{row['dense_fp8_ms']:.1f} ms, FP8 2:4 {row['ours_ms']:.1f} ms; vs dense bf16 {row['speedup']:.2f}x, "
-            f"vs dense FP8 {row['ours_vs_dense_fp8']:.2f}x"
+            f"TTFT {row['batch']}x{row['prompt']}: dense bf16 {_rate(row, 'dense_ms', '.1f')} ms, dense FP8 "
+            f"{_rate(row, 'dense_fp8_ms', '.1f')} ms, FP8 2:4 {_rate(row, 'ours_ms', '.1f')} ms; vs dense bf16 "
+            f"{_ratio(row, 'speedup')}, vs dense FP8 {_ratio(row, 'ours_vs_dense_fp8')}"
         )
 
 

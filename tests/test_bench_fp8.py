@@ -316,8 +316,8 @@ class FakeGPU:
     """What bench_generate does on a GPU, on the CPU: tiny models (labelled), generate and TTFT with fixed
     timings, logits that differ a little per model."""
 
-    def __init__(self, monkeypatch, fp8_reason: str | None = None) -> None:
-        self.built, self.generated = [], []
+    def __init__(self, monkeypatch, fp8_reason: str | None = None, fail: tuple = ()) -> None:
+        self.built, self.generated, self.fail = [], [], fail  # fail: (label, compiled) pairs that raise
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(bench_generate, "DEVICE", "cpu")
         monkeypatch.setattr(bench_generate, "env_info", lambda: {"gpu": "NVIDIA H200 (fake)"})
@@ -342,6 +342,8 @@ class FakeGPU:
 
     def generate(self, model, ids, new_tokens, compiled, scores=False):
         self.generated.append((model.label, ids.shape[0], compiled))
+        if (model.label, compiled) in self.fail:
+            raise RuntimeError(f"{model.label} cannot compile (fake)")
         g = torch.Generator().manual_seed(ids.shape[0])
         base = [torch.randn(ids.shape[0], 96, generator=g) * 10 for _ in range(new_tokens)]
         noise = {"dense": 0.0, "dense_fp8": 0.02, "ours": 0.03}[model.label]
@@ -421,6 +423,19 @@ def test_bench_generate_skips_fp8_with_the_reason_and_runs_the_other_dtypes(tmp_
     out = capsys.readouterr().out
     assert out.count(reason) == 2  # said when skipping, and again with the tables
     assert "| 1 | 100 | 180 | 1.80x | 25 | 45 | 1.80x |" in out  # the bf16 table as before
+
+
+def test_a_failing_baseline_loses_no_other_measurement(tmp_path, monkeypatch, capsys):
+    FakeGPU(monkeypatch, fail=(("dense_fp8", True),))
+    results = run_generate(tmp_path, ["fp8"], batches=("1",))
+    (row,) = results["runs"][0]["decode"]
+    assert "dense_fp8 cannot compile (fake)" in row["compiled_dense_fp8_error"]
+    assert row["compiled_speedup"] == pytest.approx(1.8) and "compiled_ours_vs_dense_fp8" not in row
+    assert "compiled_dense_fp8_accuracy" not in row and "max_rel_error" in row["compiled_accuracy"]
+    assert row["eager_ours_vs_dense_fp8"] == pytest.approx(1.2)  # eager dense FP8 still ran
+    out = capsys.readouterr().out
+    assert "| 1 | compiled | dense_fp8 failed: RuntimeError('dense_fp8 cannot compile (fake)')" in out
+    assert "| 1 | compiled | 100 | - | 180 | 1.80x | - | - |" in out
 
 
 # ------------------------------------------------------------------------------------------ bench_inference
