@@ -464,6 +464,23 @@ def test_bench_inference_fp8_ratios_and_table(capsys):
     assert "dense 2.0 MiB, dense FP8 1.0 MiB, FP8 2:4 0.5 MiB" in out
 
 
+def test_bench_inference_fp8_row_without_a_failed_variant(capsys):
+    row = {"model": "bert-base", "batch": 16, "seq": 384, "dtype": "bf16"}
+    row.update(dense={"median_ms": 9.0, "rel_err": 0.0}, **{"ours-fp8": {"median_ms": 6.0, "rel_err": 0.03}})
+    row["dense-fp8_error"] = "RuntimeError('no rowwise _scaled_mm (fake)')"
+    row["fp8_weight_bytes"] = {"dense": 2**20, "dense-fp8": 2**19, "ours-fp8": 2**18}
+    bench_inference.fp8_ratios(row, graphs=True)
+    assert row["ours-fp8_vs_dense"] == pytest.approx(1.5)
+    assert not any("dense-fp8" in key and key.endswith("dense") for key in row if "_vs_" in key)
+    assert "ours-fp8_vs_dense-fp8" not in row and "ours-fp8+graphs_vs_dense+graphs" not in row
+    bench_inference.print_fp8_table([row])
+    out = capsys.readouterr().out
+    assert (
+        "| bert-base | 16 | eager | dense-fp8 failed: RuntimeError('no rowwise _scaled_mm (fake)') |" in out
+    )
+    assert "| bert-base | 16 | eager | 9.00 | - | 6.00 | 1.50x | - | - | - | 3.0e-02 |" in out
+
+
 def test_bench_inference_fp8_shapes_and_skip_reasons(monkeypatch):
     seen = []
 
