@@ -255,6 +255,23 @@ def test_to_dense_fp8_converts_what_accelerate_24_would_and_reports_the_rest():
     assert isinstance(with_head.lm_head, DenseFp8Linear)
 
 
+def test_to_dense_fp8_leaves_task_heads_of_encoders():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(
+        vocab_size=64, hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=128
+    )
+    model = BertForSequenceClassification(config).to(torch.bfloat16).eval()
+    report = to_dense_fp8(model, emulate=True)
+    assert sorted(name.split("layer.0.")[1] for name in report.converted) == sorted(
+        ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"]
+        + ["intermediate.dense", "output.dense"]
+    )
+    assert set(report.skipped) == {"bert.pooler.dense", "classifier"}  # as prune_24 leaves them dense
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randint(0, 64, (2, 8))).logits).all()
+
+
 def test_to_dense_fp8_takes_named_targets_and_changes_nothing_on_error():
     model = tiny_llama()
     report = to_dense_fp8(model, targets=["model.layers.0.mlp.down_proj"], emulate=True)
