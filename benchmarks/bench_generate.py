@@ -29,8 +29,8 @@ Decode tokens/s: batch x (steps - 1) over the GPU time between the first and the
 recorded by a logits processor, so nothing synchronises in between). Time to first token (`--ttft`, batch x
 prompt): `generate(max_new_tokens=1)` (the prefill, eager on both paths: transformers' compiled static-cache
 generate compiles the decode step only), median of 3 after a warm-up.
-Memory: bytes of parameters, buffers and compressed weights; peak allocated during each generate (both
-models are resident: `peak_bytes` counts both) and the peak above what was allocated before it (`peak_extra_bytes`:
+Memory: bytes of parameters, buffers and compressed weights; peak allocated during each generate (all the
+run's models are resident: `peak_bytes` counts them all) and the peak above what was allocated before it (`peak_extra_bytes`:
 KV cache, activations, CUDA graphs).
 Accuracy: per decode step, ||logits - dense logits|| / ||dense logits|| (fp16 and bf16 models each against the
 dense model of the same dtype), over the steps before the first differing token, and the fraction of equal tokens;

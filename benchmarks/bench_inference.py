@@ -21,6 +21,15 @@ With --graphs (default) also, each forward replayed from a CUDA graph per batch 
 - dense+graphs: the dense model so wrapped, the fair baseline for graph replay;
 - ours+graphs: `accelerate_24(model)` (a copy of its own) so wrapped, which tunes the dispatch from replayed
   graphs at each capture (the report is in the JSON).
+With --fp8, the same models in `--fp8-dtype` (bf16 by default), apart, in a table of their own (JSON "fp8_models"):
+- dense: the pruned model as it is, the baseline of the ratios;
+- dense-fp8: `DenseFp8Linear` (benchmarks/dense_fp8.py: `torch._scaled_mm`, rowwise scales, fast accumulation, the
+  activations quantised per token by `cutlass_fp8.quantize_rows`' formula) on the layers ours runs in FP8;
+- ours-fp8: `accelerate_24(model, weights="fp8")` (FP8 2:4; every layer of BERT-base and BERT-large qualifies);
+each eager and, with --graphs, replayed from CUDA graphs (`CUDAGraphedModel(tune=False)`); ratios
+`ours-fp8_vs_dense`, `ours-fp8_vs_dense-fp8`, `dense-fp8_vs_dense` (and "+graphs" against "+graphs"). Skipped
+per model, with the reason, where the FP8 kernels cannot run its shapes; `--skip-models --skip-gemms --fp8` runs
+the FP8 rows alone.
 Timing: CUDA events around one forward; 3 warm-ups per variant (ours tunes there), 0.3 s of dense forwards to
 raise the clocks, then rounds in which each variant runs once, in turn, the order rotating every round (at least
 5 rounds); torch-2:4 afterwards, on its own (5 forwards); min/median/max ms.
