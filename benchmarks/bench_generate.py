@@ -14,11 +14,23 @@ random prompt (EOS disabled), on two paths:
 - compiled: `generate(..., cache_implementation="static")`, transformers' static KV cache with the decode step
   compiled by `torch.compile(mode="reduce-overhead")` (CUDA graph trees). One untimed generate first compiles.
 - eager: plain `generate` (dynamic cache, no compile), for `--eager-batches`.
+With `--dtypes fp8` (alone or beside fp16/bf16), one run holds three models built from the same bf16 2:4 weights:
+- dense: the bf16 model as it is (cuBLAS), the baseline of every ratio;
+- dense_fp8: a copy whose linear layers (those ours runs in FP8) are `DenseFp8Linear` (benchmarks/dense_fp8.py:
+  e4m3 weights per output channel, activations quantised per token by `cutlass_fp8.quantize_rows`' formula,
+  `torch._scaled_mm` with rowwise scales and fast accumulation);
+- ours: a copy after `accelerate_24(model, weights="fp8")` (FP8 2:4, `Fp8SemiSparseLinear`; layers the FP8 kernels
+  cannot take stay on the bf16 2:4 path), warmed up by `prepare_fp8` (every FP8 weight shape at the run's token
+  counts) and `prepare_token_counts` (the bf16 2:4 layers, if any).
+Ratios against dense bf16 (`*_speedup`, `*_dense_fp8_vs_dense`) and against dense FP8 (`*_ours_vs_dense_fp8`);
+accuracy of both FP8 models against dense bf16. Where the FP8 kernels cannot run (not Hopper, not built), the fp8
+run is skipped, the reason printed once and kept in the JSON's "skipped"; the other dtypes still run.
 Decode tokens/s: batch x (steps - 1) over the GPU time between the first and the last decode step (CUDA events
 recorded by a logits processor, so nothing synchronises in between). Time to first token (`--ttft`, batch x
-prompt): `generate(max_new_tokens=1)` (the prefill, eager on both paths), median of 3 after a warm-up.
-Memory: bytes of parameters, buffers and compressed weights; peak allocated during each generate (both
-models are resident: `peak_bytes` counts both) and the peak above what was allocated before it (`peak_extra_bytes`:
+prompt): `generate(max_new_tokens=1)` (the prefill, eager on both paths: transformers' compiled static-cache
+generate compiles the decode step only), median of 3 after a warm-up.
+Memory: bytes of parameters, buffers and compressed weights; peak allocated during each generate (all the
+run's models are resident: `peak_bytes` counts them all) and the peak above what was allocated before it (`peak_extra_bytes`:
 KV cache, activations, CUDA graphs).
 Accuracy: per decode step, ||logits - dense logits|| / ||dense logits|| (fp16 and bf16 models each against the
 dense model of the same dtype), over the steps before the first differing token, and the fraction of equal tokens;
@@ -49,13 +61,17 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 sys.path.insert(0, os.path.dirname(__file__))
 
 from bench_inference import env_info  # noqa: E402
+from dense_fp8 import DenseFp8Linear, to_dense_fp8  # noqa: E402
 
 from hf_semisparse import compute_nm_mask, prune_24  # noqa: E402
 from hf_semisparse.kernels import accelerate_24, prepare_token_counts, semi_sparse_layers  # noqa: E402
+from hf_semisparse.kernels.fp8_linear import Fp8SemiSparseLinear  # noqa: E402
 from hf_semisparse.kernels.linear import SemiSparseLinear  # noqa: E402
 from hf_semisparse.utils import write_json  # noqa: E402
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# the model's dtype per run; "fp8" runs a bf16 model three ways (dense bf16, dense FP8, FP8 2:4)
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
+DEVICE = "cuda"
 LLAMA3_8B = dict(
     hidden_size=4096,
     intermediate_size=14336,
@@ -144,7 +160,7 @@ def generate(model, ids, new_tokens: int, compiled: bool, scores: bool = False):
 
 
 def ttft_ms(model, batch: int, prompt: int, vocab: int) -> float:
-    ids = torch.randint(1, vocab, (batch, prompt), device="cuda")
+    ids = torch.randint(1, vocab, (batch, prompt), device=DEVICE)
     generate(model, ids, 1, compiled=False)  # warm-up (and, for ours, any search the warm-up did not cover)
     return statistics.median(generate(model, ids, 1, compiled=False)["first_step_ms"] for _ in range(3))
 
@@ -265,86 +281,201 @@ def copy_bandwidth() -> float:
     return rate
 
 
-def measure_path(args, row: dict, path: str, dense, ours, ids, batch: int, name: str) -> None:
+def labels_of(name: str) -> tuple[str, ...]:
+    """The models of a run, in order: "dense" (the baseline of every ratio) first."""
+    return ("dense", "dense_fp8", "ours") if name == "fp8" else ("dense", "ours")
+
+
+def accuracy_key(path: str, label: str) -> str:
+    """`{path}_accuracy` for ours against dense (the key of fp16/bf16 runs), `{path}_{label}_accuracy` otherwise."""
+    return f"{path}_accuracy" if label == "ours" else f"{path}_{label}_accuracy"
+
+
+def add_ratios(row: dict, prefix: str, labels: tuple[str, ...], field: str = "tokens_per_s") -> None:
+    """Ratios of higher-is-better `{prefix}{label}_{field}` values: `{prefix}speedup` (ours / dense), and with a
+    dense FP8 model, `{prefix}ours_vs_dense_fp8` and `{prefix}dense_fp8_vs_dense`. Times (`field="ms"`) are
+    inverted, so every ratio above 1 means the first-named model is faster. Ratios of a model missing from
+    `labels` (it failed) are left out."""
+
+    def rate(label: str) -> float:
+        value = row[f"{prefix}{label}_{field}"]
+        return 1.0 / value if field == "ms" else value
+
+    pairs = (("speedup", "ours", "dense"), ("ours_vs_dense_fp8", "ours", "dense_fp8"))
+    pairs += (("dense_fp8_vs_dense", "dense_fp8", "dense"),)
+    for key, model, baseline in pairs:
+        if model in labels and baseline in labels:
+            row[f"{prefix}{key}"] = rate(model) / rate(baseline)
+
+
+def record_failure(row: dict, key: str, what: str, exc: Exception) -> None:
+    row[key] = repr(exc)[:2000]
+    print(f"{what}: FAILED {exc!r}"[:2000], flush=True)
+
+
+def measure_path(args, row: dict, path: str, models: dict, ids, batch: int, name: str) -> None:
+    """Generate with each of `models` (label -> model; "dense" the baseline) on `path` ("compiled" or "eager"): the
+    first call (compiles), then a timed call of each in the reverse order; tokens/s, memory, ratios and each
+    model's accuracy against dense into `row`."""
     compiled = path == "compiled"
     runs = {}
-
-    for label, model in (("dense", dense), ("ours", ours)):
+    for label, model in models.items():
         t0 = time.perf_counter()
-        # the first call compiles; its logits are compared (kept only up to batch 32: 8 GB at batch 128)
-        first = generate(model, ids, args.new_tokens, compiled, scores=batch <= 32)
+        try:  # one model failing (a baseline untried on this GPU) must not lose the others' measurements
+            # the first call compiles; its logits are compared (kept only up to batch 32: 8 GB at batch 128)
+            runs[label] = generate(model, ids, args.new_tokens, compiled, scores=batch <= 32)
+        except Exception as exc:  # noqa: BLE001 - recorded, and the other models go on
+            record_failure(row, f"{path}_{label}_error", f"[{name}] batch {batch} {path} {label}", exc)
+            continue
         row[f"{path}_{label}_first_call_s"] = time.perf_counter() - t0
-        runs[label] = first
-    for label, model in (("ours", ours), ("dense", dense)):  # timed, in the other order
-        timed = generate(model, ids, args.new_tokens, compiled)
+    if "dense" not in runs:
+        raise RuntimeError(f"the dense baseline failed: {row.get(f'{path}_dense_error')}")
+    labels = tuple(label for label in models if label in runs)
+    for label in reversed(labels):  # timed, in the other order
+        try:
+            timed = generate(models[label], ids, args.new_tokens, compiled)
+        except Exception as exc:  # noqa: BLE001
+            record_failure(row, f"{path}_{label}_error", f"[{name}] batch {batch} {path} {label}", exc)
+            del runs[label]
+            continue
         row[f"{path}_{label}_tokens_per_s"] = timed["tokens_per_s"]
         row[f"{path}_{label}_peak_bytes"] = timed["peak_bytes"]
         row[f"{path}_{label}_peak_extra_bytes"] = timed["peak_extra_bytes"]
-    row[f"{path}_speedup"] = row[f"{path}_ours_tokens_per_s"] / row[f"{path}_dense_tokens_per_s"]
-    d, o = runs["dense"]["out"], runs["ours"]["out"]
-    if batch <= 32:
-        row[f"{path}_accuracy"] = logits_error(
-            d.logits, o.logits, d.sequences[:, args.prompt :], o.sequences[:, args.prompt :]
-        )
-        reference = getattr(args, "fp32_reference", None)
-        if reference is not None and batch in args.reference_batches:
-            steps = row[f"{path}_accuracy"]["steps_compared"]  # where dense and ours chose the same tokens
-            row[f"{path}_accuracy"]["vs_fp32"] = {
-                label: reference_error(reference, out.sequences, out.logits, args.prompt, steps)
-                for label, out in (("dense", d), ("ours", o))
-            }
-    else:
-        row[f"{path}_accuracy"] = {
-            "equal_tokens": float((d[:, args.prompt :] == o[:, args.prompt :]).float().mean())
-        }
-    del runs, d, o
-    print(
-        f"[{name}] batch {batch} {path}: dense {row[f'{path}_dense_tokens_per_s']:.0f} tok/s, ours "
-        f"{row[f'{path}_ours_tokens_per_s']:.0f} tok/s ({row[f'{path}_speedup']:.2f}x); {row[f'{path}_accuracy']}",
-        flush=True,
+    labels = tuple(label for label in labels if label in runs)
+    add_ratios(row, f"{path}_", labels)
+    d = runs["dense"]["out"]
+    for label in labels[1:]:
+        o = runs[label]["out"]
+        key = accuracy_key(path, label)
+        if batch <= 32:
+            row[key] = logits_error(
+                d.logits, o.logits, d.sequences[:, args.prompt :], o.sequences[:, args.prompt :]
+            )
+            reference = getattr(args, "fp32_reference", None)
+            if reference is not None and batch in args.reference_batches:
+                steps = row[key]["steps_compared"]  # where dense and this model chose the same tokens
+                row[key]["vs_fp32"] = {
+                    lab: reference_error(reference, out.sequences, out.logits, args.prompt, steps)
+                    for lab, out in (("dense", d), (label, o))
+                }
+        else:
+            row[key] = {"equal_tokens": float((d[:, args.prompt :] == o[:, args.prompt :]).float().mean())}
+    del runs, d
+    rates = ", ".join(f"{label} {row[f'{path}_{label}_tokens_per_s']:.0f}" for label in labels)
+    names = {
+        "speedup": "ours/dense",
+        "ours_vs_dense_fp8": "ours/dense_fp8",
+        "dense_fp8_vs_dense": "dense_fp8/dense",
+    }
+    ratios = ", ".join(
+        f"{text} {row[f'{path}_{key}']:.2f}x" for key, text in names.items() if f"{path}_{key}" in row
     )
+    accuracy = {label: row[accuracy_key(path, label)] for label in labels[1:]}
+    print(f"[{name}] batch {batch} {path}: tok/s {rates} ({ratios}); {accuracy}", flush=True)
 
 
-def run_dtype(args, name: str, dtype: torch.dtype, results: dict) -> dict:
-    result: dict = {"dtype": name, "decode": [], "ttft": []}
-    results["runs"].append(result)  # written after every measurement: a run cut short keeps what it measured
+def fp8_unavailable() -> str | None:
+    """None if the fp8 run can go (FP8 2:4 kernels and dense FP8 on this GPU), else why not."""
+    from hf_semisparse.kernels import cutlass_fp8
+
+    if not torch.cuda.is_available():
+        return "no CUDA GPU"
+    return cutlass_fp8.why_unavailable(torch.device("cuda"), torch.bfloat16, 64, 256)
+
+
+def prepare_fp8(model: torch.nn.Module, token_counts: list[int]) -> dict:
+    """Every FP8 2:4 weight shape of `model` called once at each of `token_counts` (its tile configuration is timed
+    at the first call of each shape and token count, rounded up to 16, and shared by the layers of that shape):
+    what `prepare_token_counts` does for the bf16 2:4 layers."""
+    shapes: dict[tuple[int, int], Fp8SemiSparseLinear] = {}
+    for module in model.modules():
+        if isinstance(module, Fp8SemiSparseLinear):
+            shapes.setdefault((module.out_features, module.in_features), module)
+    counts = sorted(set(token_counts))
+    with torch.inference_mode():
+        for (_, k), layer in shapes.items():
+            for m in counts:
+                layer.run(torch.randn(m, k, device=layer.compressed.device, dtype=layer.compute_dtype))
+    return {"shapes": len(shapes), "token_counts": counts}
+
+
+def linear_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the decoder blocks' linear weights as they run (`lm_head` excluded): dense weights, e4m3 weights
+    and their scales, and the bf16/fp16 2:4 layers' compressed weights."""
+    body = model.model
+    total = sum(layer.compressed.numel() for layer in semi_sparse_layers(body))
+    for m in body.modules():
+        if isinstance(m, torch.nn.Linear):
+            total += m.weight.numel() * m.weight.element_size()
+        elif isinstance(m, Fp8SemiSparseLinear):
+            total += m.compressed.numel() + m.weight_scale.numel() * 4
+        elif isinstance(m, DenseFp8Linear):
+            total += m.weight_fp8.numel() + m.weight_scale.numel() * 4
+    return total
+
+
+def build_variants(args, name: str, result: dict) -> dict:
+    """The models of one run (label -> model, `labels_of(name)`), built, converted and warmed up; what that took
+    and reported goes into `result`."""
     t0 = time.perf_counter()
-    dense = build_model(args.layers, dtype)
+    dense = build_model(args.layers, DTYPES[name])
     result["build_s"] = time.perf_counter() - t0
     ours = copy.deepcopy(dense)
-    report = accelerate_24(ours, fuse_projections=not args.no_fuse_projections)
+    fp8 = name == "fp8"
+    report = accelerate_24(
+        ours, fuse_projections=not args.no_fuse_projections, weights="fp8" if fp8 else "native"
+    )
     result["accelerate_report"] = str(report)
+    models = {"dense": dense}
+    if fp8:
+        dense_fp8 = copy.deepcopy(dense)
+        mirrored = [n for n, m in ours.named_modules() if isinstance(m, Fp8SemiSparseLinear)]
+        fp8_report = to_dense_fp8(dense_fp8, targets=mirrored)
+        result["dense_fp8_report"] = str(fp8_report)
+        result["dense_fp8_fast_accum"] = fp8_report.fast_accum
+        models["dense_fp8"] = dense_fp8
+        print(f"[{name}] dense FP8: {result['dense_fp8_report']}", flush=True)
+    models["ours"] = ours
     gc.collect()
     torch.cuda.empty_cache()
     t0 = time.perf_counter()
     max_tokens = max(max(args.batches) * args.prompt, *(b * p for b, p in args.ttft), args.new_prompt)
-    prep = prepare_token_counts(ours, max_tokens)
+    prep = []
+    if semi_sparse_layers(ours):
+        prep.append(str(prepare_token_counts(ours, max_tokens)))
+    if fp8:
+        counts = [*args.batches, *(b * args.prompt for b in args.batches), *(b * p for b, p in args.ttft)]
+        prep.append(f"FP8 2:4: {prepare_fp8(ours, counts)}")
     result["warmup_s"] = time.perf_counter() - t0
-    result["warmup"] = str(prep)
-    result["weight_bytes"] = {"dense": model_bytes(dense), "ours": model_bytes(ours)}
-    linear_dense = sum(
-        m.weight.numel() * m.weight.element_size()
-        for m in dense.model.modules()
-        if isinstance(m, torch.nn.Linear)
-    )
-    linear_ours = sum(layer.compressed.numel() for layer in semi_sparse_layers(ours))
-    result["linear_weight_bytes"] = {"dense": linear_dense, "ours": linear_ours}
+    result["warmup"] = "; ".join(prep)
+    return models
+
+
+def run_dtype(args, name: str, dtype: torch.dtype, results: dict) -> dict:
+    result: dict = {"dtype": name, "decode": [], "ttft": []}
+    if name == "fp8":
+        result["models"] = {"dense": "bf16", "dense_fp8": "DenseFp8Linear", "ours": "FP8 2:4"}
+    results["runs"].append(result)  # written after every measurement: a run cut short keeps what it measured
+    models = build_variants(args, name, result)
+    labels = tuple(models)
+    result["weight_bytes"] = {label: model_bytes(model) for label, model in models.items()}
+    result["linear_weight_bytes"] = {label: linear_weight_bytes(model) for label, model in models.items()}
+    sizes = ", ".join(f"{label} {result['weight_bytes'][label] / 1e9:.2f}" for label in labels)
     print(
-        f"[{name}] warm-up {result['warmup_s']:.1f} s ({prep}); weights {result['weight_bytes']['ours'] / 1e9:.2f} "
-        f"vs {result['weight_bytes']['dense'] / 1e9:.2f} GB",
-        flush=True,
+        f"[{name}] warm-up {result['warmup_s']:.1f} s ({result['warmup']}); weights GB: {sizes}", flush=True
     )
+    dense = models["dense"]
     vocab = dense.config.vocab_size
-    # the dense model in float32 (same 2:4 weights): the reference both fp16/bf16 models are compared with
+    # the dense model in float32 (same 2:4 weights): the reference the fp16/bf16/FP8 models are compared with
     args.fp32_reference = copy.deepcopy(dense).float() if args.reference_batches else None
     for batch in args.batches:
-        ids = torch.randint(1, vocab, (batch, args.prompt), device="cuda")
+        ids = torch.randint(1, vocab, (batch, args.prompt), device=DEVICE)
         row: dict = {"batch": batch}
         for path in ("compiled", "eager"):
             if path == "eager" and batch not in args.eager_batches:
                 continue
             try:
-                measure_path(args, row, path, dense, ours, ids, batch, name)
+                measure_path(args, row, path, models, ids, batch, name)
             except Exception as exc:  # noqa: BLE001 - recorded, and the other measurements go on
                 row[f"{path}_error"] = repr(exc)[:2000]
                 print(f"[{name}] batch {batch} {path}: FAILED {exc!r}"[:2000], flush=True)
@@ -352,22 +483,29 @@ def run_dtype(args, name: str, dtype: torch.dtype, results: dict) -> dict:
         write_json(args.out, results)
     for batch, prompt in args.ttft:
         row = {"batch": batch, "prompt": prompt}
-        row["dense_ms"] = ttft_ms(dense, batch, prompt, vocab)
-        row["ours_ms"] = ttft_ms(ours, batch, prompt, vocab)
-        row["speedup"] = row["dense_ms"] / row["ours_ms"]
+        for label, model in models.items():
+            try:
+                row[f"{label}_ms"] = ttft_ms(model, batch, prompt, vocab)
+            except Exception as exc:  # noqa: BLE001 - recorded, and the other models go on
+                record_failure(row, f"{label}_error", f"[{name}] TTFT {batch}x{prompt} {label}", exc)
+        add_ratios(row, "", tuple(label for label in labels if f"{label}_ms" in row), field="ms")
         result["ttft"].append(row)
         write_json(args.out, results)
-        print(
-            f"[{name}] TTFT {batch}x{prompt}: dense {row['dense_ms']:.1f} ms, ours {row['ours_ms']:.1f} ms",
-            flush=True,
-        )
-    ids = torch.randint(1, vocab, (1, args.new_prompt), device="cuda")
-    for label, model in (("dense", dense), ("ours", ours)):  # a prompt length no call used before
+        times = ", ".join(f"{label} {row[f'{label}_ms']:.1f} ms" for label in labels if f"{label}_ms" in row)
+        print(f"[{name}] TTFT {batch}x{prompt}: {times}", flush=True)
+    ids = torch.randint(1, vocab, (1, args.new_prompt), device=DEVICE)
+    for label, model in models.items():  # a prompt length no call used before
         t0 = time.perf_counter()
-        generate(model, ids, 2, compiled=False)
+        try:
+            generate(model, ids, 2, compiled=False)
+        except Exception as exc:  # noqa: BLE001
+            record_failure(
+                result, f"new_prompt_length_error_{label}", f"[{name}] new prompt length {label}", exc
+            )
+            continue
         result[f"new_prompt_length_first_call_s_{label}"] = time.perf_counter() - t0
-    result["new_prompt_length_first_call_s"] = result["new_prompt_length_first_call_s_ours"]
-    del dense, ours
+    result["new_prompt_length_first_call_s"] = result.get("new_prompt_length_first_call_s_ours")
+    del models, dense
     args.fp32_reference = None
     gc.collect()
     torch.cuda.empty_cache()
@@ -375,44 +513,63 @@ def run_dtype(args, name: str, dtype: torch.dtype, results: dict) -> dict:
     return result
 
 
+def _rate(row: dict, key: str, fmt: str = ".0f") -> str:
+    return format(row[key], fmt) if row.get(key) is not None else "-"
+
+
+def _ratio(row: dict, key: str) -> str:
+    return f"{row[key]:.2f}x" if row.get(key) is not None else "-"
+
+
 def print_tables(results: dict) -> None:
     gpu = results["env"]["gpu"]
+    for reason in results.get("skipped", {}).values():
+        print(f"\n{reason}")
     for r in results["runs"]:
         print(
             f"\n{gpu}, {r['dtype']}, {results['layers']} blocks of Llama-3-8B shape; decode tokens/s, "
             f"prompt {results['prompt']}, {results['new_tokens']} new tokens"
         )
-        print(
-            "| batch | compiled dense | compiled ours | speedup | eager dense | eager ours | speedup | logits err |"
-        )
-        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-        for row in r["decode"]:
-            if "compiled_speedup" not in row:
-                print(f"| {row['batch']} | failed: {row.get('compiled_error', '?')[:200]} |")
-                continue
-            eager = (
-                f"{row['eager_dense_tokens_per_s']:.0f} | {row['eager_ours_tokens_per_s']:.0f} | "
-                f"{row['eager_speedup']:.2f}x"
-                if "eager_speedup" in row
-                else "- | - | -"
-            )
+        if r["dtype"] == "fp8":
+            print_fp8_table(r)
+        else:
             print(
-                f"| {row['batch']} | {row['compiled_dense_tokens_per_s']:.0f} | {row['compiled_ours_tokens_per_s']:.0f}"
-                f" | {row['compiled_speedup']:.2f}x | {eager} | {row['compiled_accuracy'].get('max_rel_error', float('nan')):.1e} |"
+                "| batch | compiled dense | compiled ours | speedup | eager dense | eager ours | speedup | logits err |"
             )
-        for row in r["ttft"]:
-            print(
-                f"TTFT {row['batch']}x{row['prompt']}: dense {row['dense_ms']:.1f} ms, ours {row['ours_ms']:.1f} ms, "
-                f"{row['speedup']:.2f}x"
-            )
+            print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+            for row in r["decode"]:
+                if "compiled_speedup" not in row:
+                    error = row.get("compiled_error") or row.get("compiled_ours_error", "?")
+                    print(f"| {row['batch']} | failed: {error[:200]} |")
+                    continue
+                eager = (
+                    f"{row['eager_dense_tokens_per_s']:.0f} | {row['eager_ours_tokens_per_s']:.0f} | "
+                    f"{row['eager_speedup']:.2f}x"
+                    if "eager_speedup" in row
+                    else "- | - | -"
+                )
+                print(
+                    f"| {row['batch']} | {row['compiled_dense_tokens_per_s']:.0f} | {row['compiled_ours_tokens_per_s']:.0f}"
+                    f" | {row['compiled_speedup']:.2f}x | {eager} | {row['compiled_accuracy'].get('max_rel_error', float('nan')):.1e} |"
+                )
+            for row in r["ttft"]:
+                print(
+                    f"TTFT {row['batch']}x{row['prompt']}: dense {_rate(row, 'dense_ms', '.1f')} ms, ours "
+                    f"{_rate(row, 'ours_ms', '.1f')} ms, {_ratio(row, 'speedup')}"
+                )
         wb = r["weight_bytes"]
         lb = r["linear_weight_bytes"]
         print(
             f"weights: ours {wb['ours'] / 1e9:.2f} GB / dense {wb['dense'] / 1e9:.2f} GB = {wb['ours'] / wb['dense']:.3f}"
             f" (2:4 layers alone {lb['ours'] / lb['dense']:.4f}); warm-up {r['warmup_s']:.1f} s; "
-            f"a new prompt length: {r['new_prompt_length_first_call_s']:.2f} s "
-            f"(dense {r.get('new_prompt_length_first_call_s_dense', float('nan')):.2f} s)"
+            f"a new prompt length: {_rate(r, 'new_prompt_length_first_call_s', '.2f')} s "
+            f"(dense {_rate(r, 'new_prompt_length_first_call_s_dense', '.2f')} s)"
         )
+        if "dense_fp8" in wb:
+            print(
+                f"dense FP8 weights {wb['dense_fp8'] / 1e9:.2f} GB ({wb['dense_fp8'] / wb['dense']:.3f} of dense; "
+                f"its linear layers {lb['dense_fp8'] / lb['dense']:.4f})"
+            )
     if results.get("gemms"):
         print(
             f"\n{gpu}: per GEMM at decode sizes, CUDA-graph replay, us per call "
@@ -427,12 +584,53 @@ def print_tables(results: dict) -> None:
             )
 
 
-def main() -> None:
+def print_fp8_table(r: dict) -> None:
+    """The fp8 run's tables: dense bf16, dense FP8 and FP8 2:4 (ours), with ours against both."""
+    print(
+        "| batch | path | dense bf16 | dense FP8 | FP8 2:4 | vs dense bf16 | vs dense FP8 | dense FP8 vs bf16 "
+        "| logits err FP8 2:4 | logits err dense FP8 | equal tokens FP8 2:4 |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for row in r["decode"]:
+        for path in ("compiled", "eager"):
+            for label in ("dense", "dense_fp8", "ours"):
+                if f"{path}_{label}_error" in row:
+                    print(
+                        f"| {row['batch']} | {path} | {label} failed: {row[f'{path}_{label}_error'][:200]} |"
+                    )
+            if f"{path}_dense_tokens_per_s" not in row:
+                if f"{path}_error" in row:
+                    print(f"| {row['batch']} | {path} | failed: {row[f'{path}_error'][:200]} |")
+                continue
+            ours_acc = row.get(accuracy_key(path, "ours"), {})
+            fp8_acc = row.get(accuracy_key(path, "dense_fp8"), {})
+            print(
+                f"| {row['batch']} | {path} | {_rate(row, f'{path}_dense_tokens_per_s')} | "
+                f"{_rate(row, f'{path}_dense_fp8_tokens_per_s')} | {_rate(row, f'{path}_ours_tokens_per_s')} | "
+                f"{_ratio(row, f'{path}_speedup')} | {_ratio(row, f'{path}_ours_vs_dense_fp8')} | "
+                f"{_ratio(row, f'{path}_dense_fp8_vs_dense')} | {ours_acc.get('max_rel_error', float('nan')):.1e} | "
+                f"{fp8_acc.get('max_rel_error', float('nan')):.1e} | {ours_acc.get('equal_tokens', float('nan')):.2f} |"
+            )
+    for row in r["ttft"]:
+        print(
+            f"TTFT {row['batch']}x{row['prompt']}: dense bf16 {_rate(row, 'dense_ms', '.1f')} ms, dense FP8 "
+            f"{_rate(row, 'dense_fp8_ms', '.1f')} ms, FP8 2:4 {_rate(row, 'ours_ms', '.1f')} ms; vs dense bf16 "
+            f"{_ratio(row, 'speedup')}, vs dense FP8 {_ratio(row, 'ours_vs_dense_fp8')}"
+        )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--dtypes", nargs="+", default=["fp16", "bf16"], choices=sorted(DTYPES))
+    parser.add_argument(
+        "--dtypes",
+        nargs="+",
+        default=["fp16", "bf16"],
+        choices=sorted(DTYPES),
+        help="fp8: dense bf16, dense FP8 and FP8 2:4 in one run (Hopper, `hf-semisparse build-kernels --fp8`)",
+    )
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128])
     parser.add_argument("--eager-batches", type=int, nargs="*", default=[1, 8])
     parser.add_argument("--prompt", type=int, default=512)
@@ -453,8 +651,19 @@ def main() -> None:
     parser.add_argument(
         "--no-fuse-projections", action="store_true", help="q/k/v and gate/up as separate 2:4 GEMMs"
     )
-    args = parser.parse_args()
-    args.ttft = [tuple(int(v) for v in spec.split("x")) for spec in args.ttft]
+    args = parser.parse_args(argv)
+    try:
+        args.ttft = [tuple(int(v) for v in spec.split("x")) for spec in args.ttft]
+        if any(len(spec) != 2 for spec in args.ttft):
+            raise ValueError
+    except ValueError:
+        parser.error(f"--ttft takes BATCHxPROMPT values such as 1x2048, got {args.ttft}")
+    args.dtypes = list(dict.fromkeys(args.dtypes))  # each run once, in the order given
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_generate.py needs a CUDA GPU")
     results = {
@@ -467,6 +676,12 @@ def main() -> None:
         "fuse_projections": not args.no_fuse_projections,
         "runs": [],
     }
+    if "fp8" in args.dtypes:
+        why = fp8_unavailable()
+        if why is not None:
+            results["skipped"] = {"fp8": f"fp8 rows skipped: {why}"}
+            print(results["skipped"]["fp8"], flush=True)
+            args.dtypes = [name for name in args.dtypes if name != "fp8"]
     bandwidth = copy_bandwidth()
     results["copy_bandwidth"] = bandwidth
     if args.gemm_table:

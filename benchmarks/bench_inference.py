@@ -21,6 +21,15 @@ With --graphs (default) also, each forward replayed from a CUDA graph per batch 
 - dense+graphs: the dense model so wrapped, the fair baseline for graph replay;
 - ours+graphs: `accelerate_24(model)` (a copy of its own) so wrapped, which tunes the dispatch from replayed
   graphs at each capture (the report is in the JSON).
+With --fp8, the same models in `--fp8-dtype` (bf16 by default), apart, in a table of their own (JSON "fp8_models"):
+- dense: the pruned model as it is, the baseline of the ratios;
+- dense-fp8: `DenseFp8Linear` (benchmarks/dense_fp8.py: `torch._scaled_mm`, rowwise scales, fast accumulation, the
+  activations quantised per token by `cutlass_fp8.quantize_rows`' formula) on the layers ours runs in FP8;
+- ours-fp8: `accelerate_24(model, weights="fp8")` (FP8 2:4; every layer of BERT-base and BERT-large qualifies);
+each eager and, with --graphs, replayed from CUDA graphs (`CUDAGraphedModel(tune=False)`); ratios
+`ours-fp8_vs_dense`, `ours-fp8_vs_dense-fp8`, `dense-fp8_vs_dense` (and "+graphs" against "+graphs"). Skipped
+per model, with the reason, where the FP8 kernels cannot run its shapes; `--skip-models --skip-gemms --fp8` runs
+the FP8 rows alone.
 Timing: CUDA events around one forward; 3 warm-ups per variant (ours tunes there), 0.3 s of dense forwards to
 raise the clocks, then rounds in which each variant runs once, in turn, the order rotating every round (at least
 5 rounds); torch-2:4 afterwards, on its own (5 forwards); min/median/max ms.
@@ -49,6 +58,7 @@ import transformers
 from transformers import BertConfig, BertForQuestionAnswering
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # dense_fp8.py, beside this script
 
 from hf_semisparse import compute_nm_mask, prune_24, select_targets  # noqa: E402
 from hf_semisparse.config import SparsityConfig  # noqa: E402
@@ -438,7 +448,179 @@ def print_tables(rows, gemms, info) -> None:
         )
 
 
-def main() -> None:
+FP8_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+FP8_BASES = (
+    "dense",
+    "dense-fp8",
+    "ours-fp8",
+)  # dense: the model's dtype (the baseline); then FP8 dense, FP8 2:4
+
+
+def fp8_skip_reason(name: str, dtype: torch.dtype) -> str | None:
+    """None if every 2:4 layer shape of `MODELS[name]` can run on the FP8 2:4 kernels here, else why not."""
+    from hf_semisparse.kernels import cutlass_fp8
+
+    cfg = MODELS[name]
+    h, i = cfg["hidden_size"], cfg["intermediate_size"]
+    for n, k in ((h, h), (i, h), (h, i)):  # query/key/value/attention output, intermediate, output
+        why = cutlass_fp8.why_unavailable(torch.device("cuda"), dtype, n, k)
+        if why is not None:
+            return f"{name}: FP8 2:4 cannot run its {n}x{k} layers: {why}"
+    return None
+
+
+def fp8_ratios(row: dict, graphs: bool) -> None:
+    """Speed-ups from the median times of an FP8 row: `ours-fp8_vs_dense`, `ours-fp8_vs_dense-fp8`,
+    `dense-fp8_vs_dense`, and the same of the "+graphs" variants (each against the baseline replayed likewise)."""
+    for suffix in ("", "+graphs") if graphs else ("",):
+        ms = {base: row[base + suffix]["median_ms"] for base in FP8_BASES if base + suffix in row}
+        for model, baseline in (("ours-fp8", "dense"), ("ours-fp8", "dense-fp8"), ("dense-fp8", "dense")):
+            if model in ms and baseline in ms:  # a variant that failed has no ratios
+                row[f"{model}{suffix}_vs_{baseline}{suffix}"] = ms[baseline] / ms[model]
+
+
+def fp8_weight_bytes(dense, dense_fp8, ours) -> dict:
+    """Bytes of the FP8 layers' weights in each model: the dense weights they replace, e4m3 dense weights and
+    scales, compressed e4m3 2:4 weights and scales."""
+    from dense_fp8 import fp8_linear_bytes
+
+    from hf_semisparse.kernels.fp8_linear import Fp8SemiSparseLinear
+
+    layers = [(n, m) for n, m in ours.named_modules() if isinstance(m, Fp8SemiSparseLinear)]
+    modules = dict(dense.named_modules())
+    return {
+        "dense": sum(modules[n].weight.numel() * modules[n].weight.element_size() for n, _ in layers),
+        "dense-fp8": fp8_linear_bytes(dense_fp8),
+        "ours-fp8": sum(m.compressed.numel() + m.weight_scale.numel() * 4 for _, m in layers),
+    }
+
+
+def bench_fp8_models(args, save) -> list[dict]:
+    """The same models in `args.fp8_dtype`: dense, dense FP8 (`DenseFp8Linear` on the layers ours runs in FP8) and
+    FP8 2:4 (`accelerate_24(weights="fp8")`), eager and (with --graphs) replayed from CUDA graphs."""
+    from dense_fp8 import to_dense_fp8
+
+    from hf_semisparse.kernels.fp8_linear import Fp8SemiSparseLinear
+
+    dtype = FP8_DTYPES[args.fp8_dtype]
+    rows = []
+    for name in args.models:
+        reason = fp8_skip_reason(name, dtype)
+        if reason is not None:
+            print(f"FP8 rows skipped: {reason}", flush=True)
+            rows.append({"model": name, "dtype": args.fp8_dtype, "skipped": reason})
+            save(rows)
+            continue
+        torch.manual_seed(0)
+        cfg = BertConfig(vocab_size=30522, max_position_embeddings=512, **MODELS[name])
+        dense = BertForQuestionAnswering(cfg).eval().to("cuda", dtype)
+        prune_24(dense)
+        ours = copy.deepcopy(dense)
+        report = accelerate_24(ours, weights="fp8")
+        mirrored = [n for n, m in ours.named_modules() if isinstance(m, Fp8SemiSparseLinear)]
+        dense_fp8 = copy.deepcopy(dense)
+        fp8_report = to_dense_fp8(dense_fp8, targets=mirrored)
+        print(f"{name} FP8 2:4: {report}\n{name} dense FP8: {fp8_report}", flush=True)
+        variants = {"dense": dense, "dense-fp8": dense_fp8, "ours-fp8": ours}
+        if args.graphs:
+            for base in FP8_BASES:
+                variants[base + "+graphs"] = CUDAGraphedModel(variants[base], tune=False)
+        memory = fp8_weight_bytes(dense, dense_fp8, ours)
+        for batch in args.batches:
+            ids = torch.randint(1000, 30000, (batch, args.seq), device="cuda")
+            ref = logits(dense, ids)
+            row = {
+                "model": name,
+                "batch": batch,
+                "seq": args.seq,
+                "dtype": args.fp8_dtype,
+                "fp8_layers": len(mirrored),
+                "accelerate_report": str(report),
+                "dense_fp8_report": str(fp8_report),
+                "fp8_weight_bytes": memory,
+            }
+            failed = set()
+            for vname, model in variants.items():  # a variant that cannot run loses no other measurement
+                if vname == "dense":
+                    continue
+                try:
+                    logits(model, ids)
+                except Exception as exc:  # noqa: BLE001 - recorded, and the others are timed
+                    row[f"{vname}_error"] = repr(exc)[:2000]
+                    print(f"{name} b{batch} {vname}: FAILED {exc!r}"[:2000], flush=True)
+                    failed.add(vname)
+            timings = time_round_robin(variants, ids, args.budget_ms, failed)
+            for vname, times in timings.items():
+                row[vname] = {
+                    "min_ms": min(times),
+                    "median_ms": statistics.median(times),
+                    "max_ms": max(times),
+                    "n": len(times),
+                    "rel_err": rel_err(logits(variants[vname], ids), ref),
+                }
+                print(
+                    f"{name} b{batch} {args.fp8_dtype} {vname}: {row[vname]['median_ms']:.2f} ms", flush=True
+                )
+            fp8_ratios(row, args.graphs)
+            rows.append(row)
+            save(rows)
+            del ids, ref
+        del variants, ours, dense_fp8, dense
+        torch.cuda.empty_cache()
+    return rows
+
+
+def print_fp8_table(rows: list[dict]) -> None:
+    """The FP8 rows: median ms of dense, dense FP8 and FP8 2:4, ours against both, logits error against dense."""
+    for r in rows:
+        if "skipped" in r:
+            print(f"\nFP8 rows skipped: {r['skipped']}")
+    measured = [r for r in rows if "skipped" not in r]
+    if not measured:
+        return
+    print(
+        f"\nFP8 end to end, {measured[0]['dtype']} models, seq {measured[0]['seq']}, median ms; "
+        "ratios are speed-ups (baseline ms / ms); rel err of logits vs dense"
+    )
+    print(
+        "| model | batch | path | dense | dense FP8 | FP8 2:4 | vs dense | vs dense FP8 | dense FP8 vs dense "
+        "| err dense FP8 | err FP8 2:4 |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in measured:
+        for suffix in ("", "+graphs"):
+            if "dense" + suffix not in r:
+                continue
+            path = "graphs" if suffix else "eager"
+            for base in FP8_BASES:
+                if f"{base}{suffix}_error" in r:
+                    print(
+                        f"| {r['model']} | {r['batch']} | {path} | {base} failed: {r[f'{base}{suffix}_error'][:200]} |"
+                    )
+            cell = {base: r.get(base + suffix, {}) for base in FP8_BASES}
+
+            def num(value, fmt):
+                return "-" if value is None else format(value, fmt)
+
+            ratios = [
+                r.get(f"{m}{suffix}_vs_{b}{suffix}")
+                for m, b in (("ours-fp8", "dense"), ("ours-fp8", "dense-fp8"), ("dense-fp8", "dense"))
+            ]
+            print(
+                f"| {r['model']} | {r['batch']} | {path} | "
+                + " | ".join(num(cell[base].get("median_ms"), ".2f") for base in FP8_BASES)
+                + " | "
+                + " | ".join("-" if x is None else f"{x:.2f}x" for x in ratios)
+                + f" | {num(cell['dense-fp8'].get('rel_err'), '.1e')} | {num(cell['ours-fp8'].get('rel_err'), '.1e')} |"
+            )
+    w = measured[-1]["fp8_weight_bytes"]
+    print(
+        f"FP8 layers' weights ({measured[-1]['model']}): dense {w['dense'] / 2**20:.1f} MiB, dense FP8 "
+        f"{w['dense-fp8'] / 2**20:.1f} MiB, FP8 2:4 {w['ours-fp8'] / 2**20:.1f} MiB"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--batches", nargs="+", type=int, default=[4, 16, 64, 256])
@@ -457,27 +639,41 @@ def main() -> None:
         default=True,
         help="also time ours-unfused and ours-all-dense",
     )
-    p.add_argument("--skip-models", action="store_true")
+    p.add_argument(
+        "--fp8",
+        action="store_true",
+        help="also time dense, dense FP8 and FP8 2:4 end to end (Hopper, `hf-semisparse build-kernels --fp8`)",
+    )
+    p.add_argument(
+        "--fp8-dtype", default="bf16", choices=list(FP8_DTYPES), help="the models' dtype for --fp8"
+    )
+    p.add_argument("--skip-models", action="store_true", help="skip the fp16 end-to-end models (not --fp8's)")
     p.add_argument("--skip-gemms", action="store_true")
     p.add_argument("--json", default="outputs/bench_inference.json")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_inference.py needs a CUDA GPU")
     info = env_info()
     result = {"env": info, "args": vars(args), "models": [], "gemms": []}
 
-    def save(models=None, gemms=None):
+    def save(models=None, gemms=None, fp8=None):
         if models is not None:
             result["models"] = models
         if gemms is not None:
             result["gemms"] = gemms
+        if fp8 is not None:
+            result["fp8_models"] = fp8
         write_json(args.json, result)
 
     if not args.skip_gemms:
         save(gemms=bench_gemms(args))
     if not args.skip_models:
         bench_models(args, lambda rows: save(models=rows))
+    if args.fp8:
+        bench_fp8_models(args, lambda rows: save(fp8=rows))
     print_tables(result["models"], result["gemms"], info)
+    if args.fp8:
+        print_fp8_table(result["fp8_models"])
 
 
 if __name__ == "__main__":

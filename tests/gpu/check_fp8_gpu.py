@@ -45,9 +45,12 @@ import torch
 import torch.nn.functional as F
 from script_checks import CHECKS, FAILURES, check  # tests/gpu, beside this script
 
-from hf_semisparse.kernels import accelerate_24, cutlass_fp8
-from hf_semisparse.kernels.fp8_linear import Fp8SemiSparseLinear, fp8_handle
-from hf_semisparse.masks import compute_nm_mask
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks"))
+from dense_fp8 import FAST_ACCUM, scaled_mm  # noqa: E402 - the dense FP8 baseline's one _scaled_mm call
+
+from hf_semisparse.kernels import accelerate_24, cutlass_fp8  # noqa: E402
+from hf_semisparse.kernels.fp8_linear import Fp8SemiSparseLinear, fp8_handle  # noqa: E402
+from hf_semisparse.masks import compute_nm_mask  # noqa: E402
 
 DEV = torch.device("cuda")
 # output rounding plus FP8 fast accumulation (Hopper's FP8 wgmma keeps fewer accumulator bits than fp32, as
@@ -338,24 +341,6 @@ def graph_time_us(fn, inner: int, reps: int) -> float:
         times.append(start.elapsed_time(end) * 1e3 / inner)
     del graph
     return sorted(times)[len(times) // 2]
-
-
-FAST_ACCUM = [True]
-
-
-def scaled_mm(a, b, scale_a, scale_b, dtype):
-    """Dense FP8 with rowwise scales: `torch._scaled_mm` with fast accumulation (as ours), or without where this
-    torch refuses it (then said once, and in the JSON)."""
-    try:
-        return torch._scaled_mm(
-            a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=dtype, use_fast_accum=FAST_ACCUM[0]
-        )
-    except RuntimeError:
-        if not FAST_ACCUM[0]:
-            raise
-        FAST_ACCUM[0] = False
-        print("torch._scaled_mm refused use_fast_accum=True with rowwise scales: dense FP8 without it")
-        return scaled_mm(a, b, scale_a, scale_b, dtype)
 
 
 def bench_one(name, n, k, m, layers, inner: int, reps: int) -> dict:
