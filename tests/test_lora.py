@@ -223,7 +223,7 @@ def test_masked_update_keeps_no_dense_update_for_the_backward(arch):
         and t.data_ptr() not in params
     ]
     assert big == []
-    assert any(t.dtype == torch.bool and t.numel() == layer.in_features * layer.out_features for t in saved)
+    assert any(t.data_ptr() == x.data_ptr() for t in saved)  # the hooks did see the forward's saved tensors
     y.sum().backward()  # and the backward still runs from what was kept
     assert layer.lora_A["default"].weight.grad.abs().sum() > 0
 
