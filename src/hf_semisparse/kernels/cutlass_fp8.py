@@ -5,7 +5,8 @@ quantisation of weights and activations they take.
 
 `W_fp8` is the 2:4 weight quantised per output channel (`scale_w = absmax(row) / 448`, zeros stay zeros, so the
 2:4 pattern is kept) and compressed with CUTLASS's 2:4 compressor; `x_fp8` is the activations quantised per token
-at run time (`scale_x = absmax(token) / 448`) by a one-pass kernel of the same library. The scales and the bias are
+at run time (`scale_x = absmax(token) / 448`; `quantize_rows` gives the exact float32 steps, with the scale held at
+2^-126 or more) by a one-pass kernel of the same library. The scales and the bias are
 applied in the GEMM's epilogue (a CUTLASS epilogue visitor tree, as vLLM's former `scaled_mm_c3x` sparse kernels
 did), which writes fp16 or bf16. The source is `csrc/sm90_fp8_sparse_gemm.cu`; it is compiled once per machine
 (about 2 minutes of CPU time and up to 8 GB of memory per output dtype) by `hf-semisparse build-kernels --fp8` into `libhss_sm90_fp8_fp16.so` and
