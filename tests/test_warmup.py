@@ -292,28 +292,6 @@ def test_generative_decoders_are_recognised():
     assert not is_generative_decoder(make_model("bert")) and not is_generative_decoder(make_model("t5"))
 
 
-def test_compiled_siblings_of_one_input_share_a_round_only_for_the_same_shape(backend):
-    from hf_semisparse.kernels.projections import ProjectionGroup
-
-    torch.manual_seed(0)
-    joined = nn.Linear(8, 12)
-    layer = SemiSparseLinear(joined)  # the CPU stand-in runs it dense
-    calls = []
-    run = layer.run
-    layer.run = lambda x: calls.append(tuple(x.shape)) or run(x)
-    group = ProjectionGroup(layer, ["q", "k", "v"], [(0, 4), (4, 8), (8, 12)], "attn")
-    group.one_input = True
-    x, copy = torch.randn(2, 8), None
-    copy = x.clone()  # what inductor may hand a sibling: another buffer, the same values
-    parts = [group.compiled_part(x, 0), group.compiled_part(copy, 1), group.compiled_part(x, 2)]
-    torch.testing.assert_close(torch.cat(parts, -1), joined(x))
-    assert calls == [(2, 8)] and group._local.compiled_output is None  # one GEMM, nothing kept
-    other = torch.randn(5, 8)  # e.g. cross-attention's encoder states: another shape starts a new round
-    group.compiled_part(x, 0)
-    torch.testing.assert_close(group.compiled_part(other, 1), joined(other)[:, 4:8])
-    assert calls == [(2, 8), (2, 8), (5, 8)]
-
-
 @pytest.mark.parametrize("capability", [(8, 0), (9, 0)])
 def test_quick_searches_try_the_fastest_ids_of_the_shapes_first_search(monkeypatch, capability):
     """The first quick search of a shape at decode sizes tries every id (on an H200 the fastest decode kernels were
