@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import operator
+import re
 
 import pytest
 import torch
@@ -324,3 +325,66 @@ def test_only_cross_attention_is_taken_for_siblings_of_several_inputs():
     assert not reads_one_input("model.decoder.layers.0.encoder_attn", nn.Module())
     assert not reads_one_input("bert.encoder.layer.0.crossattention.self", nn.Module())
     assert not reads_one_input("model.layers.3.cross_attn", nn.Module())
+
+
+def _all_semi_sparse(reference):
+    """`reference`'s linear layers as 2:4 layers: siblings joined, the others `SemiSparseLinear`."""
+    model = copy.deepcopy(reference)
+    fuse_projections(model, _linear_names(model))
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Linear and not name.endswith("lm_head"):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, SemiSparseLinear(module))
+    return model
+
+
+def test_compiled_decode_steps_pad_into_the_layers_pad_buffers(backend, monkeypatch):
+    """With pad buffers, a one-token step writes each GEMM's input into its layer's 16-row buffer in the graph
+    and the op reads the whole buffer (its body pads nothing); outputs as eager, over steps with new values."""
+    reference = _pruned("llama")
+    model = _all_semi_sparse(reference)
+    layers = semi_sparse_layers(model)
+    for layer in layers:
+        layer.add_pad_buffers([16])
+    shapes = []
+    run = SemiSparseLinear.run
+
+    def recording(self, x, *args, **kwargs):
+        shapes.append(tuple(x.shape))
+        return run(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(SemiSparseLinear, "run", recording)
+    for _ in range(2):  # the buffers keep the last step's rows: a new step overwrites what it reads
+        ids = torch.randint(3, 100, (1, 1))
+        shapes.clear()
+        got, graph, _ = _compile_and_record(model, input_ids=ids)
+        with torch.inference_mode():
+            torch.testing.assert_close(got.logits, reference(input_ids=ids).logits)
+        assert len(shapes) == len(layers) and all(shape[0] == 16 for shape in shapes), shapes
+    ops = _calls(graph, "hf_semisparse.linear_24")
+    assert len(ops) == len(layers)
+    for op in ops:  # the op reads a persistent buffer (a graph input), written in the graph
+        assert op.args[0].op == "placeholder", op.format_node()
+    assert len(_calls(graph, "copy_")) == len(layers)
+
+
+@pytest.mark.slow
+def test_inductor_computes_decode_steps_with_pad_buffers_as_eager(backend):
+    """Inductor compiles the writes into the pad buffers (mutated graph inputs) in place and gives eager's
+    logits; its generated code calls each 2:4 GEMM once, on its buffer."""
+    from torch._inductor.utils import run_and_get_code
+
+    reference = _pruned("llama")
+    model = _all_semi_sparse(reference)
+    for layer in semi_sparse_layers(model):
+        layer.add_pad_buffers([16])
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.inference_mode():
+        for _ in range(2):
+            ids = torch.randint(3, 100, (1, 1))
+            got, code = run_and_get_code(compiled, input_ids=ids)
+            torch.testing.assert_close(got.logits, reference(input_ids=ids).logits)
+    calls = re.findall(r"= torch\.ops\.hf_semisparse\.linear_24\.default\((\w+),", code[-1])
+    assert len(calls) == len(semi_sparse_layers(model))
+    # each reads its pad buffer itself (a graph input written in place), not a padded copy of it
+    assert all(re.fullmatch(r"arg\d+_1", arg) for arg in calls), calls

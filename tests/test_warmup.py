@@ -471,3 +471,25 @@ def test_bf16_decoders_run_on_cutlass_where_it_can_run(
     prune_24(encoder, show_progress=False)
     report = kernels.accelerate_24(encoder.to(dtype), fuse_residual=False, fuse_gelu=False)
     assert set(report.kernels) == {"cusparselt"}, report.kernels
+
+
+def test_prepare_generation_adds_decode_pad_buffers_only_when_asked(gpu_standins):
+    _, layer = _layer()
+    report = prepare_generation(nn.Sequential(layer), max_batch_size=20, max_prompt_length=8, progress=False)
+    assert report.pad_buffer_bytes == 0 and not layer._pad_rows
+    report = prepare_generation(
+        nn.Sequential(layer), max_batch_size=20, max_prompt_length=8, pad_buffers=True, progress=False
+    )
+    assert sorted(layer._pad_rows) == [16, 32]  # the decode sizes of 1 to 20 sequences
+    assert all(rows.shape == (m, 64) for m, rows in layer._pad_rows.items())
+    assert report.pad_buffer_bytes == (16 + 32) * 64 * layer._pad_rows[16].element_size()
+
+
+def test_pad_buffers_refuse_sizes_off_the_decode_ladder(backend):
+    layer = SemiSparseLinear(nn.Linear(64, 32))
+    with pytest.raises(ValueError, match=r"ladder sizes up to 256 tokens, got \[24, 512\]"):
+        layer.add_pad_buffers([16, 24, 512])
+    assert not layer._pad_rows  # nothing added
+    layer.add_pad_buffers([16])
+    layer.to(torch.float64)
+    assert not layer._pad_rows  # moved: the buffers go with the plans
