@@ -6,13 +6,14 @@ block and decode step). This probe compiles a stand-in of a decode block's GEMM 
 joined GEMM -> SiLU(gate) * up -> GEMM) with inductor, the GEMM an opaque custom op like `hf_semisparse::linear_24`,
 for three ways of padding, and prints the kernels of one call:
 
-- `op`: the op pads in its body (what the library does, December 2026);
+- `op`: the op pads in its body (what the library does without pad buffers, December 2026);
 - `graph`: `rows = x.new_empty(16, k); rows[:m] = x` in the graph. Functionalised into a `slice_scatter`, which
   inductor lowers as a pointwise kernel over all 16 rows (on the CPU, December 2026: fused into the RMSNorm
   kernel's function as a second loop nest; with Triton expected to be a kernel of its own);
 - `static`: a persistent 16-row buffer per GEMM call site, marked with `torch._dynamo.mark_static_address`, written
-  in the graph (`rows[:m].copy_(x)`). Inductor reinplaces the write (a mutated graph input) and computes the
-  RMSNorm straight into the buffer's first row, in the RMSNorm kernel (on the CPU, December 2026).
+  in the graph (`rows[:m].copy_(x)`), as `prepare_generation(..., pad_buffers=True)` does. Inductor reinplaces
+  the write (a mutated graph input) and computes the RMSNorm straight into the buffer's first row, in the RMSNorm
+  kernel (on the CPU, December 2026).
 
 On CUDA it also counts the kernels of a replay under torch.profiler (`--mode reduce-overhead` uses CUDA graph
 trees, as transformers' static-cache generate does) and checks that CUDA graphs were not skipped ("mutated

@@ -116,7 +116,7 @@ def prepare_generation(
     `prepare_token_counts`.
 
     `pad_buffers=True` (experimental, December 2026) also gives every 2:4 layer a persistent input buffer per
-    decode size up to `max_batch_size` (16 rows at batch 1: about 27 MB for Llama-3-8B's 32 blocks), into which
+    decode size up to `max_batch_size` (16 rows at batch 1: about 26 MB for Llama-3-8B's 32 blocks), into which
     compiled decode steps pad their GEMM inputs in the graph (`SemiSparseLinear.add_pad_buffers`) instead of a
     copy kernel per GEMM in the op's body. Compiled graphs then mutate those buffers: run one compiled model per
     thread.
