@@ -493,3 +493,11 @@ def test_pad_buffers_refuse_sizes_off_the_decode_ladder(backend):
     layer.add_pad_buffers([16])
     layer.to(torch.float64)
     assert not layer._pad_rows  # moved: the buffers go with the plans
+
+
+def test_pad_buffers_made_in_inference_mode_can_be_written_outside_it(backend):
+    layer = SemiSparseLinear(nn.Linear(64, 32))
+    with torch.inference_mode():
+        layer.add_pad_buffers([16])
+    with torch.no_grad():
+        layer._pad_rows[16][:1].copy_(torch.ones(1, 64))  # what a compiled step under no_grad does

@@ -270,9 +270,12 @@ class SemiSparseLinear(nn.Module):
         added = 0
         for m in sizes:
             if m not in self._pad_rows:
-                rows = torch.empty(
-                    m, self.in_features, dtype=self.compute_dtype, device=self.compressed.device
-                )
+                with torch.inference_mode(
+                    False
+                ):  # an inference tensor could not be written outside that mode
+                    rows = torch.empty(
+                        m, self.in_features, dtype=self.compute_dtype, device=self.compressed.device
+                    )
                 torch._dynamo.mark_static_address(rows)  # CUDA graph trees: a static input, mutated in place
                 self._pad_rows[m] = rows
                 added += rows.numel() * rows.element_size()
