@@ -52,6 +52,7 @@ from bench_inference import env_info  # noqa: E402
 
 from hf_semisparse import compute_nm_mask, prune_24  # noqa: E402
 from hf_semisparse.kernels import accelerate_24, prepare_token_counts, semi_sparse_layers  # noqa: E402
+from hf_semisparse.kernels.buckets import DECODE_MAX, ladder  # noqa: E402
 from hf_semisparse.kernels.linear import SemiSparseLinear  # noqa: E402
 from hf_semisparse.utils import write_json  # noqa: E402
 
@@ -321,6 +322,9 @@ def run_dtype(args, name: str, dtype: torch.dtype, results: dict) -> dict:
     prep = prepare_token_counts(ours, max_tokens)
     result["warmup_s"] = time.perf_counter() - t0
     result["warmup"] = str(prep)
+    if args.pad_buffers:  # what prepare_generation(..., pad_buffers=True) adds, for decode batches up to N
+        sizes = ladder(min(args.pad_buffers, DECODE_MAX))
+        result["pad_buffer_bytes"] = sum(layer.add_pad_buffers(sizes) for layer in semi_sparse_layers(ours))
     result["weight_bytes"] = {"dense": model_bytes(dense), "ours": model_bytes(ours)}
     linear_dense = sum(
         m.weight.numel() * m.weight.element_size()
@@ -453,6 +457,13 @@ def main() -> None:
     parser.add_argument(
         "--no-fuse-projections", action="store_true", help="q/k/v and gate/up as separate 2:4 GEMMs"
     )
+    parser.add_argument(
+        "--pad-buffers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="give 2:4 layers decode pad buffers for batches up to N (prepare_generation(pad_buffers=True))",
+    )
     args = parser.parse_args()
     args.ttft = [tuple(int(v) for v in spec.split("x")) for spec in args.ttft]
     if not torch.cuda.is_available():
@@ -465,6 +476,7 @@ def main() -> None:
         "prompt": args.prompt,
         "new_tokens": args.new_tokens,
         "fuse_projections": not args.no_fuse_projections,
+        "pad_buffers": args.pad_buffers,
         "runs": [],
     }
     bandwidth = copy_bandwidth()
