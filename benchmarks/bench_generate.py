@@ -65,6 +65,7 @@ from dense_fp8 import DenseFp8Linear, to_dense_fp8  # noqa: E402
 
 from hf_semisparse import compute_nm_mask, prune_24  # noqa: E402
 from hf_semisparse.kernels import accelerate_24, prepare_token_counts, semi_sparse_layers  # noqa: E402
+from hf_semisparse.kernels.buckets import DECODE_MAX, ladder  # noqa: E402
 from hf_semisparse.kernels.fp8_linear import Fp8SemiSparseLinear  # noqa: E402
 from hf_semisparse.kernels.linear import SemiSparseLinear  # noqa: E402
 from hf_semisparse.utils import write_json  # noqa: E402
@@ -448,6 +449,13 @@ def build_variants(args, name: str, result: dict) -> dict:
         prep.append(f"FP8 2:4: {prepare_fp8(ours, counts)}")
     result["warmup_s"] = time.perf_counter() - t0
     result["warmup"] = "; ".join(prep)
+    if args.pad_buffers and semi_sparse_layers(
+        ours
+    ):  # prepare_generation(..., pad_buffers=True), batches <= N
+        ladder_sizes = ladder(min(args.pad_buffers, DECODE_MAX))
+        result["pad_buffer_bytes"] = sum(
+            layer.add_pad_buffers(ladder_sizes) for layer in semi_sparse_layers(ours)
+        )
     return models
 
 
@@ -651,6 +659,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--no-fuse-projections", action="store_true", help="q/k/v and gate/up as separate 2:4 GEMMs"
     )
+    parser.add_argument(
+        "--pad-buffers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="give 2:4 layers decode pad buffers for batches up to N (prepare_generation(pad_buffers=True))",
+    )
     args = parser.parse_args(argv)
     try:
         args.ttft = [tuple(int(v) for v in spec.split("x")) for spec in args.ttft]
@@ -674,6 +689,7 @@ def main(argv: list[str] | None = None) -> None:
         "prompt": args.prompt,
         "new_tokens": args.new_tokens,
         "fuse_projections": not args.no_fuse_projections,
+        "pad_buffers": args.pad_buffers,
         "runs": [],
     }
     if "fp8" in args.dtypes:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import operator
+import re
 
 import pytest
 import torch
@@ -18,7 +20,7 @@ from torch import nn
 from hf_semisparse import prune_24
 from hf_semisparse.kernels import ProjectionSlice, semi_sparse_layers
 from hf_semisparse.kernels.linear import SemiSparseLinear
-from hf_semisparse.kernels.projections import fuse_projections
+from hf_semisparse.kernels.projections import _TRACED_ROUND, fuse_projections, reads_one_input
 from tests.conftest import make_model
 
 
@@ -181,8 +183,8 @@ def test_torch_compile_traces_the_joined_projections(backend):
 
 
 def test_compiled_siblings_share_one_joined_gemm_per_input(backend, monkeypatch):
-    """Under torch.compile each joined group runs its GEMM once per input (in the custom op's body, whichever
-    sibling comes first), the others copy their columns; nothing is kept once all have their part."""
+    """Under torch.compile each joined group runs its GEMM once per input, and the traced round is let go once
+    every sibling has its part."""
     reference = _pruned("llama")
     model = copy.deepcopy(reference)
     fuse_projections(model, _linear_names(model))
@@ -201,5 +203,188 @@ def test_compiled_siblings_share_one_joined_gemm_per_input(backend, monkeypatch)
         torch.testing.assert_close(_output(compiled, ids), _output(reference, ids))
     joined = [layer for layer in layers if layer.out_features > 64]  # q/k/v and gate/up joined per block
     assert joined and all(calls.count(id(layer)) == 1 for layer in joined)
-    groups = {id(m.group): m.group for m in model.modules() if isinstance(m, ProjectionSlice)}
-    assert all(getattr(g._local, "compiled_output", None) is None for g in groups.values())
+    assert _TRACED_ROUND.state is None
+
+
+class _GraphRecorder:
+    """A torch.compile backend that keeps Dynamo's graph and AOTAutograd's inference graph, and runs the latter."""
+
+    def __init__(self):
+        self.dynamo, self.aot = [], []
+
+    def __call__(self, gm, example_inputs):
+        from torch._dynamo.backends.common import aot_autograd
+
+        self.dynamo.append(gm.graph)
+
+        def keep(aot_gm, aot_inputs):
+            self.aot.append(aot_gm.graph)
+            return aot_gm.forward
+
+        return aot_autograd(fw_compiler=keep)(gm, example_inputs)
+
+
+def _compile_and_record(model, **inputs):
+    recorder = _GraphRecorder()
+    with torch.inference_mode():
+        out = torch.compile(model, backend=recorder, fullgraph=True)(**inputs)
+    assert len(recorder.dynamo) == len(recorder.aot) == 1  # one graph: no break, no recompile
+    return out, recorder.dynamo[0], recorder.aot[0]
+
+
+def _outputs(graph):
+    return len(next(n for n in graph.nodes if n.op == "output").args[0])
+
+
+def _calls(graph, name):
+    return [n for n in graph.nodes if n.op in ("call_function", "call_method") and name in str(n.target)]
+
+
+_COPIES = ("clone", "contiguous", "copy", "_to_copy", "cat")
+
+
+@pytest.mark.parametrize("arch, siblings", [("llama", [2, 2, 3, 3]), ("bert", [3, 3])])
+def test_the_compiled_graph_joins_each_group_once_and_slices_views_of_it(backend, arch, siblings):
+    """One `linear_24` call per group and layer; each sibling's output a column slice of it (a view), with no
+    copy of those columns, and as many graph outputs as the model without our layers (nothing escapes)."""
+    reference = _pruned(arch)
+    model = copy.deepcopy(reference)
+    fuse_projections(model, _linear_names(model))
+    ids = torch.randint(3, 100, (2, 9))
+    want, ref_graph, ref_aot = _compile_and_record(reference, input_ids=ids)
+    got, graph, aot = _compile_and_record(model, input_ids=ids)
+    torch.testing.assert_close(got.logits, want.logits)
+    with torch.inference_mode():
+        torch.testing.assert_close(got.logits, reference(input_ids=ids).logits)  # eager
+    assert _TRACED_ROUND.state is None
+
+    ops = _calls(graph, "hf_semisparse.linear_24")
+    # per group and layer: one call, and a slice of it per sibling
+    assert sorted(len(op.users) for op in ops) == siblings
+    for op in ops:
+        for view in op.users:  # out[..., start:stop]
+            assert view.target is operator.getitem and isinstance(view.args[1][-1], slice), view.format_node()
+            assert not any(str(u.target) in _COPIES for u in view.users), view.format_node()
+    assert _outputs(graph) == _outputs(ref_graph)
+
+    aot_ops = _calls(aot, "hf_semisparse.linear_24")
+    assert len(aot_ops) == len(siblings)
+    for op in aot_ops:
+        for view in op.users:
+            assert view.target in (torch.ops.aten.slice.Tensor, torch.ops.aten.view.default), (
+                view.format_node()
+            )
+    copies = [n for n in aot.nodes if any(c in str(n.target) for c in ("clone", "copy"))]
+    ref_copies = [n for n in ref_aot.nodes if any(c in str(n.target) for c in ("clone", "copy"))]
+    assert len(copies) <= len(ref_copies)
+    assert _outputs(aot) == _outputs(ref_aot)
+
+
+def _attention(class_name):
+    """A module of 2:4 q/k/v projections whose key and value read `memory` when given (cross-attention)."""
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.k_proj, self.v_proj = (nn.Linear(32, 32) for _ in range(3))
+
+        def forward(self, x, memory=None):
+            memory = x if memory is None else memory
+            return self.q_proj(x) @ self.k_proj(memory).transpose(-1, -2) @ self.v_proj(memory)
+
+    Attention.__name__ = Attention.__qualname__ = class_name
+    torch.manual_seed(0)
+    module = Attention()
+    prune_24(module, show_progress=False)
+    return module
+
+
+@pytest.mark.parametrize("class_name", ["CrossAttention", "SelfAttention"])
+def test_compiled_siblings_reading_different_inputs_stay_right(backend, class_name):
+    """A cross-attention's siblings run one by one under compile; a group taken for a self-attention whose
+    siblings turn out to read different inputs does too, from the first trace, and nothing escapes it."""
+    reference = _attention(class_name)
+    model = copy.deepcopy(reference)
+    fuse_projections(model, {"q_proj", "k_proj", "v_proj"})
+    group = model.q_proj.group
+    assert group.one_input is (class_name == "SelfAttention")
+    x, memory = torch.randn(2, 5, 32), torch.randn(2, 7, 32)
+    for _ in range(2):
+        got, graph, aot = _compile_and_record(model, x=x, memory=memory)
+        torch.testing.assert_close(got, reference(x, memory))
+        assert _outputs(graph) == _outputs(aot) == 1 and _TRACED_ROUND.state is None
+        assert not group.one_input
+    got, graph, _ = _compile_and_record(model, x=x)  # one input again: correct, whatever the group's mark
+    torch.testing.assert_close(got, reference(x))
+    assert _outputs(graph) == 1 and _TRACED_ROUND.state is None
+
+
+def test_only_cross_attention_is_taken_for_siblings_of_several_inputs():
+    assert reads_one_input("model.layers.0.self_attn", nn.Module())
+    assert reads_one_input("bert.encoder.layer.0.attention.self", nn.Module())
+    assert not reads_one_input("model.decoder.layers.0.encoder_attn", nn.Module())
+    assert not reads_one_input("bert.encoder.layer.0.crossattention.self", nn.Module())
+    assert not reads_one_input("model.layers.3.cross_attn", nn.Module())
+
+
+def _all_semi_sparse(reference):
+    """`reference`'s linear layers as 2:4 layers: siblings joined, the others `SemiSparseLinear`."""
+    model = copy.deepcopy(reference)
+    fuse_projections(model, _linear_names(model))
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Linear and not name.endswith("lm_head"):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, SemiSparseLinear(module))
+    return model
+
+
+def test_compiled_decode_steps_pad_into_the_layers_pad_buffers(backend, monkeypatch):
+    """With pad buffers, a one-token step writes each GEMM's input into its layer's 16-row buffer in the graph
+    and the op reads the whole buffer (its body pads nothing); outputs as eager, over steps with new values."""
+    reference = _pruned("llama")
+    model = _all_semi_sparse(reference)
+    layers = semi_sparse_layers(model)
+    for layer in layers:
+        layer.add_pad_buffers([16])
+    shapes = []
+    run = SemiSparseLinear.run
+
+    def recording(self, x, *args, **kwargs):
+        shapes.append(tuple(x.shape))
+        return run(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(SemiSparseLinear, "run", recording)
+    for _ in range(2):  # the buffers keep the last step's rows: a new step overwrites what it reads
+        ids = torch.randint(3, 100, (1, 1))
+        shapes.clear()
+        got, graph, _ = _compile_and_record(model, input_ids=ids)
+        with torch.inference_mode():
+            torch.testing.assert_close(got.logits, reference(input_ids=ids).logits)
+        assert len(shapes) == len(layers) and all(shape[0] == 16 for shape in shapes), shapes
+    ops = _calls(graph, "hf_semisparse.linear_24")
+    assert len(ops) == len(layers)
+    for op in ops:  # the op reads a persistent buffer (a graph input), written in the graph
+        assert op.args[0].op == "placeholder", op.format_node()
+    assert len(_calls(graph, "copy_")) == len(layers)
+
+
+@pytest.mark.slow
+def test_inductor_computes_decode_steps_with_pad_buffers_as_eager(backend):
+    """Inductor compiles the writes into the pad buffers (mutated graph inputs) in place and gives eager's
+    logits; its generated code calls each 2:4 GEMM once, on its buffer."""
+    from torch._inductor.utils import run_and_get_code
+
+    reference = _pruned("llama")
+    model = _all_semi_sparse(reference)
+    for layer in semi_sparse_layers(model):
+        layer.add_pad_buffers([16])
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.inference_mode():
+        for _ in range(2):
+            ids = torch.randint(3, 100, (1, 1))
+            got, code = run_and_get_code(compiled, input_ids=ids)
+            torch.testing.assert_close(got.logits, reference(input_ids=ids).logits)
+    calls = re.findall(r"= torch\.ops\.hf_semisparse\.linear_24\.default\((\w+),", code[-1])
+    assert len(calls) == len(semi_sparse_layers(model))
+    # each reads its pad buffer itself (a graph input written in place), not a padded copy of it
+    assert all(re.fullmatch(r"arg\d+_1", arg) for arg in calls), calls

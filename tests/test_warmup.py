@@ -292,28 +292,6 @@ def test_generative_decoders_are_recognised():
     assert not is_generative_decoder(make_model("bert")) and not is_generative_decoder(make_model("t5"))
 
 
-def test_compiled_siblings_of_one_input_share_a_round_only_for_the_same_shape(backend):
-    from hf_semisparse.kernels.projections import ProjectionGroup
-
-    torch.manual_seed(0)
-    joined = nn.Linear(8, 12)
-    layer = SemiSparseLinear(joined)  # the CPU stand-in runs it dense
-    calls = []
-    run = layer.run
-    layer.run = lambda x: calls.append(tuple(x.shape)) or run(x)
-    group = ProjectionGroup(layer, ["q", "k", "v"], [(0, 4), (4, 8), (8, 12)], "attn")
-    group.one_input = True
-    x, copy = torch.randn(2, 8), None
-    copy = x.clone()  # what inductor may hand a sibling: another buffer, the same values
-    parts = [group.compiled_part(x, 0), group.compiled_part(copy, 1), group.compiled_part(x, 2)]
-    torch.testing.assert_close(torch.cat(parts, -1), joined(x))
-    assert calls == [(2, 8)] and group._local.compiled_output is None  # one GEMM, nothing kept
-    other = torch.randn(5, 8)  # e.g. cross-attention's encoder states: another shape starts a new round
-    group.compiled_part(x, 0)
-    torch.testing.assert_close(group.compiled_part(other, 1), joined(other)[:, 4:8])
-    assert calls == [(2, 8), (2, 8), (5, 8)]
-
-
 @pytest.mark.parametrize("capability", [(8, 0), (9, 0)])
 def test_quick_searches_try_the_fastest_ids_of_the_shapes_first_search(monkeypatch, capability):
     """The first quick search of a shape at decode sizes tries every id (on an H200 the fastest decode kernels were
@@ -493,3 +471,33 @@ def test_bf16_decoders_run_on_cutlass_where_it_can_run(
     prune_24(encoder, show_progress=False)
     report = kernels.accelerate_24(encoder.to(dtype), fuse_residual=False, fuse_gelu=False)
     assert set(report.kernels) == {"cusparselt"}, report.kernels
+
+
+def test_prepare_generation_adds_decode_pad_buffers_only_when_asked(gpu_standins):
+    _, layer = _layer()
+    report = prepare_generation(nn.Sequential(layer), max_batch_size=20, max_prompt_length=8, progress=False)
+    assert report.pad_buffer_bytes == 0 and not layer._pad_rows
+    report = prepare_generation(
+        nn.Sequential(layer), max_batch_size=20, max_prompt_length=8, pad_buffers=True, progress=False
+    )
+    assert sorted(layer._pad_rows) == [16, 32]  # the decode sizes of 1 to 20 sequences
+    assert all(rows.shape == (m, 64) for m, rows in layer._pad_rows.items())
+    assert report.pad_buffer_bytes == (16 + 32) * 64 * layer._pad_rows[16].element_size()
+
+
+def test_pad_buffers_refuse_sizes_off_the_decode_ladder(backend):
+    layer = SemiSparseLinear(nn.Linear(64, 32))
+    with pytest.raises(ValueError, match=r"ladder sizes up to 256 tokens, got \[24, 512\]"):
+        layer.add_pad_buffers([16, 24, 512])
+    assert not layer._pad_rows  # nothing added
+    layer.add_pad_buffers([16])
+    layer.to(torch.float64)
+    assert not layer._pad_rows  # moved: the buffers go with the plans
+
+
+def test_pad_buffers_made_in_inference_mode_can_be_written_outside_it(backend):
+    layer = SemiSparseLinear(nn.Linear(64, 32))
+    with torch.inference_mode():
+        layer.add_pad_buffers([16])
+    with torch.no_grad():
+        layer._pad_rows[16][:1].copy_(torch.ones(1, 64))  # what a compiled step under no_grad does

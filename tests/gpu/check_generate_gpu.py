@@ -81,10 +81,11 @@ def greedy(model, ids, new_tokens, static):
         )
 
 
+@pytest.mark.parametrize("pad_buffers", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_compiled_static_cache_generate_runs_and_matches_dense(dtype):
+def test_compiled_static_cache_generate_runs_and_matches_dense(dtype, pad_buffers):
     dense, ours = llama_pair(dtype)
-    prepare_generation(ours, max_batch_size=4, max_prompt_length=64, progress=False)
+    prepare_generation(ours, max_batch_size=4, max_prompt_length=64, pad_buffers=pad_buffers, progress=False)
     for batch in (3,):
         ids = torch.randint(1, 1024, (batch, 37), device="cuda")
         ref = greedy(dense, ids, 12, static=True)
@@ -100,14 +101,16 @@ def test_compiled_static_cache_generate_runs_and_matches_dense(dtype):
     assert rel(eager.logits[0], ref.logits[0]) < TOL[dtype]
 
 
-def test_compiled_decode_runs_in_cuda_graphs_as_dense_does():
+@pytest.mark.parametrize("pad_buffers", [False, True])
+def test_compiled_decode_runs_in_cuda_graphs_as_dense_does(pad_buffers):
     """Inductor's CUDA graph trees capture our decode steps, as they do dense's: no "skipping cudagraphs" (a
     skipped graph runs every kernel launch from Python; on an H200, 2026-12-01, our 2-block decode spent about 1 ms
-    more host time per step than dense's, for the same GPU time)."""
+    more host time per step than dense's, for the same GPU time). With pad buffers the graphs mutate them: they
+    must count as static inputs (`mark_static_address`), or the trees skip the graph ("mutated inputs")."""
     from torch._dynamo.utils import counters
 
     dense, ours = llama_pair(torch.float16)
-    prepare_generation(ours, max_batch_size=1, max_prompt_length=64, progress=False)
+    prepare_generation(ours, max_batch_size=1, max_prompt_length=64, pad_buffers=pad_buffers, progress=False)
     ids = torch.randint(1, 1024, (1, 37), device="cuda")
     skips = {}
     for label, model in (("dense", dense), ("ours", ours)):

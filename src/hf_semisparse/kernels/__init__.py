@@ -308,14 +308,6 @@ def accelerate_24(
             "(hf-semisparse build-kernels) and the shape allows (in_features % 128, out_features % 64); elsewhere "
             "prefer fp16, or keep_dense=True to run dense where dense is faster (docs/guides/generation.md)"
         )
-
-    modules = dict(root.named_modules())
-    for name, slice_ in modules.items():
-        if isinstance(slice_, ProjectionSlice):
-            parent_name = name.rpartition(".")[0]
-            where = f"{parent_name}.{type(modules.get(parent_name)).__name__}".lower()
-            # siblings of a decoder's self-attention or MLP always read one input; cross-attention's do not
-            slice_.group.one_input = decoder and "cross" not in where and "encoder_attn" not in where
     if report.accelerated and fuse_residual:
         report.fused_residual = fuse_residual_adds(root)
     if report.accelerated and fuse_gelu:

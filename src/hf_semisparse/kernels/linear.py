@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import cutlass_sm90
-from .buckets import anchor_of, bucket_for, is_bucket, padded_tokens, split_into_buckets
+from .buckets import DECODE_MAX, anchor_of, bucket_for, is_bucket, padded_tokens, split_into_buckets
 from .cusparselt import ALIGNMENT, AlgConfig, Handle, MatmulPlan, persistent_empty
 from .tuning import Decision, ShapeKey, TuningCache, choose, compiled_call, default_cache_path, search_alg
 
@@ -199,6 +199,8 @@ class SemiSparseLinear(nn.Module):
         # the same key -> the plan that applies GELU in its epilogue, None = a separate F.gelu
         self._gelu_fast: dict[tuple[int, int], cutlass_sm90.CutlassPlan | None] = {}
         self._workspaces: dict[int, torch.Tensor] = {}  # stream -> workspace
+        # padded token count -> a persistent input buffer that compiled graphs pad into (`add_pad_buffers`)
+        self._pad_rows: dict[int, torch.Tensor] = {}
         weight = linear.weight.detach()
         if not isinstance(linear, nn.Linear):  # Conv1D stores [in, out]
             weight = weight.t()
@@ -245,10 +247,7 @@ class SemiSparseLinear(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None, gelu: bool = False
     ) -> torch.Tensor:
         if _is_compiling():  # an opaque custom op: no graph break under torch.compile
-            y = torch.ops.hf_semisparse.linear_24(
-                x, self.compressed, self.weight, self.bias, self._id, self.out_features
-            )
-            return _finish(y, residual, gelu)
+            return _finish(self._traced_linear(x), residual, gelu)
         key = (x.get_device(), x.numel())  # device index -1: not on CUDA
         plan = self._fast.get(key, _UNSET)
         if plan is None and x.dtype is self.compute_dtype:
@@ -257,8 +256,58 @@ class SemiSparseLinear(nn.Module):
             return y if residual is None and not gelu else _finish(y, residual, gelu)
         return self._dispatch(x, key, plan, residual, gelu)
 
+    def add_pad_buffers(self, sizes: list[int]) -> int:
+        """Keep a persistent input buffer of each padded token count in `sizes` (ladder sizes up to `DECODE_MAX`)
+        for compiled graphs to pad into (`_traced_linear`); returns the bytes added. Buffers are dropped by
+        `.to()` and friends.
+
+        Raises:
+            ValueError: a size that is not a decode-sized ladder size.
+        """
+        bad = [m for m in sizes if not (is_bucket(m) and m <= DECODE_MAX)]
+        if bad:
+            raise ValueError(f"pad buffers are for ladder sizes up to {DECODE_MAX} tokens, got {bad}")
+        added = 0
+        for m in sizes:
+            if m not in self._pad_rows:
+                with torch.inference_mode(
+                    False
+                ):  # an inference tensor could not be written outside that mode
+                    rows = torch.empty(
+                        m, self.in_features, dtype=self.compute_dtype, device=self.compressed.device
+                    )
+                torch._dynamo.mark_static_address(rows)  # CUDA graph trees: a static input, mutated in place
+                self._pad_rows[m] = rows
+                added += rows.numel() * rows.element_size()
+        return added
+
+    def _traced_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """`forward` while Dynamo traces: the custom op `hf_semisparse::linear_24`, opaque to the graph.
+
+        Where the layer keeps a pad buffer of the padded size of `x`'s (static) token count (`add_pad_buffers`),
+        the graph writes `x` into its first rows and the op reads the whole buffer, so its body pads nothing;
+        inductor then computes `x` (RMSNorm, the MLP's activation product) straight into the buffer in the kernel
+        that produces it, where the op's body would copy it in a kernel of its own. The buffer's other rows hold
+        whatever was there: the GEMM's rows are independent and those outputs are never read.
+        """
+        k = self.in_features
+        m = x.numel() // k if x.shape[-1] == k else None
+        rows = None
+        if type(m) is int and 0 < m <= DECODE_MAX and x.dtype == self.compute_dtype:  # a static token count
+            rows = self._pad_rows.get(padded_tokens(m))
+        if rows is None or rows.shape[0] == m or rows.device != x.device:
+            return torch.ops.hf_semisparse.linear_24(
+                x, self.compressed, self.weight, self.bias, self._id, self.out_features
+            )
+        rows[:m].copy_(x.reshape(m, k))
+        y = torch.ops.hf_semisparse.linear_24(
+            rows, self.compressed, self.weight, self.bias, self._id, self.out_features
+        )
+        return y[:m].view(*x.shape[:-1], self.out_features)
+
     def _apply(self, fn, recurse=True):
         # .to() / .cuda() / .half() move the tensors the cached plans point at (the fused bias): rebuild them
+        self._pad_rows.clear()
         self._plans.clear()
         self._fast.clear()
         self._residual_fast.clear()

@@ -9,13 +9,16 @@ one by one and 118.7 us as one 2304x768 GEMM (docs/performance.md).
 joined `SemiSparseLinear` and keeps its output; its siblings called with that same tensor object return their
 columns of it (views, no copy). State dict keys do not change: each slice's `weight` and `bias` are views of its
 rows of the joined weight.
+
+Under torch.compile the same happens while Dynamo traces: the first sibling puts one `hf_semisparse::linear_24`
+call of the joined layer into the graph, and its siblings, traced with that same input, take column slices of its
+output, so the compiled graph has one 2:4 GEMM per group and input and no copy of its columns (`traced_part`).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +31,6 @@ SIBLING_SETS = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("gat
 
 _is_compiling = torch.compiler.is_compiling
 _WARNED: set[int] = set()
-_GROUPS: weakref.WeakValueDictionary[int, ProjectionGroup] = weakref.WeakValueDictionary()
 
 
 class ProjectionGroup:
@@ -41,9 +43,8 @@ class ProjectionGroup:
     def __init__(self, layer: nn.Module, names: list[str], bounds: list[tuple[int, int]], where: str) -> None:
         self.layer, self.names, self.bounds, self.where = layer, names, bounds, where
         self.separate = False  # set when the siblings turn out to read different inputs
-        self.one_input = False  # the siblings always read one input (decoder-only models): see compiled_part
+        self.one_input = False  # the siblings always all read one input (no cross-attention): see traced_part
         self._local = threading.local()
-        _GROUPS[layer._id] = self
 
     def part(self, x: torch.Tensor, index: int) -> torch.Tensor:
         """Sibling `index`'s projection of `x`: its columns of the joined GEMM's output for this very tensor."""
@@ -63,33 +64,37 @@ class ProjectionGroup:
             state.input = state.output = None
         return out
 
-    def compiled_part(self, x: torch.Tensor, index: int) -> torch.Tensor:
-        """`part` inside a compiled graph (the custom op `joined_part`), as a new tensor.
+    def traced_part(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """`part` while Dynamo traces: sibling `index`'s columns of one joined GEMM in the graph, as a view.
 
-        A traced graph cannot hold `part`'s Python state, but the op's body runs at call time: the first sibling
-        of a round (inductor may order them as it likes) runs the joined GEMM; the others copy their columns
-        from its output, which is let go once every sibling has taken its part (so nothing stays allocated
-        between calls: CUDA graph trees check that). Under CUDA graphs the copies replay from the joined output's
-        recorded address. Inductor may hand the siblings different buffers holding the same input; with
-        `one_input` (the self-attention and MLP siblings of decoder-only models) a round is complete when every
-        sibling took its part of an input of the same shape and dtype, whatever the buffers; otherwise a buffer
-        not seen in the round starts a new one.
+        The first sibling traced with `x` puts the joined layer's call (`hf_semisparse::linear_24`) into the graph;
+        a sibling traced next with the same traced tensor slices that call's output. The round's state lives in
+        `_TRACED_ROUND` during tracing only (Dynamo records the attribute writes and replays the last, None): it is
+        cleared once every sibling took its part, so no traced tensor outlives the trace. One that did would become
+        an extra graph output, kept in the CUDA graph trees' pool, and its next value would fail Dynamo's guards.
+
+        Rounds are shared only by siblings that always all read one input (`one_input`: self-attention and MLP
+        groups; a cross-attention's key and value read the encoder's states, or are not computed once cached).
+        The others run one by one (`slice_forward`), as do siblings of a `one_input` group found reading different
+        inputs during a trace: that group is marked not `one_input` (the next call compiles again), as eager calls
+        mark it `separate`.
         """
-        state = self._local
-        pending = getattr(state, "compiled_pending", None)
-        key = (x.data_ptr(), tuple(x.shape), x.dtype)
-        previous = getattr(state, "compiled_key", None)
-        same_input = previous == key or (self.one_input and previous is not None and previous[1:] == key[1:])
-        same_round = pending and index in pending and same_input
-        if not same_round:
-            state.compiled_key, state.compiled_output = key, self.layer.run(x)
-            state.compiled_pending = pending = set(range(len(self.bounds)))
+        if not self.one_input:
+            return self.slice_forward(x, index)
+        bit, done = 1 << index, (1 << len(self.bounds)) - 1
+        # (group, input, joined output, bits of the siblings that took their part), or None
+        state = _TRACED_ROUND.state
+        if state is not None and state[0] is self and not state[3] & bit:
+            if state[1] is not x:  # a sibling of this round reads another input
+                self.one_input = False
+                _TRACED_ROUND.state = None
+                return self.slice_forward(x, index)
+            output, taken = state[2], state[3] | bit
+        else:  # a new round; one left unfinished by another group is dropped (its slices are traced already)
+            output, taken = self.layer(x), bit
+        _TRACED_ROUND.state = None if taken == done else (self, x, output, taken)
         start, stop = self.bounds[index]
-        out = state.compiled_output[..., start:stop].contiguous()  # columns of a row-major output: a copy
-        pending.discard(index)
-        if not pending:
-            state.compiled_key = state.compiled_output = None
-        return out
+        return output[..., start:stop]
 
     def slice_forward(self, x: torch.Tensor, index: int) -> torch.Tensor:
         """Sibling `index` on its own: dense on its rows where a dense copy is kept, else the joined GEMM."""
@@ -157,33 +162,18 @@ class ProjectionSlice(nn.Module):
         group = self.group
         if group.separate:
             return group.slice_forward(x, self.index)
-        if (
-            _is_compiling()
-        ):  # the shared output is per-call Python state: kept in the op's body, not the graph
-            start, stop = group.bounds[self.index]
-            return torch.ops.hf_semisparse.joined_part(
-                x, group.layer.compressed, group.layer._id, self.index, start, stop
-            )
+        if _is_compiling():  # one joined call per input in the traced graph, each sibling a view of it
+            return group.traced_part(x, self.index)
         return group.part(x, self.index)
 
 
-@torch.library.custom_op("hf_semisparse::joined_part", mutates_args=())
-def joined_part(
-    x: torch.Tensor, compressed: torch.Tensor, layer_id: int, index: int, start: int, stop: int
-) -> torch.Tensor:
-    """Sibling `index`'s projection of `x` (columns `start:stop` of the joined 2:4 GEMM), in compiled graphs."""
-    from .tuning import compiled_call
+class _TracedRound:
+    """The round of joined projections being traced (`ProjectionGroup.traced_part`); None outside one."""
 
-    group = _GROUPS.get(layer_id)
-    if group is None:
-        raise RuntimeError(f"the joined projections of SemiSparseLinear {layer_id} no longer exist")
-    with compiled_call():
-        return group.compiled_part(x, index)
+    state: tuple | None = None
 
 
-@joined_part.register_fake
-def _(x, compressed, layer_id, index, start, stop):
-    return x.new_empty(*x.shape[:-1], stop - start)
+_TRACED_ROUND = _TracedRound()
 
 
 def _after_load(module: ProjectionSlice, incompatible_keys) -> None:
@@ -200,6 +190,14 @@ def _after_load(module: ProjectionSlice, incompatible_keys) -> None:
                 full[start:stop].copy_(loaded)
     module._alias_parameters()
     compress_again(group.layer, incompatible_keys)
+
+
+def reads_one_input(parent_name: str, parent: nn.Module) -> bool:
+    """Whether the siblings of `parent` always all read one input: not a cross-attention (whose key and value read
+    the encoder's states, or are not computed once cached), by transformers' module names (`crossattention`,
+    `encoder_attn`, `cross_attn`, `*CrossAttention`)."""
+    where = f"{parent_name}.{type(parent).__name__}".lower()
+    return "cross" not in where and "encoder_attn" not in where
 
 
 def _joinable(linears: list[nn.Module]) -> bool:
@@ -255,6 +253,7 @@ def fuse_projections(
             group = ProjectionGroup(
                 SemiSparseLinear(cat, keep_dense=keep_dense, kernel=kernel), list(names), bounds, parent_name
             )
+            group.one_input = reads_one_input(parent_name, parent)
             for index, (name, lin) in enumerate(zip(names, linears, strict=True)):
                 setattr(parent, name, ProjectionSlice(group, index, has_bias=lin.bias is not None))
             joined[parent_name] = list(names)
