@@ -497,3 +497,18 @@ def test_values_cast_by_the_loader_are_the_same_codes_again(dtype):
         SparseCheckpointError, match=r"w: the FP8 values reached the loader as .* \[1\] .*not an e4m3"
     ):
         e4m3_from_cast("w", torch.tensor([1.0, 1.0625], dtype=dtype))  # 1.0625 needs 4 mantissa bits
+
+
+def test_the_quantizer_left_on_the_model_does_not_keep_the_codes_alive(fp8_ckpt):
+    """`model.hf_quantizer` stays on the model: once a layer is replaced (the FP8 kernels), its codes must be freed."""
+    import gc
+    import weakref
+
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(fp8_ckpt[1])
+    layer = loaded.get_submodule(LAYER)
+    codes = weakref.ref(getattr(layer, STORED_ATTR))
+    parent, child = LAYER.rsplit(".", 1)
+    setattr(loaded.get_submodule(parent), child, torch.nn.Identity())  # as `_to_fp8` replaces the layer
+    del layer
+    gc.collect()
+    assert codes() is None

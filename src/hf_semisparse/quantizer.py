@@ -410,6 +410,9 @@ class SemiSparseHfQuantizer(HfQuantizer):
             )
         if self.fp8:
             self._say_fp8_dequantised(model, run_kernels, on_cuda)
+            # the layers hold their codes now; `model.hf_quantizer` stays on the model, and a second reference here
+            # would keep every layer's codes in CPU memory after the FP8 kernels replaced the layer
+            self.fp8_codes = {}
         return model
 
     def _attach_fp8_codes(self, model) -> None:
