@@ -101,7 +101,8 @@ def e4m3_from_cast(name: str, values: torch.Tensor) -> torch.Tensor:
     if values.dtype == FP8_DTYPE or not values.is_floating_point():
         return values
     codes = values.to(FP8_DTYPE)
-    inexact = (codes.to(values.dtype) != values) & ~torch.isnan(values)  # NaN codes: `check_fp8_values` says so
+    # NaN codes are left for `check_fp8_values`, which says so
+    inexact = (codes.to(values.dtype) != values) & ~torch.isnan(values)
     if inexact.any():
         bad = torch.nonzero(inexact)[0].tolist()
         raise SparseCheckpointError(

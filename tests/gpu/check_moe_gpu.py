@@ -91,7 +91,7 @@ def _flipped_share(ours: list[tuple], theirs: list[tuple]) -> float:
     assert len(ours) == len(theirs) > 0
     differ = [
         (a[2].sort(dim=-1).values != b[2].sort(dim=-1).values).any(dim=-1).float().mean().item()
-        for a, b in zip(ours, theirs)
+        for a, b in zip(ours, theirs, strict=True)
     ]
     return sum(differ) / len(differ)
 
