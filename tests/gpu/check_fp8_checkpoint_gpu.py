@@ -38,7 +38,7 @@ import traceback
 
 import torch
 from safetensors.torch import load_file
-from script_checks import CHECKS, FAILURES, check  # tests/gpu, beside this script
+from script_checks import CHECKS, FAILURES, check, run_record  # tests/gpu, beside this script
 
 from hf_semisparse import AutoSparseModel, save_sparse_pretrained
 from hf_semisparse.fp8_serialization import decompress_fp8_24
@@ -243,7 +243,7 @@ def main() -> int:
         print(f"FAIL  the FP8 kernels cannot run: {why}")
         return 1
     t0 = time.time()
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    result = run_record()  # date, command, GPU, driver, torch, CUDA, transformers
     steps = [
         (check_dtype, (torch.float16, result)),
         (check_dtype, (torch.bfloat16, result)),

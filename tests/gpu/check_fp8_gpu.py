@@ -43,7 +43,7 @@ import traceback
 
 import torch
 import torch.nn.functional as F
-from script_checks import CHECKS, FAILURES, check  # tests/gpu, beside this script
+from script_checks import CHECKS, FAILURES, check, run_record  # tests/gpu, beside this script
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks"))
 from dense_fp8 import FAST_ACCUM, scaled_mm  # noqa: E402 - the dense FP8 baseline's one _scaled_mm call
@@ -456,7 +456,7 @@ def main() -> int:
         print(f"FAIL  the FP8 kernels cannot run: {why}")
         return 1
     t0 = time.time()
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    result = run_record()  # date, command, GPU, driver, torch, CUDA, transformers
     for step in (check_quantiser, check_configs, check_layer, check_model):
         try:
             step()
