@@ -325,6 +325,14 @@ def test_only_cross_attention_is_taken_for_siblings_of_several_inputs():
     assert not reads_one_input("model.decoder.layers.0.encoder_attn", nn.Module())
     assert not reads_one_input("bert.encoder.layer.0.crossattention.self", nn.Module())
     assert not reads_one_input("model.layers.3.cross_attn", nn.Module())
+    # cross-attentions named otherwise in transformers (Pix2Struct, Kosmos-2, T5, SAM)
+    assert not reads_one_input("decoder.layer.0.encoder_decoder_attention.attention", nn.Module())
+    assert not reads_one_input("text_model.model.layers.0.x_attn", nn.Module())
+    assert not reads_one_input("decoder.block.0.layer.1.EncDecAttention", nn.Module())
+    assert not reads_one_input("mask_decoder.transformer.layers.0.cross_attn_token_to_image", nn.Module())
+    assert not reads_one_input("mask_decoder.transformer.final_attn_token_to_image", nn.Module())
+    assert reads_one_input("memory_attention.layers.0.self_attn", nn.Module())  # SAM 2's self-attention
+    assert reads_one_input("model.layers.0.max_attn", nn.Module())  # only the exact name x_attn
 
 
 def _all_semi_sparse(reference):
@@ -388,3 +396,35 @@ def test_inductor_computes_decode_steps_with_pad_buffers_as_eager(backend):
     assert len(calls) == len(semi_sparse_layers(model))
     # each reads its pad buffer itself (a graph input written in place), not a padded copy of it
     assert all(re.fullmatch(r"arg\d+_1", arg) for arg in calls), calls
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known limitation (December 2026): a round where only the query runs (a cached cross-attention that "
+    "`reads_one_input` does not recognise) is never finished, so its joined output becomes a graph output, stays "
+    "in `_TRACED_ROUND` between calls and costs a recompile",
+)
+def test_a_round_where_only_the_query_runs_leaves_nothing_behind(backend):
+    class SelfAttention(nn.Module):  # named as a self-attention; key and value cached after the first step
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.k_proj, self.v_proj = (nn.Linear(32, 32) for _ in range(3))
+
+        def forward(self, x, cached):
+            return self.q_proj(x) @ cached.transpose(-1, -2) @ cached
+
+    torch.manual_seed(0)
+    reference = SelfAttention()
+    prune_24(reference, show_progress=False)
+    model = copy.deepcopy(reference)
+    fuse_projections(model, {"q_proj", "k_proj", "v_proj"})
+    cached = torch.randn(2, 5, 32)
+    try:
+        for _ in range(2):
+            x = torch.randn(2, 5, 32)
+            got, graph, _ = _compile_and_record(model, x=x, cached=cached)
+            torch.testing.assert_close(got, reference(x, cached))  # right either way
+            assert _TRACED_ROUND.state is None, "the unfinished round outlived the call"
+            assert _outputs(graph) == 1
+    finally:
+        _TRACED_ROUND.state = None  # what it left must not reach the other tests

@@ -192,12 +192,23 @@ def _after_load(module: ProjectionSlice, incompatible_keys) -> None:
     compress_again(group.layer, incompatible_keys)
 
 
+# transformers' names of attentions whose key and value read another input than their query (and are not computed
+# once cached), besides those with "cross" or "encoder_attn" in them: Pix2Struct's decoder, T5's, SAM's two-way
+# blocks (parts of a name), Kosmos-2's text model (a whole module name)
+_OTHER_INPUT_PARTS = ("encoder_decoder_attention", "encdecattention", "token_to_image", "image_to_token")
+_OTHER_INPUT_NAMES = ("x_attn",)
+
+
 def reads_one_input(parent_name: str, parent: nn.Module) -> bool:
     """Whether the siblings of `parent` always all read one input: not a cross-attention (whose key and value read
     the encoder's states, or are not computed once cached), by transformers' module names (`crossattention`,
-    `encoder_attn`, `cross_attn`, `*CrossAttention`)."""
+    `encoder_attn`, `cross_attn`, `*CrossAttention`, and those above). A cross-attention missed here costs one
+    recompile (the trace finds the different inputs), or, where only its query runs (once its key and value are
+    cached), a joined output kept from one call to the next and an extra graph output."""
     where = f"{parent_name}.{type(parent).__name__}".lower()
-    return "cross" not in where and "encoder_attn" not in where
+    if "cross" in where or "encoder_attn" in where or any(part in where for part in _OTHER_INPUT_PARTS):
+        return False
+    return not any(name in _OTHER_INPUT_NAMES for name in where.split("."))
 
 
 def _joinable(linears: list[nn.Module]) -> bool:
