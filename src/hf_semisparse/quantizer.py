@@ -445,7 +445,8 @@ class SemiSparseHfQuantizer(HfQuantizer):
             "hf_semisparse: this checkpoint stores FP8 (e4m3) 2:4 weights with one scale per output row; %d of its "
             "%d layers were dequantised to %s (e4m3 value * scale: FP8-rounded weights, not the original ones) and "
             "do not run on the FP8 kernels: %s. On a Hopper GPU with `hf-semisparse build-kernels --fp8`, load "
-            "with device_map='cuda' (or call accelerate_24(model, weights='fp8')) to run the stored codes on them.",
+            "with dtype=torch.bfloat16 (or float16) and device_map='cuda' (or call accelerate_24(model, "
+            "weights='fp8') on the model in that dtype there) to run the stored codes on them.",
             total - on_fp8,
             total,
             str(dtype).removeprefix("torch."),
