@@ -102,7 +102,7 @@ def env_info() -> dict:
     except OSError:
         driver = "?"
     return {
-        "gpu": torch.cuda.get_device_name(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "driver": driver,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,

@@ -37,39 +37,17 @@ import time
 import traceback
 
 import torch
+from check_fp8_gpu import tiny_llama  # tests/gpu, beside this script
 from safetensors.torch import load_file
-from script_checks import CHECKS, FAILURES, check, run_record  # tests/gpu, beside this script
+from script_checks import CHECKS, FAILURES, check, run_record
 
 from hf_semisparse import AutoSparseModel, save_sparse_pretrained
 from hf_semisparse.fp8_serialization import decompress_fp8_24
 from hf_semisparse.kernels import accelerate_24, cutlass_fp8
 from hf_semisparse.kernels.fp8_linear import Fp8SemiSparseLinear
-from hf_semisparse.masks import compute_nm_mask
 
 DEV = torch.device("cuda")
 LAYERS = 14  # 2 blocks x (q, k, v, o, gate, up, down)
-
-
-def tiny_llama(dtype):
-    """A random 2:4 Llama on the CPU in `dtype` (lm_head dense)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=1000,
-        hidden_size=512,
-        intermediate_size=1536,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        max_position_embeddings=256,
-    )
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear) and "lm_head" not in name:
-                module.weight.mul_(compute_nm_mask(module.weight))
-    return model.to(dtype)
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -119,7 +97,7 @@ def check_dtype(dtype, result: dict) -> None:
     from transformers import AutoModelForCausalLM
 
     tag = str(dtype).removeprefix("torch.")
-    model = tiny_llama(dtype)
+    model = tiny_llama(dtype, device="cpu")
     ids = torch.randint(0, 1000, (4, 64), device=DEV)
     with tempfile.TemporaryDirectory() as tmp:
         save_sparse_pretrained(model.to(DEV), f"{tmp}/fp8", weights="fp8")  # from the GPU
@@ -212,7 +190,7 @@ def check_dtype(dtype, result: dict) -> None:
 def check_float32_saved() -> None:
     from transformers import AutoModelForCausalLM
 
-    model = tiny_llama(torch.float32)
+    model = tiny_llama(torch.float32, device="cpu")
     with tempfile.TemporaryDirectory() as tmp:
         save_sparse_pretrained(model, f"{tmp}/fp8", weights="fp8")
         codes = stored_codes(f"{tmp}/fp8")

@@ -154,7 +154,8 @@ def check_configs() -> None:
                     )
 
 
-def tiny_llama(dtype):
+def tiny_llama(dtype, device=DEV):
+    """A random 2:4 Llama (2 blocks, hidden 512; lm_head dense) in `dtype` on `device`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -172,7 +173,7 @@ def tiny_llama(dtype):
         for name, module in model.named_modules():
             if isinstance(module, torch.nn.Linear) and "lm_head" not in name:
                 module.weight.mul_(compute_nm_mask(module.weight))
-    return model.to(DEV, dtype)
+    return model.to(device, dtype)
 
 
 def check_layer() -> None:

@@ -17,30 +17,18 @@ def check(ok: bool, what: str) -> None:
 
 
 def run_record() -> dict:
-    """What a result JSON must say about its run: UTC date, the command, GPU, driver and software versions."""
+    """What a result JSON must say about its run: UTC date, the command, and the GPU, driver and software versions
+    (`benchmarks/bench_inference.py`'s `env_info`, as the benchmarks record them)."""
     import datetime
+    import os
     import shlex
-    import subprocess
     import sys
 
-    import torch
-    import transformers
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks"))
+    from bench_inference import env_info
 
-    try:
-        driver = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout.strip()
-    except OSError:
-        driver = "?"
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": shlex.join([sys.executable.rsplit("/", 1)[-1], *sys.argv]),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "driver": driver.splitlines()[0] if driver else "?",
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "transformers": transformers.__version__,
+        **env_info(),
     }
