@@ -111,6 +111,17 @@ def env_info() -> dict:
     }
 
 
+def timing_row(times: list[float], error: float) -> dict:
+    """One variant's row of the JSON: its forward times (ms) and its logits' relative error against the reference."""
+    return {
+        "min_ms": min(times),
+        "median_ms": statistics.median(times),
+        "max_ms": max(times),
+        "n": len(times),
+        "rel_err": error,
+    }
+
+
 def time_round_robin(variants: dict, ids, budget_ms: float, skip: set) -> dict[str, list[float]]:
     """Time one forward of each variant in turn, round after round, so clock and thermal drift hit all alike.
 
@@ -262,13 +273,7 @@ def bench_models(args, save) -> list[dict]:
             skip = {"torch-2:4"} if batch > args.max_stock_batch else set()
             timings = time_round_robin(variants, ids, args.budget_ms, skip)
             for vname, times in timings.items():
-                row[vname] = {
-                    "min_ms": min(times),
-                    "median_ms": statistics.median(times),
-                    "max_ms": max(times),
-                    "n": len(times),
-                    "rel_err": rel_err(logits(variants[vname], ids), ref),
-                }
+                row[vname] = timing_row(times, rel_err(logits(variants[vname], ids), ref))
                 print(f"{name} b{batch} {vname}: {row[vname]['median_ms']:.2f} ms", flush=True)
             if args.graphs:
                 graph_report = list(variants["ours+graphs"].reports.values())[-1]  # this batch's capture
@@ -551,13 +556,7 @@ def bench_fp8_models(args, save) -> list[dict]:
                     failed.add(vname)
             timings = time_round_robin(variants, ids, args.budget_ms, failed)
             for vname, times in timings.items():
-                row[vname] = {
-                    "min_ms": min(times),
-                    "median_ms": statistics.median(times),
-                    "max_ms": max(times),
-                    "n": len(times),
-                    "rel_err": rel_err(logits(variants[vname], ids), ref),
-                }
+                row[vname] = timing_row(times, rel_err(logits(variants[vname], ids), ref))
                 print(
                     f"{name} b{batch} {args.fp8_dtype} {vname}: {row[vname]['median_ms']:.2f} ms", flush=True
                 )
