@@ -263,7 +263,7 @@ def test_every_tile_configuration_is_dispatched():
     with open(cutlass_fp8.SOURCE, encoding="utf-8") as f:
         text = f.read()
     n = int(re.search(r"kNumConfigs = (\d+);", text).group(1))
-    listed = re.search(r"#define HSS_FP8_CONFIGS\(X\) (.*)", text).group(1)
+    listed = re.search(r"#define HSS_FP8_CONFIGS\(X\) ((?:.*\\\n)*.*)", text).group(1)  # continued lines too
     assert re.findall(r"X\((\d+), Config(\d+)\)", listed) == [(str(i), str(i)) for i in range(n)]
     for i in range(n):
         assert f"using Config{i} = Config<" in text

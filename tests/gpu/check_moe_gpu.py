@@ -10,9 +10,10 @@ block on the GPU from 32 random sequences of 512 tokens. Checks and reports:
   Hessian per expert: about 6.6 GiB for the 8 `down_proj` experts of a block);
 - `save_sparse_pretrained` then plain `AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16,
   device_map="cuda")`: the expert weights are bit-identical to the pruned ones, and the loaded model's logits
-  are as close to the pruned model's (run dense in bf16 on the GPU) as bf16 allows (linear layers run on 2:4
-  kernels, the experts run transformers' dense experts code), with every token routed as in the pruned model (the
-  share of tokens that the loaded model's own routers send to other experts is reported).
+  (linear layers on 2:4 kernels, the experts in transformers' dense experts code) are at most 1.5x as far from
+  the pruned model's float32 logits as the pruned model's own dense bf16 logits are (plus 1e-3), every token
+  routed as in the float32 run (the share of tokens that the loaded model's own routers send to other experts
+  is reported).
 Writes the numbers to $OUT/moe_gpu.json when OUT is set.
 """
 
@@ -78,12 +79,27 @@ def _forced_routing(model, outputs: list[tuple]):
     expert: a bf16 rounding difference in the attention output (2:4 kernels against dense) then sends them
     elsewhere, and their logits change by far more than the kernels' rounding (0.24 relative on an H200)."""
     calls = iter(outputs)
-    hooks = [r.register_forward_hook(lambda m, i, out: next(calls)) for r in _routers(model)]
+
+    def replay(module, inputs, out):  # floating outputs (router logits, scores) in the running model's dtype
+        return tuple(t.to(inputs[0].dtype) if t.is_floating_point() else t for t in next(calls))
+
+    hooks = [r.register_forward_hook(replay) for r in _routers(model)]
     try:
         yield
     finally:
         for h in hooks:
             h.remove()
+
+
+def _cast(model, dtype: torch.dtype):
+    """`model.to(dtype)`, the rotary frequencies then recomputed in float32. `.to()` also rounds the non-persistent
+    `inv_freq` buffer, which `from_pretrained` builds in float32: rounded to bf16 it turned position 511 by up to
+    0.6 rad (rope theta 1e6), and a reference cast that way stood 5x further from the loaded model than bf16 rounding
+    explains (0.086 against 0.016 on an H200, 2026-12-02)."""
+    model.to(dtype)
+    rotary = model.model.rotary_emb
+    model.model.rotary_emb = type(rotary)(config=model.config).to(rotary.inv_freq.device)
+    return model
 
 
 def _flipped_share(ours: list[tuple], theirs: list[tuple]) -> float:
@@ -98,7 +114,7 @@ def _flipped_share(ours: list[tuple], theirs: list[tuple]) -> float:
 
 def test_mixtral_shaped_prune_save_load(tmp_path, caplog):
     torch.manual_seed(0)
-    model = MixtralForCausalLM(_config()).to(torch.bfloat16).eval()
+    model = _cast(MixtralForCausalLM(_config()), torch.bfloat16).eval()
     samples, seq = (4, 32) if TINY else (32, 512)
     vocab = model.config.vocab_size
     batches = [{"input_ids": torch.randint(0, vocab, (1, seq))} for _ in range(samples)]
@@ -116,10 +132,13 @@ def test_mixtral_shaped_prune_save_load(tmp_path, caplog):
         assert is_nm_sparse(weight), name
     print(report)
 
-    ids = batches[0]["input_ids"]
-    model.to(DEVICE)
+    ids = batches[0]["input_ids"].to(DEVICE)
+    _cast(model, torch.float32).to(DEVICE)  # the float32 reference; its routing is replayed in both bf16 runs
     with torch.no_grad(), _recorded_routing(model) as routing:
-        reference = model(ids.to(DEVICE)).logits.float()
+        reference = model(ids).logits.float()
+    _cast(model, torch.bfloat16)  # exact: the weights were bf16 before
+    with torch.no_grad(), _forced_routing(model, routing):
+        dense = model(ids).logits.float()
     model.to("cpu")
     start = time.perf_counter()
     summary = save_sparse_pretrained(model, tmp_path / "ckpt")
@@ -130,12 +149,15 @@ def test_mixtral_shaped_prune_save_load(tmp_path, caplog):
     for name, weight in _experts(loaded).items():
         assert torch.equal(weight.cpu(), experts[name]), name
     with torch.no_grad(), _recorded_routing(loaded) as own_routing:
-        loaded(ids.to(DEVICE))
+        loaded(ids)
     flipped = _flipped_share(routing, own_routing)
     with torch.no_grad(), _forced_routing(loaded, routing):
-        logits = loaded(ids.to(DEVICE)).logits.float()
+        logits = loaded(ids).logits.float()
     rel = float((logits - reference).norm() / reference.norm())
-    assert rel < 2e-2, rel
+    rel_dense = float((dense - reference).norm() / reference.norm())
+    # the loaded model (2:4 kernels, bf16) may be at most 1.5x as far from float32 as the pruned model run dense
+    # in bf16, plus 1e-3 for a reference that bf16 reproduces almost exactly
+    assert rel <= 1.5 * rel_dense + 1e-3, (rel, rel_dense)
     numbers = {
         "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
         "torch": torch.__version__,
@@ -145,7 +167,8 @@ def test_mixtral_shaped_prune_save_load(tmp_path, caplog):
         "save_s": round(save_s, 2),
         "load_s": round(load_s, 2),
         "target_ratio": round(summary["target_ratio"], 4),
-        "logits_rel_error_loaded_vs_pruned": rel,
+        "logits_rel_error_loaded_vs_float32": rel,
+        "logits_rel_error_dense_bf16_vs_float32": rel_dense,
         "tokens_routed_differently": flipped,
         "sparsified_share": round(report.sparsified_share, 4),
     }

@@ -84,7 +84,7 @@ struct ScaledBiasEpilogue {
   }
 };
 
-template <class Tile, class Cluster, class MainSched, class EpiSched>
+template <class Tile, class Cluster, class MainSched, class EpiSched, class Scheduler = void>
 struct Kernel {
   using Epi = ScaledBiasEpilogue<Tile>;
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
@@ -96,7 +96,7 @@ struct Kernel {
       ElementAcc, Tile, Cluster,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
       MainSched>::CollectiveOp;
-  using GemmKernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue>;
+  using GemmKernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue, Scheduler>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
 };
 
@@ -105,19 +105,28 @@ using CoopEpi = cutlass::epilogue::TmaWarpSpecializedCooperative;
 using Ping = cutlass::gemm::KernelTmaWarpSpecializedPingpongFP8FastAccum;
 using PingEpi = cutlass::epilogue::TmaWarpSpecialized;
 
-template <class Tile_, class Cluster_, class Main_, class Epi_>
+template <class Tile_, class Cluster_, class Main_, class Epi_, class Scheduler_ = void>
 struct Config {
-  using K = Kernel<Tile_, Cluster_, Main_, Epi_>;
+  using K = Kernel<Tile_, Cluster_, Main_, Epi_, Scheduler_>;
 };
-// The tile configurations, by index (tile M x N x K in elements, cluster, schedule).  M = out features,
-// N = tokens: the 64-wide N tiles are for small token counts.
+// The tile configurations, by index (tile M x N x K in elements, cluster, schedule, tile scheduler).
+// M = out features, N = tokens: the 64-wide N tiles are for small token counts.
 using Config0 = Config<Shape<_128, _128, _256>, Shape<_1, _2, _1>, Coop, CoopEpi>;
 using Config1 = Config<Shape<_128, _256, _128>, Shape<_1, _1, _1>, Coop, CoopEpi>;
 using Config2 = Config<Shape<_64, _128, _256>, Shape<_1, _2, _1>, Ping, PingEpi>;
 using Config3 = Config<Shape<_128, _64, _256>, Shape<_1, _1, _1>, Coop, CoopEpi>;
 using Config4 = Config<Shape<_256, _128, _128>, Shape<_2, _1, _1>, Coop, CoopEpi>;
-#define HSS_FP8_CONFIGS(X) X(0, Config0) X(1, Config1) X(2, Config2) X(3, Config3) X(4, Config4)
-constexpr int kNumConfigs = 5;
+// Decode (GEMM N = 16-64 tokens), as sm90_sparse_gemm.cu's configurations 5-8: the weight is the only large
+// operand, so what counts is how many SMs stream it.  64-row tiles give a 4096-row weight 64 CTAs where 128-row
+// tiles give 32 of 132 SMs; Stream-K splits K across the SMs left over.
+using Config5 = Config<Shape<_64, _64, _256>, Shape<_1, _1, _1>, Ping, PingEpi>;
+using Config6 = Config<Shape<_64, _32, _256>, Shape<_1, _1, _1>, Ping, PingEpi>;
+using Config7 = Config<Shape<_128, _64, _256>, Shape<_1, _1, _1>, Coop, CoopEpi, cutlass::gemm::StreamKScheduler>;
+using Config8 = Config<Shape<_128, _32, _256>, Shape<_1, _1, _1>, Coop, CoopEpi, cutlass::gemm::StreamKScheduler>;
+#define HSS_FP8_CONFIGS(X) \
+  X(0, Config0) X(1, Config1) X(2, Config2) X(3, Config3) X(4, Config4) X(5, Config5) X(6, Config6) X(7, Config7) \
+  X(8, Config8)
+constexpr int kNumConfigs = 9;
 
 using Mainloop0 = Config0::K::Mainloop;
 using SparseConfig = typename Mainloop0::SparseConfig;
