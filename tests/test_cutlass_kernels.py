@@ -234,3 +234,28 @@ def test_a_library_from_another_source_is_rebuilt_on_first_use(fake_cutlass, tmp
     assert cutlass_sm90.why_unavailable(hopper, torch.float16, 3072, 768) is None
     assert (tmp_path / "calls").read_text() == "x\nx\n"
     assert Path(path + ".sha256").read_text() == cutlass_sm90.source_digest()
+
+
+def test_a_built_library_answers_its_host_functions():
+    """With the library built (HF_SEMISPARSE_KERNEL_DIR), its host-only functions run without a GPU.
+
+    Every tile configuration's workspace query, the Stream-K ones included (their workspace size divides by
+    the SM count): sized on a GPU, refused with status 15 without one, never a division by zero that kills the
+    process."""
+    import ctypes
+    import re
+
+    if cutlass_sm90.find_library(torch.float16) is None:
+        pytest.skip("the fp16 library is not built here (hf-semisparse build-kernels)")
+    lib = cutlass_sm90.load_library(torch.float16)
+    with open(cutlass_sm90.SOURCE, encoding="utf-8") as f:
+        built = int(re.search(r"kNumConfigs = (\d+);", f.read()).group(1))
+    assert lib.hss_num_configs() == built
+    expect = 0 if torch.cuda.is_available() else 15
+    for config in range(built):
+        for gelu in (0, 1):
+            size = ctypes.c_size_t(7)
+            assert lib.hss_gemm_workspace(config, gelu, 4096, 16, 14336, ctypes.byref(size)) == expect, config
+            assert (size.value != 7) == (expect == 0), config
+    size = ctypes.c_size_t(7)
+    assert lib.hss_gemm_workspace(99, 0, 4096, 16, 4096, ctypes.byref(size)) == 1  # no such configuration

@@ -416,13 +416,22 @@ def test_a_built_library_answers_its_host_functions():
     if path is None:
         pytest.skip("the FP8 library is not built here (hf-semisparse build-kernels --fp8)")
     lib = cutlass_fp8.load_library(torch.bfloat16)
-    assert lib.hss_fp8_num_configs() == 5 and lib.hss_fp8_out_is_bf16() == 1
+    with open(cutlass_fp8.SOURCE, encoding="utf-8") as f:
+        built = int(re.search(r"kNumConfigs = (\d+);", f.read()).group(1))
+    assert lib.hss_fp8_num_configs() == built and lib.hss_fp8_out_is_bf16() == 1
     values, meta = ctypes.c_int64(), ctypes.c_int64()
     assert lib.hss_fp8_compressed_sizes(6144, 4096, ctypes.byref(values), ctypes.byref(meta)) == 0
     assert values.value == 6144 * 4096 // 2 and meta.value == 6144 * 4096 // 8
     size = ctypes.c_size_t(7)
-    assert lib.hss_fp8_gemm_workspace(0, 4096, 2048, 4096, ctypes.byref(size)) == 0
     assert lib.hss_fp8_gemm_workspace(99, 4096, 2048, 4096, ctypes.byref(size)) == 1  # no such configuration
+    # every configuration, the Stream-K ones too (their workspace size divides by the SM count): sized on a GPU,
+    # refused with status 15 without one, never a division by zero that kills the process
+    expect = 0 if torch.cuda.is_available() else 15
+    for config in range(built):
+        for m in (16, 2048):
+            size = ctypes.c_size_t(7)
+            assert lib.hss_fp8_gemm_workspace(config, 4096, m, 14336, ctypes.byref(size)) == expect, config
+            assert (size.value != 7) == (expect == 0), config
 
 
 def test_fp8_layers_keep_their_workspace_outside_cuda_graph_pools(monkeypatch):

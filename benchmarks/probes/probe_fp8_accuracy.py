@@ -9,7 +9,15 @@ weights quantised to e4m3 per output channel, activations per token, matmul in f
 one that stands for 8B-class models, whose every projection qualifies.
 
     python benchmarks/probes/probe_fp8_accuracy.py outputs/smollm2-135m --method magnitude
-    python benchmarks/probes/probe_fp8_accuracy.py outputs/smollm2-135m --method sparsegpt
+    python benchmarks/probes/probe_fp8_accuracy.py outputs/smollm2-135m --method sparsegpt \
+        --parts --pruned-dir outputs/smollm2-135m-sparsegpt
+
+`--parts` adds two rows: every layer with only its weights quantised (activations exact), then only its
+activations (weights exact), to tell which costs the perplexity. `--pruned-dir` saves the pruned bf16 model there
+(with the method it was pruned by) and loads it from there on later runs, skipping the pruning. The rotary
+frequencies are recomputed in float32 after the cast to bf16 (`model.to()` rounds them too, `from_pretrained` does
+not; the run of 2026-12-01 kept them rounded in its bf16 2:4 and kernel-eligible rows but not in its all-layers
+row, which reloads the model).
 
 Perplexity: the first `--tokens` tokens of the EB1911 article on Shakespeare, non-overlapping windows of
 `--window` tokens, mean token negative log-likelihood over all windows (the first token of each window is context
@@ -32,7 +40,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bench_pruning_llm import calibration_batches  # noqa: E402
 
-from hf_semisparse import SparsityConfig, prune_24
+from hf_semisparse import SparsityConfig, is_nm_sparse, prune_24
 from hf_semisparse.kernels import cutlass_fp8
 
 SHARED = os.environ.get("HF_SEMISPARSE_SHARED", "/work/shared")
@@ -41,15 +49,31 @@ CALIBRATION_DIR = os.path.join(SHARED, "data", "text", "gutenberg-shakespeare")
 
 
 class EmulatedFp8Linear(nn.Module):
-    """The FP8 2:4 GEMM's math (`fp8_linear_reference`) in place of an `nn.Linear`."""
+    """The FP8 2:4 GEMM's math (`fp8_linear_reference`) in place of an `nn.Linear`; `part` "weights" or
+    "activations" quantises only that operand (the other one exact, the product in float32), to tell which of the
+    two costs the perplexity."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, part: str = "both") -> None:
         super().__init__()
-        self.weight_fp8, self.scale_w = cutlass_fp8.quantize_weight(linear.weight.detach())
+        self.part = part
+        self.weight = linear.weight.detach()
+        self.weight_fp8, self.scale_w = cutlass_fp8.quantize_weight(self.weight)
         self.bias = None if linear.bias is None else linear.bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cutlass_fp8.fp8_linear_reference(x, self.weight_fp8, self.scale_w, self.bias)
+        if self.part == "both":
+            return cutlass_fp8.fp8_linear_reference(x, self.weight_fp8, self.scale_w, self.bias)
+        if self.part == "weights":
+            weight = self.weight_fp8.float() * self.scale_w[:, None]
+            xf = x.float()
+        else:
+            q, scale_x = cutlass_fp8.quantize_rows(x.reshape(-1, x.shape[-1]))
+            xf = (q.float() * scale_x[:, None]).reshape(x.shape)
+            weight = self.weight.float()
+        y = xf @ weight.t()
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype)
 
 
 def perplexity(model, ids: torch.Tensor, window: int) -> float:
@@ -64,11 +88,25 @@ def perplexity(model, ids: torch.Tensor, window: int) -> float:
     return math.exp(nll / count)
 
 
-def emulate(model, names: list[str]) -> nn.Module:
+def emulate(model, names: list[str], part: str = "both") -> nn.Module:
     modules = dict(model.named_modules())
     for name in names:
         parent_name, _, child = name.rpartition(".")
-        setattr(modules[parent_name], child, EmulatedFp8Linear(modules[name]))
+        setattr(modules[parent_name], child, EmulatedFp8Linear(modules[name], part))
+    return model
+
+
+def restore(model, names: list[str]) -> nn.Module:
+    """Put back the bf16 2:4 layers that `emulate` replaced (each wrapper keeps its layer's weight)."""
+    modules = dict(model.named_modules())
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        wrapper = modules[name]
+        linear = nn.Linear(wrapper.weight.shape[1], wrapper.weight.shape[0], bias=wrapper.bias is not None)
+        linear.weight = nn.Parameter(wrapper.weight, requires_grad=False)
+        if wrapper.bias is not None:
+            linear.bias = nn.Parameter(wrapper.bias, requires_grad=False)
+        setattr(modules[parent_name], child, linear)
     return model
 
 
@@ -82,6 +120,16 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument(
         "--only-all-layers", action="store_true", help="skip dense and the kernel-eligible row"
+    )
+    parser.add_argument(
+        "--parts",
+        action="store_true",
+        help="also every layer with only its weights, then only its activations, quantised",
+    )
+    parser.add_argument(
+        "--pruned-dir",
+        default=None,
+        help="keep the pruned bf16 model here (save_pretrained) and load it from here when it exists",
     )
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -102,7 +150,18 @@ def main() -> None:
         results["dense_bf16"] = perplexity(model, ids, args.window)
 
     calibration = None
-    if args.method == "sparsegpt":
+    cached = args.pruned_dir is not None and os.path.isfile(os.path.join(args.pruned_dir, "config.json"))
+    pruning = {"method": args.method, "calibration_samples": args.calibration_samples}
+    if cached:
+        with open(os.path.join(args.pruned_dir, "probe_pruning.json"), encoding="utf-8") as f:
+            saved = json.load(f)
+        if saved != pruning:
+            sys.exit(
+                f"{args.pruned_dir} holds a model pruned with {saved}, not {pruning}: pass another --pruned-dir"
+            )
+        model = AutoModelForCausalLM.from_pretrained(args.pruned_dir, dtype=torch.bfloat16).eval()
+        results["pruned_from"] = args.pruned_dir
+    elif args.method == "sparsegpt":
         # the calibration of benchmarks/bench_pruning_llm.py: random 512-token windows of all the Gutenberg plays
         calibration, _ = calibration_batches(
             tokenizer, CALIBRATION_DIR, args.calibration_samples, 512, batch_size=8, seed=0
@@ -114,11 +173,26 @@ def main() -> None:
             "seed": 0,
         }
         model.float()  # SparseGPT's Hessian in float32, then back to bf16
-    report = prune_24(
-        model, SparsityConfig(method=args.method), calibration_data=calibration, show_progress=False
-    )
-    model.to(torch.bfloat16)
-    targets = report.targets
+    if cached:
+        targets = [
+            name
+            for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and name != "lm_head" and is_nm_sparse(module.weight)
+        ]
+    else:
+        report = prune_24(
+            model, SparsityConfig(method=args.method), calibration_data=calibration, show_progress=False
+        )
+        model.to(torch.bfloat16)
+        # .to() rounded the rotary frequencies (a non-persistent buffer) to bf16 too; from_pretrained builds them
+        # in float32, as a user's model has them (the runs before 2026-12-02 kept them rounded)
+        model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config)
+        targets = report.targets
+        if args.pruned_dir is not None:
+            model.save_pretrained(args.pruned_dir)
+            tokenizer.save_pretrained(args.pruned_dir)
+            with open(os.path.join(args.pruned_dir, "probe_pruning.json"), "w", encoding="utf-8") as f:
+                json.dump(pruning, f)
     results["pruned_layers"] = len(targets)
     results["sparse24_bf16"] = perplexity(model, ids, args.window)
     print(json.dumps(results), flush=True)
@@ -137,7 +211,18 @@ def main() -> None:
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16).eval()
         model.load_state_dict(state)
     results["sparse24_fp8_all"] = perplexity(emulate(model, targets), ids, args.window)
-    for key in ("sparse24_fp8_eligible", "sparse24_fp8_all"):
+    print(json.dumps(results), flush=True)
+    if args.parts:
+        for part in ("weights", "activations"):
+            restore(model, targets)
+            results[f"sparse24_fp8_{part}_only"] = perplexity(emulate(model, targets, part), ids, args.window)
+            print(json.dumps(results), flush=True)
+    for key in (
+        "sparse24_fp8_eligible",
+        "sparse24_fp8_all",
+        "sparse24_fp8_weights_only",
+        "sparse24_fp8_activations_only",
+    ):
         if key in results:
             results[key + "_vs_bf16_pct"] = 100.0 * (results[key] / results["sparse24_bf16"] - 1.0)
     results["seconds"] = round(time.time() - t0, 1)

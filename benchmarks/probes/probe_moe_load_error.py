@@ -1,4 +1,4 @@
-"""Where a loaded 2:4 Mixtral (or Llama) drifts from its float32 reference on the GPU, block by block.
+"""Where a loaded 2:4 Mixtral (or Llama) drifts from its float32 reference on a GPU, block by block.
 
 `tests/gpu/check_moe_gpu.py` found the loaded Mixtral-shaped model 5x further from the float32 logits than the
 pruned model run dense in bf16 (0.086 against 0.016, H200, 2026-12-02), with every token routed as in the float32
@@ -87,7 +87,10 @@ def run(kind: str, seq: int, shape: dict, exact_rotary: bool) -> dict:
         (lambda m: _forced_routing(m, routing)) if kind == "mixtral" else (lambda m: contextlib.nullcontext())
     )
     runs = {}
-    _cast(model, torch.bfloat16) if exact_rotary else model.to(torch.bfloat16)
+    if exact_rotary:
+        _cast(model, torch.bfloat16)
+    else:
+        model.to(torch.bfloat16)
     with torch.no_grad(), force(model), recorded_blocks(model) as got:
         got["logits"] = model(ids).logits.float()
     runs["dense_bf16"] = got

@@ -92,10 +92,13 @@ def _forced_routing(model, outputs: list[tuple]):
 
 
 def _cast(model, dtype: torch.dtype):
-    """`model.to(dtype)`, the rotary frequencies then recomputed in float32. `.to()` also rounds the non-persistent
-    `inv_freq` buffer, which `from_pretrained` builds in float32: rounded to bf16 it turned position 511 by up to
-    0.6 rad (rope theta 1e6), and a reference cast that way stood 5x further from the loaded model than bf16 rounding
-    explains (0.086 against 0.016 on an H200, 2026-12-02)."""
+    """`model.to(dtype)`, the rotary frequencies then recomputed in float32.
+
+    `.to()` also rounds the non-persistent `inv_freq` buffer, which `from_pretrained` builds in float32:
+    rounded to bf16 it turned position 511 by up to 0.6 rad (rope theta 1e6), and a reference cast that way
+    stood 5x further from the loaded model than bf16 rounding explains (0.086 against 0.016 on an H200,
+    2026-12-02).
+    """
     model.to(dtype)
     rotary = model.model.rotary_emb
     model.model.rotary_emb = type(rotary)(config=model.config).to(rotary.inv_freq.device)
@@ -155,8 +158,8 @@ def test_mixtral_shaped_prune_save_load(tmp_path, caplog):
         logits = loaded(ids).logits.float()
     rel = float((logits - reference).norm() / reference.norm())
     rel_dense = float((dense - reference).norm() / reference.norm())
-    # the loaded model (2:4 kernels, bf16) may be at most 1.5x as far from float32 as the pruned model run dense
-    # in bf16, plus 1e-3 for a reference that bf16 reproduces almost exactly
+    # the loaded model (2:4 kernels, bf16) may be at most 1.5x as far from float32 as the pruned model run
+    # dense in bf16, plus 1e-3 for a reference that bf16 reproduces almost exactly
     assert rel <= 1.5 * rel_dense + 1e-3, (rel, rel_dense)
     numbers = {
         "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",

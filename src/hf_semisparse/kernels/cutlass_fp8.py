@@ -375,12 +375,18 @@ def search_config(
     """Every tile configuration timed on this problem, the three fastest again in turn (as `tuning.search_alg`):
     the fastest configuration, its median time (us), and the first pass's times of all that ran.
 
+    Decode sizes (`tuning.GRAPH_TIMING_MAX_M` tokens or fewer) are timed from CUDA graph replays, as
+    `cutlass_sm90.search_config` times them: eager calls of a 10-us GEMM time the host's ctypes launch. On an
+    H200 (2026-12-02) eager searches picked configurations 5 and 6 for q/k/v and o at 128 tokens, which then
+    measured 21% and 10% slower in graph replays than the configuration 3 an earlier search had picked.
+
     Raises:
         CutlassUnavailable: no configuration runs this shape.
     """
-    from .tuning import pick_finalist, time_cuda_us
+    from .tuning import GRAPH_TIMING_MAX_M, graph_timing_allowed, pick_finalist, time_cuda_us
 
     out = torch.empty(m, n, dtype=handle.dtype, device=q.device)
+    graph = m <= GRAPH_TIMING_MAX_M and graph_timing_allowed()
     runners, timings = {}, {}
     for config in range(handle.num_configs):
         try:
@@ -388,13 +394,15 @@ def search_config(
             ws = torch.empty(max(plan.workspace_size, 1), dtype=torch.uint8, device=q.device)
 
             def fn(plan=plan, ws=ws):
-                plan.run(compressed, scale_w, q, scale_x, bias, out, ws, stream)
+                # captured for graph timing: launched on the capturing stream
+                launch = torch.cuda.current_stream(q.device).cuda_stream if graph else stream
+                plan.run(compressed, scale_w, q, scale_x, bias, out, ws, launch)
 
-            timings[config] = time_cuda_us(fn, warmup=1, repeats=3, inner=3)
+            timings[config] = time_cuda_us(fn, warmup=1, repeats=3, inner=10 if graph else 3, graph=graph)
         except CutlassUnavailable:
             continue
         runners[config] = fn
     if not timings:
         raise CutlassUnavailable(f"no FP8 CUTLASS configuration runs N{n} K{k} M{m}")
-    best, best_us, _ = pick_finalist(timings, runners)
+    best, best_us, _ = pick_finalist(timings, runners, graph=graph)
     return best, best_us, timings

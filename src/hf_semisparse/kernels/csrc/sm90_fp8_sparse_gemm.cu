@@ -173,6 +173,13 @@ typename K::Gemm::Arguments make_arguments(const void* a_c, const void* e, const
 
 template <class K>
 int workspace(int m, int n, int k, size_t* bytes) {
+  // Stream-K's workspace size divides by the SM count: without a GPU whose count can be read, refuse (15)
+  // instead of dividing by zero.  (The GEMM itself passes 0 on to CUTLASS, which then queries the count.)
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || sm_count(device) <= 0) {
+    cudaGetLastError();  // clear it: a later launch's own error check must not see it
+    return 15;
+  }
   auto args = make_arguments<K>(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, m, n, k);
   *bytes = K::Gemm::get_workspace_size(args);
   return 0;
@@ -255,7 +262,7 @@ __global__ void quantize_rows(const ElementOut* __restrict__ x, __nv_fp8_e4m3* _
 extern "C" {
 
 // Error codes: 0 ok; 1 bad argument; 10 workspace too small; 11 shape not supported; 12 initialise failed;
-// 13 launch failed; 14 CUDA error after launch.
+// 13 launch failed; 14 CUDA error after launch; 15 no GPU to size the workspace for.
 
 int hss_fp8_num_configs() { return hss_fp8::kNumConfigs; }
 

@@ -146,6 +146,13 @@ typename K::Gemm::Arguments make_arguments(const void* a_c, const void* e, const
 
 template <class K>
 int workspace(int m, int n, int k, size_t* bytes) {
+  // Stream-K's workspace size divides by the SM count: without a GPU whose count can be read, refuse (15)
+  // instead of dividing by zero.  (The GEMM itself passes 0 on to CUTLASS, which then queries the count.)
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || sm_count(device) <= 0) {
+    cudaGetLastError();  // clear it: a later launch's own error check must not see it
+    return 15;
+  }
   auto args = make_arguments<K>(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, m, n, k, 0.0f);
   *bytes = K::Gemm::get_workspace_size(args);
   return 0;
@@ -168,7 +175,7 @@ int run(const void* a_c, const void* e, const void* b, const void* bias, const v
 extern "C" {
 
 // Error codes: 0 ok; 1 bad argument; 10 workspace too small; 11 shape not supported; 12 initialise failed;
-// 13 launch failed; 14 CUDA error after launch.
+// 13 launch failed; 14 CUDA error after launch; 15 no GPU to size the workspace for.
 
 int hss_num_configs() { return hss::kNumConfigs; }
 
