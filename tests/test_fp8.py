@@ -460,3 +460,33 @@ def test_fp8_layers_keep_their_workspace_outside_cuda_graph_pools(monkeypatch):
     during = Fp8SemiSparseLinear._workspace(layer, device, 7, 200)
     assert during.numel() == 200 and sizes == [100, 200] and layer._workspaces[(None, 7)] is kept
     assert Fp8SemiSparseLinear._workspace(layer, device, 7, 0) is None
+
+
+def test_the_compiled_ops_time_searches_without_a_capture_of_their_own():
+    """Inside the custom ops that compiled graphs call, a tile search (an unprepared token count) must not start
+    a CUDA graph capture of its own (inductor's graph trees may be warming up there): `graph_timing_allowed()` is
+    False in the op's body, and True again after it."""
+    from hf_semisparse.kernels import fp8_linear, tuning
+    from hf_semisparse.kernels import linear as linear_module
+
+    seen = []
+
+    class Recorder:  # stands in for the layer the op looks up by id
+        def run(self, x):
+            seen.append(tuning.graph_timing_allowed())
+            return x.new_zeros(x.shape[0], 8)
+
+    recorder = Recorder()
+    x = torch.zeros(2, 4)
+    fp8_linear._LAYERS[-1] = recorder
+    linear_module._LAYERS[-1] = recorder
+    try:
+        torch.ops.hf_semisparse.linear_fp8_24(
+            x, torch.zeros(1, dtype=torch.uint8), torch.ones(8), None, -1, 8
+        )
+        torch.ops.hf_semisparse.linear_24(x, torch.zeros(1), None, None, -1, 8)
+    finally:
+        fp8_linear._LAYERS.pop(-1, None)
+        linear_module._LAYERS.pop(-1, None)
+    assert seen == [False, False]
+    assert tuning.graph_timing_allowed()
