@@ -110,6 +110,30 @@ def restore(model, names: list[str]) -> nn.Module:
     return model
 
 
+PRUNING_RECORD = "probe_pruning.json"
+
+
+def _check_pruned_dir(path: str, pruning: dict) -> bool:
+    """Whether `path` holds a pruned model to reuse (it must have been pruned as `pruning` says); False where the
+    pruned model is to be saved there (a missing or empty folder). Exits with a message before any work for a
+    file, a folder of something else (nothing in it is overwritten), or a model pruned otherwise."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        sys.exit(f"--pruned-dir {path} is a file, not a folder")
+    if not os.path.isdir(path) or not os.listdir(path):
+        return False
+    record = os.path.join(path, PRUNING_RECORD)
+    if not os.path.isfile(record):
+        sys.exit(
+            f"--pruned-dir {path} is not empty and holds no {PRUNING_RECORD} (not this probe's cache, or a save "
+            "that was interrupted): pass an empty or new folder"
+        )
+    with open(record, encoding="utf-8") as f:
+        saved = json.load(f)
+    if saved != pruning:
+        sys.exit(f"--pruned-dir {path} holds a model pruned as {saved}, not {pruning}: pass another folder")
+    return True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("model")
@@ -133,6 +157,17 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.manual_seed(0)
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        sys.exit(f"{args.model} is not a transformers model folder (no config.json)")
+    if args.tokens < args.window + 1:
+        sys.exit(
+            f"--tokens ({args.tokens}) must cover at least one window of --window ({args.window}) tokens"
+        )
+    # what a cached pruned model must have been pruned with (calibration only counts for SparseGPT)
+    pruning = {"model": os.path.abspath(args.model), "method": args.method}
+    if args.method == "sparsegpt":
+        pruning["calibration_samples"] = args.calibration_samples
+    cached = _check_pruned_dir(args.pruned_dir, pruning) if args.pruned_dir is not None else False
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     with open(TEXT, encoding="utf-8") as f:
@@ -150,17 +185,9 @@ def main() -> None:
         results["dense_bf16"] = perplexity(model, ids, args.window)
 
     calibration = None
-    cached = args.pruned_dir is not None and os.path.isfile(os.path.join(args.pruned_dir, "config.json"))
-    pruning = {"method": args.method, "calibration_samples": args.calibration_samples}
     if cached:
-        with open(os.path.join(args.pruned_dir, "probe_pruning.json"), encoding="utf-8") as f:
-            saved = json.load(f)
-        if saved != pruning:
-            sys.exit(
-                f"{args.pruned_dir} holds a model pruned with {saved}, not {pruning}: pass another --pruned-dir"
-            )
         model = AutoModelForCausalLM.from_pretrained(args.pruned_dir, dtype=torch.bfloat16).eval()
-        results["pruned_from"] = args.pruned_dir
+        results["pruned_from"] = {"dir": args.pruned_dir, **pruning}
     elif args.method == "sparsegpt":
         # the calibration of benchmarks/bench_pruning_llm.py: random 512-token windows of all the Gutenberg plays
         calibration, _ = calibration_batches(
@@ -191,7 +218,8 @@ def main() -> None:
         if args.pruned_dir is not None:
             model.save_pretrained(args.pruned_dir)
             tokenizer.save_pretrained(args.pruned_dir)
-            with open(os.path.join(args.pruned_dir, "probe_pruning.json"), "w", encoding="utf-8") as f:
+            # written last: a folder without it is an interrupted save, refused by the next run
+            with open(os.path.join(args.pruned_dir, PRUNING_RECORD), "w", encoding="utf-8") as f:
                 json.dump(pruning, f)
     results["pruned_layers"] = len(targets)
     results["sparse24_bf16"] = perplexity(model, ids, args.window)
