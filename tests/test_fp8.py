@@ -490,3 +490,45 @@ def test_the_compiled_ops_time_searches_without_a_capture_of_their_own():
         linear_module._LAYERS.pop(-1, None)
     assert seen == [False, False]
     assert tuning.graph_timing_allowed()
+
+
+def test_the_fp8_search_times_decode_sizes_from_graph_replays_outside_compiled_calls(monkeypatch):
+    """`cutlass_fp8.search_config` times decode sizes (up to `GRAPH_TIMING_MAX_M` tokens) from CUDA graph
+    replays, larger ones eagerly, and inside a compiled call (`compiled_call`) always eagerly; the finalists are
+    re-timed the same way."""
+    from types import SimpleNamespace
+
+    from hf_semisparse.kernels import tuning
+
+    class FakePlan:  # no library here: the search's timing mode is what is tested
+        workspace_size = 0
+
+        def __init__(self, handle, n, k, m, config=0):
+            self.config = config
+
+        def run(self, *args):
+            raise AssertionError("the fake timer never runs a plan")
+
+    seen = []
+    monkeypatch.setattr(cutlass_fp8, "Fp8Plan", FakePlan)
+    monkeypatch.setattr(
+        tuning, "time_cuda_us", lambda fn, **kw: seen.append(("time", kw.get("graph"))) or 1.0
+    )
+
+    def pick(timings, runners, dense=None, graph=False):
+        seen.append(("pick", graph))
+        return min(timings), 1.0, None
+
+    monkeypatch.setattr(tuning, "pick_finalist", pick)
+    handle = SimpleNamespace(num_configs=2, dtype=torch.bfloat16)
+
+    def search(m):
+        seen.clear()
+        q = torch.zeros(m, 256, dtype=torch.uint8)
+        cutlass_fp8.search_config(handle, 64, 256, m, q, torch.ones(64), q, torch.ones(m), None, 0)
+        return sorted(set(seen))
+
+    assert search(16) == [("pick", True), ("time", True)]
+    assert search(tuning.GRAPH_TIMING_MAX_M + 16) == [("pick", False), ("time", False)]
+    with tuning.compiled_call():
+        assert search(16) == [("pick", False), ("time", False)]

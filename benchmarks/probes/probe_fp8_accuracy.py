@@ -30,6 +30,7 @@ import argparse
 import json
 import math
 import os
+import platform
 import sys
 import time
 
@@ -130,13 +131,16 @@ def _check_pruned_dir(path: str, pruning: dict) -> bool:
     with open(record, encoding="utf-8") as f:
         saved = json.load(f)
     if saved != pruning:
-        sys.exit(f"--pruned-dir {path} holds a model pruned as {saved}, not {pruning}: pass another folder")
+        sys.exit(
+            f"--pruned-dir {path} holds a model pruned as {saved} (a record of an older format, or another "
+            f"pruning), not {pruning}: pass another folder"
+        )
     return True
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("model")
+    parser.add_argument("model", help="a local transformers model folder (e.g. the output of to_hf.py)")
     parser.add_argument("--method", default="magnitude", choices=["magnitude", "sparsegpt"])
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--window", type=int, default=512)
@@ -159,21 +163,29 @@ def main() -> None:
     torch.manual_seed(0)
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         sys.exit(f"{args.model} is not a transformers model folder (no config.json)")
-    if args.tokens < args.window + 1:
+    if args.window < 2 or args.tokens < args.window:
         sys.exit(
-            f"--tokens ({args.tokens}) must cover at least one window of --window ({args.window}) tokens"
+            f"--tokens ({args.tokens}) must cover one window of --window ({args.window}, at least 2) tokens"
         )
     # what a cached pruned model must have been pruned with (calibration only counts for SparseGPT)
     pruning = {"model": os.path.abspath(args.model), "method": args.method}
     if args.method == "sparsegpt":
-        pruning["calibration_samples"] = args.calibration_samples
+        pruning |= {
+            "calibration_dir": CALIBRATION_DIR,
+            "calibration_samples": args.calibration_samples,
+            "seq": 512,
+        }
     cached = _check_pruned_dir(args.pruned_dir, pruning) if args.pruned_dir is not None else False
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     with open(TEXT, encoding="utf-8") as f:
         ids = tokenizer(f.read(), return_tensors="pt").input_ids[0][: args.tokens]
+    if ids.numel() < args.window:
+        sys.exit(f"{TEXT} has {ids.numel()} tokens, fewer than one window of {args.window}")
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16).eval()
     results = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
         "command": " ".join(sys.argv),
         "model": args.model,
         "method": args.method,

@@ -101,7 +101,7 @@ def run(kind: str, seq: int, shape: dict, exact_rotary: bool) -> dict:
             with load_options(accelerate=accelerate):
                 loaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16, device_map=DEVICE)
             report = getattr(loaded, "sparsity_acceleration", None)
-            said = report if report is not None else f"no 2:4 kernels (model on {DEVICE})"
+            said = report if report is not None else f"no 2:4 kernels (accelerate={accelerate!r}, {DEVICE})"
             print(f"[{kind}] {label}: {said}".replace("\n", ";"), flush=True)
             with torch.no_grad(), force(loaded), recorded_blocks(loaded) as got:
                 got["logits"] = loaded(ids).logits.float()

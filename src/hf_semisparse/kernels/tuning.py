@@ -195,8 +195,9 @@ _STATE = threading.local()
 
 
 def graph_timing_allowed() -> bool:
-    """False inside a compiled model's call (`linear.linear_24`): inductor's CUDA graph trees may be warming up
-    there, with every allocation routed to their pool, where a capture of our own must not start."""
+    """False inside a compiled model's call (`linear.linear_24`, `fp8_linear.linear_fp8_24`): inductor's CUDA
+    graph trees may be warming up there, with every allocation routed to their pool, where a capture of our own
+    must not start."""
     return not getattr(_STATE, "compiled_call", False)
 
 
