@@ -248,3 +248,63 @@ def test_magnitude_on_a_dense_model_records_no_mask_source():
     model.config.sparsity_config = {"method": "wanda", "pattern": "2:4", "targets": []}  # stale, not 2:4
     prune_24(model)
     assert "mask_source" not in model.config.sparsity_config
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sparsegpt_fp8_rounding_puts_kept_weights_on_each_rows_e4m3_grid(seed):
+    from hf_semisparse.kernels import cutlass_fp8
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(512, 128, generator=g)
+    w = torch.randn(32, 128, generator=g)
+    out = sparsegpt_nm(w, x.t() @ x / 512, fp8_rounding=True)
+    assert is_nm_sparse(out)
+    scale = w.abs().amax(dim=1) / 448  # the grid of the row before pruning
+    codes = out / scale[:, None]
+    torch.testing.assert_close(codes, codes.to(torch.float8_e4m3fn).float(), rtol=1e-6, atol=0)
+    assert codes.abs().max() <= 448 * (1 + 1e-6)
+    # the FP8 kernels' quantiser re-derives each row's scale from the result: where the row's largest weight sits
+    # at the top of the grid (most rows), it runs exactly the solved weights
+    q, s = cutlass_fp8.quantize_weight(out)
+    torch.testing.assert_close(
+        q.float() * s[:, None], out, rtol=0.07, atol=0
+    )  # within one e4m3 step anywhere
+    unchanged = torch.isclose(q.float() * s[:, None], out, rtol=1e-6, atol=0).all(dim=1).float().mean().item()
+    assert unchanged > 0.5
+    # without it, nothing changes: the plain solve is the reference loop's (tested above)
+    assert not torch.equal(sparsegpt_nm(w, x.t() @ x / 512), out)
+
+
+def test_fp8_rounding_is_refused_outside_sparsegpt():
+    layer = OneLayer(16, 8)
+    target = [SparseTarget("lin", layer.lin, False)]
+    batches = [{"x": torch.randn(8, 16)}]
+    with pytest.raises(ValueError, match="fp8_rounding is part of SparseGPT"):
+        calibrated_prune_(layer, target, "wanda", batches, fp8_rounding=True, show_progress=False)
+    with pytest.raises(TypeError, match="fp8_rounding must be True or False"):
+        calibrated_prune_(layer, target, "sparsegpt", batches, fp8_rounding=1, show_progress=False)
+    with pytest.raises(TypeError, match="only apply to wanda/sparsegpt"):
+        prune_24(make_model("bert"), SparsityConfig(), fp8_rounding=True)
+
+
+def test_prune_24_with_fp8_rounding_leaves_weights_on_the_fp8_grid():
+    model = make_model("bert")
+    data = ToyDataset("bert", n=16)
+    batches = [torch.utils.data.default_collate([data[i] for i in range(j, j + 8)]) for j in (0, 8)]
+    batches = [{k: v for k, v in b.items() if k != "labels"} for b in batches]
+    report = prune_24(
+        model,
+        SparsityConfig(method="sparsegpt"),
+        calibration_data=batches,
+        show_progress=False,
+        fp8_rounding=True,
+    )
+    modules = dict(model.named_modules())
+    for name in report.targets:
+        w = modules[name].weight.detach().float()
+        assert is_nm_sparse(w), name
+        rows = w.abs().amax(dim=1) > 0
+        scale = w[rows].abs().amax(dim=1, keepdim=True) / 448
+        codes = w[rows] / scale  # on the grid of the final absmax where it sits at the top code (most rows)
+        exact = torch.isclose(codes.to(torch.float8_e4m3fn).float(), codes, rtol=1e-6, atol=0)
+        assert exact.all(dim=1).float().mean().item() > 0.5, name

@@ -12,8 +12,9 @@ one that stands for 8B-class models, whose every projection qualifies.
     python benchmarks/probes/probe_fp8_accuracy.py outputs/smollm2-135m --method sparsegpt \
         --parts --pruned-dir outputs/smollm2-135m-sparsegpt
 
-`--parts` adds two rows: every layer with only its weights quantised (activations exact), then only its
-activations (weights exact), to tell which costs the perplexity. `--pruned-dir` saves the pruned bf16 model there
+`--fp8-rounding` prunes with SparseGPT's FP8 rounding (`prune_24(..., fp8_rounding=True)`). `--parts` adds two
+rows: every layer with only its weights quantised (activations exact), then only its activations (weights exact),
+to tell which costs the perplexity. `--pruned-dir` saves the pruned bf16 model there
 (with the method it was pruned by) and loads it from there on later runs, skipping the pruning. The rotary
 frequencies are recomputed in float32 after the cast to bf16 (`model.to()` rounds them too, `from_pretrained` does
 not; the run of 2026-12-01 kept them rounded in its bf16 2:4 and kernel-eligible rows but not in its all-layers
@@ -155,6 +156,11 @@ def main() -> None:
         help="also every layer with only its weights, then only its activations, quantised",
     )
     parser.add_argument(
+        "--fp8-rounding",
+        action="store_true",
+        help="(sparsegpt) prune with prune_24(..., fp8_rounding=True): weights rounded to the FP8 grid in the solve",
+    )
+    parser.add_argument(
         "--pruned-dir",
         default=None,
         help="keep the pruned bf16 model here (save_pretrained) and load it from here when it exists",
@@ -169,7 +175,10 @@ def main() -> None:
         )
     # what a cached pruned model must have been pruned with (calibration only counts for SparseGPT)
     pruning = {"model": os.path.abspath(args.model), "method": args.method}
+    if args.fp8_rounding and args.method != "sparsegpt":
+        sys.exit("--fp8-rounding is part of SparseGPT's solve: use it with --method sparsegpt")
     if args.method == "sparsegpt":
+        pruning["fp8_rounding"] = args.fp8_rounding
         pruning |= {
             "calibration_dir": CALIBRATION_DIR,
             "calibration_samples": args.calibration_samples,
@@ -219,8 +228,13 @@ def main() -> None:
             if isinstance(module, nn.Linear) and name != "lm_head" and is_nm_sparse(module.weight)
         ]
     else:
+        options = {"fp8_rounding": True} if args.fp8_rounding else {}
         report = prune_24(
-            model, SparsityConfig(method=args.method), calibration_data=calibration, show_progress=False
+            model,
+            SparsityConfig(method=args.method),
+            calibration_data=calibration,
+            show_progress=False,
+            **options,
         )
         model.to(torch.bfloat16)
         # .to() rounded the rotary frequencies (a non-persistent buffer) to bf16 too; from_pretrained builds them

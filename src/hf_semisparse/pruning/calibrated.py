@@ -39,12 +39,21 @@ def sparsegpt_nm(
     m: int = 4,
     blocksize: int = 128,
     damp: float = 0.01,
+    fp8_rounding: bool = False,
 ) -> torch.Tensor:
     """SparseGPT for an N:M pattern: returns the pruned and updated weight `[out, in]` (float32), exactly N:M.
 
     `hessian` is X^T X / samples for the layer's inputs X `[samples, in]`. The arithmetic is that of the
     reference implementation (github.com/IST-DASLab/sparsegpt, `SparseGPT.fasterprune`) run on one CPU thread,
     element for element.
+
+    `fp8_rounding`: also round each kept weight to the e4m3 grid of its row, in the same column walk, so that the
+    update of the columns not yet visited absorbs the rounding error as it absorbs the pruning error (the joint
+    sparsification and quantisation of the SparseGPT paper, Frantar & Alistarh 2023, done as GPTQ rounds,
+    Frantar et al. 2023). The grid is the one the FP8 kernels' quantiser (`cutlass_fp8.quantize_weight`) uses:
+    one scale per row, absmax / 448, here from the row before pruning; every kept weight of the result is a
+    multiple of it by an e4m3 value. Where the largest weight of a row ends below the top of that grid (pruned,
+    or moved by the updates), the quantiser's own scale of the result differs and it re-rounds that row.
     """
     if blocksize % m:
         raise ValueError(f"blocksize {blocksize} must be a multiple of m={m}")
@@ -55,24 +64,43 @@ def sparsegpt_nm(
         dead = torch.diag(h) == 0
         h[dead, dead] = 1.0
         w[:, dead] = 0.0
+        scale = _e4m3_row_scale(w) if fp8_rounding else None
         h_inv = _inverse_cholesky(h, damp)
         for i1 in range(0, cols, blocksize):
             i2 = min(i1 + blocksize, cols)
-            q1, err1 = _sparsegpt_block(w[:, i1:i2], h_inv[i1:i2, i1:i2], m, m - n)
+            q1, err1 = _sparsegpt_block(w[:, i1:i2], h_inv[i1:i2, i1:i2], m, m - n, scale)
             w[:, i1:i2] = q1
             w[:, i2:] -= err1 @ h_inv[i1:i2, i2:]
     return w
 
 
+E4M3_MAX = 448.0  # the largest float8_e4m3fn value
+
+
+def _e4m3_row_scale(w: torch.Tensor) -> torch.Tensor:
+    """Per-row e4m3 scales `[out]` as `cutlass_fp8.quantize_rows` computes them: absmax / 448 (1 for a zero row)."""
+    amax = w.abs().amax(dim=1)
+    scale = (amax / torch.full_like(amax, E4M3_MAX)).clamp_min(torch.finfo(torch.float32).tiny)
+    return torch.where(amax > 0, scale, torch.ones_like(scale))
+
+
+def _round_to_e4m3_grid(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`values` (any shape ending in `[out]`) rounded to the nearest multiple of `scale` `[out]` by an e4m3 value
+    (ties to even, saturating at +-448 x scale)."""
+    scaled = (values * (torch.ones_like(scale) / scale)).clamp(-E4M3_MAX, E4M3_MAX)
+    return scaled.to(torch.float8_e4m3fn).float() * scale
+
+
 def _sparsegpt_block(
-    w1: torch.Tensor, hinv1: torch.Tensor, m: int, prune_count: int
+    w1: torch.Tensor, hinv1: torch.Tensor, m: int, prune_count: int, scale: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One block of columns `[out, b]`: its pruned weights and its scaled errors (both `[out, b]`).
 
     Column by column: choose each group's pruned weights when the walk reaches the group, then push every
     column's error onto the columns right of it. The block is held transposed (column i is the contiguous
     row i) and only the columns not yet visited are updated; each element still sees the same float32 products
-    and subtractions, in the same order, as in the reference loop.
+    and subtractions, in the same order, as in the reference loop. `scale` (`[out]`): also round the kept weights
+    to that e4m3 grid (`sparsegpt_nm`'s `fp8_rounding`).
     """
     rows_t = w1.t().contiguous()  # [b, out]
     err_t = torch.empty_like(rows_t)
@@ -84,8 +112,13 @@ def _sparsegpt_block(
             drop = torch.topk(cost, prune_count, dim=1, largest=False).indices
             pruned_t[i : i + m].t().scatter_(1, drop, True)
         row = rows_t[i]
-        # (w - q) / d with q = w where kept and 0 where pruned
-        torch.div(torch.where(pruned_t[i], row, 0.0), hinv1[i, i], out=err_t[i])
+        if scale is None:
+            # (w - q) / d with q = w where kept and 0 where pruned
+            torch.div(torch.where(pruned_t[i], row, 0.0), hinv1[i, i], out=err_t[i])
+        else:
+            q = torch.where(pruned_t[i], 0.0, _round_to_e4m3_grid(row, scale))
+            torch.div(row - q, hinv1[i, i], out=err_t[i])
+            row.copy_(q)
         rows_t[i + 1 :] -= hinv1[i, i + 1 :].unsqueeze(1) * err_t[i]
     return rows_t.masked_fill_(pruned_t, 0.0).t(), err_t.t().contiguous()
 
@@ -366,6 +399,7 @@ def pruned_weight(
     m: int,
     blocksize: int,
     damp: float,
+    fp8_rounding: bool = False,
 ) -> torch.Tensor:
     """The N:M-pruned `[out, in]` float32 weight of `target` (`[experts, out, in]` for a fused expert weight,
     each expert pruned with the statistics of the tokens routed to it), validated; nothing is written.
@@ -381,7 +415,7 @@ def pruned_weight(
     if stats is None or stats.count == 0:
         check_statistics(target.name, method, 0, torch.zeros(0), weight.shape[-1])
     if not isinstance(stats, _ExpertStats):
-        return _pruned_matrix(target.name, weight, stats, method, n, m, blocksize, damp)
+        return _pruned_matrix(target.name, weight, stats, method, n, m, blocksize, damp, fp8_rounding)
     new = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
     unrouted = []
     for expert, expert_stats in enumerate(stats.experts):
@@ -390,7 +424,9 @@ def pruned_weight(
             new[expert] = weight[expert].float() * compute_nm_mask(weight[expert], n, m)
             continue
         label = f"{target.name}[expert {expert}]"
-        new[expert] = _pruned_matrix(label, weight[expert], expert_stats, method, n, m, blocksize, damp)
+        new[expert] = _pruned_matrix(
+            label, weight[expert], expert_stats, method, n, m, blocksize, damp, fp8_rounding
+        )
     if unrouted:
         logger.warning(
             "%s: expert(s) %s received no calibration token; their %d:%d masks are chosen by magnitude. Calibrate "
@@ -412,6 +448,7 @@ def _pruned_matrix(
     m: int,
     blocksize: int,
     damp: float,
+    fp8_rounding: bool = False,
 ) -> torch.Tensor:
     """Wanda or SparseGPT on one `[out, in]` matrix with its input statistics; validated, float32."""
     stat = stats.value / stats.count
@@ -421,7 +458,7 @@ def _pruned_matrix(
             mask = compute_nm_mask(weight, n, m, scores=wanda_scores(weight, stat))
             new = weight.float() * mask
         else:
-            new = sparsegpt_nm(weight, stat, n, m, blocksize, damp)
+            new = sparsegpt_nm(weight, stat, n, m, blocksize, damp, fp8_rounding)
     except torch.linalg.LinAlgError as exc:
         raise torch.linalg.LinAlgError(f"{name}: {exc}. {FP16_HINT}") from exc
     if not bool(torch.isfinite(new).all()):
@@ -456,6 +493,7 @@ def calibrated_prune_(
     damp: float = 0.01,
     show_progress: bool = True,
     pipeline: str = "sequential",
+    fp8_rounding: bool = False,
     device: torch.device | str | None = None,
     true_sequential: bool = False,
     offload_activations: bool | None = None,
@@ -478,16 +516,20 @@ def calibrated_prune_(
         offload_activations: keep the cached block inputs on CPU (None: decide from free device memory).
         blocksize: SparseGPT's column block size, a multiple of `m` (Frantar & Alistarh 2023, Algorithm 1).
         damp: SparseGPT's Hessian dampening, a fraction of the mean of its diagonal added to it (>= 0).
+        fp8_rounding: (SparseGPT only) round the kept weights to the per-row e4m3 grid of the FP8 kernels inside
+            the solve, so that it compensates the rounding as it compensates the pruning (`sparsegpt_nm`); for
+            models that will run with `accelerate_24(model, weights="fp8")` or be saved with `weights="fp8"`.
 
     Returns:
         Timings and counts: {"pipeline", "blocks", "capture_s", "block_s": [...], "fallback_targets"}.
 
     Raises:
-        ValueError: a bad `method`, `pipeline`, `blocksize`, `damp` or `device`, no batches, `input_ids` that are
-            not `[batch, seq]`, a target weight with NaN/inf (nothing changed in all these), or calibration
-            statistics that are not finite (the block restored; the layer and the likely cause named).
-        TypeError: `true_sequential` / `offload_activations` not booleans, or batches that are not dicts of model
-            inputs (nothing changed).
+        ValueError: a bad `method`, `pipeline`, `blocksize`, `damp` or `device`, `fp8_rounding` with Wanda, no
+            batches, `input_ids` that are not `[batch, seq]`, a target weight with NaN/inf (nothing changed in all
+            these), or calibration statistics that are not finite (the block restored; the layer and the likely
+            cause named).
+        TypeError: `true_sequential` / `offload_activations` / `fp8_rounding` not booleans, or batches that are not
+            dicts of model inputs (nothing changed).
     """
     if method not in CALIBRATED_METHODS:
         raise ValueError(f"method must be one of {CALIBRATED_METHODS}, got {method!r}")
@@ -501,6 +543,10 @@ def calibrated_prune_(
         )
     if not isinstance(true_sequential, bool):
         raise TypeError(f"true_sequential must be True or False, got {true_sequential!r}")
+    if not isinstance(fp8_rounding, bool):
+        raise TypeError(f"fp8_rounding must be True or False, got {fp8_rounding!r}")
+    if fp8_rounding and method != "sparsegpt":
+        raise ValueError(f"fp8_rounding is part of SparseGPT's solve; method {method!r} has none")
     if offload_activations is not None and not isinstance(offload_activations, bool):
         raise TypeError(f"offload_activations must be True, False or None, got {offload_activations!r}")
     if device is not None:
@@ -538,7 +584,9 @@ def calibrated_prune_(
                 "(add a batch dimension: ids[None])"
             )
     check_targets_finite(targets)
-    options = dict(n=n, m=m, blocksize=blocksize, damp=damp, show_progress=show_progress)
+    options = dict(
+        n=n, m=m, blocksize=blocksize, damp=damp, fp8_rounding=fp8_rounding, show_progress=show_progress
+    )
     if pipeline == "sequential":
         from .sequential import sequential_prune_
 
@@ -582,6 +630,7 @@ def per_block_prune_(
     blocksize: int = 128,
     damp: float = 0.01,
     show_progress: bool = True,
+    fp8_rounding: bool = False,
 ) -> None:
     """The whole model runs over `batches` once per block of targets (L forwards for L blocks)."""
     device = model_input_device(model)
@@ -601,7 +650,7 @@ def per_block_prune_(
                         model(**batch)
             finally:
                 collector.detach()
-            prune_group_(group, collector.stats, method, n, m, blocksize, damp)
+            prune_group_(group, collector.stats, method, n, m, blocksize, damp, fp8_rounding=fp8_rounding)
     finally:
         model.train(was_training)
 
@@ -615,11 +664,12 @@ def prune_group_(
     blocksize: int,
     damp: float,
     device: torch.device | None = None,
+    fp8_rounding: bool = False,
 ) -> None:
     """Compute and validate the new weights of every target in `group`, then write them all."""
     new = {}
     for t in group:
         weight = read_linear(t, device)
-        new[t.name] = pruned_weight(t, weight, stats.get(t.name), method, n, m, blocksize, damp)
+        new[t.name] = pruned_weight(t, weight, stats.get(t.name), method, n, m, blocksize, damp, fp8_rounding)
     for t in group:
         write_linear(t, new.pop(t.name))

@@ -214,6 +214,7 @@ def sequential_prune_(
     m: int = 4,
     blocksize: int = 128,
     damp: float = 0.01,
+    fp8_rounding: bool = False,
     show_progress: bool = True,
     device: torch.device | str | None = None,
     true_sequential: bool = False,
@@ -225,7 +226,7 @@ def sequential_prune_(
     with `per_block_prune_`, in module order.
     """
     found = find_block_list(model, targets)
-    options = dict(n=n, m=m, blocksize=blocksize, damp=damp)
+    options = dict(n=n, m=m, blocksize=blocksize, damp=damp, fp8_rounding=fp8_rounding)
     if found is None:
         logger.info("%s: this model is pruned with whole-model forwards (no single block list)", method)
         per_block_prune_(model, targets, method, batches, show_progress=show_progress, **options)
