@@ -198,6 +198,7 @@ def main() -> None:
         "command": " ".join(sys.argv),
         "model": args.model,
         "method": args.method,
+        "fp8_rounding": args.fp8_rounding,
         "tokens": ids.numel(),
         "window": args.window,
     }

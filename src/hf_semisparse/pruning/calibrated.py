@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..kernels.cutlass_fp8 import FP8_MAX, MIN_SCALE
 from ..masks import compute_nm_mask
 from ..targets import SparseTarget
 from .offload import is_offloaded, read_weight, write_weight
@@ -64,43 +65,45 @@ def sparsegpt_nm(
         dead = torch.diag(h) == 0
         h[dead, dead] = 1.0
         w[:, dead] = 0.0
-        scale = _e4m3_row_scale(w) if fp8_rounding else None
+        scale = _e4m3_row_scale(w) if fp8_rounding else None  # [out], and its reciprocal once
+        grid = None if scale is None else (scale, torch.ones_like(scale) / scale)
         h_inv = _inverse_cholesky(h, damp)
         for i1 in range(0, cols, blocksize):
             i2 = min(i1 + blocksize, cols)
-            q1, err1 = _sparsegpt_block(w[:, i1:i2], h_inv[i1:i2, i1:i2], m, m - n, scale)
+            q1, err1 = _sparsegpt_block(w[:, i1:i2], h_inv[i1:i2, i1:i2], m, m - n, grid)
             w[:, i1:i2] = q1
             w[:, i2:] -= err1 @ h_inv[i1:i2, i2:]
     return w
 
 
-E4M3_MAX = 448.0  # the largest float8_e4m3fn value
-
-
 def _e4m3_row_scale(w: torch.Tensor) -> torch.Tensor:
     """Per-row e4m3 scales `[out]` as `cutlass_fp8.quantize_rows` computes them: absmax / 448 (1 for a zero row)."""
     amax = w.abs().amax(dim=1)
-    scale = (amax / torch.full_like(amax, E4M3_MAX)).clamp_min(torch.finfo(torch.float32).tiny)
+    scale = (amax / torch.full_like(amax, FP8_MAX)).clamp_min(MIN_SCALE)
     return torch.where(amax > 0, scale, torch.ones_like(scale))
 
 
-def _round_to_e4m3_grid(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def _round_to_e4m3_grid(values: torch.Tensor, scale: torch.Tensor, inv_scale: torch.Tensor) -> torch.Tensor:
     """`values` (any shape ending in `[out]`) rounded to the nearest multiple of `scale` `[out]` by an e4m3 value
-    (ties to even, saturating at +-448 x scale)."""
-    scaled = (values * (torch.ones_like(scale) / scale)).clamp(-E4M3_MAX, E4M3_MAX)
+    (ties to even, saturating at +-448 x scale); `inv_scale` is `1 / scale`."""
+    scaled = (values * inv_scale).clamp(-FP8_MAX, FP8_MAX)
     return scaled.to(torch.float8_e4m3fn).float() * scale
 
 
 def _sparsegpt_block(
-    w1: torch.Tensor, hinv1: torch.Tensor, m: int, prune_count: int, scale: torch.Tensor | None = None
+    w1: torch.Tensor,
+    hinv1: torch.Tensor,
+    m: int,
+    prune_count: int,
+    grid: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One block of columns `[out, b]`: its pruned weights and its scaled errors (both `[out, b]`).
 
     Column by column: choose each group's pruned weights when the walk reaches the group, then push every
     column's error onto the columns right of it. The block is held transposed (column i is the contiguous
     row i) and only the columns not yet visited are updated; each element still sees the same float32 products
-    and subtractions, in the same order, as in the reference loop. `scale` (`[out]`): also round the kept weights
-    to that e4m3 grid (`sparsegpt_nm`'s `fp8_rounding`).
+    and subtractions, in the same order, as in the reference loop. `grid` (`(scale, 1 / scale)`, each `[out]`):
+    also round the kept weights to that e4m3 grid (`sparsegpt_nm`'s `fp8_rounding`).
     """
     rows_t = w1.t().contiguous()  # [b, out]
     err_t = torch.empty_like(rows_t)
@@ -112,11 +115,11 @@ def _sparsegpt_block(
             drop = torch.topk(cost, prune_count, dim=1, largest=False).indices
             pruned_t[i : i + m].t().scatter_(1, drop, True)
         row = rows_t[i]
-        if scale is None:
+        if grid is None:
             # (w - q) / d with q = w where kept and 0 where pruned
             torch.div(torch.where(pruned_t[i], row, 0.0), hinv1[i, i], out=err_t[i])
         else:
-            q = torch.where(pruned_t[i], 0.0, _round_to_e4m3_grid(row, scale))
+            q = torch.where(pruned_t[i], 0.0, _round_to_e4m3_grid(row, *grid))
             torch.div(row - q, hinv1[i, i], out=err_t[i])
             row.copy_(q)
         rows_t[i + 1 :] -= hinv1[i, i + 1 :].unsqueeze(1) * err_t[i]
@@ -519,6 +522,7 @@ def calibrated_prune_(
         fp8_rounding: (SparseGPT only) round the kept weights to the per-row e4m3 grid of the FP8 kernels inside
             the solve, so that it compensates the rounding as it compensates the pruning (`sparsegpt_nm`); for
             models that will run with `accelerate_24(model, weights="fp8")` or be saved with `weights="fp8"`.
+            Experts that receive no calibration token are pruned by magnitude and not rounded.
 
     Returns:
         Timings and counts: {"pipeline", "blocks", "capture_s", "block_s": [...], "fallback_targets"}.
