@@ -496,10 +496,10 @@ def calibrated_prune_(
     damp: float = 0.01,
     show_progress: bool = True,
     pipeline: str = "sequential",
-    fp8_rounding: bool = False,
     device: torch.device | str | None = None,
     true_sequential: bool = False,
     offload_activations: bool | None = None,
+    fp8_rounding: bool = False,
 ) -> dict:
     """Prune `targets` in place with `method` ("wanda" or "sparsegpt"), calibrating on `batches`.
 

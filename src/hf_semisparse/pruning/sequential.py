@@ -214,11 +214,11 @@ def sequential_prune_(
     m: int = 4,
     blocksize: int = 128,
     damp: float = 0.01,
-    fp8_rounding: bool = False,
     show_progress: bool = True,
     device: torch.device | str | None = None,
     true_sequential: bool = False,
     offload_activations: bool | None = None,
+    fp8_rounding: bool = False,
 ) -> dict:
     """Prune `targets` block by block (see the module docstring); arguments as `calibrated_prune_`.
 
