@@ -77,20 +77,18 @@ def run(kind: str, seq: int, shape: dict, exact_rotary: bool) -> dict:
         )
     else:
         model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, vocab_size=32000, **shape))
-    model = (_cast(model, torch.bfloat16) if exact_rotary else model.to(torch.bfloat16)).eval()
+    cast = _cast if exact_rotary else (lambda m, dtype: m.to(dtype))
+    model = cast(model, torch.bfloat16).eval()
     prune_24(model, SparsityConfig(method="magnitude"))
     ids = torch.randint(0, 32000, (1, seq), device=DEVICE)
-    (_cast(model, torch.float32) if exact_rotary else model.float()).to(DEVICE)
+    cast(model, torch.float32).to(DEVICE)
     with torch.no_grad(), _recorded_routing(model) as routing, recorded_blocks(model) as ref:
         ref["logits"] = model(ids).logits.float()
     force = (
         (lambda m: _forced_routing(m, routing)) if kind == "mixtral" else (lambda m: contextlib.nullcontext())
     )
     runs = {}
-    if exact_rotary:
-        _cast(model, torch.bfloat16)
-    else:
-        model.to(torch.bfloat16)
+    cast(model, torch.bfloat16)
     with torch.no_grad(), force(model), recorded_blocks(model) as got:
         got["logits"] = model(ids).logits.float()
     runs["dense_bf16"] = got

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..kernels.cutlass_fp8 import FP8_MAX, MIN_SCALE
+from ..kernels.cutlass_fp8 import FP8_MAX, quantize_rows
 from ..masks import compute_nm_mask
 from ..targets import SparseTarget
 from .offload import is_offloaded, read_weight, write_weight
@@ -65,7 +65,7 @@ def sparsegpt_nm(
         dead = torch.diag(h) == 0
         h[dead, dead] = 1.0
         w[:, dead] = 0.0
-        scale = _e4m3_row_scale(w) if fp8_rounding else None  # [out], and its reciprocal once
+        scale = quantize_rows(w)[1] if fp8_rounding else None  # the FP8 quantiser's row scales, [out]
         grid = None if scale is None else (scale, torch.ones_like(scale) / scale)
         h_inv = _inverse_cholesky(h, damp)
         for i1 in range(0, cols, blocksize):
@@ -74,13 +74,6 @@ def sparsegpt_nm(
             w[:, i1:i2] = q1
             w[:, i2:] -= err1 @ h_inv[i1:i2, i2:]
     return w
-
-
-def _e4m3_row_scale(w: torch.Tensor) -> torch.Tensor:
-    """Per-row e4m3 scales `[out]` as `cutlass_fp8.quantize_rows` computes them: absmax / 448 (1 for a zero row)."""
-    amax = w.abs().amax(dim=1)
-    scale = (amax / torch.full_like(amax, FP8_MAX)).clamp_min(MIN_SCALE)
-    return torch.where(amax > 0, scale, torch.ones_like(scale))
 
 
 def _round_to_e4m3_grid(values: torch.Tensor, scale: torch.Tensor, inv_scale: torch.Tensor) -> torch.Tensor:
