@@ -51,28 +51,45 @@ def sparsegpt_nm(
     `fp8_rounding`: also round each kept weight to the e4m3 grid of its row, in the same column walk, so that the
     update of the columns not yet visited absorbs the rounding error as it absorbs the pruning error (the joint
     sparsification and quantisation of the SparseGPT paper, Frantar & Alistarh 2023, done as GPTQ rounds,
-    Frantar et al. 2023). The grid is the one the FP8 kernels' quantiser (`cutlass_fp8.quantize_weight`) uses:
-    one scale per row, absmax / 448, here from the row before pruning; every kept weight of the result is a
-    multiple of it by an e4m3 value. Where the largest weight of a row ends below the top of that grid (pruned,
-    or moved by the updates), the quantiser's own scale of the result differs and it re-rounds that row.
+    Frantar et al. 2023). The grid is the one the FP8 kernels' quantiser (`cutlass_fp8.quantize_weight`) gives
+    the result of the plain solve (one scale per row, absmax / 448), so the solve runs twice; every kept weight of
+    the result is a multiple of it by an e4m3 value. Where the largest weight of a row ends elsewhere on that grid,
+    the quantiser's own scale of the result differs and it re-rounds that row.
     """
     if blocksize % m:
         raise ValueError(f"blocksize {blocksize} must be a multiple of m={m}")
     with _one_cpu_thread(weight.device):
         w = weight.detach().float().clone()
         h = hessian.detach().float().clone()
-        cols = w.shape[1]
         dead = torch.diag(h) == 0
         h[dead, dead] = 1.0
         w[:, dead] = 0.0
-        scale = quantize_rows(w)[1] if fp8_rounding else None  # the FP8 quantiser's row scales, [out]
-        grid = None if scale is None else (scale, torch.ones_like(scale) / scale)
         h_inv = _inverse_cholesky(h, damp)
-        for i1 in range(0, cols, blocksize):
-            i2 = min(i1 + blocksize, cols)
-            q1, err1 = _sparsegpt_block(w[:, i1:i2], h_inv[i1:i2, i1:i2], m, m - n, grid)
-            w[:, i1:i2] = q1
-            w[:, i2:] -= err1 @ h_inv[i1:i2, i2:]
+        plain = _sparsegpt_walk(w.clone() if fp8_rounding else w, h_inv, m, m - n, blocksize)
+        if not fp8_rounding:
+            return plain
+        # the grid the FP8 quantiser will give the result: its scales of the unrounded result (the updates move
+        # weights past the row's maximum before pruning, and a grid from that would clip them)
+        scale = quantize_rows(plain)[1]
+        return _sparsegpt_walk(w, h_inv, m, m - n, blocksize, (scale, torch.ones_like(scale) / scale))
+
+
+def _sparsegpt_walk(
+    w: torch.Tensor,
+    h_inv: torch.Tensor,
+    m: int,
+    prune_count: int,
+    blocksize: int,
+    grid: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """SparseGPT's walk over the column blocks of `w` (`[out, in]` float32, updated in place and returned) with the
+    upper Cholesky factor `h_inv` of the damped inverse Hessian; `grid` as `_sparsegpt_block`."""
+    cols = w.shape[1]
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        q1, err1 = _sparsegpt_block(w[:, i1:i2], h_inv[i1:i2, i1:i2], m, prune_count, grid)
+        w[:, i1:i2] = q1
+        w[:, i2:] -= err1 @ h_inv[i1:i2, i2:]
     return w
 
 
