@@ -20,7 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from hf_semisparse import prune_24
 from hf_semisparse.kernels import CUDAGraphedModel, accelerate_24, prepare_generation, semi_sparse_layers
 from hf_semisparse.kernels import linear as linear_mod
-from hf_semisparse.kernels.buckets import split_into_buckets
+from hf_semisparse.kernels.buckets import padded_tokens, split_into_buckets
 from hf_semisparse.kernels.cusparselt import AlgConfig
 from hf_semisparse.kernels.linear import ChunkedPlan, SparseGemmBackend
 from hf_semisparse.kernels.tuning import Decision, TuningCache
@@ -209,7 +209,7 @@ def test_token_counts_off_the_ladder_run_as_row_blocks():
             ref = dense(ids).logits
         assert rel(first, ref) < TOL[torch.float16] and rel(out, ref) < TOL[torch.float16], tokens
         assert len(linear_mod.get_backend().cache) == searched, f"a new decision after the warm-up ({tokens})"
-        padded = -(-tokens // 16) * 16
+        padded = padded_tokens(tokens)  # 2000 pads to the ladder's 2048 (one GEMM); 2069 runs as row blocks
         layer = semi_sparse_layers(ours)[0]
         route = layer._fast[(0, tokens * layer.in_features)]
         if len(split_into_buckets(padded)) > 1:
