@@ -8,6 +8,8 @@ texts are disjoint. Each method starts from a fresh copy of the dense model, in 
 `--recover-steps N` then fine-tunes the SparseGPT model for N steps with SparsityTrainer (masks kept), distilling
 from the dense model (logits KL, weight `--distill-weight`), on the calibration text, and evaluates again;
 `--recover-bf16` trains in bf16 mixed precision (the master weights and the evaluation stay float32).
+`--reconstruct-epochs N` adds block-wise reconstruction to Wanda and SparseGPT (`prune_24(...,
+reconstruct_epochs=N, reconstruct_lr=...)`: one Adam step per calibration batch, so `--batch-size` sets the steps).
 
     python /work/shared/models/smollm2-135m-instruct-q4_1/to_hf.py outputs/smollm2-135m   # once
     PYTHONPATH=src python benchmarks/bench_pruning_llm.py --model outputs/smollm2-135m \\
@@ -123,6 +125,10 @@ def main() -> None:
     p.add_argument("--recover-lr", type=float, default=2e-5)
     p.add_argument("--distill-weight", type=float, default=1.0)
     p.add_argument("--recover-bf16", action="store_true", help="recovery in bf16 mixed precision")
+    p.add_argument(
+        "--reconstruct-epochs", type=int, default=0, help="block-wise reconstruction (wanda/sparsegpt)"
+    )
+    p.add_argument("--reconstruct-lr", type=float, default=1e-4)
     p.add_argument("--out", help="JSON results path")
     args = p.parse_args()
 
@@ -150,12 +156,16 @@ def main() -> None:
             options = {"true_sequential": args.true_sequential} if method != "magnitude" else {}
             if method == "sparsegpt":
                 options["damp"] = args.damp
+            if method != "magnitude" and args.reconstruct_epochs:
+                options.update(reconstruct_epochs=args.reconstruct_epochs, reconstruct_lr=args.reconstruct_lr)
             prune_24(model, config, calibration_data=None if method == "magnitude" else batches, **options)
             seconds = time.perf_counter() - start
             assert all(is_nm_sparse(t.linear_view()) for t in select_targets(model, config)[0])
         ppl = perplexity(model, eval_ids, args.window, args.device)
         dense_ppl = ppl if method == "dense" else dense_ppl
         run = {"method": method, "perplexity": ppl, "prune_seconds": seconds}
+        if method in ("wanda", "sparsegpt") and args.reconstruct_epochs:
+            run["reconstruct_epochs"] = args.reconstruct_epochs
         if dense_ppl:
             run["ratio_to_dense"] = ppl / dense_ppl
         results["runs"].append(run)

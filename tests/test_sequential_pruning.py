@@ -319,7 +319,17 @@ def test_prune_24_passes_its_named_calibration_options_and_refuses_them_for_magn
 
     import inspect
 
-    named = ("device", "true_sequential", "offload_activations", "pipeline", "blocksize", "damp")
+    named = (
+        "device",
+        "true_sequential",
+        "offload_activations",
+        "pipeline",
+        "blocksize",
+        "damp",
+        "fp8_rounding",
+        "reconstruct_epochs",
+        "reconstruct_lr",
+    )
     parameters = inspect.signature(prune_24).parameters
     assert all(parameters[name].kind is inspect.Parameter.KEYWORD_ONLY for name in named)
     assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())  # no hidden **kwargs

@@ -26,6 +26,7 @@ from ..kernels.cutlass_fp8 import FP8_MAX, quantize_rows
 from ..masks import compute_nm_mask
 from ..targets import SparseTarget
 from .offload import is_offloaded, read_weight, write_weight
+from .reconstruction import DEFAULT_LR, check_reconstruction_options
 from .validation import FP16_HINT, check_finite_weight, check_statistics
 
 logger = logging.getLogger(__name__)
@@ -510,6 +511,8 @@ def calibrated_prune_(
     true_sequential: bool = False,
     offload_activations: bool | None = None,
     fp8_rounding: bool = False,
+    reconstruct_epochs: int = 0,
+    reconstruct_lr: float = DEFAULT_LR,
 ) -> dict:
     """Prune `targets` in place with `method` ("wanda" or "sparsegpt"), calibrating on `batches`.
 
@@ -533,17 +536,25 @@ def calibrated_prune_(
             the solve, so that it compensates the rounding as it compensates the pruning (`sparsegpt_nm`); for
             models that will run with `accelerate_24(model, weights="fp8")` or be saved with `weights="fp8"`.
             Experts that receive no calibration token are pruned by magnitude and not rounded.
+        reconstruct_epochs: after pruning each block, tune its kept weights (masks fixed) for this many passes
+            over the calibration batches (one Adam step per batch) so that its outputs match the dense model's
+            block outputs (block-wise reconstruction, EBFT; `reconstruction.py`). 0 (default): off. Sequential
+            pipeline only, blocks not offloaded by accelerate; targets outside the block list are not tuned.
+        reconstruct_lr: Adam's learning rate for `reconstruct_epochs` (default 3e-4).
 
     Returns:
-        Timings and counts: {"pipeline", "blocks", "capture_s", "block_s": [...], "fallback_targets"}.
+        Timings and counts: {"pipeline", "blocks", "capture_s", "block_s": [...], "fallback_targets"}, and with
+        `reconstruct_epochs` "reconstruction": per block {"error_before", "error_after", "applied"} (relative squared
+        error of the block's outputs against the dense model's on the calibration tokens).
 
     Raises:
         ValueError: a bad `method`, `pipeline`, `blocksize`, `damp` or `device`, `fp8_rounding` with Wanda, no
             batches, `input_ids` that are not `[batch, seq]`, a target weight with NaN/inf (nothing changed in all
             these), or calibration statistics that are not finite (the block restored; the layer and the likely
             cause named).
-        TypeError: `true_sequential` / `offload_activations` / `fp8_rounding` not booleans, or batches that are not
-            dicts of model inputs (nothing changed).
+        TypeError: `true_sequential` / `offload_activations` / `fp8_rounding` not booleans, `reconstruct_epochs`
+            not an int, or batches that are not dicts of model inputs (nothing changed).
+        RuntimeError: `reconstruct_epochs` under `torch.inference_mode()` (nothing changed).
     """
     if method not in CALIBRATED_METHODS:
         raise ValueError(f"method must be one of {CALIBRATED_METHODS}, got {method!r}")
@@ -561,6 +572,9 @@ def calibrated_prune_(
         raise TypeError(f"fp8_rounding must be True or False, got {fp8_rounding!r}")
     if fp8_rounding and method != "sparsegpt":
         raise ValueError(f"fp8_rounding is part of SparseGPT's solve; method {method!r} has none")
+    check_reconstruction_options(reconstruct_epochs, reconstruct_lr)
+    if reconstruct_epochs and pipeline != "sequential":
+        raise ValueError("reconstruct_epochs needs pipeline='sequential' (it reconstructs block by block)")
     if offload_activations is not None and not isinstance(offload_activations, bool):
         raise TypeError(f"offload_activations must be True, False or None, got {offload_activations!r}")
     if device is not None:
@@ -612,6 +626,8 @@ def calibrated_prune_(
             device=device,
             true_sequential=true_sequential,
             offload_activations=offload_activations,
+            reconstruct_epochs=reconstruct_epochs,
+            reconstruct_lr=reconstruct_lr,
             **options,
         )
     per_block_prune_(model, targets, method, batches, **options)

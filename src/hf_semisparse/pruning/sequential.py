@@ -37,6 +37,7 @@ from .calibrated import (
     write_linear,
 )
 from .offload import is_offloaded, offload_hook
+from .reconstruction import DEFAULT_LR, reconstruct_block_
 
 logger = logging.getLogger(__name__)
 
@@ -126,8 +127,11 @@ class _Sample:
             None  # the batch's real tokens (`token_mask_of`), set by _capture
         )
 
-    def run(self, block: nn.Module, device: torch.device | None) -> torch.Tensor:
-        hidden = self.hidden if device is None else self.hidden.to(device, non_blocking=True)
+    def run(self, block, device: torch.device | None, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """`block` (a module or any callable taking its arguments) on these inputs, or on `hidden` in place of
+        the cached hidden states."""
+        hidden = self.hidden if hidden is None else hidden
+        hidden = hidden if device is None else hidden.to(device, non_blocking=True)
         args = self.args if device is None else _to(self.args, device)
         kwargs = self.kwargs if device is None else _to(self.kwargs, device)
         if self.hidden_key is None:
@@ -219,14 +223,33 @@ def sequential_prune_(
     true_sequential: bool = False,
     offload_activations: bool | None = None,
     fp8_rounding: bool = False,
+    reconstruct_epochs: int = 0,
+    reconstruct_lr: float = DEFAULT_LR,
 ) -> dict:
     """Prune `targets` block by block (see the module docstring); arguments as `calibrated_prune_`.
 
     Targets outside the block list (and whole models the pipeline cannot run, see `find_block_list`) are pruned
-    with `per_block_prune_`, in module order.
+    with `per_block_prune_`, in module order. With `reconstruct_epochs`, each pruned block's kept weights are then
+    tuned to match the dense model's block outputs (`reconstruction.py`); the dense model's block inputs are
+    carried beside the pruned model's.
+
+    Raises:
+        ValueError: `reconstruct_epochs` for a model without one block list or with blocks offloaded by
+            accelerate (nothing changed).
     """
     found = find_block_list(model, targets)
     options = dict(n=n, m=m, blocksize=blocksize, damp=damp, fp8_rounding=fp8_rounding)
+    if reconstruct_epochs and found is None:
+        raise ValueError(
+            "block reconstruction runs block by block, and this model cannot be run so (an encoder-decoder, "
+            "per-layer attention types, or targets in several block lists); prune without reconstruct_epochs"
+        )
+    if reconstruct_epochs and any(is_offloaded(mod) for mod in found[1].modules()):
+        raise ValueError(
+            "block reconstruction trains each block's weights and needs the blocks in memory, not offloaded by "
+            "accelerate (device_map with 'cpu'/'disk'): load the model on the CPU instead (one block at a time "
+            "still goes to the GPU), or prune without reconstruct_epochs"
+        )
     if found is None:
         logger.info("%s: this model is pruned with whole-model forwards (no single block list)", method)
         per_block_prune_(model, targets, method, batches, show_progress=show_progress, **options)
@@ -247,11 +270,18 @@ def sequential_prune_(
         start = time.perf_counter()
         samples = _capture(model, blocks[0], batches, torch.device("cpu"))
         size = sum(s.hidden.numel() * s.hidden.element_size() for s in samples)
+        size *= (
+            3 if reconstruct_epochs else 1
+        )  # the dense model's inputs and outputs of the block beside them
         store = _activation_store(size, device, offload_activations)
         if store != torch.device("cpu"):
             for s in samples:
                 s.hidden, s.args, s.kwargs = s.hidden.to(store), _to(s.args, store), _to(s.kwargs, store)
                 s.token_mask = None if s.token_mask is None else s.token_mask.to(store)
+        # the dense model's inputs of the current block, for the reconstruction targets
+        dense_hidden = [s.hidden.clone() for s in samples] if reconstruct_epochs else None
+        if reconstruct_epochs:
+            stats["reconstruction"] = []
         stats["capture_s"] = time.perf_counter() - start
         for index, block in enumerate(
             tqdm(blocks, desc=f"{method} 2:{m} pruning", unit="block", disable=not show_progress)
@@ -259,7 +289,19 @@ def sequential_prune_(
             start = time.perf_counter()
             prefix = f"{list_name}.{index}."
             block_targets = [t for t in inside if t.name.startswith(prefix)]
-            _prune_block(block, block_targets, samples, method, device, true_sequential, options)
+            result = _prune_block(
+                block,
+                block_targets,
+                samples,
+                method,
+                device,
+                true_sequential,
+                options,
+                dense_hidden,
+                (reconstruct_epochs, reconstruct_lr, f"{list_name}.{index}"),
+            )
+            if result is not None:
+                stats["reconstruction"].append(result)
             stats["block_s"].append(time.perf_counter() - start)
             stats["blocks"] += 1
         del samples
@@ -279,7 +321,12 @@ def _prune_block(
     device: torch.device,
     true_sequential: bool,
     options: dict,
-) -> None:
+    dense_hidden: list[torch.Tensor] | None = None,
+    reconstruction: tuple[int, float, str] = (0, 0.0, ""),
+) -> dict | None:
+    """Prune one block's targets from the cached inputs and replace them with the pruned block's outputs; with
+    `dense_hidden` (the dense model's inputs of this block, replaced by its outputs) also reconstruct the block.
+    Returns the reconstruction's errors, or None."""
     offloaded = any(is_offloaded(mod) for mod in block.modules())
     home = _block_device(block)
     run_device = device
@@ -292,6 +339,12 @@ def _prune_block(
         if not offloaded and home != device:
             block.to(device)  # inside the try: a failed move is moved back by the `finally`
         with torch.no_grad():
+            wanted = None
+            if dense_hidden is not None:  # before any weight changes: the dense block's outputs
+                wanted = [
+                    s.run(block, run_device, hidden=h).to(h.device)
+                    for s, h in zip(samples, dense_hidden, strict=True)
+                ]
             remaining = list(targets)
             while remaining:
                 collector = StatsCollector(method).attach(remaining)
@@ -308,9 +361,25 @@ def _prune_block(
                 prune_group_(stage, collector.stats, method, device=run_device, **options)
                 del collector
                 remaining = [t for t in remaining if t not in stage]
+        result = None
+        if wanted is not None:
+            epochs, lr, label = reconstruction
+            result = reconstruct_block_(
+                block,
+                targets,
+                lambda i, forward: samples[i].run(forward, run_device),
+                wanted,
+                [s.token_mask for s in samples],
+                epochs,
+                lr,
+                label,
+            )
+            dense_hidden[:] = wanted
+        with torch.no_grad():
             for s in samples:
                 out = s.run(block, run_device)
                 s.hidden = out.to(s.hidden.device)
+        return result
     except BaseException as exc:
         for t in targets:
             if t.name in backup:

@@ -379,6 +379,8 @@ def prune_24(
     blocksize: int | None = None,
     damp: float | None = None,
     fp8_rounding: bool | None = None,
+    reconstruct_epochs: int | None = None,
+    reconstruct_lr: float | None = None,
 ) -> SparsityReport:
     """One-shot N:M (default 2:4) pruning in place, for people who do not train.
 
@@ -406,14 +408,21 @@ def prune_24(
             that will run in FP8 (`accelerate_24(model, weights="fp8")`, `save_sparse_pretrained(...,
             weights="fp8")`). On SmolLM2-135M (CPU emulation, 2026-12-02, one run) it took FP8 2:4's perplexity
             cost over bf16 2:4 from 3.7% to 0.9%. Recorded in `model.config.sparsity_config`. Default False.
+        reconstruct_epochs: (wanda, sparsegpt) after pruning each transformer block, tune its kept weights
+            (masks fixed) for this many passes over the calibration batches, one Adam step per batch, so that the
+            block's outputs match the dense model's (block-wise reconstruction as in EBFT, Guo et al. 2024); a
+            block whose error does not go down keeps its one-shot weights. Default 0 (off). Recorded in
+            `model.config.sparsity_config`. Needs the blocks in memory (not offloaded by accelerate).
+        reconstruct_lr: (wanda, sparsegpt) Adam's learning rate for `reconstruct_epochs`; default 3e-4.
         (None for any of these: the default of `hf_semisparse.pruning.calibrated.calibrated_prune_`.)
 
     Raises:
         ValueError: a target weight holds NaN/inf (named; the model is unchanged), calibration statistics
             overflow (named, with the likely cause), calibration data is missing or has `input_ids` of fewer than
             2 dimensions, or a calibration option is bad (a `pipeline` name, `blocksize`, `damp`, `fp8_rounding`
-            with Wanda, a `device` that is not one, "meta", or CUDA without a GPU); nothing changed in all but the
-            overflow.
+            with Wanda, a `device` that is not one, "meta", or CUDA without a GPU, `reconstruct_epochs` < 0,
+            `reconstruct_lr` <= 0 or with blocks offloaded by accelerate); nothing changed in all but the overflow.
+        RuntimeError: `reconstruct_epochs` under `torch.inference_mode()` (nothing changed).
         TypeError: a calibration option given for method "magnitude", batches that are not dicts of tensors,
             or `true_sequential` / `offload_activations` / `fp8_rounding` not booleans (nothing changed).
 
@@ -431,6 +440,8 @@ def prune_24(
             blocksize=blocksize,
             damp=damp,
             fp8_rounding=fp8_rounding,
+            reconstruct_epochs=reconstruct_epochs,
+            reconstruct_lr=reconstruct_lr,
         ).items()
         if value is not None
     }
@@ -449,6 +460,13 @@ def prune_24(
     record = getattr(getattr(model, "config", None), "sparsity_config", None)
     if fp8_rounding and isinstance(record, dict):
         record["fp8_rounding"] = True  # the kept weights lie on the FP8 kernels' per-row e4m3 grid
+    if reconstruct_epochs and isinstance(record, dict):
+        from .reconstruction import DEFAULT_LR
+
+        record["block_reconstruction"] = {
+            "epochs": reconstruct_epochs,
+            "lr": options.get("reconstruct_lr", DEFAULT_LR),
+        }
     logger.info("Pruned %d modules to %s", len(sparsifier.targets), config.pattern)
     return sparsifier.report
 

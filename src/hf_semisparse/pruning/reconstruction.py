@@ -1,0 +1,168 @@
+"""Block-wise reconstruction after one-shot pruning: tune each pruned block's kept weights so its outputs match the
+dense model's.
+
+SparseGPT and Wanda fix each layer on its own; their errors add up through the depth of the model, and a
+small model loses much of its accuracy that way. Block-wise reconstruction, as EBFT (Guo et al., 2024, "EBFT:
+Effective and Block-Wise Fine-Tuning for Sparse LLMs") does it for sparse LLMs and BRECQ (Li et al., 2021) for
+quantised ones, minimises for each transformer block in turn
+
+    mean over the calibration tokens of || block_pruned(X_pruned) - block_dense(X_dense) ||^2
+
+over the block's kept weights with Adam (masks fixed), where X_pruned are the block's inputs in the pruned model
+and X_dense its inputs in the dense model: the block also learns to undo the error of the blocks before it. It
+uses only the calibration data the one-shot method already has, one block on the compute device at a time, and
+runs inside the block-by-block pipeline (`sequential.py`).
+
+The weights are tuned in float32 (a float32 master copy of each target weight; the block's forward runs in the
+model's dtype) and written back in the model's dtype. The error is measured on the calibration data before and
+after; a block whose error does not go down keeps its one-shot weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from functools import partial
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from ..targets import SparseTarget
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LR = 3e-4  # `reconstruct_lr` when none is given (measured on SmolLM2-135M: docs/guides/pruning.md)
+
+
+def check_reconstruction_options(epochs, lr) -> None:
+    """Raise TypeError / ValueError for a bad `reconstruct_epochs` / `reconstruct_lr` (nothing changed)."""
+    if isinstance(epochs, bool) or not isinstance(epochs, int):
+        raise TypeError(f"reconstruct_epochs must be an int >= 0, got {epochs!r}")
+    if epochs < 0:
+        raise ValueError(f"reconstruct_epochs must be >= 0, got {epochs}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float("inf"):
+        raise ValueError(f"reconstruct_lr must be a finite number > 0, got {lr!r}")
+    if epochs and torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "block reconstruction trains the kept weights and cannot run under torch.inference_mode(); "
+            "call prune_24 outside it (it runs its own forwards without gradients where it can)"
+        )
+
+
+def _param_paths(block: nn.Module, targets: list[SparseTarget]) -> dict[str, SparseTarget]:
+    """`{path of the target's parameter inside block: target}`."""
+    names = {id(mod): name for name, mod in block.named_modules()}
+    paths = {}
+    for t in targets:
+        prefix = names[id(t.module)]
+        paths[f"{prefix}.{t.param_name}" if prefix else t.param_name] = t
+    return paths
+
+
+def _error(
+    outputs: torch.Tensor, wanted: torch.Tensor, token_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, int]:
+    """Sum of squared differences over the real tokens (float32) and the number of values it sums."""
+    diff = (outputs.float() - wanted.to(outputs.device).float()).reshape(-1, outputs.shape[-1])
+    if token_mask is not None and token_mask.numel() == diff.shape[0]:
+        diff = diff[token_mask.reshape(-1).to(diff.device)]
+    return (diff * diff).sum(), diff.numel()
+
+
+def reconstruct_block_(
+    block: nn.Module,
+    targets: list[SparseTarget],
+    run: Callable[[int, Callable], torch.Tensor],
+    wanted: list[torch.Tensor],
+    token_masks: list[torch.Tensor | None],
+    epochs: int,
+    lr: float,
+    label: str,
+) -> dict:
+    """Tune the kept weights of `targets` (all inside `block`, already pruned) in place; returns the errors.
+
+    Args:
+        run: `run(i, forward)` calls `forward` (the block, or the block with its target weights swapped) on
+            calibration batch i's cached (pruned-model) inputs and returns its output hidden states
+            `[batch, seq, hidden]`.
+        wanted: the dense block's outputs for each batch, from the dense model's inputs (same shapes).
+        token_masks: each batch's real tokens (`[batch, seq]` bool) or None; padding is not counted.
+        epochs: passes over the batches, one Adam step per batch.
+        lr: Adam's learning rate.
+        label: the block's name, for messages.
+
+    Returns:
+        {"error_before", "error_after"}: relative squared error sum ||out - wanted||^2 / sum ||wanted||^2 over the
+        calibration tokens, before and after; "applied": False when tuning did not lower it (the one-shot weights
+        are kept and "error_after" is "error_before").
+
+    Raises:
+        ValueError: the error became NaN/inf while tuning (the block's weights are left as they were before).
+    """
+    paths = _param_paths(block, targets)
+    params = {path: getattr(t.module, t.param_name) for path, t in paths.items()}
+    masks = {path: p.detach() != 0 for path, p in params.items()}
+    masters = {path: p.detach().float().clone().requires_grad_(True) for path, p in params.items()}
+    before = _relative_error(block, run, wanted, token_masks)
+    frozen = [(p, p.requires_grad) for p in block.parameters()]
+    for p, _ in frozen:
+        p.requires_grad_(False)
+    optimizer = torch.optim.Adam(list(masters.values()), lr=lr)
+    try:
+        with torch.enable_grad():
+            for _ in range(epochs):
+                for i in range(len(wanted)):
+                    swapped = {path: masters[path].to(params[path].dtype) for path in masters}
+                    out = run(i, partial(_swapped_call, block, swapped))
+                    total, count = _error(out, wanted[i], token_masks[i])
+                    loss = total / max(count, 1)
+                    if not bool(torch.isfinite(loss)):
+                        raise ValueError(
+                            f"{label}: block reconstruction diverged (error {float(loss.detach())}); lower "
+                            f"reconstruct_lr (it was {lr:g}; default {DEFAULT_LR:g})"
+                        )
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    with torch.no_grad():
+                        for path, master in masters.items():
+                            master.grad.mul_(masks[path])
+                    optimizer.step()
+                    with torch.no_grad():
+                        for path, master in masters.items():
+                            master.mul_(masks[path])
+    finally:
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+    originals = {path: p.detach().clone() for path, p in params.items()}
+    with torch.no_grad():
+        for path, p in params.items():
+            p.copy_(masters[path].to(p.dtype))
+    after = _relative_error(block, run, wanted, token_masks)
+    applied = after < before
+    if not applied:
+        with torch.no_grad():
+            for path, p in params.items():
+                p.copy_(originals[path])
+        logger.info(
+            "%s: reconstruction did not lower the error (%.4g -> %.4g); one-shot weights kept",
+            label,
+            before,
+            after,
+        )
+    return {"error_before": before, "error_after": after if applied else before, "applied": applied}
+
+
+def _swapped_call(block: nn.Module, swapped: dict, *args, **kwargs):
+    """`block(*args, **kwargs)` with its target parameters replaced by `swapped` (differentiable tensors)."""
+    return functional_call(block, swapped, args, kwargs)
+
+
+@torch.no_grad()
+def _relative_error(block, run, wanted, token_masks) -> float:
+    num, den = 0.0, 0.0
+    for i, w in enumerate(wanted):
+        total, _ = _error(run(i, block), w, token_masks[i])
+        ref, _ = _error(torch.zeros_like(w), w, token_masks[i])
+        num, den = num + float(total), den + float(ref)
+    return num / den if den > 0 else float("inf")
