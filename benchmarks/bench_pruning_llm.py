@@ -141,7 +141,8 @@ def main() -> None:
     results = {
         "model": args.model,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, {args.device}",
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, {args.device}"
+        + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""),
         "torch_threads": torch.get_num_threads(),
         "protocol": {k: v for k, v in vars(args).items() if k not in ("out",)},
         "runs": [],
