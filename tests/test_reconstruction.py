@@ -160,6 +160,7 @@ def test_mixture_of_experts_weights_keep_their_masks_per_expert():
         ({"reconstruct_lr": float("nan")}, ValueError, "reconstruct_lr must be a finite number > 0"),
         ({"reconstruct_lr": "1e-3"}, ValueError, "reconstruct_lr must be a finite number > 0"),
         ({"reconstruct_epochs": 2, "pipeline": "per_block"}, ValueError, "needs pipeline='sequential'"),
+        ({"reconstruct_epochs": 2, "fp8_rounding": True}, ValueError, "cannot be combined"),
     ],
 )
 def test_bad_reconstruction_options_are_refused_before_any_change(option, error, match):

@@ -539,7 +539,8 @@ def calibrated_prune_(
         reconstruct_epochs: after pruning each block, tune its kept weights (masks fixed) for this many passes
             over the calibration batches (one Adam step per batch) so that its outputs match the dense model's
             block outputs (block-wise reconstruction, EBFT; `reconstruction.py`). 0 (default): off. Sequential
-            pipeline only, blocks not offloaded by accelerate; targets outside the block list are not tuned.
+            pipeline only, blocks not offloaded by accelerate, not with `fp8_rounding`; targets outside the block
+            list are not tuned.
         reconstruct_lr: Adam's learning rate for `reconstruct_epochs` (default 3e-4).
 
     Returns:
@@ -548,7 +549,8 @@ def calibrated_prune_(
         error of the block's outputs against the dense model's on the calibration tokens).
 
     Raises:
-        ValueError: a bad `method`, `pipeline`, `blocksize`, `damp` or `device`, `fp8_rounding` with Wanda, no
+        ValueError: a bad `method`, `pipeline`, `blocksize`, `damp` or `device`, `fp8_rounding` with Wanda or with
+            `reconstruct_epochs`, no
             batches, `input_ids` that are not `[batch, seq]`, a target weight with NaN/inf (nothing changed in all
             these), or calibration statistics that are not finite (the block restored; the layer and the likely
             cause named).
@@ -573,6 +575,11 @@ def calibrated_prune_(
     if fp8_rounding and method != "sparsegpt":
         raise ValueError(f"fp8_rounding is part of SparseGPT's solve; method {method!r} has none")
     check_reconstruction_options(reconstruct_epochs, reconstruct_lr)
+    if reconstruct_epochs and fp8_rounding:
+        raise ValueError(
+            "fp8_rounding and reconstruct_epochs cannot be combined: the reconstruction's Adam steps move the kept "
+            "weights off the FP8 grid the rounding put them on; choose one"
+        )
     if reconstruct_epochs and pipeline != "sequential":
         raise ValueError("reconstruct_epochs needs pipeline='sequential' (it reconstructs block by block)")
     if offload_activations is not None and not isinstance(offload_activations, bool):

@@ -421,10 +421,13 @@ def prune_24(
             overflow (named, with the likely cause), calibration data is missing or has `input_ids` of fewer than
             2 dimensions, or a calibration option is bad (a `pipeline` name, `blocksize`, `damp`, `fp8_rounding`
             with Wanda, a `device` that is not one, "meta", or CUDA without a GPU, `reconstruct_epochs` < 0,
-            `reconstruct_lr` <= 0 or with blocks offloaded by accelerate); nothing changed in all but the overflow.
+            `reconstruct_lr` <= 0, or `reconstruct_epochs` with `fp8_rounding`, `pipeline="per_block"`, a model
+            that cannot run block by block or blocks offloaded by accelerate); nothing changed in all but the
+            overflow.
         RuntimeError: `reconstruct_epochs` under `torch.inference_mode()` (nothing changed).
         TypeError: a calibration option given for method "magnitude", batches that are not dicts of tensors,
-            or `true_sequential` / `offload_activations` / `fp8_rounding` not booleans (nothing changed).
+            `true_sequential` / `offload_activations` / `fp8_rounding` not booleans, or `reconstruct_epochs` not
+            an int (nothing changed).
 
     Example:
         >>> report = prune_24(model, SparsityConfig(method="sparsegpt"), calibration_data=batches, device="cuda")
