@@ -227,3 +227,16 @@ def test_blocks_offloaded_by_accelerate_are_refused_before_any_change(tmp_path):
         )
     for n in names:
         assert torch.equal(read_weight(modules[n], torch.device("cpu")), before[n]), n
+
+
+def test_a_block_without_targets_is_carried_through_not_tuned():
+    dense = llama(2).eval()
+    config = SparsityConfig(method="wanda", exclude_modules=r"lm_head|model\.layers\.1\..*")
+    model = copy.deepcopy(dense)
+    prune_24(model, config, token_batches(2), show_progress=False, device="cpu", reconstruct_epochs=2)
+    for name, weight in linear_weights(model).items():
+        if name.startswith("model.layers.1."):
+            assert torch.equal(weight, linear_weights(dense)[name]), name
+        else:
+            assert is_nm_sparse(weight), name
+    assert model.config.sparsity_config["block_reconstruction"]["epochs"] == 2

@@ -126,7 +126,8 @@ def reconstruct_block_(
                     loss.backward()
                     with torch.no_grad():
                         for path, master in masters.items():
-                            master.grad.mul_(masks[path])
+                            if master.grad is not None:  # a target this batch did not reach
+                                master.grad.mul_(masks[path])
                     optimizer.step()
                     with torch.no_grad():
                         for path, master in masters.items():

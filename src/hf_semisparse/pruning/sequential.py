@@ -362,7 +362,9 @@ def _prune_block(
                 del collector
                 remaining = [t for t in remaining if t not in stage]
         result = None
-        if wanted is not None:
+        if wanted is not None and not targets:  # a block with no target: nothing to tune
+            dense_hidden[:] = wanted
+        elif wanted is not None:
             epochs, lr, label = reconstruction
             result = reconstruct_block_(
                 block,
