@@ -31,6 +31,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_semisparse import SparsityConfig, is_nm_sparse, prune_24, select_targets
+from hf_semisparse.pruning.reconstruction import DEFAULT_LR
 from hf_semisparse.utils import write_json
 
 SHARED = os.environ.get("HF_SEMISPARSE_SHARED", "/work/shared")
@@ -128,7 +129,7 @@ def main() -> None:
     p.add_argument(
         "--reconstruct-epochs", type=int, default=0, help="block-wise reconstruction (wanda/sparsegpt)"
     )
-    p.add_argument("--reconstruct-lr", type=float, default=1e-4)
+    p.add_argument("--reconstruct-lr", type=float, default=DEFAULT_LR)
     p.add_argument("--out", help="JSON results path")
     args = p.parse_args()
 

@@ -205,3 +205,21 @@ def assert_same_pruning(a, b, values: bool = True):
         assert torch.equal(x != 0, y != 0), name
         if values:
             torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def load_disk_offloaded(folder, layers: int, offload_folder):
+    """The decoder saved in `folder` loaded by accelerate with its first block on the CPU and the other `layers - 1`
+    blocks offloaded to disk (float32)."""
+    from transformers import AutoModelForCausalLM
+
+    device_map = {
+        "model.embed_tokens": "cpu",
+        "model.layers.0": "cpu",
+        **{f"model.layers.{i}": "disk" for i in range(1, layers)},
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "cpu",
+    }
+    return AutoModelForCausalLM.from_pretrained(
+        folder, device_map=device_map, offload_folder=str(offload_folder), dtype=torch.float32
+    )

@@ -36,7 +36,7 @@ from hf_semisparse.masks import compute_nm_mask
 from hf_semisparse.pruning import Sparsifier
 from hf_semisparse.pruning.calibrated import StatsCollector
 from hf_semisparse.serialization import SparseCheckpointError
-from tests.conftest import VOCAB, ToyDataset, assert_same_pruning, training_args
+from tests.conftest import VOCAB, ToyDataset, assert_same_pruning, load_disk_offloaded, training_args
 
 EXPERTS = 4
 
@@ -362,7 +362,6 @@ def test_block_by_block_and_whole_model_pipelines_agree_on_experts():
 def test_experts_offloaded_to_disk_by_accelerate_get_the_same_statistics(method, tmp_path):
     """The experts' statistics hook runs before accelerate's hook puts offloaded weights in place: the down
     projection's inputs must be recomputed from the offloaded weights, not from the meta placeholders."""
-    from transformers import AutoModelForCausalLM
 
     from hf_semisparse.pruning.offload import read_weight
 
@@ -371,17 +370,7 @@ def test_experts_offloaded_to_disk_by_accelerate_get_the_same_statistics(method,
     data = batches()
     reference = copy.deepcopy(base)
     prune_24(reference, SparsityConfig(method=method), calibration_data=data, show_progress=False)
-    device_map = {
-        "model.embed_tokens": "cpu",
-        "model.layers.0": "cpu",
-        "model.layers.1": "disk",
-        "model.norm": "cpu",
-        "model.rotary_emb": "cpu",
-        "lm_head": "cpu",
-    }
-    offloaded = AutoModelForCausalLM.from_pretrained(
-        tmp_path / "dense", device_map=device_map, offload_folder=str(tmp_path / "off"), dtype=torch.float32
-    )
+    offloaded = load_disk_offloaded(tmp_path / "dense", 2, tmp_path / "off")
     assert offloaded.model.layers[1].mlp.experts.down_proj.device.type == "meta"
     prune_24(offloaded, SparsityConfig(method=method), calibration_data=data, show_progress=False)
     modules = dict(offloaded.named_modules())

@@ -9,7 +9,7 @@ import torch
 
 from hf_semisparse import SparsityConfig, is_nm_sparse, prune_24, select_targets
 from hf_semisparse.pruning.calibrated import calibrated_prune_
-from tests.conftest import make_model
+from tests.conftest import load_disk_offloaded, make_model
 from tests.test_moe import batches as moe_batches
 from tests.test_moe import expert_params, make_moe
 from tests.test_sequential_pruning import assert_refused_unchanged, llama, token_batches
@@ -195,25 +195,10 @@ def test_a_model_that_cannot_run_block_by_block_is_refused_before_any_change():
 
 
 def test_blocks_offloaded_by_accelerate_are_refused_before_any_change(tmp_path):
-    from transformers import AutoModelForCausalLM
-
     from hf_semisparse.pruning.offload import read_weight
 
     llama(2).save_pretrained(tmp_path / "dense")
-    device_map = {
-        "model.embed_tokens": "cpu",
-        "model.layers.0": "cpu",
-        "model.layers.1": "disk",
-        "model.norm": "cpu",
-        "model.rotary_emb": "cpu",
-        "lm_head": "cpu",
-    }
-    offloaded = AutoModelForCausalLM.from_pretrained(
-        tmp_path / "dense",
-        device_map=device_map,
-        offload_folder=str(tmp_path / "offload"),
-        dtype=torch.float32,
-    )
+    offloaded = load_disk_offloaded(tmp_path / "dense", 2, tmp_path / "offload")
     modules = dict(offloaded.named_modules())
     names = ("model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj")
     before = {n: read_weight(modules[n], torch.device("cpu")).clone() for n in names}

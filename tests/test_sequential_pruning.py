@@ -9,7 +9,7 @@ import torch
 from hf_semisparse import SparsityConfig, is_nm_sparse, prune_24, select_targets
 from hf_semisparse.pruning.calibrated import calibrated_prune_
 from hf_semisparse.pruning.sequential import find_block_list
-from tests.conftest import VOCAB, assert_same_pruning, make_model
+from tests.conftest import VOCAB, assert_same_pruning, load_disk_offloaded, make_model
 
 
 def llama(layers, seed=0):
@@ -225,7 +225,6 @@ def test_activations_kept_on_cpu_give_the_same_result():
 
 
 def test_model_offloaded_to_disk_by_accelerate(tmp_path):
-    from transformers import AutoModelForCausalLM
 
     base = llama(3)
     base.save_pretrained(tmp_path / "dense")
@@ -233,21 +232,7 @@ def test_model_offloaded_to_disk_by_accelerate(tmp_path):
     reference = copy.deepcopy(base)
     prune_24(reference, SparsityConfig(method="sparsegpt"), calibration_data=batches, show_progress=False)
 
-    device_map = {
-        "model.embed_tokens": "cpu",
-        "model.layers.0": "cpu",
-        "model.layers.1": "disk",
-        "model.layers.2": "disk",
-        "model.norm": "cpu",
-        "model.rotary_emb": "cpu",
-        "lm_head": "cpu",
-    }
-    offloaded = AutoModelForCausalLM.from_pretrained(
-        tmp_path / "dense",
-        device_map=device_map,
-        offload_folder=str(tmp_path / "offload"),
-        dtype=torch.float32,
-    )
+    offloaded = load_disk_offloaded(tmp_path / "dense", 3, tmp_path / "offload")
     assert offloaded.model.layers[2].mlp.down_proj.weight.device.type == "meta"
     files_before = {p.name: p.read_bytes() for p in (tmp_path / "dense").iterdir() if p.is_file()}
     prune_24(offloaded, SparsityConfig(method="sparsegpt"), calibration_data=batches, show_progress=False)
