@@ -12,6 +12,8 @@ blocks is EXTRAPOLATED (capture + 32 x mean block time) and marked so in the tab
     PYTHONPATH=src python benchmarks/bench_prune_scale.py --layers 8 --out benchmarks/results/prune_scale_h200.json
     # full 32 blocks, SparseGPT only:
     PYTHONPATH=src python benchmarks/bench_prune_scale.py --methods sparsegpt --blocks-70b 0 --out ...
+    # with block-wise reconstruction (time and memory of the Adam steps):
+    PYTHONPATH=src python benchmarks/bench_prune_scale.py --layers 4 --reconstruct-epochs 2 --out ...
     # CPU smoke test at tiny size (what tests/test_bench_prune_scale.py runs):
     PYTHONPATH=src python benchmarks/bench_prune_scale.py --tiny --device cpu --out /tmp/scale.json
 """
@@ -29,6 +31,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_semisparse import SparsityConfig, is_nm_sparse, select_targets
 from hf_semisparse.pruning.calibrated import calibrated_prune_
+from hf_semisparse.pruning.reconstruction import DEFAULT_LR
 from hf_semisparse.utils import write_json
 
 SHAPES = {
@@ -102,7 +105,9 @@ def calibration(vocab: int, samples: int, seq: int, batch_size: int) -> list[dic
     return [{"input_ids": ids[i : i + batch_size]} for i in range(0, samples, batch_size)]
 
 
-def prune(model, method: str, batches, device: str, true_sequential: bool) -> dict:
+def prune(
+    model, method: str, batches, device: str, true_sequential: bool, epochs: int = 0, lr: float = DEFAULT_LR
+) -> dict:
     targets, _ = select_targets(model, SparsityConfig(method=method))
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -110,7 +115,15 @@ def prune(model, method: str, batches, device: str, true_sequential: bool) -> di
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     stats = calibrated_prune_(
-        model, targets, method, batches, device=device, true_sequential=true_sequential, show_progress=True
+        model,
+        targets,
+        method,
+        batches,
+        device=device,
+        true_sequential=true_sequential,
+        show_progress=True,
+        reconstruct_epochs=epochs,
+        reconstruct_lr=lr,
     )
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -125,7 +138,10 @@ def prune(model, method: str, batches, device: str, true_sequential: bool) -> di
         "mean_block_s": sum(stats["block_s"]) / max(1, len(stats["block_s"])),
         "host_peak_rss_gib": host_peak_gib(),
         "all_24": all(is_nm_sparse(t.linear_view()) for t in targets),
+        "reconstruct_epochs": epochs,
     }
+    if epochs:
+        out["reconstruction"] = stats.get("reconstruction")
     if device.startswith("cuda"):
         out["peak_gpu_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
         out["peak_gpu_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
@@ -141,6 +157,8 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-size", type=int, default=4, help="calibration samples per forward")
     p.add_argument("--blocks-70b", type=int, default=1, help="70B-shaped blocks to time (0: skip)")
     p.add_argument("--true-sequential", action="store_true")
+    p.add_argument("--reconstruct-epochs", type=int, default=0, help="block-wise reconstruction epochs")
+    p.add_argument("--reconstruct-lr", type=float, default=DEFAULT_LR)
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="tiny shapes instead of 8B/70B (CPU smoke test)")
     p.add_argument("--out", required=True, help="JSON results path")
@@ -166,7 +184,15 @@ def main(argv=None) -> dict:
             "shape": small,
             "layers": layers,
             "build_s": build_s,
-            **prune(model, method, batches, args.device, args.true_sequential),
+            **prune(
+                model,
+                method,
+                batches,
+                args.device,
+                args.true_sequential,
+                args.reconstruct_epochs,
+                args.reconstruct_lr,
+            ),
         }
         run["estimated_full_s"] = run["capture_s"] + run["mean_block_s"] * full
         run["extrapolated"] = layers != full
@@ -183,7 +209,15 @@ def main(argv=None) -> dict:
             "shape": large,
             "layers": args.blocks_70b,
             "build_s": build_s,
-            **prune(model, "sparsegpt", batches, args.device, args.true_sequential),
+            **prune(
+                model,
+                "sparsegpt",
+                batches,
+                args.device,
+                args.true_sequential,
+                args.reconstruct_epochs,
+                args.reconstruct_lr,
+            ),
         }
         run["estimated_full_s"] = run["capture_s"] + run["mean_block_s"] * full_70
         run["extrapolated"] = True

@@ -6,7 +6,8 @@ windows of `--window` tokens (perplexity = exp of the mean next-token loss over 
 texts are disjoint. Each method starts from a fresh copy of the dense model, in float32.
 
 `--recover-steps N` then fine-tunes the SparseGPT model for N steps with SparsityTrainer (masks kept), distilling
-from the dense model (logits KL, weight `--distill-weight`), on the calibration text, and evaluates again;
+from the dense model (logits KL, weight `--distill-weight`, temperature
+`--distill-temperature`), on the calibration text, and evaluates again;
 `--recover-bf16` trains in bf16 mixed precision (the master weights and the evaluation stay float32).
 `--reconstruct-epochs N` adds block-wise reconstruction to Wanda and SparseGPT (`prune_24(...,
 reconstruct_epochs=N, reconstruct_lr=...)`: one Adam step per calibration batch, so `--batch-size` sets the steps).
@@ -98,6 +99,7 @@ def recover(model, teacher, train_ids, args) -> float:
         sparsity_config=SparsityConfig(method="magnitude"),  # keeps SparseGPT's zeros as the masks
         teacher_model=teacher,
         distillation_weight=args.distill_weight,
+        distillation_temperature=args.distill_temperature,
     )
     start = time.perf_counter()
     trainer.train()
@@ -125,6 +127,7 @@ def main() -> None:
     p.add_argument("--recover-batch", type=int, default=4)
     p.add_argument("--recover-lr", type=float, default=2e-5)
     p.add_argument("--distill-weight", type=float, default=1.0)
+    p.add_argument("--distill-temperature", type=float, default=2.0, help="softmax temperature of the KL")
     p.add_argument("--recover-bf16", action="store_true", help="recovery in bf16 mixed precision")
     p.add_argument(
         "--reconstruct-epochs", type=int, default=0, help="block-wise reconstruction (wanda/sparsegpt)"

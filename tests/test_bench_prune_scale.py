@@ -39,3 +39,32 @@ def test_bench_prune_scale_tiny_cpu(tmp_path):
         assert r["blocks_timed"] == r["layers"] and len(r["block_s"]) == r["layers"]
         assert r["extrapolated"] and r["estimated_full_s"] >= r["capture_s"]
         assert r["host_peak_rss_gib"] > 0
+
+
+def test_bench_prune_scale_tiny_cpu_with_reconstruction(tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "bench_prune_scale", os.path.join(ROOT, "benchmarks", "bench_prune_scale.py")
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "scale.json"
+    argv = [
+        "--tiny",
+        "--device",
+        "cpu",
+        "--samples",
+        "4",
+        "--seq",
+        "32",
+        "--batch-size",
+        "2",
+        "--layers",
+        "2",
+    ]
+    bench.main(
+        [*argv, "--methods", "sparsegpt", "--blocks-70b", "0", "--reconstruct-epochs", "1", "--out", str(out)]
+    )
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["reconstruct_epochs"] == 1 and run["all_24"]
+    assert len(run["reconstruction"]) == 2
+    assert all(r["error_after"] <= r["error_before"] for r in run["reconstruction"])
