@@ -538,24 +538,31 @@ def calibrated_prune_(
             Experts that receive no calibration token are pruned by magnitude and not rounded.
         reconstruct_epochs: after pruning each block, tune its kept weights (masks fixed) for this many passes
             over the calibration batches (one Adam step per batch) so that its outputs match the dense model's
-            block outputs (block-wise reconstruction, EBFT; `reconstruction.py`). 0 (default): off. Sequential
-            pipeline only, blocks not offloaded by accelerate, not with `fp8_rounding`; targets outside the block
-            list are not tuned.
-        reconstruct_lr: Adam's learning rate for `reconstruct_epochs` (default 3e-4).
+            block outputs (block-wise reconstruction, EBFT; `reconstruction.py`). Any integer (`int`,
+            `numpy.int64`, ...; not a bool), >= 0; 0 (default): off. Sequential pipeline only, blocks not offloaded
+            by accelerate, not with `fp8_rounding`; targets outside the block list are not tuned. A block whose
+            tuning diverges (NaN/inf error) or does not lower its error keeps its one-shot weights bit for bit, with
+            a warning naming it (one warning per call for the blocks not improved), and later blocks are tuned.
+        reconstruct_lr: Adam's learning rate for `reconstruct_epochs`, any real number > 0 (not a bool); default
+            3e-4.
 
     Returns:
-        Timings and counts: {"pipeline", "blocks", "capture_s", "block_s": [...], "fallback_targets"}, and with
-        `reconstruct_epochs` "reconstruction": per block {"error_before", "error_after", "applied"} (relative squared
-        error of the block's outputs against the dense model's on the calibration tokens).
+        Timings and counts: {"pipeline", "blocks" (int), "capture_s", "block_s": [...], "fallback_targets"}, and
+        with `reconstruct_epochs` also "reconstruction": one record per block with targets, {"block" (its name),
+        "error_before", "error_after" (relative squared error of the block's outputs against the dense model's
+        on the calibration tokens), "applied", "diverged"}; "blocks_tuned" (int: how many kept tuned weights);
+        "reconstruct_epochs" (int) and "reconstruct_lr" (float).
 
     Raises:
         ValueError: a bad `method`, `pipeline`, `blocksize`, `damp` or `device`, `fp8_rounding` with Wanda or with
-            `reconstruct_epochs`, no
-            batches, `input_ids` that are not `[batch, seq]`, a target weight with NaN/inf (nothing changed in all
-            these), or calibration statistics that are not finite (the block restored; the layer and the likely
-            cause named).
+            `reconstruct_epochs`, `reconstruct_epochs` < 0, `reconstruct_lr` <= 0 / NaN / inf, `reconstruct_epochs`
+            for a model that cannot run block by block or with blocks offloaded by accelerate, no batches,
+            `input_ids` that are not `[batch, seq]`, a target weight with NaN/inf (nothing changed in all these),
+            or calibration statistics that are not finite (the block restored; the layer and the likely cause
+            named). A diverging reconstruction raises nothing (see `reconstruct_epochs`).
         TypeError: `true_sequential` / `offload_activations` / `fp8_rounding` not booleans, `reconstruct_epochs`
-            not an int, or batches that are not dicts of model inputs (nothing changed).
+            not an integer (or a bool), `reconstruct_lr` not a real number (or a bool), or batches that are not
+            dicts of model inputs (nothing changed).
         RuntimeError: `reconstruct_epochs` under `torch.inference_mode()` (nothing changed).
     """
     if method not in CALIBRATED_METHODS:
@@ -574,7 +581,7 @@ def calibrated_prune_(
         raise TypeError(f"fp8_rounding must be True or False, got {fp8_rounding!r}")
     if fp8_rounding and method != "sparsegpt":
         raise ValueError(f"fp8_rounding is part of SparseGPT's solve; method {method!r} has none")
-    check_reconstruction_options(reconstruct_epochs, reconstruct_lr)
+    reconstruct_epochs, reconstruct_lr = check_reconstruction_options(reconstruct_epochs, reconstruct_lr)
     if reconstruct_epochs and fp8_rounding:
         raise ValueError(
             "fp8_rounding and reconstruct_epochs cannot be combined: the reconstruction's Adam steps move the kept "

@@ -15,12 +15,15 @@ runs inside the block-by-block pipeline (`sequential.py`).
 
 The weights are tuned in float32 (a float32 master copy of each target weight; the block's forward runs in the
 model's dtype) and written back in the model's dtype. The error is measured on the calibration data before and
-after; a block whose error does not go down keeps its one-shot weights.
+after; a block whose error does not go down keeps its one-shot weights, and so does a block whose tuning diverges
+(NaN/inf error): the pipeline goes on with the next block either way, and says which blocks were not tuned.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 from collections.abc import Callable
 from functools import partial
 
@@ -35,19 +38,42 @@ logger = logging.getLogger(__name__)
 DEFAULT_LR = 3e-4  # `reconstruct_lr` when none is given (measured on SmolLM2-135M: docs/guides/pruning.md)
 
 
-def check_reconstruction_options(epochs, lr) -> None:
-    """Raise TypeError / ValueError for a bad `reconstruct_epochs` / `reconstruct_lr` (nothing changed)."""
-    if isinstance(epochs, bool) or not isinstance(epochs, int):
-        raise TypeError(f"reconstruct_epochs must be an int >= 0, got {epochs!r}")
+def check_reconstruction_options(epochs, lr) -> tuple[int, float]:
+    """Validate `reconstruct_epochs` / `reconstruct_lr` before anything changes; return them as plain numbers.
+
+    Args:
+        epochs: any integer (`int`, `numpy.int64`, ...; not a bool), >= 0.
+        lr: any real number (`float`, `numpy.float32`, ...; not a bool), finite and > 0.
+
+    Returns:
+        `(int(epochs), float(lr))`, the values the pipeline uses and records.
+
+    Raises:
+        TypeError: `epochs` is not an integer or `lr` not a real number (a bool is neither).
+        ValueError: `epochs` < 0, or `lr` <= 0, NaN or infinite.
+        RuntimeError: `epochs` > 0 under `torch.inference_mode()` (the tuning needs autograd).
+    """
+    if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral):
+        raise TypeError(
+            f"reconstruct_epochs must be an integer >= 0 (int or numpy integer), got {epochs!r} "
+            f"({type(epochs).__name__})"
+        )
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
+        raise TypeError(
+            f"reconstruct_lr must be a real number > 0 (float, int or numpy scalar), got {lr!r} "
+            f"({type(lr).__name__})"
+        )
+    epochs, lr = int(epochs), float(lr)
     if epochs < 0:
         raise ValueError(f"reconstruct_epochs must be >= 0, got {epochs}")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float("inf"):
+    if not 0 < lr < math.inf:
         raise ValueError(f"reconstruct_lr must be a finite number > 0, got {lr!r}")
     if epochs and torch.is_inference_mode_enabled():
         raise RuntimeError(
             "block reconstruction trains the kept weights and cannot run under torch.inference_mode(); "
             "call prune_24 outside it (it runs its own forwards without gradients where it can)"
         )
+    return epochs, lr
 
 
 def _param_paths(block: nn.Module, targets: list[SparseTarget]) -> dict[str, SparseTarget]:
@@ -82,7 +108,13 @@ def reconstruct_block_(
 ) -> dict:
     """Tune the kept weights of `targets` (all inside `block`, already pruned) in place; returns the errors.
 
+    The weights are tuned on float32 master copies and written back in their own dtype only when that lowers the
+    block's error; otherwise (no improvement, or a NaN/inf error: divergence) the block keeps its one-shot weights
+    bit for bit. A divergence is logged as a warning naming the block; nothing is raised for it.
+
     Args:
+        block: the transformer block (its parameters on the device `run` computes on).
+        targets: its pruned targets; their zeros stay zeros.
         run: `run(i, forward)` calls `forward` (the block, or the block with its target weights swapped) on
             calibration batch i's cached (pruned-model) inputs and returns its output hidden states
             `[batch, seq, hidden]`.
@@ -90,21 +122,53 @@ def reconstruct_block_(
         token_masks: each batch's real tokens (`[batch, seq]` bool) or None; padding is not counted.
         epochs: passes over the batches, one Adam step per batch.
         lr: Adam's learning rate.
-        label: the block's name, for messages.
+        label: the block's name, for messages and the record.
 
     Returns:
-        {"error_before", "error_after"}: relative squared error sum ||out - wanted||^2 / sum ||wanted||^2 over the
-        calibration tokens, before and after; "applied": False when tuning did not lower it (the one-shot weights
-        are kept and "error_after" is "error_before").
-
-    Raises:
-        ValueError: the error became NaN/inf while tuning (the block's weights are left as they were before).
+        {"block": label, "error_before", "error_after", "applied", "diverged"}: the relative squared error
+        sum ||out - wanted||^2 / sum ||wanted||^2 over the calibration tokens (floats) before and after; "applied"
+        is whether the tuned weights were kept. When not, "error_after" is "error_before" (the block is as it
+        was), and "diverged" says whether the error became NaN/inf.
     """
     paths = _param_paths(block, targets)
     params = {path: getattr(t.module, t.param_name) for path, t in paths.items()}
+    before = _relative_error(block, run, wanted, token_masks)
+    masters = _tuned_masters(block, params, run, wanted, token_masks, epochs, lr)
+    after = math.nan
+    if masters is not None:
+        originals = {path: p.detach().clone() for path, p in params.items()}
+        with torch.no_grad():
+            for path, p in params.items():
+                p.copy_(masters[path].to(p.dtype))
+        after = _relative_error(block, run, wanted, token_masks)
+        if not after < before:  # also NaN: the one-shot weights back, bit for bit
+            with torch.no_grad():
+                for path, p in params.items():
+                    p.copy_(originals[path])
+    diverged = not math.isfinite(after)
+    applied = not diverged and after < before
+    if diverged:
+        logger.warning(
+            "%s: block reconstruction diverged (the error became NaN/inf at reconstruct_lr=%g); the block keeps "
+            "its one-shot weights. Lower reconstruct_lr (default %g).",
+            label,
+            lr,
+            DEFAULT_LR,
+        )
+    return {
+        "block": label,
+        "error_before": before,
+        "error_after": after if applied else before,
+        "applied": applied,
+        "diverged": diverged,
+    }
+
+
+def _tuned_masters(block, params, run, wanted, token_masks, epochs, lr) -> dict[str, torch.Tensor] | None:
+    """Adam on float32 copies of `params` (`{path in block: parameter}`), gradients and weights masked to the
+    current non-zeros; the block's own parameters are not touched. None when a loss became NaN/inf."""
     masks = {path: p.detach() != 0 for path, p in params.items()}
     masters = {path: p.detach().float().clone().requires_grad_(True) for path, p in params.items()}
-    before = _relative_error(block, run, wanted, token_masks)
     frozen = [(p, p.requires_grad) for p in block.parameters()]
     for p, _ in frozen:
         p.requires_grad_(False)
@@ -118,10 +182,7 @@ def reconstruct_block_(
                     total, count = _error(out, wanted[i], token_masks[i])
                     loss = total / max(count, 1)
                     if not bool(torch.isfinite(loss)):
-                        raise ValueError(
-                            f"{label}: block reconstruction diverged (error {float(loss.detach())}); lower "
-                            f"reconstruct_lr (it was {lr:g}; default {DEFAULT_LR:g})"
-                        )
+                        return None
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     with torch.no_grad():
@@ -135,23 +196,33 @@ def reconstruct_block_(
     finally:
         for p, flag in frozen:
             p.requires_grad_(flag)
-    originals = {path: p.detach().clone() for path, p in params.items()}
-    with torch.no_grad():
-        for path, p in params.items():
-            p.copy_(masters[path].to(p.dtype))
-    after = _relative_error(block, run, wanted, token_masks)
-    applied = after < before
-    if not applied:
-        with torch.no_grad():
-            for path, p in params.items():
-                p.copy_(originals[path])
-        logger.info(
-            "%s: reconstruction did not lower the error (%.4g -> %.4g); one-shot weights kept",
-            label,
-            before,
-            after,
+    return {path: master.detach() for path, master in masters.items()}
+
+
+def summarize_reconstruction(records: list[dict], epochs: int, lr: float) -> dict:
+    """The call's reconstruction stats from the per-block `records` (`reconstruct_block_`'s), and one warning that
+    lists the blocks whose error it did not lower (diverged blocks were warned about one by one).
+
+    Returns:
+        {"reconstruction": records, "blocks_tuned": how many blocks kept tuned weights (int),
+        "reconstruct_epochs": epochs (int), "reconstruct_lr": lr (float)}.
+    """
+    unimproved = [r["block"] for r in records if not r["applied"] and not r["diverged"]]
+    if unimproved:
+        logger.warning(
+            "block reconstruction did not lower the error of %d of %d blocks (%s); they keep their one-shot "
+            "weights. A smaller reconstruct_lr (it was %g) or more epochs may help.",
+            len(unimproved),
+            len(records),
+            ", ".join(unimproved),
+            lr,
         )
-    return {"error_before": before, "error_after": after if applied else before, "applied": applied}
+    return {
+        "reconstruction": records,
+        "blocks_tuned": sum(1 for r in records if r["applied"]),
+        "reconstruct_epochs": int(epochs),
+        "reconstruct_lr": float(lr),
+    }
 
 
 def _swapped_call(block: nn.Module, swapped: dict, *args, **kwargs):
@@ -161,6 +232,8 @@ def _swapped_call(block: nn.Module, swapped: dict, *args, **kwargs):
 
 @torch.no_grad()
 def _relative_error(block, run, wanted, token_masks) -> float:
+    """sum ||block(inputs) - wanted||^2 / sum ||wanted||^2 over the real tokens of every batch (inf for all-zero
+    `wanted`; NaN/inf when the block's outputs are)."""
     num, den = 0.0, 0.0
     for i, w in enumerate(wanted):
         total, _ = _error(run(i, block), w, token_masks[i])

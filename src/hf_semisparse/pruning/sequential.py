@@ -12,7 +12,8 @@ Each block therefore runs twice per calibration batch (statistics, then pruned o
 sub-layer stage with `true_sequential`, whatever the depth of the model; the old per-block pipeline ran the
 whole model once per block. Device memory holds one block, its statistics and the cached activations (which
 may stay on CPU). Blocks offloaded by accelerate (`device_map` with "cpu"/"disk") are run through their hooks
-and their pruned weights written back into accelerate's weights map.
+and their pruned weights written back into accelerate's weights map. A PEFT model (`PeftModel`, LoRA...) runs as
+it is, adapters included; its blocks and targets are found and named in its base model.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ from __future__ import annotations
 import inspect
 import logging
 import time
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..peft_structure import peft_base_model
 from ..targets import SparseTarget
 from .calibrated import (
     StatsCollector,
@@ -37,7 +40,7 @@ from .calibrated import (
     write_linear,
 )
 from .offload import is_offloaded, offload_hook
-from .reconstruction import DEFAULT_LR, reconstruct_block_
+from .reconstruction import DEFAULT_LR, reconstruct_block_, summarize_reconstruction
 
 logger = logging.getLogger(__name__)
 
@@ -49,11 +52,15 @@ class _StopForward(Exception):
 def find_block_list(model: nn.Module, targets: list[SparseTarget]) -> tuple[str, nn.ModuleList] | None:
     """The `nn.ModuleList` of transformer blocks that holds the targets, with its qualified name.
 
+    Names are those of `select_targets`: in a PEFT model (`PeftModel`, tuner model) the base model's, without the
+    wrapper's `base_model.model.` prefix.
+
     None when the model cannot be run block by block with the first block's arguments reused for every block:
     encoder-decoders (the decoder needs the encoder's outputs; T5 passes a position bias made by block 0),
     models whose layers have different attention types (`config.layer_types`: per-layer masks and rotary
     embeddings), or targets spread over several block lists.
     """
+    model = peft_base_model(model)
     config = getattr(model, "config", None)
     if getattr(config, "is_encoder_decoder", False):
         return None
@@ -141,14 +148,24 @@ class _Sample:
         return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _capture(model: nn.Module, first: nn.Module, batches: list[dict], store: torch.device) -> list[_Sample]:
+def _capture(
+    model: nn.Module,
+    first: nn.Module,
+    batches: list[dict],
+    store: torch.device,
+    watch: Sequence[nn.Module] = (),
+) -> tuple[list[_Sample], set[int]]:
+    """Run `model` over `batches` up to `first` (its first block): that block's inputs per batch (on `store`),
+    and the ids of the `watch` modules the forward called before it."""
     samples: list[_Sample] = []
+    called: set[int] = set()
 
     def hook(module, args, kwargs):
         samples.append(_Sample(args, kwargs, store))
         raise _StopForward
 
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    handles = [first.register_forward_pre_hook(hook, with_kwargs=True)]
+    handles += [mod.register_forward_hook(lambda mod, args, out: called.add(id(mod))) for mod in watch]
     device = model_input_device(model)
     accepts_use_cache = "use_cache" in inspect.signature(model.forward).parameters
     try:
@@ -164,8 +181,9 @@ def _capture(model: nn.Module, first: nn.Module, batches: list[dict], store: tor
                     continue
                 raise RuntimeError("the model's forward finished without calling its first transformer block")
     finally:
-        handle.remove()
-    return samples
+        for handle in handles:
+            handle.remove()
+    return samples, called
 
 
 def _default_device(model: nn.Module) -> torch.device:
@@ -226,12 +244,20 @@ def sequential_prune_(
     reconstruct_epochs: int = 0,
     reconstruct_lr: float = DEFAULT_LR,
 ) -> dict:
-    """Prune `targets` block by block (see the module docstring); arguments as `calibrated_prune_`.
+    """Prune `targets` block by block (see the module docstring); arguments as `calibrated_prune_`, which
+    validates them (`reconstruct_epochs` an int, `reconstruct_lr` a float).
 
-    Targets outside the block list (and whole models the pipeline cannot run, see `find_block_list`) are pruned
-    with `per_block_prune_`, in module order. With `reconstruct_epochs`, each pruned block's kept weights are then
-    tuned to match the dense model's block outputs (`reconstruction.py`); the dense model's block inputs are
-    carried beside the pruned model's.
+    Targets outside the block list are pruned with `per_block_prune_`: those the forward calls before the first
+    block (OPT's `project_in`) before the blocks' inputs are captured, the others after the blocks. Models the
+    pipeline cannot run (see `find_block_list`) are pruned with `per_block_prune_` whole. With
+    `reconstruct_epochs`, each pruned block's kept weights are then tuned to match the dense model's block outputs
+    (`reconstruction.py`); the dense model's block inputs (captured before any target is pruned) are carried
+    beside the pruned model's. A block whose tuning diverges or does not lower its error keeps its one-shot
+    weights, with a warning, and the blocks after it are tuned as usual.
+
+    Returns:
+        {"pipeline", "blocks", "capture_s", "block_s", "fallback_targets"} (see `calibrated_prune_`), with
+        `reconstruct_epochs` also `summarize_reconstruction`'s keys.
 
     Raises:
         ValueError: `reconstruct_epochs` for a model without one block list or with blocks offloaded by
@@ -256,36 +282,30 @@ def sequential_prune_(
         return {"pipeline": "per_block", "blocks": 0, "fallback_targets": [t.name for t in targets]}
     list_name, blocks = found
     device = torch.device(device) if device is not None else _default_device(model)
-    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    first_block = order[f"{list_name}.0"]
     inside = [t for t in targets if t.name.startswith(f"{list_name}.")]
-    before = [t for t in targets if t not in inside and order[t.module_name] < first_block]
-    after = [t for t in targets if t not in inside and order[t.module_name] > first_block]
+    outside = [t for t in targets if t not in inside]
     stats: dict = {"pipeline": "sequential", "blocks": 0, "block_s": [], "fallback_targets": []}
+    records: list[dict] = []
     was_training = model.training
     model.eval()
     try:
-        if before:
-            per_block_prune_(model, before, method, batches, show_progress=False, **options)
         start = time.perf_counter()
-        samples = _capture(model, blocks[0], batches, torch.device("cpu"))
+        samples, dense_hidden, after = _capture_inputs(
+            model, blocks[0], batches, outside, method, options, bool(reconstruct_epochs)
+        )
         size = sum(s.hidden.numel() * s.hidden.element_size() for s in samples)
-        size *= (
-            3 if reconstruct_epochs else 1
-        )  # the dense model's inputs and outputs of the block beside them
+        # with reconstruction, the dense model's inputs and outputs of the block beside them
+        size *= 3 if reconstruct_epochs else 1
         store = _activation_store(size, device, offload_activations)
         if store != torch.device("cpu"):
             for s in samples:
                 s.hidden, s.args, s.kwargs = s.hidden.to(store), _to(s.args, store), _to(s.kwargs, store)
                 s.token_mask = None if s.token_mask is None else s.token_mask.to(store)
-        # the dense model's inputs of the current block, for the reconstruction targets
-        dense_hidden = [s.hidden.clone() for s in samples] if reconstruct_epochs else None
-        if reconstruct_epochs:
-            stats["reconstruction"] = []
+            dense_hidden = None if dense_hidden is None else [h.to(store) for h in dense_hidden]
         stats["capture_s"] = time.perf_counter() - start
-        for index, block in enumerate(
-            tqdm(blocks, desc=f"{method} 2:{m} pruning", unit="block", disable=not show_progress)
-        ):
+        desc = f"{method} {n}:{m} pruning" + (" + reconstruction" if reconstruct_epochs else "")
+        bar = tqdm(blocks, desc=desc, unit="block", disable=not show_progress)
+        for index, block in enumerate(bar):
             start = time.perf_counter()
             prefix = f"{list_name}.{index}."
             block_targets = [t for t in inside if t.name.startswith(prefix)]
@@ -301,7 +321,8 @@ def sequential_prune_(
                 (reconstruct_epochs, reconstruct_lr, f"{list_name}.{index}"),
             )
             if result is not None:
-                stats["reconstruction"].append(result)
+                records.append(result)
+                bar.set_postfix_str(f"recon {result['error_before']:.3g}->{result['error_after']:.3g}")
             stats["block_s"].append(time.perf_counter() - start)
             stats["blocks"] += 1
         del samples
@@ -310,7 +331,33 @@ def sequential_prune_(
             per_block_prune_(model, after, method, batches, show_progress=False, **options)
     finally:
         model.train(was_training)
+    if reconstruct_epochs:
+        stats.update(summarize_reconstruction(records, reconstruct_epochs, reconstruct_lr))
     return stats
+
+
+def _capture_inputs(
+    model: nn.Module,
+    first: nn.Module,
+    batches: list[dict],
+    outside: list[SparseTarget],
+    method: str,
+    options: dict,
+    dense: bool,
+) -> tuple[list[_Sample], list[torch.Tensor] | None, list[SparseTarget]]:
+    """The first block's inputs in the pruned model, those of the dense model (`dense`: the reconstruction's
+    teacher; else None), and the `outside` targets left for after the blocks.
+
+    The `outside` targets the forward calls before `first` (OPT's `project_in`) are pruned here, after the dense
+    inputs are captured and before the pruned ones are; all tensors on the CPU.
+    """
+    samples, called = _capture(model, first, batches, torch.device("cpu"), [t.module for t in outside])
+    before = [t for t in outside if id(t.module) in called]
+    dense_hidden = [s.hidden.clone() for s in samples] if dense else None
+    if before:
+        per_block_prune_(model, before, method, batches, show_progress=False, **options)
+        samples, _ = _capture(model, first, batches, torch.device("cpu"))
+    return samples, dense_hidden, [t for t in outside if t not in before]
 
 
 def _prune_block(
@@ -325,8 +372,15 @@ def _prune_block(
     reconstruction: tuple[int, float, str] = (0, 0.0, ""),
 ) -> dict | None:
     """Prune one block's targets from the cached inputs and replace them with the pruned block's outputs; with
-    `dense_hidden` (the dense model's inputs of this block, replaced by its outputs) also reconstruct the block.
-    Returns the reconstruction's errors, or None."""
+    `dense_hidden` (the dense model's inputs of this block `[batch, seq, hidden]` each, replaced by its outputs)
+    also reconstruct the block with `reconstruction` = (epochs, lr, the block's name).
+
+    Returns:
+        The block's reconstruction record (`reconstruct_block_`), or None (no reconstruction, or no target).
+
+    Raises:
+        Whatever pruning the block raises (`prune_group_`), after the block's targets are restored.
+    """
     offloaded = any(is_offloaded(mod) for mod in block.modules())
     home = _block_device(block)
     run_device = device

@@ -411,9 +411,12 @@ def prune_24(
         reconstruct_epochs: (wanda, sparsegpt) after pruning each transformer block, tune its kept weights
             (masks fixed) for this many passes over the calibration batches, one Adam step per batch, so that the
             block's outputs match the dense model's (block-wise reconstruction as in EBFT, Guo et al. 2024); a
-            block whose error does not go down keeps its one-shot weights. Default 0 (off). Recorded in
-            `model.config.sparsity_config`. Needs the blocks in memory (not offloaded by accelerate).
-        reconstruct_lr: (wanda, sparsegpt) Adam's learning rate for `reconstruct_epochs`; default 3e-4.
+            block whose error does not go down, or whose tuning diverges, keeps its one-shot weights (a warning
+            names it). Any integer >= 0 (`int`, `numpy.int64`; not a bool). Default 0 (off). Recorded in
+            `model.config.sparsity_config` (as an int). Needs the blocks in memory (not offloaded by accelerate).
+            Works through a PEFT wrapper (`PeftModel`): the base layers are tuned, the adapters left as they are.
+        reconstruct_lr: (wanda, sparsegpt) Adam's learning rate for `reconstruct_epochs`, any real number > 0
+            (not a bool); default 3e-4. Recorded as a float.
         (None for any of these: the default of `hf_semisparse.pruning.calibrated.calibrated_prune_`.)
 
     Raises:
@@ -421,13 +424,13 @@ def prune_24(
             overflow (named, with the likely cause), calibration data is missing or has `input_ids` of fewer than
             2 dimensions, or a calibration option is bad (a `pipeline` name, `blocksize`, `damp`, `fp8_rounding`
             with Wanda, a `device` that is not one, "meta", or CUDA without a GPU, `reconstruct_epochs` < 0,
-            `reconstruct_lr` <= 0, or `reconstruct_epochs` with `fp8_rounding`, `pipeline="per_block"`, a model
-            that cannot run block by block or blocks offloaded by accelerate); nothing changed in all but the
-            overflow.
+            `reconstruct_lr` <= 0, NaN or inf, or `reconstruct_epochs` with `fp8_rounding`, `pipeline="per_block"`,
+            a model that cannot run block by block or blocks offloaded by accelerate); nothing changed in all but
+            the overflow. A diverging reconstruction raises nothing: that block keeps its one-shot weights.
         RuntimeError: `reconstruct_epochs` under `torch.inference_mode()` (nothing changed).
         TypeError: a calibration option given for method "magnitude", batches that are not dicts of tensors,
-            `true_sequential` / `offload_activations` / `fp8_rounding` not booleans, or `reconstruct_epochs` not
-            an int (nothing changed).
+            `true_sequential` / `offload_activations` / `fp8_rounding` not booleans, `reconstruct_epochs` not an
+            integer or `reconstruct_lr` not a real number (bools are neither; nothing changed).
 
     Example:
         >>> report = prune_24(model, SparsityConfig(method="sparsegpt"), calibration_data=batches, device="cuda")
@@ -466,9 +469,10 @@ def prune_24(
     if reconstruct_epochs and isinstance(record, dict):
         from .reconstruction import DEFAULT_LR
 
+        # plain Python numbers (validated by now): config.json cannot hold numpy scalars
         record["block_reconstruction"] = {
-            "epochs": reconstruct_epochs,
-            "lr": options.get("reconstruct_lr", DEFAULT_LR),
+            "epochs": int(reconstruct_epochs),
+            "lr": float(options.get("reconstruct_lr", DEFAULT_LR)),
         }
     logger.info("Pruned %d modules to %s", len(sparsifier.targets), config.pattern)
     return sparsifier.report
