@@ -5,30 +5,23 @@ import json
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--tiny", "--device", "cpu", "--samples", "4", "--seq", "32", "--batch-size", "2", "--layers", "2"]
 
 
-def test_bench_prune_scale_tiny_cpu(tmp_path):
+def run_bench(tmp_path, *extra: str) -> list[dict]:
+    """Run benchmarks/bench_prune_scale.py at tiny size with `extra` arguments; its JSON's runs."""
     spec = importlib.util.spec_from_file_location(
         "bench_prune_scale", os.path.join(ROOT, "benchmarks", "bench_prune_scale.py")
     )
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "scale.json"
-    argv = [
-        "--tiny",
-        "--device",
-        "cpu",
-        "--samples",
-        "4",
-        "--seq",
-        "32",
-        "--batch-size",
-        "2",
-        "--layers",
-        "2",
-    ]
-    bench.main([*argv, "--out", str(out)])
-    runs = json.loads(out.read_text())["runs"]
+    bench.main([*TINY, *extra, "--out", str(out)])
+    return json.loads(out.read_text())["runs"]
+
+
+def test_bench_prune_scale_tiny_cpu(tmp_path):
+    runs = run_bench(tmp_path)
     assert [(r["shape"], r["method"]) for r in runs] == [
         ("tiny", "sparsegpt"),
         ("tiny", "wanda"),
@@ -39,32 +32,11 @@ def test_bench_prune_scale_tiny_cpu(tmp_path):
         assert r["blocks_timed"] == r["layers"] and len(r["block_s"]) == r["layers"]
         assert r["extrapolated"] and r["estimated_full_s"] >= r["capture_s"]
         assert r["host_peak_rss_gib"] > 0
+        assert r["reconstruct_epochs"] == 0 and "reconstruction" not in r
 
 
 def test_bench_prune_scale_tiny_cpu_with_reconstruction(tmp_path):
-    spec = importlib.util.spec_from_file_location(
-        "bench_prune_scale", os.path.join(ROOT, "benchmarks", "bench_prune_scale.py")
-    )
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    out = tmp_path / "scale.json"
-    argv = [
-        "--tiny",
-        "--device",
-        "cpu",
-        "--samples",
-        "4",
-        "--seq",
-        "32",
-        "--batch-size",
-        "2",
-        "--layers",
-        "2",
-    ]
-    bench.main(
-        [*argv, "--methods", "sparsegpt", "--blocks-70b", "0", "--reconstruct-epochs", "1", "--out", str(out)]
-    )
-    (run,) = json.loads(out.read_text())["runs"]
+    (run,) = run_bench(tmp_path, "--methods", "sparsegpt", "--blocks-70b", "0", "--reconstruct-epochs", "1")
     assert run["reconstruct_epochs"] == 1 and run["all_24"]
-    assert len(run["reconstruction"]) == 2
+    assert [r["block"] for r in run["reconstruction"]] == ["model.layers.0", "model.layers.1"]
     assert all(r["error_after"] <= r["error_before"] for r in run["reconstruction"])
