@@ -142,6 +142,7 @@ def prune(
     }
     if epochs:
         out["reconstruction"] = stats.get("reconstruction")
+        out["blocks_tuned"] = stats.get("blocks_tuned")
     if device.startswith("cuda"):
         out["peak_gpu_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
         out["peak_gpu_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30

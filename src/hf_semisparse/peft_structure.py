@@ -28,6 +28,19 @@ def is_peft_model(model: nn.Module) -> bool:
     )
 
 
+def is_prompt_learning(model: nn.Module) -> bool:
+    """Whether `model` is a `PeftModel` whose active adapter is prompt learning (prefix tuning, prompt tuning,
+    P-tuning): it feeds learned virtual tokens or key/value prefixes to the base model, so the base model's blocks
+    alone do not compute what the wrapped model computes."""
+    if not _from_peft(model):
+        return False
+    try:
+        config = model.active_peft_config
+    except (AttributeError, KeyError, TypeError):
+        return False
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
 def peft_base_model(model: nn.Module) -> nn.Module:
     """The transformers model inside a `PeftModel` / tuner model (`model` itself when it is not wrapped).
 

@@ -63,7 +63,10 @@ def check_reconstruction_options(epochs, lr) -> tuple[int, float]:
             f"reconstruct_lr must be a real number > 0 (float, int or numpy scalar), got {lr!r} "
             f"({type(lr).__name__})"
         )
-    epochs, lr = int(epochs), float(lr)
+    try:
+        epochs, lr = int(epochs), float(lr)
+    except OverflowError:  # an int beyond float's range
+        raise ValueError(f"reconstruct_lr must be a finite number > 0, got {lr!r}") from None
     if epochs < 0:
         raise ValueError(f"reconstruct_epochs must be >= 0, got {epochs}")
     if not 0 < lr < math.inf:
@@ -133,6 +136,20 @@ def reconstruct_block_(
     paths = _param_paths(block, targets)
     params = {path: getattr(t.module, t.param_name) for path, t in paths.items()}
     before = _relative_error(block, run, wanted, token_masks)
+    if not math.isfinite(before):  # nothing to lower, and not the learning rate's fault
+        logger.warning(
+            "%s: the one-shot block's error against the dense block is not finite (%s): its outputs overflow "
+            "(fp16: calibrate in bf16 or float32) or the dense block's outputs are all zero; not tuned",
+            label,
+            before,
+        )
+        return {
+            "block": label,
+            "error_before": before,
+            "error_after": before,
+            "applied": False,
+            "diverged": False,
+        }
     masters = _tuned_masters(block, params, run, wanted, token_masks, epochs, lr)
     after = math.nan
     if masters is not None:
@@ -202,6 +219,10 @@ def _tuned_masters(block, params, run, wanted, token_masks, epochs, lr) -> dict[
 def summarize_reconstruction(records: list[dict], epochs: int, lr: float) -> dict:
     """The call's reconstruction stats from the per-block `records` (`reconstruct_block_`'s), and one warning that
     lists the blocks whose error it did not lower (diverged blocks were warned about one by one).
+
+    Args:
+        records: one `reconstruct_block_` record per block with targets, in block order.
+        epochs, lr: the validated `reconstruct_epochs` and `reconstruct_lr`.
 
     Returns:
         {"reconstruction": records, "blocks_tuned": how many blocks kept tuned weights (int),

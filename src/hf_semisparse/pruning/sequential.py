@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..peft_structure import peft_base_model
+from ..peft_structure import is_prompt_learning, peft_base_model
 from ..targets import SparseTarget
 from .calibrated import (
     StatsCollector,
@@ -58,8 +58,11 @@ def find_block_list(model: nn.Module, targets: list[SparseTarget]) -> tuple[str,
     None when the model cannot be run block by block with the first block's arguments reused for every block:
     encoder-decoders (the decoder needs the encoder's outputs; T5 passes a position bias made by block 0),
     models whose layers have different attention types (`config.layer_types`: per-layer masks and rotary
-    embeddings), or targets spread over several block lists.
+    embeddings), targets spread over several block lists, or a PEFT model with a prompt-learning adapter (prefix
+    tuning passes its learned prefix as the blocks' KV cache, which block-by-block runs cannot carry).
     """
+    if is_prompt_learning(model):
+        return None
     model = peft_base_model(model)
     config = getattr(model, "config", None)
     if getattr(config, "is_encoder_decoder", False):
@@ -268,7 +271,8 @@ def sequential_prune_(
     if reconstruct_epochs and found is None:
         raise ValueError(
             "block reconstruction runs block by block, and this model cannot be run so (an encoder-decoder, "
-            "per-layer attention types, or targets in several block lists); prune without reconstruct_epochs"
+            "per-layer attention types, targets in several block lists, or a PEFT prompt-learning adapter); "
+            "prune without reconstruct_epochs"
         )
     if reconstruct_epochs and any(is_offloaded(mod) for mod in found[1].modules()):
         raise ValueError(
@@ -327,8 +331,8 @@ def sequential_prune_(
             stats["blocks"] += 1
         del samples
         if after:
-            stats["fallback_targets"] = [t.name for t in after]
             per_block_prune_(model, after, method, batches, show_progress=False, **options)
+        stats["fallback_targets"] = [t.name for t in outside]
     finally:
         model.train(was_training)
     if reconstruct_epochs:
@@ -379,7 +383,9 @@ def _prune_block(
         The block's reconstruction record (`reconstruct_block_`), or None (no reconstruction, or no target).
 
     Raises:
-        Whatever pruning the block raises (`prune_group_`), after the block's targets are restored.
+        ValueError: statistics that are not finite, or a solve that fails (`prune_group_`: the layer and the
+            likely cause named). On any exception, pruning's or reconstruction's, every target of the block
+            that was already pruned gets its dense weights back and the block returns to its device.
     """
     offloaded = any(is_offloaded(mod) for mod in block.modules())
     home = _block_device(block)

@@ -455,12 +455,13 @@ def prune_24(
     if config.method == "magnitude" and options:
         raise TypeError(f"calibration options {sorted(options)} only apply to wanda/sparsegpt")
     sparsifier = Sparsifier(model, config)
+    stats: dict = {}
     if config.method != "magnitude":
         if calibration_data is None:
             raise ValueError(
                 f"method {config.method!r} needs calibration_data (a few batches of model inputs)"
             )
-        calibrate(model, sparsifier, calibration_data, show_progress, **options)
+        stats = calibrate(model, sparsifier, calibration_data, show_progress, **options)
     sparsifier.update_masks(level=1.0)
     record_sparsity_in_config(model, config, sparsifier.report)
     record = getattr(getattr(model, "config", None), "sparsity_config", None)
@@ -470,9 +471,13 @@ def prune_24(
         from .reconstruction import DEFAULT_LR
 
         # plain Python numbers (validated by now): config.json cannot hold numpy scalars
+        records = stats.get("reconstruction", [])
         record["block_reconstruction"] = {
             "epochs": int(reconstruct_epochs),
             "lr": float(options.get("reconstruct_lr", DEFAULT_LR)),
+            # what was done, not only asked for: blocks whose tuning diverged or did not help keep one-shot weights
+            "blocks_tuned": int(stats.get("blocks_tuned", 0)),
+            "blocks": len(records),
         }
     logger.info("Pruned %d modules to %s", len(sparsifier.targets), config.pattern)
     return sparsifier.report
