@@ -426,6 +426,20 @@ def test_a_peft_prompt_learning_model_is_pruned_whole_model_and_refused_for_reco
     )
 
 
+@pytest.mark.parametrize("method", ["magnitude", "wanda"])
+def test_a_target_in_peft_modules_to_save_is_refused_before_any_change(method):
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["gate_proj"])
+    wrapped = peft.get_peft_model(llama(1), config)
+    assert_refused_unchanged(
+        wrapped,
+        ValueError,
+        "gate_proj.*modules_to_save",
+        SparsityConfig(method=method),
+        None if method == "magnitude" else token_batches(2),
+    )
+
+
 def opt_with_projections(layers=2):
     """A tiny OPT whose embeddings are narrower than its blocks: `project_in` runs before the decoder layers,
     `project_out` after them (though it is registered before them)."""

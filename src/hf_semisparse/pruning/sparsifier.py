@@ -420,7 +420,8 @@ def prune_24(
         (None for any of these: the default of `hf_semisparse.pruning.calibrated.calibrated_prune_`.)
 
     Raises:
-        ValueError: a target weight holds NaN/inf (named; the model is unchanged), calibration statistics
+        ValueError: a target in PEFT's `modules_to_save` (named; nothing changed), a target weight holds NaN/inf
+            (named; the model is unchanged), calibration statistics
             overflow (named, with the likely cause), calibration data is missing or has `input_ids` of fewer than
             2 dimensions, or a calibration option is bad (a `pipeline` name, `blocksize`, `damp`, `fp8_rounding`
             with Wanda, a `device` that is not one, "meta", or CUDA without a GPU, `reconstruct_epochs` < 0,
@@ -455,6 +456,13 @@ def prune_24(
     if config.method == "magnitude" and options:
         raise TypeError(f"calibration options {sorted(options)} only apply to wanda/sparsegpt")
     sparsifier = Sparsifier(model, config)
+    for target in sparsifier.targets:  # PEFT's modules_to_save: the forward runs a trained dense copy
+        if ".modules_to_save." in f".{target.name}." or ".original_module." in f".{target.name}.":
+            raise ValueError(
+                f"{target.name}: a 2:4 target is in PEFT's modules_to_save, whose forward runs a separate dense "
+                "copy of the layer; prune the model before wrapping it, remove the layer from modules_to_save, or "
+                "exclude it from the sparsity targets"
+            )
     stats: dict = {}
     if config.method != "magnitude":
         if calibration_data is None:
