@@ -18,6 +18,7 @@ from hf_semisparse import (
     save_sparse_pretrained,
     select_targets,
 )
+from hf_semisparse.errors import SparseCheckpointError
 from tests.conftest import ToyDataset, assert_targets_24, make_model, training_args
 
 peft = pytest.importorskip("peft")
@@ -434,3 +435,14 @@ def test_adapter_on_base_loaded_by_plain_from_pretrained(tmp_path):
     assert_targets_24(merged)
     with torch.no_grad():
         torch.testing.assert_close(merged(**batch).logits, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("which", ["peft_model", "base_model"])
+def test_saving_a_model_that_holds_adapters_is_refused_before_anything_is_written(which, tmp_path):
+    model = make_model("llama")
+    prune_24(model, show_progress=False)
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    subject = peft_model if which == "peft_model" else peft_model.get_base_model()
+    with pytest.raises(SparseCheckpointError, match="holds PEFT adapters.*q_proj.*merge_sparse_lora"):
+        save_sparse_pretrained(subject, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -136,10 +136,11 @@ def test_a_diverging_block_keeps_its_one_shot_weights_and_later_blocks_are_still
 
 
 def test_weights_that_diverge_after_the_last_step_are_put_back_bit_for_bit():
-    # one batch, one epoch: the one Adam step's loss is finite, the weights it writes are not usable
+    # one batch, one epoch: the one Adam step's loss is finite, the weights it writes (every kept weight moved
+    # by the largest lr accepted) are worse than the one-shot ones
     dense = llama(1).eval()
     one_shot, _ = pruned(dense, batches=token_batches(1))
-    tuned, stats = pruned(dense, batches=token_batches(1), reconstruct_epochs=1, reconstruct_lr=1e30)
+    tuned, stats = pruned(dense, batches=token_batches(1), reconstruct_epochs=1, reconstruct_lr=1.0)
     (block,) = stats["reconstruction"]
     assert block["applied"] is False and stats["blocks_tuned"] == 0
     for (name, a), b in zip(tuned.state_dict().items(), one_shot.state_dict().values(), strict=True):
@@ -182,9 +183,9 @@ def test_no_gradient_or_requires_grad_flag_is_left_behind():
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_prune_24_records_the_reconstruction_in_the_config():
+def test_prune_24_records_the_reconstruction_in_the_config_and_the_report():
     model = llama(1)
-    prune_24(
+    report = prune_24(
         model,
         SparsityConfig(method="wanda"),
         token_batches(2),
@@ -195,9 +196,15 @@ def test_prune_24_records_the_reconstruction_in_the_config():
     record = model.config.sparsity_config["block_reconstruction"]
     assert record == {"epochs": 3, "lr": 3e-4, "blocks_tuned": 1, "blocks": 1}
     assert {type(v) for v in record.values()} == {int, float}
+    (block,) = report.calibration["reconstruction"]
+    assert block["block"] == "model.layers.0" and block["applied"] and report.calibration["blocks_tuned"] == 1
     plain = llama(1)
-    prune_24(plain, SparsityConfig(method="wanda"), token_batches(2), show_progress=False, device="cpu")
+    report = prune_24(
+        plain, SparsityConfig(method="wanda"), token_batches(2), show_progress=False, device="cpu"
+    )
     assert "block_reconstruction" not in plain.config.sparsity_config
+    assert report.calibration["pipeline"] == "sequential" and "reconstruction" not in report.calibration
+    assert prune_24(llama(1), show_progress=False).calibration is None  # magnitude: no calibration
 
 
 def test_a_bf16_model_is_tuned_in_float32_and_stays_bf16():
@@ -245,6 +252,8 @@ def test_mixture_of_experts_weights_keep_their_masks_per_expert():
         ({"reconstruct_lr": float("inf")}, ValueError, "reconstruct_lr must be a finite number > 0"),
         ({"reconstruct_lr": np.float32("inf")}, ValueError, "reconstruct_lr must be a finite number > 0"),
         ({"reconstruct_lr": 10**400}, ValueError, "reconstruct_lr must be a finite number > 0"),
+        ({"reconstruct_epochs": 2, "reconstruct_lr": 1e38}, ValueError, "reconstruct_lr must be at most 1"),
+        ({"reconstruct_lr": 1.5}, ValueError, "reconstruct_lr must be at most 1"),
         ({"reconstruct_lr": "1e-3"}, TypeError, "reconstruct_lr must be a real number"),
         (
             {"reconstruct_epochs": 2, "reconstruct_lr": True},
@@ -283,7 +292,38 @@ def test_a_model_that_cannot_run_block_by_block_is_refused_before_any_change():
     t5 = make_model("t5")
     batch = {"input_ids": torch.randint(3, 50, (2, 8)), "decoder_input_ids": torch.randint(3, 50, (2, 8))}
     assert_refused_unchanged(
-        t5, ValueError, "cannot be run so", SparsityConfig(method="wanda"), [batch], reconstruct_epochs=1
+        t5,
+        ValueError,
+        "cannot be run so: it is an encoder-decoder",
+        SparsityConfig(method="wanda"),
+        [batch],
+        reconstruct_epochs=1,
+    )
+
+
+def test_a_model_with_mixed_attention_types_is_refused_with_that_reason():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        use_sliding_window=True,
+        sliding_window=8,
+        layer_types=["full_attention", "sliding_attention"],
+    )
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config).eval()
+    assert_refused_unchanged(
+        model,
+        ValueError,
+        r"different attention types \(config.layer_types: full_attention, sliding_attention\)",
+        SparsityConfig(method="wanda"),
+        token_batches(1),
+        reconstruct_epochs=1,
     )
 
 

@@ -235,6 +235,21 @@ def _shards(
 PROGRESS_MIN_TARGETS = 32  # fewer 2:4 weights compress in a moment: no progress bar
 
 
+def check_no_adapters(model: nn.Module) -> None:
+    """Raise SparseCheckpointError when `model` is or holds PEFT adapter layers: their weights are stored under
+    `base_layer` names beside the adapters', which `from_pretrained` cannot load as a 2:4 checkpoint."""
+    from .peft_structure import is_peft_model, is_tuner_layer
+
+    wrapped = next((name for name, mod in model.named_modules() if is_tuner_layer(mod)), None)
+    if is_peft_model(model) or wrapped is not None:
+        where = f" (e.g. {wrapped})" if wrapped else ""
+        raise SparseCheckpointError(
+            f"the model holds PEFT adapters{where}: a checkpoint of it would not load as a 2:4 model. Merge them "
+            "first (hf_semisparse.lora.merge_sparse_lora: the merged weights stay 2:4), or save the adapters alone "
+            "with PeftModel.save_pretrained and the pruned base model before wrapping it (docs/guides/lora.md)"
+        )
+
+
 def save_sparse_pretrained(
     model: nn.Module,
     save_directory: str | os.PathLike,
@@ -279,7 +294,8 @@ def save_sparse_pretrained(
 
     Raises:
         SaveDestinationError: `save_directory` is refused (see `overwrite`), or is a file.
-        SparseCheckpointError: the model has no 2:4 layer, or a recorded target is not 2:4 (names the tensor);
+        SparseCheckpointError: the model has no 2:4 layer, holds PEFT adapter layers (merge them first), or a
+            recorded target is not 2:4 (names the tensor);
             with `weights="fp8"`: a target weight is not finite or of another dtype, or the model has 2:4 fused
             expert weights. Nothing is written then.
         ValueError: `max_shard_size`, `weights` or an `extra_files` name is invalid.
@@ -322,6 +338,7 @@ def save_sparse_pretrained(
         ):
             raise ValueError(f"extra_files name {fname!r} would replace a file the checkpoint itself writes")
     root = unwrap_model(model)
+    check_no_adapters(root)
     source = getattr(getattr(root, "config", None), "_name_or_path", None)
     destination = check_save_destination(save_directory, source=source or None, overwrite=overwrite)
     targets = sparse_targets(root)

@@ -118,6 +118,9 @@ class SparsityReport:
 
     decisions: list[ModuleDecision]
     pattern: str = "2:4"
+    # what `prune_24`'s calibration did (Wanda/SparseGPT): `calibrated_prune_`'s stats, e.g. "pipeline",
+    # "block_s" and, with `reconstruct_epochs`, "reconstruction" (one record per block) and "blocks_tuned"
+    calibration: dict | None = None
 
     @property
     def targets(self) -> list[str]:

@@ -35,6 +35,7 @@ from ..targets import SparseTarget
 
 logger = logging.getLogger(__name__)
 
+MAX_LR = 1.0  # the largest `reconstruct_lr` accepted
 DEFAULT_LR = 3e-4  # `reconstruct_lr` when none is given (measured on SmolLM2-135M: docs/guides/pruning.md)
 
 
@@ -43,14 +44,14 @@ def check_reconstruction_options(epochs, lr) -> tuple[int, float]:
 
     Args:
         epochs: any integer (`int`, `numpy.int64`, ...; not a bool), >= 0.
-        lr: any real number (`float`, `numpy.float32`, ...; not a bool), finite and > 0.
+        lr: any real number (`float`, `numpy.float32`, ...; not a bool), > 0 and at most `MAX_LR` (1.0).
 
     Returns:
         `(int(epochs), float(lr))`, the values the pipeline uses and records.
 
     Raises:
         TypeError: `epochs` is not an integer or `lr` not a real number (a bool is neither).
-        ValueError: `epochs` < 0, or `lr` <= 0, NaN or infinite.
+        ValueError: `epochs` < 0, or `lr` <= 0, above `MAX_LR`, NaN or infinite.
         RuntimeError: `epochs` > 0 under `torch.inference_mode()` (the tuning needs autograd).
     """
     if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral):
@@ -71,6 +72,8 @@ def check_reconstruction_options(epochs, lr) -> tuple[int, float]:
         raise ValueError(f"reconstruct_epochs must be >= 0, got {epochs}")
     if not 0 < lr < math.inf:
         raise ValueError(f"reconstruct_lr must be a finite number > 0, got {lr!r}")
+    if lr > MAX_LR:  # steps larger than any weight of a trained model; far above, Adam overflows float32
+        raise ValueError(f"reconstruct_lr must be at most {MAX_LR:g} (typical: 1e-4 to 1e-3), got {lr!r}")
     if epochs and torch.is_inference_mode_enabled():
         raise RuntimeError(
             "block reconstruction trains the kept weights and cannot run under torch.inference_mode(); "

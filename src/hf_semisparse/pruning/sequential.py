@@ -53,23 +53,36 @@ def find_block_list(model: nn.Module, targets: list[SparseTarget]) -> tuple[str,
     """The `nn.ModuleList` of transformer blocks that holds the targets, with its qualified name.
 
     Names are those of `select_targets`: in a PEFT model (`PeftModel`, tuner model) the base model's, without the
-    wrapper's `base_model.model.` prefix.
+    wrapper's `base_model.model.` prefix. None when the model cannot be run block by block (`locate_blocks` says
+    why).
+    """
+    return locate_blocks(model, targets)[0]
 
-    None when the model cannot be run block by block with the first block's arguments reused for every block:
-    encoder-decoders (the decoder needs the encoder's outputs; T5 passes a position bias made by block 0),
-    models whose layers have different attention types (`config.layer_types`: per-layer masks and rotary
-    embeddings), targets spread over several block lists, or a PEFT model with a prompt-learning adapter (prefix
+
+def locate_blocks(
+    model: nn.Module, targets: list[SparseTarget]
+) -> tuple[tuple[str, nn.ModuleList] | None, str]:
+    """`find_block_list`'s answer, and when it is None, why (a phrase for messages; "" otherwise).
+
+    The first block's arguments are reused for every block, which rules out: encoder-decoders (the decoder needs
+    the encoder's outputs; T5 passes a position bias made by block 0), models whose layers have different attention
+    types (`config.layer_types`, e.g. sliding-window and full attention: per-layer masks and rotary embeddings),
+    targets spread over several block lists (or none), and PEFT models with a prompt-learning adapter (prefix
     tuning passes its learned prefix as the blocks' KV cache, which block-by-block runs cannot carry).
     """
     if is_prompt_learning(model):
-        return None
+        return (
+            None,
+            "it is a PEFT model with a prompt-learning adapter (its prefix reaches the blocks as a KV cache)",
+        )
     model = peft_base_model(model)
     config = getattr(model, "config", None)
     if getattr(config, "is_encoder_decoder", False):
-        return None
+        return None, "it is an encoder-decoder (the decoder's blocks need the encoder's outputs)"
     layer_types = getattr(config, "layer_types", None)
     if isinstance(layer_types, (list, tuple)) and len(set(layer_types)) > 1:
-        return None
+        kinds = ", ".join(sorted(set(map(str, layer_types))))
+        return None, f"its layers have different attention types (config.layer_types: {kinds})"
     lists = [
         (name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.ModuleList) and len(mod)
     ]
@@ -80,9 +93,11 @@ def find_block_list(model: nn.Module, targets: list[SparseTarget]) -> tuple[str,
             holding.append((name, mod))
     # nested lists (experts inside a block): keep the outermost
     outer = [(n, m) for n, m in holding if not any(n != o and n.startswith(o + ".") for o, _ in holding)]
-    if len(outer) != 1:
-        return None
-    return outer[0]
+    if not outer:
+        return None, "no list of blocks holds its targets"
+    if len(outer) > 1:
+        return None, f"its targets lie in several block lists ({', '.join(n for n, _ in outer)})"
+    return outer[0], ""
 
 
 def _to(obj, device):
@@ -266,13 +281,12 @@ def sequential_prune_(
         ValueError: `reconstruct_epochs` for a model without one block list or with blocks offloaded by
             accelerate (nothing changed).
     """
-    found = find_block_list(model, targets)
+    found, why_not = locate_blocks(model, targets)
     options = dict(n=n, m=m, blocksize=blocksize, damp=damp, fp8_rounding=fp8_rounding)
     if reconstruct_epochs and found is None:
         raise ValueError(
-            "block reconstruction runs block by block, and this model cannot be run so (an encoder-decoder, "
-            "per-layer attention types, targets in several block lists, or a PEFT prompt-learning adapter); "
-            "prune without reconstruct_epochs"
+            f"block reconstruction runs block by block, and this model cannot be run so: {why_not}; prune "
+            "without reconstruct_epochs"
         )
     if reconstruct_epochs and any(is_offloaded(mod) for mod in found[1].modules()):
         raise ValueError(
@@ -281,7 +295,7 @@ def sequential_prune_(
             "still goes to the GPU), or prune without reconstruct_epochs"
         )
     if found is None:
-        logger.info("%s: this model is pruned with whole-model forwards (no single block list)", method)
+        logger.info("%s: this model is pruned with whole-model forwards: %s", method, why_not)
         per_block_prune_(model, targets, method, batches, show_progress=show_progress, **options)
         return {"pipeline": "per_block", "blocks": 0, "fallback_targets": [t.name for t in targets]}
     list_name, blocks = found
@@ -449,10 +463,15 @@ def _prune_block(
         names = ", ".join(t.name for t in targets[:1])
         if hasattr(exc, "add_note"):  # Python 3.11+
             exc.add_note(
-                f"hf_semisparse: the block of {names} was restored; blocks before it (if any) are already pruned."
+                f"hf_semisparse: the block of {names} was restored; blocks before it (if any) are already pruned, "
+                "and so are targets the model runs before its first block (OPT's project_in)."
             )
         else:
-            logger.error("the block of %s was restored; blocks before it (if any) are already pruned", names)
+            logger.error(
+                "the block of %s was restored; blocks before it and targets run before the first block (if any) "
+                "are already pruned",
+                names,
+            )
         raise
     finally:
         if not offloaded and home != device:

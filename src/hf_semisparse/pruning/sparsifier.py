@@ -385,7 +385,9 @@ def prune_24(
     """One-shot N:M (default 2:4) pruning in place, for people who do not train.
 
     Zeros the pruned weights of every target (SparseGPT also updates the kept ones), records the config in
-    `model.config.sparsity_config` (when the model has a config), and returns the per-module report.
+    `model.config.sparsity_config` (when the model has a config), and returns the per-module report; for Wanda
+    and SparseGPT `report.calibration` holds what the calibration did (`calibrated_prune_`'s stats: the pipeline,
+    seconds per block and, with `reconstruct_epochs`, each block's errors and `blocks_tuned`).
 
     Args:
         config: what to prune and how; default 2:4 magnitude.
@@ -470,6 +472,7 @@ def prune_24(
                 f"method {config.method!r} needs calibration_data (a few batches of model inputs)"
             )
         stats = calibrate(model, sparsifier, calibration_data, show_progress, **options)
+        sparsifier.report.calibration = stats
     sparsifier.update_masks(level=1.0)
     record_sparsity_in_config(model, config, sparsifier.report)
     record = getattr(getattr(model, "config", None), "sparsity_config", None)
