@@ -270,6 +270,18 @@ def test_bad_reconstruction_options_are_refused_before_any_change(option, error,
     assert_refused_unchanged(llama(1), error, match, config, token_batches(1), **option)
 
 
+def test_a_learning_rate_without_epochs_is_said_to_have_no_effect(caplog):
+    with caplog.at_level(logging.WARNING):
+        prune_24(
+            llama(1),
+            SparsityConfig(method="wanda"),
+            token_batches(1),
+            show_progress=False,
+            reconstruct_lr=1e-3,
+        )
+    assert any("reconstruct_lr=0.001 has no effect" in r.getMessage() for r in caplog.records)
+
+
 def test_reconstruction_options_are_refused_for_magnitude():
     assert_refused_unchanged(
         llama(1), TypeError, "only apply to wanda/sparsegpt", SparsityConfig(), None, reconstruct_epochs=2

@@ -457,6 +457,8 @@ def prune_24(
     config = config or SparsityConfig()
     if config.method == "magnitude" and options:
         raise TypeError(f"calibration options {sorted(options)} only apply to wanda/sparsegpt")
+    if reconstruct_lr is not None and not reconstruct_epochs:
+        logger.warning("reconstruct_lr=%r has no effect without reconstruct_epochs > 0", reconstruct_lr)
     sparsifier = Sparsifier(model, config)
     for target in sparsifier.targets:  # PEFT's modules_to_save: the forward runs a trained dense copy
         if ".modules_to_save." in f".{target.name}." or ".original_module." in f".{target.name}.":
