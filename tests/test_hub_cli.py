@@ -149,3 +149,34 @@ def test_cli_errors_and_push(tmp_path, sparse_ckpt, monkeypatch, capsys):
         "config.json",
         "model.safetensors",
     ]
+
+
+def test_cli_inspect_says_how_the_model_was_pruned(tmp_path, capsys):
+    from hf_semisparse import SparsityConfig
+    from tests.test_sequential_pruning import llama, token_batches
+
+    model = llama(2)
+    prune_24(
+        model,
+        SparsityConfig(method="wanda"),
+        token_batches(2),
+        show_progress=False,
+        reconstruct_epochs=2,
+        reconstruct_lr=1e-3,
+    )
+    tuned = model.config.sparsity_config["block_reconstruction"]["blocks_tuned"]
+    save_sparse_pretrained(model, tmp_path / "ckpt", show_progress=False)
+    assert main(["inspect", str(tmp_path / "ckpt")]) == 0
+    out = capsys.readouterr().out
+    assert f"pruned: wanda 2:4, block reconstruction 2 epochs at lr 0.001 ({tuned} of 2 blocks tuned)" in out
+    assert main(["inspect", str(tmp_path / "ckpt"), "--json"]) == 0
+    pruning = json.loads(capsys.readouterr().out)["pruning"]
+    assert pruning["method"] == "wanda" and pruning["block_reconstruction"]["epochs"] == 2
+
+
+def test_cli_version(capsys):
+    from hf_semisparse import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"hf-semisparse {__version__}"

@@ -307,9 +307,35 @@ def inspect_checkpoint(path: str, verify_data: bool = False) -> dict:
             "global_sparsity", (quant.get("sparsity_config") or {}).get("global_sparsity")
         ),
         "problems": problems,
+        "pruning": _pruning_record(config.get("sparsity_config")),
         # whether config.json records any 2:4 weight (a sparse format, or a dense save's sparsity record)
         "records_sparsity": bool(recorded or recorded_experts or fmt != "dense"),
     }
+
+
+def _pruning_record(record) -> dict | None:
+    """How the weights were pruned, from config.json's `sparsity_config` (None when there is none): the method,
+    the N:M pattern, the method the masks came from, SparseGPT's FP8 rounding and block-wise reconstruction."""
+    if not isinstance(record, dict):
+        return None
+    keys = ("method", "pattern", "mask_source", "fp8_rounding", "block_reconstruction", "library_version")
+    return {key: record[key] for key in keys if key in record}
+
+
+def _pruning_line(pruning: dict) -> str:
+    """`_pruning_record` in words, e.g. "pruned: sparsegpt 2:4, block reconstruction 8 epochs at lr 0.001 (30 of
+    30 blocks tuned)"."""
+    words = f"pruned: {pruning.get('method', '?')} {pruning.get('pattern', '')}".rstrip()
+    if pruning.get("mask_source"):
+        words += f" (masks from {pruning['mask_source']})"
+    if pruning.get("fp8_rounding"):
+        words += ", rounded to the FP8 grid"
+    recon = pruning.get("block_reconstruction")
+    if isinstance(recon, dict):
+        words += f", block reconstruction {recon.get('epochs')} epochs at lr {recon.get('lr')}"
+        if "blocks_tuned" in recon:
+            words += f" ({recon['blocks_tuned']} of {recon.get('blocks')} blocks tuned)"
+    return words
 
 
 def _check_fp8_tensors(files: list[str], layer, require: bool) -> None:
@@ -342,6 +368,8 @@ def _inspect(args) -> int:
         print(json.dumps(report, indent=2))
     else:
         print(f"{report['path']}: {report['format']}, {report['architectures']}")
+        if report["pruning"]:
+            print(f"  {_pruning_line(report['pruning'])}")
         for layer in report["layers"]:
             status = "2:4" if layer["is_24"] else f"NOT 2:4 ({layer['problem']})"
             print(
@@ -454,6 +482,9 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="hf-semisparse", description="2:4 sparse checkpoints for transformers")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"hf-semisparse {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser(
         "convert",
@@ -490,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_convert)
     p = sub.add_parser("inspect", help="print the sparsity report of a checkpoint (CPU only, no model built)")
     p.add_argument("path", help="a checkpoint folder")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument(
         "--verify", action="store_true", help="read every tensor and check it against its recorded CRC32"
     )
