@@ -9,6 +9,9 @@ texts are disjoint. Each method starts from a fresh copy of the dense model, in 
 from the dense model (logits KL, weight `--distill-weight`, temperature
 `--distill-temperature`), on the calibration text, and evaluates again;
 `--recover-bf16` trains in bf16 mixed precision (the master weights and the evaluation stay float32).
+A recovery longer than one run (a GPU machine's 10-minute call) goes in stages: `--save-recovered DIR` keeps the
+recovered model, `--start-from DIR --methods dense sparsegpt --recover-steps N --recover-seed S` goes on from it
+(a new learning-rate schedule; a new `--recover-seed` draws new windows).
 `--reconstruct-epochs N` adds block-wise reconstruction to Wanda and SparseGPT (`prune_24(...,
 reconstruct_epochs=N, reconstruct_lr=...)`: one Adam step per calibration batch, so `--batch-size` sets the steps).
 
@@ -31,7 +34,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hf_semisparse import SparsityConfig, is_nm_sparse, prune_24, select_targets
+from hf_semisparse import SparsityConfig, is_nm_sparse, prune_24, save_sparse_pretrained, select_targets
 from hf_semisparse.pruning.reconstruction import DEFAULT_LR
 from hf_semisparse.utils import write_json
 
@@ -74,7 +77,7 @@ def recover(model, teacher, train_ids, args) -> float:
 
     from hf_semisparse import SparsityTrainer
 
-    rng = random.Random(args.seed + 1)
+    rng = random.Random(args.seed + 1 if args.recover_seed is None else args.recover_seed)
     n = args.recover_steps * args.recover_batch
     starts = [rng.randrange(0, len(train_ids) - args.seq) for _ in range(n)]
     data = [{"input_ids": train_ids[s : s + args.seq], "labels": train_ids[s : s + args.seq]} for s in starts]
@@ -106,7 +109,7 @@ def recover(model, teacher, train_ids, args) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a transformers causal-LM folder")
     p.add_argument("--methods", nargs="+", default=["dense", "magnitude", "wanda", "sparsegpt"])
@@ -133,8 +136,17 @@ def main() -> None:
         "--reconstruct-epochs", type=int, default=0, help="block-wise reconstruction (wanda/sparsegpt)"
     )
     p.add_argument("--reconstruct-lr", type=float, default=DEFAULT_LR)
+    p.add_argument(
+        "--start-from",
+        help="a checkpoint of a pruned (and maybe recovered) model, e.g. an earlier --save-recovered: method "
+        "'sparsegpt' loads it instead of pruning, and --recover-steps go on from it",
+    )
+    p.add_argument(
+        "--save-recovered", help="save the recovered SparseGPT model here (compressed, with tokenizer)"
+    )
+    p.add_argument("--recover-seed", type=int, help="seed of the recovery windows (default --seed + 1)")
     p.add_argument("--out", help="JSON results path")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     batches, train_ids = calibration_batches(
@@ -153,9 +165,13 @@ def main() -> None:
     }
     dense_ppl = None
     for method in args.methods:
-        model = load(args.model, args.device)
+        resumed = method == "sparsegpt" and args.start_from is not None
+        model = load(args.start_from if resumed else args.model, args.device)
         seconds = 0.0
-        if method != "dense":
+        if resumed:
+            config = SparsityConfig(method=method)
+            assert all(is_nm_sparse(t.linear_view()) for t in select_targets(model, config)[0])
+        elif method != "dense":
             config = SparsityConfig(method=method)
             start = time.perf_counter()
             options = {"true_sequential": args.true_sequential} if method != "magnitude" else {}
@@ -169,7 +185,9 @@ def main() -> None:
         ppl = perplexity(model, eval_ids, args.window, args.device)
         dense_ppl = ppl if method == "dense" else dense_ppl
         run = {"method": method, "perplexity": ppl, "prune_seconds": seconds}
-        if method in ("wanda", "sparsegpt") and args.reconstruct_epochs:
+        if resumed:
+            run["start_from"] = args.start_from
+        elif method in ("wanda", "sparsegpt") and args.reconstruct_epochs:
             run["reconstruct_epochs"] = args.reconstruct_epochs
         if dense_ppl:
             run["ratio_to_dense"] = ppl / dense_ppl
@@ -190,6 +208,8 @@ def main() -> None:
                 run["ratio_to_dense"] = ppl / dense_ppl
             results["runs"].append(run)
             print(f"{'+distill':>10}  ppl {ppl:9.2f}  train {secs:7.1f} s", flush=True)
+            if args.save_recovered:
+                save_sparse_pretrained(model, args.save_recovered, tokenizer=tokenizer, overwrite=True)
         del model
         if args.out:
             write_json(args.out, results)

@@ -409,3 +409,29 @@ def test_on_save_gathers_sharded_masks_on_every_rank_and_writes_on_the_main_one(
     (tmp_path / f"checkpoint-{trainer.state.global_step}").mkdir()
     cb.on_save(trainer.args, trainer.state, trainer.control)
     assert writes == calls
+
+
+@pytest.mark.parametrize("entry", ["trainer", "callback"])
+def test_a_model_loaded_from_a_compressed_checkpoint_fine_tunes_and_stays_24(entry, tmp_path):
+    """Plain `from_pretrained` of our 2:4 format marks the model quantized; transformers' Trainer refuses to train
+    "purely quantized" models unless the format says it can (`is_qat_trainable`)."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_semisparse import prune_24, save_sparse_pretrained
+
+    model = make_model("llama")
+    prune_24(model, show_progress=False)
+    save_sparse_pretrained(model, tmp_path / "ckpt", show_progress=False)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    assert loaded.is_quantized  # the case transformers guards
+    before = {n: p.detach().clone() for n, p in loaded.named_parameters()}
+    args = TrainingArguments(**training_args(tmp_path / "run"))
+    if entry == "trainer":
+        trainer = SparsityTrainer(model=loaded, args=args, train_dataset=ToyDataset("llama"))
+    else:
+        trainer = Trainer(
+            model=loaded, args=args, train_dataset=ToyDataset("llama"), callbacks=[SparsityCallback()]
+        )
+    trainer.train()
+    assert_targets_24(loaded)
+    assert any(not torch.equal(p, before[n]) for n, p in loaded.named_parameters())

@@ -491,6 +491,12 @@ class SemiSparseHfQuantizer(HfQuantizer):
     def is_trainable(self):
         return True
 
+    @property
+    def is_qat_trainable(self) -> bool:
+        # the loaded weights are plain dense tensors (the 2:4 format is lossless storage): full fine-tuning works,
+        # and Trainer refuses a "purely quantized" model without adapters unless this is True
+        return True
+
 
 def _expert_converters(names: list[str], operation, for_saving: bool = False) -> list:
     """One weight converter per kind of fused expert parameter (`experts.gate_up_proj`, `experts.down_proj`):
