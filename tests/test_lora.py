@@ -443,6 +443,20 @@ def test_saving_a_model_that_holds_adapters_is_refused_before_anything_is_writte
     prune_24(model, show_progress=False)
     peft_model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj"]))
     subject = peft_model if which == "peft_model" else peft_model.get_base_model()
-    with pytest.raises(SparseCheckpointError, match="holds PEFT adapters.*q_proj.*merge_sparse_lora"):
+    with pytest.raises(SparseCheckpointError, match="holds PEFT adapters.*q_proj.*unload.*merge_sparse_lora"):
         save_sparse_pretrained(subject, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+    # the way out the message names: the base without its adapters
+    save_sparse_pretrained(copy.deepcopy(peft_model).unload(), tmp_path / "base", show_progress=False)
+    assert_targets_24(AutoSparseModel.from_pretrained(tmp_path / "base", accelerate=False))
+
+
+def test_saving_a_prompt_learning_model_names_its_base_model(tmp_path):
+    model = make_model("llama")
+    prune_24(model, show_progress=False)
+    config = peft.PrefixTuningConfig(task_type=peft.TaskType.CAUSAL_LM, num_virtual_tokens=4)
+    peft_model = peft.get_peft_model(model, config)
+    with pytest.raises(SparseCheckpointError, match="prompt-learning.*get_base_model"):
+        save_sparse_pretrained(peft_model, tmp_path / "out")
+    save_sparse_pretrained(peft_model.get_base_model(), tmp_path / "base", show_progress=False)
+    assert_targets_24(AutoSparseModel.from_pretrained(tmp_path / "base", accelerate=False))

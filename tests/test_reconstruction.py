@@ -135,16 +135,30 @@ def test_a_diverging_block_keeps_its_one_shot_weights_and_later_blocks_are_still
     assert "model.layers.0: block reconstruction diverged" in warning and "Lower reconstruct_lr" in warning
 
 
-def test_weights_that_diverge_after_the_last_step_are_put_back_bit_for_bit():
-    # one batch, one epoch: the one Adam step's loss is finite, the weights it writes (every kept weight moved
-    # by the largest lr accepted) are worse than the one-shot ones
-    dense = llama(1).eval()
-    one_shot, _ = pruned(dense, batches=token_batches(1))
-    tuned, stats = pruned(dense, batches=token_batches(1), reconstruct_epochs=1, reconstruct_lr=1.0)
-    (block,) = stats["reconstruction"]
-    assert block["applied"] is False and stats["blocks_tuned"] == 0
+def test_tuned_weights_whose_error_is_nan_are_put_back_bit_for_bit(monkeypatch, caplog):
+    # the Adam steps' losses stay finite; the error of the tuned weights (the second measurement) is NaN
+    from hf_semisparse.pruning import reconstruction
+
+    measure = reconstruction._relative_error
+    calls = []
+
+    def nan_after_tuning(*args):
+        calls.append(1)
+        return float("nan") if len(calls) % 2 == 0 else measure(*args)
+
+    dense = llama(2).eval()
+    one_shot, _ = pruned(dense)
+    monkeypatch.setattr(reconstruction, "_relative_error", nan_after_tuning)
+    with caplog.at_level(logging.WARNING):
+        tuned, stats = pruned(dense, reconstruct_epochs=2, reconstruct_lr=1e-3)
+    assert len(calls) == 4  # before and after, for each of the 2 blocks
+    for block in stats["reconstruction"]:
+        assert block["diverged"] is True and block["applied"] is False and block["skipped"] is False
+    assert stats["blocks_tuned"] == 0
     for (name, a), b in zip(tuned.state_dict().items(), one_shot.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+    warnings = reconstruction_warnings(caplog)
+    assert len(warnings) == 2 and all("block reconstruction diverged" in w for w in warnings)
 
 
 def test_a_block_whose_one_shot_error_is_not_finite_is_not_tuned(monkeypatch, caplog):
@@ -161,10 +175,13 @@ def test_a_block_whose_one_shot_error_is_not_finite_is_not_tuned(monkeypatch, ca
     with caplog.at_level(logging.WARNING):
         tuned, stats = pruned(dense, reconstruct_epochs=2)
     (block,) = stats["reconstruction"]
-    assert block["applied"] is False and block["diverged"] is False
+    assert block["applied"] is False and block["diverged"] is False and block["skipped"] is True
     for (name, a), b in zip(tuned.state_dict().items(), one_shot.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
-    assert any("is not finite" in w and "not tuned" in w for w in reconstruction_warnings(caplog))
+    (warning,) = reconstruction_warnings(
+        caplog
+    )  # not also "did not lower the error ... smaller reconstruct_lr"
+    assert "is not finite" in warning and "not tuned" in warning
 
 
 def test_no_gradient_or_requires_grad_flag_is_left_behind():
@@ -430,7 +447,7 @@ def test_a_peft_wrapped_model_is_pruned_block_by_block_as_its_base_model(epochs)
             assert torch.equal(value, adapters[name]), name  # adapters are never targets
 
 
-def test_a_peft_models_adapters_run_in_the_teacher_and_the_student(monkeypatch):
+def test_a_peft_models_adapters_run_in_the_reconstruction_teacher(monkeypatch):
     dense = lora(llama(2), init_lora_weights=False).eval()  # random B: the adapters change every output
     batches = token_batches(2)
     base_outputs, wrapped_outputs = [], []

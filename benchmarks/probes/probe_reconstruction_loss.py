@@ -3,7 +3,8 @@
 
 On SmolLM2-135M most of a block's output norm sits at the first position (the attention-sink token), so the
 summed loss is mostly that token's; this probe checks whether leaving it out, or weighing every token alike,
-gives a better model. Wanda (fast on a CPU) with and without reconstruction, perplexity on the first
+gives a better model (the loss chosen also measures the error that decides whether a block keeps its tuned
+weights). Wanda (fast on a CPU) with and without reconstruction, perplexity on the first
 `--eval-tokens` tokens of the EB1911 text (windows of 512), calibration from the Gutenberg plays as in
 `bench_pruning_llm.py`:
 

@@ -332,7 +332,8 @@ def _pruning_line(pruning: dict) -> str:
         words += ", rounded to the FP8 grid"
     recon = pruning.get("block_reconstruction")
     if isinstance(recon, dict):
-        words += f", block reconstruction {recon.get('epochs')} epochs at lr {recon.get('lr')}"
+        epochs = recon.get("epochs")
+        words += f", block reconstruction {epochs} epoch{'' if epochs == 1 else 's'} at lr {recon.get('lr')}"
         if "blocks_tuned" in recon:
             words += f" ({recon['blocks_tuned']} of {recon.get('blocks')} blocks tuned)"
     return words

@@ -236,17 +236,24 @@ PROGRESS_MIN_TARGETS = 32  # fewer 2:4 weights compress in a moment: no progress
 
 
 def check_no_adapters(model: nn.Module) -> None:
-    """Raise SparseCheckpointError when `model` is or holds PEFT adapter layers: their weights are stored under
-    `base_layer` names beside the adapters', which `from_pretrained` cannot load as a 2:4 checkpoint."""
-    from .peft_structure import is_peft_model, is_tuner_layer
+    """Raise SparseCheckpointError when `model` is a `PeftModel` (or tuner model) or holds PEFT adapter layers:
+    the base weights would be stored under `base_layer` names beside the adapters', which `from_pretrained`
+    cannot load as a 2:4 checkpoint. The message names the way out for the kind of wrapper."""
+    from .peft_structure import is_peft_model, is_prompt_learning, is_tuner_layer
 
+    if is_prompt_learning(model):
+        raise SparseCheckpointError(
+            "the model is a PEFT prompt-learning model: save its base model, save_sparse_pretrained("
+            "peft_model.get_base_model(), ...), and its adapter with peft_model.save_pretrained"
+        )
     wrapped = next((name for name, mod in model.named_modules() if is_tuner_layer(mod)), None)
     if is_peft_model(model) or wrapped is not None:
         where = f" (e.g. {wrapped})" if wrapped else ""
         raise SparseCheckpointError(
-            f"the model holds PEFT adapters{where}: a checkpoint of it would not load as a 2:4 model. Merge them "
-            "first (hf_semisparse.lora.merge_sparse_lora: the merged weights stay 2:4), or save the adapters alone "
-            "with PeftModel.save_pretrained and the pruned base model before wrapping it (docs/guides/lora.md)"
+            f"the model holds PEFT adapters{where}: a checkpoint of it would not load as a 2:4 model. Save the "
+            "adapter with peft_model.save_pretrained and the 2:4 base without its adapters, "
+            "save_sparse_pretrained(copy.deepcopy(peft_model).unload(), ...); or merge the adapters, "
+            "hf_semisparse.lora.merge_sparse_lora(peft_model) (docs/guides/lora.md)"
         )
 
 

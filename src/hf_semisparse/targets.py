@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -120,7 +120,7 @@ class SparsityReport:
     pattern: str = "2:4"
     # what `prune_24`'s calibration did (Wanda/SparseGPT): `calibrated_prune_`'s stats, e.g. "pipeline",
     # "block_s" and, with `reconstruct_epochs`, "reconstruction" (one record per block) and "blocks_tuned"
-    calibration: dict | None = None
+    calibration: dict | None = field(default=None, compare=False, repr=False)
 
     @property
     def targets(self) -> list[str]:

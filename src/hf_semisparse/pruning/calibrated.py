@@ -543,8 +543,8 @@ def calibrated_prune_(
             by accelerate, not with `fp8_rounding`; targets outside the block list are not tuned. A block whose
             tuning diverges (NaN/inf error) or does not lower its error keeps its one-shot weights bit for bit, with
             a warning naming it (one warning per call for the blocks not improved), and later blocks are tuned.
-        reconstruct_lr: Adam's learning rate for `reconstruct_epochs`, any real number > 0 (not a bool); default
-            3e-4.
+        reconstruct_lr: Adam's learning rate for `reconstruct_epochs`, any real number > 0 and at most 1 (not a
+            bool); default 3e-4.
 
     Returns:
         Timings and counts: {"pipeline", "blocks" (int), "capture_s" (seconds to capture the first block's inputs,
@@ -552,14 +552,15 @@ def calibrated_prune_(
         "fallback_targets" (names of the targets outside the block list, pruned with whole-model forwards)}, and
         with `reconstruct_epochs` also "reconstruction": one record per block with targets, {"block" (its name),
         "error_before", "error_after" (relative squared error of the block's outputs against the dense model's
-        on the calibration tokens), "applied", "diverged"}; "blocks_tuned" (int: how many kept tuned weights);
-        "reconstruct_epochs" (int) and "reconstruct_lr" (float).
+        on the calibration tokens), "applied", "diverged", "skipped"}; "blocks_tuned" (int: how many kept tuned
+        weights); "reconstruct_epochs" (int) and "reconstruct_lr" (float).
 
     Raises:
         ValueError: a bad `method`, `pipeline`, `blocksize`, `damp` or `device`, `fp8_rounding` with Wanda or with
-            `reconstruct_epochs`, `reconstruct_epochs` < 0, `reconstruct_lr` <= 0 / NaN / inf, `reconstruct_epochs`
-            for a model that cannot run block by block or with blocks offloaded by accelerate, no batches,
-            `input_ids` that are not `[batch, seq]`, a target weight with NaN/inf (nothing changed in all these),
+            `reconstruct_epochs`, `reconstruct_epochs` < 0, `reconstruct_lr` <= 0 / > 1 / NaN / inf,
+            `reconstruct_epochs` for a model that cannot run block by block or with blocks offloaded by
+            accelerate, no batches, `input_ids` that are not `[batch, seq]`, a target weight with NaN/inf (nothing
+            changed in all these),
             or calibration statistics that are not finite (the block restored; the layer and the likely cause
             named). A diverging reconstruction raises nothing (see `reconstruct_epochs`).
         TypeError: `true_sequential` / `offload_activations` / `fp8_rounding` not booleans, `reconstruct_epochs`

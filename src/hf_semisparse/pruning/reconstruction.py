@@ -131,10 +131,11 @@ def reconstruct_block_(
         label: the block's name, for messages and the record.
 
     Returns:
-        {"block": label, "error_before", "error_after", "applied", "diverged"}: the relative squared error
-        sum ||out - wanted||^2 / sum ||wanted||^2 over the calibration tokens (floats) before and after; "applied"
-        is whether the tuned weights were kept. When not, "error_after" is "error_before" (the block is as it
-        was), and "diverged" says whether the error became NaN/inf.
+        {"block": label, "error_before", "error_after", "applied", "diverged", "skipped"}: the relative squared
+        error sum ||out - wanted||^2 / sum ||wanted||^2 over the calibration tokens (floats) before and after;
+        "applied" is whether the tuned weights were kept. When not, "error_after" is "error_before" (the block is as
+        it was), "diverged" says whether the error became NaN/inf, and "skipped" whether the one-shot error was
+        already not finite (the block was not tuned).
     """
     paths = _param_paths(block, targets)
     params = {path: getattr(t.module, t.param_name) for path, t in paths.items()}
@@ -152,6 +153,7 @@ def reconstruct_block_(
             "error_after": before,
             "applied": False,
             "diverged": False,
+            "skipped": True,
         }
     masters = _tuned_masters(block, params, run, wanted, token_masks, epochs, lr)
     after = math.nan
@@ -181,6 +183,7 @@ def reconstruct_block_(
         "error_after": after if applied else before,
         "applied": applied,
         "diverged": diverged,
+        "skipped": False,
     }
 
 
@@ -231,7 +234,8 @@ def summarize_reconstruction(records: list[dict], epochs: int, lr: float) -> dic
         {"reconstruction": records, "blocks_tuned": how many blocks kept tuned weights (int),
         "reconstruct_epochs": epochs (int), "reconstruct_lr": lr (float)}.
     """
-    unimproved = [r["block"] for r in records if not r["applied"] and not r["diverged"]]
+    # diverged and skipped blocks (a one-shot error that is not finite) were warned about one by one
+    unimproved = [r["block"] for r in records if not (r["applied"] or r["diverged"] or r.get("skipped"))]
     if unimproved:
         logger.warning(
             "block reconstruction did not lower the error of %d of %d blocks (%s); they keep their one-shot "

@@ -464,7 +464,7 @@ def _prune_block(
         if hasattr(exc, "add_note"):  # Python 3.11+
             exc.add_note(
                 f"hf_semisparse: the block of {names} was restored; blocks before it (if any) are already pruned, "
-                "and so are targets the model runs before its first block (OPT's project_in)."
+                "and so are targets the model runs before its first block (OPT's project_in), if any."
             )
         else:
             logger.error(

@@ -415,21 +415,22 @@ def prune_24(
             block's outputs match the dense model's (block-wise reconstruction as in EBFT, Guo et al. 2024); a
             block whose error does not go down, or whose tuning diverges, keeps its one-shot weights (a warning
             names it). Any integer >= 0 (`int`, `numpy.int64`; not a bool). Default 0 (off). Recorded in
-            `model.config.sparsity_config` (as an int). Needs the blocks in memory (not offloaded by accelerate).
+            `model.config.sparsity_config` (`block_reconstruction`: epochs, lr, and `blocks_tuned` of `blocks`).
+            Needs the blocks in memory (not offloaded by accelerate).
             Works through a PEFT wrapper (`PeftModel`): the base layers are tuned, the adapters left as they are.
-        reconstruct_lr: (wanda, sparsegpt) Adam's learning rate for `reconstruct_epochs`, any real number > 0
-            (not a bool); default 3e-4. Recorded as a float.
+        reconstruct_lr: (wanda, sparsegpt) Adam's learning rate for `reconstruct_epochs`, any real number > 0 and
+            at most 1 (not a bool); default 3e-4. Recorded as a float. Given without `reconstruct_epochs` it has no
+            effect, and a warning says so.
         (None for any of these: the default of `hf_semisparse.pruning.calibrated.calibrated_prune_`.)
 
     Raises:
         ValueError: a target in PEFT's `modules_to_save` (named; nothing changed), a target weight holds NaN/inf
-            (named; the model is unchanged), calibration statistics
-            overflow (named, with the likely cause), calibration data is missing or has `input_ids` of fewer than
-            2 dimensions, or a calibration option is bad (a `pipeline` name, `blocksize`, `damp`, `fp8_rounding`
-            with Wanda, a `device` that is not one, "meta", or CUDA without a GPU, `reconstruct_epochs` < 0,
-            `reconstruct_lr` <= 0, NaN or inf, or `reconstruct_epochs` with `fp8_rounding`, `pipeline="per_block"`,
-            a model that cannot run block by block or blocks offloaded by accelerate); nothing changed in all but
-            the overflow. A diverging reconstruction raises nothing: that block keeps its one-shot weights.
+            (named; the model is unchanged), calibration statistics overflow (named, with the likely cause),
+            calibration data is missing or has `input_ids` of fewer than 2 dimensions, or a calibration option is
+            bad (a `pipeline` name, `blocksize`, `damp`, `fp8_rounding` with Wanda, a `device` that is not one,
+            "meta", or CUDA without a GPU, `reconstruct_epochs` < 0, `reconstruct_lr` <= 0, > 1, NaN or inf, or
+            `reconstruct_epochs` with `fp8_rounding`, `pipeline="per_block"`, a model that cannot run block by
+            block or blocks offloaded by accelerate); nothing changed in all but the overflow. A diverging reconstruction raises nothing: that block keeps its one-shot weights.
         RuntimeError: `reconstruct_epochs` under `torch.inference_mode()` (nothing changed).
         TypeError: a calibration option given for method "magnitude", batches that are not dicts of tensors,
             `true_sequential` / `offload_activations` / `fp8_rounding` not booleans, `reconstruct_epochs` not an
