@@ -2,7 +2,6 @@
 dense model without touching the masks, keeps the one-shot weights where it does not, and refuses what it cannot
 do before any change."""
 
-import contextlib
 import copy
 import json
 import logging
@@ -447,22 +446,21 @@ def test_a_peft_wrapped_model_is_pruned_block_by_block_as_its_base_model(epochs)
             assert torch.equal(value, adapters[name]), name  # adapters are never targets
 
 
-def test_a_peft_models_adapters_run_in_the_reconstruction_teacher(monkeypatch):
-    dense = lora(llama(2), init_lora_weights=False).eval()  # random B: the adapters change every output
-    batches = token_batches(2)
-    base_outputs, wrapped_outputs = [], []
-    block0 = dense.get_base_model().model.layers[0]
-    for outputs, context in (
-        (wrapped_outputs, contextlib.nullcontext),
-        (base_outputs, dense.disable_adapter),
-    ):
-        hook = block0.register_forward_hook(
-            lambda mod, args, out, o=outputs: o.append(out[0] if isinstance(out, tuple) else out)
-        )
-        with torch.no_grad(), context():
-            for batch in batches:
-                dense(**batch)
-        hook.remove()
+def block_outputs(model, block, batches) -> list[torch.Tensor]:
+    """`block`'s output hidden states on each batch, running the whole `model`."""
+    outputs = []
+    hook = block.register_forward_hook(
+        lambda mod, args, out: outputs.append(out[0] if isinstance(out, tuple) else out)
+    )
+    with torch.no_grad():
+        for batch in batches:
+            model(**batch)
+    hook.remove()
+    return outputs
+
+
+def spy_on_teachers(monkeypatch) -> list[list[torch.Tensor]]:
+    """The dense block outputs (`wanted`) each reconstruction is given, block by block, as the pipeline runs."""
     teachers = []
     reconstruct_block_ = sequential.reconstruct_block_
 
@@ -471,6 +469,17 @@ def test_a_peft_models_adapters_run_in_the_reconstruction_teacher(monkeypatch):
         return reconstruct_block_(block, targets, run, wanted, *rest)
 
     monkeypatch.setattr(sequential, "reconstruct_block_", spy)
+    return teachers
+
+
+def test_a_peft_models_adapters_run_in_the_reconstruction_teacher(monkeypatch):
+    dense = lora(llama(2), init_lora_weights=False).eval()  # random B: the adapters change every output
+    batches = token_batches(2)
+    block0 = dense.get_base_model().model.layers[0]
+    wrapped_outputs = block_outputs(dense, block0, batches)
+    with dense.disable_adapter():
+        base_outputs = block_outputs(dense, block0, batches)
+    teachers = spy_on_teachers(monkeypatch)
     _, stats = pruned(dense, "wanda", batches, reconstruct_epochs=1)
     assert stats["pipeline"] == "sequential"
     for got, wanted, base in zip(teachers[0], wrapped_outputs, base_outputs, strict=True):
@@ -533,22 +542,8 @@ def opt_with_projections(layers=2):
 def test_the_first_blocks_teacher_is_the_dense_model_when_a_target_runs_before_the_blocks(monkeypatch):
     dense = opt_with_projections()
     batches = token_batches(2)
-    dense_outputs = []
-    hook = dense.model.decoder.layers[0].register_forward_hook(
-        lambda mod, args, out: dense_outputs.append(out[0] if isinstance(out, tuple) else out)
-    )
-    with torch.no_grad():
-        for batch in batches:
-            dense(**batch)
-    hook.remove()
-    teachers = []
-    reconstruct_block_ = sequential.reconstruct_block_
-
-    def spy(block, targets, run, wanted, *rest):
-        teachers.append([w.clone() for w in wanted])
-        return reconstruct_block_(block, targets, run, wanted, *rest)
-
-    monkeypatch.setattr(sequential, "reconstruct_block_", spy)
+    dense_outputs = block_outputs(dense, dense.model.decoder.layers[0], batches)
+    teachers = spy_on_teachers(monkeypatch)
     model, stats = pruned(dense, "wanda", batches, reconstruct_epochs=1)
 
     assert len(teachers) == 2
