@@ -180,3 +180,19 @@ def test_cli_version(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
     assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"hf-semisparse {__version__}"
+
+
+def test_cli_verify_says_when_files_hold_no_digests(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    model = make_model("llama")
+    prune_24(model, show_progress=False)
+    save_sparse_pretrained(model, tmp_path / "ours", show_progress=False)
+    assert main(["inspect", str(tmp_path / "ours"), "--verify"]) == 0
+    assert "every tensor matches its recorded CRC32" in capsys.readouterr().out
+    # transformers' own save of the loaded model (what a Trainer checkpoint holds): our format, no digest record
+    AutoModelForCausalLM.from_pretrained(tmp_path / "ours").save_pretrained(tmp_path / "plain")
+    assert main(["inspect", str(tmp_path / "plain"), "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "CRC32" in out and "every tensor matches" not in out
+    assert "1 weight file(s) hold no CRC32 record (model.safetensors" in out

@@ -435,3 +435,40 @@ def test_a_model_loaded_from_a_compressed_checkpoint_fine_tunes_and_stays_24(ent
     trainer.train()
     assert_targets_24(loaded)
     assert any(not torch.equal(p, before[n]) for n, p in loaded.named_parameters())
+
+
+def _train_loaded(tmp_path, ckpt, arch, entry, stop_at=None, resume=None):
+    """Train a model loaded from the compressed checkpoint `ckpt` (its Trainer checkpoints are in our format)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(ckpt)
+    args = TrainingArguments(
+        **training_args(tmp_path / "run", max_steps=6, save_strategy="steps", save_steps=3)
+    )
+    callbacks = [StopAt(stop_at)] if stop_at else []
+    if entry == "trainer":
+        trainer = SparsityTrainer(model=model, args=args, train_dataset=ToyDataset(arch), callbacks=callbacks)
+    else:
+        callbacks.append(SparsityCallback(resume_from_checkpoint=resume))
+        trainer = Trainer(model=model, args=args, train_dataset=ToyDataset(arch), callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=resume)
+    return model
+
+
+@pytest.mark.parametrize("entry", ["trainer", "callback"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: Conv1D weights, stored transposed
+def test_resume_of_a_model_loaded_from_a_compressed_checkpoint_is_bit_exact(arch, entry, tmp_path):
+    from hf_semisparse import prune_24, save_sparse_pretrained
+
+    model = make_model(arch)
+    prune_24(model, show_progress=False)
+    save_sparse_pretrained(model, tmp_path / "ckpt", show_progress=False)
+    straight = _train_loaded(tmp_path / "a", tmp_path / "ckpt", arch, entry)
+    _train_loaded(tmp_path / "b", tmp_path / "ckpt", arch, entry, stop_at=3)
+    checkpoint = tmp_path / "b" / "run" / "checkpoint-3"
+    with open(checkpoint / "config.json", encoding="utf-8") as f:
+        assert "quantization_config" in json.load(f)  # the Trainer wrote our compressed format
+    resumed = _train_loaded(tmp_path / "b", tmp_path / "ckpt", arch, entry, resume=str(checkpoint))
+    assert_targets_24(resumed)
+    for (name, p), (_, q) in zip(straight.named_parameters(), resumed.named_parameters(), strict=True):
+        assert torch.equal(p, q), name

@@ -211,8 +211,11 @@ def inspect_checkpoint(path: str, verify_data: bool = False) -> dict:
     recorded_experts = set((config.get("sparsity_config") or {}).get("expert_targets") or [])
     require = digests_recorded(quant)
     files = weight_files(path)
+    unrecorded = []  # files without a digest record: nothing to check their bytes against
     for file in files:  # every file's header against its digest record; with verify_data, every tensor too
         with open_verified(file, require=require, check_data=True) as f:
+            if f.record is None:
+                unrecorded.append(os.path.basename(file))
             if verify_data:
                 for key in f.keys():  # noqa: SIM118 - not a dict
                     f.get_tensor(key)
@@ -308,6 +311,7 @@ def inspect_checkpoint(path: str, verify_data: bool = False) -> dict:
         ),
         "problems": problems,
         "pruning": _pruning_record(config.get("sparsity_config")),
+        "files_without_digests": unrecorded,
         # whether config.json records any 2:4 weight (a sparse format, or a dense save's sparsity record)
         "records_sparsity": bool(recorded or recorded_experts or fmt != "dense"),
     }
@@ -393,9 +397,19 @@ def _inspect(args) -> int:
         print(
             f"{len(report['layers'])} 2:4 layers recorded; {len(ignored)} linear layer"
             f"{'' if len(ignored) == 1 else 's'} left dense{f' ({named})' if ignored else ''}"
-            + ("; every tensor matches its recorded CRC32" if args.verify else "")
+            + (_verify_words(report["files_without_digests"]) if args.verify else "")
         )
     return 0 if _is_sparse(report) else 1
+
+
+def _verify_words(unrecorded: list[str]) -> str:
+    """What `--verify` could check: every tensor, or not the files written without digests."""
+    if not unrecorded:
+        return "; every tensor matches its recorded CRC32"
+    return (
+        f"; {len(unrecorded)} weight file(s) hold no CRC32 record ({', '.join(unrecorded[:3])}: written by "
+        "transformers' own save, e.g. a Trainer checkpoint): their tensors were read but could not be checked"
+    )
 
 
 def _is_sparse(report: dict) -> bool:

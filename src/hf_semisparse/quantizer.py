@@ -397,6 +397,11 @@ class SemiSparseHfQuantizer(HfQuantizer):
         if experts:
             record["expert_targets"] = sorted(experts)
         model.config.sparsity_config = record
+        if not self.fp8:  # a Trainer's checkpoint of this model is in our format: its resume expands it
+            from .quantizer_ops import ExpandOnLoadStateDict
+
+            transposed = self.saved_transposed | {name for name, flag in experts.items() if flag}
+            model.register_load_state_dict_pre_hook(ExpandOnLoadStateDict(transposed))
         options = current_load_options()
         on_cuda = any(p.is_cuda for p in model.parameters())
         run_kernels = options["accelerate"] is True or (options["accelerate"] == "auto" and on_cuda)

@@ -197,3 +197,30 @@ def _one(value):
             raise SparseCheckpointError(f"expected one tensor, got {len(value)}")
         return value[0]
     return value
+
+
+class ExpandOnLoadStateDict:
+    """A `load_state_dict` pre-hook for a model loaded from our format: a state dict in that format (what the
+    model's own `save_pretrained` writes, e.g. a Trainer's `checkpoint-N/model.safetensors`) is expanded to dense
+    weights before torch copies it in, so `Trainer(resume_from_checkpoint=...)` and `load_best_model_at_end` work.
+
+    Every `<name>` with a `<name>_bitmask` beside it is replaced by `expand_values(...)` (checked), transposed back
+    for the modules and expert parameters stored transposed (GPT-2's `Conv1D`); the bitmask keys are removed.
+    A state dict without bitmasks passes unchanged.
+    """
+
+    def __init__(self, transposed: set[str]):
+        self.transposed = set(transposed)  # module names and expert parameter names stored transposed
+
+    def __call__(
+        self, module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+    ):
+        for mask_key in [k for k in state_dict if k.startswith(prefix) and k.endswith(BITMASK_SUFFIX)]:
+            key = mask_key[: -len(BITMASK_SUFFIX)]
+            if key not in state_dict:
+                continue  # torch reports the missing weight
+            dense = expand_values(state_dict[key], state_dict.pop(mask_key), key)
+            name = key[len(prefix) :]
+            if name in self.transposed or name.rsplit(".", 1)[0] in self.transposed:
+                dense = dense.transpose(-2, -1).contiguous()
+            state_dict[key] = dense
