@@ -147,6 +147,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--recover-seed", type=int, help="seed of the recovery windows (default --seed + 1)")
     p.add_argument("--out", help="JSON results path")
     args = p.parse_args(argv)
+    if args.start_from and "sparsegpt" not in args.methods:
+        p.error("--start-from replaces the sparsegpt run: put sparsegpt in --methods")
+    if args.save_recovered and not (args.recover_steps and "sparsegpt" in args.methods):
+        p.error("--save-recovered saves the recovered sparsegpt model: give --recover-steps and sparsegpt")
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     batches, train_ids = calibration_batches(
@@ -170,7 +174,11 @@ def main(argv: list[str] | None = None) -> None:
         seconds = 0.0
         if resumed:
             config = SparsityConfig(method=method)
-            assert all(is_nm_sparse(t.linear_view()) for t in select_targets(model, config)[0])
+            dense = [t.name for t in select_targets(model, config)[0] if not is_nm_sparse(t.linear_view())]
+            if dense:
+                raise SystemExit(
+                    f"--start-from {args.start_from}: {dense[0]} is not 2:4 (not a pruned model)"
+                )
         elif method != "dense":
             config = SparsityConfig(method=method)
             start = time.perf_counter()

@@ -82,3 +82,14 @@ def test_a_recovery_in_two_stages_goes_on_from_the_saved_model(tiny_llm):
     # the saved stage-1 model is what stage 2 starts from (compressed save and load are exact in float32)
     assert resumed["perplexity"] == pytest.approx(recovered["perplexity"], rel=1e-5)
     assert recovered_again["perplexity"] != recovered["perplexity"]  # it trained on
+
+
+def test_staged_recovery_options_without_their_run_are_refused(tiny_llm, capsys):
+    bench = load_bench()
+    model = ["--model", str(tiny_llm / "model"), "--device", "cpu"]
+    with pytest.raises(SystemExit):
+        bench.main([*model, "--methods", "dense", "--start-from", str(tiny_llm / "model")])
+    assert "put sparsegpt in --methods" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main([*model, "--methods", "sparsegpt", "--save-recovered", str(tiny_llm / "out")])
+    assert "give --recover-steps" in capsys.readouterr().err

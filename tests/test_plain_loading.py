@@ -263,3 +263,31 @@ def test_autosparsemodel_is_the_same_loader(tmp_path):
     plain = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "ckpt")
     assert not hasattr(plain, "sparsity_acceleration")  # on the CPU the plain call does not try kernels
     assert_same_weights(plain.state_dict(), loaded.state_dict())
+
+
+def test_load_state_dict_expands_our_format_and_refuses_fp8(tmp_path):
+    """A model loaded from our format takes a state dict in that format (a Trainer checkpoint of it), expanded
+    bit for bit; an FP8 (version 4) one is refused rather than read as garbage."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_semisparse import prune_24, save_sparse_pretrained
+    from hf_semisparse.checkpoint_format import compress_values
+    from hf_semisparse.errors import SparseCheckpointError
+
+    model = make_model("llama")
+    prune_24(model, show_progress=False)
+    save_sparse_pretrained(model, tmp_path / "ckpt", show_progress=False)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    key = "model.layers.0.mlp.down_proj.weight"
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    values, bitmask = compress_values(state[key])
+    with torch.no_grad():
+        loaded.model.layers[0].mlp.down_proj.weight.zero_()
+    loaded.load_state_dict({**state, key: values, key + "_bitmask": bitmask})
+    assert torch.equal(
+        loaded.model.layers[0].mlp.down_proj.weight, model.model.layers[0].mlp.down_proj.weight
+    )
+    fp8 = {**state, key: values.to(torch.float8_e4m3fn), key + "_bitmask": bitmask}
+    fp8[key + "_scale"] = torch.ones(values.shape[0], 1)
+    with pytest.raises(SparseCheckpointError, match="FP8 2:4 state dict"):
+        loaded.load_state_dict(fp8, strict=False)

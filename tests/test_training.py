@@ -3,6 +3,7 @@ import os
 
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_semisparse import (
@@ -468,7 +469,43 @@ def test_resume_of_a_model_loaded_from_a_compressed_checkpoint_is_bit_exact(arch
     checkpoint = tmp_path / "b" / "run" / "checkpoint-3"
     with open(checkpoint / "config.json", encoding="utf-8") as f:
         assert "quantization_config" in json.load(f)  # the Trainer wrote our compressed format
+    with safe_open(str(checkpoint / "model.safetensors"), framework="pt") as f:
+        assert any(key.endswith("_bitmask") for key in f.keys())  # noqa: SIM118 - not a dict
     resumed = _train_loaded(tmp_path / "b", tmp_path / "ckpt", arch, entry, resume=str(checkpoint))
     assert_targets_24(resumed)
     for (name, p), (_, q) in zip(straight.named_parameters(), resumed.named_parameters(), strict=True):
         assert torch.equal(p, q), name
+
+
+def test_training_a_model_on_inference_kernels_is_refused_with_the_way_out(backend, tmp_path):
+    from hf_semisparse import prune_24
+    from hf_semisparse.kernels.linear import SemiSparseLinear
+
+    model = make_model("llama")
+    prune_24(model, show_progress=False)
+    layer = model.model.layers[0].mlp
+    layer.down_proj = SemiSparseLinear(layer.down_proj)  # as accelerate_24 leaves it
+    args = TrainingArguments(**training_args(tmp_path / "run", max_steps=1))
+    with pytest.raises(ValueError, match=r"down_proj .* inference kernels.*accelerate=False"):
+        SparsityTrainer(model=model, args=args, train_dataset=ToyDataset("llama"))
+    trainer = Trainer(
+        model=model, args=args, train_dataset=ToyDataset("llama"), callbacks=[SparsityCallback()]
+    )
+    with pytest.raises(ValueError, match="inference kernels"):
+        trainer.train()
+
+
+def test_saving_a_loaded_model_that_lost_its_24_zeros_names_the_way_out(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from hf_semisparse import prune_24, save_sparse_pretrained
+    from hf_semisparse.errors import SparseCheckpointError
+
+    model = make_model("llama")
+    prune_24(model, show_progress=False)
+    save_sparse_pretrained(model, tmp_path / "ckpt", show_progress=False)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    with torch.no_grad():  # what a plain Trainer without SparsityCallback does to the zeros
+        loaded.model.layers[0].mlp.down_proj.weight.add_(1.0)
+    with pytest.raises(SparseCheckpointError, match="group at .*SparsityTrainer or SparsityCallback"):
+        loaded.save_pretrained(tmp_path / "out")

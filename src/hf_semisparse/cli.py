@@ -407,8 +407,9 @@ def _verify_words(unrecorded: list[str]) -> str:
     if not unrecorded:
         return "; every tensor matches its recorded CRC32"
     return (
-        f"; {len(unrecorded)} weight file(s) hold no CRC32 record ({', '.join(unrecorded[:3])}: written by "
-        "transformers' own save, e.g. a Trainer checkpoint): their tensors were read but could not be checked"
+        f"; {len(unrecorded)} weight file(s) hold no CRC32 record ({', '.join(unrecorded[:3])}; e.g. written by "
+        "transformers' save_pretrained, a Trainer checkpoint, or another tool): their tensors were read but could "
+        "not be checked"
     )
 
 

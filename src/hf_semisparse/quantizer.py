@@ -397,16 +397,18 @@ class SemiSparseHfQuantizer(HfQuantizer):
         if experts:
             record["expert_targets"] = sorted(experts)
         model.config.sparsity_config = record
-        if not self.fp8:  # a Trainer's checkpoint of this model is in our format: its resume expands it
-            from .quantizer_ops import ExpandOnLoadStateDict
+        # a Trainer's checkpoint of this model is in our format (version 2 or 3, also after an FP8 load): its
+        # resume (`load_state_dict`) expands it
+        from .quantizer_ops import ExpandOnLoadStateDict
 
-            transposed = self.saved_transposed | {name for name, flag in experts.items() if flag}
-            model.register_load_state_dict_pre_hook(ExpandOnLoadStateDict(transposed))
+        transposed = self.saved_transposed | {name for name, flag in experts.items() if flag}
+        model.register_load_state_dict_pre_hook(ExpandOnLoadStateDict(transposed))
         options = current_load_options()
         on_cuda = any(p.is_cuda for p in model.parameters())
         run_kernels = options["accelerate"] is True or (options["accelerate"] == "auto" and on_cuda)
         if self.fp8:
             self._attach_fp8_codes(model)
+        self.accelerated = run_kernels  # then not trainable (`is_qat_trainable`)
         if run_kernels:
             from .kernels import accelerate_24
 
@@ -499,8 +501,10 @@ class SemiSparseHfQuantizer(HfQuantizer):
     @property
     def is_qat_trainable(self) -> bool:
         # the loaded weights are plain dense tensors (the 2:4 format is lossless storage): full fine-tuning works,
-        # and Trainer refuses a "purely quantized" model without adapters unless this is True
-        return True
+        # and Trainer refuses a "purely quantized" model without adapters unless this is True. Not when the 2:4
+        # layers were put on inference kernels (frozen, compressed weights): SparsityTrainer/SparsityCallback say
+        # how to load for training (`check_not_on_kernels`)
+        return not getattr(self, "accelerated", False)
 
 
 def _expert_converters(names: list[str], operation, for_saving: bool = False) -> list:

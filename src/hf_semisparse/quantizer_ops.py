@@ -167,6 +167,16 @@ class Sparse24Compress(ConversionOps):
         return type(self)(memo.get(id(self.hf_quantizer), self.hf_quantizer))
 
     def convert(self, input_dict, full_layer_name=None, model=None, **kwargs):
+        try:
+            return self._convert(input_dict, full_layer_name)
+        except SparseCheckpointError as exc:
+            raise SparseCheckpointError(
+                f"{exc}. This model was loaded from a 2:4 checkpoint, and save_pretrained writes that format, which "
+                "needs every target 2:4: train it with SparsityTrainer or SparsityCallback (they keep the zeros), "
+                "or prune_24 it again before saving"
+            ) from exc
+
+    def _convert(self, input_dict, full_layer_name):
         out = {}
         for key, value in input_dict.items():
             tensor = _one(value)
@@ -202,11 +212,13 @@ def _one(value):
 class ExpandOnLoadStateDict:
     """A `load_state_dict` pre-hook for a model loaded from our format: a state dict in that format (what the
     model's own `save_pretrained` writes, e.g. a Trainer's `checkpoint-N/model.safetensors`) is expanded to dense
-    weights before torch copies it in, so `Trainer(resume_from_checkpoint=...)` and `load_best_model_at_end` work.
+    weights before torch copies it in, so that `Trainer(resume_from_checkpoint=...)` works (tested; one weight
+    file: a value tensor and its bitmask in different shards of a sharded state dict are not joined).
 
     Every `<name>` with a `<name>_bitmask` beside it is replaced by `expand_values(...)` (checked), transposed back
     for the modules and expert parameters stored transposed (GPT-2's `Conv1D`); the bitmask keys are removed.
-    A state dict without bitmasks passes unchanged.
+    A state dict without bitmasks passes unchanged; an FP8 one (version 4: e4m3 values and scales) raises
+    SparseCheckpointError.
     """
 
     def __init__(self, transposed: set[str]):
@@ -219,6 +231,11 @@ class ExpandOnLoadStateDict:
             key = mask_key[: -len(BITMASK_SUFFIX)]
             if key not in state_dict:
                 continue  # torch reports the missing weight
+            if key + SCALE_SUFFIX in state_dict or state_dict[key].dtype == torch.float8_e4m3fn:
+                raise SparseCheckpointError(
+                    f"{key}: an FP8 2:4 state dict (format version 4) cannot be loaded with load_state_dict; load "
+                    "its checkpoint folder with from_pretrained"
+                )
             dense = expand_values(state_dict[key], state_dict.pop(mask_key), key)
             name = key[len(prefix) :]
             if name in self.transposed or name.rsplit(".", 1)[0] in self.transposed:

@@ -60,6 +60,23 @@ def calibration_inputs(batch: dict, model=None) -> dict:
     return out
 
 
+def check_not_on_kernels(model) -> None:
+    """Raise ValueError when `model`'s 2:4 layers run on inference kernels (`accelerate_24`, or a checkpoint
+    loaded onto CUDA): their weights are compressed and frozen there, so training would leave them unchanged."""
+    from ..kernels.linear import SemiSparseLinear
+
+    on_kernels = [
+        name for name, mod in unwrap_model(model).named_modules() if isinstance(mod, SemiSparseLinear)
+    ]
+    if on_kernels:
+        raise ValueError(
+            f"{on_kernels[0]} (and {len(on_kernels) - 1} more) run on 2:4 inference kernels, whose weights are "
+            "compressed and frozen: training would not change them. Load the model for training with "
+            "AutoSparseModel.from_pretrained(path, accelerate=False) (or inside hf_semisparse.load_options("
+            "accelerate=False)), train, then accelerate_24 for serving"
+        )
+
+
 class SparsityCallback(TrainerCallback):
     """Prunes the model to N:M on schedule and keeps it N:M through training.
 
@@ -187,6 +204,7 @@ class SparsityCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         if model is None:
             raise ValueError("SparsityCallback needs the Trainer to pass `model` to its callbacks")
+        check_not_on_kernels(model)
         self._model = model
         self.optimizer_keeps_zeros = False  # the first step masks the weights and the (maybe resumed) state
         if self.config.method != "magnitude" and state.global_step <= self.config.start_step:

@@ -14,7 +14,7 @@ from ..lora import check_lora_maskable
 from ..peft_structure import is_peft_model
 from ..targets import select_targets
 from ..utils import unwrap_model
-from .callback import SparsityCallback, resolve_config
+from .callback import SparsityCallback, check_not_on_kernels, resolve_config
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +123,9 @@ class SparsityTrainer(Trainer):
         distillation_hidden_weight: float = 0.0,
         **kwargs,
     ) -> None:
+        model = kwargs.get("model", args[0] if args else None)
+        if model is not None:  # before Trainer's own checks, whose message for this case names no way out
+            check_not_on_kernels(model)
         super().__init__(*args, **kwargs)
         if (
             not 0.0 <= distillation_weight <= 1.0
