@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import TrainingArguments
 
-from hf_semisparse import SparsityTrainer, compute_nm_mask, prune_24
+from hf_semisparse import SparsityConfig, SparsityTrainer, compute_nm_mask, prune_24
 from hf_semisparse.modeling import AutoSparseModel
 from hf_semisparse.serialization import (
     SparseCheckpointError,
@@ -235,3 +235,14 @@ def test_accelerate_device_map_dict(tmp_path):
     device_map = {"model.embed_tokens": "cpu", "model.layers": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
     loaded = AutoSparseModel.from_pretrained(tmp_path / "ckpt", device_map=device_map)
     assert torch.equal(forward(model, "llama"), forward(loaded, "llama"))
+
+
+def test_a_model_pruned_to_a_pattern_that_is_not_24_is_refused_saying_so(tmp_path):
+    model = make_model("llama")
+    prune_24(model, SparsityConfig(n=4, m=8), show_progress=False)
+    with pytest.raises(SparseCheckpointError, match="pruned to 4:8.*not 2:4.*save_pretrained"):
+        save_sparse_pretrained(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    one_of_four = make_model("llama")  # 1:4 is also 2:4: it saves
+    prune_24(one_of_four, SparsityConfig(n=1, m=4), show_progress=False)
+    save_sparse_pretrained(one_of_four, tmp_path / "one_of_four", show_progress=False)

@@ -1,4 +1,5 @@
 import json
+import logging
 import os
 
 import pytest
@@ -119,6 +120,30 @@ def test_training_arguments_subclass_carries_config(tmp_path):
     assert_targets_24(model, cfg)
     value = model.bert.encoder.layer[0].attention.self.value.weight
     assert (value == 0).float().mean() < 0.1
+
+
+def test_a_trainer_config_that_differs_from_the_arguments_one_is_said_to_win(tmp_path, caplog):
+    args = SparsityTrainingArguments(
+        **training_args(tmp_path, max_steps=1), sparsity_config=SparsityConfig(method="wanda").to_dict()
+    )
+    with caplog.at_level(logging.WARNING):
+        trainer = SparsityTrainer(
+            model=make_model("bert"),
+            args=args,
+            train_dataset=ToyDataset("bert"),
+            sparsity_config=SparsityConfig(),
+        )
+    assert trainer.sparsity_config.method == "magnitude"
+    assert any("they differ: the trainer's argument is used" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # the same config twice: nothing to say
+        SparsityTrainer(
+            model=make_model("bert"),
+            args=args,
+            train_dataset=ToyDataset("bert"),
+            sparsity_config=SparsityConfig(method="wanda"),
+        )
+    assert not any("they differ" in r.getMessage() for r in caplog.records)
 
 
 def test_save_model_records_sparsity(tmp_path):

@@ -235,6 +235,23 @@ def _shards(
 PROGRESS_MIN_TARGETS = 32  # fewer 2:4 weights compress in a moment: no progress bar
 
 
+def _check_other_pattern(model: nn.Module, targets: dict[str, nn.Module]) -> None:
+    """A model pruned to another N:M pattern (1:4 or 1:2 are also 2:4; 4:8 is not): raise SparseCheckpointError
+    saying so when a target is not 2:4, instead of the bare "claims 2:4" error of compression."""
+    recorded = getattr(getattr(model, "config", None), "sparsity_config", None)
+    pattern = recorded.get("pattern", "2:4") if isinstance(recorded, dict) else "2:4"
+    if pattern == "2:4":
+        return
+    for name, module in targets.items():
+        weight = module.weight if isinstance(module, nn.Linear) else module.weight.t()
+        if find_nm_violation(weight) is not None:
+            raise SparseCheckpointError(
+                f"the model was pruned to {pattern} (config.sparsity_config) and {name} is not 2:4, which is all "
+                "the compressed formats hold: save it with save_pretrained (dense weights with their zeros), or "
+                "prune it to 2:4"
+            )
+
+
 def check_no_adapters(model: nn.Module) -> None:
     """Raise SparseCheckpointError when `model` is a `PeftModel` (or tuner model) or holds PEFT adapter layers:
     the base weights would be stored under `base_layer` names beside the adapters', which `from_pretrained`
@@ -302,7 +319,7 @@ def save_sparse_pretrained(
     Raises:
         SaveDestinationError: `save_directory` is refused (see `overwrite`), or is a file.
         SparseCheckpointError: the model has no 2:4 layer, holds PEFT adapter layers (merge them first), or a
-            recorded target is not 2:4 (names the tensor);
+            recorded target is not 2:4 (names the tensor; for a model pruned to another N:M pattern, says so);
             with `weights="fp8"`: a target weight is not finite or of another dtype, or the model has 2:4 fused
             expert weights. Nothing is written then.
         ValueError: `max_shard_size`, `weights` or an `extra_files` name is invalid.
@@ -349,6 +366,7 @@ def save_sparse_pretrained(
     source = getattr(getattr(root, "config", None), "_name_or_path", None)
     destination = check_save_destination(save_directory, source=source or None, overwrite=overwrite)
     targets = sparse_targets(root)
+    _check_other_pattern(root, targets)
     experts = sparse_expert_params(root)
     if not targets and not experts:
         raise SparseCheckpointError(

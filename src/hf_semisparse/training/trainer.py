@@ -145,8 +145,14 @@ class SparsityTrainer(Trainer):
             if teacher_model is self.model:
                 raise ValueError("teacher_model is the model being trained; pass a copy of the dense model")
             teacher_model.eval().to(self.args.device)
+        from_args = getattr(self.args, "sparsity_config", None)
         if sparsity_config is None:
-            sparsity_config = getattr(self.args, "sparsity_config", None)
+            sparsity_config = from_args
+        elif from_args is not None and resolve_config(from_args) != resolve_config(sparsity_config):
+            logger.warning(
+                "SparsityTrainer got sparsity_config= and SparsityTrainingArguments.sparsity_config, and they "
+                "differ: the trainer's argument is used"
+            )
         config = resolve_config(sparsity_config)
         # fail now, not after the first epoch, on a config that selects nothing or an adapter that cannot be masked
         _, report = select_targets(self.model, config)
