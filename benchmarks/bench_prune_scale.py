@@ -106,7 +106,14 @@ def calibration(vocab: int, samples: int, seq: int, batch_size: int) -> list[dic
 
 
 def prune(
-    model, method: str, batches, device: str, true_sequential: bool, epochs: int = 0, lr: float = DEFAULT_LR
+    model,
+    method: str,
+    batches,
+    device: str,
+    true_sequential: bool,
+    epochs: int = 0,
+    lr: float = DEFAULT_LR,
+    offload: bool | None = None,
 ) -> dict:
     targets, _ = select_targets(model, SparsityConfig(method=method))
     if device.startswith("cuda"):
@@ -124,6 +131,7 @@ def prune(
         show_progress=True,
         reconstruct_epochs=epochs,
         reconstruct_lr=lr,
+        offload_activations=offload,
     )
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -139,6 +147,7 @@ def prune(
         "host_peak_rss_gib": host_peak_gib(),
         "all_24": all(is_nm_sparse(t.linear_view()) for t in targets),
         "reconstruct_epochs": epochs,
+        "offload_activations": offload,
     }
     if epochs:
         out["reconstruction"] = stats.get("reconstruction")
@@ -160,6 +169,13 @@ def main(argv=None) -> dict:
     p.add_argument("--true-sequential", action="store_true")
     p.add_argument("--reconstruct-epochs", type=int, default=0, help="block-wise reconstruction epochs")
     p.add_argument("--reconstruct-lr", type=float, default=DEFAULT_LR)
+    p.add_argument(
+        "--offload-activations",
+        action="store_const",
+        const=True,
+        help="keep the cached block inputs (and reconstruction targets) on the CPU (default: decided from free "
+        "GPU memory)",
+    )
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="tiny shapes instead of 8B/70B (CPU smoke test)")
     p.add_argument("--out", required=True, help="JSON results path")
@@ -193,6 +209,7 @@ def main(argv=None) -> dict:
                 args.true_sequential,
                 args.reconstruct_epochs,
                 args.reconstruct_lr,
+                args.offload_activations,
             ),
         }
         run["estimated_full_s"] = run["capture_s"] + run["mean_block_s"] * full
@@ -218,6 +235,7 @@ def main(argv=None) -> dict:
                 args.true_sequential,
                 args.reconstruct_epochs,
                 args.reconstruct_lr,
+                args.offload_activations,
             ),
         }
         run["estimated_full_s"] = run["capture_s"] + run["mean_block_s"] * full_70

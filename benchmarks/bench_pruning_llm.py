@@ -7,7 +7,8 @@ texts are disjoint. Each method starts from a fresh copy of the dense model, in 
 
 `--recover-steps N` then fine-tunes the SparseGPT model for N steps with SparsityTrainer (masks kept), distilling
 from the dense model (logits KL, weight `--distill-weight`, temperature
-`--distill-temperature`), on the calibration text, and evaluates again;
+`--distill-temperature`), on windows of the calibration text (or, for a fraction `--recover-generated`, on
+sequences sampled from the dense model: `sample_teacher_sequences`), and evaluates again;
 `--recover-bf16` trains in bf16 mixed precision (the master weights and the evaluation stay float32).
 A recovery longer than one run (a GPU machine's 10-minute call) goes in stages: `--save-recovered DIR` keeps the
 recovered model, `--start-from DIR --methods dense sparsegpt --recover-steps N --recover-seed S` goes on from it
@@ -36,6 +37,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_semisparse import SparsityConfig, is_nm_sparse, prune_24, save_sparse_pretrained, select_targets
 from hf_semisparse.pruning.reconstruction import DEFAULT_LR
+from hf_semisparse.training.teacher_data import sample_teacher_sequences
 from hf_semisparse.utils import write_json
 
 SHARED = os.environ.get("HF_SEMISPARSE_SHARED", "/work/shared")
@@ -71,16 +73,39 @@ def perplexity(model, eval_ids: torch.Tensor, window: int, device: str) -> float
     return math.exp(nll / count)
 
 
-def recover(model, teacher, train_ids, args) -> float:
+def recovery_windows(teacher, train_ids: torch.Tensor, args) -> tuple[list[dict], float]:
+    """The recovery windows: `--recover-generated` of them sampled from the dense teacher, the rest cut (seeded)
+    from the training text, shuffled together; returns them and the seconds the sampling took."""
+    seed = args.seed + 1 if args.recover_seed is None else args.recover_seed
+    rng = random.Random(seed)
+    n = args.recover_steps * args.recover_batch
+    generated = round(args.recover_generated * n)
+    starts = [rng.randrange(0, len(train_ids) - args.seq) for _ in range(n - generated)]
+    rows = [train_ids[s : s + args.seq] for s in starts]
+    seconds = 0.0
+    if generated:
+        start = time.perf_counter()
+        rows += list(
+            sample_teacher_sequences(
+                teacher,
+                generated,
+                args.seq,
+                batch_size=args.generate_batch,
+                temperature=args.generate_temperature,
+                seed=seed,
+            )
+        )
+        seconds = time.perf_counter() - start
+    rng.shuffle(rows)
+    return [{"input_ids": row, "labels": row} for row in rows], seconds
+
+
+def recover(model, teacher, data: list[dict], args) -> float:
     """SparsityTrainer with distillation from the dense model; returns the seconds it took."""
     from transformers import TrainingArguments
 
     from hf_semisparse import SparsityTrainer
 
-    rng = random.Random(args.seed + 1 if args.recover_seed is None else args.recover_seed)
-    n = args.recover_steps * args.recover_batch
-    starts = [rng.randrange(0, len(train_ids) - args.seq) for _ in range(n)]
-    data = [{"input_ids": train_ids[s : s + args.seq], "labels": train_ids[s : s + args.seq]} for s in starts]
     targs = TrainingArguments(
         os.path.join("outputs", "recover_tmp"),
         per_device_train_batch_size=args.recover_batch,
@@ -145,10 +170,20 @@ def main(argv: list[str] | None = None) -> None:
         "--save-recovered", help="save the recovered SparseGPT model here (compressed, with tokenizer)"
     )
     p.add_argument("--recover-seed", type=int, help="seed of the recovery windows (default --seed + 1)")
+    p.add_argument(
+        "--recover-generated",
+        type=float,
+        default=0.0,
+        help="fraction (0-1) of the recovery windows sampled from the dense teacher instead of cut from the text",
+    )
+    p.add_argument("--generate-batch", type=int, default=256, help="sequences sampled together")
+    p.add_argument("--generate-temperature", type=float, default=1.0)
     p.add_argument("--out", help="JSON results path")
     args = p.parse_args(argv)
     if args.start_from and "sparsegpt" not in args.methods:
         p.error("--start-from replaces the sparsegpt run: put sparsegpt in --methods")
+    if not 0.0 <= args.recover_generated <= 1.0:
+        p.error(f"--recover-generated is a fraction in [0, 1], got {args.recover_generated}")
     if args.save_recovered and not (args.recover_steps and "sparsegpt" in args.methods):
         p.error("--save-recovered saves the recovered sparsegpt model: give --recover-steps and sparsegpt")
 
@@ -203,7 +238,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{method:>10}  ppl {ppl:9.2f}  prune {seconds:7.1f} s", flush=True)
         if method == "sparsegpt" and args.recover_steps:
             teacher = load(args.model, args.device)
-            secs = recover(model, teacher, train_ids, args)
+            data, sample_secs = recovery_windows(teacher, train_ids, args)
+            secs = recover(model, teacher, data, args)
             model.eval()
             ppl = perplexity(model, eval_ids, args.window, args.device)
             run = {
@@ -211,6 +247,8 @@ def main(argv: list[str] | None = None) -> None:
                 "perplexity": ppl,
                 "recover_seconds": secs,
                 "recover_tokens": args.recover_steps * args.recover_batch * args.seq,
+                "recover_generated_fraction": args.recover_generated,
+                "sample_seconds": sample_secs,
             }
             if dense_ppl:
                 run["ratio_to_dense"] = ppl / dense_ppl

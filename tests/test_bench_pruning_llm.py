@@ -93,3 +93,30 @@ def test_staged_recovery_options_without_their_run_are_refused(tiny_llm, capsys)
     with pytest.raises(SystemExit):
         bench.main([*model, "--methods", "sparsegpt", "--save-recovered", str(tiny_llm / "out")])
     assert "give --recover-steps" in capsys.readouterr().err
+
+
+def test_a_fraction_of_the_recovery_windows_is_sampled_from_the_teacher(tiny_llm):
+    bench = load_bench()
+    teacher = bench.load(str(tiny_llm / "model"), "cpu")
+    train_ids = torch.arange(1000, 1400)  # not token ids the sampler starts with: the cut windows are known
+    args = bench.argparse.Namespace(
+        seed=0, recover_seed=None, recover_steps=3, recover_batch=2, seq=8, recover_generated=0.5,
+        generate_batch=2, generate_temperature=1.0,
+    )  # fmt: skip
+    data, seconds = bench.recovery_windows(teacher, train_ids, args)
+    assert len(data) == 6 and seconds > 0
+    rows = [d["input_ids"] for d in data]
+    assert all(torch.equal(d["input_ids"], d["labels"]) and len(d["input_ids"]) == 8 for d in data)
+    cut = [r for r in rows if r[0] >= 1000 and torch.equal(r, torch.arange(int(r[0]), int(r[0]) + 8))]
+    sampled = [r for r in rows if r[0] == teacher.config.bos_token_id]
+    assert len(cut) == 3 and len(sampled) == 3
+    args.recover_generated = 0.0
+    data, seconds = bench.recovery_windows(teacher, train_ids, args)
+    assert seconds == 0.0 and all(d["input_ids"][0] >= 1000 for d in data)
+
+
+def test_the_generated_fraction_is_checked(tiny_llm, capsys):
+    bench = load_bench()
+    with pytest.raises(SystemExit):
+        bench.main(["--model", str(tiny_llm / "model"), "--device", "cpu", "--recover-generated", "1.5"])
+    assert "--recover-generated is a fraction" in capsys.readouterr().err

@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -314,3 +316,38 @@ def test_prune_24_with_fp8_rounding_leaves_weights_on_the_fp8_grid(pipeline):
         codes = w[rows] / scale  # on the grid of the final absmax where it sits at the top code (most rows)
         exact = torch.isclose(codes.to(torch.float8_e4m3fn).float(), codes, rtol=1e-6, atol=0)
         assert exact.all(dim=1).float().mean().item() > 0.5, name
+
+
+def test_sparsegpt_warns_once_per_width_when_calibration_has_fewer_tokens_than_inputs():
+    """bert's layers read 64 (attention, intermediate) or 128 (output) features: 2 x 16 tokens is below both,
+    and a warning names each width; 6 x 16 tokens covers 64 but not 128; Wanda needs no such count."""
+    data = ToyDataset("bert", n=8)
+    batch = {
+        k: v
+        for k, v in torch.utils.data.default_collate([data[i] for i in range(8)]).items()
+        if k != "labels"
+    }
+    few = {k: v[:2] for k, v in batch.items()}
+    with pytest.warns(UserWarning, match="rank-deficient") as record:
+        prune_24(
+            make_model("bert"),
+            SparsityConfig(method="sparsegpt"),
+            calibration_data=[few],
+            show_progress=False,
+        )
+    widths = sorted({str(w.message).split(" input features")[0].rsplit(" ", 1)[1] for w in record})
+    assert widths == ["128", "64"]
+    six = {k: v[:6] for k, v in batch.items()}
+    with pytest.warns(UserWarning, match="rank-deficient") as record:
+        prune_24(
+            make_model("bert"),
+            SparsityConfig(method="sparsegpt"),
+            calibration_data=[six],
+            show_progress=False,
+        )
+    assert {str(w.message).split(" input features")[0].rsplit(" ", 1)[1] for w in record} == {"128"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prune_24(
+            make_model("bert"), SparsityConfig(method="wanda"), calibration_data=[few], show_progress=False
+        )

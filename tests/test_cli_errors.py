@@ -201,3 +201,17 @@ def test_python_dash_m_runs_the_command_line():
         env=dict(os.environ, PYTHONPATH=os.path.abspath(SRC)),
     )
     assert result.returncode == 0 and "convert" in result.stdout and "inspect" in result.stdout
+
+
+def test_a_closed_pipe_stops_the_output_quietly(sparse_ckpt):
+    """`hf-semisparse inspect ... | head -1`: the reader closes the pipe before the command prints."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hf_semisparse", "inspect", str(sparse_ckpt), "--verify"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=dict(os.environ, PYTHONPATH=os.path.abspath(SRC)),
+    )
+    proc.stdout.close()  # long before the command (it imports torch first) writes a line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert err == "", err  # no traceback, no "Exception ignored", no error line

@@ -31,6 +31,7 @@ _LAZY = {
     "SparsityCallback": ".training",
     "SparsityTrainer": ".training",
     "SparsityTrainingArguments": ".training",
+    "sample_teacher_sequences": ".training.teacher_data",
     "Sparsifier": ".pruning",
     "prune_24": ".pruning",
     "save_sparse_pretrained": ".serialization",
@@ -61,6 +62,7 @@ __all__ = [
     "is_nm_sparse",
     "pack_mask",
     "prune_24",
+    "sample_teacher_sequences",
     "save_sparse_pretrained",
     "select_targets",
     "unpack_mask",
@@ -101,3 +103,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time `__getattr__` impor
     from .serialization import save_sparse_pretrained
     from .targets import NoTargetsError, SparsityReport, select_targets
     from .training import SparsityCallback, SparsityTrainer, SparsityTrainingArguments
+    from .training.teacher_data import sample_teacher_sequences

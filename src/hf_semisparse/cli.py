@@ -582,6 +582,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{prefix} interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`... | head`): stop quietly, as shell tools do, and keep Python from failing
+        # again when it flushes stdout at exit (the recipe in Python's `signal` documentation)
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):  # stdout replaced by something without a file descriptor
+            pass
+        return 141  # 128 + SIGPIPE, what a shell reports for a command killed by a closed pipe
     except (
         CliInputError,
         ValueError,

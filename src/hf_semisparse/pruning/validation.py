@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 FP16_HINT = (
@@ -30,7 +32,8 @@ def check_finite_weight(name: str, weight: torch.Tensor) -> None:
 
 
 def check_statistics(name: str, method: str, count: int, stat: torch.Tensor, expected_cols: int) -> None:
-    """Raise `RuntimeError`/`ValueError` naming `name` when its calibration statistics are unusable.
+    """Raise `RuntimeError`/`ValueError` naming `name` when its calibration statistics are unusable; warn (once
+    per input width, `UserWarning`) when SparseGPT's Hessian saw fewer tokens than the layer has input features.
 
     Args:
         count: calibration rows (tokens) the layer saw.
@@ -50,4 +53,14 @@ def check_statistics(name: str, method: str, count: int, stat: torch.Tensor, exp
         raise ValueError(
             f"{name}: the {method} calibration statistics of its inputs hold NaN or infinite values after "
             f"{count} tokens. {FP16_HINT}"
+        )
+    if method == "sparsegpt" and count < expected_cols:
+        # not a per-layer message: Python shows it once per input width instead of once per layer
+        warnings.warn(
+            f"SparseGPT: layers with {expected_cols} input features saw fewer calibration tokens than that, so "
+            "their Hessian X^T X is rank-deficient and the solve leans on its damping. Calibrate with at least "
+            f"{expected_cols} real (non-padding) tokens per layer (more or longer samples; for mixture-of-experts, "
+            "per expert) for a better result.",
+            UserWarning,
+            stacklevel=2,
         )

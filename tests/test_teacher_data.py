@@ -1,0 +1,110 @@
+"""Sequences sampled from a dense teacher as distillation data: shape, start token, seeding, sampling from the
+model's own distribution, no early end, and bad input refused before anything runs."""
+
+import pytest
+import torch
+
+from hf_semisparse.training.teacher_data import sample_teacher_sequences
+from tests.conftest import VOCAB, make_model
+
+
+@pytest.fixture
+def llama():
+    return make_model("llama").eval()
+
+
+def test_sequences_have_the_asked_shape_and_start_with_bos(llama):
+    ids = sample_teacher_sequences(llama, 5, 12, batch_size=2, show_progress=False)
+    assert ids.shape == (5, 12) and ids.dtype == torch.int64 and ids.device.type == "cpu"
+    assert (ids[:, 0] == llama.config.bos_token_id).all()
+    assert ids.min() >= 0 and ids.max() < VOCAB
+    assert len({tuple(r.tolist()) for r in ids}) == 5  # sampled, not greedy: the rows differ
+
+
+def test_the_seed_decides_the_sequences_and_the_global_random_state_is_left_alone(llama):
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    a = sample_teacher_sequences(llama, 4, 10, batch_size=4, seed=1, show_progress=False)
+    assert torch.equal(torch.rand(3), expected_next)
+    b = sample_teacher_sequences(llama, 4, 10, batch_size=4, seed=1, show_progress=False)
+    c = sample_teacher_sequences(llama, 4, 10, batch_size=4, seed=2, show_progress=False)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_a_low_temperature_gives_the_greedy_continuation(llama):
+    ids = sample_teacher_sequences(llama, 2, 10, temperature=1e-4, show_progress=False)
+    prompt = torch.full((1, 1), llama.config.bos_token_id)
+    greedy = llama.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=9,
+                            min_new_tokens=9, pad_token_id=0)  # fmt: skip
+    assert torch.equal(ids[0], greedy[0]) and torch.equal(ids[1], greedy[0])
+
+
+def test_tokens_follow_the_model_distribution(llama):
+    """A head that gives three tokens all the probability: every sampled token is one of them, and all three
+    are drawn (sampling, not argmax)."""
+    favoured = torch.tensor([5, 6, 7])
+
+    def three_tokens(module, inputs, out):
+        logits = torch.full_like(out, -30.0)
+        logits[..., favoured] = 0.0
+        return logits
+
+    llama.lm_head.register_forward_hook(three_tokens)
+    body = sample_teacher_sequences(llama, 8, 20, show_progress=False)[:, 1:]
+    assert torch.isin(body, favoured).all()
+    assert len(body.unique()) == 3
+
+
+def test_the_end_token_never_ends_a_sequence_early(llama):
+    eos = llama.config.eos_token_id
+    llama.lm_head.register_forward_hook(lambda m, i, out: out.index_fill(-1, torch.tensor([eos]), 50.0))
+    ids = sample_teacher_sequences(llama, 3, 15, show_progress=False)
+    assert ids.shape == (3, 15) and not (ids[:, 1:] == eos).any()
+
+
+def test_training_mode_is_restored(llama):
+    llama.train()
+    sample_teacher_sequences(llama, 1, 4, show_progress=False)
+    assert llama.training
+
+
+def test_start_token_id_overrides_bos(llama):
+    ids = sample_teacher_sequences(llama, 2, 5, start_token_id=9, show_progress=False)
+    assert (ids[:, 0] == 9).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"num_sequences": 0}, "num_sequences"),
+        ({"num_sequences": True}, "num_sequences"),
+        ({"length": 1}, "length"),
+        ({"length": 8.0}, "length"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": float("inf")}, "temperature"),
+        ({"start_token_id": VOCAB}, "outside the vocabulary"),
+    ],
+)
+def test_bad_arguments_are_refused(llama, kwargs, match):
+    args = {"num_sequences": 2, "length": 4, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        sample_teacher_sequences(
+            llama, args.pop("num_sequences"), args.pop("length"), show_progress=False, **args
+        )
+
+
+def test_a_model_without_bos_needs_a_start_token():
+    model = make_model("llama")
+    model.config.bos_token_id = None
+    model.generation_config.bos_token_id = None
+    with pytest.raises(ValueError, match="start_token_id"):
+        sample_teacher_sequences(model, 1, 4, show_progress=False)
+    assert sample_teacher_sequences(model, 1, 4, start_token_id=3, show_progress=False)[0, 0] == 3
+
+
+def test_a_model_without_generate_is_refused():
+    with pytest.raises(TypeError, match="generate"):
+        sample_teacher_sequences(torch.nn.Linear(2, 2), 1, 4, show_progress=False)
