@@ -108,3 +108,20 @@ def test_a_model_without_bos_needs_a_start_token():
 def test_a_model_without_generate_is_refused():
     with pytest.raises(TypeError, match="generate"):
         sample_teacher_sequences(torch.nn.Linear(2, 2), 1, 4, show_progress=False)
+
+
+def test_every_batch_is_sampled_at_one_size(llama, monkeypatch):
+    """A new batch size would make transformers compile the static-cache decode step again on a GPU."""
+    sizes = []
+    generate = llama.generate
+
+    def counting(*args, **kwargs):
+        sizes.append(kwargs["input_ids"].shape[0])
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(llama, "generate", counting)
+    assert sample_teacher_sequences(llama, 5, 6, batch_size=2, show_progress=False).shape == (5, 6)
+    assert sizes == [2, 2, 2]
+    sizes.clear()
+    assert sample_teacher_sequences(llama, 3, 6, batch_size=64, show_progress=False).shape == (3, 6)
+    assert sizes == [3]

@@ -10,6 +10,7 @@ need them, so `--help` and `inspect` start fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -585,10 +586,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         # the reader went away (`... | head`): stop quietly, as shell tools do, and keep Python from failing
         # again when it flushes stdout at exit (the recipe in Python's `signal` documentation)
-        try:
+        # (stdout may have been replaced by something without a file descriptor)
+        with contextlib.suppress(OSError, ValueError, AttributeError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except (OSError, ValueError, AttributeError):  # stdout replaced by something without a file descriptor
-            pass
         return 141  # 128 + SIGPIPE, what a shell reports for a command killed by a closed pipe
     except (
         CliInputError,
