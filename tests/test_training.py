@@ -463,13 +463,13 @@ def test_a_model_loaded_from_a_compressed_checkpoint_fine_tunes_and_stays_24(ent
     assert any(not torch.equal(p, before[n]) for n, p in loaded.named_parameters())
 
 
-def _train_loaded(tmp_path, ckpt, arch, entry, stop_at=None, resume=None):
+def _train_loaded(tmp_path, ckpt, arch, entry, stop_at=None, resume=None, **overrides):
     """Train a model loaded from the compressed checkpoint `ckpt` (its Trainer checkpoints are in our format)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(ckpt)
     args = TrainingArguments(
-        **training_args(tmp_path / "run", max_steps=6, save_strategy="steps", save_steps=3)
+        **training_args(tmp_path / "run", max_steps=6, save_strategy="steps", save_steps=3, **overrides)
     )
     callbacks = [StopAt(stop_at)] if stop_at else []
     if entry == "trainer":
@@ -500,6 +500,99 @@ def test_resume_of_a_model_loaded_from_a_compressed_checkpoint_is_bit_exact(arch
     assert_targets_24(resumed)
     for (name, p), (_, q) in zip(straight.named_parameters(), resumed.named_parameters(), strict=True):
         assert torch.equal(p, q), name
+
+
+# shard sizes at which transformers puts some value tensor and its bitmask in different shards
+SPLITTING_SHARD_SIZE = {"llama": "9KB", "gpt2": "9KB"}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_resume_from_a_sharded_checkpoint_joins_values_and_bitmasks_across_shards(
+    arch, tmp_path, monkeypatch
+):
+    """transformers loads a sharded checkpoint one shard per load_state_dict call; a 2:4 weight's values and its
+    bitmask may sit in different shards (a 70B model passes the default 50GB shard size)."""
+    from functools import partialmethod
+
+    from transformers import PreTrainedModel
+
+    from hf_semisparse import prune_24, save_sparse_pretrained
+
+    model = make_model(arch)
+    prune_24(model, show_progress=False)
+    save_sparse_pretrained(model, tmp_path / "ckpt", show_progress=False)
+    straight = _train_loaded(tmp_path / "a", tmp_path / "ckpt", arch, "trainer")
+    monkeypatch.setattr(
+        PreTrainedModel,
+        "save_pretrained",
+        partialmethod(PreTrainedModel.save_pretrained, max_shard_size=SPLITTING_SHARD_SIZE[arch]),
+    )
+    _train_loaded(tmp_path / "b", tmp_path / "ckpt", arch, "trainer", stop_at=3)
+    checkpoint = tmp_path / "b" / "run" / "checkpoint-3"
+    with open(checkpoint / "model.safetensors.index.json", encoding="utf-8") as f:
+        shard_of = json.load(f)["weight_map"]
+    assert any(k.endswith("_bitmask") and shard_of[k] != shard_of[k[: -len("_bitmask")]] for k in shard_of)
+    resumed = _train_loaded(tmp_path / "b", tmp_path / "ckpt", arch, "trainer", resume=str(checkpoint))
+    assert_targets_24(resumed)
+    for (name, p), (_, q) in zip(straight.named_parameters(), resumed.named_parameters(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def test_a_lone_shard_without_its_bitmask_reports_the_weight_missing(tmp_path):
+    """Loading only the shard with a weight's values: that weight is reported missing (and left as it was),
+    not a size-mismatch error."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from hf_semisparse import prune_24, save_sparse_pretrained
+
+    model = make_model("llama")
+    prune_24(model, show_progress=False)
+    save_sparse_pretrained(model, tmp_path / "ckpt", show_progress=False)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    loaded.save_pretrained(tmp_path / "sharded", max_shard_size=SPLITTING_SHARD_SIZE["llama"])
+    with open(tmp_path / "sharded" / "model.safetensors.index.json", encoding="utf-8") as f:
+        shard_of = json.load(f)["weight_map"]
+    key = next(
+        k[: -len("_bitmask")] for k in shard_of if k.endswith("_bitmask") and shard_of[k] != shard_of[k[:-8]]
+    )
+    fresh = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    before = fresh.state_dict()[key].clone()
+    result = fresh.load_state_dict(load_file(tmp_path / "sharded" / shard_of[key]), strict=False)
+    assert key in result.missing_keys
+    assert torch.equal(fresh.state_dict()[key], before)
+
+
+def test_load_best_model_at_end_restores_the_best_checkpoint_of_a_loaded_model(tmp_path):
+    """With `greater_is_better=True` on the loss the "best" checkpoint is the worst one, an earlier step than the
+    last: what the model ends with must be that checkpoint, exactly, and still 2:4."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_semisparse import prune_24, save_sparse_pretrained
+
+    model = make_model("llama")
+    prune_24(model, show_progress=False)
+    save_sparse_pretrained(model, tmp_path / "ckpt", show_progress=False)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    args = TrainingArguments(
+        **training_args(
+            tmp_path / "run", max_steps=6, save_strategy="steps", save_steps=3, eval_strategy="steps",
+            eval_steps=3, load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=True,
+        )
+    )  # fmt: skip
+    trainer = SparsityTrainer(
+        model=loaded, args=args, train_dataset=ToyDataset("llama"), eval_dataset=ToyDataset("llama", n=16)
+    )
+    trainer.train()
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-3")
+    best = AutoModelForCausalLM.from_pretrained(trainer.state.best_model_checkpoint)
+    assert_targets_24(trainer.model)
+    changed = False
+    for (name, p), (_, q) in zip(trainer.model.named_parameters(), best.named_parameters(), strict=True):
+        assert torch.equal(p, q), name
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "checkpoint-6")
+    changed = any(not torch.equal(p, q) for p, q in zip(final.parameters(), best.parameters(), strict=True))
+    assert changed  # the last checkpoint differs: the best one was really loaded back
 
 
 def test_training_a_model_on_inference_kernels_is_refused_with_the_way_out(backend, tmp_path):

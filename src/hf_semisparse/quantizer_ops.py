@@ -212,32 +212,66 @@ def _one(value):
 class ExpandOnLoadStateDict:
     """A `load_state_dict` pre-hook for a model loaded from our format: a state dict in that format (what the
     model's own `save_pretrained` writes, e.g. a Trainer's `checkpoint-N/model.safetensors`) is expanded to dense
-    weights before torch copies it in, so that `Trainer(resume_from_checkpoint=...)` works (tested; one weight
-    file: a value tensor and its bitmask in different shards of a sharded state dict are not joined).
+    weights before torch copies it in, so that `Trainer(resume_from_checkpoint=...)` and `load_best_model_at_end`
+    work (tested, also for checkpoints that transformers shards).
 
     Every `<name>` with a `<name>_bitmask` beside it is replaced by `expand_values(...)` (checked), transposed back
     for the modules and expert parameters stored transposed (GPT-2's `Conv1D`); the bitmask keys are removed.
-    A state dict without bitmasks passes unchanged; an FP8 one (version 4: e4m3 values and scales) raises
-    SparseCheckpointError.
+    transformers loads a sharded checkpoint one shard per `load_state_dict` call, and may have put a value tensor
+    and its bitmask in different shards: the one that comes first is held back (so torch reports it missing from
+    that call, not a size mismatch) until its partner arrives. A state dict without bitmasks passes unchanged; an
+    FP8 one (version 4: e4m3 values and scales) raises SparseCheckpointError.
     """
 
     def __init__(self, transposed: set[str]):
         self.transposed = set(transposed)  # module names and expert parameter names stored transposed
+        self.pending: dict[str, torch.Tensor] = {}  # half of a pair whose other half is in a later shard
+
+    def _dense_shape(self, module, name: str) -> tuple | None:
+        """The shape `name`'s dense weight has in the model, as the checkpoint stores it (transposed or not)."""
+        try:
+            param = module.get_parameter(name)
+        except AttributeError:
+            return None
+        shape = tuple(param.shape)
+        if len(shape) >= 2 and (name in self.transposed or name.rsplit(".", 1)[0] in self.transposed):
+            shape = (*shape[:-2], shape[-1], shape[-2])
+        return shape
 
     def __call__(
         self, module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
     ):
         for mask_key in [k for k in state_dict if k.startswith(prefix) and k.endswith(BITMASK_SUFFIX)]:
             key = mask_key[: -len(BITMASK_SUFFIX)]
-            if key not in state_dict:
-                continue  # torch reports the missing weight
-            if key + SCALE_SUFFIX in state_dict or state_dict[key].dtype == torch.float8_e4m3fn:
-                raise SparseCheckpointError(
-                    f"{key}: an FP8 2:4 state dict (format version 4) cannot be loaded with load_state_dict; load "
-                    "its checkpoint folder with from_pretrained"
-                )
-            dense = expand_values(state_dict[key], state_dict.pop(mask_key), key)
-            name = key[len(prefix) :]
-            if name in self.transposed or name.rsplit(".", 1)[0] in self.transposed:
-                dense = dense.transpose(-2, -1).contiguous()
-            state_dict[key] = dense
+            if key not in state_dict and key in self.pending:  # its values came in an earlier shard
+                state_dict[key] = self.pending.pop(key)
+            elif key not in state_dict:  # its values come in a later shard
+                self.pending[mask_key] = state_dict.pop(mask_key)
+                continue
+            self.pending.pop(key, None)
+            self._expand(state_dict, key, state_dict.pop(mask_key), prefix)
+        for key in [k for k in state_dict if k.startswith(prefix) and not k.endswith(BITMASK_SUFFIX)]:
+            values = state_dict[key]
+            if key + BITMASK_SUFFIX in self.pending:  # its bitmask came in an earlier shard
+                self._expand(state_dict, key, self.pending.pop(key + BITMASK_SUFFIX), prefix)
+                continue
+            dense = self._dense_shape(module, key[len(prefix) :])
+            if (
+                dense is not None
+                and values.dim() >= 2
+                and tuple(values.shape) != dense
+                and (*values.shape[:-1], 2 * values.shape[-1]) == dense
+            ):  # compressed values whose bitmask comes in a later shard
+                self.pending[key] = state_dict.pop(key)
+
+    def _expand(self, state_dict, key: str, bitmask: torch.Tensor, prefix: str) -> None:
+        if key + SCALE_SUFFIX in state_dict or state_dict[key].dtype == torch.float8_e4m3fn:
+            raise SparseCheckpointError(
+                f"{key}: an FP8 2:4 state dict (format version 4) cannot be loaded with load_state_dict; load "
+                "its checkpoint folder with from_pretrained"
+            )
+        dense = expand_values(state_dict[key], bitmask, key)
+        name = key[len(prefix) :]
+        if name in self.transposed or name.rsplit(".", 1)[0] in self.transposed:
+            dense = dense.transpose(-2, -1).contiguous()
+        state_dict[key] = dense
