@@ -245,6 +245,25 @@ def test_recovery_after_a_calibrated_one_shot_records_where_the_masks_came_from(
     assert "Method: wanda" in render_model_card(model, recovered=True)
 
 
+def test_recovery_keeps_the_record_of_the_block_reconstruction_that_chose_the_masks(tmp_path):
+    model = make_model("llama")
+    data = ToyDataset("llama")
+    batches = [{"input_ids": torch.stack([data[i]["input_ids"] for i in range(8)])}]
+    prune_24(
+        model, SparsityConfig(method="sparsegpt"), calibration_data=batches, show_progress=False,
+        reconstruct_epochs=1, reconstruct_lr=1e-4,
+    )  # fmt: skip
+    recorded = model.config.sparsity_config["block_reconstruction"]
+    args = TrainingArguments(**training_args(tmp_path, max_steps=2))
+    SparsityTrainer(model=model, args=args, train_dataset=data, sparsity_config=SparsityConfig()).train()
+    record = model.config.sparsity_config
+    assert record["mask_source"] == "sparsegpt" and record["block_reconstruction"] == recorded
+    dense = make_model("llama")  # magnitude pruning of a dense model inherits nothing
+    dense.config.sparsity_config = {**record}
+    SparsityTrainer(model=dense, args=args, train_dataset=data, sparsity_config=SparsityConfig()).train()
+    assert "block_reconstruction" not in dense.config.sparsity_config
+
+
 def test_magnitude_on_a_dense_model_records_no_mask_source():
     model = make_model("bert")
     model.config.sparsity_config = {"method": "wanda", "pattern": "2:4", "targets": []}  # stale, not 2:4
@@ -351,3 +370,16 @@ def test_sparsegpt_warns_once_per_width_when_calibration_has_fewer_tokens_than_i
         prune_24(
             make_model("bert"), SparsityConfig(method="wanda"), calibration_data=[few], show_progress=False
         )
+
+
+@pytest.mark.parametrize("pipeline", ["sequential", "per_block"])
+def test_prune_24_records_the_calibration_batches_it_used_not_the_configs(pipeline):
+    model = make_model("llama")
+    data = ToyDataset("llama")
+    batches = (
+        {"input_ids": torch.stack([data[i]["input_ids"] for i in range(j, j + 2)])} for j in range(0, 6, 2)
+    )
+    config = SparsityConfig(method="wanda", calibration_batches=16)
+    report = prune_24(model, config, calibration_data=batches, show_progress=False, pipeline=pipeline)
+    assert model.config.sparsity_config["calibration_batches"] == 3  # a generator of 3 batches, all used
+    assert report.calibration["calibration_batches"] == 3

@@ -60,7 +60,11 @@ class SparsityConfig:
         },
     )
     calibration_batches: int = field(
-        default=16, metadata={"help": "Batches used to calibrate wanda/sparsegpt."}
+        default=16,
+        metadata={
+            "help": "Batches of the training data that SparsityTrainer/SparsityCallback calibrate wanda/sparsegpt "
+            "on; prune_24 uses every batch of its calibration_data and records how many."
+        },
     )
     n: int = field(default=2, metadata={"help": "Weights kept in each group of m."})
     m: int = field(default=4, metadata={"help": "Group size along the input dimension."})

@@ -547,7 +547,7 @@ def calibrated_prune_(
             bool); default 3e-4.
 
     Returns:
-        Timings and counts: {"pipeline", "blocks" (int), "capture_s" (seconds to capture the first block's inputs,
+        Timings and counts: {"pipeline", "blocks" (int), "calibration_batches" (int: batches used), "capture_s" (seconds to capture the first block's inputs,
         with the pruning of targets the forward calls before it), "block_s": [...] (seconds per block),
         "fallback_targets" (names of the targets outside the block list, pruned with whole-model forwards)}, and
         with `reconstruct_epochs` also "reconstruction": one record per block with targets, {"block" (its name),
@@ -635,7 +635,7 @@ def calibrated_prune_(
     if pipeline == "sequential":
         from .sequential import sequential_prune_
 
-        return sequential_prune_(
+        stats = sequential_prune_(
             model,
             targets,
             method,
@@ -647,8 +647,11 @@ def calibrated_prune_(
             reconstruct_lr=reconstruct_lr,
             **options,
         )
-    per_block_prune_(model, targets, method, batches, **options)
-    return {"pipeline": "per_block", "blocks": len({_block_key(t.name) for t in targets})}
+    else:
+        per_block_prune_(model, targets, method, batches, **options)
+        stats = {"pipeline": "per_block", "blocks": len({_block_key(t.name) for t in targets})}
+    stats["calibration_batches"] = len(batches)
+    return stats
 
 
 def model_input_device(model: nn.Module) -> torch.device | None:

@@ -479,6 +479,10 @@ def prune_24(
     sparsifier.update_masks(level=1.0)
     record_sparsity_in_config(model, config, sparsifier.report)
     record = getattr(getattr(model, "config", None), "sparsity_config", None)
+    if "calibration_batches" in stats and isinstance(record, dict):
+        record["calibration_batches"] = stats[
+            "calibration_batches"
+        ]  # all of calibration_data, not the config's
     if fp8_rounding and isinstance(record, dict):
         record["fp8_rounding"] = True  # the kept weights lie on the FP8 kernels' per-row e4m3 grid
     if reconstruct_epochs and isinstance(record, dict):
@@ -534,9 +538,14 @@ def record_sparsity_in_config(model: torch.nn.Module, config: SparsityConfig, re
         "library": "hf_semisparse",
         "library_version": __version__,
     }
+    previous = getattr(hf_config, "sparsity_config", None)
     source = _inherited_mask_source(unwrap_model(model), hf_config, config, report)
     if source is not None:
         record["mask_source"] = source
+        # how the one-shot step that chose these masks ran (not `fp8_rounding`: training moves the weights off
+        # the FP8 grid)
+        if isinstance(previous, dict) and "block_reconstruction" in previous:
+            record["block_reconstruction"] = previous["block_reconstruction"]
     hf_config.sparsity_config = record
 
 
