@@ -41,3 +41,24 @@ def test_bench_prune_scale_tiny_cpu_with_reconstruction(tmp_path):
     assert [r["block"] for r in run["reconstruction"]] == ["model.layers.0", "model.layers.1"]
     assert run["blocks_tuned"] == 2 and all(r["applied"] for r in run["reconstruction"])
     assert all(r["error_after"] < r["error_before"] for r in run["reconstruction"])
+
+
+def test_offload_activations_reaches_the_pruner_and_the_json(tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "bench_prune_scale", os.path.join(ROOT, "benchmarks", "bench_prune_scale.py")
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    seen = []
+    real = bench.calibrated_prune_
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("offload_activations"))
+        return real(*args, **kwargs)
+
+    bench.calibrated_prune_ = recording
+    for extra, expected in (([], None), (["--offload-activations"], True)):
+        out = tmp_path / "scale.json"
+        bench.main([*TINY, "--methods", "sparsegpt", "--blocks-70b", "0", *extra, "--out", str(out)])
+        (run,) = json.loads(out.read_text())["runs"]
+        assert run["offload_activations"] is expected and seen[-1] is expected and run["all_24"]

@@ -203,13 +203,17 @@ def test_python_dash_m_runs_the_command_line():
     assert result.returncode == 0 and "convert" in result.stdout and "inspect" in result.stdout
 
 
-def test_a_closed_pipe_stops_the_output_quietly(sparse_ckpt):
-    """`hf-semisparse inspect ... | head -1`: the reader closes the pipe before the command prints."""
+@pytest.mark.parametrize("unbuffered", [False, True])
+def test_a_closed_pipe_stops_the_output_quietly(sparse_ckpt, unbuffered):
+    """`hf-semisparse inspect ... | head -1`: the reader closes the pipe before the command prints; stdout
+    block-buffered (a normal shell: the error shows when the output is flushed) or not (`PYTHONUNBUFFERED=1`)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    env.update(PYTHONPATH=os.path.abspath(SRC), **({"PYTHONUNBUFFERED": "1"} if unbuffered else {}))
     proc = subprocess.Popen(
         [sys.executable, "-m", "hf_semisparse", "inspect", str(sparse_ckpt), "--verify"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env=dict(os.environ, PYTHONPATH=os.path.abspath(SRC)),
+        env=env,
     )
     proc.stdout.close()  # long before the command (it imports torch first) writes a line
     err = proc.stderr.read().decode()

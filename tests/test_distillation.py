@@ -55,6 +55,21 @@ def test_bad_distillation_settings(tmp_path):
         trainer_for(tmp_path, make_model("bert"), make_model("bert"), distillation_weight=1.5)
 
 
+def test_a_teacher_that_is_not_a_model_is_a_clear_error(tmp_path):
+    with pytest.raises(TypeError, match="teacher_model must be a loaded model"):
+        trainer_for(tmp_path, make_model("bert"), "path/to/dense-model")
+
+
+def test_distillation_settings_without_a_teacher_are_warned_about(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="hf_semisparse.training.trainer"):
+        trainer_for(tmp_path, make_model("bert"), None, distillation_weight=0.9)
+    assert "no teacher_model" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hf_semisparse.training.trainer"):
+        trainer_for(tmp_path, make_model("bert"), None)  # the defaults: nothing to say
+    assert "no teacher_model" not in caplog.text
+
+
 def test_teacher_must_not_be_the_student(tmp_path):
     model = make_model("bert")
     with pytest.raises(ValueError, match="pass a copy"):

@@ -63,10 +63,31 @@ def test_the_end_token_never_ends_a_sequence_early(llama):
     assert ids.shape == (3, 15) and not (ids[:, 1:] == eos).any()
 
 
-def test_training_mode_is_restored(llama):
+def test_training_modes_are_restored_module_by_module(llama):
     llama.train()
+    llama.model.layers[0].eval()
     sample_teacher_sequences(llama, 1, 4, show_progress=False)
-    assert llama.training
+    assert llama.training and llama.model.layers[1].training and not llama.model.layers[0].training
+
+
+def test_sampling_settings_the_model_ships_are_not_applied(llama):
+    """transformers fills every setting a generate call leaves unset from model.generation_config: a checkpoint's
+    repetition penalty, n-gram blocking or suppressed tokens would bend the distribution."""
+    favoured = torch.tensor([5, 6, 7])
+
+    def three_tokens(module, inputs, out):
+        logits = torch.full_like(out, -30.0)
+        logits[..., favoured] = 0.0
+        return logits
+
+    llama.lm_head.register_forward_hook(three_tokens)
+    shipped = llama.generation_config
+    shipped.no_repeat_ngram_size = 1
+    shipped.suppress_tokens = [5, 6]
+    shipped.repetition_penalty = 5.0
+    body = sample_teacher_sequences(llama, 4, 12, show_progress=False)[:, 1:]
+    assert torch.isin(body, favoured).all() and len(body.unique()) == 3  # 5 and 6 drawn, tokens repeated
+    assert llama.generation_config is shipped and shipped.suppress_tokens == [5, 6]  # put back as it was
 
 
 def test_start_token_id_overrides_bos(llama):
@@ -86,6 +107,12 @@ def test_start_token_id_overrides_bos(llama):
         ({"temperature": float("nan")}, "temperature"),
         ({"temperature": float("inf")}, "temperature"),
         ({"start_token_id": VOCAB}, "outside the vocabulary"),
+        ({"start_token_id": "1"}, "start_token_id"),
+        ({"start_token_id": 1.5}, "start_token_id"),
+        ({"start_token_id": True}, "start_token_id"),
+        ({"seed": None}, "seed"),
+        ({"temperature": "1"}, "temperature"),
+        ({"length": 65}, "max_position_embeddings"),
     ],
 )
 def test_bad_arguments_are_refused(llama, kwargs, match):
@@ -125,3 +152,18 @@ def test_every_batch_is_sampled_at_one_size(llama, monkeypatch):
     sizes.clear()
     assert sample_teacher_sequences(llama, 3, 6, batch_size=64, show_progress=False).shape == (3, 6)
     assert sizes == [3]
+
+
+def test_numpy_and_torch_integers_are_accepted(llama):
+    import numpy as np
+
+    ids = sample_teacher_sequences(
+        llama, np.int64(3), torch.tensor(5), batch_size=np.int32(2), temperature=np.float32(1.0),
+        seed=np.int64(4), start_token_id=np.int64(9), show_progress=False,
+    )  # fmt: skip
+    assert ids.shape == (3, 5) and (ids[:, 0] == 9).all()
+
+
+def test_an_encoder_decoder_model_is_refused():
+    with pytest.raises(ValueError, match="encoder-decoder"):
+        sample_teacher_sequences(make_model("t5"), 1, 4, start_token_id=0, show_progress=False)

@@ -18,6 +18,7 @@ from hf_semisparse import (
     select_targets,
 )
 from hf_semisparse.pruning import MASKS_NAME
+from hf_semisparse.quantizer_ops import ExpandOnLoadStateDict
 from tests.conftest import ARCHS, ToyDataset, assert_targets_24, make_model, training_args
 
 
@@ -536,12 +537,14 @@ def test_resume_from_a_sharded_checkpoint_joins_values_and_bitmasks_across_shard
     assert_targets_24(resumed)
     for (name, p), (_, q) in zip(straight.named_parameters(), resumed.named_parameters(), strict=True):
         assert torch.equal(p, q), name
+    hooks = [getattr(h, "hook", h) for h in resumed._load_state_dict_pre_hooks.values()]  # torch wraps them
+    (hook,) = [h for h in hooks if isinstance(h, ExpandOnLoadStateDict)]
+    assert hook.pending == {}  # every held half found its partner
 
 
-def test_a_lone_shard_without_its_bitmask_reports_the_weight_missing(tmp_path):
-    """Loading only the shard with a weight's values: that weight is reported missing (and left as it was),
-    not a size-mismatch error."""
-    from safetensors.torch import load_file
+def _sharded_loaded_llama(tmp_path):
+    """A Llama loaded from our format and saved by transformers in shards that split some pairs; the shard map
+    and one weight whose values and bitmask are in different shards."""
     from transformers import AutoModelForCausalLM
 
     from hf_semisparse import prune_24, save_sparse_pretrained
@@ -553,9 +556,47 @@ def test_a_lone_shard_without_its_bitmask_reports_the_weight_missing(tmp_path):
     loaded.save_pretrained(tmp_path / "sharded", max_shard_size=SPLITTING_SHARD_SIZE["llama"])
     with open(tmp_path / "sharded" / "model.safetensors.index.json", encoding="utf-8") as f:
         shard_of = json.load(f)["weight_map"]
-    key = next(
-        k[: -len("_bitmask")] for k in shard_of if k.endswith("_bitmask") and shard_of[k] != shard_of[k[:-8]]
-    )
+    key = next(k[:-8] for k in shard_of if k.endswith("_bitmask") and shard_of[k] != shard_of[k[:-8]])
+    return loaded, shard_of, key
+
+
+def test_a_held_half_is_dropped_when_a_dense_weight_is_loaded(tmp_path):
+    """A lone bitmask held from an incomplete load must not break a later ordinary load of dense weights."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    loaded, shard_of, key = _sharded_loaded_llama(tmp_path)
+    fresh = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    fresh.load_state_dict(load_file(tmp_path / "sharded" / shard_of[key + "_bitmask"]), strict=False)
+    dense = {k: v.clone() for k, v in loaded.state_dict().items()}
+    fresh.load_state_dict(dense)  # strict, dense tensors of the same model: loads as is
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, dense[k]), k
+
+
+def test_a_half_size_tensor_of_a_weight_that_is_not_compressed_is_still_a_size_mismatch(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from hf_semisparse import prune_24, save_sparse_pretrained
+
+    model = make_model("llama")
+    prune_24(model, show_progress=False)
+    save_sparse_pretrained(model, tmp_path / "ckpt", show_progress=False)
+    fresh = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    embed = fresh.model.embed_tokens.weight
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        fresh.load_state_dict(
+            {"model.embed_tokens.weight": embed[:, : embed.shape[1] // 2].clone()}, strict=False
+        )
+
+
+def test_a_lone_shard_without_its_bitmask_reports_the_weight_missing(tmp_path):
+    """Loading only the shard with a weight's values: that weight is reported missing (and left as it was),
+    not a size-mismatch error."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    _, shard_of, key = _sharded_loaded_llama(tmp_path)
     fresh = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
     before = fresh.state_dict()[key].clone()
     result = fresh.load_state_dict(load_file(tmp_path / "sharded" / shard_of[key]), strict=False)
@@ -587,7 +628,6 @@ def test_load_best_model_at_end_restores_the_best_checkpoint_of_a_loaded_model(t
     assert trainer.state.best_model_checkpoint.endswith("checkpoint-3")
     best = AutoModelForCausalLM.from_pretrained(trainer.state.best_model_checkpoint)
     assert_targets_24(trainer.model)
-    changed = False
     for (name, p), (_, q) in zip(trainer.model.named_parameters(), best.named_parameters(), strict=True):
         assert torch.equal(p, q), name
     final = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "checkpoint-6")

@@ -44,7 +44,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json")
     args = p.parse_args()
-    run_args = bench.main.__globals__["argparse"].Namespace(
+    run_args = argparse.Namespace(
         seed=0,
         recover_seed=None,
         recover_steps=args.steps,

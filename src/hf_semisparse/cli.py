@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import sys
 
 DEBUG_ENV = "HF_SEMISPARSE_DEBUG"
@@ -575,20 +576,33 @@ def _one_line(exc: BaseException) -> str:
     return lines[0] + more
 
 
+def _stdout_is_a_pipe() -> bool:
+    try:
+        return stat.S_ISFIFO(os.fstat(sys.stdout.fileno()).st_mode)
+    except (OSError, ValueError, AttributeError):  # replaced by something without a file descriptor
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     prefix = f"hf-semisparse {args.command}: error:"
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a reader that went away shows here, inside the try, not when Python exits
+        return code
     except KeyboardInterrupt:
         print(f"{prefix} interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        # the reader went away (`... | head`): stop quietly, as shell tools do, and keep Python from failing
-        # again when it flushes stdout at exit (the recipe in Python's `signal` documentation)
-        # (stdout may have been replaced by something without a file descriptor)
+    except BrokenPipeError as exc:
+        if not _stdout_is_a_pipe():
+            print(f"{prefix} {_one_line(exc)}", file=sys.stderr)
+            return 2
+        # `... | head`: stop quietly, as shell tools do, and keep Python from failing again when it flushes
+        # stdout at exit (the recipe in Python's `signal` documentation)
         with contextlib.suppress(OSError, ValueError, AttributeError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
         return 141  # 128 + SIGPIPE, what a shell reports for a command killed by a closed pipe
     except (
         CliInputError,

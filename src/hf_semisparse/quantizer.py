@@ -402,7 +402,8 @@ class SemiSparseHfQuantizer(HfQuantizer):
         from .quantizer_ops import ExpandOnLoadStateDict
 
         transposed = self.saved_transposed | {name for name, flag in experts.items() if flag}
-        model.register_load_state_dict_pre_hook(ExpandOnLoadStateDict(transposed))
+        compressed_weights = {f"{name}.weight" for name in compressed} | set(experts)
+        model.register_load_state_dict_pre_hook(ExpandOnLoadStateDict(transposed, compressed_weights))
         options = current_load_options()
         on_cuda = any(p.is_cuda for p in model.parameters())
         run_kernels = options["accelerate"] is True or (options["accelerate"] == "auto" and on_cuda)

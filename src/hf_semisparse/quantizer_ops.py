@@ -217,51 +217,69 @@ class ExpandOnLoadStateDict:
 
     Every `<name>` with a `<name>_bitmask` beside it is replaced by `expand_values(...)` (checked), transposed back
     for the modules and expert parameters stored transposed (GPT-2's `Conv1D`); the bitmask keys are removed.
-    transformers loads a sharded checkpoint one shard per `load_state_dict` call, and may have put a value tensor
-    and its bitmask in different shards: the one that comes first is held back (so torch reports it missing from
-    that call, not a size mismatch) until its partner arrives. A state dict without bitmasks passes unchanged; an
-    FP8 one (version 4: e4m3 values and scales) raises SparseCheckpointError.
+    transformers loads a sharded checkpoint one shard per `load_state_dict` call, in no fixed order, and may have
+    put a 2:4 weight's values and its bitmask in different shards: the half that comes first is held back (torch
+    reports the weight missing from that call, not a size mismatch) until the other half arrives. Only the
+    compressed weights the model was loaded with (`compressed`) are held back, and a held half is dropped when a
+    dense tensor or a complete pair for the same weight is loaded; a half left by an incomplete load would still
+    pair with the next load's other half, so load checkpoints whole. A state dict without bitmasks passes
+    unchanged; an FP8 one (version 4: e4m3 values and scales) raises SparseCheckpointError.
+
+    Args:
+        transposed: module names and expert parameter names stored transposed.
+        compressed: parameter names (`<module>.weight`, expert parameters) stored as values and bitmask.
     """
 
-    def __init__(self, transposed: set[str]):
-        self.transposed = set(transposed)  # module names and expert parameter names stored transposed
+    def __init__(self, transposed: set[str], compressed: set[str]):
+        self.transposed = set(transposed)
+        self.compressed = set(compressed)
         self.pending: dict[str, torch.Tensor] = {}  # half of a pair whose other half is in a later shard
 
-    def _dense_shape(self, module, name: str) -> tuple | None:
-        """The shape `name`'s dense weight has in the model, as the checkpoint stores it (transposed or not)."""
+    def _stored_shape(self, module, name: str) -> tuple | None:
+        """The dense shape of the compressed weight `name` as the checkpoint stores it (transposed or not)."""
+        if name not in self.compressed:
+            return None
         try:
-            param = module.get_parameter(name)
+            shape = tuple(module.get_parameter(name).shape)
         except AttributeError:
             return None
-        shape = tuple(param.shape)
         if len(shape) >= 2 and (name in self.transposed or name.rsplit(".", 1)[0] in self.transposed):
             shape = (*shape[:-2], shape[-1], shape[-2])
         return shape
+
+    def _is_compressed(self, module, name: str, values: torch.Tensor) -> bool:
+        stored = self._stored_shape(module, name)
+        return (
+            stored is not None
+            and values.dim() >= 2
+            and tuple(values.shape) != stored
+            and (*values.shape[:-1], 2 * values.shape[-1]) == stored
+        )
 
     def __call__(
         self, module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
     ):
         for mask_key in [k for k in state_dict if k.startswith(prefix) and k.endswith(BITMASK_SUFFIX)]:
             key = mask_key[: -len(BITMASK_SUFFIX)]
-            if key not in state_dict and key in self.pending:  # its values came in an earlier shard
+            self.pending.pop(mask_key, None)  # this load brings its own bitmask
+            if key in state_dict:
+                self.pending.pop(key, None)  # a complete pair
+            elif key in self.pending:  # its values came in an earlier shard
                 state_dict[key] = self.pending.pop(key)
-            elif key not in state_dict:  # its values come in a later shard
+            else:  # its values come in a later shard
                 self.pending[mask_key] = state_dict.pop(mask_key)
                 continue
-            self.pending.pop(key, None)
             self._expand(state_dict, key, state_dict.pop(mask_key), prefix)
         for key in [k for k in state_dict if k.startswith(prefix) and not k.endswith(BITMASK_SUFFIX)]:
-            values = state_dict[key]
+            name = key[len(prefix) :]
+            if not self._is_compressed(module, name, state_dict[key]):
+                if name in self.compressed:  # a dense tensor for this weight: any held half is stale
+                    self.pending.pop(key, None)
+                    self.pending.pop(key + BITMASK_SUFFIX, None)
+                continue
             if key + BITMASK_SUFFIX in self.pending:  # its bitmask came in an earlier shard
                 self._expand(state_dict, key, self.pending.pop(key + BITMASK_SUFFIX), prefix)
-                continue
-            dense = self._dense_shape(module, key[len(prefix) :])
-            if (
-                dense is not None
-                and values.dim() >= 2
-                and tuple(values.shape) != dense
-                and (*values.shape[:-1], 2 * values.shape[-1]) == dense
-            ):  # compressed values whose bitmask comes in a later shard
+            else:  # its bitmask comes in a later shard
                 self.pending[key] = state_dict.pop(key)
 
     def _expand(self, state_dict, key: str, bitmask: torch.Tensor, prefix: str) -> None:

@@ -142,9 +142,19 @@ class SparsityTrainer(Trainer):
         self.distillation_temperature = distillation_temperature
         self.distillation_hidden_weight = distillation_hidden_weight
         if teacher_model is not None:
+            if not isinstance(teacher_model, torch.nn.Module):
+                raise TypeError(
+                    f"teacher_model must be a loaded model (torch.nn.Module), got {type(teacher_model).__name__}: "
+                    "load it first, e.g. AutoModelForCausalLM.from_pretrained(path)"
+                )
             if teacher_model is self.model:
                 raise ValueError("teacher_model is the model being trained; pass a copy of the dense model")
             teacher_model.eval().to(self.args.device)
+        elif (distillation_weight, distillation_temperature, distillation_hidden_weight) != (0.5, 2.0, 0.0):
+            logger.warning(
+                "SparsityTrainer got distillation settings but no teacher_model: they have no effect (pass "
+                "teacher_model= a copy of the dense model to distill from)"
+            )
         from_args = getattr(self.args, "sparsity_config", None)
         if sparsity_config is None:
             sparsity_config = from_args
