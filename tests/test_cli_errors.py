@@ -219,3 +219,10 @@ def test_a_closed_pipe_stops_the_output_quietly(sparse_ckpt, unbuffered):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141
     assert err == "", err  # no traceback, no "Exception ignored", no error line
+
+
+def test_a_trainer_output_folder_names_its_checkpoints(tmp_path, capsys):
+    for step in (3, 12, 6):
+        (tmp_path / "run" / f"checkpoint-{step}").mkdir(parents=True)
+    code, err = run(["inspect", tmp_path / "run"], capsys)
+    assert code == 2 and "holds checkpoint-3, checkpoint-6, checkpoint-12: give one of them" in err

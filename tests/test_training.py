@@ -533,10 +533,15 @@ def test_resume_from_a_sharded_checkpoint_joins_values_and_bitmasks_across_shard
     with open(checkpoint / "model.safetensors.index.json", encoding="utf-8") as f:
         shard_of = json.load(f)["weight_map"]
     assert any(k.endswith("_bitmask") and shard_of[k] != shard_of[k[: -len("_bitmask")]] for k in shard_of)
+    import transformers.trainer
+
+    warned = []
+    monkeypatch.setattr(transformers.trainer.logger, "warning", lambda msg, *a, **k: warned.append(str(msg)))
     resumed = _train_loaded(tmp_path / "b", tmp_path / "ckpt", arch, "trainer", resume=str(checkpoint))
     assert_targets_24(resumed)
     for (name, p), (_, q) in zip(straight.named_parameters(), resumed.named_parameters(), strict=True):
         assert torch.equal(p, q), name
+    assert not [m for m in warned if "_bitmask" in m]  # read and expanded: not "unexpected keys"
     hooks = [getattr(h, "hook", h) for h in resumed._load_state_dict_pre_hooks.values()]  # torch wraps them
     (hook,) = [h for h in hooks if isinstance(h, ExpandOnLoadStateDict)]
     assert hook.pending == {}  # every held half found its partner

@@ -59,7 +59,15 @@ def _checkpoint_folder(path: str) -> str:
     if not os.path.isdir(path):
         raise CliInputError(f"{path} is a file; give the checkpoint folder that holds it")
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise CliInputError(f"{path} holds no config.json: not a transformers checkpoint folder")
+        inside = sorted(
+            (n for n in os.listdir(path) if re.fullmatch(r"checkpoint-\d+", n)), key=lambda n: int(n[11:])
+        )
+        hint = (
+            f" (a Trainer output folder? it holds {', '.join(inside[-3:])}: give one of them)"
+            if inside
+            else ""
+        )
+        raise CliInputError(f"{path} holds no config.json: not a transformers checkpoint folder{hint}")
     return path
 
 

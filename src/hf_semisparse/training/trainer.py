@@ -9,6 +9,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
+from ..checkpoint_format import BITMASK_SUFFIX
 from ..config import SparsityConfig
 from ..lora import check_lora_maskable
 from ..peft_structure import is_peft_model
@@ -173,6 +174,15 @@ class SparsityTrainer(Trainer):
         # hooks if this transformers version has no `_clip_grad_norm` to hook into
         self.sparsity_callback.hook_free_gradients = callable(getattr(Trainer, "_clip_grad_norm", None))
         self.add_callback(self.sparsity_callback)
+
+    def _issue_warnings_after_load(self, load_result) -> None:
+        """transformers' resume from a sharded checkpoint lists its keys against the model's, so the bitmask of
+        every 2:4 weight of a loaded model shows as "unexpected" though it was read (expanded on load): leave
+        those out of the warning."""
+        unexpected = [k for k in load_result.unexpected_keys if not k.endswith(BITMASK_SUFFIX)]
+        if len(unexpected) != len(load_result.unexpected_keys):
+            load_result = type(load_result)(load_result.missing_keys, unexpected)
+        return super()._issue_warnings_after_load(load_result)
 
     def _clip_grad_norm(self, model):
         self.sparsity_callback.mask_gradients()  # clipping must see the gradients of the sparse model
