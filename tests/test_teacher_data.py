@@ -13,6 +13,19 @@ def llama():
     return make_model("llama").eval()
 
 
+def favour_three_tokens(model) -> torch.Tensor:
+    """Make the head give tokens 5, 6 and 7 all the probability, equally; returns them."""
+    favoured = torch.tensor([5, 6, 7])
+
+    def three_tokens(module, inputs, out):
+        logits = torch.full_like(out, -30.0)
+        logits[..., favoured] = 0.0
+        return logits
+
+    model.lm_head.register_forward_hook(three_tokens)
+    return favoured
+
+
 def test_sequences_have_the_asked_shape_and_start_with_bos(llama):
     ids = sample_teacher_sequences(llama, 5, 12, batch_size=2, show_progress=False)
     assert ids.shape == (5, 12) and ids.dtype == torch.int64 and ids.device.type == "cpu"
@@ -43,14 +56,7 @@ def test_a_low_temperature_gives_the_greedy_continuation(llama):
 def test_tokens_follow_the_model_distribution(llama):
     """A head that gives three tokens all the probability: every sampled token is one of them, and all three
     are drawn (sampling, not argmax)."""
-    favoured = torch.tensor([5, 6, 7])
-
-    def three_tokens(module, inputs, out):
-        logits = torch.full_like(out, -30.0)
-        logits[..., favoured] = 0.0
-        return logits
-
-    llama.lm_head.register_forward_hook(three_tokens)
+    favoured = favour_three_tokens(llama)
     body = sample_teacher_sequences(llama, 8, 20, show_progress=False)[:, 1:]
     assert torch.isin(body, favoured).all()
     assert len(body.unique()) == 3
@@ -73,14 +79,7 @@ def test_training_modes_are_restored_module_by_module(llama):
 def test_sampling_settings_the_model_ships_are_not_applied(llama):
     """transformers fills every setting a generate call leaves unset from model.generation_config: a checkpoint's
     repetition penalty, n-gram blocking or suppressed tokens would bend the distribution."""
-    favoured = torch.tensor([5, 6, 7])
-
-    def three_tokens(module, inputs, out):
-        logits = torch.full_like(out, -30.0)
-        logits[..., favoured] = 0.0
-        return logits
-
-    llama.lm_head.register_forward_hook(three_tokens)
+    favoured = favour_three_tokens(llama)
     shipped = llama.generation_config
     shipped.no_repeat_ngram_size = 1
     shipped.suppress_tokens = [5, 6]
