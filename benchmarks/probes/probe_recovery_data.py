@@ -41,11 +41,14 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--eval-tokens", type=int, default=4096)
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the calibration and recovery windows and sampling"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json")
     args = p.parse_args()
     run_args = argparse.Namespace(
-        seed=0,
+        seed=args.seed,
         recover_seed=None,
         recover_steps=args.steps,
         recover_batch=args.batch,
@@ -61,7 +64,12 @@ def main() -> None:
     )
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     batches, train_ids = bench.calibration_batches(
-        tokenizer, os.path.join(bench.SHARED, "data/text/gutenberg-shakespeare"), args.samples, args.seq, 8, 0
+        tokenizer,
+        os.path.join(bench.SHARED, "data/text/gutenberg-shakespeare"),
+        args.samples,
+        args.seq,
+        8,
+        args.seed,
     )
     eval_text = Path(bench.SHARED, "data/text/eb1911-shakespeare.txt").read_text(encoding="utf-8")
     eval_ids = tokenizer(eval_text, return_tensors="pt").input_ids[0][: args.eval_tokens]
