@@ -547,8 +547,9 @@ def calibrated_prune_(
             bool); default 3e-4.
 
     Returns:
-        Timings and counts: {"pipeline", "blocks" (int), "calibration_batches" (int: batches used), "capture_s" (seconds to capture the first block's inputs,
-        with the pruning of targets the forward calls before it), "block_s": [...] (seconds per block),
+        Timings and counts: {"pipeline", "blocks" (int), "calibration_batches" (int: batches used), "capture_s"
+        (seconds to capture the first block's inputs, with the pruning of targets the forward calls before it),
+        "block_s": [...] (seconds per block),
         "fallback_targets" (names of the targets outside the block list, pruned with whole-model forwards)}, and
         with `reconstruct_epochs` also "reconstruction": one record per block with targets, {"block" (its name),
         "error_before", "error_after" (relative squared error of the block's outputs against the dense model's

@@ -480,9 +480,8 @@ def prune_24(
     record_sparsity_in_config(model, config, sparsifier.report)
     record = getattr(getattr(model, "config", None), "sparsity_config", None)
     if "calibration_batches" in stats and isinstance(record, dict):
-        record["calibration_batches"] = stats[
-            "calibration_batches"
-        ]  # all of calibration_data, not the config's
+        # every batch of calibration_data was used, not the config's count (which the Trainer path uses)
+        record["calibration_batches"] = stats["calibration_batches"]
     if fp8_rounding and isinstance(record, dict):
         record["fp8_rounding"] = True  # the kept weights lie on the FP8 kernels' per-row e4m3 grid
     if reconstruct_epochs and isinstance(record, dict):

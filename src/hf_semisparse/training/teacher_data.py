@@ -2,8 +2,8 @@
 
 Recovery data that is narrow (a few plays, one domain) teaches the pruned model that domain; sequences sampled
 from the dense teacher cover what the teacher knows. This is the data-free distillation of LLM-QAT (Liu et al.,
-2023, "LLM-QAT: Data-Free Quantization Aware Training for Large Language Models", arXiv:2305.17888), which found
-it recovers general perplexity better than a small real corpus.
+2023, "LLM-QAT: Data-Free Quantization Aware Training for Large Language Models", arXiv:2305.17888), which trains
+the quantized model on text the full-precision model generated instead of on a real corpus.
 """
 
 from __future__ import annotations
