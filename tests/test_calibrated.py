@@ -248,7 +248,7 @@ def test_recovery_after_a_calibrated_one_shot_records_where_the_masks_came_from(
 def test_recovery_keeps_the_record_of_the_block_reconstruction_that_chose_the_masks(tmp_path):
     model = make_model("llama")
     data = ToyDataset("llama")
-    batches = [{"input_ids": torch.stack([data[i]["input_ids"] for i in range(8)])}]
+    batches = [{"input_ids": torch.stack([data[i]["input_ids"] for i in range(j, j + 4)])} for j in (0, 4, 8)]
     prune_24(
         model, SparsityConfig(method="sparsegpt"), calibration_data=batches, show_progress=False,
         reconstruct_epochs=1, reconstruct_lr=1e-4,
@@ -258,6 +258,7 @@ def test_recovery_keeps_the_record_of_the_block_reconstruction_that_chose_the_ma
     SparsityTrainer(model=model, args=args, train_dataset=data, sparsity_config=SparsityConfig()).train()
     record = model.config.sparsity_config
     assert record["mask_source"] == "sparsegpt" and record["block_reconstruction"] == recorded
+    assert record["calibration_batches"] == 3  # the one-shot's, not the recovery config's 16
     dense = make_model("llama")  # magnitude pruning of a dense model inherits nothing
     dense.config.sparsity_config = {**record}
     SparsityTrainer(model=dense, args=args, train_dataset=data, sparsity_config=SparsityConfig()).train()
@@ -385,3 +386,13 @@ def test_prune_24_records_the_calibration_batches_it_used_not_the_configs(pipeli
     report = prune_24(model, config, calibration_data=batches, show_progress=False, pipeline=pipeline)
     assert model.config.sparsity_config["calibration_batches"] == 3  # a generator of 3 batches, all used
     assert report.calibration["calibration_batches"] == 3
+
+
+def test_the_trainer_path_records_the_calibration_batches_it_took(tmp_path):
+    """SparsityTrainer calibrates on the first calibration_batches batches of its dataloader: 64 examples in
+    batches of 8 give 8, however many the config asked for."""
+    model = make_model("bert")
+    args = TrainingArguments(**training_args(tmp_path, max_steps=1))
+    config = SparsityConfig(method="wanda", calibration_batches=1000)
+    SparsityTrainer(model=model, args=args, train_dataset=ToyDataset("bert"), sparsity_config=config).train()
+    assert model.config.sparsity_config["calibration_batches"] == 8

@@ -226,3 +226,32 @@ def test_a_trainer_output_folder_names_its_checkpoints(tmp_path, capsys):
         (tmp_path / "run" / f"checkpoint-{step}").mkdir(parents=True)
     code, err = run(["inspect", tmp_path / "run"], capsys)
     assert code == 2 and "holds checkpoint-3, checkpoint-6, checkpoint-12: give one of them" in err
+
+
+def test_a_broken_pipe_on_stdout_that_is_not_a_pipe_is_an_error_line(sparse_ckpt):
+    """A socket as stdout whose reader went away: not the quiet `| head` case, a one-line error (exit 2)."""
+    import socket
+
+    ours, theirs = socket.socketpair()
+    theirs.close()
+    proc = subprocess.run(
+        [sys.executable, "-m", "hf_semisparse", "inspect", str(sparse_ckpt)],
+        stdout=ours.fileno(),
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": os.path.abspath(SRC)},
+        timeout=120,
+    )
+    ours.close()
+    err = proc.stderr.decode()
+    assert proc.returncode == 2 and "Broken pipe" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_closed_stdout_is_not_a_crash(sparse_ckpt):
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys, os; os.close(1); sys.stdout = None; from hf_semisparse.cli import main; "
+         f"sys.exit(main(['inspect', {str(sparse_ckpt)!r}]))"],
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": os.path.abspath(SRC)},
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0 and "unexpected" not in proc.stderr.decode(), proc.stderr.decode()

@@ -164,5 +164,21 @@ def test_numpy_and_torch_integers_are_accepted(llama):
 
 
 def test_an_encoder_decoder_model_is_refused():
-    with pytest.raises(ValueError, match="encoder-decoder"):
+    with pytest.raises(ValueError, match="decoder-only causal LM"):
         sample_teacher_sequences(make_model("t5"), 1, 4, start_token_id=0, show_progress=False)
+
+
+def test_a_peft_wrapped_teacher_samples_its_base_model_without_the_shipped_settings(llama):
+    peft = pytest.importorskip("peft")
+    favoured = favour_three_tokens(llama)
+    llama.generation_config.suppress_tokens = [5, 6]
+    wrapped = peft.get_peft_model(llama, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    body = sample_teacher_sequences(wrapped, 4, 12, show_progress=False)[:, 1:]
+    assert torch.isin(body, favoured).all() and len(body.unique()) == 3
+    assert "generation_config" not in vars(wrapped) and llama.generation_config.suppress_tokens == [5, 6]
+
+
+def test_a_generation_config_of_none_is_put_back(llama):
+    llama.generation_config = None
+    sample_teacher_sequences(llama, 1, 4, show_progress=False)
+    assert llama.generation_config is None

@@ -18,7 +18,7 @@ from hf_semisparse import (
     select_targets,
 )
 from hf_semisparse.pruning import MASKS_NAME
-from hf_semisparse.quantizer_ops import ExpandOnLoadStateDict
+from hf_semisparse.quantizer_ops import ExpandOnLoadStateDict, end_checkpoint_load, held_halves
 from tests.conftest import ARCHS, ToyDataset, assert_targets_24, make_model, training_args
 
 
@@ -577,6 +577,46 @@ def test_a_held_half_is_dropped_when_a_dense_weight_is_loaded(tmp_path):
     fresh.load_state_dict(dense)  # strict, dense tensors of the same model: loads as is
     for k, v in fresh.state_dict().items():
         assert torch.equal(v, dense[k]), k
+    assert held_halves(fresh) == []  # the stale bitmask was dropped, not kept to pair with a later load
+
+
+def test_a_held_half_is_dropped_when_a_complete_pair_is_loaded(tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    _, shard_of, key = _sharded_loaded_llama(tmp_path)
+    fresh = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    fresh.load_state_dict(load_file(tmp_path / "sharded" / shard_of[key]), strict=False)  # values only
+    assert key in held_halves(fresh)
+    fresh.load_state_dict(load_file(tmp_path / "ckpt" / "model.safetensors"))  # every pair complete
+    assert held_halves(fresh) == []
+
+
+def test_a_partial_load_cannot_shift_the_pairs_of_a_trainer_resume(tmp_path):
+    """After a lone bitmask shard, SparsityTrainer's resume clears the held halves first, loads exactly, and a
+    half that never finds its partner is an error naming it."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from hf_semisparse.errors import SparseCheckpointError
+
+    loaded, shard_of, key = _sharded_loaded_llama(tmp_path)
+    fresh = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    fresh.load_state_dict(load_file(tmp_path / "sharded" / shard_of[key + "_bitmask"]), strict=False)
+    assert held_halves(fresh)
+    trainer = SparsityTrainer(
+        model=fresh,
+        args=TrainingArguments(**training_args(tmp_path / "run")),
+        train_dataset=ToyDataset("llama"),
+    )
+    trainer._load_from_checkpoint(str(tmp_path / "sharded"))
+    assert held_halves(fresh) == []
+    for (name, p), (_, q) in zip(fresh.named_parameters(), loaded.named_parameters(), strict=True):
+        assert torch.equal(p, q), name
+    fresh.load_state_dict(load_file(tmp_path / "sharded" / shard_of[key]), strict=False)  # a lone half
+    with pytest.raises(SparseCheckpointError, match="were not loaded"):
+        end_checkpoint_load(fresh)
+    assert held_halves(fresh) == []
 
 
 def test_a_half_size_tensor_of_a_weight_that_is_not_compressed_is_still_a_size_mismatch(tmp_path):

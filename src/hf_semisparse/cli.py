@@ -62,11 +62,9 @@ def _checkpoint_folder(path: str) -> str:
         inside = sorted(
             (n for n in os.listdir(path) if re.fullmatch(r"checkpoint-\d+", n)), key=lambda n: int(n[11:])
         )
-        hint = (
-            f" (a Trainer output folder? it holds {', '.join(inside[-3:])}: give one of them)"
-            if inside
-            else ""
-        )
+        more = f" and {len(inside) - 3} more" if len(inside) > 3 else ""
+        hint = f" (a Trainer output folder? it holds {', '.join(inside[-3:])}{more}: give one of them)"
+        hint = hint if inside else ""
         raise CliInputError(f"{path} holds no config.json: not a transformers checkpoint folder{hint}")
     return path
 
@@ -596,7 +594,8 @@ def main(argv: list[str] | None = None) -> int:
     prefix = f"hf-semisparse {args.command}: error:"
     try:
         code = args.func(args)
-        sys.stdout.flush()  # a reader that went away shows here, inside the try, not when Python exits
+        if sys.stdout is not None:  # None when started with stdout closed (`>&-`)
+            sys.stdout.flush()  # a reader that went away shows here, inside the try, not when Python exits
         return code
     except KeyboardInterrupt:
         print(f"{prefix} interrupted", file=sys.stderr)

@@ -221,9 +221,11 @@ class ExpandOnLoadStateDict:
     put a 2:4 weight's values and its bitmask in different shards: the half that comes first is held back (torch
     reports the weight missing from that call, not a size mismatch) until the other half arrives. Only the
     compressed weights the model was loaded with (`compressed`) are held back, and a held half is dropped when a
-    dense tensor or a complete pair for the same weight is loaded; a half left by an incomplete load would still
-    pair with the next load's other half, so load checkpoints whole. A state dict without bitmasks passes
-    unchanged; an FP8 one (version 4: e4m3 values and scales) raises SparseCheckpointError.
+    dense tensor or a complete pair for the same weight is loaded. A half left by an incomplete load would pair
+    with the next load's other half: `SparsityTrainer` clears the held halves before each checkpoint it loads and
+    raises if any are left after it (`begin_checkpoint_load` / `end_checkpoint_load`); `SparsityCallback` warns
+    about leftovers; after loading shards yourself, call `end_checkpoint_load(model)`. A state dict without
+    bitmasks passes unchanged; an FP8 one (version 4: e4m3 values and scales) raises SparseCheckpointError.
 
     Args:
         transposed: module names and expert parameter names stored transposed.
@@ -293,3 +295,37 @@ class ExpandOnLoadStateDict:
         if name in self.transposed or name.rsplit(".", 1)[0] in self.transposed:
             dense = dense.transpose(-2, -1).contiguous()
         state_dict[key] = dense
+
+
+def _expand_hooks(model) -> list[ExpandOnLoadStateDict]:
+    hooks = []
+    for module in model.modules():
+        for hook in getattr(module, "_load_state_dict_pre_hooks", {}).values():
+            hook = getattr(hook, "hook", hook)  # torch wraps registered hooks
+            if isinstance(hook, ExpandOnLoadStateDict):
+                hooks.append(hook)
+    return hooks
+
+
+def held_halves(model) -> list[str]:
+    """Keys of 2:4 weight halves (values or bitmask) held back by `model`'s expand hooks, whose other half never
+    arrived: those weights were not loaded."""
+    return sorted(key for hook in _expand_hooks(model) for key in hook.pending)
+
+
+def begin_checkpoint_load(model) -> None:
+    """Forget halves held from earlier, incomplete loads, so that they cannot pair with this load's."""
+    for hook in _expand_hooks(model):
+        hook.pending.clear()
+
+
+def end_checkpoint_load(model, source: str = "the checkpoint") -> None:
+    """Raise SparseCheckpointError if a 2:4 weight's values or bitmask arrived without the other half (those
+    weights were not loaded; the held halves are dropped)."""
+    left = held_halves(model)
+    begin_checkpoint_load(model)
+    if left:
+        raise SparseCheckpointError(
+            f"{source}: {len(left)} 2:4 weight half(s) arrived without their values or bitmask, so those weights "
+            f"were not loaded (first: {left[0]}); is a shard missing from the checkpoint?"
+        )

@@ -479,9 +479,7 @@ def prune_24(
     sparsifier.update_masks(level=1.0)
     record_sparsity_in_config(model, config, sparsifier.report)
     record = getattr(getattr(model, "config", None), "sparsity_config", None)
-    if "calibration_batches" in stats and isinstance(record, dict):
-        # every batch of calibration_data was used, not the config's count (which the Trainer path uses)
-        record["calibration_batches"] = stats["calibration_batches"]
+    record_calibration_batches(model, stats)
     if fp8_rounding and isinstance(record, dict):
         record["fp8_rounding"] = True  # the kept weights lie on the FP8 kernels' per-row e4m3 grid
     if reconstruct_epochs and isinstance(record, dict):
@@ -520,6 +518,16 @@ def calibrate(
     )
 
 
+def record_calibration_batches(model: torch.nn.Module, stats: dict) -> None:
+    """Record in `model.config.sparsity_config` how many calibration batches a calibrated prune used (`stats` of
+    `calibrate`): all of `prune_24`'s calibration_data, or the ones the Trainer path took, not the config's count."""
+    from ..utils import unwrap_model
+
+    record = getattr(getattr(unwrap_model(model), "config", None), "sparsity_config", None)
+    if "calibration_batches" in stats and isinstance(record, dict):
+        record["calibration_batches"] = stats["calibration_batches"]
+
+
 def record_sparsity_in_config(model: torch.nn.Module, config: SparsityConfig, report: SparsityReport) -> None:
     """Store what was pruned in `model.config.sparsity_config`, which `save_pretrained` writes to config.json."""
     from ..utils import unwrap_model
@@ -543,8 +551,9 @@ def record_sparsity_in_config(model: torch.nn.Module, config: SparsityConfig, re
         record["mask_source"] = source
         # how the one-shot step that chose these masks ran (not `fp8_rounding`: training moves the weights off
         # the FP8 grid)
-        if isinstance(previous, dict) and "block_reconstruction" in previous:
-            record["block_reconstruction"] = previous["block_reconstruction"]
+        for key in ("block_reconstruction", "calibration_batches"):
+            if isinstance(previous, dict) and key in previous:
+                record[key] = previous[key]
     hf_config.sparsity_config = record
 
 

@@ -12,7 +12,13 @@ from ..config import SparsityConfig
 from ..lora import mask_lora
 from ..peft_structure import is_peft_model
 from ..pruning.optimizers import zero_preserving_optimizer
-from ..pruning.sparsifier import Sparsifier, calibrate, record_sparsity_in_config
+from ..pruning.sparsifier import (
+    Sparsifier,
+    calibrate,
+    record_calibration_batches,
+    record_sparsity_in_config,
+)
+from ..quantizer_ops import begin_checkpoint_load, held_halves
 from ..utils import unwrap_model
 
 logger = logging.getLogger(__name__)
@@ -164,7 +170,7 @@ class SparsityCallback(TrainerCallback):
                     f"method {cfg.method!r} needs calibration batches, but the Trainer passed no "
                     "train_dataloader to the callback"
                 )
-            calibrate(self._model, sp, self._calibration_batches)
+            record_calibration_batches(self._model, calibrate(self._model, sp, self._calibration_batches))
             self._calibration_batches = None
         if cfg.uses_dense_shadow(step):
             sp.start_dense_shadow()
@@ -205,6 +211,15 @@ class SparsityCallback(TrainerCallback):
         if model is None:
             raise ValueError("SparsityCallback needs the Trainer to pass `model` to its callbacks")
         check_not_on_kernels(model)
+        held = held_halves(model)
+        if held:  # a resume (or an earlier load) of a sharded checkpoint left 2:4 weights unpaired
+            logger.warning(
+                "%d 2:4 weight half(s) arrived without their values or bitmask in the last checkpoint load, so "
+                "those weights were not loaded (first: %s); is a shard missing? SparsityTrainer raises here",
+                len(held),
+                held[0],
+            )
+            begin_checkpoint_load(model)
         self._model = model
         self.optimizer_keeps_zeros = False  # the first step masks the weights and the (maybe resumed) state
         if self.config.method != "magnitude" and state.global_step <= self.config.start_step:

@@ -8,14 +8,13 @@ the quantized model on text the full-precision model generated instead of on a r
 
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 import operator
 
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig
+from transformers import GenerationConfig, PreTrainedModel
 
 
 def _integer(name: str, value, low: int) -> int:
@@ -153,11 +152,15 @@ def sample_teacher_sequences(
     cuda = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
     per_batch = math.ceil(num_sequences / math.ceil(num_sequences / batch_size))
     modes = {module: module.training for module in model.modules()}
-    shipped = getattr(model, "generation_config", None)
+    # every transformers model inside (a PEFT wrapper generates with its base model's generation_config)
+    owners = [m for m in model.modules() if isinstance(m, PreTrainedModel)] or [model]
+    missing = object()
+    shipped = {m: m.__dict__.get("generation_config", missing) for m in owners}
     model.eval()
     out = []
     try:
-        model.generation_config = _neutral_generation_config(model, start)
+        for owner in owners:
+            owner.generation_config = _neutral_generation_config(owner, start)
         with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(seed)
             for first in tqdm(
@@ -186,11 +189,11 @@ def sample_teacher_sequences(
                     )
                 out.append(ids[:n].cpu())
     finally:
-        if shipped is not None:
-            model.generation_config = shipped
-        else:
-            with contextlib.suppress(AttributeError):
-                del model.generation_config
+        for owner, value in shipped.items():
+            if value is missing:
+                owner.__dict__.pop("generation_config", None)
+            else:
+                owner.generation_config = value
         for module, training in modes.items():
             module.training = training
     return torch.cat(out)

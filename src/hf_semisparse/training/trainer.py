@@ -13,6 +13,7 @@ from ..checkpoint_format import BITMASK_SUFFIX
 from ..config import SparsityConfig
 from ..lora import check_lora_maskable
 from ..peft_structure import is_peft_model
+from ..quantizer_ops import begin_checkpoint_load, end_checkpoint_load
 from ..targets import select_targets
 from ..utils import unwrap_model
 from .callback import SparsityCallback, check_not_on_kernels, resolve_config
@@ -174,6 +175,18 @@ class SparsityTrainer(Trainer):
         # hooks if this transformers version has no `_clip_grad_norm` to hook into
         self.sparsity_callback.hook_free_gradients = callable(getattr(Trainer, "_clip_grad_norm", None))
         self.add_callback(self.sparsity_callback)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """transformers' load, with the 2:4 halves of a sharded checkpoint of a loaded model checked to pair."""
+        target = model if model is not None else self.model
+        begin_checkpoint_load(target)
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        end_checkpoint_load(target, str(resume_from_checkpoint))
+
+    def _load_best_model(self):
+        begin_checkpoint_load(self.model)
+        super()._load_best_model()
+        end_checkpoint_load(self.model, str(self.state.best_model_checkpoint))
 
     def _issue_warnings_after_load(self, load_result) -> None:
         """transformers' resume from a sharded checkpoint lists its keys against the model's, so the bitmask of
