@@ -13,9 +13,9 @@ the share of the squared norm of its outputs at position 0, over calibration win
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import platform
+import sys
 import time
 
 import torch
@@ -25,9 +25,8 @@ from hf_semisparse.pruning.sequential import locate_blocks
 from hf_semisparse.utils import write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-_spec = importlib.util.spec_from_file_location("bench", os.path.join(HERE, "..", "bench_pruning_llm.py"))
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+sys.path.insert(0, os.path.join(HERE, ".."))  # benchmarks/: the LLM benchmark's data and evaluation helpers
+import bench_pruning_llm as bench  # noqa: E402
 
 
 def main() -> None:

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -26,9 +26,8 @@ from hf_semisparse import SparsityConfig, prune_24
 from hf_semisparse.utils import write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-_spec = importlib.util.spec_from_file_location("bench", os.path.join(HERE, "..", "bench_pruning_llm.py"))
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+sys.path.insert(0, os.path.join(HERE, ".."))  # benchmarks/: the LLM benchmark's data and evaluation helpers
+import bench_pruning_llm as bench  # noqa: E402
 
 
 def main() -> None:
