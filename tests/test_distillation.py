@@ -222,3 +222,28 @@ def test_an_encoder_decoder_is_never_masked_with_the_encoder_mask(tmp_path, monk
     trainer.distillation_weight = 1.0
     loss = trainer.compute_loss(student, {"input_ids": ids, "attention_mask": encoder_mask, "labels": ids})
     assert loss.item() == pytest.approx(0.0, abs=1e-6)
+
+
+class AutocastProbe(torch.nn.Module):
+    """Wraps a model and records whether CPU autocast was on during each forward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.autocast = []
+
+    def forward(self, **inputs):
+        self.autocast.append(torch.is_autocast_enabled("cpu"))
+        return self.model(**inputs)
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_the_teacher_runs_under_the_students_mixed_precision(tmp_path, bf16):
+    # an fp32 teacher beside a bf16 mixed-precision student must not run full-precision GEMMs
+    teacher = AutocastProbe(make_model("bert"))
+    args = TrainingArguments(**training_args(tmp_path, max_steps=2), bf16=bf16)
+    trainer = SparsityTrainer(
+        model=make_model("bert"), args=args, train_dataset=ToyDataset("bert"), teacher_model=teacher
+    )
+    trainer.train()
+    assert teacher.autocast == [bf16, bf16]

@@ -99,7 +99,8 @@ class SparsityTrainer(Trainer):
             is a `SparsityTrainingArguments`, else `SparsityConfig()`.
         teacher_model: a dense model to distill from during recovery: never trained (it runs under
             `torch.no_grad`, its `requires_grad` flags are left as they are), put in eval mode and moved to the
-            training device; may be fp16/bf16. It must be another object than `model` (pass a copy).
+            training device; may be fp16/bf16. It runs under the training's mixed precision (`bf16=True` or
+            `fp16=True` autocast) as the student does. It must be another object than `model` (pass a copy).
         distillation_weight: w in (1 - w) * task loss + w * distillation loss.
         distillation_temperature: softmax temperature T of the distillation loss (scaled by T^2).
         distillation_hidden_weight: h, the weight of a loss on the hidden states, added on top: the mean over
@@ -219,7 +220,9 @@ class SparsityTrainer(Trainer):
         if encoder_decoder and "decoder_input_ids" not in inputs and "labels" in inputs and callable(prepare):
             # the student made its decoder inputs from the labels: the teacher gets the same ones
             teacher_inputs["decoder_input_ids"] = prepare(labels=inputs["labels"])
-        with torch.no_grad():
+        # the student's forward runs under accelerate's mixed precision (`bf16=`/`fp16=`), which wraps only the
+        # prepared model: the teacher gets the same autocast, or an fp32 teacher would run full-precision GEMMs
+        with torch.no_grad(), self.accelerator.autocast():
             teacher_out = self.teacher_model(**teacher_inputs)
         mask = inputs.get("decoder_attention_mask" if encoder_decoder else "attention_mask")
         kd = logits_distillation_loss(outputs, teacher_out, self.distillation_temperature, mask)
