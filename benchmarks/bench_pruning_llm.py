@@ -8,7 +8,8 @@ texts are disjoint. Each method starts from a fresh copy of the dense model, in 
 `--recover-steps N` then fine-tunes the SparseGPT model for N steps with SparsityTrainer (masks kept), distilling
 from the dense model (logits KL, weight `--distill-weight`, temperature
 `--distill-temperature`), on windows of the calibration text (or, for a fraction `--recover-generated`, on
-sequences sampled from the dense model: `sample_teacher_sequences`), and evaluates again;
+sequences sampled from the dense model: `sample_teacher_sequences`, on a GPU from a bf16 copy of it; at most
+`--generate-sequences` distinct ones, repeated), and evaluates again;
 `--recover-bf16` trains in bf16 mixed precision (the master weights and the evaluation stay float32).
 A recovery longer than one run (a GPU machine's 10-minute call) goes in stages: `--save-recovered DIR` keeps the
 recovered model, `--start-from DIR --methods dense sparsegpt --recover-steps N --recover-seed S` goes on from it
@@ -24,6 +25,7 @@ reconstruct_epochs=N, reconstruct_lr=...)`: one Adam step per calibration batch,
 from __future__ import annotations
 
 import argparse
+import copy
 import glob
 import math
 import os
@@ -85,23 +87,28 @@ def recovery_windows(teacher, train_ids: torch.Tensor, args) -> tuple[list[dict]
     seconds = 0.0
     if generated:
         start = time.perf_counter()
-        rows += list(
-            sample_teacher_sequences(
-                teacher,
-                generated,
-                args.seq,
-                batch_size=args.generate_batch,
-                temperature=args.generate_temperature,
-                seed=seed,
-            )
+        pool = min(generated, args.generate_sequences or generated)
+        # on a GPU from a bf16 copy: 3.5x faster than float32 (NVIDIA H200, 512 x 512 tokens of SmolLM2-135M)
+        sampler = teacher
+        if next(teacher.parameters()).is_cuda:
+            sampler = copy.deepcopy(teacher).to(torch.bfloat16)
+        sampled = sample_teacher_sequences(
+            sampler,
+            pool,
+            args.seq,
+            batch_size=args.generate_batch,
+            temperature=args.generate_temperature,
+            seed=seed,
         )
+        del sampler
+        rows += [sampled[i % pool] for i in range(generated)]  # a smaller pool is repeated
         seconds = time.perf_counter() - start
     rng.shuffle(rows)
     return [{"input_ids": row, "labels": row} for row in rows], seconds
 
 
-def recover(model, teacher, data: list[dict], args) -> float:
-    """SparsityTrainer with distillation from the dense model; returns the seconds it took."""
+def recover(model, teacher, data: list[dict], args, callbacks=None) -> float:
+    """SparsityTrainer with distillation from the dense model (plus `callbacks`); returns the seconds it took."""
     from transformers import TrainingArguments
 
     from hf_semisparse import SparsityTrainer
@@ -128,6 +135,7 @@ def recover(model, teacher, data: list[dict], args) -> float:
         teacher_model=teacher,
         distillation_weight=args.distill_weight,
         distillation_temperature=args.distill_temperature,
+        callbacks=callbacks,
     )
     start = time.perf_counter()
     trainer.train()
@@ -178,12 +186,19 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--generate-batch", type=int, default=256, help="sequences sampled together")
     p.add_argument("--generate-temperature", type=float, default=1.0)
+    p.add_argument(
+        "--generate-sequences",
+        type=int,
+        help="sample at most this many distinct sequences and repeat them (default: one per generated window)",
+    )
     p.add_argument("--out", help="JSON results path")
     args = p.parse_args(argv)
     if args.start_from and "sparsegpt" not in args.methods:
         p.error("--start-from replaces the sparsegpt run: put sparsegpt in --methods")
     if not 0.0 <= args.recover_generated <= 1.0:
         p.error(f"--recover-generated is a fraction in [0, 1], got {args.recover_generated}")
+    if args.generate_sequences is not None and args.generate_sequences < 1:
+        p.error(f"--generate-sequences must be at least 1, got {args.generate_sequences}")
     if args.save_recovered and not (args.recover_steps and "sparsegpt" in args.methods):
         p.error("--save-recovered saves the recovered sparsegpt model: give --recover-steps and sparsegpt")
 
@@ -248,6 +263,7 @@ def main(argv: list[str] | None = None) -> None:
                 "recover_seconds": secs,
                 "recover_tokens": args.recover_steps * args.recover_batch * args.seq,
                 "recover_generated_fraction": args.recover_generated,
+                "generate_sequences": args.generate_sequences,
                 "sample_seconds": sample_secs,
             }
             if dense_ppl:

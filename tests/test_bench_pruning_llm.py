@@ -101,7 +101,7 @@ def test_a_fraction_of_the_recovery_windows_is_sampled_from_the_teacher(tiny_llm
     train_ids = torch.arange(1000, 1400)  # not token ids the sampler starts with: the cut windows are known
     args = bench.argparse.Namespace(
         seed=0, recover_seed=None, recover_steps=3, recover_batch=2, seq=8, recover_generated=0.5,
-        generate_batch=2, generate_temperature=1.0,
+        generate_batch=2, generate_temperature=1.0, generate_sequences=None,
     )  # fmt: skip
     data, seconds = bench.recovery_windows(teacher, train_ids, args)
     assert len(data) == 6 and seconds > 0
@@ -110,6 +110,11 @@ def test_a_fraction_of_the_recovery_windows_is_sampled_from_the_teacher(tiny_llm
     cut = [r for r in rows if r[0] >= 1000 and torch.equal(r, torch.arange(int(r[0]), int(r[0]) + 8))]
     sampled = [r for r in rows if r[0] == teacher.config.bos_token_id]
     assert len(cut) == 3 and len(sampled) == 3
+    assert len({tuple(r.tolist()) for r in sampled}) == 3
+    args.generate_sequences = 2  # a pool of two sequences, repeated to fill the three windows
+    data, _ = bench.recovery_windows(teacher, train_ids, args)
+    sampled = [d["input_ids"] for d in data if d["input_ids"][0] == teacher.config.bos_token_id]
+    assert len(sampled) == 3 and len({tuple(r.tolist()) for r in sampled}) == 2
     args.recover_generated = 0.0
     data, seconds = bench.recovery_windows(teacher, train_ids, args)
     assert seconds == 0.0 and all(d["input_ids"][0] >= 1000 for d in data)
@@ -120,3 +125,6 @@ def test_the_generated_fraction_is_checked(tiny_llm, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--model", str(tiny_llm / "model"), "--device", "cpu", "--recover-generated", "1.5"])
     assert "--recover-generated is a fraction" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--model", str(tiny_llm / "model"), "--device", "cpu", "--generate-sequences", "0"])
+    assert "--generate-sequences must be at least 1" in capsys.readouterr().err

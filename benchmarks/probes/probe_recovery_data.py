@@ -56,6 +56,7 @@ def main() -> None:
         recover_generated=0.0,
         generate_batch=64,
         generate_temperature=1.0,
+        generate_sequences=None,
         device=args.device,
         recover_bf16=False,
         distill_weight=1.0,
