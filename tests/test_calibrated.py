@@ -1,3 +1,4 @@
+import json
 import warnings
 
 import pytest
@@ -396,3 +397,29 @@ def test_the_trainer_path_records_the_calibration_batches_it_took(tmp_path):
     config = SparsityConfig(method="wanda", calibration_batches=1000)
     SparsityTrainer(model=model, args=args, train_dataset=ToyDataset("bert"), sparsity_config=config).train()
     assert model.config.sparsity_config["calibration_batches"] == 8
+
+
+def test_a_resumed_trainer_path_run_keeps_the_calibration_batches_its_checkpoint_records(tmp_path):
+    """A resumed run does not calibrate again: its record is the checkpoint's (8 batches taken), not the config's."""
+    config = SparsityConfig(method="wanda", calibration_batches=1000)
+
+    def run(resume=None, max_steps=2):
+        model = make_model("bert")
+        args = TrainingArguments(
+            **training_args(tmp_path, max_steps=max_steps, save_strategy="steps", save_steps=2)
+        )
+        trainer = SparsityTrainer(
+            model=model, args=args, train_dataset=ToyDataset("bert"), sparsity_config=config
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return model
+
+    run()
+    checkpoint = tmp_path / "checkpoint-2"
+    assert json.loads((checkpoint / "config.json").read_text())["sparsity_config"]["calibration_batches"] == 8
+    resumed = run(resume=str(checkpoint), max_steps=4)
+    assert resumed.config.sparsity_config["calibration_batches"] == 8
+    record = json.loads((checkpoint / "config.json").read_text())
+    record["sparsity_config"].pop("calibration_batches")  # a checkpoint that says nothing: the config's count
+    (checkpoint / "config.json").write_text(json.dumps(record))
+    assert run(resume=str(checkpoint), max_steps=4).config.sparsity_config["calibration_batches"] == 1000

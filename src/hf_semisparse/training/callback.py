@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -35,6 +36,32 @@ def resolve_config(config: SparsityConfig | dict | str | os.PathLike | None) -> 
     if isinstance(config, (str, os.PathLike)):
         return SparsityConfig.from_pretrained(config)
     raise TypeError(f"sparsity_config must be a SparsityConfig, dict or path, got {type(config).__name__}")
+
+
+def _recorded_calibration_batches(directory: str) -> int | None:
+    """The calibration batches a checkpoint's `config.json` says its masks were chosen with (None if it says
+    nothing readable): a resumed run does not calibrate again, so its record must come from the checkpoint."""
+    try:
+        with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
+            record = json.load(f).get("sparsity_config")
+    except (OSError, ValueError, AttributeError):
+        return None
+    value = record.get("calibration_batches") if isinstance(record, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None
+
+
+def _warn_about_held_halves(model) -> None:
+    """Warn if the last checkpoint load left 2:4 weight halves unpaired (those weights were not loaded), and drop
+    them. A plain Trainer's loads cannot be checked as they happen; SparsityTrainer raises instead."""
+    held = held_halves(model)
+    if held:
+        logger.warning(
+            "%d 2:4 weight half(s) arrived without their values or bitmask in the last checkpoint load, so "
+            "those weights were not loaded (first: %s); is a shard missing? SparsityTrainer raises here",
+            len(held),
+            held[0],
+        )
+        begin_checkpoint_load(model)
 
 
 def _first_batches(dataloader, count: int, model=None) -> list | None:
@@ -211,15 +238,7 @@ class SparsityCallback(TrainerCallback):
         if model is None:
             raise ValueError("SparsityCallback needs the Trainer to pass `model` to its callbacks")
         check_not_on_kernels(model)
-        held = held_halves(model)
-        if held:  # a resume (or an earlier load) of a sharded checkpoint left 2:4 weights unpaired
-            logger.warning(
-                "%d 2:4 weight half(s) arrived without their values or bitmask in the last checkpoint load, so "
-                "those weights were not loaded (first: %s); is a shard missing? SparsityTrainer raises here",
-                len(held),
-                held[0],
-            )
-            begin_checkpoint_load(model)
+        _warn_about_held_halves(model)  # a resume (or an earlier load) of a sharded checkpoint
         self._model = model
         self.optimizer_keeps_zeros = False  # the first step masks the weights and the (maybe resumed) state
         if self.config.method != "magnitude" and state.global_step <= self.config.start_step:
@@ -230,8 +249,10 @@ class SparsityCallback(TrainerCallback):
         if is_peft_model(unwrap_model(model)):  # LoRA updates on 2:4 layers masked by the base's zeros
             mask_lora(model, sp.report.targets)
         step = state.global_step
+        resume_dir = None
         if step > self.config.start_step:
-            sp.load_masks(self._resume_dir(args, state))
+            resume_dir = self._resume_dir(args, state)
+            sp.load_masks(resume_dir)
             if self.config.uses_dense_shadow(step) and not sp.dense_shadow:
                 logger.warning(
                     "checkpoint has no dense shadow for mask re-selection; starting it from the "
@@ -240,6 +261,10 @@ class SparsityCallback(TrainerCallback):
                 sp.start_dense_shadow()
         self.sparsifier = sp
         record_sparsity_in_config(model, self.config, sp.report)
+        if resume_dir is not None and self.config.method != "magnitude":
+            recorded = _recorded_calibration_batches(resume_dir)
+            if recorded is not None:  # the masks' calibration ran before the checkpoint: keep its count
+                record_calibration_batches(model, {"calibration_batches": recorded})
         logger.info("SparsityCallback targets:\n%s", sp.report)
         if sp.has_masks:
             self._zero_fraction = sp.zero_fraction()
@@ -324,6 +349,7 @@ class SparsityCallback(TrainerCallback):
         sp = self.sparsifier
         if sp is None:
             return
+        _warn_about_held_halves(self._model)  # `load_best_model_at_end` has just loaded a checkpoint
         if self.optimizer_keeps_zeros:
             self.verify_zeros(state.global_step)
         self.optimizer_keeps_zeros = False
