@@ -226,6 +226,13 @@ def test_a_trainer_output_folder_names_its_checkpoints(tmp_path, capsys):
         (tmp_path / "run" / f"checkpoint-{step}").mkdir(parents=True)
     code, err = run(["inspect", tmp_path / "run"], capsys)
     assert code == 2 and "holds checkpoint-3, checkpoint-6, checkpoint-12: give one of them" in err
+    for step in (9, 15):  # past three: the newest three, and how many more
+        (tmp_path / "run" / f"checkpoint-{step}").mkdir()
+    (tmp_path / "run" / "checkpoint-final").mkdir()  # not a step folder: not counted
+    code, err = run(["inspect", tmp_path / "run"], capsys)
+    assert (
+        code == 2 and "holds checkpoint-9, checkpoint-12, checkpoint-15 and 2 more: give one of them" in err
+    )
 
 
 def test_a_broken_pipe_on_stdout_that_is_not_a_pipe_is_an_error_line(sparse_ckpt):

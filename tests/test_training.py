@@ -619,6 +619,35 @@ def test_a_partial_load_cannot_shift_the_pairs_of_a_trainer_resume(tmp_path):
     assert held_halves(fresh) == []
 
 
+def test_sparsity_callback_warns_about_halves_a_load_left_and_forgets_them(tmp_path, caplog):
+    """A plain Trainer with SparsityCallback cannot check its own checkpoint loads: the callback says at the
+    start of training that some 2:4 weights were not loaded, and drops the lone halves."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    _, shard_of, key = _sharded_loaded_llama(tmp_path)
+    fresh = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    fresh.load_state_dict(load_file(tmp_path / "sharded" / shard_of[key + "_bitmask"]), strict=False)
+    assert held_halves(fresh)
+    trainer = Trainer(
+        model=fresh,
+        args=TrainingArguments(**training_args(tmp_path / "run", max_steps=1)),
+        train_dataset=ToyDataset("llama"),
+        callbacks=[SparsityCallback()],
+    )
+    with caplog.at_level("WARNING", logger="hf_semisparse.training.callback"):
+        trainer.train()
+    assert "arrived without their values or bitmask" in caplog.text and key in caplog.text
+    assert held_halves(fresh) == []
+    caplog.clear()
+    (callback,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, SparsityCallback)]
+    # as after `load_best_model_at_end`, which loads a checkpoint just before the Trainer's on_train_end
+    fresh.load_state_dict(load_file(tmp_path / "sharded" / shard_of[key]), strict=False)
+    with caplog.at_level("WARNING", logger="hf_semisparse.training.callback"):
+        callback.on_train_end(trainer.args, trainer.state, trainer.control)
+    assert "were not loaded" in caplog.text and held_halves(fresh) == []
+
+
 def test_a_half_size_tensor_of_a_weight_that_is_not_compressed_is_still_a_size_mismatch(tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -649,10 +678,16 @@ def test_a_lone_shard_without_its_bitmask_reports_the_weight_missing(tmp_path):
     assert torch.equal(fresh.state_dict()[key], before)
 
 
-def test_load_best_model_at_end_restores_the_best_checkpoint_of_a_loaded_model(tmp_path):
+@pytest.mark.parametrize("sharded", [False, True], ids=["one-file", "sharded"])
+def test_load_best_model_at_end_restores_the_best_checkpoint_of_a_loaded_model(
+    tmp_path, sharded, monkeypatch
+):
     """With `greater_is_better=True` on the loss the "best" checkpoint is the worst one, an earlier step than the
-    last: what the model ends with must be that checkpoint, exactly, and still 2:4."""
-    from transformers import AutoModelForCausalLM
+    last: what the model ends with must be that checkpoint, exactly, and still 2:4 (also from checkpoints whose
+    shards split a weight's values from its bitmask)."""
+    from functools import partialmethod
+
+    from transformers import AutoModelForCausalLM, PreTrainedModel
 
     from hf_semisparse import prune_24, save_sparse_pretrained
 
@@ -660,6 +695,12 @@ def test_load_best_model_at_end_restores_the_best_checkpoint_of_a_loaded_model(t
     prune_24(model, show_progress=False)
     save_sparse_pretrained(model, tmp_path / "ckpt", show_progress=False)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    if sharded:
+        monkeypatch.setattr(
+            PreTrainedModel,
+            "save_pretrained",
+            partialmethod(PreTrainedModel.save_pretrained, max_shard_size=SPLITTING_SHARD_SIZE["llama"]),
+        )
     args = TrainingArguments(
         **training_args(
             tmp_path / "run", max_steps=6, save_strategy="steps", save_steps=3, eval_strategy="steps",
@@ -671,6 +712,11 @@ def test_load_best_model_at_end_restores_the_best_checkpoint_of_a_loaded_model(t
     )
     trainer.train()
     assert trainer.state.best_model_checkpoint.endswith("checkpoint-3")
+    if sharded:
+        index = tmp_path / "run" / "checkpoint-3" / "model.safetensors.index.json"
+        shard_of = json.loads(index.read_text())["weight_map"]
+        assert any(k.endswith("_bitmask") and shard_of[k] != shard_of[k[:-8]] for k in shard_of)
+    assert held_halves(trainer.model) == []
     best = AutoModelForCausalLM.from_pretrained(trainer.state.best_model_checkpoint)
     assert_targets_24(trainer.model)
     for (name, p), (_, q) in zip(trainer.model.named_parameters(), best.named_parameters(), strict=True):

@@ -320,8 +320,24 @@ def begin_checkpoint_load(model) -> None:
 
 
 def end_checkpoint_load(model, source: str = "the checkpoint") -> None:
-    """Raise SparseCheckpointError if a 2:4 weight's values or bitmask arrived without the other half (those
-    weights were not loaded; the held halves are dropped)."""
+    """Check, after loading a compressed 2:4 checkpoint into an already loaded model by hand, that every 2:4
+    weight arrived whole.
+
+    A model loaded with `from_pretrained` from a compressed checkpoint expands each weight's values and bitmask
+    (`<name>` and `<name>_bitmask`) back to a dense tensor as `load_state_dict` receives them; when the two halves
+    come in different calls (the shards of a sharded checkpoint), the first is held until its partner arrives.
+    `SparsityTrainer` runs this check after each checkpoint it loads; call it after loading shards yourself, e.g.
+    after `transformers.trainer_utils.load_sharded_checkpoint(model, folder, strict=False)`.
+
+    Args:
+        model: the model the checkpoint was loaded into (`torch.nn.Module`).
+        source: how the error message names the checkpoint.
+
+    Raises:
+        SparseCheckpointError: a weight's values or bitmask arrived without the other half, so that weight was
+            not loaded (it keeps its earlier values); the message names the first such key. The held halves are
+            dropped either way, so that they cannot pair with a later load's.
+    """
     left = held_halves(model)
     begin_checkpoint_load(model)
     if left:
