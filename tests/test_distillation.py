@@ -237,13 +237,18 @@ class AutocastProbe(torch.nn.Module):
         return self.model(**inputs)
 
 
-@pytest.mark.parametrize("bf16", [True, False])
-def test_the_teacher_runs_under_the_students_mixed_precision(tmp_path, bf16):
-    # an fp32 teacher beside a bf16 mixed-precision student must not run full-precision GEMMs
-    teacher = AutocastProbe(make_model("bert"))
+@pytest.mark.parametrize(
+    ("bf16", "teacher_dtype", "autocast"),
+    [(True, torch.float32, True), (False, torch.float32, False), (True, torch.bfloat16, False)],
+    ids=["fp32-teacher-bf16-training", "fp32-teacher-fp32-training", "bf16-teacher-as-it-is"],
+)
+def test_an_fp32_teacher_runs_under_the_students_mixed_precision(tmp_path, bf16, teacher_dtype, autocast):
+    # an fp32 teacher beside a bf16 mixed-precision student must not run full-precision GEMMs; a teacher the
+    # user cast to half precision keeps its dtype (autocast would recast an fp16 one to bf16)
+    teacher = AutocastProbe(make_model("bert").to(teacher_dtype))
     args = TrainingArguments(**training_args(tmp_path, max_steps=2), bf16=bf16)
     trainer = SparsityTrainer(
         model=make_model("bert"), args=args, train_dataset=ToyDataset("bert"), teacher_model=teacher
     )
     trainer.train()
-    assert teacher.autocast == [bf16, bf16]
+    assert teacher.autocast == [autocast, autocast]

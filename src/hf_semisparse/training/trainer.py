@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 
@@ -99,8 +100,8 @@ class SparsityTrainer(Trainer):
             is a `SparsityTrainingArguments`, else `SparsityConfig()`.
         teacher_model: a dense model to distill from during recovery: never trained (it runs under
             `torch.no_grad`, its `requires_grad` flags are left as they are), put in eval mode and moved to the
-            training device; may be fp16/bf16. It runs under the training's mixed precision (`bf16=True` or
-            `fp16=True` autocast) as the student does. It must be another object than `model` (pass a copy).
+            training device; may be fp16/bf16. An fp32 teacher runs under the training's mixed precision
+            (`bf16=True` or `fp16=True` autocast) as the student does; an fp16/bf16 one runs as it is. It must be another object than `model` (pass a copy).
         distillation_weight: w in (1 - w) * task loss + w * distillation loss.
         distillation_temperature: softmax temperature T of the distillation loss (scaled by T^2).
         distillation_hidden_weight: h, the weight of a loss on the hidden states, added on top: the mean over
@@ -220,9 +221,7 @@ class SparsityTrainer(Trainer):
         if encoder_decoder and "decoder_input_ids" not in inputs and "labels" in inputs and callable(prepare):
             # the student made its decoder inputs from the labels: the teacher gets the same ones
             teacher_inputs["decoder_input_ids"] = prepare(labels=inputs["labels"])
-        # the student's forward runs under accelerate's mixed precision (`bf16=`/`fp16=`), which wraps only the
-        # prepared model: the teacher gets the same autocast, or an fp32 teacher would run full-precision GEMMs
-        with torch.no_grad(), self.accelerator.autocast():
+        with torch.no_grad(), self._teacher_autocast():
             teacher_out = self.teacher_model(**teacher_inputs)
         mask = inputs.get("decoder_attention_mask" if encoder_decoder else "attention_mask")
         kd = logits_distillation_loss(outputs, teacher_out, self.distillation_temperature, mask)
@@ -241,6 +240,13 @@ class SparsityTrainer(Trainer):
         if hidden:
             loss = loss + self.distillation_hidden_weight * kd_hidden
         return (loss, outputs) if return_outputs else loss
+
+    def _teacher_autocast(self):
+        """The student's forward runs under accelerate's mixed precision (`bf16=`/`fp16=`), which wraps only the
+        prepared model: an fp32 teacher gets the same autocast (else it would run full-precision GEMMs); a teacher
+        the user put in fp16/bf16 runs as it is (autocast would recast an fp16 teacher to bf16)."""
+        dtype = next((p.dtype for p in self.teacher_model.parameters() if p.is_floating_point()), None)
+        return self.accelerator.autocast() if dtype == torch.float32 else contextlib.nullcontext()
 
     def _task_loss_spans_accumulation(self, num_items_in_batch) -> bool:
         """Whether transformers' Trainer normalised the task loss by the accumulated `num_items_in_batch` (and so
