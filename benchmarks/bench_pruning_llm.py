@@ -25,12 +25,9 @@ reconstruct_epochs=N, reconstruct_lr=...)`: one Adam step per calibration batch,
 from __future__ import annotations
 
 import argparse
-import copy
-import glob
-import math
 import os
 import platform
-import random
+import sys
 import time
 from pathlib import Path
 
@@ -39,8 +36,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_semisparse import SparsityConfig, is_nm_sparse, prune_24, save_sparse_pretrained, select_targets
 from hf_semisparse.pruning.reconstruction import DEFAULT_LR
-from hf_semisparse.training.teacher_data import sample_teacher_sequences
 from hf_semisparse.utils import write_json
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples", "llm"))
+from llm_recipe import (  # noqa: E402  (the LLM example's)
+    distillation_trainer,
+    perplexity,
+    random_windows,
+    read_text,
+    recovery_rows,
+)
 
 SHARED = os.environ.get("HF_SEMISPARSE_SHARED", "/work/shared")
 
@@ -51,90 +56,43 @@ def load(path: str, device: str):
 
 
 def calibration_batches(tokenizer, calib_dir: str, samples: int, seq: int, batch_size: int, seed: int):
-    files = sorted(glob.glob(os.path.join(calib_dir, "*.txt")))
-    if not files:
-        raise FileNotFoundError(f"no .txt files in {calib_dir}")
-    text = "\n\n".join(Path(f).read_text(encoding="utf-8") for f in files)
-    ids = tokenizer(text, return_tensors="pt").input_ids[0]
-    rng = random.Random(seed)
-    starts = [rng.randrange(0, len(ids) - seq) for _ in range(samples)]
-    windows = torch.stack([ids[s : s + seq] for s in starts])
+    ids = tokenizer(read_text(calib_dir), return_tensors="pt").input_ids[0]
+    windows = random_windows(ids, samples, seq, seed)
     return [{"input_ids": windows[i : i + batch_size]} for i in range(0, samples, batch_size)], ids
 
 
-@torch.no_grad()
-def perplexity(model, eval_ids: torch.Tensor, window: int, device: str) -> float:
-    nll, count = 0.0, 0
-    for start in range(0, len(eval_ids) - 1, window):
-        chunk = eval_ids[start : start + window].unsqueeze(0).to(device)
-        if chunk.shape[1] < 2:
-            break
-        loss = model(input_ids=chunk, labels=chunk).loss
-        nll += float(loss) * (chunk.shape[1] - 1)
-        count += chunk.shape[1] - 1
-    return math.exp(nll / count)
-
-
 def recovery_windows(teacher, train_ids: torch.Tensor, args) -> tuple[list[dict], float]:
-    """The recovery windows: `--recover-generated` of them sampled from the dense teacher, the rest cut (seeded)
-    from the training text, shuffled together; returns them and the seconds the sampling took."""
-    seed = args.seed + 1 if args.recover_seed is None else args.recover_seed
-    rng = random.Random(seed)
-    n = args.recover_steps * args.recover_batch
-    generated = round(args.recover_generated * n)
-    starts = [rng.randrange(0, len(train_ids) - args.seq) for _ in range(n - generated)]
-    rows = [train_ids[s : s + args.seq] for s in starts]
-    seconds = 0.0
-    if generated:
-        start = time.perf_counter()
-        pool = min(generated, args.generate_sequences or generated)
-        # on a GPU from a bf16 copy: 3.5x faster than float32 (NVIDIA H200, 512 x 512 tokens of SmolLM2-135M)
-        sampler = teacher
-        if next(teacher.parameters()).is_cuda:
-            sampler = copy.deepcopy(teacher).to(torch.bfloat16)
-        sampled = sample_teacher_sequences(
-            sampler,
-            pool,
-            args.seq,
-            batch_size=args.generate_batch,
-            temperature=args.generate_temperature,
-            seed=seed,
-        )
-        del sampler
-        rows += [sampled[i % pool] for i in range(generated)]  # a smaller pool is repeated
-        seconds = time.perf_counter() - start
-    rng.shuffle(rows)
+    """The recovery windows: `--recover-generated` of them sampled from the dense teacher (at most
+    `--generate-sequences` distinct ones), the rest cut (seeded) from the training text, shuffled together;
+    returns them and the seconds the sampling took."""
+    rows, seconds = recovery_rows(
+        teacher,
+        train_ids,
+        args.recover_steps * args.recover_batch,
+        args.seq,
+        teacher_fraction=args.recover_generated,
+        teacher_pool=args.generate_sequences,
+        batch_size=args.generate_batch,
+        temperature=args.generate_temperature,
+        seed=args.seed + 1 if args.recover_seed is None else args.recover_seed,
+    )
     return [{"input_ids": row, "labels": row} for row in rows], seconds
 
 
 def recover(model, teacher, data: list[dict], args, callbacks=None) -> float:
     """SparsityTrainer with distillation from the dense model (plus `callbacks`); returns the seconds it took."""
-    from transformers import TrainingArguments
-
-    from hf_semisparse import SparsityTrainer
-
-    targs = TrainingArguments(
-        os.path.join("outputs", "recover_tmp"),
-        per_device_train_batch_size=args.recover_batch,
-        max_steps=args.recover_steps,
+    trainer = distillation_trainer(
+        model,
+        teacher,
+        [d["input_ids"] for d in data],
+        output_dir=os.path.join("outputs", "recover_tmp"),
+        steps=args.recover_steps,
+        batch_size=args.recover_batch,
         learning_rate=args.recover_lr,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, args.recover_steps // 20),
-        logging_steps=max(1, args.recover_steps // 10),
-        save_strategy="no",
-        report_to=[],
-        use_cpu=args.device == "cpu",
         bf16=args.recover_bf16,
-        disable_tqdm=False,
-    )
-    trainer = SparsityTrainer(
-        model=model,
-        args=targs,
-        train_dataset=data,
-        sparsity_config=SparsityConfig(method="magnitude"),  # keeps SparseGPT's zeros as the masks
-        teacher_model=teacher,
-        distillation_weight=args.distill_weight,
-        distillation_temperature=args.distill_temperature,
+        device=args.device,
+        temperature=args.distill_temperature,
+        weight=args.distill_weight,
         callbacks=callbacks,
     )
     start = time.perf_counter()

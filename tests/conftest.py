@@ -223,3 +223,35 @@ def load_disk_offloaded(folder, layers: int, offload_folder):
     return AutoModelForCausalLM.from_pretrained(
         folder, device_map=device_map, offload_folder=str(offload_folder), dtype=torch.float32
     )
+
+
+MINILM = os.path.join(SHARED, "models", "all-MiniLM-L6-v2")
+LLM_TEXT = (
+    "The quality of mercy is not strained; it droppeth as the gentle rain from heaven upon the place beneath. "
+    "It is twice blest; it blesseth him that gives and him that takes. "
+)
+
+
+@pytest.fixture
+def tiny_llm(tmp_path):
+    """A tiny Llama with a real tokenizer (MiniLM's WordPiece) in `model/`, a calibration text in `calib/` and an
+    evaluation text `eval.txt` (needs the shared MiniLM folder)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(MINILM)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / "calib").mkdir()
+    (tmp_path / "calib" / "plays.txt").write_text(LLM_TEXT * 40, encoding="utf-8")
+    (tmp_path / "eval.txt").write_text(LLM_TEXT[::-1] * 10, encoding="utf-8")
+    return tmp_path

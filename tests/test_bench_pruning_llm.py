@@ -7,17 +7,11 @@ import os
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from tests.conftest import SHARED
+from tests.conftest import MINILM
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MINILM = os.path.join(SHARED, "models", "all-MiniLM-L6-v2")
 pytestmark = pytest.mark.skipif(not os.path.isdir(MINILM), reason=f"needs {MINILM} (HF_SEMISPARSE_SHARED)")
-TEXT = (
-    "The quality of mercy is not strained; it droppeth as the gentle rain from heaven upon the place beneath. "
-    "It is twice blest; it blesseth him that gives and him that takes. "
-)
 
 
 def load_bench():
@@ -27,28 +21,6 @@ def load_bench():
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     return bench
-
-
-@pytest.fixture
-def tiny_llm(tmp_path):
-    """A tiny Llama with a real tokenizer (MiniLM's WordPiece), calibration and evaluation texts."""
-    tokenizer = AutoTokenizer.from_pretrained(MINILM)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
-    (tmp_path / "calib").mkdir()
-    (tmp_path / "calib" / "plays.txt").write_text(TEXT * 40, encoding="utf-8")
-    (tmp_path / "eval.txt").write_text(TEXT[::-1] * 10, encoding="utf-8")
-    return tmp_path
 
 
 def test_a_recovery_in_two_stages_goes_on_from_the_saved_model(tiny_llm):

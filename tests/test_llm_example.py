@@ -1,0 +1,127 @@
+"""The LLM example (`examples/llm/prune_and_recover_llm.py`) runs end to end on a tiny Llama on the CPU: prune,
+recover on text and teacher samples, save a compressed checkpoint that loads with plain `from_pretrained`, and
+refuses bad input before it changes or writes anything."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from hf_semisparse import is_nm_sparse
+from tests.conftest import MINILM
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.skipif(not os.path.isdir(MINILM), reason=f"needs {MINILM} (HF_SEMISPARSE_SHARED)")
+
+
+def load_example():
+    spec = importlib.util.spec_from_file_location(
+        "prune_and_recover_llm", os.path.join(ROOT, "examples", "llm", "prune_and_recover_llm.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def common(tiny_llm, out):
+    return [
+        "--model", str(tiny_llm / "model"), "--train-text", str(tiny_llm / "calib"),
+        "--eval-text", str(tiny_llm / "eval.txt"), "--output-dir", str(out), "--device", "cpu",
+        "--calibration-samples", "4", "--seq", "32", "--calibration-batch", "2", "--eval-tokens", "256",
+        "--eval-window", "64", "--teacher-batch", "2",
+    ]  # fmt: skip
+
+
+def test_the_llm_workflow_end_to_end(tiny_llm):
+    example = load_example()
+    out = tiny_llm / "run"
+    result = example.main(
+        [
+            *common(tiny_llm, out), "--reconstruct-epochs", "1", "--recover-steps", "3", "--recover-batch", "2",
+            "--recover-lr", "1e-3", "--teacher-fraction", "0.5", "--teacher-pool", "2",
+        ]
+    )  # fmt: skip
+    names = [r["name"] for r in result["results"]]
+    assert names == [
+        "dense",
+        "sparsegpt 2:4 + reconstruction (1 epochs)",
+        "+ distillation",
+        "loaded checkpoint",
+    ]
+    recovered, loaded = result["results"][2]["perplexity"], result["results"][3]["perplexity"]
+    assert loaded == pytest.approx(recovered, rel=1e-4)  # the checkpoint holds the recovered model
+    assert result["recovery"]["tokens"] == 3 * 2 * 32 and result["recovery"]["sample_seconds"] > 0
+    model = AutoModelForCausalLM.from_pretrained(
+        out / "model"
+    )  # plain transformers, after import hf_semisparse
+    mlp = model.model.layers[0].mlp
+    assert all(is_nm_sparse(lin.weight) for lin in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["sparsity_config"]["mask_source"] == "sparsegpt"  # the recovery kept SparseGPT's masks
+    card = (out / "model" / "README.md").read_text()
+    assert "+ distillation" in card and "prune_and_recover_llm.py" in card
+    assert (out / "model" / "tokenizer.json").is_file() or (out / "model" / "vocab.txt").is_file()
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["results"] == result["results"]
+    assert "| loaded checkpoint |" in (out / "results.md").read_text()
+
+
+def test_magnitude_without_recovery(tiny_llm):
+    result = load_example().main([*common(tiny_llm, tiny_llm / "run"), "--method", "magnitude"])
+    assert [r["name"] for r in result["results"]] == ["dense", "magnitude 2:4", "loaded checkpoint"]
+    assert result["recovery"] is None
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--teacher-fraction", "1.5"], "--teacher-fraction is a fraction"),
+        (["--seq", "0"], "--seq must be at least 1"),
+        (["--recover-steps", "-1"], "--recover-steps must be 0 or more"),
+        (["--method", "magnitude", "--reconstruct-epochs", "2"], "needs calibration data"),
+        (["--teacher-pool", "0"], "--teacher-pool must be at least 1"),
+    ],
+)
+def test_bad_arguments_are_refused_before_any_work(tiny_llm, capsys, extra, message):
+    with pytest.raises(SystemExit):
+        load_example().main([*common(tiny_llm, tiny_llm / "run"), *extra])
+    assert message in capsys.readouterr().err
+    assert not (tiny_llm / "run").exists()
+
+
+def test_a_non_empty_output_folder_is_refused_and_left_alone(tiny_llm, capsys):
+    (tiny_llm / "run").mkdir()
+    (tiny_llm / "run" / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit):
+        load_example().main(common(tiny_llm, tiny_llm / "run"))
+    assert "is not empty" in capsys.readouterr().err
+    assert os.listdir(tiny_llm / "run") == ["notes.txt"]
+
+
+def test_a_text_too_short_for_the_windows_fails_before_the_model_changes(tiny_llm):
+    (tiny_llm / "short.txt").write_text("To be.", encoding="utf-8")
+    args = common(tiny_llm, tiny_llm / "run")
+    args[args.index("--train-text") + 1] = str(tiny_llm / "short.txt")
+    with pytest.raises(ValueError, match="too few for windows of 32"):
+        load_example().main(args)
+    assert not (tiny_llm / "run").exists()
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        args[args.index("--train-text") + 1] = str(tiny_llm / "missing")
+        load_example().main(args)
+
+
+def test_the_recovery_rows_mix_text_windows_and_teacher_samples(tiny_llm):
+    """`text_data.recovery_rows`: the asked share sampled from the teacher, a smaller pool repeated."""
+    example = load_example()
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_llm / "model")
+    ids = torch.arange(1000, 1400)  # not ids the sampler starts with: the cut windows are known
+    rows, seconds = example.recovery_rows(
+        teacher, ids, 6, 8, teacher_fraction=0.5, teacher_pool=2, batch_size=2, seed=0
+    )
+    cut = [r for r in rows if r[0] >= 1000 and torch.equal(r, torch.arange(int(r[0]), int(r[0]) + 8))]
+    sampled = [r for r in rows if r[0] == teacher.config.bos_token_id]
+    assert len(rows) == 6 and len(cut) == 3 and len(sampled) == 3 and seconds > 0
+    assert len({tuple(r.tolist()) for r in sampled}) == 2
