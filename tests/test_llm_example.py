@@ -66,6 +66,8 @@ def test_the_llm_workflow_end_to_end(tiny_llm):
     assert (out / "model" / "tokenizer.json").is_file() or (out / "model" / "vocab.txt").is_file()
     saved = json.loads((out / "results.json").read_text())
     assert saved["results"] == result["results"]
+    modules = {m["name"]: m for m in saved["sparsity_report"]["modules"]}
+    assert modules["model.layers.0.mlp.down_proj"]["sparsified"] and not modules["lm_head"]["sparsified"]
     assert "| loaded checkpoint |" in (out / "results.md").read_text()
 
 

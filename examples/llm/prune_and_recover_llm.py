@@ -151,7 +151,9 @@ def main(argv=None) -> dict:
         **options,
     )
     prune_seconds = time.perf_counter() - start
-    print(report, flush=True)
+    for decision in report.skipped:  # the per-weight table is in results.json
+        print(f"kept dense: {decision.name} ({decision.reason})")
+    print(str(report).splitlines()[-1], flush=True)
     name = f"{args.method} 2:4" + (f" + reconstruction ({args.reconstruct_epochs} epochs)" if options else "")
     results.append({"name": name, "perplexity": perplexity(model, eval_ids, args.eval_window, args.device)})
     print(f"{name}: perplexity {results[-1]['perplexity']:.2f} ({prune_seconds:.0f} s)", flush=True)
@@ -251,6 +253,7 @@ def main(argv=None) -> dict:
         "recovery": recovery,
         "checkpoint": checkpoint,
         "target_bytes_ratio": summary["target_ratio"],
+        "sparsity_report": report.to_dict(),
     }
     lines = ["| model | perplexity | x dense |", "| --- | --- | --- |"]
     lines += [f"| {row['name']} | {row['perplexity']} | {row['x dense']} |" for row in table]
