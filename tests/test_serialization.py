@@ -63,6 +63,18 @@ def test_fp16_pruned_layers_take_at_most_057x(arch, tmp_path):
     assert torch.equal(forward(reference, arch), forward(loaded, arch))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_config_json_records_the_dtype_the_weights_are_saved_in(dtype, tmp_path):
+    """A model built (config: float32) and cast before saving: config.json says what the file holds, as
+    transformers' save_pretrained does, so that plain from_pretrained (dtype "auto") loads it in that dtype."""
+    from transformers import AutoModelForCausalLM
+
+    model = pruned("llama", dtype)
+    save_sparse_pretrained(model, tmp_path / "ckpt")
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["dtype"] == str(dtype)[6:]
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").dtype == dtype
+
+
 def test_compress_layout_and_errors():
     w = torch.randn(6, 16)
     w = w * compute_nm_mask(w)

@@ -497,6 +497,9 @@ def save_sparse_pretrained(
         if tokenizer is not None:  # first: the model's own files below replace any namesake it writes
             tokenizer.save_pretrained(staging)
         config.architectures = [type(root).__name__]  # as transformers' save_pretrained records it
+        dtype = getattr(root, "dtype", None)
+        if isinstance(dtype, torch.dtype):  # the dtype the weights are in, as transformers records it
+            config.dtype = str(dtype).removeprefix("torch.")
         previous = getattr(config, "quantization_config", None)
         config.quantization_config = quant_config
         try:
