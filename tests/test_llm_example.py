@@ -64,6 +64,7 @@ def test_the_llm_workflow_end_to_end(tiny_llm):
     card = (out / "model" / "README.md").read_text()
     assert "+ distillation" in card and "prune_and_recover_llm.py" in card
     assert (out / "model" / "tokenizer.json").is_file() or (out / "model" / "vocab.txt").is_file()
+    assert sorted(os.listdir(out)) == ["model", "results.json", "results.md"]  # no Trainer leftovers
     saved = json.loads((out / "results.json").read_text())
     assert saved["results"] == result["results"]
     modules = {m["name"]: m for m in saved["sparsity_report"]["modules"]}
@@ -71,10 +72,25 @@ def test_the_llm_workflow_end_to_end(tiny_llm):
     assert "| loaded checkpoint |" in (out / "results.md").read_text()
 
 
-def test_magnitude_without_recovery(tiny_llm):
-    result = load_example().main([*common(tiny_llm, tiny_llm / "run"), "--method", "magnitude"])
+def test_magnitude_without_recovery_saved_in_the_dtype_asked(tiny_llm):
+    out = tiny_llm / "run"
+    result = load_example().main(
+        [*common(tiny_llm, out), "--method", "magnitude", "--save-dtype", "bfloat16"]
+    )
     assert [r["name"] for r in result["results"]] == ["dense", "magnitude 2:4", "loaded checkpoint"]
     assert result["recovery"] is None
+    assert json.loads((out / "model" / "config.json").read_text())["dtype"] == "bfloat16"
+    pruned, loaded = result["results"][1]["perplexity"], result["results"][2]["perplexity"]
+    assert loaded == pytest.approx(pruned, rel=0.05) and loaded != pruned  # bf16 weights, evaluated as saved
+
+
+def test_the_saved_dtype_defaults_to_the_one_the_config_records(tiny_llm):
+    example = load_example()
+    assert example.saved_dtype(str(tiny_llm / "model"), "auto") == torch.float32
+    config = json.loads((tiny_llm / "model" / "config.json").read_text())
+    (tiny_llm / "model" / "config.json").write_text(json.dumps({**config, "dtype": "float16"}))
+    assert example.saved_dtype(str(tiny_llm / "model"), "auto") == torch.float16
+    assert example.saved_dtype(str(tiny_llm / "model"), "bfloat16") == torch.bfloat16
 
 
 @pytest.mark.parametrize(

@@ -19,8 +19,13 @@ SmolLM2-135M on the project's texts, the recipe measured at 1.49x dense perplexi
         --recover-steps 2000 --recover-batch 16 --recover-lr 5e-4 \\
         --teacher-fraction 0.5 --teacher-pool 3072 --output-dir outputs/smollm2-135m-24
 
-A quick look on a CPU (a few minutes; the numbers then say little): `--calibration-samples 8
---recover-steps 4 --recover-batch 2 --eval-tokens 1024`.
+A quick look on a CPU (about 10 minutes for SmolLM2-135M on 2 cores; the numbers then say little):
+`--calibration-samples 8 --recover-steps 4 --recover-batch 2 --eval-tokens 1024 --teacher-pool 4
+--teacher-batch 4`.
+
+The work runs in float32 (bf16 mixed precision for the recovery on a GPU); the checkpoint is saved in
+`--save-dtype`, by default the dtype the model's config records (e.g. float16), and the "loaded checkpoint" row
+evaluates what was saved.
 """
 
 from __future__ import annotations
@@ -31,11 +36,12 @@ import os
 import platform
 import shlex
 import sys
+import tempfile
 import time
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import hf_semisparse
 from hf_semisparse import SparsityConfig, prune_24, save_sparse_pretrained
@@ -84,6 +90,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-window", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--save-dtype",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        default="auto",
+        help="dtype of the saved checkpoint ('auto': the one the model's config records, else float32)",
+    )
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --output-dir")
     args = p.parse_args(argv)
     positive = (
@@ -122,6 +134,16 @@ def load_dense(model: str, device: str):
     return dense.to(device).eval()
 
 
+def saved_dtype(model: str, choice: str) -> torch.dtype:
+    """`choice` as a torch dtype; 'auto': the dtype `model`'s config records, else float32."""
+    if choice != "auto":
+        return getattr(torch, choice)
+    recorded = getattr(AutoConfig.from_pretrained(model), "dtype", None)
+    if isinstance(recorded, str):
+        recorded = getattr(torch, recorded, None)
+    return recorded if isinstance(recorded, torch.dtype) and recorded.is_floating_point else torch.float32
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     # every input read and checked before any model is changed or any file written
@@ -135,6 +157,7 @@ def main(argv=None) -> dict:
         {"input_ids": windows[i : i + args.calibration_batch]}
         for i in range(0, len(windows), args.calibration_batch)
     ]
+    save_dtype = saved_dtype(args.model, args.save_dtype)
     dense = load_dense(args.model, args.device)
     results = [{"name": "dense", "perplexity": perplexity(dense, eval_ids, args.eval_window, args.device)}]
     print(f"dense perplexity {results[-1]['perplexity']:.2f}", flush=True)
@@ -171,20 +194,21 @@ def main(argv=None) -> dict:
             seed=args.seed + 1,
         )
         bf16 = args.device.startswith("cuda") and torch.cuda.is_bf16_supported()
-        trainer = distillation_trainer(
-            model,
-            dense,
-            rows,
-            output_dir=os.path.join(args.output_dir, "trainer"),
-            steps=args.recover_steps,
-            batch_size=args.recover_batch,
-            learning_rate=args.recover_lr,
-            bf16=bf16,
-            device=args.device,
-            temperature=args.distill_temperature,
-        )
-        start = time.perf_counter()
-        trainer.train()
+        with tempfile.TemporaryDirectory() as scratch:  # the Trainer's output_dir: it saves nothing here
+            trainer = distillation_trainer(
+                model,
+                dense,
+                rows,
+                output_dir=scratch,
+                steps=args.recover_steps,
+                batch_size=args.recover_batch,
+                learning_rate=args.recover_lr,
+                bf16=bf16,
+                device=args.device,
+                temperature=args.distill_temperature,
+            )
+            start = time.perf_counter()
+            trainer.train()
         recovery = {
             "steps": args.recover_steps,
             "tokens": args.recover_steps * args.recover_batch * args.seq,
@@ -218,7 +242,7 @@ def main(argv=None) -> dict:
     )
     checkpoint = os.path.join(args.output_dir, "model")
     summary = save_sparse_pretrained(
-        model.cpu(),
+        model.cpu().to(save_dtype),
         checkpoint,
         tokenizer=tokenizer,
         extra_files={"README.md": card},
