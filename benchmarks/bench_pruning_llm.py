@@ -155,6 +155,8 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--start-from replaces the sparsegpt run: put sparsegpt in --methods")
     if not 0.0 <= args.recover_generated <= 1.0:
         p.error(f"--recover-generated is a fraction in [0, 1], got {args.recover_generated}")
+    if args.window < 2 or args.seq < 2:
+        p.error(f"--window and --seq must be at least 2, got {args.window} and {args.seq}")
     if args.generate_sequences is not None and args.generate_sequences < 1:
         p.error(f"--generate-sequences must be at least 1, got {args.generate_sequences}")
     if args.save_recovered and not (args.recover_steps and "sparsegpt" in args.methods):

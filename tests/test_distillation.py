@@ -1,3 +1,4 @@
+import contextlib
 import copy
 
 import pytest
@@ -238,17 +239,42 @@ class AutocastProbe(torch.nn.Module):
 
 
 @pytest.mark.parametrize(
-    ("bf16", "teacher_dtype", "autocast"),
-    [(True, torch.float32, True), (False, torch.float32, False), (True, torch.bfloat16, False)],
-    ids=["fp32-teacher-bf16-training", "fp32-teacher-fp32-training", "bf16-teacher-as-it-is"],
-)
-def test_an_fp32_teacher_runs_under_the_students_mixed_precision(tmp_path, bf16, teacher_dtype, autocast):
+    ("bf16", "teacher_dtype", "option", "autocast"),
+    [
+        (True, torch.float32, None, True),
+        (False, torch.float32, None, False),
+        (True, torch.bfloat16, None, False),
+        (True, torch.float16, None, False),
+        (True, torch.float32, False, False),
+        (True, torch.bfloat16, True, True),
+    ],
+    ids=[
+        "fp32-teacher-bf16-training", "fp32-teacher-fp32-training", "bf16-teacher-as-it-is",
+        "fp16-teacher-as-it-is", "autocast-off", "autocast-forced",
+    ],
+)  # fmt: skip
+def test_an_fp32_teacher_runs_under_the_students_mixed_precision(
+    tmp_path, bf16, teacher_dtype, option, autocast
+):
     # an fp32 teacher beside a bf16 mixed-precision student must not run full-precision GEMMs; a teacher the
     # user cast to half precision keeps its dtype (autocast would recast an fp16 one to bf16)
     teacher = AutocastProbe(make_model("bert").to(teacher_dtype))
     args = TrainingArguments(**training_args(tmp_path, max_steps=2), bf16=bf16)
     trainer = SparsityTrainer(
-        model=make_model("bert"), args=args, train_dataset=ToyDataset("bert"), teacher_model=teacher
+        model=make_model("bert"),
+        args=args,
+        train_dataset=ToyDataset("bert"),
+        teacher_model=teacher,
+        teacher_autocast=option,
     )
     trainer.train()
     assert teacher.autocast == [autocast, autocast]
+
+
+def test_the_teachers_dtype_is_the_one_holding_most_of_its_weights(tmp_path):
+    teacher = make_model("bert").to(torch.bfloat16)
+    teacher.classifier.float()  # a small head kept in fp32: still a bf16 teacher
+    trainer = trainer_for(tmp_path, make_model("bert"), teacher)
+    assert isinstance(trainer._teacher_autocast(), contextlib.nullcontext)
+    with pytest.raises(TypeError, match="teacher_autocast must be None, True or False"):
+        trainer_for(tmp_path, make_model("bert"), make_model("bert"), teacher_autocast="yes")

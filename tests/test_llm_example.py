@@ -93,21 +93,47 @@ def test_the_saved_dtype_defaults_to_the_one_the_config_records(tiny_llm):
     assert example.saved_dtype(str(tiny_llm / "model"), "bfloat16") == torch.bfloat16
 
 
+def example_that_must_not_start(monkeypatch):
+    """The example, with loading the model and pruning made to fail: a check that passes them comes too late."""
+    example = load_example()
+
+    def too_late(*args, **kwargs):
+        raise AssertionError("the model was loaded or pruned before the input was refused")
+
+    monkeypatch.setattr(example, "load_dense", too_late)
+    monkeypatch.setattr(example, "prune_24", too_late)
+    return example
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
         (["--teacher-fraction", "1.5"], "--teacher-fraction is a fraction"),
-        (["--seq", "0"], "--seq must be at least 1"),
+        (["--seq", "1"], "--seq must be at least 2"),
+        (["--eval-window", "1"], "--eval-window must be at least 2"),
         (["--recover-steps", "-1"], "--recover-steps must be 0 or more"),
         (["--method", "magnitude", "--reconstruct-epochs", "2"], "needs calibration data"),
         (["--teacher-pool", "0"], "--teacher-pool must be at least 1"),
+        (["--distill-temperature", "0"], "--distill-temperature must be a finite number > 0"),
+        (["--recover-lr", "nan"], "--recover-lr must be a finite number > 0"),
+        (["--reconstruct-lr", "-1"], "--reconstruct-lr must be a finite number > 0"),
     ],
 )
-def test_bad_arguments_are_refused_before_any_work(tiny_llm, capsys, extra, message):
+def test_bad_arguments_are_refused_before_any_work(tiny_llm, capsys, monkeypatch, extra, message):
     with pytest.raises(SystemExit):
-        load_example().main([*common(tiny_llm, tiny_llm / "run"), *extra])
+        example_that_must_not_start(monkeypatch).main([*common(tiny_llm, tiny_llm / "run"), *extra])
     assert message in capsys.readouterr().err
     assert not (tiny_llm / "run").exists()
+
+
+def test_a_model_without_a_start_token_is_refused_before_any_work(tiny_llm, monkeypatch):
+    for name in ("config.json", "generation_config.json"):
+        path = tiny_llm / "model" / name
+        path.write_text(json.dumps({**json.loads(path.read_text()), "bos_token_id": None}))
+    example = example_that_must_not_start(monkeypatch)
+    with pytest.raises(SystemExit, match="records no bos_token_id"):
+        example.main([*common(tiny_llm, tiny_llm / "run"), "--recover-steps", "2"])
+    assert example.start_token(str(tiny_llm / "model")) is None
 
 
 def test_a_non_empty_output_folder_is_refused_and_left_alone(tiny_llm, capsys):
@@ -119,16 +145,22 @@ def test_a_non_empty_output_folder_is_refused_and_left_alone(tiny_llm, capsys):
     assert os.listdir(tiny_llm / "run") == ["notes.txt"]
 
 
-def test_a_text_too_short_for_the_windows_fails_before_the_model_changes(tiny_llm):
+def test_a_text_too_short_for_the_windows_fails_before_the_model_changes(tiny_llm, monkeypatch):
     (tiny_llm / "short.txt").write_text("To be.", encoding="utf-8")
     args = common(tiny_llm, tiny_llm / "run")
     args[args.index("--train-text") + 1] = str(tiny_llm / "short.txt")
+    example = example_that_must_not_start(monkeypatch)
     with pytest.raises(ValueError, match="too few for windows of 32"):
-        load_example().main(args)
+        example.main(args)
     assert not (tiny_llm / "run").exists()
     with pytest.raises(FileNotFoundError, match="no such file or folder"):
         args[args.index("--train-text") + 1] = str(tiny_llm / "missing")
-        load_example().main(args)
+        example.main(args)
+
+
+def test_hidden_files_of_a_text_folder_are_not_read(tiny_llm):
+    (tiny_llm / "calib" / "._plays.txt").write_bytes(b"\x00\x05\x16\x07 not utf-8 \xff")  # macOS metadata
+    assert load_example().read_text(tiny_llm / "calib") == (tiny_llm / "calib" / "plays.txt").read_text()
 
 
 def test_the_recovery_rows_mix_text_windows_and_teacher_samples(tiny_llm):
@@ -143,3 +175,9 @@ def test_the_recovery_rows_mix_text_windows_and_teacher_samples(tiny_llm):
     sampled = [r for r in rows if r[0] == teacher.config.bos_token_id]
     assert len(rows) == 6 and len(cut) == 3 and len(sampled) == 3 and seconds > 0
     assert len({tuple(r.tolist()) for r in sampled}) == 2
+    with pytest.raises(ValueError, match="teacher_pool must be at least 1"):
+        example.recovery_rows(teacher, ids, 6, 8, teacher_fraction=0.5, teacher_pool=0)
+    with pytest.raises(ValueError, match="too few for windows of 8"):
+        example.recovery_rows(teacher, ids[:8], 6, 8, teacher_fraction=0.5)
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        example.perplexity(teacher, ids, 1, "cpu")

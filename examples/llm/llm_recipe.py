@@ -26,7 +26,7 @@ def read_text(path: str | os.PathLike) -> str:
     """
     path = Path(path)
     if path.is_dir():
-        files = sorted(path.glob("*.txt"))
+        files = sorted(f for f in path.glob("*.txt") if not f.name.startswith("."))  # not ._x.txt and such
         if not files:
             raise FileNotFoundError(f"no .txt files in {path}")
     elif path.is_file():
@@ -55,8 +55,16 @@ def random_windows(ids: torch.Tensor, count: int, length: int, seed: int) -> tor
 
 @torch.no_grad()
 def perplexity(model, ids: torch.Tensor, window: int, device: str | torch.device) -> float:
-    """exp of the mean next-token loss of a causal LM over `ids` (1-D), cut into non-overlapping windows of
-    `window` tokens (each window's first token is predicted from nothing and not counted)."""
+    """exp of the mean next-token loss of a causal LM over `ids` (1-D int64), cut into non-overlapping windows of
+    `window` tokens (each window's first token is predicted from nothing and not counted).
+
+    Raises:
+        ValueError: `window` < 2 or fewer than 2 tokens in `ids`: nothing to predict.
+    """
+    if window < 2 or len(ids) < 2:
+        raise ValueError(
+            f"perplexity needs windows and a text of at least 2 tokens, got {window} and {len(ids)}"
+        )
     nll, count = 0.0, 0
     for start in range(0, len(ids) - 1, window):
         chunk = ids[start : start + window].unsqueeze(0).to(device)
@@ -81,11 +89,26 @@ def recovery_rows(
     seed: int = 0,
 ) -> tuple[list[torch.Tensor], float]:
     """`count` training rows of `length` tokens: a fraction `teacher_fraction` sampled from the dense `teacher`
-    (`sample_teacher_sequences`; on a GPU from a bf16 copy, 3.5x faster than fp32 on an NVIDIA H200 for
-    SmolLM2-135M), at most `teacher_pool` distinct ones, repeated; the rest cut at seeded random starts of `ids`;
-    shuffled together. Returns the rows and the seconds the sampling took."""
+    (`sample_teacher_sequences`; on a GPU from a bf16 copy where bf16 is supported, 3.5x faster than fp32 on an
+    NVIDIA H200 for SmolLM2-135M), at most `teacher_pool` distinct ones, repeated; the rest cut at seeded random
+    starts of `ids` (1-D int64); shuffled together.
+
+    Returns:
+        The rows (a list of `count` 1-D int64 CPU tensors of `length` tokens) and the seconds the sampling took.
+
+    Raises:
+        ValueError: `teacher_fraction` outside [0, 1], `teacher_pool` < 1, or `ids` not longer than `length`
+            while some rows are cut from it; `sample_teacher_sequences`' errors (e.g. a teacher without a
+            `bos_token_id`).
+    """
+    if not 0.0 <= teacher_fraction <= 1.0:
+        raise ValueError(f"teacher_fraction must be in [0, 1], got {teacher_fraction}")
+    if teacher_pool is not None and teacher_pool < 1:
+        raise ValueError(f"teacher_pool must be at least 1 (or None: no cap), got {teacher_pool}")
     rng = random.Random(seed)
     sampled_count = round(teacher_fraction * count)
+    if sampled_count < count and len(ids) <= length:
+        raise ValueError(f"the text has {len(ids)} tokens: too few for windows of {length}")
     starts = [rng.randrange(0, len(ids) - length) for _ in range(count - sampled_count)]
     rows = [ids[s : s + length] for s in starts]
     seconds = 0.0
@@ -93,7 +116,7 @@ def recovery_rows(
         start = time.perf_counter()
         pool = min(sampled_count, teacher_pool or sampled_count)
         sampler = teacher
-        if next(teacher.parameters()).is_cuda:
+        if next(teacher.parameters()).is_cuda and torch.cuda.is_bf16_supported():
             sampler = copy.deepcopy(teacher).to(torch.bfloat16)
         sampled = sample_teacher_sequences(
             sampler, pool, length, batch_size=batch_size, temperature=temperature, seed=seed
@@ -124,7 +147,11 @@ def distillation_trainer(
     distilling the dense `teacher` (weight `weight` of the KL loss at `temperature`, the rest the task loss): AdamW
     at `learning_rate` with a cosine schedule and 5% warm-up, `steps` steps of `batch_size` rows, bf16 mixed
     precision if `bf16`. The masks stay those of the one-shot pruning: magnitude selection on weights that are
-    exactly 2:4 keeps their zeros."""
+    exactly 2:4 keeps their zeros.
+
+    Raises:
+        ValueError: as `SparsityTrainer` (a temperature <= 0, a weight outside [0, 1], the teacher being `model`).
+    """
     args = TrainingArguments(
         output_dir,
         per_device_train_batch_size=batch_size,

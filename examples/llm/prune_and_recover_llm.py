@@ -31,7 +31,9 @@ evaluates what was saved.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import math
 import os
 import platform
 import shlex
@@ -41,7 +43,7 @@ import time
 
 import torch
 import transformers
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 import hf_semisparse
 from hf_semisparse import SparsityConfig, prune_24, save_sparse_pretrained
@@ -98,17 +100,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --output-dir")
     args = p.parse_args(argv)
-    positive = (
-        "calibration_samples",
-        "seq",
-        "calibration_batch",
-        "recover_batch",
-        "teacher_batch",
-        "eval_window",
-    )
-    for name in positive:
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name, low in [
+        ("calibration_samples", 1), ("seq", 2), ("calibration_batch", 1), ("recover_batch", 1),
+        ("teacher_batch", 1), ("eval_window", 2),
+    ]:  # fmt: skip
+        if getattr(args, name) < low:
+            p.error(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
+    for name in ("recover_lr", "reconstruct_lr", "distill_temperature"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value > 0):
+            p.error(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}")
     for name in ("reconstruct_epochs", "recover_steps"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
@@ -144,6 +145,20 @@ def saved_dtype(model: str, choice: str) -> torch.dtype:
     return recorded if isinstance(recorded, torch.dtype) and recorded.is_floating_point else torch.float32
 
 
+def start_token(model: str) -> int | None:
+    """The token the teacher's samples start with (`bos_token_id` of the generation config, else the config), as
+    `sample_teacher_sequences` takes it; None if neither records one."""
+    sources = [AutoConfig.from_pretrained(model)]
+    with contextlib.suppress(OSError):  # no generation_config.json
+        sources.insert(0, GenerationConfig.from_pretrained(model))
+    for source in sources:
+        token = getattr(source, "bos_token_id", None)
+        token = token[0] if isinstance(token, list) and token else token
+        if isinstance(token, int):
+            return token
+    return None
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     # every input read and checked before any model is changed or any file written
@@ -158,6 +173,10 @@ def main(argv=None) -> dict:
         for i in range(0, len(windows), args.calibration_batch)
     ]
     save_dtype = saved_dtype(args.model, args.save_dtype)
+    if args.recover_steps and args.teacher_fraction > 0 and start_token(args.model) is None:
+        raise SystemExit(
+            f"{args.model} records no bos_token_id to start the teacher's samples from: use --teacher-fraction 0"
+        )
     dense = load_dense(args.model, args.device)
     results = [{"name": "dense", "perplexity": perplexity(dense, eval_ids, args.eval_window, args.device)}]
     print(f"dense perplexity {results[-1]['perplexity']:.2f}", flush=True)

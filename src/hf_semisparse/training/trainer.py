@@ -100,14 +100,18 @@ class SparsityTrainer(Trainer):
             is a `SparsityTrainingArguments`, else `SparsityConfig()`.
         teacher_model: a dense model to distill from during recovery: never trained (it runs under
             `torch.no_grad`, its `requires_grad` flags are left as they are), put in eval mode and moved to the
-            training device; may be fp16/bf16. An fp32 teacher runs under the training's mixed precision
-            (`bf16=True` or `fp16=True` autocast) as the student does; an fp16/bf16 one runs as it is. It must be another object than `model` (pass a copy).
+            training device; may be fp16/bf16. It must be another object than `model` (pass a copy).
         distillation_weight: w in (1 - w) * task loss + w * distillation loss.
         distillation_temperature: softmax temperature T of the distillation loss (scaled by T^2).
         distillation_hidden_weight: h, the weight of a loss on the hidden states, added on top: the mean over
             layers of the mean squared error between student and teacher hidden states (both models are run
             with `output_hidden_states=True`; they must have the same number of layers and hidden size).
             0 (the default) distills the logits only.
+        teacher_autocast: whether the teacher's forward runs under the training's mixed precision (`bf16=True` or
+            `fp16=True` autocast; accelerate applies it to the student only). None (the default): yes for a
+            teacher whose weights are mostly fp32 (else it would run full-precision GEMMs beside a bf16 student),
+            no for one in fp16/bf16 (autocast would recast an fp16 teacher to bf16). False keeps an fp32
+            teacher's logits in full precision, e.g. for a model whose activations overflow fp16.
         *args, **kwargs: as for `transformers.Trainer`.
 
     Example:
@@ -125,6 +129,7 @@ class SparsityTrainer(Trainer):
         distillation_weight: float = 0.5,
         distillation_temperature: float = 2.0,
         distillation_hidden_weight: float = 0.0,
+        teacher_autocast: bool | None = None,
         **kwargs,
     ) -> None:
         model = kwargs.get("model", args[0] if args else None)
@@ -145,6 +150,9 @@ class SparsityTrainer(Trainer):
         self.distillation_weight = distillation_weight
         self.distillation_temperature = distillation_temperature
         self.distillation_hidden_weight = distillation_hidden_weight
+        if teacher_autocast not in (None, True, False):
+            raise TypeError(f"teacher_autocast must be None, True or False, got {teacher_autocast!r}")
+        self.teacher_autocast = teacher_autocast
         if teacher_model is not None:
             if not isinstance(teacher_model, torch.nn.Module):
                 raise TypeError(
@@ -242,11 +250,15 @@ class SparsityTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def _teacher_autocast(self):
-        """The student's forward runs under accelerate's mixed precision (`bf16=`/`fp16=`), which wraps only the
-        prepared model: an fp32 teacher gets the same autocast (else it would run full-precision GEMMs); a teacher
-        the user put in fp16/bf16 runs as it is (autocast would recast an fp16 teacher to bf16)."""
-        dtype = next((p.dtype for p in self.teacher_model.parameters() if p.is_floating_point()), None)
-        return self.accelerator.autocast() if dtype == torch.float32 else contextlib.nullcontext()
+        """accelerate's mixed-precision autocast for the teacher's forward, or no context (`teacher_autocast`)."""
+        use = self.teacher_autocast
+        if use is None:  # the dtype holding most of the teacher's floating-point elements
+            counts: dict[torch.dtype, int] = {}
+            for p in self.teacher_model.parameters():
+                if p.is_floating_point():
+                    counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+            use = bool(counts) and max(counts, key=counts.get) == torch.float32
+        return self.accelerator.autocast() if use else contextlib.nullcontext()
 
     def _task_loss_spans_accumulation(self, num_items_in_batch) -> bool:
         """Whether transformers' Trainer normalised the task loss by the accumulated `num_items_in_batch` (and so
