@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_semisparse import SparsityConfig, is_nm_sparse, prune_24, save_sparse_pretrained, select_targets
@@ -174,6 +175,11 @@ def main(argv: list[str] | None = None) -> None:
         "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, {args.device}"
         + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""),
         "torch_threads": torch.get_num_threads(),
+        "versions": {
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "transformers": transformers.__version__,
+        },
         "protocol": {k: v for k, v in vars(args).items() if k not in ("out",)},
         "runs": [],
     }
