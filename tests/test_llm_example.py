@@ -5,6 +5,7 @@ refuses bad input before it changes or writes anything."""
 import importlib.util
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ def load_example():
         "prune_and_recover_llm", os.path.join(ROOT, "examples", "llm", "prune_and_recover_llm.py")
     )
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # as an import does (its dataclass looks its module up)
     spec.loader.exec_module(module)
     return module
 
@@ -31,7 +33,7 @@ def common(tiny_llm, out):
         "--model", str(tiny_llm / "model"), "--train-text", str(tiny_llm / "calib"),
         "--eval-text", str(tiny_llm / "eval.txt"), "--output-dir", str(out), "--device", "cpu",
         "--calibration-samples", "4", "--seq", "32", "--calibration-batch", "2", "--eval-tokens", "256",
-        "--eval-window", "64", "--teacher-batch", "2",
+        "--eval-window", "64", "--teacher-batch", "2", "--reconstruct-epochs", "0", "--recover-steps", "0",
     ]  # fmt: skip
 
 
@@ -62,7 +64,11 @@ def test_the_llm_workflow_end_to_end(tiny_llm):
     config = json.loads((out / "model" / "config.json").read_text())
     assert config["sparsity_config"]["mask_source"] == "sparsegpt"  # the recovery kept SparseGPT's masks
     card = (out / "model" / "README.md").read_text()
-    assert "+ distillation" in card and "prune_and_recover_llm.py" in card
+    assert "+ distillation" in card and "prune_and_recover_llm.py" in card and "| loaded checkpoint |" in card
+    # rendered from the saved folder: the facts of the files, and a load snippet that finds them
+    assert f"{result['target_bytes_ratio']:.2f}" in card and "stored dense" not in card
+    assert f'from_pretrained("{os.path.normpath(out / "model")}"' in card
+    assert "license: other" in card
     assert (out / "model" / "tokenizer.json").is_file() or (out / "model" / "vocab.txt").is_file()
     assert sorted(os.listdir(out)) == ["model", "results.json", "results.md"]  # no Trainer leftovers
     saved = json.loads((out / "results.json").read_text())
@@ -85,12 +91,21 @@ def test_magnitude_without_recovery_saved_in_the_dtype_asked(tiny_llm):
 
 
 def test_the_saved_dtype_defaults_to_the_one_the_config_records(tiny_llm):
+    from transformers import AutoConfig
+
     example = load_example()
-    assert example.saved_dtype(str(tiny_llm / "model"), "auto") == torch.float32
-    config = json.loads((tiny_llm / "model" / "config.json").read_text())
-    (tiny_llm / "model" / "config.json").write_text(json.dumps({**config, "dtype": "float16"}))
-    assert example.saved_dtype(str(tiny_llm / "model"), "auto") == torch.float16
-    assert example.saved_dtype(str(tiny_llm / "model"), "bfloat16") == torch.bfloat16
+    config = AutoConfig.from_pretrained(tiny_llm / "model")
+    assert example.saved_dtype(config, "auto") == torch.float32
+    config.dtype = "float16"
+    assert example.saved_dtype(config, "auto") == torch.float16
+    assert example.saved_dtype(config, "bfloat16") == torch.bfloat16
+
+
+def test_the_cards_license_is_the_base_models(tiny_llm):
+    (tiny_llm / "model" / "README.md").write_text("---\nlicense: mit\n---\n# tiny\n")
+    out = tiny_llm / "run"
+    load_example().main([*common(tiny_llm, out), "--method", "magnitude"])
+    assert "license: mit" in (out / "model" / "README.md").read_text()
 
 
 def example_that_must_not_start(monkeypatch):
@@ -150,12 +165,26 @@ def test_a_text_too_short_for_the_windows_fails_before_the_model_changes(tiny_ll
     args = common(tiny_llm, tiny_llm / "run")
     args[args.index("--train-text") + 1] = str(tiny_llm / "short.txt")
     example = example_that_must_not_start(monkeypatch)
-    with pytest.raises(ValueError, match="too few for windows of 32"):
+    with pytest.raises(SystemExit, match="error: the text has .* too few for windows of 32"):
         example.main(args)
     assert not (tiny_llm / "run").exists()
-    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+    with pytest.raises(SystemExit, match="error: .*missing: no such file or folder"):
         args[args.index("--train-text") + 1] = str(tiny_llm / "missing")
         example.main(args)
+
+
+@pytest.mark.parametrize("case", ["encoder", "context"])
+def test_a_model_the_workflow_cannot_take_is_refused_before_any_work(tiny_llm, monkeypatch, case):
+    args = common(tiny_llm, tiny_llm / "run")
+    if case == "encoder":  # a BERT encoder: transformers would load it as BertLMHeadModel with a random head
+        args[args.index("--model") + 1] = MINILM
+        message = "BertModel model, not a decoder-only causal LM"
+    else:
+        args[args.index("--seq") + 1] = "200"  # the tiny Llama's context is 128
+        message = "--seq 200 is longer than the model's context"
+    with pytest.raises(SystemExit, match=message):
+        example_that_must_not_start(monkeypatch).main(args)
+    assert not (tiny_llm / "run").exists()
 
 
 def test_hidden_files_of_a_text_folder_are_not_read(tiny_llm):

@@ -158,7 +158,7 @@ def distillation_trainer(
         max_steps=steps,
         learning_rate=learning_rate,
         lr_scheduler_type="cosine",
-        warmup_steps=max(1, steps // 20),
+        warmup_steps=steps // 20,
         logging_steps=max(1, steps // 10),
         save_strategy="no",
         report_to=[],

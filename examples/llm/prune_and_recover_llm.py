@@ -1,31 +1,29 @@
 """Prune a decoder LLM to 2:4 and recover it, on real text: the LLM workflow end to end.
 
-Dense perplexity; one-shot 2:4 pruning (SparseGPT by default, with optional block-wise reconstruction) on
-calibration windows of `--train-text`; perplexity; recovery with `SparsityTrainer`, distilling the dense model, on
-windows of the same text mixed with sequences the dense model samples (`--teacher-fraction`); perplexity; a
-compressed checkpoint with its tokenizer and a model card; that checkpoint loaded back with plain
-`from_pretrained` and evaluated again. Perplexity is measured on the first `--eval-tokens` tokens of `--eval-text`
-(keep it disjoint from the training text). Prints a table and writes results.json and results.md to
-`--output-dir`; the checkpoint goes to `--output-dir`/model.
+Dense perplexity; one-shot 2:4 pruning (SparseGPT by default, with block-wise reconstruction) on calibration
+windows of `--train-text`; perplexity; recovery with `SparsityTrainer`, distilling the dense model, on windows of
+the same text mixed with sequences the dense model samples (`--teacher-fraction`); perplexity; a compressed
+checkpoint with its tokenizer and a model card; that checkpoint loaded back with plain `from_pretrained` and
+evaluated again. Perplexity is measured on the first `--eval-tokens` tokens of `--eval-text` (keep it disjoint
+from the training text). Prints a table and writes results.json and results.md to `--output-dir`; the checkpoint
+goes to `--output-dir`/model.
 
-SmolLM2-135M on the project's texts, the recipe measured at 1.49x dense perplexity on one NVIDIA H200 in about
-8 minutes (docs/guides/pruning.md):
+The defaults are the recipe measured on SmolLM2-135M at 1.49x dense perplexity (SparseGPT, 8 epochs of
+reconstruction at 1e-3, 2,000 recovery steps of 16 x 512 tokens at 5e-4, half of them sampled from a pool of 3,072
+teacher sequences), about 8 minutes end to end on one NVIDIA H200 (docs/guides/pruning.md):
 
     python ../shared/models/smollm2-135m-instruct-q4_1/to_hf.py outputs/smollm2-135m   # once
     python examples/llm/prune_and_recover_llm.py --model outputs/smollm2-135m \\
         --train-text ../shared/data/text/gutenberg-shakespeare \\
-        --eval-text ../shared/data/text/eb1911-shakespeare.txt \\
-        --reconstruct-epochs 8 --reconstruct-lr 1e-3 \\
-        --recover-steps 2000 --recover-batch 16 --recover-lr 5e-4 \\
-        --teacher-fraction 0.5 --teacher-pool 3072 --output-dir outputs/smollm2-135m-24
+        --eval-text ../shared/data/text/eb1911-shakespeare.txt --output-dir outputs/smollm2-135m-24
 
-A quick look on a CPU (about 10 minutes for SmolLM2-135M on 2 cores; the numbers then say little):
-`--calibration-samples 8 --recover-steps 4 --recover-batch 2 --eval-tokens 1024 --teacher-pool 4
---teacher-batch 4`.
+A quick look on a CPU (about 5-10 minutes for SmolLM2-135M on 2 cores; the numbers then say little): add
+`--calibration-samples 8 --reconstruct-epochs 0 --recover-steps 4 --recover-batch 2 --eval-tokens 1024
+--teacher-pool 4 --teacher-batch 4`.
 
 The work runs in float32 (bf16 mixed precision for the recovery on a GPU); the checkpoint is saved in
 `--save-dtype`, by default the dtype the model's config records (e.g. float16), and the "loaded checkpoint" row
-evaluates what was saved.
+evaluates what was saved. Inputs are read and checked before any model is changed or file written.
 """
 
 from __future__ import annotations
@@ -40,10 +38,12 @@ import shlex
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 import hf_semisparse
 from hf_semisparse import SparsityConfig, prune_24, save_sparse_pretrained
@@ -60,8 +60,12 @@ from llm_recipe import (  # noqa: E402
 )
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=_Formatter)
     p.add_argument("--model", required=True, help="a causal-LM folder or Hub id (decoder-only)")
     p.add_argument(
         "--train-text", required=True, help="a .txt file or a folder of them: calibration and recovery"
@@ -73,10 +77,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=512, help="tokens per calibration and training window")
     p.add_argument("--calibration-batch", type=int, default=8, help="calibration windows per forward")
     p.add_argument(
-        "--reconstruct-epochs", type=int, default=0, help="block-wise reconstruction after pruning (0: none)"
+        "--reconstruct-epochs",
+        type=int,
+        help="block-wise reconstruction after pruning (0: none; default 8, and 0 for magnitude)",
     )
     p.add_argument("--reconstruct-lr", type=float, default=1e-3)
-    p.add_argument("--recover-steps", type=int, default=0, help="recovery optimizer steps (0: no recovery)")
+    p.add_argument(
+        "--recover-steps", type=int, default=2000, help="recovery optimizer steps (0: no recovery)"
+    )
     p.add_argument("--recover-batch", type=int, default=16)
     p.add_argument("--recover-lr", type=float, default=5e-4)
     p.add_argument("--distill-temperature", type=float, default=1.0)
@@ -86,7 +94,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=0.5,
         help="share of recovery windows the dense model samples",
     )
-    p.add_argument("--teacher-pool", type=int, help="at most this many distinct sampled sequences, repeated")
+    p.add_argument(
+        "--teacher-pool",
+        type=int,
+        default=3072,
+        help="at most this many distinct sampled sequences, repeated",
+    )
     p.add_argument("--teacher-batch", type=int, default=512, help="sequences sampled together")
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--eval-window", type=int, default=512)
@@ -98,8 +111,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="auto",
         help="dtype of the saved checkpoint ('auto': the one the model's config records, else float32)",
     )
+    p.add_argument(
+        "--license",
+        help="the model card's license (default: the base model card's, if a local one says, else 'other')",
+    )
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --output-dir")
     args = p.parse_args(argv)
+    if args.reconstruct_epochs is None:
+        args.reconstruct_epochs = 0 if args.method == "magnitude" else 8
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA device here (use --device cpu)")
     for name, low in [
         ("calibration_samples", 1), ("seq", 2), ("calibration_batch", 1), ("recover_batch", 1),
         ("teacher_batch", 1), ("eval_window", 2),
@@ -128,18 +149,70 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def load_dense(model: str, device: str):
-    dense = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
-    if getattr(dense.config, "is_encoder_decoder", False):
-        raise SystemExit(f"{model} is an encoder-decoder model; this example prunes decoder-only causal LMs")
-    return dense.to(device).eval()
+@dataclass
+class Inputs:
+    """Everything read and checked before any model is changed or file written."""
+
+    tokenizer: object
+    train_ids: torch.Tensor  # 1-D int64, the whole training text
+    eval_ids: torch.Tensor  # 1-D int64, at most --eval-tokens
+    calibration: list[dict]  # batches {"input_ids": [batch, seq]}
+    save_dtype: torch.dtype
+    license: str
 
 
-def saved_dtype(model: str, choice: str) -> torch.dtype:
-    """`choice` as a torch dtype; 'auto': the dtype `model`'s config records, else float32."""
+def read_inputs(args) -> Inputs:
+    """The tokenizer, texts, calibration batches and settings, each checked; a bad input exits with one line."""
+    try:
+        return _read_inputs(args)
+    except (OSError, ValueError) as exc:  # a missing file or model, a text too short, ...
+        raise SystemExit(f"error: {exc}") from exc
+
+
+def _read_inputs(args) -> Inputs:
+    config = AutoConfig.from_pretrained(args.model)
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    architectures = getattr(config, "architectures", None) or []
+    if getattr(config, "is_encoder_decoder", False) or (architectures and not set(architectures) & causal):
+        raise ValueError(
+            f"{args.model} is a {', '.join(architectures) or config.model_type} model, not a decoder-only causal "
+            "LM (e.g. a ...ForCausalLM): this example prunes those"
+        )
+    context = getattr(config, "max_position_embeddings", None)
+    for name in ("seq", "eval_window"):
+        if isinstance(context, int) and getattr(args, name) > context:
+            raise ValueError(
+                f"--{name.replace('_', '-')} {getattr(args, name)} is longer than the model's context "
+                f"(max_position_embeddings {context})"
+            )
+    if args.recover_steps and args.teacher_fraction > 0 and start_token(args.model) is None:
+        raise ValueError(
+            f"{args.model} records no bos_token_id to start the teacher's samples from: use --teacher-fraction 0"
+        )
+    if os.path.realpath(args.train_text) == os.path.realpath(args.eval_text):
+        print("warning: --train-text and --eval-text are the same: the perplexity is not on held-out text")
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    train_ids = tokenizer(read_text(args.train_text), return_tensors="pt").input_ids[0]
+    eval_ids = tokenizer(read_text(args.eval_text), return_tensors="pt").input_ids[0][: args.eval_tokens]
+    if len(eval_ids) < 2:
+        raise ValueError(f"{args.eval_text} has fewer than 2 tokens")
+    if len(eval_ids) < min(args.eval_tokens, 1024):
+        print(f"warning: the evaluation text has only {len(eval_ids)} tokens: its perplexity says little")
+    windows = random_windows(train_ids, args.calibration_samples, args.seq, args.seed)
+    calibration = [
+        {"input_ids": windows[i : i + args.calibration_batch]}
+        for i in range(0, len(windows), args.calibration_batch)
+    ]
+    return Inputs(
+        tokenizer, train_ids, eval_ids, calibration, saved_dtype(config, args.save_dtype), card_license(args)
+    )
+
+
+def saved_dtype(config, choice: str) -> torch.dtype:
+    """`choice` as a torch dtype; 'auto': the dtype the model's `config` records, else float32."""
     if choice != "auto":
         return getattr(torch, choice)
-    recorded = getattr(AutoConfig.from_pretrained(model), "dtype", None)
+    recorded = getattr(config, "dtype", None)
     if isinstance(recorded, str):
         recorded = getattr(torch, recorded, None)
     return recorded if isinstance(recorded, torch.dtype) and recorded.is_floating_point else torch.float32
@@ -159,29 +232,34 @@ def start_token(model: str) -> int | None:
     return None
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    # every input read and checked before any model is changed or any file written
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    train_ids = tokenizer(read_text(args.train_text), return_tensors="pt").input_ids[0]
-    eval_ids = tokenizer(read_text(args.eval_text), return_tensors="pt").input_ids[0][: args.eval_tokens]
-    if len(eval_ids) < 2:
-        raise SystemExit(f"{args.eval_text} has fewer than 2 tokens")
-    windows = random_windows(train_ids, args.calibration_samples, args.seq, args.seed)
-    calibration = [
-        {"input_ids": windows[i : i + args.calibration_batch]}
-        for i in range(0, len(windows), args.calibration_batch)
-    ]
-    save_dtype = saved_dtype(args.model, args.save_dtype)
-    if args.recover_steps and args.teacher_fraction > 0 and start_token(args.model) is None:
-        raise SystemExit(
-            f"{args.model} records no bos_token_id to start the teacher's samples from: use --teacher-fraction 0"
-        )
-    dense = load_dense(args.model, args.device)
-    results = [{"name": "dense", "perplexity": perplexity(dense, eval_ids, args.eval_window, args.device)}]
-    print(f"dense perplexity {results[-1]['perplexity']:.2f}", flush=True)
+def card_license(args) -> str:
+    """--license, else the license a local base model's card (README.md) declares, else 'other'."""
+    if args.license:
+        return args.license
+    card = os.path.join(args.model, "README.md")
+    if os.path.isfile(card):
+        from huggingface_hub import ModelCard
 
-    model = copy.deepcopy(dense)
+        with contextlib.suppress(Exception):  # a README that is not a model card: no license known
+            license_ = ModelCard.load(card).data.license
+            if isinstance(license_, str) and license_:
+                return license_
+    return "other"
+
+
+def load_dense(model: str, device: str):
+    return AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).to(device).eval()
+
+
+def evaluate(results: list[dict], name: str, model, inputs: Inputs, args) -> None:
+    results.append(
+        {"name": name, "perplexity": perplexity(model, inputs.eval_ids, args.eval_window, args.device)}
+    )
+    print(f"{name}: perplexity {results[-1]['perplexity']:.2f}", flush=True)
+
+
+def prune(model, inputs: Inputs, args) -> tuple[object, str, float]:
+    """One-shot 2:4 in place; returns the report, the row's name and the seconds it took."""
     start = time.perf_counter()
     options = {}
     if args.reconstruct_epochs:
@@ -189,102 +267,103 @@ def main(argv=None) -> dict:
     report = prune_24(
         model,
         SparsityConfig(method=args.method),
-        calibration_data=None if args.method == "magnitude" else calibration,
+        calibration_data=None if args.method == "magnitude" else inputs.calibration,
         **options,
     )
-    prune_seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start
     for decision in report.skipped:  # the per-weight table is in results.json
         print(f"kept dense: {decision.name} ({decision.reason})")
-    print(str(report).splitlines()[-1], flush=True)
+    print(f"{str(report).splitlines()[-1]} ({seconds:.0f} s)", flush=True)
     name = f"{args.method} 2:4" + (f" + reconstruction ({args.reconstruct_epochs} epochs)" if options else "")
-    results.append({"name": name, "perplexity": perplexity(model, eval_ids, args.eval_window, args.device)})
-    print(f"{name}: perplexity {results[-1]['perplexity']:.2f} ({prune_seconds:.0f} s)", flush=True)
+    return report, name, seconds
 
-    recovery = None
-    if args.recover_steps:
-        rows, sample_seconds = recovery_rows(
+
+def recover(model, dense, inputs: Inputs, args) -> dict:
+    """Distillation from the dense model on text windows and teacher samples, in place; returns what it did."""
+    rows, sample_seconds = recovery_rows(
+        dense,
+        inputs.train_ids,
+        args.recover_steps * args.recover_batch,
+        args.seq,
+        teacher_fraction=args.teacher_fraction,
+        teacher_pool=args.teacher_pool,
+        batch_size=args.teacher_batch,
+        seed=args.seed + 1,
+    )
+    bf16 = args.device.startswith("cuda") and torch.cuda.is_bf16_supported()
+    with tempfile.TemporaryDirectory() as scratch:  # the Trainer's output_dir: it saves nothing here
+        trainer = distillation_trainer(
+            model,
             dense,
-            train_ids,
-            args.recover_steps * args.recover_batch,
-            args.seq,
-            teacher_fraction=args.teacher_fraction,
-            teacher_pool=args.teacher_pool,
-            batch_size=args.teacher_batch,
-            seed=args.seed + 1,
+            rows,
+            output_dir=scratch,
+            steps=args.recover_steps,
+            batch_size=args.recover_batch,
+            learning_rate=args.recover_lr,
+            bf16=bf16,
+            device=args.device,
+            temperature=args.distill_temperature,
         )
-        bf16 = args.device.startswith("cuda") and torch.cuda.is_bf16_supported()
-        with tempfile.TemporaryDirectory() as scratch:  # the Trainer's output_dir: it saves nothing here
-            trainer = distillation_trainer(
-                model,
-                dense,
-                rows,
-                output_dir=scratch,
-                steps=args.recover_steps,
-                batch_size=args.recover_batch,
-                learning_rate=args.recover_lr,
-                bf16=bf16,
-                device=args.device,
-                temperature=args.distill_temperature,
-            )
-            start = time.perf_counter()
-            trainer.train()
-        recovery = {
-            "steps": args.recover_steps,
-            "tokens": args.recover_steps * args.recover_batch * args.seq,
-            "teacher_fraction": args.teacher_fraction,
-            "teacher_pool": args.teacher_pool,
-            "sample_seconds": sample_seconds,
-            "train_seconds": time.perf_counter() - start,
-            "bf16": bf16,
-        }
-        model.eval()
-        results.append(
-            {
-                "name": "+ distillation",
-                "perplexity": perplexity(model, eval_ids, args.eval_window, args.device),
-            }
-        )
-        print(f"recovered: perplexity {results[-1]['perplexity']:.2f}", flush=True)
+        start = time.perf_counter()
+        trainer.train()
+    model.eval()
+    return {
+        "steps": args.recover_steps,
+        "tokens": args.recover_steps * args.recover_batch * args.seq,
+        "teacher_fraction": args.teacher_fraction,
+        "teacher_pool": args.teacher_pool,
+        "sample_seconds": sample_seconds,
+        "train_seconds": time.perf_counter() - start,
+        "bf16": bf16,
+    }
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    inputs = read_inputs(args)
+    dense = load_dense(args.model, args.device)
+    results: list[dict] = []
+    evaluate(results, "dense", dense, inputs, args)
+    model = copy.deepcopy(dense)
+    report, name, prune_seconds = prune(model, inputs, args)
+    evaluate(results, name, model, inputs, args)
+    recovery = recover(model, dense, inputs, args) if args.recover_steps else None
+    if recovery is not None:
+        evaluate(results, "+ distillation", model, inputs, args)
+    del dense
+
+    checkpoint = os.path.join(args.output_dir, "model")
+    summary = save_sparse_pretrained(
+        model.cpu().to(inputs.save_dtype), checkpoint, tokenizer=inputs.tokenizer, overwrite=args.overwrite
+    )
+    loaded = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).to(args.device).eval()
+    evaluate(results, "loaded checkpoint", loaded, inputs, args)
 
     command = shlex.join(["python", "examples/llm/prune_and_recover_llm.py", *(argv or sys.argv[1:])])
     dense_ppl = results[0]["perplexity"]
-    table = [{"name": r["name"], "perplexity": f"{r['perplexity']:.2f}"} for r in results]
-    for row, r in zip(table, results, strict=True):
-        row["x dense"] = f"{r['perplexity'] / dense_ppl:.2f}"
-    card = render_model_card(
-        model,
-        repo_id=os.path.basename(os.path.abspath(args.output_dir)),
+    table = [
+        {
+            "name": r["name"],
+            "perplexity": f"{r['perplexity']:.2f}",
+            "x dense": f"{r['perplexity'] / dense_ppl:.2f}",
+        }
+        for r in results
+    ]
+    card = render_model_card(  # from the saved folder: its config.json says what the files hold
+        checkpoint_dir=checkpoint,
+        repo_id=os.path.normpath(checkpoint),
         base_model=None if os.path.isdir(args.model) else args.model,
+        license=inputs.license,
         results=table,
         results_command=command,
         recovered=recovery is not None,
     )
-    checkpoint = os.path.join(args.output_dir, "model")
-    summary = save_sparse_pretrained(
-        model.cpu().to(save_dtype),
-        checkpoint,
-        tokenizer=tokenizer,
-        extra_files={"README.md": card},
-        overwrite=args.overwrite,
-    )
-    loaded = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).to(args.device).eval()
-    results.append(
-        {
-            "name": "loaded checkpoint",
-            "perplexity": perplexity(loaded, eval_ids, args.eval_window, args.device),
-        }
-    )
-    table.append(
-        {
-            "name": "loaded checkpoint",
-            "perplexity": f"{results[-1]['perplexity']:.2f}",
-            "x dense": f"{results[-1]['perplexity'] / dense_ppl:.2f}",
-        }
-    )
+    atomic_write_text(os.path.join(checkpoint, "README.md"), card)
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     out = {
         "command": command,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{platform.machine()}, {torch.cuda.get_device_name() if args.device.startswith('cuda') else 'CPU'}",
+        "machine": f"{platform.machine()}, {device}",
         "versions": {
             "torch": torch.__version__,
             "transformers": transformers.__version__,
