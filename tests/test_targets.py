@@ -159,6 +159,21 @@ def test_report_says_why_a_default_excluded_head_stays_dense(arch, tie):
     assert reasons["lm_head"] == "in exclude_modules"
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_a_head_tied_to_the_embedding_is_counted_once_in_the_sparsified_share(arch):
+    """gpt2's lm_head shares wte's weight: the share is over the model's distinct weights (llama: not tied)."""
+    model = make_model(arch)
+    report = select_targets(model, SparsityConfig())[1]
+    sizes = {d.name: d.numel for d in report.decisions}
+    tied = [d.name for d in report.decisions if d.tied_to_listed]
+    assert tied == (["lm_head"] if arch == "gpt2" else [])
+    distinct = sum(n for name, n in sizes.items() if name not in tied)
+    assert report.sparsified_share == pytest.approx(
+        sum(d.numel for d in report.decisions if d.selected) / distinct
+    )
+    assert ("tied ones counted once" in str(report)) == (arch == "gpt2")
+
+
 @pytest.mark.parametrize(
     "config, hint",
     [

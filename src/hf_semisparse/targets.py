@@ -106,6 +106,8 @@ class ModuleDecision:
     selected: bool
     reason: str
     kind: str = "linear"
+    # the weight is another listed weight's (a head tied to the input embedding): counted once in the shares
+    tied_to_listed: bool = False
 
     @property
     def numel(self) -> int:
@@ -138,8 +140,9 @@ class SparsityReport:
 
     @property
     def sparsified_share(self) -> float:
-        """Share of the listed weights' parameters that are sparsified (0 to 1)."""
-        total = sum(d.numel for d in self.decisions)
+        """Share of the listed weights' parameters that are sparsified (0 to 1); a weight tied to another listed
+        one (an output head sharing the input embedding) is counted once."""
+        total = sum(d.numel for d in self.decisions if not d.tied_to_listed)
         return sum(d.numel for d in self.decisions if d.selected) / total if total else 0.0
 
     def to_dict(self) -> dict:
@@ -171,9 +174,10 @@ class SparsityReport:
         summary = f"{len(self.targets)} of {len(linear)} linear modules sparsified"
         if experts:
             summary += f", {len(self.expert_targets)} of {len(experts)} fused expert weights"
+        tied = sum(d.tied_to_listed for d in self.decisions)
         summary += (
-            f"; {self.sparsified_share:.0%} of the parameters of the {len(self.decisions)} weights listed are "
-            f"{self.pattern} sparse"
+            f"; {self.sparsified_share:.0%} of the parameters of the {len(self.decisions)} weights listed"
+            f"{' (tied ones counted once)' if tied else ''} are {self.pattern} sparse"
         )
         lines.append(summary)
         return "\n".join(lines)
@@ -439,6 +443,10 @@ def select_targets(model: nn.Module, config: SparsityConfig) -> tuple[list[Spars
         if not reason:
             targets.append(SparseTarget(name, module, transposed))
 
+    listed = {d.name for d in decisions}
+    for d in decisions:
+        if d.kind == "linear" and not d.selected and set(shared.get(f"{d.name}.weight", ())) & listed:
+            d.tied_to_listed = True
     report = SparsityReport(decisions, pattern=config.pattern)
     if not targets:
         raise NoTargetsError(
