@@ -232,9 +232,11 @@ class AutocastProbe(torch.nn.Module):
         super().__init__()
         self.model = model
         self.autocast = []
+        self.cache = []
 
     def forward(self, **inputs):
         self.autocast.append(torch.is_autocast_enabled("cpu"))
+        self.cache.append(torch.is_autocast_cache_enabled())
         return self.model(**inputs)
 
 
@@ -269,6 +271,8 @@ def test_an_fp32_teacher_runs_under_the_students_mixed_precision(
     )
     trainer.train()
     assert teacher.autocast == [autocast, autocast]
+    if autocast:  # no cache of cast weights: it would hold a low-precision copy of the whole teacher
+        assert teacher.cache == [False, False]
 
 
 def test_the_teachers_dtype_is_the_one_holding_most_of_its_weights(tmp_path):
@@ -278,3 +282,5 @@ def test_the_teachers_dtype_is_the_one_holding_most_of_its_weights(tmp_path):
     assert isinstance(trainer._teacher_autocast(), contextlib.nullcontext)
     with pytest.raises(TypeError, match="teacher_autocast must be None, True or False"):
         trainer_for(tmp_path, make_model("bert"), make_model("bert"), teacher_autocast="yes")
+    with pytest.raises(TypeError, match="teacher_autocast must be None, True or False"):
+        trainer_for(tmp_path, make_model("bert"), make_model("bert"), teacher_autocast=1)

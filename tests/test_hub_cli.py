@@ -41,6 +41,19 @@ def test_model_card(sparse_ckpt):
         render_model_card(make_model("bert"))
 
 
+def test_the_cards_load_snippet_names_the_saved_half_precision_dtype(tmp_path):
+    for dtype, named in [
+        (torch.bfloat16, "bfloat16"),
+        (torch.float16, "float16"),
+        (torch.float32, "float16"),
+    ]:
+        model = make_model("llama").eval().to(dtype)
+        prune_24(model)
+        save_sparse_pretrained(model, tmp_path / named / str(dtype))
+        card = render_model_card(checkpoint_dir=tmp_path / named / str(dtype), repo_id="me/x")
+        assert f'from_pretrained("me/x", dtype=torch.{named}, device_map="cuda")' in card
+
+
 def test_push_to_hub_uploads_checkpoint_and_card(monkeypatch):
     model = make_model("gpt2")
     prune_24(model)

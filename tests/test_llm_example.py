@@ -150,13 +150,39 @@ def test_a_model_without_a_start_token_is_refused_before_any_work(tiny_llm, monk
     assert example.start_token(str(tiny_llm / "model")) is None
 
 
-def test_a_non_empty_output_folder_is_refused_and_left_alone(tiny_llm, capsys):
+def test_a_folder_of_other_files_is_refused_and_left_alone(tiny_llm, capsys, monkeypatch):
     (tiny_llm / "run").mkdir()
     (tiny_llm / "run" / "notes.txt").write_text("mine")
-    with pytest.raises(SystemExit):
-        load_example().main(common(tiny_llm, tiny_llm / "run"))
-    assert "is not empty" in capsys.readouterr().err
+    for extra in ([], ["--overwrite"]):  # --overwrite is for a checkpoint folder only
+        with pytest.raises(SystemExit):
+            example_that_must_not_start(monkeypatch).main([*common(tiny_llm, tiny_llm / "run"), *extra])
+        assert "holds no checkpoint" in capsys.readouterr().err
     assert os.listdir(tiny_llm / "run") == ["notes.txt"]
+
+
+@pytest.mark.parametrize("where", ["model", "cwd", "above-model"])
+def test_a_destination_that_could_lose_files_is_refused_even_with_overwrite(
+    tiny_llm, capsys, monkeypatch, where
+):
+    (tiny_llm / "work").mkdir()
+    monkeypatch.chdir(tiny_llm / "work")  # empty: refused as the current folder, not for its files
+    out = {"model": tiny_llm / "model", "cwd": ".", "above-model": tiny_llm}[where]
+    before = sorted(os.listdir(tiny_llm / "model"))
+    with pytest.raises(SystemExit):
+        example_that_must_not_start(monkeypatch).main([*common(tiny_llm, out), "--overwrite"])
+    assert "--output-dir" in capsys.readouterr().err
+    assert sorted(os.listdir(tiny_llm / "model")) == before
+
+
+def test_an_earlier_runs_folder_takes_overwrite(tiny_llm, capsys):
+    out = tiny_llm / "run"
+    example = load_example()
+    example.main([*common(tiny_llm, out), "--method", "magnitude"])
+    with pytest.raises(SystemExit):
+        example.main([*common(tiny_llm, out), "--method", "magnitude"])
+    assert "holds a checkpoint: give another folder, or --overwrite" in capsys.readouterr().err
+    result = example.main([*common(tiny_llm, out), "--method", "magnitude", "--overwrite", "--seed", "1"])
+    assert json.loads((out / "results.json").read_text())["args"]["seed"] == 1 == result["args"]["seed"]
 
 
 def test_a_text_too_short_for_the_windows_fails_before_the_model_changes(tiny_llm, monkeypatch):
@@ -192,7 +218,7 @@ def test_hidden_files_of_a_text_folder_are_not_read(tiny_llm):
 
 
 def test_the_recovery_rows_mix_text_windows_and_teacher_samples(tiny_llm):
-    """`text_data.recovery_rows`: the asked share sampled from the teacher, a smaller pool repeated."""
+    """`llm_recipe.recovery_rows`: the asked share sampled from the teacher, a smaller pool repeated."""
     example = load_example()
     teacher = AutoModelForCausalLM.from_pretrained(tiny_llm / "model")
     ids = torch.arange(1000, 1400)  # not ids the sampler starts with: the cut windows are known

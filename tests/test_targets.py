@@ -1,3 +1,4 @@
+import math
 import re
 
 import pytest
@@ -172,6 +173,10 @@ def test_a_head_tied_to_the_embedding_is_counted_once_in_the_sparsified_share(ar
         sum(d.numel for d in report.decisions if d.selected) / distinct
     )
     assert ("tied ones counted once" in str(report)) == (arch == "gpt2")
+    modules = report.to_dict()["modules"]  # the JSON form adds up to its share too
+    distinct = sum(math.prod(m["shape"]) for m in modules if not m["tied_to_listed"])
+    sparsified = sum(math.prod(m["shape"]) for m in modules if m["sparsified"])
+    assert report.to_dict()["sparsified_share"] == pytest.approx(sparsified / distinct, abs=1e-4)
 
 
 @pytest.mark.parametrize(

@@ -49,6 +49,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 import hf_semisparse
 from hf_semisparse import SparsityConfig, prune_24, save_sparse_pretrained
 from hf_semisparse.hub import render_model_card
+from hf_semisparse.save_destination import SaveDestinationError, check_save_destination
 from hf_semisparse.utils import atomic_write_text, write_json
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -116,12 +117,21 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--license",
         help="the model card's license (default: the base model card's, if a local one says, else 'other')",
     )
-    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --output-dir")
+    p.add_argument(
+        "--overwrite", action="store_true", help="write into an --output-dir that holds a checkpoint already"
+    )
     args = p.parse_args(argv)
     if args.reconstruct_epochs is None:
         args.reconstruct_epochs = 0 if args.method == "magnitude" else 8
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: no CUDA device here (use --device cpu)")
+    if args.device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            p.error(f"--device {args.device}: no CUDA device here (use --device cpu)")
+        # the Trainer trains on cuda:0 and wraps the model in DataParallel over every visible GPU
+        if args.device not in ("cuda", "cuda:0") or torch.cuda.device_count() > 1:
+            p.error(
+                "this example runs on one GPU: make it the only visible one (e.g. CUDA_VISIBLE_DEVICES=1) and "
+                "pass --device cuda"
+            )
     for name, low in [
         ("calibration_samples", 1), ("seq", 2), ("calibration_batch", 1), ("recover_batch", 1),
         ("teacher_batch", 1), ("eval_window", 2),
@@ -143,10 +153,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--teacher-pool must be at least 1, got {args.teacher_pool}")
     if args.method == "magnitude" and args.reconstruct_epochs:
         p.error("--reconstruct-epochs needs calibration data: use --method sparsegpt or wanda")
-    if os.path.isfile(args.output_dir):
-        p.error(f"--output-dir {args.output_dir} is a file")
+    if os.path.isdir(args.model) and os.path.realpath(args.output_dir) == os.path.realpath(args.model):
+        p.error("--output-dir is the --model folder: the pruned checkpoint would replace the dense one")
+    try:  # never the current folder or one above it, above or in the model's, or a folder of other files
+        check_save_destination(args.output_dir, source=args.model if os.path.isdir(args.model) else None)
+    except (
+        SaveDestinationError
+    ) as exc:  # the library's hint names its own overwrite=, which this does not pass
+        p.error(f"--output-dir: {str(exc).split('; choose')[0]}; choose a new folder")
     if os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.overwrite:
-        p.error(f"--output-dir {args.output_dir} is not empty: give another folder, or --overwrite")
+        p.error(f"--output-dir {args.output_dir} holds a checkpoint: give another folder, or --overwrite")
     return args
 
 
@@ -335,8 +351,8 @@ def main(argv=None) -> dict:
 
     checkpoint = args.output_dir
     summary = save_sparse_pretrained(
-        model.cpu().to(inputs.save_dtype), checkpoint, tokenizer=inputs.tokenizer, overwrite=args.overwrite
-    )
+        model.cpu().to(inputs.save_dtype), checkpoint, tokenizer=inputs.tokenizer
+    )  # the destination was checked before any work
     loaded = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).to(args.device).eval()
     evaluate(results, "loaded checkpoint", loaded, inputs, args)
 

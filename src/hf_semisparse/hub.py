@@ -77,6 +77,7 @@ def render_model_card(
         skipped=", ".join(f"`{n}`" for n in ignore[:8]) + (" …" if len(ignore) > 8 else "") or "none",
         global_sparsity=f"{sparsity['global_sparsity']:.1%}" if "global_sparsity" in sparsity else "n/a",
         target_ratio=_ratio_text(config),
+        load_dtype=_load_dtype(config),
         results=results,
         result_columns=columns(results or []),
         results_command=results_command,
@@ -85,6 +86,13 @@ def render_model_card(
         speed_command=speed_command,
     )
     return str(card)
+
+
+def _load_dtype(config: dict) -> str:
+    """The dtype the card's load snippet names: the half-precision dtype the checkpoint records, else float16
+    (the 2:4 kernels run fp16 and bf16)."""
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    return dtype if dtype in ("float16", "bfloat16") else "float16"
 
 
 def _ratio_text(config: dict) -> str:

@@ -157,6 +157,7 @@ class SparsityReport:
                     "shape": list(d.shape) if d.shape else None,
                     "sparsified": d.selected,
                     "reason": d.reason,
+                    "tied_to_listed": d.tied_to_listed,
                 }
                 for d in self.decisions
             ],

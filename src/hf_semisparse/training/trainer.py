@@ -150,7 +150,7 @@ class SparsityTrainer(Trainer):
         self.distillation_weight = distillation_weight
         self.distillation_temperature = distillation_temperature
         self.distillation_hidden_weight = distillation_hidden_weight
-        if teacher_autocast not in (None, True, False):
+        if teacher_autocast is not None and not isinstance(teacher_autocast, bool):
             raise TypeError(f"teacher_autocast must be None, True or False, got {teacher_autocast!r}")
         self.teacher_autocast = teacher_autocast
         if teacher_model is not None:
@@ -258,7 +258,14 @@ class SparsityTrainer(Trainer):
                 if p.is_floating_point():
                     counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
             use = bool(counts) and max(counts, key=counts.get) == torch.float32
-        return self.accelerator.autocast() if use else contextlib.nullcontext()
+        if not use:
+            return contextlib.nullcontext()
+        from accelerate.utils import AutocastKwargs
+
+        # no cast cache: the teacher's weights keep requires_grad, and autocast would hold a low-precision copy of
+        # each one until the forward ends (2 bytes per parameter more at peak; each weight is used once anyway)
+        enabled = getattr(self.accelerator.autocast_handler, "enabled", True)
+        return self.accelerator.autocast(AutocastKwargs(enabled=enabled, cache_enabled=False))
 
     def _task_loss_spans_accumulation(self, num_items_in_batch) -> bool:
         """Whether transformers' Trainer normalised the task loss by the accumulated `num_items_in_batch` (and so
