@@ -155,11 +155,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--reconstruct-epochs needs calibration data: use --method sparsegpt or wanda")
     if os.path.isdir(args.model) and os.path.realpath(args.output_dir) == os.path.realpath(args.model):
         p.error("--output-dir is the --model folder: the pruned checkpoint would replace the dense one")
-    try:  # never the current folder or one above it, above or in the model's, or a folder of other files
+    # never the current folder or one above it, one above the model's, or a folder of other files; the
+    # library's hint names its own overwrite=, which this example does not pass
+    try:
         check_save_destination(args.output_dir, source=args.model if os.path.isdir(args.model) else None)
-    except (
-        SaveDestinationError
-    ) as exc:  # the library's hint names its own overwrite=, which this does not pass
+    except SaveDestinationError as exc:
         p.error(f"--output-dir: {str(exc).split('; choose')[0]}; choose a new folder")
     if os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.overwrite:
         p.error(f"--output-dir {args.output_dir} holds a checkpoint: give another folder, or --overwrite")
