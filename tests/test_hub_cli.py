@@ -52,6 +52,11 @@ def test_the_cards_load_snippet_names_the_saved_half_precision_dtype(tmp_path):
         save_sparse_pretrained(model, tmp_path / named / str(dtype))
         card = render_model_card(checkpoint_dir=tmp_path / named / str(dtype), repo_id="me/x")
         assert f'from_pretrained("me/x", dtype=torch.{named}, device_map="cuda")' in card
+    # from a model in memory: the dtype of its weights, not the one its config was built with
+    model = make_model("llama").eval().to(torch.bfloat16)
+    prune_24(model)
+    assert model.config.dtype != torch.bfloat16
+    assert "dtype=torch.bfloat16" in render_model_card(model, repo_id="me/x")
 
 
 def test_push_to_hub_uploads_checkpoint_and_card(monkeypatch):

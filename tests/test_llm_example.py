@@ -174,13 +174,44 @@ def test_a_destination_that_could_lose_files_is_refused_even_with_overwrite(
     assert sorted(os.listdir(tiny_llm / "model")) == before
 
 
+def test_a_dense_checkpoint_folder_is_refused_even_with_overwrite_and_hidden_files_are_no_checkpoint(
+    tiny_llm, capsys, monkeypatch
+):
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tiny_llm / "model").save_pretrained(tiny_llm / "dense")
+    before = sorted(os.listdir(tiny_llm / "dense"))
+    with pytest.raises(SystemExit):
+        example_that_must_not_start(monkeypatch).main([*common(tiny_llm, tiny_llm / "dense"), "--overwrite"])
+    assert "--output-dir" in capsys.readouterr().err
+    assert sorted(os.listdir(tiny_llm / "dense")) == before
+    (tiny_llm / "fresh").mkdir()
+    (tiny_llm / "fresh" / ".gitkeep").write_text("")
+    result = load_example().main([*common(tiny_llm, tiny_llm / "fresh"), "--method", "magnitude"])
+    assert result["checkpoint"] == str(tiny_llm / "fresh")
+
+
+@pytest.mark.parametrize(
+    ("device", "count", "message"),
+    [("cuda", 0, "no CUDA device here"), ("cuda:1", 2, "runs on one GPU"), ("cuda", 2, "runs on one GPU")],
+)
+def test_the_gpu_it_runs_on_is_checked_before_any_work(tiny_llm, capsys, monkeypatch, device, count, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    with pytest.raises(SystemExit):
+        example_that_must_not_start(monkeypatch).main(
+            [*common(tiny_llm, tiny_llm / "run"), "--device", device]
+        )
+    assert message in capsys.readouterr().err
+
+
 def test_an_earlier_runs_folder_takes_overwrite(tiny_llm, capsys):
     out = tiny_llm / "run"
     example = load_example()
     example.main([*common(tiny_llm, out), "--method", "magnitude"])
     with pytest.raises(SystemExit):
         example.main([*common(tiny_llm, out), "--method", "magnitude"])
-    assert "holds a checkpoint: give another folder, or --overwrite" in capsys.readouterr().err
+    assert "holds a 2:4 checkpoint: give another folder, or --overwrite" in capsys.readouterr().err
     result = example.main([*common(tiny_llm, out), "--method", "magnitude", "--overwrite", "--seed", "1"])
     assert json.loads((out / "results.json").read_text())["args"]["seed"] == 1 == result["args"]["seed"]
 

@@ -130,7 +130,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if args.device not in ("cuda", "cuda:0") or torch.cuda.device_count() > 1:
             p.error(
                 "this example runs on one GPU: make it the only visible one (e.g. CUDA_VISIBLE_DEVICES=1) and "
-                "pass --device cuda"
+                "pass --device cuda, or pass --device cpu"
             )
     for name, low in [
         ("calibration_samples", 1), ("seq", 2), ("calibration_batch", 1), ("recover_batch", 1),
@@ -159,10 +159,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     # library's hint names its own overwrite=, which this example does not pass
     try:
         check_save_destination(args.output_dir, source=args.model if os.path.isdir(args.model) else None)
+        # nor a checkpoint in another format (a dense model's), even with --overwrite
+        check_save_destination(args.output_dir, source=args.output_dir)
     except SaveDestinationError as exc:
         p.error(f"--output-dir: {str(exc).split('; choose')[0]}; choose a new folder")
-    if os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.overwrite:
-        p.error(f"--output-dir {args.output_dir} holds a checkpoint: give another folder, or --overwrite")
+    visible = os.path.isdir(args.output_dir) and [n for n in os.listdir(args.output_dir) if n[:1] != "."]
+    if visible and not args.overwrite:
+        p.error(f"--output-dir {args.output_dir} holds a 2:4 checkpoint: give another folder, or --overwrite")
     return args
 
 

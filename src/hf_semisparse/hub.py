@@ -7,6 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import torch
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 from torch import nn
 
@@ -41,6 +42,11 @@ def render_model_card(
             config = json.load(f)
     elif model is not None:
         config = unwrap_model(model).config.to_dict()
+        dtype = getattr(unwrap_model(model), "dtype", None)
+        if isinstance(
+            dtype, torch.dtype
+        ):  # the weights' own: a config built before a cast still says the old one
+            config["dtype"] = str(dtype).removeprefix("torch.")
     else:
         raise ValueError("render_model_card needs a model or a checkpoint_dir")
     quant = config.get("quantization_config") or {}
@@ -92,6 +98,7 @@ def _load_dtype(config: dict) -> str:
     """The dtype the card's load snippet names: the half-precision dtype the checkpoint records, else float16
     (the 2:4 kernels run fp16 and bf16)."""
     dtype = config.get("dtype") or config.get("torch_dtype")
+    dtype = dtype.removeprefix("torch.") if isinstance(dtype, str) else dtype
     return dtype if dtype in ("float16", "bfloat16") else "float16"
 
 
