@@ -147,7 +147,10 @@ def test_a_model_without_a_start_token_is_refused_before_any_work(tiny_llm, monk
     example = example_that_must_not_start(monkeypatch)
     with pytest.raises(SystemExit, match="records no bos_token_id"):
         example.main([*common(tiny_llm, tiny_llm / "run"), "--recover-steps", "2"])
-    assert example.start_token(str(tiny_llm / "model")) is None
+    from transformers import AutoConfig
+
+    model = str(tiny_llm / "model")
+    assert example.start_token(model, AutoConfig.from_pretrained(model)) is None
 
 
 def test_a_folder_of_other_files_is_refused_and_left_alone(tiny_llm, capsys, monkeypatch):

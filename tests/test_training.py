@@ -565,14 +565,20 @@ def _sharded_loaded_llama(tmp_path):
     return loaded, shard_of, key
 
 
+def _load_shard_holding(model, tmp_path, shard_of, key: str):
+    """Load into `model`, not strictly, the one shard of `_sharded_loaded_llama`'s copy that holds `key`."""
+    from safetensors.torch import load_file
+
+    return model.load_state_dict(load_file(tmp_path / "sharded" / shard_of[key]), strict=False)
+
+
 def test_a_held_half_is_dropped_when_a_dense_weight_is_loaded(tmp_path):
     """A lone bitmask held from an incomplete load must not break a later ordinary load of dense weights."""
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     loaded, shard_of, key = _sharded_loaded_llama(tmp_path)
     fresh = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
-    fresh.load_state_dict(load_file(tmp_path / "sharded" / shard_of[key + "_bitmask"]), strict=False)
+    _load_shard_holding(fresh, tmp_path, shard_of, key + "_bitmask")
     dense = {k: v.clone() for k, v in loaded.state_dict().items()}
     fresh.load_state_dict(dense)  # strict, dense tensors of the same model: loads as is
     for k, v in fresh.state_dict().items():
@@ -586,7 +592,7 @@ def test_a_held_half_is_dropped_when_a_complete_pair_is_loaded(tmp_path):
 
     _, shard_of, key = _sharded_loaded_llama(tmp_path)
     fresh = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
-    fresh.load_state_dict(load_file(tmp_path / "sharded" / shard_of[key]), strict=False)  # values only
+    _load_shard_holding(fresh, tmp_path, shard_of, key)  # values only
     assert key in held_halves(fresh)
     fresh.load_state_dict(load_file(tmp_path / "ckpt" / "model.safetensors"))  # every pair complete
     assert held_halves(fresh) == []
@@ -595,14 +601,13 @@ def test_a_held_half_is_dropped_when_a_complete_pair_is_loaded(tmp_path):
 def test_a_partial_load_cannot_shift_the_pairs_of_a_trainer_resume(tmp_path):
     """After a lone bitmask shard, SparsityTrainer's resume clears the held halves first, loads exactly, and a
     half that never finds its partner is an error naming it."""
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     from hf_semisparse.errors import SparseCheckpointError
 
     loaded, shard_of, key = _sharded_loaded_llama(tmp_path)
     fresh = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
-    fresh.load_state_dict(load_file(tmp_path / "sharded" / shard_of[key + "_bitmask"]), strict=False)
+    _load_shard_holding(fresh, tmp_path, shard_of, key + "_bitmask")
     assert held_halves(fresh)
     trainer = SparsityTrainer(
         model=fresh,
@@ -613,7 +618,7 @@ def test_a_partial_load_cannot_shift_the_pairs_of_a_trainer_resume(tmp_path):
     assert held_halves(fresh) == []
     for (name, p), (_, q) in zip(fresh.named_parameters(), loaded.named_parameters(), strict=True):
         assert torch.equal(p, q), name
-    fresh.load_state_dict(load_file(tmp_path / "sharded" / shard_of[key]), strict=False)  # a lone half
+    _load_shard_holding(fresh, tmp_path, shard_of, key)  # a lone half
     with pytest.raises(SparseCheckpointError, match="were not loaded"):
         end_checkpoint_load(fresh)
     assert held_halves(fresh) == []
@@ -622,12 +627,11 @@ def test_a_partial_load_cannot_shift_the_pairs_of_a_trainer_resume(tmp_path):
 def test_sparsity_callback_warns_about_halves_a_load_left_and_forgets_them(tmp_path, caplog):
     """A plain Trainer with SparsityCallback cannot check its own checkpoint loads: the callback says at the
     start of training that some 2:4 weights were not loaded, and drops the lone halves."""
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     _, shard_of, key = _sharded_loaded_llama(tmp_path)
     fresh = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
-    fresh.load_state_dict(load_file(tmp_path / "sharded" / shard_of[key + "_bitmask"]), strict=False)
+    _load_shard_holding(fresh, tmp_path, shard_of, key + "_bitmask")
     assert held_halves(fresh)
     trainer = Trainer(
         model=fresh,
@@ -642,7 +646,7 @@ def test_sparsity_callback_warns_about_halves_a_load_left_and_forgets_them(tmp_p
     caplog.clear()
     (callback,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, SparsityCallback)]
     # as after `load_best_model_at_end`, which loads a checkpoint just before the Trainer's on_train_end
-    fresh.load_state_dict(load_file(tmp_path / "sharded" / shard_of[key]), strict=False)
+    _load_shard_holding(fresh, tmp_path, shard_of, key)
     with caplog.at_level("WARNING", logger="hf_semisparse.training.callback"):
         callback.on_train_end(trainer.args, trainer.state, trainer.control)
     assert "were not loaded" in caplog.text and held_halves(fresh) == []
@@ -667,13 +671,12 @@ def test_a_half_size_tensor_of_a_weight_that_is_not_compressed_is_still_a_size_m
 def test_a_lone_shard_without_its_bitmask_reports_the_weight_missing(tmp_path):
     """Loading only the shard with a weight's values: that weight is reported missing (and left as it was),
     not a size-mismatch error."""
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     _, shard_of, key = _sharded_loaded_llama(tmp_path)
     fresh = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
     before = fresh.state_dict()[key].clone()
-    result = fresh.load_state_dict(load_file(tmp_path / "sharded" / shard_of[key]), strict=False)
+    result = _load_shard_holding(fresh, tmp_path, shard_of, key)
     assert key in result.missing_keys
     assert torch.equal(fresh.state_dict()[key], before)
 

@@ -17,8 +17,8 @@ teacher sequences), about 8 minutes end to end on one NVIDIA H200 (docs/guides/p
         --train-text ../shared/data/text/gutenberg-shakespeare \\
         --eval-text ../shared/data/text/eb1911-shakespeare.txt --output-dir outputs/smollm2-135m-24
 
-A quick look on a CPU (about 3 minutes for SmolLM2-135M on 2 cores, more on a busy machine; the numbers
-then say little): add
+A quick look on a CPU (about 3 minutes for SmolLM2-135M on 2 cores, torch 2.13.0, 2026-12-03; more on a busy
+machine; the numbers then say little): add
 `--calibration-samples 8 --reconstruct-epochs 0 --recover-steps 4 --recover-batch 2 --eval-tokens 1024
 --teacher-pool 4 --teacher-batch 4`.
 
@@ -205,7 +205,7 @@ def _read_inputs(args) -> Inputs:
                 f"--{name.replace('_', '-')} {getattr(args, name)} is longer than the model's context "
                 f"(max_position_embeddings {context})"
             )
-    if args.recover_steps and args.teacher_fraction > 0 and start_token(args.model) is None:
+    if args.recover_steps and args.teacher_fraction > 0 and start_token(args.model, config) is None:
         raise ValueError(
             f"{args.model} records no bos_token_id to start the teacher's samples from: use --teacher-fraction 0"
         )
@@ -238,10 +238,10 @@ def saved_dtype(config, choice: str) -> torch.dtype:
     return recorded if isinstance(recorded, torch.dtype) and recorded.is_floating_point else torch.float32
 
 
-def start_token(model: str) -> int | None:
-    """The token the teacher's samples start with (`bos_token_id` of the generation config, else the config), as
-    `sample_teacher_sequences` takes it; None if neither records one."""
-    sources = [AutoConfig.from_pretrained(model)]
+def start_token(model: str, config) -> int | None:
+    """The token the teacher's samples start with (`bos_token_id` of `model`'s generation config, else of its
+    `config`), as `sample_teacher_sequences` takes it; None if neither records one."""
+    sources = [config]
     with contextlib.suppress(OSError):  # no generation_config.json
         sources.insert(0, GenerationConfig.from_pretrained(model))
     for source in sources:

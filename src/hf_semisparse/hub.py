@@ -41,12 +41,11 @@ def render_model_card(
         with open(os.path.join(checkpoint_dir, "config.json"), encoding="utf-8") as f:
             config = json.load(f)
     elif model is not None:
-        config = unwrap_model(model).config.to_dict()
-        dtype = getattr(unwrap_model(model), "dtype", None)
-        if isinstance(
-            dtype, torch.dtype
-        ):  # the weights' own: a config built before a cast still says the old one
-            config["dtype"] = str(dtype).removeprefix("torch.")
+        root = unwrap_model(model)
+        config = root.config.to_dict()
+        # the weights' own dtype: a config built before a cast still names the old one
+        if isinstance(getattr(root, "dtype", None), torch.dtype):
+            config["dtype"] = str(root.dtype).removeprefix("torch.")
     else:
         raise ValueError("render_model_card needs a model or a checkpoint_dir")
     quant = config.get("quantization_config") or {}

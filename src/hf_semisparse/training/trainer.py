@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
+from accelerate.utils import AutocastKwargs
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -90,6 +91,15 @@ def hidden_states_loss(student_out, teacher_out) -> torch.Tensor:
     return sum(losses) / len(losses)
 
 
+def _mostly_fp32(model: torch.nn.Module) -> bool:
+    """Whether float32 holds most of `model`'s floating-point parameter elements."""
+    counts: dict[torch.dtype, int] = {}
+    for p in model.parameters():
+        if p.is_floating_point():
+            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    return bool(counts) and max(counts, key=counts.get) == torch.float32
+
+
 class SparsityTrainer(Trainer):
     """`Trainer` that prunes the model to N:M (default 2:4) and keeps it so while fine-tuning.
 
@@ -152,7 +162,9 @@ class SparsityTrainer(Trainer):
         self.distillation_hidden_weight = distillation_hidden_weight
         if teacher_autocast is not None and not isinstance(teacher_autocast, bool):
             raise TypeError(f"teacher_autocast must be None, True or False, got {teacher_autocast!r}")
-        self.teacher_autocast = teacher_autocast
+        if teacher_autocast is None and isinstance(teacher_model, torch.nn.Module):
+            teacher_autocast = _mostly_fp32(teacher_model)  # decided once, not on every step
+        self.teacher_autocast = bool(teacher_autocast)
         if teacher_model is not None:
             if not isinstance(teacher_model, torch.nn.Module):
                 raise TypeError(
@@ -251,17 +263,8 @@ class SparsityTrainer(Trainer):
 
     def _teacher_autocast(self):
         """accelerate's mixed-precision autocast for the teacher's forward, or no context (`teacher_autocast`)."""
-        use = self.teacher_autocast
-        if use is None:  # the dtype holding most of the teacher's floating-point elements
-            counts: dict[torch.dtype, int] = {}
-            for p in self.teacher_model.parameters():
-                if p.is_floating_point():
-                    counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
-            use = bool(counts) and max(counts, key=counts.get) == torch.float32
-        if not use:
+        if not self.teacher_autocast:
             return contextlib.nullcontext()
-        from accelerate.utils import AutocastKwargs
-
         # no cast cache: the teacher's weights keep requires_grad, and autocast would hold a low-precision copy of
         # each one until the forward ends (2 bytes per parameter more at peak; each weight is used once anyway)
         enabled = getattr(self.accelerator.autocast_handler, "enabled", True)
