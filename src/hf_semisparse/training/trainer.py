@@ -120,8 +120,9 @@ class SparsityTrainer(Trainer):
         teacher_autocast: whether the teacher's forward runs under the training's mixed precision (`bf16=True` or
             `fp16=True` autocast; accelerate applies it to the student only). None (the default): yes for a
             teacher whose weights are mostly fp32 (else it would run full-precision GEMMs beside a bf16 student),
-            no for one in fp16/bf16 (autocast would recast an fp16 teacher to bf16). False keeps an fp32
-            teacher's logits in full precision, e.g. for a model whose activations overflow fp16.
+            no for one in fp16/bf16 (autocast would recast an fp16 teacher to bf16), decided from the teacher's
+            dtype when the trainer is built (cast the teacher before). False keeps an fp32 teacher's logits in full
+            precision, e.g. for a model whose activations overflow fp16.
         *args, **kwargs: as for `transformers.Trainer`.
 
     Example:
