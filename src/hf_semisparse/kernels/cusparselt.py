@@ -266,6 +266,10 @@ class Handle:
             self._selections[key] = proto
         return proto
 
+    def sibling(self) -> Handle:
+        """Another handle of this device, for a worker thread (`plan_threads.build_plans`)."""
+        return Handle(self.device)
+
     def adopt_selection(self, plan: MatmulPlan, bias_tensor: torch.Tensor | None = None) -> None:
         """Keep `plan`'s own algorithm selection (a search's winner) as the shared one of its problem and
         algorithm, so that the plans that follow need no new selection (0.2 s each). Only a plan made with a

@@ -495,15 +495,27 @@ class SemiSparseLinear(nn.Module):
             start += size
         return ChunkedPlan(pieces, self.out_features, self.in_features)
 
-    def prepare(self, token_counts, quick: bool = True) -> None:
-        """Decide and plan every ladder size in `token_counts` on this layer's device, ahead of serving: after
-        it, any token count up to the largest one runs without a search or a new plan (`prepare_token_counts`)."""
+    def decide(self, token_counts, quick: bool = True) -> list[Decision]:
+        """The decision (2:4 or dense, and the kernel) for each ladder size in `token_counts` on this layer's
+        device: from the tuning cache, or searched (anchor sizes) and inherited (the sizes between them)."""
         device = self._c.device
         handle = self._handle(device)
         stream = _current_stream(device.index)
+        return [
+            self._decide(handle, m, self.compute_dtype, stream, inherit=True, quick=quick)
+            for m in token_counts
+        ]
+
+    def prepare(self, token_counts, quick: bool = True) -> None:
+        """Decide and plan every ladder size in `token_counts` on this layer's device, ahead of serving: after
+        it, any token count up to the largest one runs without a search or a new plan (`prepare_token_counts`)."""
+        token_counts = list(token_counts)
+        device = self._c.device
+        handle = self._handle(device)
+        stream = _current_stream(device.index)
+        decisions = self.decide(token_counts, quick=quick)
         size = 0
-        for m in token_counts:
-            decision = self._decide(handle, m, self.compute_dtype, stream, inherit=True, quick=quick)
+        for m, decision in zip(token_counts, decisions, strict=True):
             # planned even where this size runs dense: it can be one block of a larger chunked call
             size = max(size, self._plan(handle, m, self.compute_dtype, decision).workspace_size)
         self._workspace(device, stream, size)

@@ -17,6 +17,7 @@ import torch
 
 from ..utils import atomic_write_text
 from .cusparselt import AlgConfig, CusparseLtError, Handle, MatmulPlan
+from .plan_threads import build_plans
 
 logger = logging.getLogger(__name__)
 
@@ -172,15 +173,15 @@ SEGMENT_K_CANDIDATES = ((-1, 1), (-1, 2))
 # illegal instruction, which kills the CUDA context (benchmarks/probes/probe_cusparselt_algs.py, CHANGELOG.md).
 # The search never tries ids above this; HF_SEMISPARSE_MAX_ALG_ID overrides it.
 SAFE_MAX_ALG_ID = int(os.environ.get("HF_SEMISPARSE_MAX_ALG_ID", "35"))
-QUICK_ALG_IDS = 4  # ids searched by a quick search (warm-ups)
-# the first quick search of a shape (its smallest size: a decode size in a warm-up) tries every id a full search
-# tries, and later quick searches of that shape add its fastest ids to the first QUICK_ALG_IDS. On an H200
-# (cuSPARSELt 0.8, 2026-12-01, benchmarks/probes/probe_decode_profile.py) the fastest kernels at 16 tokens were
-# ids 15-25, not 0-3: bf16 N4096 K4096 ids 0-3 took 51-210 us, id 15 19 us; fp16 N6144 K4096 id 15 (the best of
-# 0-15) 14.8 us, id 22 9.0 us
-FIRST_SEARCH_MAX_ALG_ID = SAFE_MAX_ALG_ID
+QUICK_ALG_IDS = 4  # ids a quick search at a prefill size takes from the shape's first prefill search
+# Decode sizes (M <= 256) always try every id: on an H200 (cuSPARSELt 0.8, fp16, Llama-3-8B's shapes; 2026-12-03,
+# benchmarks/results/h200_probe_plan_threads_2026-12-03.json) the fastest ids at 16-64 tokens were 16-25, but at
+# 128 and 256 tokens ids 7-9 and 25-31, outside the 16-token search's 4 fastest: keeping to those (as warm-ups
+# did before) made those GEMMs 14-69% slower. Building the candidates in worker threads (`plan_threads`) made the
+# full searches affordable.
 # prefill sizes (M > 256): compute-bound, where cuSPARSELt's first ids win most searches (ids 0-7: 84% of 144 BERT
-# searches on an H100); 16 ids keep the warm-up of a Llama-3-8B's shapes' prefill sizes short
+# searches on an H100; ids 1-13 at 512 and 2,048 tokens on the H200); 16 ids at a shape's first prefill size,
+# the 4 fastest of those later
 FIRST_PREFILL_MAX_ALG_ID = 15
 QUICK_PREFILL_HEURISTIC_IDS = 2  # later quick searches at prefill sizes also try ids 0-1
 # (GPU, N, K, dtype, bias, GELU, residual, decode size) -> the ids of its first search, fastest first
@@ -239,53 +240,60 @@ def search_alg(
 ) -> tuple[AlgConfig, float, float | None]:
     """Time every cuSPARSELt algorithm id on these inputs, then split-K and Segment-K variants of the best ones.
 
-    `quick`: fewer candidates, for warm-ups over many sizes (`candidate_alg_ids`): the first search of a shape in
-    a regime (decode M <= 256, prefill above) tries every id at decode sizes and ids 0-15 at prefill sizes, later
-    ones that first search's fastest ids (plus ids 0-1 at prefill sizes); split-K (not on compute capability 9.0,
-    where cuSPARSELt 0.8 refused it) and Segment-K (9.0 and newer) only at decode sizes, for the best id. Each
-    candidate costs about 0.2-0.3 s of host time (its algorithm selection); the winner's selection is kept for the
-    plans that follow (`Handle.selection`).
+    `quick`: fewer candidates, for warm-ups over many sizes (`candidate_alg_ids`): every id at decode sizes, ids
+    0-15 at a shape's first prefill size and that search's fastest ids (plus ids 0-1) at later ones; split-K (not
+    on compute capability 9.0, where cuSPARSELt 0.8 refused it) and Segment-K (9.0 and newer) only at decode
+    sizes, for the best id. Each candidate's plan costs about 0.18 s of host time (its algorithm selection);
+    they are built in worker threads (`plan_threads.build_plans`), each with a cuSPARSELt handle of its own, and
+    serve the timing only: the plans layers run are built on `handle` (`Handle.selection`; where the winner was
+    built on `handle` itself, its selection is kept for them).
 
     `dense`: the computation to compare with, called without arguments; the finalists and it are re-timed in turn
     (`time_interleaved`). `c`: search for out = x @ W^T (+ bias) + c, the C operand read in the epilogue (the best
     algorithm for it can differ). Returns the fastest configuration, its median time in microseconds, and the
     time of `dense` measured alongside (None without `dense`).
+
+    Raises:
+        CusparseLtError: no algorithm runs this problem.
     """
     out = torch.empty(m, n, dtype=dtype, device=x.device)
     # decode sizes: timed from CUDA graph replays, not host-bound eager calls
     graph = m <= GRAPH_TIMING_MAX_M and graph_timing_allowed()
 
-    # each candidate gets a selection of its own (about 0.2 s of host time each on an H100): planning from one
-    # selection whose algorithm changed in between crashed the process once (CHANGELOG.md)
+    # each candidate gets a selection of its own: planning from one selection whose algorithm changed in between
+    # crashed the process once (CHANGELOG.md)
     plans: dict[AlgConfig, MatmulPlan] = {}
-
-    def runner(alg: AlgConfig):
-        try:
-            plan = MatmulPlan(handle, n, k, m, dtype, bias=bias, gelu=gelu, alg=alg)
-        except CusparseLtError:
-            return None  # this configuration does not exist for the shape
-        plans[alg] = plan
-        ws = torch.empty(max(plan.workspace_size, 1), dtype=torch.uint8, device=x.device)
-        if graph:  # captured: launch on the capturing stream
-            return lambda: plan.run(
-                compressed, x, out, ws, torch.cuda.current_stream(x.device).cuda_stream, c=c
-            )
-        return lambda: plan.run(compressed, x, out, ws, stream, c=c)
-
     runners: dict[AlgConfig, object] = {}
     timings: dict[AlgConfig, float] = {}
+    max_id = SAFE_MAX_ALG_ID
 
-    def measure(alg: AlgConfig) -> None:
-        fn = runner(alg)
-        if fn is None:
-            return
-        try:
-            timings[alg] = time_cuda_us(fn, warmup=1, repeats=3, inner=10 if graph else 3, graph=graph)
-        except CusparseLtError:
-            return
-        runners[alg] = fn
+    def measure(algs: list[AlgConfig]) -> None:
+        nonlocal max_id
+        specs = [{"n": n, "k": k, "m": m, "dtype": dtype, "bias": bias, "gelu": gelu, "alg": a} for a in algs]
+        built = build_plans(handle, specs, make=MatmulPlan)
+        for plan in built:
+            if plan is not None:  # ids above the shape's own maximum are never run (some crash on an H100)
+                max_id = min(max_id, plan.max_alg_id())
+                break
+        for alg, plan in zip(algs, built, strict=True):
+            if plan is None or alg.alg_id > max_id:
+                continue
+            ws = torch.empty(max(plan.workspace_size, 1), dtype=torch.uint8, device=x.device)
+            if graph:  # captured: launch on the capturing stream
 
-    probe = handle.selection(n, k, m, dtype, bias is not None, gelu)
+                def fn(plan=plan, ws=ws):
+                    plan.run(compressed, x, out, ws, torch.cuda.current_stream(x.device).cuda_stream, c=c)
+            else:
+
+                def fn(plan=plan, ws=ws):
+                    plan.run(compressed, x, out, ws, stream, c=c)
+
+            try:
+                timings[alg] = time_cuda_us(fn, warmup=1, repeats=3, inner=10 if graph else 3, graph=graph)
+            except CusparseLtError:
+                continue
+            plans[alg], runners[alg] = plan, fn
+
     # decode and prefill sizes rank the ids apart: a first-use prefill search must not narrow the decode ones
     decode = m <= QUICK_SPLIT_K_MAX_M
     shape = (
@@ -298,11 +306,9 @@ def search_alg(
         c is not None,
         decode,
     )
-    ids = candidate_alg_ids(
-        min(probe.max_alg_id(), SAFE_MAX_ALG_ID), quick, _SHAPE_RANKING.get(shape), decode
+    measure(
+        [AlgConfig(i) for i in candidate_alg_ids(SAFE_MAX_ALG_ID, quick, _SHAPE_RANKING.get(shape), decode)]
     )
-    for alg_id in ids:
-        measure(AlgConfig(alg_id))
     if not timings:
         raise CusparseLtError(f"no cuSPARSELt algorithm runs N{n} K{k} M{m} {dtype}")
     ranked = sorted(timings, key=timings.get)
@@ -311,36 +317,37 @@ def search_alg(
     capability = torch.cuda.get_device_capability(x.device)
     # split-K: cuSPARSELt 0.8 refused it for every id tried on an H200 ("invalid value"), after the 0.2 s
     # selection each candidate costs; Segment-K is Hopper's form. Newer GPUs: not measured, both are tried
+    variants = []
     if capability != (9, 0) and (not quick or m <= QUICK_SPLIT_K_MAX_M):
         for split_k, mode in SPLIT_K_CANDIDATES:
             if k // split_k >= 64:
-                measure(AlgConfig(ranked[0].alg_id, split_k, mode, split_k - 1))
+                variants.append(AlgConfig(ranked[0].alg_id, split_k, mode, split_k - 1))
     if capability >= (9, 0) and (not quick or decode):  # Segment-K tied plain kernels at 2,048 tokens (H200)
         for alg in ranked[: 1 if quick else 2]:
             for split_k, mode in SEGMENT_K_CANDIDATES:
-                measure(AlgConfig(alg.alg_id, split_k, mode))
+                variants.append(AlgConfig(alg.alg_id, split_k, mode))
+    if variants:
+        measure(variants)
     best, best_us, dense_us = pick_finalist(timings, runners, dense, graph=graph)
-    handle.adopt_selection(plans[best], bias)
+    if plans[best].handle is handle:  # a worker thread's plan only times: layers plan on the caller's handle
+        handle.adopt_selection(plans[best], bias)
     return best, best_us, dense_us
 
 
 def candidate_alg_ids(max_id: int, quick: bool, ranking: list[int] | None, decode: bool = True) -> list[int]:
-    """The cuSPARSELt algorithm ids a search times, ascending: all up to `max_id` for a full search.
+    """The cuSPARSELt algorithm ids a search times, ascending: all up to `max_id` for a full search, and for a
+    quick one at decode sizes (`decode`: M <= 256).
 
-    A quick search (warm-ups over many sizes; each candidate costs about 0.2 s of host time) of a shape's first
-    size in a regime (`decode`: M <= 256, else prefill) tries ids up to `FIRST_SEARCH_MAX_ALG_ID` (all) at decode
-    sizes and up to `FIRST_PREFILL_MAX_ALG_ID` at prefill sizes; later quick searches try that first search's
-    `QUICK_ALG_IDS` fastest (`ranking`, fastest first), plus, at prefill sizes, the first
-    `QUICK_PREFILL_HEURISTIC_IDS` ids (cuSPARSELt's own heuristic order, which won most large searches; at decode
-    sizes on an H200 they were the slowest)."""
-    if not quick:
+    A quick search at a prefill size (warm-ups over many sizes) tries ids up to `FIRST_PREFILL_MAX_ALG_ID` at the
+    shape's first prefill size; later ones try that first search's `QUICK_ALG_IDS` fastest (`ranking`, fastest
+    first), plus the first `QUICK_PREFILL_HEURISTIC_IDS` ids (cuSPARSELt's own heuristic order, which won most
+    large searches)."""
+    if not quick or decode:
         return list(range(max_id + 1))
     if ranking is None:
-        first = FIRST_SEARCH_MAX_ALG_ID if decode else FIRST_PREFILL_MAX_ALG_ID
-        return list(range(min(max_id, first) + 1))
+        return list(range(min(max_id, FIRST_PREFILL_MAX_ALG_ID) + 1))
     ids = {i for i in ranking[:QUICK_ALG_IDS] if i <= max_id}
-    if not decode or not ids:
-        ids |= set(range(min(max_id + 1, QUICK_PREFILL_HEURISTIC_IDS if ids else QUICK_ALG_IDS)))
+    ids |= set(range(min(max_id + 1, QUICK_PREFILL_HEURISTIC_IDS if ids else QUICK_ALG_IDS)))
     return sorted(ids)
 
 

@@ -92,12 +92,13 @@ def prepare_token_counts(
         total=len(groups) * len(sizes), desc="hf_semisparse: preparing 2:4 kernels", disable=not progress
     ) as bar:
         for (_, n, k, *_), group in groups.items():
-            for m in sizes:
-                bar.set_postfix_str(f"{n}x{k}, {m} tokens")
-                with torch.no_grad():
-                    for layer in group:
-                        layer.prepare([m], quick=quick)
-                bar.update(1)
+            with torch.no_grad():
+                for m in sizes:  # the searches: once per group (layers of a group share the tuning cache)
+                    bar.set_postfix_str(f"{n}x{k}, {m} tokens")
+                    group[0].decide([m], quick=quick)
+                    bar.update(1)
+                for layer in group:  # then the plans, from decisions made
+                    layer.prepare(sizes, quick=quick)
     backend.prepared = True
     report = PrepareReport(sizes, len(layers), len(groups), time.perf_counter() - start)
     logger.info("hf_semisparse: %s", report)
