@@ -54,6 +54,7 @@ def test_smoke_run_end_to_end(tmp_path):
     assert saved["results"] == out["results"] and "--smoke" in saved["command"]
     card = (tmp_path / "sparse" / "README.md").read_text()
     assert "| recovered 2:4 |" in card and "run_squad.py" in card
+    assert f'from_pretrained("{os.path.normpath(tmp_path / "sparse")}"' in card  # the folder, not a made-up Hub id
     assert "| dense |" in (tmp_path / "results.md").read_text()
     loaded = AutoSparseModel.from_pretrained(tmp_path / "sparse")
     assert isinstance(loaded, torch.nn.Module) and (tmp_path / "sparse" / "tokenizer.json").exists()

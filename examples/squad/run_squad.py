@@ -498,7 +498,7 @@ def main(argv=None) -> dict:
     ]
     card = render_model_card(
         checkpoint_dir=sparse_dir,
-        repo_id=os.path.basename(os.path.abspath(args.output_dir)),
+        repo_id=os.path.normpath(sparse_dir),  # the snippet loads the folder itself, as saved; not a Hub id
         base_model=None if os.path.isdir(args.model) else args.model,
         datasets=["squad"],
         results=table,
