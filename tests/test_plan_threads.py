@@ -90,3 +90,36 @@ def test_thread_count_from_the_environment(monkeypatch):
         monkeypatch.setenv(plan_threads.THREADS_ENV, bad)
         with pytest.raises(ValueError, match=plan_threads.THREADS_ENV):
             plan_threads.plan_threads()
+
+
+def test_workers_take_the_callers_device_before_making_their_handles(monkeypatch):
+    """A handle on `cuda` without an index means the caller's current device; a worker thread starts on device 0,
+    so it is set (per thread) before the worker makes its sibling handle."""
+    current = threading.local()
+    monkeypatch.setattr(plan_threads.torch.cuda, "current_device", lambda: getattr(current, "index", 0))
+    monkeypatch.setattr(plan_threads.torch.cuda, "set_device", lambda index: setattr(current, "index", index))
+    seen = []
+
+    class OnDevice(_Handle):
+        device = plan_threads.torch.device("cuda")
+
+        def sibling(self):
+            seen.append(plan_threads.torch.cuda.current_device())
+            return OnDevice()
+
+    current.index = 1  # the caller's device
+    plans = plan_threads.build_plans(OnDevice(), _specs(range(6)), make=_Plan, threads=3)
+    assert len(plans) == 6 and seen and set(seen) == {1}
+    assert current.index == 1
+
+
+def test_a_worker_that_cannot_make_a_handle_falls_back_to_the_callers(caplog):
+    class NoSiblings(_Handle):
+        def sibling(self):
+            raise CusparseLtError("cusparseLtInit failed with cuSPARSELt status 7")
+
+    handle = NoSiblings()
+    with caplog.at_level("WARNING"):
+        plans = plan_threads.build_plans(handle, _specs(range(4)), make=_Plan, threads=2)
+    assert [p.alg for p in plans] == [0, 1, 2, 3] and all(p.handle is handle for p in plans)
+    assert "one thread" in caplog.text

@@ -54,7 +54,9 @@ def test_smoke_run_end_to_end(tmp_path):
     assert saved["results"] == out["results"] and "--smoke" in saved["command"]
     card = (tmp_path / "sparse" / "README.md").read_text()
     assert "| recovered 2:4 |" in card and "run_squad.py" in card
-    assert f'from_pretrained("{os.path.normpath(tmp_path / "sparse")}"' in card  # the folder, not a made-up Hub id
+    snippet = f'from_pretrained("{os.path.normpath(tmp_path / "sparse")}"'
+    assert snippet in card  # the saved folder, not a made-up Hub id
+    assert f"# {tmp_path.name}" in card  # titled after the run's folder, not "sparse"
     assert "| dense |" in (tmp_path / "results.md").read_text()
     loaded = AutoSparseModel.from_pretrained(tmp_path / "sparse")
     assert isinstance(loaded, torch.nn.Module) and (tmp_path / "sparse" / "tokenizer.json").exists()

@@ -236,7 +236,7 @@ def test_sizes_between_anchors_take_the_anchor_algorithm(gpu_standins):
     assert "1024-token search" in between.reason
 
 
-def test_prepare_refuses_models_without_24_layers_and_bad_sizes(gpu_standins):
+def test_prepare_refuses_models_without_24_layers_and_bad_sizes(gpu_standins, monkeypatch):
     with pytest.raises(ValueError, match="accelerate_24"):
         prepare_token_counts(nn.Sequential(nn.Linear(4, 4)), max_tokens=16, progress=False)
     _, layer = _layer()
@@ -244,6 +244,9 @@ def test_prepare_refuses_models_without_24_layers_and_bad_sizes(gpu_standins):
         prepare_token_counts(nn.Sequential(layer), max_tokens=8, min_tokens=16, progress=False)
     with pytest.raises(ValueError, match="at least 1"):
         prepare_generation(nn.Sequential(layer), max_batch_size=0)
+    monkeypatch.setenv("HF_SEMISPARSE_PLAN_THREADS", "all")
+    with pytest.raises(ValueError, match="HF_SEMISPARSE_PLAN_THREADS"):
+        prepare_token_counts(nn.Sequential(layer), max_tokens=16, progress=False)
     assert not gpu_standins.searches  # nothing was started
 
 
@@ -504,10 +507,15 @@ def test_pad_buffers_made_in_inference_mode_can_be_written_outside_it(backend):
         layer._pad_rows[16][:1].copy_(torch.ones(1, 64))  # what a compiled step under no_grad does
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_only_a_winner_built_on_the_callers_handle_is_kept_for_the_layers_plans(monkeypatch, threads):
-    """Candidates built by worker threads (their own cuSPARSELt handles) only time: on an H200 a model whose layers
-    ran plans made from those handles decoded 25% slower eager (2026-12-03). Layers plan on the caller's handle."""
+@pytest.mark.parametrize(
+    "threads, tokens, on_callers_handle", [(1, 16, True), (2, 16, False), (2, 512, True)]
+)
+def test_only_a_winner_built_on_the_callers_handle_is_kept_for_the_layers_plans(
+    monkeypatch, threads, tokens, on_callers_handle
+):
+    """Candidates built by worker threads (their own cuSPARSELt handles) only time, from CUDA graph replays (decode
+    sizes): on an H200 a model whose layers ran plans made from those handles decoded slower eager (2026-12-03).
+    Eagerly timed candidates (prefill sizes) are built on the caller's handle, and the winner's selection kept."""
     from hf_semisparse.kernels import tuning
 
     class Plan:
@@ -544,10 +552,10 @@ def test_only_a_winner_built_on_the_callers_handle_is_kept_for_the_layers_plans(
     monkeypatch.setattr(tuning, "_SHAPE_RANKING", {})
     handle = FakeHandle()
     alg, _, _ = tuning.search_alg(
-        handle, 64, 64, 16, torch.float16, None, False, None, torch.zeros(16, 64), 0, quick=True
+        handle, 64, 64, tokens, torch.float16, None, False, None, torch.zeros(tokens, 64), 0, quick=True
     )
     assert alg.alg_id == 0 and alg.split_k == 1
-    if threads == 1:
+    if on_callers_handle:
         assert [p.alg for p in handle.adopted] == [alg] and handle.adopted[0].handle is handle
     else:
         assert handle.adopted == []

@@ -499,6 +499,7 @@ def main(argv=None) -> dict:
     card = render_model_card(
         checkpoint_dir=sparse_dir,
         repo_id=os.path.normpath(sparse_dir),  # the snippet loads the folder itself, as saved; not a Hub id
+        model_name=os.path.basename(os.path.abspath(args.output_dir)),
         base_model=None if os.path.isdir(args.model) else args.model,
         datasets=["squad"],
         results=table,

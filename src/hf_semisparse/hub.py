@@ -22,6 +22,7 @@ def render_model_card(
     *,
     checkpoint_dir: str | os.PathLike | None = None,
     repo_id: str = "path/to/this/model",
+    model_name: str | None = None,
     base_model: str | None = None,
     license: str = "apache-2.0",  # noqa: A002 - the Hub's field name
     datasets: list[str] | None = None,
@@ -35,7 +36,8 @@ def render_model_card(
 
     The sparsity facts come from a saved checkpoint's `config.json` (`checkpoint_dir`) or from `model.config`.
     `results` and `speedups` are table rows: dicts with a "name" and one value per column, e.g.
-    `{"name": "dense", "EM": 78.5, "F1": 86.9}`.
+    `{"name": "dense", "EM": 78.5, "F1": 86.9}`. `repo_id` is what the card's snippet loads (a Hub id or a folder);
+    `model_name`, the card's title, is its last part unless given.
     """
     if checkpoint_dir is not None:
         with open(os.path.join(checkpoint_dir, "config.json"), encoding="utf-8") as f:
@@ -70,7 +72,7 @@ def render_model_card(
     card = ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATE),
-        model_name=repo_id.split("/")[-1],
+        model_name=model_name or repo_id.rstrip("/").split("/")[-1],
         repo_id=repo_id,
         base_model=base_model,
         method=ours.get("mask_source") or ours.get("method", "magnitude"),

@@ -228,6 +228,8 @@ class Handle:
 
     def __init__(self, device: torch.device) -> None:
         self.lib = load_library()
+        if device.index is None:  # the current device, named: worker threads start on device 0
+            device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
         self.handle = _opaque()
         with torch.cuda.device(device):

@@ -176,15 +176,15 @@ SAFE_MAX_ALG_ID = int(os.environ.get("HF_SEMISPARSE_MAX_ALG_ID", "35"))
 QUICK_ALG_IDS = 4  # ids a quick search at a prefill size takes from the shape's first prefill search
 # Decode sizes (M <= 256) always try every id: on an H200 (cuSPARSELt 0.8, fp16, Llama-3-8B's shapes; 2026-12-03,
 # benchmarks/results/h200_probe_plan_threads_2026-12-03.json) the fastest ids at 16-64 tokens were 16-25, but at
-# 128 and 256 tokens ids 7-9 and 25-31, outside the 16-token search's 4 fastest: keeping to those (as warm-ups
-# did before) made those GEMMs 14-69% slower. Building the candidates in worker threads (`plan_threads`) made the
-# full searches affordable.
+# 128 and 256 tokens, in 7 of the 8 cases of the four shapes, ids outside the 16-token search's 4 fastest (7-9,
+# 25-31): keeping to those (as warm-ups did before) made those GEMMs 14-69% slower. Building the candidates in
+# worker threads (`plan_threads`) made the full searches affordable.
 # prefill sizes (M > 256): compute-bound, where cuSPARSELt's first ids win most searches (ids 0-7: 84% of 144 BERT
 # searches on an H100; ids 1-13 at 512 and 2,048 tokens on the H200); 16 ids at a shape's first prefill size,
 # the 4 fastest of those later
 FIRST_PREFILL_MAX_ALG_ID = 15
 QUICK_PREFILL_HEURISTIC_IDS = 2  # later quick searches at prefill sizes also try ids 0-1
-# (GPU, N, K, dtype, bias, GELU, residual, decode size) -> the ids of its first search, fastest first
+# (GPU, N, K, dtype, bias, GELU, residual, False) -> the ids of its first prefill search, fastest first
 _SHAPE_RANKING: dict[tuple, list[int]] = {}
 QUICK_SPLIT_K_MAX_M = 256  # a quick search tries split-K at these token counts only (decode)
 GRAPH_TIMING_MAX_M = (
@@ -243,10 +243,12 @@ def search_alg(
     `quick`: fewer candidates, for warm-ups over many sizes (`candidate_alg_ids`): every id at decode sizes, ids
     0-15 at a shape's first prefill size and that search's fastest ids (plus ids 0-1) at later ones; split-K (not
     on compute capability 9.0, where cuSPARSELt 0.8 refused it) and Segment-K (9.0 and newer) only at decode
-    sizes, for the best id. Each candidate's plan costs about 0.18 s of host time (its algorithm selection);
-    they are built in worker threads (`plan_threads.build_plans`), each with a cuSPARSELt handle of its own, and
-    serve the timing only: the plans layers run are built on `handle` (`Handle.selection`; where the winner was
-    built on `handle` itself, its selection is kept for them).
+    sizes, for the best id. Each candidate's plan costs about 0.18 s of host time (its algorithm selection). Where
+    candidates are timed from CUDA graph replays (decode sizes, outside compiled calls) they are built in worker
+    threads (`plan_threads.build_plans`), each with a cuSPARSELt handle of its own, and serve the timing only:
+    the plans layers run are built on `handle` (`Handle.selection`). Eager timings (prefill sizes) include each
+    call's host time, so their candidates are built on `handle`, one after the other, and the winner's selection
+    is kept for the plans that follow.
 
     `dense`: the computation to compare with, called without arguments; the finalists and it are re-timed in turn
     (`time_interleaved`). `c`: search for out = x @ W^T (+ bias) + c, the C operand read in the epilogue (the best
@@ -270,7 +272,9 @@ def search_alg(
     def measure(algs: list[AlgConfig]) -> None:
         nonlocal max_id
         specs = [{"n": n, "k": k, "m": m, "dtype": dtype, "bias": bias, "gelu": gelu, "alg": a} for a in algs]
-        built = build_plans(handle, specs, make=MatmulPlan)
+        # worker threads only where the timing is a CUDA graph replay's: an eager timing includes the host time of
+        # the call, which a plan from a worker's handle may change (see `plan_threads`), so it is built here
+        built = build_plans(handle, specs, make=MatmulPlan, threads=None if graph else 1)
         for plan in built:
             if plan is not None:  # ids above the shape's own maximum are never run (some crash on an H100)
                 max_id = min(max_id, plan.max_alg_id())
@@ -312,7 +316,7 @@ def search_alg(
     if not timings:
         raise CusparseLtError(f"no cuSPARSELt algorithm runs N{n} K{k} M{m} {dtype}")
     ranked = sorted(timings, key=timings.get)
-    if shape not in _SHAPE_RANKING:
+    if not decode and shape not in _SHAPE_RANKING:  # decode sizes always try every id
         _SHAPE_RANKING[shape] = [alg.alg_id for alg in ranked]
     capability = torch.cuda.get_device_capability(x.device)
     # split-K: cuSPARSELt 0.8 refused it for every id tried on an H200 ("invalid value"), after the 0.2 s

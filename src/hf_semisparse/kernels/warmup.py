@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ..utils import unwrap_model
 from .buckets import DECODE_MAX, ladder
+from .plan_threads import plan_threads
 from .projections import semi_sparse_layers
 
 logger = logging.getLogger(__name__)
@@ -59,8 +60,9 @@ def prepare_token_counts(
         A `PrepareReport`.
 
     Raises:
-        ValueError: `max_tokens` below `min_tokens` or below 1, or `model` has no 2:4 layers (call `accelerate_24`
-            first; where it could not accelerate, it said why).
+        ValueError: `max_tokens` below `min_tokens` or below 1, `model` has no 2:4 layers (call `accelerate_24`
+            first; where it could not accelerate, it said why), or `HF_SEMISPARSE_PLAN_THREADS` is not a positive
+            integer.
 
     Example:
         >>> accelerate_24(model)
@@ -86,10 +88,13 @@ def prepare_token_counts(
             layer.weight is not None,
         )
         groups.setdefault(key, []).append(layer)
+    plan_threads()  # a bad HF_SEMISPARSE_PLAN_THREADS stops here, before any search
     start = time.perf_counter()
     backend = get_backend()
     with tqdm(
-        total=len(groups) * len(sizes), desc="hf_semisparse: preparing 2:4 kernels", disable=not progress
+        total=len(groups) * (len(sizes) + 1),
+        desc="hf_semisparse: preparing 2:4 kernels",
+        disable=not progress,
     ) as bar:
         for (_, n, k, *_), group in groups.items():
             with torch.no_grad():
@@ -97,8 +102,10 @@ def prepare_token_counts(
                     bar.set_postfix_str(f"{n}x{k}, {m} tokens")
                     group[0].decide([m], quick=quick)
                     bar.update(1)
-                for layer in group:  # then the plans, from decisions made
+                bar.set_postfix_str(f"{n}x{k}, planning {len(group)} layers")
+                for layer in group:  # then the plans, from the decisions made
                     layer.prepare(sizes, quick=quick)
+                bar.update(1)
     backend.prepared = True
     report = PrepareReport(sizes, len(layers), len(groups), time.perf_counter() - start)
     logger.info("hf_semisparse: %s", report)
