@@ -295,6 +295,39 @@ def test_generative_decoders_are_recognised():
     assert not is_generative_decoder(make_model("bert")) and not is_generative_decoder(make_model("t5"))
 
 
+def _search_stand_ins(max_id: int, built: list | None = None):
+    """A cuSPARSELt plan and handle for `tuning.search_alg` on the CPU: plans of a shape whose largest algorithm
+    id is `max_id` (each built one appended to `built`), a handle with siblings that records adopted plans."""
+
+    class Plan:
+        workspace_size = 0
+
+        def __init__(self, handle, n, k, m, dtype, bias=None, gelu=False, alg=None):
+            self.alg, self.handle = alg, handle
+            if built is not None:
+                built.append((m, alg))
+
+        def run(self, *args, **kwargs):
+            pass
+
+        def max_alg_id(self):
+            return max_id
+
+    class Handle:
+        device_name = "stand-in"
+
+        def __init__(self):
+            self.adopted = []
+
+        def sibling(self):
+            return Handle()
+
+        def adopt_selection(self, plan, bias):
+            self.adopted.append(plan)
+
+    return Plan, Handle
+
+
 @pytest.mark.parametrize("capability", [(8, 0), (9, 0)])
 def test_quick_searches_try_every_id_at_decode_sizes_and_the_first_searchs_fastest_at_prefill(
     monkeypatch, capability
@@ -321,27 +354,7 @@ def test_quick_searches_try_every_id_at_decode_sizes_and_the_first_searchs_faste
     speed = {10: 19.0, 7: 24.0, 11: 36.0, 0: 48.6}  # us per id, others slower
     timed: list[list[int]] = []
     splits: list[list[int]] = []
-
-    class Plan:
-        workspace_size = 0
-
-        def __init__(self, handle, n, k, m, dtype, bias=None, gelu=False, alg=None):
-            self.alg, self.handle = alg, handle
-
-        def run(self, *args, **kwargs):
-            pass
-
-        def max_alg_id(self):
-            return 21
-
-    class FakeHandle:
-        device_name = "stand-in"
-
-        def sibling(self):
-            return FakeHandle()
-
-        def adopt_selection(self, plan, bias):
-            pass
+    Plan, FakeHandle = _search_stand_ins(21)
 
     def time_us(fn, **kwargs):
         plan = fn.__defaults__[0]
@@ -394,28 +407,8 @@ def test_a_warm_up_of_one_weight_shape_builds_248_cusparselt_candidates_on_hoppe
 
     speed = {22: 9.0, 18: 10.0, 25: 11.0, 16: 12.0, 12: 50.0, 13: 60.0, 14: 70.0, 15: 80.0}  # us; others 100
     candidates = []
-
-    class Plan:
-        workspace_size = 0
-
-        def __init__(self, handle, n, k, m, dtype, bias=None, gelu=False, alg=None):
-            self.alg, self.handle = alg, handle
-            candidates.append((m, alg))
-
-        def run(self, *args, **kwargs):
-            pass
-
-        def max_alg_id(self):
-            return 52  # cuSPARSELt 0.8's fp16 ids at 16 tokens on an H200; the search stops at 35
-
-    class FakeHandle:
-        device_name = "stand-in"
-
-        def sibling(self):
-            return FakeHandle()
-
-        def adopt_selection(self, plan, bias):
-            pass
+    # 52: cuSPARSELt 0.8's fp16 ids at 16 tokens on an H200; the search stops at 35
+    Plan, FakeHandle = _search_stand_ins(52, candidates)
 
     def time_us(fn, **kwargs):
         plan = fn.__defaults__[0]
@@ -518,30 +511,7 @@ def test_only_a_winner_built_on_the_callers_handle_is_kept_for_the_layers_plans(
     Eagerly timed candidates (prefill sizes) are built on the caller's handle, and the winner's selection kept."""
     from hf_semisparse.kernels import tuning
 
-    class Plan:
-        workspace_size = 0
-
-        def __init__(self, handle, n, k, m, dtype, bias=None, gelu=False, alg=None):
-            self.alg, self.handle = alg, handle
-
-        def run(self, *args, **kwargs):
-            pass
-
-        def max_alg_id(self):
-            return 5
-
-    class FakeHandle:
-        device_name = "stand-in"
-
-        def __init__(self):
-            self.adopted = []
-
-        def sibling(self):
-            return FakeHandle()
-
-        def adopt_selection(self, plan, bias):
-            self.adopted.append(plan)
-
+    Plan, FakeHandle = _search_stand_ins(5)
     monkeypatch.setenv("HF_SEMISPARSE_PLAN_THREADS", str(threads))
     monkeypatch.setattr(tuning, "MatmulPlan", Plan)
     monkeypatch.setattr(tuning, "time_cuda_us", lambda fn, **kw: 10.0 + fn.__defaults__[0].alg.alg_id)
