@@ -1,5 +1,6 @@
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -167,6 +168,35 @@ def test_cli_errors_and_push(tmp_path, sparse_ckpt, monkeypatch, capsys):
         "config.json",
         "model.safetensors",
     ]
+
+
+def test_cli_push_points_a_local_cards_snippet_at_the_repo(sparse_ckpt, monkeypatch):
+    """A card written for the local folder (as the examples write it) loads that folder; the uploaded card loads
+    the repo, and the local one is left as it was, after an upload and after a failed one."""
+    from hf_semisparse.hub import render_model_card
+
+    _, path = sparse_ckpt
+    local = render_model_card(checkpoint_dir=path, repo_id=Path(path).as_posix(), model_name="my run")
+    (path / "README.md").write_text(local)
+    uploaded = {}
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: None)
+
+    def upload(self, **kw):
+        uploaded["card"] = (Path(kw["folder_path"]) / "README.md").read_text()
+
+    monkeypatch.setattr(HfApi, "upload_folder", upload)
+    assert main(["push", str(path), "me/bert-24"]) == 0
+    assert (
+        'AutoSparseModel.from_pretrained("me/bert-24"' in uploaded["card"] and "# my run" in uploaded["card"]
+    )
+    assert (path / "README.md").read_text() == local
+
+    def fail(self, **kw):
+        raise OSError("network down")
+
+    monkeypatch.setattr(HfApi, "upload_folder", fail)
+    assert main(["push", str(path), "me/bert-24"]) == 2
+    assert (path / "README.md").read_text() == local
 
 
 def test_cli_inspect_says_how_the_model_was_pruned(tmp_path, capsys):

@@ -60,10 +60,17 @@ def test_plans_come_back_in_order_with_none_where_cusparselt_refuses():
 
 def test_workers_build_with_sibling_handles_that_are_kept_for_later_calls():
     handle = _Handle()
-    plans = plan_threads.build_plans(handle, _specs(range(12)), make=_Plan, threads=3)
+    together = threading.Barrier(3, timeout=10)
+
+    def make(own, **spec):  # the first three builds wait for each other: three workers, three siblings
+        if spec["alg"] < 3:
+            together.wait()
+        return _Plan(own, **spec)
+
+    plans = plan_threads.build_plans(handle, _specs(range(12)), make=make, threads=3)
     owners = {id(p.handle) for p in plans}
     assert handle not in [p.handle for p in plans]  # the caller's handle stays free for its own plans
-    assert 1 < len(owners) <= 3  # several workers, each with one sibling at a time
+    assert len(owners) == 3  # three workers, each with one sibling at a time
     made = _Handle.made
     plan_threads.build_plans(handle, _specs(range(12)), make=_Plan, threads=3)
     assert _Handle.made == made  # the siblings were reused
@@ -113,9 +120,12 @@ def test_workers_take_the_callers_device_before_making_their_handles(monkeypatch
     assert current.index == 1
 
 
-def test_a_worker_that_cannot_make_a_handle_falls_back_to_the_callers(caplog):
+def test_a_worker_that_cannot_make_a_handle_falls_back_to_the_callers_from_then_on(caplog):
+    tries = []
+
     class NoSiblings(_Handle):
         def sibling(self):
+            tries.append(1)
             raise CusparseLtError("cusparseLtInit failed with cuSPARSELt status 7")
 
     handle = NoSiblings()
@@ -123,3 +133,6 @@ def test_a_worker_that_cannot_make_a_handle_falls_back_to_the_callers(caplog):
         plans = plan_threads.build_plans(handle, _specs(range(4)), make=_Plan, threads=2)
     assert [p.alg for p in plans] == [0, 1, 2, 3] and all(p.handle is handle for p in plans)
     assert "one thread" in caplog.text
+    before = len(tries)
+    again = plan_threads.build_plans(handle, _specs(range(4)), make=_Plan, threads=2)
+    assert all(p.handle is handle for p in again) and len(tries) == before  # not tried again

@@ -8,6 +8,7 @@ no call searches or plans. The kernels themselves run on the GPU in tests/gpu/ch
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import pytest
@@ -501,14 +502,16 @@ def test_pad_buffers_made_in_inference_mode_can_be_written_outside_it(backend):
 
 
 @pytest.mark.parametrize(
-    "threads, tokens, on_callers_handle", [(1, 16, True), (2, 16, False), (2, 512, True)]
+    "threads, tokens, compiled, on_callers_handle",
+    [(1, 16, False, True), (2, 16, False, False), (2, 512, False, True), (2, 16, True, True)],
 )
 def test_only_a_winner_built_on_the_callers_handle_is_kept_for_the_layers_plans(
-    monkeypatch, threads, tokens, on_callers_handle
+    monkeypatch, threads, tokens, compiled, on_callers_handle
 ):
     """Candidates built by worker threads (their own cuSPARSELt handles) only time, from CUDA graph replays (decode
     sizes): on an H200 a model whose layers ran plans made from those handles decoded slower eager (2026-12-03).
-    Eagerly timed candidates (prefill sizes) are built on the caller's handle, and the winner's selection kept."""
+    Eagerly timed candidates (prefill sizes, and any size inside a compiled model's call) are built on the caller's
+    handle, and the winner's selection kept."""
     from hf_semisparse.kernels import tuning
 
     Plan, FakeHandle = _search_stand_ins(5)
@@ -521,9 +524,10 @@ def test_only_a_winner_built_on_the_callers_handle_is_kept_for_the_layers_plans(
     monkeypatch.setattr(tuning.torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(tuning, "_SHAPE_RANKING", {})
     handle = FakeHandle()
-    alg, _, _ = tuning.search_alg(
-        handle, 64, 64, tokens, torch.float16, None, False, None, torch.zeros(tokens, 64), 0, quick=True
-    )
+    with tuning.compiled_call() if compiled else contextlib.nullcontext():
+        alg, _, _ = tuning.search_alg(
+            handle, 64, 64, tokens, torch.float16, None, False, None, torch.zeros(tokens, 64), 0, quick=True
+        )
     assert alg.alg_id == 0 and alg.split_k == 1
     if on_callers_handle:
         assert [p.alg for p in handle.adopted] == [alg] and handle.adopted[0].handle is handle

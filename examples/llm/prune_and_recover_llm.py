@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import transformers
@@ -371,7 +372,7 @@ def main(argv=None) -> dict:
     ]
     card = render_model_card(  # from the saved folder: its config.json says what the files hold
         checkpoint_dir=checkpoint,
-        repo_id=os.path.normpath(checkpoint),
+        repo_id=Path(os.path.normpath(checkpoint)).as_posix(),  # `hf-semisparse push` points it at the repo
         base_model=None if os.path.isdir(args.model) else args.model,
         license=inputs.license,
         results=table,

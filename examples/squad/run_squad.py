@@ -30,6 +30,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -498,7 +499,8 @@ def main(argv=None) -> dict:
     ]
     card = render_model_card(
         checkpoint_dir=sparse_dir,
-        repo_id=os.path.normpath(sparse_dir),  # the snippet loads the folder itself, as saved; not a Hub id
+        # the snippet loads the folder itself, not a Hub id (`hf-semisparse push` points it at the repo)
+        repo_id=Path(os.path.normpath(sparse_dir)).as_posix(),
         model_name=os.path.basename(os.path.abspath(args.output_dir)),
         base_model=None if os.path.isdir(args.model) else args.model,
         datasets=["squad"],

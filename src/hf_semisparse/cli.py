@@ -447,14 +447,20 @@ def _push(args) -> int:
         return 1
     from huggingface_hub import HfApi
 
-    from .hub import render_model_card
+    from .hub import point_card_at, render_model_card
     from .utils import atomic_write_text
 
     readme = os.path.join(args.path, "README.md")
-    card = None
+    card = original = None
     if not os.path.isfile(readme):
         card = render_model_card(checkpoint_dir=args.path, repo_id=args.repo_id, base_model=args.base_model)
         atomic_write_text(readme, card)
+    else:  # a card of the examples loads the local folder: the uploaded one loads the repo
+        with open(readme, encoding="utf-8") as f:
+            text = f.read()
+        if point_card_at(text, args.repo_id) != text:
+            original = text
+            atomic_write_text(readme, point_card_at(text, args.repo_id))
     try:
         api = HfApi(token=args.token)
         api.create_repo(args.repo_id, private=args.private, exist_ok=True)
@@ -463,6 +469,9 @@ def _push(args) -> int:
         if card is not None:
             os.remove(readme)  # the folder is left as it was
         raise CliInputError(f"upload to {args.repo_id} failed ({type(exc).__name__}): {exc}") from exc
+    finally:
+        if original is not None:
+            atomic_write_text(readme, original)  # the local card keeps loading the local folder
     print(f"uploaded {args.path} to {args.repo_id}: {info}")
     return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -15,6 +16,15 @@ from .serialization import save_sparse_pretrained
 from .utils import unwrap_model
 
 TEMPLATE = Path(__file__).parent / "model_cards" / "sparse_24.md"
+
+
+def point_card_at(card: str, repo_id: str) -> str:
+    """`card` (a model card's text) with the load snippet's `AutoSparseModel.from_pretrained("...")` naming
+    `repo_id`: a card rendered for a local folder (the examples write one) names the folder there, which means
+    nothing on the Hub."""
+    return re.sub(
+        r'(AutoSparseModel\.from_pretrained\(")[^"]*(")', lambda m: m.group(1) + repo_id + m.group(2), card
+    )
 
 
 def render_model_card(

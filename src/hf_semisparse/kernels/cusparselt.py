@@ -224,7 +224,8 @@ def _structured_desc_args(layout: str, n: int, k: int) -> tuple[int, int, int, i
 
 
 class Handle:
-    """A cuSPARSELt handle for one device, used from one thread."""
+    """A cuSPARSELt handle for one device, used by one thread at a time (a worker thread's sibling handles build
+    plans there, `plan_threads`; the plans then run on the caller's thread)."""
 
     def __init__(self, device: torch.device) -> None:
         self.lib = load_library()

@@ -35,8 +35,12 @@ MAX_THREADS = 16  # the H200 machine measured had 16 cores; more would only add 
 logger = logging.getLogger(__name__)
 _SAID: set[str] = set()
 
-# handle -> spare sibling handles (same device) that worker threads borrow, one per thread at a time
+# handle -> spare sibling handles (same device) that worker threads borrow, one per thread at a time. They live
+# as long as the handle (a cuSPARSELt handle holds "light hardware resources on the host", its documentation says)
 _SPARES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_NO_SIBLINGS: weakref.WeakSet = (
+    weakref.WeakSet()
+)  # handles whose worker could not make a sibling: build serially
 
 
 def plan_threads() -> int:
@@ -78,7 +82,8 @@ def build_plans(
     With more than one thread, each worker builds with a sibling handle of `handle` (`handle.sibling()`, made in
     the worker with the handle's device current, kept for later calls), so the returned plans may hold different
     handles of the same device. Where a worker cannot make one, everything is built on `handle`, one plan after
-    the other (said once). Any other error of a build is raised; builds not started by then are cancelled.
+    the other, from then on (said once). Any other error of a build is raised; builds not started by then are
+    cancelled.
 
     Args:
         handle: the caller's `cusparselt.Handle` (or a stand-in with `sibling()`).
@@ -99,7 +104,7 @@ def build_plans(
         except CusparseLtError:
             return None
 
-    if threads <= 1:
+    if threads <= 1 or handle in _NO_SIBLINGS:
         return [build(handle, spec) for spec in specs]
     spares = _SPARES.setdefault(handle, queue.SimpleQueue())
     device = getattr(handle, "device", None)
@@ -128,6 +133,7 @@ def build_plans(
         plans = [future.result() for future in futures]
     except _NoSibling as exc:
         pool.shutdown(wait=True, cancel_futures=True)
+        _NO_SIBLINGS.add(handle)
         message = f"hf_semisparse: building cuSPARSELt plans on one thread: a worker's handle failed ({exc})"
         if message not in _SAID:
             _SAID.add(message)

@@ -257,6 +257,7 @@ def search_alg(
 
     Raises:
         CusparseLtError: no algorithm runs this problem.
+        ValueError: `HF_SEMISPARSE_PLAN_THREADS` is not a positive integer (a graph-timed search reads it).
     """
     out = torch.empty(m, n, dtype=dtype, device=x.device)
     # decode sizes: timed from CUDA graph replays, not host-bound eager calls
@@ -319,7 +320,7 @@ def search_alg(
     if not decode and shape not in _SHAPE_RANKING:  # decode sizes always try every id
         _SHAPE_RANKING[shape] = [alg.alg_id for alg in ranked]
     capability = torch.cuda.get_device_capability(x.device)
-    # split-K: cuSPARSELt 0.8 refused it for every id tried on an H200 ("invalid value"), after the 0.2 s
+    # split-K: cuSPARSELt 0.8 refused it for every id tried on an H200 ("invalid value"), after the 0.18 s
     # selection each candidate costs; Segment-K is Hopper's form. Newer GPUs: not measured, both are tried
     variants = []
     if capability != (9, 0) and (not quick or m <= QUICK_SPLIT_K_MAX_M):

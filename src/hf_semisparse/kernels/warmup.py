@@ -3,8 +3,9 @@
 The first call of a 2:4 layer at a new token count searches kernels (seconds per shape), and inside a CUDA graph
 capture nothing can be searched at all. `prepare_token_counts(model, max_tokens)` decides and plans every ladder
 size up to `max_tokens` (`buckets.py`) for every 2:4 layer, with a progress bar; decisions go to the tuning cache
-on disk (`tuning.py`), so a restarted process only plans (about 1 ms a layer and size, plus about 0.2 s per
-distinct weight shape and size for cuSPARSELt's algorithm selection). After it, any token count up to
+on disk (`tuning.py`), so a restarted process only plans (about 1 ms a layer and size, plus a cuSPARSELt
+algorithm selection, 0.18 s, per distinct weight shape and size: 25.1 s for Llama-3-8B's 32 blocks, 4 shapes and
+17 sizes on an H200). After it, any token count up to
 `max_tokens` runs with no search and no new plan, eager, under `torch.compile` and in CUDA graphs.
 `prepare_generation` does this for `generate`: prefill sizes up to a full batch of prompts, and decode sizes.
 """
