@@ -485,3 +485,44 @@ def test_load_state_dict_compresses_the_new_weights():
     other = sparse_linear(512, 512, torch.float16, seed=1)
     layer.load_state_dict(other.state_dict())
     assert rel_err(layer(x), reference(other, x)) < 2e-3
+
+
+def test_plans_built_in_worker_threads_compute_the_layer_and_leave_the_callers_device():
+    """`plan_threads.build_plans`: plans built by worker threads (a sibling handle each) run on this thread, every
+    output element written and within tolerance of float64; the caller's current device is unchanged."""
+    from hf_semisparse.kernels.plan_threads import build_plans
+
+    lin = sparse_linear(1024, 512, torch.float16)
+    handle = Handle(DEV)  # no device index: the workers take the caller's
+    device = torch.cuda.current_device()
+    specs = [
+        {"n": 1024, "k": 512, "m": 64, "dtype": torch.float16, "bias": lin.bias, "alg": AlgConfig(i)}
+        for i in range(SAFE_MAX_ALG_ID + 1)
+    ]
+    plans = build_plans(handle, specs, threads=4)
+    assert torch.cuda.current_device() == device
+    built = [p for p in plans if p is not None]
+    assert built and any(p.handle is not handle for p in built)
+    compressed = handle.compress(lin.weight.detach())
+    x = torch.randn(64, 512, device=DEV, dtype=torch.float16)
+    ref = reference(lin, x)
+    max_id = built[0].max_alg_id()  # ids above it are never run (search_alg drops them)
+    for plan in built:
+        if plan.selected_alg.alg_id <= max_id:
+            assert rel_err(run_poisoned(plan, compressed, x), ref) < TOL[torch.float16], plan.selected_alg
+
+
+def test_a_warm_up_searches_in_threads_but_the_layer_runs_plans_of_the_main_handle():
+    """Decode sizes are searched on plans built by worker threads; the plans the layer keeps, and runs, are built
+    on the backend's handle of this thread (plans from worker handles ran eager decode slower on an H200)."""
+    from hf_semisparse.kernels import prepare_token_counts
+
+    lin = sparse_linear(2048, 1024, torch.float16)
+    layer = SemiSparseLinear(lin, keep_dense=False)
+    prepare_token_counts(torch.nn.Sequential(layer), max_tokens=1024, progress=False)
+    main = linear_mod.get_backend().handle(DEV)
+    assert layer._plans and all(plan.handle is main for plan in layer._plans.values())
+    for m in (1, 16, 100, 256, 700, 1024):
+        x = torch.randn(m, 1024, device=DEV, dtype=torch.float16)
+        with torch.inference_mode():
+            assert rel_err(layer(x), reference(lin, x)) < TOL[torch.float16]
