@@ -38,9 +38,8 @@ _SAID: set[str] = set()
 # handle -> spare sibling handles (same device) that worker threads borrow, one per thread at a time. They live
 # as long as the handle (a cuSPARSELt handle holds "light hardware resources on the host", its documentation says)
 _SPARES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_NO_SIBLINGS: weakref.WeakSet = (
-    weakref.WeakSet()
-)  # handles whose worker could not make a sibling: build serially
+# handles whose worker could not make a sibling: their plans are built on them, one after the other
+_NO_SIBLINGS: weakref.WeakSet = weakref.WeakSet()
 
 
 def plan_threads() -> int:
