@@ -170,33 +170,53 @@ def test_cli_errors_and_push(tmp_path, sparse_ckpt, monkeypatch, capsys):
     ]
 
 
-def test_cli_push_points_a_local_cards_snippet_at_the_repo(sparse_ckpt, monkeypatch):
+def test_cli_push_points_a_local_cards_snippet_at_the_repo_and_leaves_the_folder_alone(
+    sparse_ckpt, monkeypatch
+):
     """A card written for the local folder (as the examples write it) loads that folder; the uploaded card loads
-    the repo, and the local one is left as it was, after an upload and after a failed one."""
+    the repo, a base model the card cites keeps its name, and the local card's bytes stay as they were."""
     from hf_semisparse.hub import render_model_card
 
     _, path = sparse_ckpt
     local = render_model_card(checkpoint_dir=path, repo_id=Path(path).as_posix(), model_name="my run")
-    (path / "README.md").write_text(local)
+    local += '\nThe dense model: `AutoSparseModel.from_pretrained("org/dense-base")`.\r\n'
+    (path / "README.md").write_bytes(local.encode())
+    before = (path / "README.md").read_bytes()
     uploaded = {}
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: None)
 
-    def upload(self, **kw):
-        uploaded["card"] = (Path(kw["folder_path"]) / "README.md").read_text()
+    def upload_folder(self, **kw):
+        uploaded["files"] = sorted(os.listdir(kw["folder_path"]))
+        uploaded["ignored"] = kw.get("ignore_patterns")
 
-    monkeypatch.setattr(HfApi, "upload_folder", upload)
+    def upload_file(self, **kw):
+        uploaded["card"] = kw["path_or_fileobj"].decode()
+        assert kw["path_in_repo"] == "README.md" and kw["repo_id"] == "me/bert-24"
+
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    monkeypatch.setattr(HfApi, "upload_file", upload_file)
     assert main(["push", str(path), "me/bert-24"]) == 0
-    assert (
-        'AutoSparseModel.from_pretrained("me/bert-24"' in uploaded["card"] and "# my run" in uploaded["card"]
-    )
-    assert (path / "README.md").read_text() == local
+    card = uploaded["card"]
+    assert 'AutoSparseModel.from_pretrained("me/bert-24"' in card and "# my run" in card
+    assert 'from_pretrained("org/dense-base")' in card and Path(path).as_posix() not in card
+    assert uploaded["ignored"] == ["README.md"] and (path / "README.md").read_bytes() == before
 
     def fail(self, **kw):
         raise OSError("network down")
 
-    monkeypatch.setattr(HfApi, "upload_folder", fail)
+    monkeypatch.setattr(HfApi, "upload_file", fail)
     assert main(["push", str(path), "me/bert-24"]) == 2
-    assert (path / "README.md").read_text() == local
+    assert (path / "README.md").read_bytes() == before
+
+
+def test_cli_push_uploads_a_card_it_cannot_read_as_it_is(sparse_ckpt, monkeypatch):
+    _, path = sparse_ckpt
+    (path / "README.md").write_bytes(b"# caf\xe9 (latin-1)\n")
+    calls = []
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: None)
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: calls.append(kw.get("ignore_patterns")))
+    assert main(["push", str(path), "me/bert-24"]) == 0
+    assert calls == [None] and (path / "README.md").read_bytes() == b"# caf\xe9 (latin-1)\n"
 
 
 def test_cli_inspect_says_how_the_model_was_pruned(tmp_path, capsys):

@@ -120,7 +120,8 @@ def test_workers_take_the_callers_device_before_making_their_handles(monkeypatch
     assert current.index == 1
 
 
-def test_a_worker_that_cannot_make_a_handle_falls_back_to_the_callers_from_then_on(caplog):
+def test_a_worker_that_cannot_make_a_handle_falls_back_to_the_callers_from_then_on(caplog, monkeypatch):
+    monkeypatch.setattr(plan_threads, "_SAID", set())
     tries = []
 
     class NoSiblings(_Handle):

@@ -451,27 +451,41 @@ def _push(args) -> int:
     from .utils import atomic_write_text
 
     readme = os.path.join(args.path, "README.md")
-    card = original = None
+    card = pointed = None
     if not os.path.isfile(readme):
         card = render_model_card(checkpoint_dir=args.path, repo_id=args.repo_id, base_model=args.base_model)
         atomic_write_text(readme, card)
-    else:  # a card of the examples loads the local folder: the uploaded one loads the repo
-        with open(readme, encoding="utf-8") as f:
-            text = f.read()
-        if point_card_at(text, args.repo_id) != text:
-            original = text
-            atomic_write_text(readme, point_card_at(text, args.repo_id))
+    else:  # a card of the examples loads the local folder: the uploaded copy loads the repo; the folder is untouched
+        with open(readme, "rb") as f:
+            raw = f.read()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None  # uploaded as it is
+        if text is not None and point_card_at(text, args.repo_id, args.path) != text:
+            pointed = point_card_at(text, args.repo_id, args.path).encode("utf-8")
     try:
         api = HfApi(token=args.token)
         api.create_repo(args.repo_id, private=args.private, exist_ok=True)
-        info = api.upload_folder(repo_id=args.repo_id, folder_path=args.path, commit_message=args.message)
+        if pointed is None:
+            info = api.upload_folder(repo_id=args.repo_id, folder_path=args.path, commit_message=args.message)
+        else:
+            api.upload_folder(
+                repo_id=args.repo_id,
+                folder_path=args.path,
+                commit_message=args.message,
+                ignore_patterns=["README.md"],
+            )
+            info = api.upload_file(
+                path_or_fileobj=pointed,
+                path_in_repo="README.md",
+                repo_id=args.repo_id,
+                commit_message=args.message,
+            )
     except Exception as exc:
         if card is not None:
             os.remove(readme)  # the folder is left as it was
         raise CliInputError(f"upload to {args.repo_id} failed ({type(exc).__name__}): {exc}") from exc
-    finally:
-        if original is not None:
-            atomic_write_text(readme, original)  # the local card keeps loading the local folder
     print(f"uploaded {args.path} to {args.repo_id}: {info}")
     return 0
 

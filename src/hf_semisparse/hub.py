@@ -18,13 +18,28 @@ from .utils import unwrap_model
 TEMPLATE = Path(__file__).parent / "model_cards" / "sparse_24.md"
 
 
-def point_card_at(card: str, repo_id: str) -> str:
-    """`card` (a model card's text) with the load snippet's `AutoSparseModel.from_pretrained("...")` naming
-    `repo_id`: a card rendered for a local folder (the examples write one) names the folder there, which means
-    nothing on the Hub."""
-    return re.sub(
-        r'(AutoSparseModel\.from_pretrained\(")[^"]*(")', lambda m: m.group(1) + repo_id + m.group(2), card
-    )
+def point_card_at(card: str, repo_id: str, folder: str | os.PathLike) -> str:
+    """`card` (a model card's text) with each `AutoSparseModel.from_pretrained("...")` that loads the local
+    `folder` loading `repo_id` instead: a card rendered for a local folder (the examples write one) names the
+    folder there, which means nothing on the Hub. Other names (a base model the card cites) are left alone.
+
+    A value names `folder` when it is its path as given or absolute (with forward slashes), or an existing folder
+    that is the same one.
+    """
+    paths = {Path(os.path.normpath(folder)).as_posix(), Path(os.path.abspath(folder)).as_posix()}
+
+    def names_folder(value: str) -> bool:
+        if value in paths:
+            return True
+        try:
+            return os.path.isdir(value) and os.path.samefile(value, folder)
+        except OSError:
+            return False
+
+    def point(match: re.Match) -> str:
+        return match.group(1) + repo_id + match.group(3) if names_folder(match.group(2)) else match.group(0)
+
+    return re.sub(r'(AutoSparseModel\.from_pretrained\(")([^"]*)(")', point, card)
 
 
 def render_model_card(

@@ -487,39 +487,64 @@ def test_load_state_dict_compresses_the_new_weights():
     assert rel_err(layer(x), reference(other, x)) < 2e-3
 
 
-def test_plans_built_in_worker_threads_compute_the_layer_and_leave_the_callers_device():
+def test_plans_built_in_worker_threads_compute_the_layer():
     """`plan_threads.build_plans`: plans built by worker threads (a sibling handle each) run on this thread, every
-    output element written and within tolerance of float64; the caller's current device is unchanged."""
+    output element written and within tolerance of float64. With two GPUs or more, on the second one: the workers
+    take the caller's device and leave the caller's current device as it was."""
     from hf_semisparse.kernels.plan_threads import build_plans
 
-    lin = sparse_linear(1024, 512, torch.float16)
-    handle = Handle(DEV)  # no device index: the workers take the caller's
-    device = torch.cuda.current_device()
-    specs = [
-        {"n": 1024, "k": 512, "m": 64, "dtype": torch.float16, "bias": lin.bias, "alg": AlgConfig(i)}
-        for i in range(SAFE_MAX_ALG_ID + 1)
-    ]
-    plans = build_plans(handle, specs, threads=4)
-    assert torch.cuda.current_device() == device
-    built = [p for p in plans if p is not None]
-    assert built and any(p.handle is not handle for p in built)
-    compressed = handle.compress(lin.weight.detach())
-    x = torch.randn(64, 512, device=DEV, dtype=torch.float16)
-    ref = reference(lin, x)
-    max_id = built[0].max_alg_id()  # ids above it are never run (search_alg drops them)
-    for plan in built:
-        if plan.selected_alg.alg_id <= max_id:
-            assert rel_err(run_poisoned(plan, compressed, x), ref) < TOL[torch.float16], plan.selected_alg
+    index = 1 if torch.cuda.device_count() > 1 else 0
+    torch.cuda.set_device(index)
+    try:
+        device = torch.device("cuda", index)
+        g = torch.Generator().manual_seed(0)
+        w = torch.randn(1024, 512, generator=g) / 512**0.5
+        lin = torch.nn.Linear(512, 1024).to(device, torch.float16)
+        with torch.no_grad():
+            lin.weight.copy_((w * compute_nm_mask(w)).to(device, torch.float16))
+        handle = Handle(torch.device("cuda"))  # the current device
+        specs = [
+            {"n": 1024, "k": 512, "m": 64, "dtype": torch.float16, "bias": lin.bias, "alg": AlgConfig(i)}
+            for i in range(SAFE_MAX_ALG_ID + 1)
+        ]
+        plans = build_plans(handle, specs, threads=4)
+        assert torch.cuda.current_device() == index
+        built = [p for p in plans if p is not None]
+        assert built and any(p.handle is not handle for p in built)
+        assert all(p.handle.device.index == index for p in built)
+        compressed = handle.compress(lin.weight.detach())
+        x = torch.randn(64, 512, device=device, dtype=torch.float16)
+        ref = reference(lin, x)
+        max_id = built[0].max_alg_id()  # ids above it are never run (search_alg drops them)
+        for plan in built:
+            if plan.selected_alg.alg_id <= max_id:
+                out = torch.full((64, 1024), float("nan"), device=device, dtype=torch.float16)
+                ws = torch.empty(max(plan.workspace_size, 1), dtype=torch.uint8, device=device)
+                plan.run(compressed, x, out, ws, torch.cuda.current_stream(device).cuda_stream)
+                torch.cuda.synchronize(device)
+                assert rel_err(out, ref) < TOL[torch.float16], plan.selected_alg
+    finally:
+        torch.cuda.set_device(0)
 
 
-def test_a_warm_up_searches_in_threads_but_the_layer_runs_plans_of_the_main_handle():
-    """Decode sizes are searched on plans built by worker threads; the plans the layer keeps, and runs, are built
-    on the backend's handle of this thread (plans from worker handles ran eager decode slower on an H200)."""
-    from hf_semisparse.kernels import prepare_token_counts
+def test_a_warm_up_searches_decode_sizes_in_threads_and_the_layer_runs_plans_of_the_main_handle(monkeypatch):
+    """Decode sizes are searched on plans built by worker threads, prefill sizes on this thread's handle; the plans
+    the layer keeps, and runs, are built on the backend's handle of this thread (plans from worker handles ran
+    eager decode slower on an H200)."""
+    from hf_semisparse.kernels import prepare_token_counts, tuning
 
+    threads = {}
+    real = tuning.build_plans
+
+    def spy(handle, specs, **kwargs):
+        threads.setdefault(specs[0]["m"], set()).add(kwargs.get("threads"))
+        return real(handle, specs, **kwargs)
+
+    monkeypatch.setattr(tuning, "build_plans", spy)
     lin = sparse_linear(2048, 1024, torch.float16)
     layer = SemiSparseLinear(lin, keep_dense=False)
     prepare_token_counts(torch.nn.Sequential(layer), max_tokens=1024, progress=False)
+    assert threads[16] == {None} and threads[1024] == {1}  # None: plan_threads(), the CPUs this process has
     main = linear_mod.get_backend().handle(DEV)
     assert layer._plans and all(plan.handle is main for plan in layer._plans.values())
     for m in (1, 16, 100, 256, 700, 1024):

@@ -133,6 +133,7 @@ def build_plans(
     except _NoSibling as exc:
         pool.shutdown(wait=True, cancel_futures=True)
         _NO_SIBLINGS.add(handle)
+        _SPARES.pop(handle, None)  # the siblings made before the failure are not used again
         message = f"hf_semisparse: building cuSPARSELt plans on one thread: a worker's handle failed ({exc})"
         if message not in _SAID:
             _SAID.add(message)
