@@ -9,47 +9,38 @@ parallel host threads, and how much faster a warm-up's candidate set would be bu
    2048 tokens ids 0-15, to judge which candidates a warm-up can skip.
 
     PYTHONPATH=src python benchmarks/probes/probe_plan_threads.py --json OUT.json
+
+`benchmarks/results/h200_probe_plan_threads_2026-12-03.json` was recorded by this probe's own copy of that
+scheme (a handle made in each worker thread), before `plan_threads.py` took it over; the probe now calls it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from hf_semisparse import compute_nm_mask
 from hf_semisparse.kernels import cusparselt as cl
+from hf_semisparse.kernels.plan_threads import build_plans
 from hf_semisparse.kernels.tuning import time_cuda_us
 from hf_semisparse.utils import write_json
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 
 
-def build_all(problems, threads: int, device: torch.device):
-    """MatmulPlan for each (n, k, m, alg_id) of `problems`; `threads` workers, a handle per worker."""
-    local = threading.local()
-
-    def work(problem):
-        handle = getattr(local, "handle", None)
-        if handle is None:
-            torch.cuda.set_device(device)
-            handle = local.handle = cl.Handle(device)
-        n, k, m, alg_id = problem
-        try:
-            return cl.MatmulPlan(handle, n, k, m, torch.float16, alg=cl.AlgConfig(alg_id))
-        except cl.CusparseLtError:
-            return None
-
+def build_all(handle, problems, threads: int):
+    """A fp16 MatmulPlan for each (n, k, m, alg_id) of `problems` (None where refused), built as the kernel search
+    builds them (`plan_threads.build_plans`: on `handle` for one thread, else a sibling handle per worker), and
+    the wall time in seconds."""
+    specs = [
+        {"n": n, "k": k, "m": m, "dtype": torch.float16, "alg": cl.AlgConfig(alg_id)}
+        for n, k, m, alg_id in problems
+    ]
     start = time.perf_counter()
-    if threads == 1:
-        plans = [work(p) for p in problems]
-    else:
-        with ThreadPoolExecutor(threads) as pool:
-            plans = list(pool.map(work, problems))
+    plans = build_plans(handle, specs, threads=threads)
     return plans, time.perf_counter() - start
 
 
@@ -90,11 +81,11 @@ def main() -> None:
     # 2. serial against threads, the same 4 x 36 plans
     problems = [(n, k, 16, alg_id) for n, k in SHAPES.values() for alg_id in range(36)]
     walls = {}
-    _, walls[1] = build_all(problems, 1, device)
+    _, walls[1] = build_all(cl.Handle(device), problems, 1)
     print(f"serial: {walls[1]:.1f} s for {len(problems)} plans", flush=True)
     built = None
     for threads in args.threads:
-        built, walls[threads] = build_all(problems, threads, device)
+        built, walls[threads] = build_all(cl.Handle(device), problems, threads)
         print(f"{threads} threads: {walls[threads]:.1f} s ({walls[1] / walls[threads]:.2f}x)", flush=True)
     out["build_wall_s"] = walls
     out["plans"] = len(problems)
@@ -136,7 +127,7 @@ def main() -> None:
             (2048, range(16)),
         ]:
             problems = [(n, k, m, i) for i in ids]
-            plans, wall = build_all(problems, threads, device)
+            plans, wall = build_all(handle, problems, threads)
             x = torch.randn(m, k, device=device, dtype=torch.float16)
             y = torch.empty(m, n, device=device, dtype=torch.float16)
             times = {}

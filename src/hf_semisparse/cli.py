@@ -462,8 +462,9 @@ def _push(args) -> int:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
             text = None  # uploaded as it is
-        if text is not None and point_card_at(text, args.repo_id, args.path) != text:
-            pointed = point_card_at(text, args.repo_id, args.path).encode("utf-8")
+        pointed_text = None if text is None else point_card_at(text, args.repo_id, args.path)
+        if pointed_text is not None and pointed_text != text:
+            pointed = pointed_text.encode("utf-8")
     try:
         api = HfApi(token=args.token)
         api.create_repo(args.repo_id, private=args.private, exist_ok=True)

@@ -184,7 +184,7 @@ QUICK_ALG_IDS = 4  # ids a quick search at a prefill size takes from the shape's
 # the 4 fastest of those later
 FIRST_PREFILL_MAX_ALG_ID = 15
 QUICK_PREFILL_HEURISTIC_IDS = 2  # later quick searches at prefill sizes also try ids 0-1
-# (GPU, N, K, dtype, bias, GELU, residual, False) -> the ids of its first prefill search, fastest first
+# (GPU, N, K, dtype, bias, GELU, residual) -> the ids of its first prefill search, fastest first
 _SHAPE_RANKING: dict[tuple, list[int]] = {}
 QUICK_SPLIT_K_MAX_M = 256  # a quick search tries split-K at these token counts only (decode)
 GRAPH_TIMING_MAX_M = (
@@ -299,18 +299,10 @@ def search_alg(
                 continue
             plans[alg], runners[alg] = plan, fn
 
-    # decode and prefill sizes rank the ids apart: a first-use prefill search must not narrow the decode ones
-    decode = m <= QUICK_SPLIT_K_MAX_M
-    shape = (
-        getattr(handle, "device_name", None),
-        n,
-        k,
-        str(dtype),
-        bias is not None,
-        gelu,
-        c is not None,
-        decode,
-    )
+    decode = (
+        m <= QUICK_SPLIT_K_MAX_M
+    )  # decode sizes try every id; prefill sizes narrow on the shape's ranking
+    shape = (getattr(handle, "device_name", None), n, k, str(dtype), bias is not None, gelu, c is not None)
     measure(
         [AlgConfig(i) for i in candidate_alg_ids(SAFE_MAX_ALG_ID, quick, _SHAPE_RANKING.get(shape), decode)]
     )
