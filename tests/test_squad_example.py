@@ -62,6 +62,12 @@ def test_smoke_run_end_to_end(tmp_path):
     assert isinstance(loaded, torch.nn.Module) and (tmp_path / "sparse" / "tokenizer.json").exists()
 
 
+def test_a_model_folder_that_does_not_exist_is_named(tmp_path):
+    with pytest.raises(SquadDataError, match="no such model folder"):
+        run_squad.main(smoke_args(tmp_path / "out", model=str(tmp_path / "missing")))
+    assert not (tmp_path / "out").exists()
+
+
 def test_not_squad_shaped_file(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"rows": [1, 2]}))

@@ -187,6 +187,9 @@ class Recipe:
 
 
 def load_tokenizer(name: str):
+    if name.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(name)):
+        # a path, not a Hub id: transformers would only say it is not a valid repo id
+        raise SquadDataError(f"{name}: no such model folder (from {os.getcwd()})")
     if os.path.isdir(name) and not any(f.startswith(("tokenizer", "vocab")) for f in os.listdir(name)):
         raise SquadDataError(
             f"{name} has no tokenizer files (tokenizer.json / vocab.txt); add them or pass a "
