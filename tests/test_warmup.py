@@ -306,7 +306,7 @@ def _search_stand_ins(max_id: int, built: list | None = None):
         def __init__(self, handle, n, k, m, dtype, bias=None, gelu=False, alg=None):
             self.alg, self.handle = alg, handle
             if built is not None:
-                built.append((m, alg))
+                built.append((m, alg, handle))
 
         def run(self, *args, **kwargs):
             pass
@@ -365,9 +365,7 @@ def test_quick_searches_try_every_id_at_decode_sizes_and_the_first_searchs_faste
 
     monkeypatch.setattr(tuning, "MatmulPlan", Plan)
     monkeypatch.setattr(tuning, "time_cuda_us", time_us)
-    monkeypatch.setattr(
-        tuning, "time_interleaved", lambda fns, graph=False: {k: time_us(f) for k, f in fns.items()}
-    )
+    monkeypatch.setattr(tuning, "time_interleaved", lambda fns, **kw: {k: time_us(f) for k, f in fns.items()})
     monkeypatch.setattr(tuning.torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(tuning, "_SHAPE_RANKING", {})
     x = torch.zeros(16, 256)  # K 256: split-K candidates need K / splits >= 64
@@ -417,20 +415,22 @@ def test_a_warm_up_of_one_weight_shape_builds_248_cusparselt_candidates_on_hoppe
 
     monkeypatch.setattr(tuning, "MatmulPlan", Plan)
     monkeypatch.setattr(tuning, "time_cuda_us", time_us)
-    monkeypatch.setattr(
-        tuning, "time_interleaved", lambda fns, graph=False: {k: time_us(f) for k, f in fns.items()}
-    )
+    monkeypatch.setattr(tuning, "time_interleaved", lambda fns, **kw: {k: time_us(f) for k, f in fns.items()})
     monkeypatch.setattr(tuning.torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(tuning, "_SHAPE_RANKING", {})
     monkeypatch.setattr(tuning, "SAFE_MAX_ALG_ID", 35)  # the default, whatever HF_SEMISPARSE_MAX_ALG_ID says
     anchors = sorted({buckets.anchor_of(m) for m in buckets.ladder(65536)})
     assert len(anchors) == 13
+    monkeypatch.setenv("HF_SEMISPARSE_PLAN_THREADS", "4")
     x = torch.zeros(16, 4096)
+    handle = FakeHandle()
     for m in anchors:
-        tuning.search_alg(FakeHandle(), 4096, 4096, m, torch.float16, None, False, None, x, 0, quick=True)
-    per_size = [sum(1 for size, _ in candidates if size == m) for m in anchors]
+        tuning.search_alg(handle, 4096, 4096, m, torch.float16, None, False, None, x, 0, quick=True)
+    per_size = [sum(1 for size, _, h in candidates if size == m and h is not handle) for m in anchors]
     assert per_size == [38, 38, 38, 38, 38, 16, 6, 6, 6, 6, 6, 6, 6]
-    assert len(candidates) == 248
+    assert sum(per_size) == 248  # all in worker threads
+    # each prefill size's winner is built once more on the caller's handle, for the layers' plans
+    assert [m for m, _, h in candidates if h is handle] == anchors[5:]
 
 
 @pytest.mark.parametrize(
@@ -502,34 +502,78 @@ def test_pad_buffers_made_in_inference_mode_can_be_written_outside_it(backend):
 
 
 @pytest.mark.parametrize(
-    "threads, tokens, compiled, on_callers_handle",
-    [(1, 16, False, True), (2, 16, False, False), (2, 512, False, True), (2, 16, True, True)],
+    "threads, tokens, compiled",
+    [(1, 16, False), (2, 16, False), (1, 512, False), (2, 512, False), (2, 16, True), (2, 512, True)],
 )
-def test_only_a_winner_built_on_the_callers_handle_is_kept_for_the_layers_plans(
-    monkeypatch, threads, tokens, compiled, on_callers_handle
+def test_worker_threads_build_candidates_and_the_layers_plan_on_the_callers_handle(
+    monkeypatch, threads, tokens, compiled
 ):
-    """Candidates built by worker threads (their own cuSPARSELt handles) only time, from CUDA graph replays (decode
-    sizes): on an H200 a model whose layers ran plans made from those handles decoded slower eager (2026-12-03).
-    Eagerly timed candidates (prefill sizes, and any size inside a compiled model's call) are built on the caller's
-    handle, and the winner's selection kept."""
+    """Outside compiled calls candidates are built by worker threads (their own cuSPARSELt handles) and ranked by
+    CUDA graph replays: on an H200 a model whose layers ran plans made from those handles decoded slower eager
+    (2026-12-03). At prefill sizes the winner is built again on the caller's handle, timed eagerly against dense,
+    and its selection kept for the layers' plans; at decode sizes (graph-timed to the end) the layers make their
+    own. Inside a compiled call every candidate is built on the caller's handle and timed eagerly."""
     from hf_semisparse.kernels import tuning
 
-    Plan, FakeHandle = _search_stand_ins(5)
+    built = []
+    Plan, FakeHandle = _search_stand_ins(5, built)
+    graphs, eager_finals = [], []
+
+    def time_us(fn, graph=False, **kw):
+        graphs.append(graph)
+        return 10.0 + 5 - fn.__defaults__[0].alg.alg_id  # id 5 fastest
+
+    def interleaved(fns, graph=False, **kw):
+        if not graph:
+            eager_finals.append(sorted(map(str, fns)))
+        return {key: (1.0 if key == "dense" else time_us(fn, graph=graph)) for key, fn in fns.items()}
+
     monkeypatch.setenv("HF_SEMISPARSE_PLAN_THREADS", str(threads))
     monkeypatch.setattr(tuning, "MatmulPlan", Plan)
-    monkeypatch.setattr(tuning, "time_cuda_us", lambda fn, **kw: 10.0 + fn.__defaults__[0].alg.alg_id)
-    monkeypatch.setattr(
-        tuning, "time_interleaved", lambda fns, graph=False: {k: 10.0 + k.alg_id for k in fns}
-    )
+    monkeypatch.setattr(tuning, "time_cuda_us", time_us)
+    monkeypatch.setattr(tuning, "time_interleaved", interleaved)
     monkeypatch.setattr(tuning.torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(tuning, "_SHAPE_RANKING", {})
     handle = FakeHandle()
+    x = torch.zeros(tokens, 64)
     with tuning.compiled_call() if compiled else contextlib.nullcontext():
-        alg, _, _ = tuning.search_alg(
-            handle, 64, 64, tokens, torch.float16, None, False, None, torch.zeros(tokens, 64), 0, quick=True
+        alg, us, dense_us = tuning.search_alg(
+            handle, 64, 64, tokens, torch.float16, None, False, None, x, 0, dense=lambda: x, quick=True
         )
-    assert alg.alg_id == 0 and alg.split_k == 1
-    if on_callers_handle:
-        assert [p.alg for p in handle.adopted] == [alg] and handle.adopted[0].handle is handle
-    else:
-        assert handle.adopted == []
+    assert alg.alg_id == 5 and alg.split_k == 1 and dense_us == 1.0
+    on_caller = [a for _, a, h in built if h is handle]
+    kept = [p.alg for p in handle.adopted]
+    if compiled:  # everything on the caller's handle, timed eagerly
+        assert len(on_caller) == len(built) and not any(graphs) and kept == [alg]
+    elif tokens <= tuning.GRAPH_TIMING_MAX_M:  # decode: graph replays to the end
+        assert all(graphs) and eager_finals == []
+        assert (on_caller, kept) == ((on_caller, [alg]) if threads == 1 else ([], []))
+    else:  # prefill: ranked on the GPU alone, the winner (built again here) timed eagerly against dense
+        assert eager_finals == [["dense", "sparse"]] and us == 10.0 and kept == [alg]
+        assert len(on_caller) == len(built) if threads == 1 else on_caller == [alg]
+    assert all(p.handle is handle for p in handle.adopted)
+
+
+@pytest.mark.parametrize("call_ms, calls", [(0.02, 1 + 3 * 5), (2.0, 1 + 3)])
+def test_long_kernels_are_timed_one_call_per_sample(monkeypatch, call_ms, calls):
+    """A kernel of a millisecond or more (large prefill sizes) is timed one call per sample: more calls would only
+    add GPU time to a warm-up. Shorter ones keep several calls per sample. Either way the time is per call."""
+    from hf_semisparse.kernels import tuning
+
+    class Event:  # a CUDA event on a clock that advances `call_ms` per call of the timed function
+        def __init__(self, enable_timing=False):
+            pass
+
+        def record(self):
+            self.at = len(made_calls)
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return (end.at - self.at) * call_ms
+
+    made_calls = []
+    monkeypatch.setattr(tuning.torch.cuda, "Event", Event)
+    us = tuning.time_cuda_us(lambda: made_calls.append(1), warmup=1, repeats=3, inner=5)
+    assert us == pytest.approx(call_ms * 1e3) and len(made_calls) == calls

@@ -527,10 +527,10 @@ def test_plans_built_in_worker_threads_compute_the_layer():
         torch.cuda.set_device(0)
 
 
-def test_a_warm_up_searches_decode_sizes_in_threads_and_the_layer_runs_plans_of_the_main_handle(monkeypatch):
-    """Decode sizes are searched on plans built by worker threads, prefill sizes on this thread's handle; the plans
-    the layer keeps, and runs, are built on the backend's handle of this thread (plans from worker handles ran
-    eager decode slower on an H200)."""
+def test_a_warm_up_searches_in_threads_and_the_layer_runs_plans_of_the_main_handle(monkeypatch):
+    """Every size's candidates are built by worker threads; a prefill size's winner is built again on this
+    thread's handle (`threads=1`); the plans the layer keeps, and runs, are built on the backend's handle of this
+    thread (plans from worker handles ran eager decode slower on an H200)."""
     from hf_semisparse.kernels import prepare_token_counts, tuning
 
     threads = {}
@@ -544,7 +544,10 @@ def test_a_warm_up_searches_decode_sizes_in_threads_and_the_layer_runs_plans_of_
     lin = sparse_linear(2048, 1024, torch.float16)
     layer = SemiSparseLinear(lin, keep_dense=False)
     prepare_token_counts(torch.nn.Sequential(layer), max_tokens=1024, progress=False)
-    assert threads[16] == {None} and threads[1024] == {1}  # None: plan_threads(), the CPUs this process has
+    assert threads[16] == {None} and threads[1024] == {
+        None,
+        1,
+    }  # None: plan_threads(), the CPUs this process has
     main = linear_mod.get_backend().handle(DEV)
     assert layer._plans and all(plan.handle is main for plan in layer._plans.values())
     for m in (1, 16, 100, 256, 700, 1024):

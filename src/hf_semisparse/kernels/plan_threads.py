@@ -8,12 +8,13 @@ thread uses a cuSPARSELt handle of its own: 144 plans took 40.1 s one after the 
 (14.7x), and every plan a worker built ran correctly on the main thread
 (`benchmarks/probes/probe_plan_threads.py`, `benchmarks/results/h200_probe_plan_threads_2026-12-03.json`).
 
-Worker-built plans serve the kernel search's timing only, and only where it times CUDA graph replays
+Worker-built plans serve the kernel search's timing only, from CUDA graph replays, which time the GPU alone
 (`tuning.search_alg`); the plans layers run are built on the caller's handle. In one run on the H200, a
 Llama-3-8B-shaped model whose layers ran plans made from worker handles decoded about a quarter slower eager (29
 against 39 tokens/s at batch 1, dense 33 in both runs; 2026-12-03,
 `benchmarks/results/h200_bench_generate_8b_fp16_{worker_handles,main_handle}_2026-12-03.json`): the host time of a
-call seems to depend on the handle, for reasons not known, and an eager timing would include it.
+call may depend on the handle, for reasons not known (eager decode of the version whose layers ran the main
+handle's plans varied from 0.88x to 1.19x of dense between runs too), and an eager timing would include it.
 """
 
 from __future__ import annotations

@@ -117,6 +117,9 @@ class TuningCache:
         return len(self._entries)
 
 
+LONG_CALL_US = 1000.0  # a call this long is a timed sample by itself (`time_cuda_us`)
+
+
 def time_cuda_us(fn, warmup: int = 3, repeats: int = 15, inner: int = 5, graph: bool = False) -> float:
     """Median over `repeats` of the CUDA-event time of `inner` back-to-back calls of `fn()`, per call, in us.
 
@@ -124,10 +127,20 @@ def time_cuda_us(fn, warmup: int = 3, repeats: int = 15, inner: int = 5, graph: 
     kernel time, as it would inside a model. `graph`: the calls are captured in a CUDA graph and replayed, so
     the time is the GPU's alone, as in CUDA-graph serving; for kernels shorter than their launch (decode sizes,
     where eager timings measured the host: on an H200 every 2:4 GEMM of Llama-3-8B's shapes at 16 tokens
-    "took" 15-34 us eager, near the ctypes launch cost).
+    "took" 15-34 us eager, near the ctypes launch cost). Where the last warm-up call took `LONG_CALL_US` or
+    more, each sample is one call: more would only add GPU time (large prefill sizes in a warm-up).
     """
-    for _ in range(warmup):
+    for i in range(warmup):
+        if i < warmup - 1:
+            fn()
+            continue
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
+        end.record()
+        end.synchronize()
+        if start.elapsed_time(end) * 1e3 >= LONG_CALL_US:
+            inner = 1
     run = fn
     if graph:
         stream = torch.cuda.Stream()
@@ -213,13 +226,14 @@ def compiled_call():
         _STATE.compiled_call = previous
 
 
-def time_interleaved(fns: dict, rounds: int = 5, graph: bool = False) -> dict:
+def time_interleaved(fns: dict, rounds: int = 5, graph: bool = False, inner: int | None = None) -> dict:
     """Median per key of `rounds` short timings of each function, taken in turn, so that clock and power drift
     (large on an H100: one kernel timed 241 us, then 292 us a few seconds later) hits every candidate alike."""
     samples: dict = {key: [] for key in fns}
     for _ in range(rounds):
         for key, fn in fns.items():
-            samples[key].append(time_cuda_us(fn, warmup=1, repeats=3, inner=10 if graph else 5, graph=graph))
+            calls = inner or (10 if graph else 5)
+            samples[key].append(time_cuda_us(fn, warmup=1, repeats=3, inner=calls, graph=graph))
     return {key: sorted(ts)[len(ts) // 2] for key, ts in samples.items()}
 
 
@@ -243,12 +257,16 @@ def search_alg(
     `quick`: fewer candidates, for warm-ups over many sizes (`candidate_alg_ids`): every id at decode sizes, ids
     0-15 at a shape's first prefill size and that search's fastest ids (plus ids 0-1) at later ones; split-K (not
     on compute capability 9.0, where cuSPARSELt 0.8 refused it) and Segment-K (9.0 and newer) only at decode
-    sizes, for the best id. Each candidate's plan costs about 0.18 s of host time (its algorithm selection). Where
-    candidates are timed from CUDA graph replays (decode sizes, outside compiled calls) they are built in worker
-    threads (`plan_threads.build_plans`), each with a cuSPARSELt handle of its own, and serve the timing only:
-    the plans layers run are built on `handle` (`Handle.selection`). Eager timings (prefill sizes) include each
-    call's host time, so their candidates are built on `handle`, one after the other, and the winner's selection
-    is kept for the plans that follow.
+    sizes, for the best id. Each candidate's plan costs about 0.18 s of host time (its algorithm selection).
+
+    Outside a compiled model's call the candidates are built in worker threads (`plan_threads.build_plans`), each
+    with a cuSPARSELt handle of its own, and ranked by CUDA graph replays, which time the GPU alone: a plan from
+    a worker's handle may cost more host time per eager call (`plan_threads`), and the plans layers run are built
+    on `handle`. At decode sizes the finalists and `dense` are then timed from graph replays too (their kernels
+    are shorter than a launch), and the layers' plans get a selection of their own (`Handle.selection`). At
+    prefill sizes the winner is built again on `handle` and timed eagerly against `dense`, as serving calls run
+    there, and its selection is kept for the plans that follow. Inside a compiled call (no capture may start)
+    every candidate is built on `handle`, one after the other, and timed eagerly.
 
     `dense`: the computation to compare with, called without arguments; the finalists and it are re-timed in turn
     (`time_interleaved`). `c`: search for out = x @ W^T (+ bias) + c, the C operand read in the epilogue (the best
@@ -257,11 +275,15 @@ def search_alg(
 
     Raises:
         CusparseLtError: no algorithm runs this problem.
-        ValueError: `HF_SEMISPARSE_PLAN_THREADS` is not a positive integer (a graph-timed search reads it).
+        ValueError: `HF_SEMISPARSE_PLAN_THREADS` is not a positive integer (a search outside compiled calls reads
+            it).
     """
     out = torch.empty(m, n, dtype=dtype, device=x.device)
-    # decode sizes: timed from CUDA graph replays, not host-bound eager calls
-    graph = m <= GRAPH_TIMING_MAX_M and graph_timing_allowed()
+    # outside compiled calls: candidates built in worker threads, ranked by CUDA graph replays (GPU time alone)
+    threaded = graph_timing_allowed()
+    # decode sizes: graph replays for dense and the finalists too
+    graph = m <= GRAPH_TIMING_MAX_M and threaded
+    inner = 10 if graph else 3  # calls per timed sample
 
     # each candidate gets a selection of its own: planning from one selection whose algorithm changed in between
     # crashed the process once (CHANGELOG.md)
@@ -270,12 +292,25 @@ def search_alg(
     timings: dict[AlgConfig, float] = {}
     max_id = SAFE_MAX_ALG_ID
 
+    def spec(alg: AlgConfig) -> dict:
+        return {"n": n, "k": k, "m": m, "dtype": dtype, "bias": bias, "gelu": gelu, "alg": alg}
+
+    def runner(plan: MatmulPlan, captured: bool):
+        ws = torch.empty(max(plan.workspace_size, 1), dtype=torch.uint8, device=x.device)
+        if captured:  # launch on the capturing stream
+
+            def fn(plan=plan, ws=ws):
+                plan.run(compressed, x, out, ws, torch.cuda.current_stream(x.device).cuda_stream, c=c)
+        else:
+
+            def fn(plan=plan, ws=ws):
+                plan.run(compressed, x, out, ws, stream, c=c)
+
+        return fn
+
     def measure(algs: list[AlgConfig]) -> None:
         nonlocal max_id
-        specs = [{"n": n, "k": k, "m": m, "dtype": dtype, "bias": bias, "gelu": gelu, "alg": a} for a in algs]
-        # worker threads only where the timing is a CUDA graph replay's: an eager timing includes the host time of
-        # the call, which a plan from a worker's handle may change (see `plan_threads`), so it is built here
-        built = build_plans(handle, specs, make=MatmulPlan, threads=None if graph else 1)
+        built = build_plans(handle, [spec(a) for a in algs], make=MatmulPlan, threads=None if threaded else 1)
         for plan in built:
             if plan is not None:  # ids above the shape's own maximum are never run (some crash on an H100)
                 max_id = min(max_id, plan.max_alg_id())
@@ -283,18 +318,9 @@ def search_alg(
         for alg, plan in zip(algs, built, strict=True):
             if plan is None or alg.alg_id > max_id:
                 continue
-            ws = torch.empty(max(plan.workspace_size, 1), dtype=torch.uint8, device=x.device)
-            if graph:  # captured: launch on the capturing stream
-
-                def fn(plan=plan, ws=ws):
-                    plan.run(compressed, x, out, ws, torch.cuda.current_stream(x.device).cuda_stream, c=c)
-            else:
-
-                def fn(plan=plan, ws=ws):
-                    plan.run(compressed, x, out, ws, stream, c=c)
-
+            fn = runner(plan, threaded)
             try:
-                timings[alg] = time_cuda_us(fn, warmup=1, repeats=3, inner=10 if graph else 3, graph=graph)
+                timings[alg] = time_cuda_us(fn, warmup=1, repeats=3, inner=inner, graph=threaded)
             except CusparseLtError:
                 continue
             plans[alg], runners[alg] = plan, fn
@@ -325,9 +351,23 @@ def search_alg(
                 variants.append(AlgConfig(alg.alg_id, split_k, mode))
     if variants:
         measure(variants)
-    best, best_us, dense_us = pick_finalist(timings, runners, dense, graph=graph)
-    if plans[best].handle is handle:  # a worker thread's plan only times: layers plan on the caller's handle
-        handle.adopt_selection(plans[best], bias)
+    if threaded and not graph:  # prefill: the GPU's fastest, built again on `handle`, against dense eagerly
+        best, _, _ = pick_finalist(timings, runners, graph=True, inner=inner)
+        plan = plans[best]
+        if plan.handle is not handle:
+            (plan,) = build_plans(handle, [spec(best)], make=MatmulPlan, threads=1)
+            if plan is None:
+                raise CusparseLtError(f"cuSPARSELt refused {best} for N{n} K{k} M{m} on the caller's handle")
+        fns = {"sparse": runner(plan, captured=False)}
+        if dense is not None:
+            fns["dense"] = dense
+        final = time_interleaved(fns)
+        best_us, dense_us = final["sparse"], final.get("dense")
+    else:
+        best, best_us, dense_us = pick_finalist(timings, runners, dense, graph=graph)
+        plan = plans[best]
+    if plan.handle is handle:  # a worker thread's plan only times: layers plan on the caller's handle
+        handle.adopt_selection(plan, bias)
     return best, best_us, dense_us
 
 
@@ -348,13 +388,20 @@ def candidate_alg_ids(max_id: int, quick: bool, ranking: list[int] | None, decod
     return sorted(ids)
 
 
-def pick_finalist(timings: dict, runners: dict, dense=None, finalists: int = 3, graph: bool = False) -> tuple:
+def pick_finalist(
+    timings: dict,
+    runners: dict,
+    dense=None,
+    finalists: int = 3,
+    graph: bool = False,
+    inner: int | None = None,
+) -> tuple:
     """The `finalists` fastest candidates of a first timing pass, timed again in turn with `dense` (one noisy
     sample should not pick the kernel or the path): the fastest, its median time (us), and `dense`'s (or None)."""
     ranked = sorted(timings, key=timings.get)[:finalists]
     candidates = {key: runners[key] for key in ranked}
     if dense is not None:
         candidates["dense"] = dense
-    final = time_interleaved(candidates, graph=graph)
+    final = time_interleaved(candidates, graph=graph, inner=inner)
     best = min(ranked, key=final.get)
     return best, final[best], final.get("dense")
