@@ -264,3 +264,23 @@ def test_cli_verify_says_when_files_hold_no_digests(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "CRC32" in out and "every tensor matches" not in out
     assert "1 weight file(s) hold no CRC32 record (model.safetensors" in out
+
+
+def test_cli_push_base_model_goes_into_the_uploaded_copy_of_an_existing_card(
+    sparse_ckpt, monkeypatch, capsys
+):
+    """`--base-model` sets the metadata of the card that goes up, whether push wrote it or it existed; the local
+    card keeps its bytes. A value that is not a Hub id stops push before anything is read or sent."""
+    _, path = sparse_ckpt
+    local = render_model_card(checkpoint_dir=path, repo_id=Path(path).as_posix())
+    (path / "README.md").write_text(local)
+    uploaded = {}
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: None)
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: None)
+    monkeypatch.setattr(HfApi, "upload_file", lambda self, **kw: uploaded.update(card=kw["path_or_fileobj"]))
+    assert main(["push", str(path), "me/bert-24", "--base-model", "org/bert-base"]) == 0
+    head, body = uploaded["card"].decode().split("---\n", 2)[1:]
+    assert "base_model: org/bert-base" in head and "license: apache-2.0" in head
+    assert 'from_pretrained("me/bert-24"' in body and (path / "README.md").read_text() == local
+    assert main(["push", str(path), "me/bert-24", "--base-model", "no good!"]) == 2
+    assert "'no good!' is not a Hub --base-model" in capsys.readouterr().err

@@ -66,7 +66,8 @@ def test_the_llm_workflow_end_to_end(tiny_llm):
     # rendered from the saved folder: the facts of the files, and a load snippet that finds them
     assert f"{result['target_bytes_ratio']:.2f}" in card and "stored dense" not in card
     assert f'from_pretrained("{os.path.normpath(out)}"' in card
-    assert "license: other" in card
+    assert "license: other" in card and "base_model" not in card  # a local --model names no base model
+    assert "`transformers.LlamaForCausalLM.from_pretrained`" in card
     assert (out / "tokenizer.json").is_file() or (out / "vocab.txt").is_file()
     assert {"results.json", "results.md", "config.json"} <= set(os.listdir(out))
     assert not [n for n in os.listdir(out) if os.path.isdir(out / n)]  # no Trainer leftovers

@@ -42,7 +42,7 @@ def smoke_args(out, model=MODEL, train=TRAIN, valid=VALID):
 
 
 def test_smoke_run_end_to_end(tmp_path):
-    out = run_squad.main(smoke_args(tmp_path))
+    out = run_squad.main([*smoke_args(tmp_path), "--base-model", "sentence-transformers/all-MiniLM-L6-v2"])
     assert out["label"].startswith("SMOKE RUN")
     assert list(out["results"]) == ["dense", "one-shot 2:4", "recovered 2:4", "loaded sparse checkpoint"]
     for r in out["results"].values():
@@ -57,9 +57,19 @@ def test_smoke_run_end_to_end(tmp_path):
     snippet = f'from_pretrained("{os.path.normpath(tmp_path / "sparse")}"'
     assert snippet in card  # the saved folder, not a made-up Hub id
     assert f"# {tmp_path.name}" in card  # titled after the run's folder, not "sparse"
+    assert "> **SMOKE RUN: tiny model, few examples; these numbers mean nothing**" in card
+    assert "base_model: sentence-transformers/all-MiniLM-L6-v2" in card.split("---")[1]  # the metadata
+    assert "`transformers.BertForQuestionAnswering.from_pretrained`" in card and "ForCausalLM" not in card
     assert "| dense |" in (tmp_path / "results.md").read_text()
     loaded = AutoSparseModel.from_pretrained(tmp_path / "sparse")
     assert isinstance(loaded, torch.nn.Module) and (tmp_path / "sparse" / "tokenizer.json").exists()
+
+
+def test_a_base_model_that_is_not_a_hub_id_is_refused_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run_squad.main([*smoke_args(tmp_path / "out"), "--base-model", "not a hub id"])
+    assert "--base-model 'not a hub id' is not a Hub id" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_model_folder_that_does_not_exist_is_named(tmp_path):

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -70,6 +71,11 @@ class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaults
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=_Formatter)
     p.add_argument("--model", required=True, help="a causal-LM folder or Hub id (decoder-only)")
+    p.add_argument(
+        "--base-model",
+        default=None,
+        help="the Hub id the model card names as the base model (default: --model where it is a Hub id)",
+    )
     p.add_argument(
         "--train-text", required=True, help="a .txt file or a folder of them: calibration and recovery"
     )
@@ -122,6 +128,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--overwrite", action="store_true", help="write into an --output-dir that holds a checkpoint already"
     )
     args = p.parse_args(argv)
+    if args.base_model is not None:
+        try:
+            validate_repo_id(args.base_model)
+        except HFValidationError as exc:
+            p.error(f"--base-model {args.base_model!r} is not a Hub id (owner/name): {exc}")
     if args.reconstruct_epochs is None:
         args.reconstruct_epochs = 0 if args.method == "magnitude" else 8
     if args.device.startswith("cuda"):
@@ -373,7 +384,7 @@ def main(argv=None) -> dict:
     card = render_model_card(  # from the saved folder: its config.json says what the files hold
         checkpoint_dir=checkpoint,
         repo_id=Path(os.path.normpath(checkpoint)).as_posix(),  # `hf-semisparse push` points it at the repo
-        base_model=None if os.path.isdir(args.model) else args.model,
+        base_model=args.base_model or (None if os.path.isdir(args.model) else args.model),
         license=inputs.license,
         results=table,
         results_command=command,

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from tqdm.auto import tqdm
 from transformers import (
     AutoModelForQuestionAnswering,
@@ -73,6 +74,11 @@ from hf_semisparse.utils import atomic_write_text, write_json  # noqa: E402
 def build_parser(with_method: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="bert-base-cased", help="Hub id or local folder (with a tokenizer)")
+    p.add_argument(
+        "--base-model",
+        default=None,
+        help="the Hub id the model card names as the base model (default: --model where it is a Hub id)",
+    )
     p.add_argument("--train-file", default=None, help="local SQuAD v1.1 JSON; default: the Hub's 'squad'")
     p.add_argument("--validation-file", default=None)
     p.add_argument("--output-dir", default="outputs/squad")
@@ -132,7 +138,14 @@ def build_parser(with_method: bool = True) -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None):
-    return finish_args(build_parser().parse_args(argv))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.base_model is not None:
+        try:
+            validate_repo_id(args.base_model)
+        except HFValidationError as exc:
+            parser.error(f"--base-model {args.base_model!r} is not a Hub id (owner/name): {exc}")
+    return finish_args(args)
 
 
 def finish_args(args):
@@ -505,12 +518,13 @@ def main(argv=None) -> dict:
         # the snippet loads the folder itself, not a Hub id (`hf-semisparse push` points it at the repo)
         repo_id=Path(os.path.normpath(sparse_dir)).as_posix(),
         model_name=os.path.basename(os.path.abspath(args.output_dir)),
-        base_model=None if os.path.isdir(args.model) else args.model,
+        base_model=args.base_model or (None if os.path.isdir(args.model) else args.model),
         datasets=["squad"],
         results=table,
         results_command=command,
         speedups=speed or None,
         recovered=True,
+        notice=smoke_label(args) or None,
     )
     atomic_write_text(os.path.join(sparse_dir, "README.md"), card)
 

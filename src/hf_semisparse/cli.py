@@ -433,10 +433,12 @@ def _is_sparse(report: dict) -> bool:
 def _push(args) -> int:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    try:
-        validate_repo_id(args.repo_id)
-    except HFValidationError as exc:
-        raise CliInputError(f"{args.repo_id!r} is not a Hub repo id (owner/name): {exc}") from None
+    for what, value in (("repo id", args.repo_id), ("--base-model", args.base_model)):
+        try:
+            if value is not None:
+                validate_repo_id(value)
+        except HFValidationError as exc:
+            raise CliInputError(f"{value!r} is not a Hub {what} (owner/name): {exc}") from None
     report = inspect_checkpoint(args.path, verify_data=True)  # every time, whether or not a card exists
     if not _is_sparse(report):
         bad = [layer["module"] for layer in report["layers"] if not layer["is_24"]]
@@ -447,7 +449,7 @@ def _push(args) -> int:
         return 1
     from huggingface_hub import HfApi
 
-    from .hub import point_card_at, render_model_card
+    from .hub import point_card_at, render_model_card, set_base_model
     from .utils import atomic_write_text
 
     readme = os.path.join(args.path, "README.md")
@@ -463,6 +465,13 @@ def _push(args) -> int:
         except UnicodeDecodeError:
             text = None  # uploaded as it is
         pointed_text = None if text is None else point_card_at(text, args.repo_id, args.path)
+        if args.base_model and pointed_text is not None:
+            pointed_text = set_base_model(pointed_text, args.base_model)
+        elif args.base_model:
+            print(
+                f"hf-semisparse push: {readme} is not UTF-8: uploaded as it is, without --base-model",
+                file=sys.stderr,
+            )
         if pointed_text is not None and pointed_text != text:
             pointed = pointed_text.encode("utf-8")
     try:
@@ -578,12 +587,27 @@ def build_parser() -> argparse.ArgumentParser:
         "push",
         help="check a sparse checkpoint folder (every time) and upload it (adds a model card if it has none)",
     )
-    p.add_argument("path")
-    p.add_argument("repo_id")
-    p.add_argument("--private", action="store_true")
-    p.add_argument("--token", default=None)
-    p.add_argument("--base-model", default=None)
-    p.add_argument("--message", default="Upload 2:4 sparse model (hf_semisparse)")
+    p.add_argument(
+        "path",
+        help="the checkpoint folder (save_sparse_pretrained's or an example's); only a missing README.md card is written",
+    )
+    p.add_argument(
+        "repo_id", help="the Hub model repo to upload to (owner/name); created if it does not exist"
+    )
+    p.add_argument(
+        "--private", action="store_true", help="create the repo private (an existing one is unchanged)"
+    )
+    p.add_argument(
+        "--token", default=None, help="a Hub token (default: HF_TOKEN or the one `hf auth login` saved)"
+    )
+    p.add_argument(
+        "--base-model",
+        default=None,
+        help="the Hub id the model was pruned from: the card's base_model (also in an existing card's uploaded copy)",
+    )
+    p.add_argument(
+        "--message", default="Upload 2:4 sparse model (hf_semisparse)", help="the commit message on the Hub"
+    )
     p.set_defaults(func=_push)
     p = sub.add_parser(
         "build-kernels", help="compile our CUTLASS 2:4 kernels for Hopper (needs nvcc and nvidia-cutlass)"

@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import transformers
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 from torch import nn
 
@@ -42,6 +43,14 @@ def point_card_at(card: str, repo_id: str, folder: str | os.PathLike) -> str:
     return re.sub(r'(AutoSparseModel\.from_pretrained\(")([^"]*)(")', point, card)
 
 
+def set_base_model(card: str, base_model: str) -> str:
+    """`card` (a model card's text) with `base_model` (a Hub id) as its metadata's `base_model`; a card without
+    metadata gets a header holding only that. The Markdown body is kept as it is."""
+    parsed = ModelCard(card)
+    parsed.data.base_model = base_model
+    return str(parsed)
+
+
 def render_model_card(
     model: nn.Module | None = None,
     *,
@@ -56,13 +65,19 @@ def render_model_card(
     speedups: list[dict] | None = None,
     speed_command: str | None = None,
     recovered: bool = False,
+    notice: str | None = None,
 ) -> str:
     """Render the model card (YAML metadata + Markdown) of a 2:4 model.
 
-    The sparsity facts come from a saved checkpoint's `config.json` (`checkpoint_dir`) or from `model.config`.
-    `results` and `speedups` are table rows: dicts with a "name" and one value per column, e.g.
-    `{"name": "dense", "EM": 78.5, "F1": 86.9}`. `repo_id` is what the card's snippet loads (a Hub id or a folder);
-    `model_name`, the card's title, is its last part unless given.
+    The sparsity facts come from a saved checkpoint's `config.json` (`checkpoint_dir`) or from `model.config`,
+    and so does the transformers class the card names (`architectures`). `results` and `speedups` are table
+    rows: dicts with a "name" and one value per column, e.g. `{"name": "dense", "EM": 78.5, "F1": 86.9}`.
+    `repo_id` is what the card's snippet loads (a Hub id or a folder); `model_name`, the card's title, is its
+    last part unless given. `base_model`: the Hub id the model was pruned from (the card's metadata and first
+    line). `notice`: a line shown in bold under the title (e.g. that a smoke run's numbers mean nothing).
+
+    Raises:
+        ValueError: neither `model` nor `checkpoint_dir`, or the model records no 2:4 targets.
     """
     if checkpoint_dir is not None:
         with open(os.path.join(checkpoint_dir, "config.json"), encoding="utf-8") as f:
@@ -103,6 +118,9 @@ def render_model_card(
         method=ours.get("mask_source") or ours.get("method", "magnitude"),
         pattern=ours.get("pattern", sparsity.get("sparsity_structure", "2:4")),
         recovered=recovered,
+        notice=notice,
+        # the class transformers has under that name (a custom class has none: the card then names none)
+        architecture=next((a for a in config.get("architectures") or [] if hasattr(transformers, a)), None),
         targets=targets,
         num_targets=len(targets),
         num_linear=len(targets) + len(ignore),
