@@ -282,5 +282,10 @@ def test_cli_push_base_model_goes_into_the_uploaded_copy_of_an_existing_card(
     head, body = uploaded["card"].decode().split("---\n", 2)[1:]
     assert "base_model: org/bert-base" in head and "license: apache-2.0" in head
     assert 'from_pretrained("me/bert-24"' in body and (path / "README.md").read_text() == local
+    config = json.loads((path / "config.json").read_text())
+    config["architectures"] = ["MyCustomBert"]  # a class transformers does not have: the card names none
+    (path / "config.json").write_text(json.dumps(config))
+    card = render_model_card(checkpoint_dir=path, repo_id="me/x")
+    assert "MyCustomBert" not in card and "`from_pretrained` of its transformers class" in card
     assert main(["push", str(path), "me/bert-24", "--base-model", "no good!"]) == 2
-    assert "'no good!' is not a Hub --base-model" in capsys.readouterr().err
+    assert "--base-model 'no good!' is not a Hub repo id" in capsys.readouterr().err

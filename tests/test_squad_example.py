@@ -68,7 +68,7 @@ def test_smoke_run_end_to_end(tmp_path):
 def test_a_base_model_that_is_not_a_hub_id_is_refused_before_any_work(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run_squad.main([*smoke_args(tmp_path / "out"), "--base-model", "not a hub id"])
-    assert "--base-model 'not a hub id' is not a Hub id" in capsys.readouterr().err
+    assert "--base-model 'not a hub id' is not a Hub repo id" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

@@ -318,13 +318,14 @@ def _search_stand_ins(max_id: int, built: list | None = None):
         device_name = "stand-in"
 
         def __init__(self):
-            self.adopted = []
+            self.adopted, self.adopted_bias = [], []
 
         def sibling(self):
             return Handle()
 
         def adopt_selection(self, plan, bias):
             self.adopted.append(plan)
+            self.adopted_bias.append(bias)
 
     return Plan, Handle
 
@@ -502,17 +503,26 @@ def test_pad_buffers_made_in_inference_mode_can_be_written_outside_it(backend):
 
 
 @pytest.mark.parametrize(
-    "threads, tokens, compiled",
-    [(1, 16, False), (2, 16, False), (1, 512, False), (2, 512, False), (2, 16, True), (2, 512, True)],
+    "threads, tokens, compiled, with_dense",
+    [
+        (1, 16, False, True),
+        (2, 16, False, True),
+        (1, 512, False, True),
+        (2, 512, False, True),
+        (2, 512, False, False),
+        (2, 16, True, True),
+        (2, 512, True, True),
+    ],
 )
 def test_worker_threads_build_candidates_and_the_layers_plan_on_the_callers_handle(
-    monkeypatch, threads, tokens, compiled
+    monkeypatch, threads, tokens, compiled, with_dense
 ):
     """Outside compiled calls candidates are built by worker threads (their own cuSPARSELt handles) and ranked by
     CUDA graph replays: on an H200 a model whose layers ran plans made from those handles decoded slower eager
     (2026-12-03). At prefill sizes the winner is built again on the caller's handle, timed eagerly against dense,
     and its selection kept for the layers' plans; at decode sizes (graph-timed to the end) the layers make their
-    own. Inside a compiled call every candidate is built on the caller's handle and timed eagerly."""
+    own. Inside a compiled call every candidate is built on the caller's handle and timed eagerly. The selection
+    kept is adopted with the layer's own bias tensor (its descriptor holds that address)."""
     from hf_semisparse.kernels import tuning
 
     built = []
@@ -535,45 +545,102 @@ def test_worker_threads_build_candidates_and_the_layers_plan_on_the_callers_hand
     monkeypatch.setattr(tuning.torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(tuning, "_SHAPE_RANKING", {})
     handle = FakeHandle()
-    x = torch.zeros(tokens, 64)
+    x, bias = torch.zeros(tokens, 64), torch.zeros(64)
     with tuning.compiled_call() if compiled else contextlib.nullcontext():
         alg, us, dense_us = tuning.search_alg(
-            handle, 64, 64, tokens, torch.float16, None, False, None, x, 0, dense=lambda: x, quick=True
+            handle,
+            64,
+            64,
+            tokens,
+            torch.float16,
+            bias,
+            False,
+            None,
+            x,
+            0,
+            dense=(lambda: x) if with_dense else None,
+            quick=True,
         )
-    assert alg.alg_id == 5 and alg.split_k == 1 and dense_us == 1.0
+    assert alg.alg_id == 5 and alg.split_k == 1 and dense_us == (1.0 if with_dense else None) and us == 10.0
     on_caller = [a for _, a, h in built if h is handle]
     kept = [p.alg for p in handle.adopted]
     if compiled:  # everything on the caller's handle, timed eagerly
         assert len(on_caller) == len(built) and not any(graphs) and kept == [alg]
     elif tokens <= tuning.GRAPH_TIMING_MAX_M:  # decode: graph replays to the end
         assert all(graphs) and eager_finals == []
-        assert (on_caller, kept) == ((on_caller, [alg]) if threads == 1 else ([], []))
+        if threads == 1:  # built here: the winner's selection is kept
+            assert len(on_caller) == len(built) and kept == [alg]
+        else:
+            assert on_caller == [] and kept == []
     else:  # prefill: ranked on the GPU alone, the winner (built again here) timed eagerly against dense
-        assert eager_finals == [["dense", "sparse"]] and us == 10.0 and kept == [alg]
+        assert eager_finals == ([["dense", "sparse"]] if with_dense else []) and kept == [alg]
         assert len(on_caller) == len(built) if threads == 1 else on_caller == [alg]
     assert all(p.handle is handle for p in handle.adopted)
+    assert all(b is bias for b in handle.adopted_bias)
 
 
-@pytest.mark.parametrize("call_ms, calls", [(0.02, 1 + 3 * 5), (2.0, 1 + 3)])
-def test_long_kernels_are_timed_one_call_per_sample(monkeypatch, call_ms, calls):
-    """A kernel of a millisecond or more (large prefill sizes) is timed one call per sample: more calls would only
-    add GPU time to a warm-up. Shorter ones keep several calls per sample. Either way the time is per call."""
+@pytest.mark.parametrize(
+    "first_ms, call_ms, graph, calls",
+    [
+        (0.02, 0.02, False, 1 + 1 + 3 * 5),  # short: 5 calls per sample
+        (5.0, 0.02, False, 1 + 1 + 3 * 5),  # only the first call is slow (a kernel loaded): still short
+        (2.0, 2.0, False, 1 + 1 + 3 * 2),  # long: one timed call per sample, after an untimed one
+        (2.0, 2.0, True, 1 + 1 + 1 + 3 * 2),  # the same from graph replays (plus the side stream's warm-up)
+    ],
+)
+def test_long_kernels_are_timed_one_call_per_sample(monkeypatch, first_ms, call_ms, graph, calls):
+    """A kernel of a millisecond or more (large prefill sizes) is timed one call per sample, with an untimed call
+    before it so that no launch gap enters the sample: more calls would only add GPU time to a warm-up. Whether a
+    kernel is that long is judged after the warm-up (a first call can load the kernel), and shorter ones keep
+    several calls per sample. Either way the time is per call."""
     from hf_semisparse.kernels import tuning
 
-    class Event:  # a CUDA event on a clock that advances `call_ms` per call of the timed function
+    ran = []  # the duration (ms) of each call of the timed function, on a fake GPU clock
+    capturing = []  # the graph being captured, while one is
+
+    class Event:
         def __init__(self, enable_timing=False):
             pass
 
         def record(self):
-            self.at = len(made_calls)
+            self.at = sum(ran)
 
         def synchronize(self):
             pass
 
         def elapsed_time(self, end):
-            return (end.at - self.at) * call_ms
+            return end.at - self.at
 
-    made_calls = []
-    monkeypatch.setattr(tuning.torch.cuda, "Event", Event)
-    us = tuning.time_cuda_us(lambda: made_calls.append(1), warmup=1, repeats=3, inner=5)
-    assert us == pytest.approx(call_ms * 1e3) and len(made_calls) == calls
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    class Graph:  # replays the calls made while it was captured
+        def __init__(self):
+            self.calls = []
+
+        def replay(self):
+            for call in self.calls:
+                call()
+
+    @contextlib.contextmanager
+    def capture(graph, stream=None):
+        capturing.append(graph)
+        yield
+        capturing.pop()
+
+    def fn():
+        if capturing:
+            capturing[-1].calls.append(fn)  # recorded, not run
+        else:
+            ran.append(first_ms if not ran else call_ms)
+
+    cuda = tuning.torch.cuda
+    monkeypatch.setattr(cuda, "Event", Event)
+    monkeypatch.setattr(cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(cuda, "graph", capture)
+    monkeypatch.setattr(cuda, "Stream", Stream)
+    monkeypatch.setattr(cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(cuda, "current_stream", lambda *args: Stream())
+    us = tuning.time_cuda_us(fn, warmup=1, repeats=3, inner=5, graph=graph)
+    assert us == pytest.approx(call_ms * 1e3) and len(ran) == calls

@@ -132,7 +132,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         try:
             validate_repo_id(args.base_model)
         except HFValidationError as exc:
-            p.error(f"--base-model {args.base_model!r} is not a Hub id (owner/name): {exc}")
+            p.error(f"--base-model {args.base_model!r} is not a Hub repo id (owner/name): {exc}")
     if args.reconstruct_epochs is None:
         args.reconstruct_epochs = 0 if args.method == "magnitude" else 8
     if args.device.startswith("cuda"):

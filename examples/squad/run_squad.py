@@ -74,11 +74,6 @@ from hf_semisparse.utils import atomic_write_text, write_json  # noqa: E402
 def build_parser(with_method: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="bert-base-cased", help="Hub id or local folder (with a tokenizer)")
-    p.add_argument(
-        "--base-model",
-        default=None,
-        help="the Hub id the model card names as the base model (default: --model where it is a Hub id)",
-    )
     p.add_argument("--train-file", default=None, help="local SQuAD v1.1 JSON; default: the Hub's 'squad'")
     p.add_argument("--validation-file", default=None)
     p.add_argument("--output-dir", default="outputs/squad")
@@ -108,6 +103,11 @@ def build_parser(with_method: bool = True) -> argparse.ArgumentParser:
             "--distill",
             action="store_true",
             help="recover with the fine-tuned dense model as a teacher (KL on start/end logits)",
+        )
+        p.add_argument(  # the single-run script writes a model card; the comparisons write none
+            "--base-model",
+            default=None,
+            help="the Hub id the model card names as the base model (default: --model where it is a Hub id)",
         )
     p.add_argument("--recovery-learning-rate", type=float, default=None, help="default --learning-rate")
     p.add_argument(
@@ -144,7 +144,7 @@ def parse_args(argv=None):
         try:
             validate_repo_id(args.base_model)
         except HFValidationError as exc:
-            parser.error(f"--base-model {args.base_model!r} is not a Hub id (owner/name): {exc}")
+            parser.error(f"--base-model {args.base_model!r} is not a Hub repo id (owner/name): {exc}")
     return finish_args(args)
 
 

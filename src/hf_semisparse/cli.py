@@ -433,12 +433,15 @@ def _is_sparse(report: dict) -> bool:
 def _push(args) -> int:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    for what, value in (("repo id", args.repo_id), ("--base-model", args.base_model)):
+    for name, value in (
+        (f"{args.repo_id!r}", args.repo_id),
+        (f"--base-model {args.base_model!r}", args.base_model),
+    ):
         try:
             if value is not None:
                 validate_repo_id(value)
         except HFValidationError as exc:
-            raise CliInputError(f"{value!r} is not a Hub {what} (owner/name): {exc}") from None
+            raise CliInputError(f"{name} is not a Hub repo id (owner/name): {exc}") from None
     report = inspect_checkpoint(args.path, verify_data=True)  # every time, whether or not a card exists
     if not _is_sparse(report):
         bad = [layer["module"] for layer in report["layers"] if not layer["is_24"]]
@@ -589,7 +592,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "path",
-        help="the checkpoint folder (save_sparse_pretrained's or an example's); only a missing README.md card is written",
+        help="the checkpoint folder (save_sparse_pretrained's or an example's); only a missing README.md "
+        "card is written",
     )
     p.add_argument(
         "repo_id", help="the Hub model repo to upload to (owner/name); created if it does not exist"
@@ -603,7 +607,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--base-model",
         default=None,
-        help="the Hub id the model was pruned from: the card's base_model (also in an existing card's uploaded copy)",
+        help="the Hub id the model was pruned from: the card's base_model (also in the uploaded copy of "
+        "an existing card)",
     )
     p.add_argument(
         "--message", default="Upload 2:4 sparse model (hf_semisparse)", help="the commit message on the Hub"

@@ -119,8 +119,7 @@ def render_model_card(
         pattern=ours.get("pattern", sparsity.get("sparsity_structure", "2:4")),
         recovered=recovered,
         notice=notice,
-        # the class transformers has under that name (a custom class has none: the card then names none)
-        architecture=next((a for a in config.get("architectures") or [] if hasattr(transformers, a)), None),
+        architecture=_transformers_class(config),
         targets=targets,
         num_targets=len(targets),
         num_linear=len(targets) + len(ignore),
@@ -136,6 +135,18 @@ def render_model_card(
         speed_command=speed_command,
     )
     return str(card)
+
+
+def _transformers_class(config: dict) -> str | None:
+    """The first of `config.architectures` that transformers has a class for; None for a custom class (or one
+    whose lazy import fails here): the card then names none."""
+    for name in config.get("architectures") or []:
+        try:
+            getattr(transformers, name)
+        except Exception:  # AttributeError, or an optional dependency the lazy import needs
+            continue
+        return name
+    return None
 
 
 def _load_dtype(config: dict) -> str:

@@ -527,10 +527,12 @@ def test_plans_built_in_worker_threads_compute_the_layer():
         torch.cuda.set_device(0)
 
 
-def test_a_warm_up_searches_in_threads_and_the_layer_runs_plans_of_the_main_handle(monkeypatch):
+@pytest.mark.parametrize("keep_dense", [False, True])
+def test_a_warm_up_searches_in_threads_and_the_layer_runs_plans_of_the_main_handle(monkeypatch, keep_dense):
     """Every size's candidates are built by worker threads; a prefill size's winner is built again on this
-    thread's handle (`threads=1`); the plans the layer keeps, and runs, are built on the backend's handle of this
-    thread (plans from worker handles ran eager decode slower on an H200)."""
+    thread's handle (`threads=1`) and, where a dense weight is kept, timed eagerly against it; the plans the
+    layer keeps, and runs, are built on the backend's handle of this thread (plans from worker handles ran eager
+    decode slower on an H200)."""
     from hf_semisparse.kernels import prepare_token_counts, tuning
 
     threads = {}
@@ -542,12 +544,12 @@ def test_a_warm_up_searches_in_threads_and_the_layer_runs_plans_of_the_main_hand
 
     monkeypatch.setattr(tuning, "build_plans", spy)
     lin = sparse_linear(2048, 1024, torch.float16)
-    layer = SemiSparseLinear(lin, keep_dense=False)
+    layer = SemiSparseLinear(lin, keep_dense=keep_dense)
     prepare_token_counts(torch.nn.Sequential(layer), max_tokens=1024, progress=False)
-    assert threads[16] == {None} and threads[1024] == {
-        None,
-        1,
-    }  # None: plan_threads(), the CPUs this process has
+    # None: plan_threads(), the CPUs this process has
+    assert threads[16] == {None} and threads[1024] == {None, 1}
+    decisions = linear_mod.get_backend().cache._entries.values()
+    assert decisions and all((d.dense_us is not None) == keep_dense for d in decisions)
     main = linear_mod.get_backend().handle(DEV)
     assert layer._plans and all(plan.handle is main for plan in layer._plans.values())
     for m in (1, 16, 100, 256, 700, 1024):

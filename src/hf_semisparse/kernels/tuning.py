@@ -127,20 +127,23 @@ def time_cuda_us(fn, warmup: int = 3, repeats: int = 15, inner: int = 5, graph: 
     kernel time, as it would inside a model. `graph`: the calls are captured in a CUDA graph and replayed, so
     the time is the GPU's alone, as in CUDA-graph serving; for kernels shorter than their launch (decode sizes,
     where eager timings measured the host: on an H200 every 2:4 GEMM of Llama-3-8B's shapes at 16 tokens
-    "took" 15-34 us eager, near the ctypes launch cost). Where the last warm-up call took `LONG_CALL_US` or
-    more, each sample is one call: more would only add GPU time (large prefill sizes in a warm-up).
+    "took" 15-34 us eager, near the ctypes launch cost).
+
+    After the `warmup` calls (which may pay first-use costs, such as loading a kernel), one more call is timed:
+    where it takes `LONG_CALL_US` or more (large prefill sizes), each sample is one call, more would only add
+    GPU time, and one untimed call before each sample keeps the GPU busy while the timed one is launched, so
+    no launch gap enters the sample.
     """
-    for i in range(warmup):
-        if i < warmup - 1:
-            fn()
-            continue
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+    for _ in range(warmup):
         fn()
-        end.record()
-        end.synchronize()
-        if start.elapsed_time(end) * 1e3 >= LONG_CALL_US:
-            inner = 1
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    long_call = start.elapsed_time(end) * 1e3 >= LONG_CALL_US
+    if long_call:
+        inner = 1
     run = fn
     if graph:
         stream = torch.cuda.Stream()
@@ -155,6 +158,8 @@ def time_cuda_us(fn, warmup: int = 3, repeats: int = 15, inner: int = 5, graph: 
         run = captured.replay
     times = []
     for _ in range(repeats):
+        if long_call:
+            run()  # untimed: the GPU is busy while the timed call is launched
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         if graph:
@@ -200,9 +205,9 @@ QUICK_PREFILL_HEURISTIC_IDS = 2  # later quick searches at prefill sizes also tr
 # (GPU, N, K, dtype, bias, GELU, residual) -> the ids of its first prefill search, fastest first
 _SHAPE_RANKING: dict[tuple, list[int]] = {}
 QUICK_SPLIT_K_MAX_M = 256  # a quick search tries split-K at these token counts only (decode)
-GRAPH_TIMING_MAX_M = (
-    256  # searches at these token counts time CUDA graph replays (`time_cuda_us(graph=True)`)
-)
+# decode sizes: a search times dense and its finalists from CUDA graph replays too (`time_cuda_us(graph=True)`);
+# above, only the first pass over the candidates is graph-timed, and the winner is timed eagerly against dense
+GRAPH_TIMING_MAX_M = 256
 
 
 _STATE = threading.local()
@@ -228,11 +233,12 @@ def compiled_call():
 
 def time_interleaved(fns: dict, rounds: int = 5, graph: bool = False, inner: int | None = None) -> dict:
     """Median per key of `rounds` short timings of each function, taken in turn, so that clock and power drift
-    (large on an H100: one kernel timed 241 us, then 292 us a few seconds later) hits every candidate alike."""
+    (large on an H100: one kernel timed 241 us, then 292 us a few seconds later) hits every candidate alike.
+    `inner`: calls per sample (`time_cuda_us`); default 10 replayed from a CUDA graph (`graph`), else 5."""
     samples: dict = {key: [] for key in fns}
+    calls = inner or (10 if graph else 5)
     for _ in range(rounds):
         for key, fn in fns.items():
-            calls = inner or (10 if graph else 5)
             samples[key].append(time_cuda_us(fn, warmup=1, repeats=3, inner=calls, graph=graph))
     return {key: sorted(ts)[len(ts) // 2] for key, ts in samples.items()}
 
@@ -265,8 +271,9 @@ def search_alg(
     on `handle`. At decode sizes the finalists and `dense` are then timed from graph replays too (their kernels
     are shorter than a launch), and the layers' plans get a selection of their own (`Handle.selection`). At
     prefill sizes the winner is built again on `handle` and timed eagerly against `dense`, as serving calls run
-    there, and its selection is kept for the plans that follow. Inside a compiled call (no capture may start)
-    every candidate is built on `handle`, one after the other, and timed eagerly.
+    there (without `dense`, its GPU time is returned), and its selection is kept for the plans that follow.
+    Inside a compiled call (no capture may start) every candidate is built on `handle`, one after the other, and
+    timed eagerly.
 
     `dense`: the computation to compare with, called without arguments; the finalists and it are re-timed in turn
     (`time_interleaved`). `c`: search for out = x @ W^T (+ bias) + c, the C operand read in the epilogue (the best
@@ -280,9 +287,9 @@ def search_alg(
     """
     out = torch.empty(m, n, dtype=dtype, device=x.device)
     # outside compiled calls: candidates built in worker threads, ranked by CUDA graph replays (GPU time alone)
-    threaded = graph_timing_allowed()
+    outside_compiled = graph_timing_allowed()
     # decode sizes: graph replays for dense and the finalists too
-    graph = m <= GRAPH_TIMING_MAX_M and threaded
+    graph = m <= GRAPH_TIMING_MAX_M and outside_compiled
     inner = 10 if graph else 3  # calls per timed sample
 
     # each candidate gets a selection of its own: planning from one selection whose algorithm changed in between
@@ -310,7 +317,8 @@ def search_alg(
 
     def measure(algs: list[AlgConfig]) -> None:
         nonlocal max_id
-        built = build_plans(handle, [spec(a) for a in algs], make=MatmulPlan, threads=None if threaded else 1)
+        threads = None if outside_compiled else 1
+        built = build_plans(handle, [spec(a) for a in algs], make=MatmulPlan, threads=threads)
         for plan in built:
             if plan is not None:  # ids above the shape's own maximum are never run (some crash on an H100)
                 max_id = min(max_id, plan.max_alg_id())
@@ -318,9 +326,9 @@ def search_alg(
         for alg, plan in zip(algs, built, strict=True):
             if plan is None or alg.alg_id > max_id:
                 continue
-            fn = runner(plan, threaded)
+            fn = runner(plan, outside_compiled)
             try:
-                timings[alg] = time_cuda_us(fn, warmup=1, repeats=3, inner=inner, graph=threaded)
+                timings[alg] = time_cuda_us(fn, warmup=1, repeats=3, inner=inner, graph=outside_compiled)
             except CusparseLtError:
                 continue
             plans[alg], runners[alg] = plan, fn
@@ -351,18 +359,19 @@ def search_alg(
                 variants.append(AlgConfig(alg.alg_id, split_k, mode))
     if variants:
         measure(variants)
-    if threaded and not graph:  # prefill: the GPU's fastest, built again on `handle`, against dense eagerly
-        best, _, _ = pick_finalist(timings, runners, graph=True, inner=inner)
+    if (
+        outside_compiled and not graph
+    ):  # prefill: the GPU's fastest, built again on `handle`, against dense eagerly
+        best, best_us, _ = pick_finalist(timings, runners, graph=True, inner=inner)
         plan = plans[best]
         if plan.handle is not handle:
             (plan,) = build_plans(handle, [spec(best)], make=MatmulPlan, threads=1)
             if plan is None:
                 raise CusparseLtError(f"cuSPARSELt refused {best} for N{n} K{k} M{m} on the caller's handle")
-        fns = {"sparse": runner(plan, captured=False)}
-        if dense is not None:
-            fns["dense"] = dense
-        final = time_interleaved(fns)
-        best_us, dense_us = final["sparse"], final.get("dense")
+        dense_us = None
+        if dense is not None:  # without dense there is nothing to decide: the GPU time is the one kept
+            final = time_interleaved({"sparse": runner(plan, captured=False), "dense": dense})
+            best_us, dense_us = final["sparse"], final["dense"]
     else:
         best, best_us, dense_us = pick_finalist(timings, runners, dense, graph=graph)
         plan = plans[best]
@@ -397,7 +406,8 @@ def pick_finalist(
     inner: int | None = None,
 ) -> tuple:
     """The `finalists` fastest candidates of a first timing pass, timed again in turn with `dense` (one noisy
-    sample should not pick the kernel or the path): the fastest, its median time (us), and `dense`'s (or None)."""
+    sample should not pick the kernel or the path; `graph` and `inner` as in `time_interleaved`): the fastest,
+    its median time (us), and `dense`'s (or None)."""
     ranked = sorted(timings, key=timings.get)[:finalists]
     candidates = {key: runners[key] for key in ranked}
     if dense is not None:
