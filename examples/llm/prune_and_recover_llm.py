@@ -44,13 +44,12 @@ from pathlib import Path
 
 import torch
 import transformers
-from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 import hf_semisparse
 from hf_semisparse import SparsityConfig, prune_24, save_sparse_pretrained
-from hf_semisparse.hub import render_model_card
+from hf_semisparse.hub import check_repo_id, render_model_card
 from hf_semisparse.save_destination import SaveDestinationError, check_save_destination
 from hf_semisparse.utils import atomic_write_text, write_json
 
@@ -130,9 +129,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.base_model is not None:
         try:
-            validate_repo_id(args.base_model)
-        except HFValidationError as exc:
-            p.error(f"--base-model {args.base_model!r} is not a Hub repo id (owner/name): {exc}")
+            check_repo_id(args.base_model, f"--base-model {args.base_model!r}")
+        except ValueError as exc:
+            p.error(str(exc))
     if args.reconstruct_epochs is None:
         args.reconstruct_epochs = 0 if args.method == "magnitude" else 8
     if args.device.startswith("cuda"):

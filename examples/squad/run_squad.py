@@ -34,7 +34,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from huggingface_hub.utils import HFValidationError, validate_repo_id
 from tqdm.auto import tqdm
 from transformers import (
     AutoModelForQuestionAnswering,
@@ -67,7 +66,7 @@ from hf_semisparse import (  # noqa: E402
     select_targets,
 )
 from hf_semisparse.config import METHODS  # noqa: E402
-from hf_semisparse.hub import render_model_card  # noqa: E402
+from hf_semisparse.hub import check_repo_id, render_model_card  # noqa: E402
 from hf_semisparse.utils import atomic_write_text, write_json  # noqa: E402
 
 
@@ -142,9 +141,9 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.base_model is not None:
         try:
-            validate_repo_id(args.base_model)
-        except HFValidationError as exc:
-            parser.error(f"--base-model {args.base_model!r} is not a Hub repo id (owner/name): {exc}")
+            check_repo_id(args.base_model, f"--base-model {args.base_model!r}")
+        except ValueError as exc:
+            parser.error(str(exc))
     return finish_args(args)
 
 

@@ -431,17 +431,14 @@ def _is_sparse(report: dict) -> bool:
 
 
 def _push(args) -> int:
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    from .hub import check_repo_id
 
-    for name, value in (
-        (f"{args.repo_id!r}", args.repo_id),
-        (f"--base-model {args.base_model!r}", args.base_model),
-    ):
-        try:
-            if value is not None:
-                validate_repo_id(value)
-        except HFValidationError as exc:
-            raise CliInputError(f"{name} is not a Hub repo id (owner/name): {exc}") from None
+    try:
+        check_repo_id(args.repo_id)
+        if args.base_model is not None:
+            check_repo_id(args.base_model, f"--base-model {args.base_model!r}")
+    except ValueError as exc:
+        raise CliInputError(str(exc)) from None
     report = inspect_checkpoint(args.path, verify_data=True)  # every time, whether or not a card exists
     if not _is_sparse(report):
         bad = [layer["module"] for layer in report["layers"] if not layer["is_24"]]

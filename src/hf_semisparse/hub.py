@@ -43,6 +43,17 @@ def point_card_at(card: str, repo_id: str, folder: str | os.PathLike) -> str:
     return re.sub(r'(AutoSparseModel\.from_pretrained\(")([^"]*)(")', point, card)
 
 
+def check_repo_id(value: str, name: str | None = None) -> None:
+    """Raise ValueError, naming `value` (as `name`, e.g. "--base-model 'x'", where given), unless it is a valid
+    Hub repo id (owner/name; `huggingface_hub.utils.validate_repo_id`)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError as exc:
+        raise ValueError(f"{name or repr(value)} is not a Hub repo id (owner/name): {exc}") from None
+
+
 def set_base_model(card: str, base_model: str) -> str:
     """`card` (a model card's text) with `base_model` (a Hub id) as its metadata's `base_model`; a card without
     metadata gets a header holding only that. The Markdown body is kept as it is."""
