@@ -55,6 +55,14 @@ FIGURES = [
         kind="generate",
     ),
     Figure(
+        "generate_llama3-8b_fp16_h200_2026-12-03.png",
+        ["h200_bench_generate_8b_fp16_prefill_threads_2026-12-03.json"],
+        "2026-12-03",
+        "PYTHONPATH=src python benchmarks/bench_generate.py --layers 32 --dtypes fp16 --batches 1 8 32 "
+        "--eager-batches 1 --new-tokens 256 --ttft 1x2048 8x2048 --reference-batches 1 --out OUT.json",
+        kind="generate",
+    ),
+    Figure(
         "generate_llama3-8b_h200_2026-12-01.png",
         ["h200_bench_generate_8b_fp16_compiled_2026-12-01.json"],
         "2026-12-01",

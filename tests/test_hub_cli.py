@@ -26,6 +26,7 @@ def test_model_card(sparse_ckpt):
         checkpoint_dir=path,
         repo_id="me/bert-24",
         base_model="bert-base-cased",
+        license="apache-2.0",
         datasets=["squad"],
         results=[{"name": "dense", "F1": 86.9}, {"name": "2:4", "F1": 86.5}],
         results_command="python examples/x.py",
@@ -38,6 +39,8 @@ def test_model_card(sparse_ckpt):
     for name in model.config.sparsity_config["targets"]:
         assert f"`{name}`" in body
     assert "0.531x" in body  # fp32 weights: half the values plus 1 bit in 32
+    # no license unless given: a pruned model keeps its base model's, which only the caller knows
+    assert "license" not in render_model_card(checkpoint_dir=path, repo_id="me/x").split("---\n")[1]
     with pytest.raises(ValueError, match="no 2:4 targets"):
         render_model_card(make_model("bert"))
 
@@ -170,43 +173,56 @@ def test_cli_errors_and_push(tmp_path, sparse_ckpt, monkeypatch, capsys):
     ]
 
 
-def test_cli_push_points_a_local_cards_snippet_at_the_repo_and_leaves_the_folder_alone(
-    sparse_ckpt, monkeypatch
-):
-    """A card written for the local folder (as the examples write it) loads that folder; the uploaded card loads
-    the repo, a base model the card cites keeps its name, and the local card's bytes stay as they were."""
-    from hf_semisparse.hub import render_model_card
-
-    _, path = sparse_ckpt
-    local = render_model_card(checkpoint_dir=path, repo_id=Path(path).as_posix(), model_name="my run")
-    local += '\nThe dense model: `AutoSparseModel.from_pretrained("org/dense-base")`.\r\n'
-    (path / "README.md").write_bytes(local.encode())
-    before = (path / "README.md").read_bytes()
-    uploaded = {}
+def _commit_recorder(monkeypatch) -> dict:
+    """Stand-ins for the Hub: `create_commit` records what one commit would upload (path in repo -> bytes)."""
+    uploaded: dict = {}
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: None)
 
-    def upload_folder(self, **kw):
-        uploaded["files"] = sorted(os.listdir(kw["folder_path"]))
-        uploaded["ignored"] = kw.get("ignore_patterns")
+    def create_commit(self, repo_id, operations, commit_message, **kw):
+        uploaded["repo"], uploaded["commits"] = repo_id, uploaded.get("commits", 0) + 1
+        for op in operations:
+            content = op.path_or_fileobj
+            uploaded[op.path_in_repo] = content if isinstance(content, bytes) else Path(content).read_bytes()
+        return "commit-info"
 
-    def upload_file(self, **kw):
-        uploaded["card"] = kw["path_or_fileobj"].decode()
-        assert kw["path_in_repo"] == "README.md" and kw["repo_id"] == "me/bert-24"
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: pytest.fail("two commits: use one"))
+    monkeypatch.setattr(HfApi, "upload_file", lambda self, **kw: pytest.fail("two commits: use one"))
+    return uploaded
 
-    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
-    monkeypatch.setattr(HfApi, "upload_file", upload_file)
+
+@pytest.mark.parametrize("written_from", ["here", "the folder's parent"])
+def test_cli_push_points_a_local_cards_snippet_at_the_repo_and_leaves_the_folder_alone(
+    sparse_ckpt, monkeypatch, written_from
+):
+    """A card written for the local folder (as the examples write it, with the path from where they ran) loads
+    that folder; the uploaded card loads the repo, in the same commit as the weights, a base model the card cites
+    keeps its name, and the local card's bytes stay as they were. A failed upload leaves the folder as it was."""
+    _, path = sparse_ckpt
+    # from the folder's parent, the example's card holds a path relative to it, and push runs elsewhere
+    here = written_from == "here"
+    snippet_path = Path(path).as_posix() if here else f"{path.parent.name}/{path.name}"
+    local = render_model_card(checkpoint_dir=path, repo_id=snippet_path, model_name="my run")
+    local += '\nThe dense model: `AutoSparseModel.from_pretrained("org/dense-base")`.\r\n'
+    (path / "README.md").write_bytes(local.encode())
+    before = {name: (path / name).read_bytes() for name in os.listdir(path)}
+    uploaded = _commit_recorder(monkeypatch)
     assert main(["push", str(path), "me/bert-24"]) == 0
-    card = uploaded["card"]
+    card = uploaded["README.md"].decode()
     assert 'AutoSparseModel.from_pretrained("me/bert-24"' in card and "# my run" in card
-    assert 'from_pretrained("org/dense-base")' in card and Path(path).as_posix() not in card
-    assert uploaded["ignored"] == ["README.md"] and (path / "README.md").read_bytes() == before
+    assert 'from_pretrained("org/dense-base")' in card and snippet_path not in card
+    assert uploaded["commits"] == 1 and uploaded["repo"] == "me/bert-24"
+    assert {k: v for k, v in uploaded.items() if k not in ("README.md", "repo", "commits")} == {
+        name: data for name, data in before.items() if name != "README.md"
+    }  # every other file, as it is on disk
+    assert {name: (path / name).read_bytes() for name in os.listdir(path)} == before
 
     def fail(self, **kw):
         raise OSError("network down")
 
-    monkeypatch.setattr(HfApi, "upload_file", fail)
+    monkeypatch.setattr(HfApi, "create_commit", fail)
     assert main(["push", str(path), "me/bert-24"]) == 2
-    assert (path / "README.md").read_bytes() == before
+    assert {name: (path / name).read_bytes() for name in os.listdir(path)} == before
 
 
 def test_cli_push_uploads_a_card_it_cannot_read_as_it_is(sparse_ckpt, monkeypatch):
@@ -266,22 +282,22 @@ def test_cli_verify_says_when_files_hold_no_digests(tmp_path, capsys):
     assert "1 weight file(s) hold no CRC32 record (model.safetensors" in out
 
 
-def test_cli_push_base_model_goes_into_the_uploaded_copy_of_an_existing_card(
+def test_cli_push_base_model_and_license_go_into_the_uploaded_copy_of_an_existing_card(
     sparse_ckpt, monkeypatch, capsys
 ):
-    """`--base-model` sets the metadata of the card that goes up, whether push wrote it or it existed; the local
-    card keeps its bytes. A value that is not a Hub id stops push before anything is read or sent."""
+    """`--base-model` and `--license` set the metadata of the card that goes up, whether push wrote it or it
+    existed; the local card keeps its bytes. A value that is not a Hub id stops push before anything is read or
+    sent."""
     _, path = sparse_ckpt
-    local = render_model_card(checkpoint_dir=path, repo_id=Path(path).as_posix())
+    local = render_model_card(checkpoint_dir=path, repo_id=Path(path).as_posix(), license="mit")
     (path / "README.md").write_text(local)
-    uploaded = {}
-    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: None)
-    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: None)
-    monkeypatch.setattr(HfApi, "upload_file", lambda self, **kw: uploaded.update(card=kw["path_or_fileobj"]))
+    uploaded = _commit_recorder(monkeypatch)
     assert main(["push", str(path), "me/bert-24", "--base-model", "org/bert-base"]) == 0
-    head, body = uploaded["card"].decode().split("---\n", 2)[1:]
-    assert "base_model: org/bert-base" in head and "license: apache-2.0" in head
+    head, body = uploaded["README.md"].decode().split("---\n", 2)[1:]
+    assert "base_model: org/bert-base" in head and "license: mit" in head  # the card's own license kept
     assert 'from_pretrained("me/bert-24"' in body and (path / "README.md").read_text() == local
+    assert main(["push", str(path), "me/bert-24", "--license", "llama3.1"]) == 0
+    assert "license: llama3.1" in uploaded["README.md"].decode().split("---\n")[1]
     config = json.loads((path / "config.json").read_text())
     config["architectures"] = ["MyCustomBert"]  # a class transformers does not have: the card names none
     (path / "config.json").write_text(json.dumps(config))

@@ -42,7 +42,7 @@ def smoke_args(out, model=MODEL, train=TRAIN, valid=VALID):
 
 
 def test_smoke_run_end_to_end(tmp_path):
-    out = run_squad.main([*smoke_args(tmp_path), "--base-model", "sentence-transformers/all-MiniLM-L6-v2"])
+    out = run_squad.main([*smoke_args(tmp_path), "--license", "apache-2.0"])
     assert out["label"].startswith("SMOKE RUN")
     assert list(out["results"]) == ["dense", "one-shot 2:4", "recovered 2:4", "loaded sparse checkpoint"]
     for r in out["results"].values():
@@ -58,17 +58,30 @@ def test_smoke_run_end_to_end(tmp_path):
     assert snippet in card  # the saved folder, not a made-up Hub id
     assert f"# {tmp_path.name}" in card  # titled after the run's folder, not "sparse"
     assert "> **SMOKE RUN: tiny model, few examples; these numbers mean nothing**" in card
-    assert "base_model: sentence-transformers/all-MiniLM-L6-v2" in card.split("---")[1]  # the metadata
+    head = card.split("---")[1]  # the metadata: the license given, no base model (a tiny random BERT)
+    assert "license: apache-2.0" in head and "base_model" not in head and "is a model pruned to" in card
     assert "`transformers.BertForQuestionAnswering.from_pretrained`" in card and "ForCausalLM" not in card
     assert "| dense |" in (tmp_path / "results.md").read_text()
     loaded = AutoSparseModel.from_pretrained(tmp_path / "sparse")
     assert isinstance(loaded, torch.nn.Module) and (tmp_path / "sparse" / "tokenizer.json").exists()
 
 
-def test_a_base_model_that_is_not_a_hub_id_is_refused_before_any_work(tmp_path, capsys):
+@pytest.mark.parametrize(
+    "extra, said",
+    [
+        (["--base-model", "org/bert"], "--base-model: a --smoke run trains a tiny random BERT"),
+        (["--base-model", "not a hub id"], "--base-model 'not a hub id' is not a Hub repo id"),
+    ],
+)
+def test_a_base_model_a_smoke_run_cannot_have_or_that_is_not_a_hub_id_is_refused_first(
+    tmp_path, capsys, extra, said
+):
+    args = smoke_args(tmp_path / "out")
+    if "not a hub id" in extra:
+        args.remove("--smoke")
     with pytest.raises(SystemExit):
-        run_squad.main([*smoke_args(tmp_path / "out"), "--base-model", "not a hub id"])
-    assert "--base-model 'not a hub id' is not a Hub repo id" in capsys.readouterr().err
+        run_squad.main([*args, *extra])
+    assert said in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

@@ -106,7 +106,13 @@ def build_parser(with_method: bool = True) -> argparse.ArgumentParser:
         p.add_argument(  # the single-run script writes a model card; the comparisons write none
             "--base-model",
             default=None,
-            help="the Hub id the model card names as the base model (default: --model where it is a Hub id)",
+            help="the Hub id the model card names as the base model (default: --model where it is a Hub id; "
+            "none for --smoke, whose model is a tiny random BERT)",
+        )
+        p.add_argument(
+            "--license",
+            default=None,
+            help="the model card's license (a Hub license id); default: none written",
         )
     p.add_argument("--recovery-learning-rate", type=float, default=None, help="default --learning-rate")
     p.add_argument(
@@ -140,6 +146,10 @@ def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.base_model is not None:
+        if args.smoke:
+            parser.error(
+                "--base-model: a --smoke run trains a tiny random BERT, which is pruned from no base model"
+            )
         try:
             check_repo_id(args.base_model, f"--base-model {args.base_model!r}")
         except ValueError as exc:
@@ -517,7 +527,9 @@ def main(argv=None) -> dict:
         # the snippet loads the folder itself, not a Hub id (`hf-semisparse push` points it at the repo)
         repo_id=Path(os.path.normpath(sparse_dir)).as_posix(),
         model_name=os.path.basename(os.path.abspath(args.output_dir)),
-        base_model=args.base_model or (None if os.path.isdir(args.model) else args.model),
+        # a smoke run's model is a tiny random BERT with --model's tokenizer: no base model
+        base_model=args.base_model or (None if args.smoke or os.path.isdir(args.model) else args.model),
+        license=args.license,
         datasets=["squad"],
         results=table,
         results_command=command,

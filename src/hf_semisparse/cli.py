@@ -17,6 +17,7 @@ import re
 import shutil
 import stat
 import sys
+from pathlib import Path
 
 DEBUG_ENV = "HF_SEMISPARSE_DEBUG"
 DTYPES = {
@@ -430,6 +431,26 @@ def _is_sparse(report: dict) -> bool:
     )
 
 
+def _folder_operations(folder: str, replace: dict[str, bytes]) -> list:
+    """`huggingface_hub` commit operations adding every file of `folder` (as `upload_folder` does: `.git/` and
+    `.cache/huggingface/` left out), with the bytes in `replace` (path in the repo -> content) in place of those
+    files."""
+    from huggingface_hub import CommitOperationAdd
+
+    operations = []
+    for root, dirs, files in os.walk(folder):
+        rel_root = os.path.relpath(root, folder)
+        dirs[:] = sorted(
+            d for d in dirs if d != ".git" and Path(rel_root, d).as_posix() != ".cache/huggingface"
+        )
+        for name in sorted(files):
+            path_in_repo = Path(os.path.relpath(os.path.join(root, name), folder)).as_posix()
+            if path_in_repo not in replace:
+                operations.append(CommitOperationAdd(path_in_repo, os.path.join(root, name)))
+    operations += [CommitOperationAdd(path, content) for path, content in replace.items()]
+    return operations
+
+
 def _push(args) -> int:
     from .hub import check_repo_id
 
@@ -449,13 +470,15 @@ def _push(args) -> int:
         return 1
     from huggingface_hub import HfApi
 
-    from .hub import point_card_at, render_model_card, set_base_model
+    from .hub import point_card_at, render_model_card, set_card_metadata
     from .utils import atomic_write_text
 
     readme = os.path.join(args.path, "README.md")
     card = pointed = None
     if not os.path.isfile(readme):
-        card = render_model_card(checkpoint_dir=args.path, repo_id=args.repo_id, base_model=args.base_model)
+        card = render_model_card(
+            checkpoint_dir=args.path, repo_id=args.repo_id, base_model=args.base_model, license=args.license
+        )
         atomic_write_text(readme, card)
     else:  # a card of the examples loads the local folder: the uploaded copy loads the repo; the folder is untouched
         with open(readme, "rb") as f:
@@ -464,32 +487,25 @@ def _push(args) -> int:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
             text = None  # uploaded as it is
-        pointed_text = None if text is None else point_card_at(text, args.repo_id, args.path)
-        if args.base_model and pointed_text is not None:
-            pointed_text = set_base_model(pointed_text, args.base_model)
-        elif args.base_model:
+        if text is not None:
+            pointed_text = point_card_at(text, args.repo_id, args.path)
+            pointed_text = set_card_metadata(pointed_text, base_model=args.base_model, license=args.license)
+            if pointed_text != text:
+                pointed = pointed_text.encode("utf-8")
+        elif args.base_model or args.license:
             print(
-                f"hf-semisparse push: {readme} is not UTF-8: uploaded as it is, without --base-model",
+                f"hf-semisparse push: {readme} is not UTF-8: uploaded as it is, without --base-model/--license",
                 file=sys.stderr,
             )
-        if pointed_text is not None and pointed_text != text:
-            pointed = pointed_text.encode("utf-8")
     try:
         api = HfApi(token=args.token)
         api.create_repo(args.repo_id, private=args.private, exist_ok=True)
         if pointed is None:
             info = api.upload_folder(repo_id=args.repo_id, folder_path=args.path, commit_message=args.message)
-        else:
-            api.upload_folder(
+        else:  # one commit: the folder's files, with the pointed card in place of the local one
+            info = api.create_commit(
                 repo_id=args.repo_id,
-                folder_path=args.path,
-                commit_message=args.message,
-                ignore_patterns=["README.md"],
-            )
-            info = api.upload_file(
-                path_or_fileobj=pointed,
-                path_in_repo="README.md",
-                repo_id=args.repo_id,
+                operations=_folder_operations(args.path, {"README.md": pointed}),
                 commit_message=args.message,
             )
     except Exception as exc:
@@ -586,6 +602,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "push",
         help="check a sparse checkpoint folder (every time) and upload it (adds a model card if it has none)",
+        epilog="exit codes: 0 uploaded; 1 not uploaded, the folder is not a 2:4 checkpoint (a layer is not 2:4, "
+        "or none is recorded); 2 bad input or a failed upload (the folder is left as it was)",
     )
     p.add_argument(
         "path",
@@ -606,6 +624,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the Hub id the model was pruned from: the card's base_model (also in the uploaded copy of "
         "an existing card)",
+    )
+    p.add_argument(
+        "--license",
+        default=None,
+        help="the card's license (a Hub license id, e.g. apache-2.0, llama3.1); default: none written, or the "
+        "existing card's",
     )
     p.add_argument(
         "--message", default="Upload 2:4 sparse model (hf_semisparse)", help="the commit message on the Hub"

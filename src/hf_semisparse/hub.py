@@ -24,14 +24,20 @@ def point_card_at(card: str, repo_id: str, folder: str | os.PathLike) -> str:
     `folder` loading `repo_id` instead: a card rendered for a local folder (the examples write one) names the
     folder there, which means nothing on the Hub. Other names (a base model the card cites) are left alone.
 
-    A value names `folder` when it is its path as given or absolute (with forward slashes), or an existing folder
-    that is the same one.
+    A value names `folder` when it is its path as given or absolute (with forward slashes), a relative path that
+    its absolute path ends with (the card was written from another working directory: `outputs/run/sparse` for
+    `/home/me/proj/outputs/run/sparse`), or an existing folder that is the same one.
     """
-    paths = {Path(os.path.normpath(folder)).as_posix(), Path(os.path.abspath(folder)).as_posix()}
+    absolute = Path(os.path.abspath(folder)).as_posix()
+    paths = {Path(os.path.normpath(folder)).as_posix(), absolute}
 
     def names_folder(value: str) -> bool:
         if value in paths:
             return True
+        if value and not os.path.isabs(value):
+            tail = Path(os.path.normpath(value)).as_posix()
+            if tail not in (".", "..") and not tail.startswith("../") and absolute.endswith("/" + tail):
+                return True
         try:
             return os.path.isdir(value) and os.path.samefile(value, folder)
         except OSError:
@@ -54,11 +60,14 @@ def check_repo_id(value: str, name: str | None = None) -> None:
         raise ValueError(f"{name or repr(value)} is not a Hub repo id (owner/name): {exc}") from None
 
 
-def set_base_model(card: str, base_model: str) -> str:
-    """`card` (a model card's text) with `base_model` (a Hub id) as its metadata's `base_model`; a card without
-    metadata gets a header holding only that. The Markdown body is kept as it is."""
+def set_card_metadata(card: str, **fields) -> str:
+    """`card` (a model card's text) with each field given (not None) set in its YAML metadata, e.g.
+    `base_model="org/name"` or `license="llama3.1"`; a card without metadata gets a header holding only those.
+    The Markdown body is kept as it is."""
     parsed = ModelCard(card)
-    parsed.data.base_model = base_model
+    for key, value in fields.items():
+        if value is not None:
+            setattr(parsed.data, key, value)
     return str(parsed)
 
 
@@ -69,7 +78,7 @@ def render_model_card(
     repo_id: str = "path/to/this/model",
     model_name: str | None = None,
     base_model: str | None = None,
-    license: str = "apache-2.0",  # noqa: A002 - the Hub's field name
+    license: str | None = None,  # noqa: A002 - the Hub's field name
     datasets: list[str] | None = None,
     results: list[dict] | None = None,
     results_command: str | None = None,
@@ -85,7 +94,9 @@ def render_model_card(
     rows: dicts with a "name" and one value per column, e.g. `{"name": "dense", "EM": 78.5, "F1": 86.9}`.
     `repo_id` is what the card's snippet loads (a Hub id or a folder); `model_name`, the card's title, is its
     last part unless given. `base_model`: the Hub id the model was pruned from (the card's metadata and first
-    line). `notice`: a line shown in bold under the title (e.g. that a smoke run's numbers mean nothing).
+    line). `license`: a Hub license id; none is written unless given (a pruned model keeps its base model's
+    license, which only the caller knows). `notice`: a line shown in bold under the title (e.g. that a smoke
+    run's numbers mean nothing).
 
     Raises:
         ValueError: neither `model` nor `checkpoint_dir`, or the model records no 2:4 targets.
