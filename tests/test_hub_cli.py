@@ -199,9 +199,9 @@ def test_cli_push_points_a_local_cards_snippet_at_the_repo_and_leaves_the_folder
     that folder; the uploaded card loads the repo, in the same commit as the weights, a base model the card cites
     keeps its name, and the local card's bytes stay as they were. A failed upload leaves the folder as it was."""
     _, path = sparse_ckpt
-    # from the folder's parent, the example's card holds a path relative to it, and push runs elsewhere
+    # written from two folders up, the example's card holds a path relative to there, and push runs elsewhere
     here = written_from == "here"
-    snippet_path = Path(path).as_posix() if here else f"{path.parent.name}/{path.name}"
+    snippet_path = Path(path).as_posix() if here else "/".join(path.parts[-3:])  # as outputs/run/sparse
     local = render_model_card(checkpoint_dir=path, repo_id=snippet_path, model_name="my run")
     local += '\nThe dense model: `AutoSparseModel.from_pretrained("org/dense-base")`.\r\n'
     (path / "README.md").write_bytes(local.encode())
@@ -225,14 +225,81 @@ def test_cli_push_points_a_local_cards_snippet_at_the_repo_and_leaves_the_folder
     assert {name: (path / name).read_bytes() for name in os.listdir(path)} == before
 
 
-def test_cli_push_uploads_a_card_it_cannot_read_as_it_is(sparse_ckpt, monkeypatch):
+def test_cli_push_refuses_a_card_that_is_not_utf8_before_anything_is_sent(sparse_ckpt, monkeypatch, capsys):
     _, path = sparse_ckpt
     (path / "README.md").write_bytes(b"# caf\xe9 (latin-1)\n")
-    calls = []
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: pytest.fail("nothing may be sent"))
+    assert main(["push", str(path), "me/bert-24"]) == 2
+    assert "README.md is not UTF-8" in capsys.readouterr().err
+    assert (path / "README.md").read_bytes() == b"# caf\xe9 (latin-1)\n"
+
+
+@pytest.mark.parametrize(
+    "card",
+    [
+        "# a card without metadata\n\nweights from `org/dense`\n",
+        "---\n# a comment\nlicense: mit\nversion: 1.10\nmodel-index:\n- name: x\n---\n\n# card\n",
+        "\ufeff---\nlicense: mit\n---\n# a card saved with a byte-order mark\n",
+    ],
+)
+def test_cli_push_sends_a_card_it_need_not_change_as_it_is(sparse_ckpt, monkeypatch, card):
+    """A card whose snippet does not load the folder goes up byte for byte when no --base-model or --license is
+    given (no metadata block added, comments and values kept), through `upload_folder`."""
+    _, path = sparse_ckpt
+    (path / "README.md").write_text(card, encoding="utf-8")
+    sent = {}
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: None)
-    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: calls.append(kw.get("ignore_patterns")))
+    monkeypatch.setattr(
+        HfApi, "create_commit", lambda self, **kw: pytest.fail("nothing to point: upload as is")
+    )
+    monkeypatch.setattr(
+        HfApi,
+        "upload_folder",
+        lambda self, **kw: sent.update(card=(Path(kw["folder_path"]) / "README.md").read_bytes()),
+    )
     assert main(["push", str(path), "me/bert-24"]) == 0
-    assert calls == [None] and (path / "README.md").read_bytes() == b"# caf\xe9 (latin-1)\n"
+    assert sent["card"] == card.encode("utf-8")
+
+
+def test_cli_push_sets_metadata_keys_and_keeps_the_rest_of_the_card(sparse_ckpt, monkeypatch):
+    _, path = sparse_ckpt
+    card = "\ufeff---\n# a comment\nlicense: mit\nversion: 1.10\nbase_model:\n- a/b\n- c/d\n---\n\n# card\n"
+    (path / "README.md").write_text(card, encoding="utf-8")
+    uploaded = _commit_recorder(monkeypatch)
+    assert main(["push", str(path), "me/bert-24", "--base-model", "org/base", "--license", "llama3.1"]) == 0
+    assert uploaded["README.md"].decode() == (
+        "---\n# a comment\nlicense: llama3.1\nversion: 1.10\nbase_model: org/base\n---\n\n# card\n"
+    )  # only those two keys changed; the byte-order mark, which would hide the metadata, dropped
+    assert main(["push", str(path), "me/bert-24", "--license", "not: a license"]) == 2
+
+
+def test_push_uploads_what_upload_folder_would(tmp_path):
+    """The one-commit path lists the folder's files as `upload_folder` does (its ignore patterns: `.git` and
+    `.cache/huggingface` at any depth, a `.git` file, broken links left out), with README.md replaced."""
+    from hf_semisparse.cli import _folder_operations
+
+    (tmp_path / "sub" / ".cache" / "huggingface").mkdir(parents=True)
+    (tmp_path / "sub" / ".cache" / "huggingface" / "x.lock").write_text("x")
+    (tmp_path / ".git").write_text("gitdir: ../elsewhere\n")  # a worktree's .git is a file
+    (tmp_path / "sub" / "deeper").mkdir()
+    for name in ("README.md", "config.json", "sub/a.bin", "sub/deeper/b.safetensors"):
+        (tmp_path / name).write_text(name)
+    (tmp_path / "broken").symlink_to(tmp_path / "missing")
+    (tmp_path / "linked.json").symlink_to(tmp_path / "config.json")
+    expected = HfApi()._prepare_upload_folder_additions(
+        tmp_path, "", ignore_patterns=["README.md", ".git", ".git/*", "*/.git", "**/.git/**",
+                                      ".cache/huggingface", ".cache/huggingface/*", "*/.cache/huggingface",
+                                      "**/.cache/huggingface/**"]
+    )  # fmt: skip
+    ours = _folder_operations(str(tmp_path), {"README.md": b"pointed"})
+    assert [op.path_in_repo for op in ours[:-1]] == [op.path_in_repo for op in expected]
+    assert {op.path_in_repo for op in ours[:-1]} == {
+        "config.json",
+        "linked.json",
+        "sub/a.bin",
+        "sub/deeper/b.safetensors",
+    }
+    assert ours[-1].path_in_repo == "README.md" and ours[-1].path_or_fileobj == b"pointed"
 
 
 def test_cli_inspect_says_how_the_model_was_pruned(tmp_path, capsys):

@@ -585,12 +585,12 @@ def test_worker_threads_build_candidates_and_the_layers_plan_on_the_callers_hand
         (0.02, 0.02, False, 1 + 1 + 3 * 5),  # short: 5 calls per sample
         (5.0, 0.02, False, 1 + 1 + 3 * 5),  # only the first call is slow (a kernel loaded): still short
         (2.0, 2.0, False, 1 + 1 + 3 * 2),  # long: one timed call per sample, after an untimed one
-        (2.0, 2.0, True, 1 + 1 + 1 + 3 * 2),  # the same from graph replays (plus the side stream's warm-up)
+        (2.0, 2.0, True, 1 + 1 + 1 + 3),  # replayed: the side stream's warm-up, then one call per replay
     ],
 )
 def test_long_kernels_are_timed_one_call_per_sample(monkeypatch, first_ms, call_ms, graph, calls):
-    """A kernel of a millisecond or more (large prefill sizes) is timed one call per sample, with an untimed call
-    before it so that no launch gap enters the sample: more calls would only add GPU time to a warm-up. Whether a
+    """A kernel of a millisecond or more (large prefill sizes) is timed one call per sample, eagerly with an
+    untimed call before it so that no launch gap enters the sample: more calls would only add GPU time to a warm-up. Whether a
     kernel is that long is judged after the warm-up (a first call can load the kernel), and shorter ones keep
     several calls per sample. Either way the time is per call."""
     from hf_semisparse.kernels import tuning

@@ -382,7 +382,7 @@ def main(argv=None) -> dict:
     ]
     card = render_model_card(  # from the saved folder: its config.json says what the files hold
         checkpoint_dir=checkpoint,
-        repo_id=Path(os.path.normpath(checkpoint)).as_posix(),  # `hf-semisparse push` points it at the repo
+        repo_id=Path(os.path.abspath(checkpoint)).as_posix(),  # `hf-semisparse push` points it at the repo
         base_model=args.base_model or (None if os.path.isdir(args.model) else args.model),
         license=inputs.license,
         results=table,

@@ -525,7 +525,7 @@ def main(argv=None) -> dict:
     card = render_model_card(
         checkpoint_dir=sparse_dir,
         # the snippet loads the folder itself, not a Hub id (`hf-semisparse push` points it at the repo)
-        repo_id=Path(os.path.normpath(sparse_dir)).as_posix(),
+        repo_id=Path(os.path.abspath(sparse_dir)).as_posix(),
         model_name=os.path.basename(os.path.abspath(args.output_dir)),
         # a smoke run's model is a tiny random BERT with --model's tokenizer: no base model
         base_model=args.base_model or (None if args.smoke or os.path.isdir(args.model) else args.model),

@@ -432,32 +432,42 @@ def _is_sparse(report: dict) -> bool:
 
 
 def _folder_operations(folder: str, replace: dict[str, bytes]) -> list:
-    """`huggingface_hub` commit operations adding every file of `folder` (as `upload_folder` does: `.git/` and
-    `.cache/huggingface/` left out), with the bytes in `replace` (path in the repo -> content) in place of those
-    files."""
+    """`huggingface_hub` commit operations adding the files `upload_folder` would upload from `folder` (its own
+    listing and default ignore patterns: `.git` and `.cache/huggingface` anywhere), with the bytes in `replace`
+    (path in the repo -> content) in place of those files."""
     from huggingface_hub import CommitOperationAdd
+    from huggingface_hub.utils import filter_repo_objects
 
-    operations = []
-    for root, dirs, files in os.walk(folder):
-        rel_root = os.path.relpath(root, folder)
-        dirs[:] = sorted(
-            d for d in dirs if d != ".git" and Path(rel_root, d).as_posix() != ".cache/huggingface"
-        )
-        for name in sorted(files):
-            path_in_repo = Path(os.path.relpath(os.path.join(root, name), folder)).as_posix()
-            if path_in_repo not in replace:
-                operations.append(CommitOperationAdd(path_in_repo, os.path.join(root, name)))
-    operations += [CommitOperationAdd(path, content) for path, content in replace.items()]
-    return operations
+    try:
+        from huggingface_hub.hf_api import DEFAULT_IGNORE_PATTERNS
+    except ImportError:  # where a later huggingface_hub moves it: its value in 2.4.0
+        DEFAULT_IGNORE_PATTERNS = [  # noqa: N806
+            ".git",
+            ".git/*",
+            "*/.git",
+            "**/.git/**",
+            ".cache/huggingface",
+            ".cache/huggingface/*",
+            "*/.cache/huggingface",
+            "**/.cache/huggingface/**",
+        ]
+    root = Path(folder).expanduser().resolve()
+    files = {path.relative_to(root).as_posix(): path for path in sorted(root.glob("**/*")) if path.is_file()}
+    kept = filter_repo_objects(files, ignore_patterns=list(DEFAULT_IGNORE_PATTERNS) + list(replace))
+    return [CommitOperationAdd(rel, str(files[rel])) for rel in kept] + [
+        CommitOperationAdd(rel, content) for rel, content in replace.items()
+    ]
 
 
 def _push(args) -> int:
-    from .hub import check_repo_id
+    from .hub import check_repo_id, set_card_metadata
 
     try:
         check_repo_id(args.repo_id)
         if args.base_model is not None:
             check_repo_id(args.base_model, f"--base-model {args.base_model!r}")
+        if args.license is not None:
+            set_card_metadata("", license=args.license)  # refuses a value that is not a plain id
     except ValueError as exc:
         raise CliInputError(str(exc)) from None
     report = inspect_checkpoint(args.path, verify_data=True)  # every time, whether or not a card exists
@@ -470,33 +480,32 @@ def _push(args) -> int:
         return 1
     from huggingface_hub import HfApi
 
-    from .hub import point_card_at, render_model_card, set_card_metadata
+    from .hub import point_card_at, render_model_card
     from .utils import atomic_write_text
 
     readme = os.path.join(args.path, "README.md")
     card = pointed = None
-    if not os.path.isfile(readme):
-        card = render_model_card(
-            checkpoint_dir=args.path, repo_id=args.repo_id, base_model=args.base_model, license=args.license
-        )
-        atomic_write_text(readme, card)
-    else:  # a card of the examples loads the local folder: the uploaded copy loads the repo; the folder is untouched
+    # a card of the examples loads the local folder: the uploaded copy loads the repo, the folder's is untouched
+    if os.path.isfile(readme):
         with open(readme, "rb") as f:
             raw = f.read()
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
-            text = None  # uploaded as it is
-        if text is not None:
-            pointed_text = point_card_at(text, args.repo_id, args.path)
+            raise CliInputError(
+                f"{readme} is not UTF-8, which the Hub needs of a model card: convert it, or remove it and push "
+                "writes one"
+            ) from None
+        pointed_text = point_card_at(text, args.repo_id, args.path)
+        if args.base_model or args.license:
             pointed_text = set_card_metadata(pointed_text, base_model=args.base_model, license=args.license)
-            if pointed_text != text:
-                pointed = pointed_text.encode("utf-8")
-        elif args.base_model or args.license:
-            print(
-                f"hf-semisparse push: {readme} is not UTF-8: uploaded as it is, without --base-model/--license",
-                file=sys.stderr,
-            )
+        if pointed_text != text:
+            pointed = pointed_text.encode("utf-8")
+    else:
+        card = render_model_card(
+            checkpoint_dir=args.path, repo_id=args.repo_id, base_model=args.base_model, license=args.license
+        )
+        atomic_write_text(readme, card)
     try:
         api = HfApi(token=args.token)
         api.create_repo(args.repo_id, private=args.private, exist_ok=True)
@@ -603,7 +612,8 @@ def build_parser() -> argparse.ArgumentParser:
         "push",
         help="check a sparse checkpoint folder (every time) and upload it (adds a model card if it has none)",
         epilog="exit codes: 0 uploaded; 1 not uploaded, the folder is not a 2:4 checkpoint (a layer is not 2:4, "
-        "or none is recorded); 2 bad input or a failed upload (the folder is left as it was)",
+        "or none is recorded); 2 bad input or a failed upload (the folder is left as it was); 3 an unexpected "
+        "error (a bug: HF_SEMISPARSE_DEBUG=1 shows the traceback); 130 interrupted",
     )
     p.add_argument(
         "path",

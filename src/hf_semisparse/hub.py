@@ -25,8 +25,9 @@ def point_card_at(card: str, repo_id: str, folder: str | os.PathLike) -> str:
     folder there, which means nothing on the Hub. Other names (a base model the card cites) are left alone.
 
     A value names `folder` when it is its path as given or absolute (with forward slashes), a relative path that
-    its absolute path ends with (the card was written from another working directory: `outputs/run/sparse` for
-    `/home/me/proj/outputs/run/sparse`), or an existing folder that is the same one.
+    its absolute path ends with and that could not be a Hub id (the card was written from another working
+    directory: `outputs/run/sparse` for `/home/me/proj/outputs/run/sparse`), or an existing folder that is the
+    same one.
     """
     absolute = Path(os.path.abspath(folder)).as_posix()
     paths = {Path(os.path.normpath(folder)).as_posix(), absolute}
@@ -34,7 +35,7 @@ def point_card_at(card: str, repo_id: str, folder: str | os.PathLike) -> str:
     def names_folder(value: str) -> bool:
         if value in paths:
             return True
-        if value and not os.path.isabs(value):
+        if value and not os.path.isabs(value) and not _could_be_repo_id(value):
             tail = Path(os.path.normpath(value)).as_posix()
             if tail not in (".", "..") and not tail.startswith("../") and absolute.endswith("/" + tail):
                 return True
@@ -49,6 +50,14 @@ def point_card_at(card: str, repo_id: str, folder: str | os.PathLike) -> str:
     return re.sub(r'(AutoSparseModel\.from_pretrained\(")([^"]*)(")', point, card)
 
 
+def _could_be_repo_id(value: str) -> bool:
+    try:
+        check_repo_id(value)
+    except ValueError:
+        return False
+    return True
+
+
 def check_repo_id(value: str, name: str | None = None) -> None:
     """Raise ValueError, naming `value` (as `name`, e.g. "--base-model 'x'", where given), unless it is a valid
     Hub repo id (owner/name; `huggingface_hub.utils.validate_repo_id`)."""
@@ -60,15 +69,48 @@ def check_repo_id(value: str, name: str | None = None) -> None:
         raise ValueError(f"{name or repr(value)} is not a Hub repo id (owner/name): {exc}") from None
 
 
+_SIMPLE_VALUE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]*")
+
+
 def set_card_metadata(card: str, **fields) -> str:
     """`card` (a model card's text) with each field given (not None) set in its YAML metadata, e.g.
     `base_model="org/name"` or `license="llama3.1"`; a card without metadata gets a header holding only those.
-    The Markdown body is kept as it is."""
-    parsed = ModelCard(card)
+
+    Only the lines of those keys change (a key's old value, with its indented or list lines, is replaced; a new
+    key goes at the end of the header): the rest of the header (comments, ordering, quoting) and the Markdown body
+    are kept byte for byte, apart from a leading byte-order mark, which is dropped (the Hub reads metadata only at
+    the very start).
+
+    Raises:
+        ValueError: a value is not a plain id (letters, digits, `.`, `_`, `-`, `/`), which could need YAML quoting.
+    """
+    fields = {key: value for key, value in fields.items() if value is not None}
     for key, value in fields.items():
-        if value is not None:
-            setattr(parsed.data, key, value)
-    return str(parsed)
+        if not _SIMPLE_VALUE.fullmatch(value):
+            raise ValueError(
+                f"{key} {value!r}: only letters, digits and . _ - / are written into a card's metadata"
+            )
+    card = card.removeprefix("\ufeff")
+    if not fields:
+        return card
+    lines = card.splitlines(keepends=True)
+    end = None
+    if lines and lines[0].rstrip("\r\n") == "---":
+        end = next((i for i in range(1, len(lines)) if lines[i].rstrip("\r\n") == "---"), None)
+    if end is None:  # no metadata: a header of its own
+        return "---\n" + "".join(f"{key}: {value}\n" for key, value in fields.items()) + "---\n" + card
+    newline = "\r\n" if lines[0].endswith("\r\n") else "\n"
+    header = lines[1:end]
+    for key, value in fields.items():
+        start = next((i for i, line in enumerate(header) if re.match(rf"{re.escape(key)}\s*:", line)), None)
+        if start is None:
+            header.append(f"{key}: {value}{newline}")
+            continue
+        stop = start + 1
+        while stop < len(header) and header[stop][:1] in (" ", "\t", "-"):  # the old value's own lines
+            stop += 1
+        header[start:stop] = [f"{key}: {value}{newline}"]
+    return "".join([lines[0], *header, *lines[end:]])
 
 
 def render_model_card(

@@ -130,9 +130,9 @@ def time_cuda_us(fn, warmup: int = 3, repeats: int = 15, inner: int = 5, graph: 
     "took" 15-34 us eager, near the ctypes launch cost).
 
     After the `warmup` calls (which may pay first-use costs, such as loading a kernel), one more call is timed:
-    where it takes `LONG_CALL_US` or more (large prefill sizes), each sample is one call, more would only add
-    GPU time, and one untimed call before each sample keeps the GPU busy while the timed one is launched, so
-    no launch gap enters the sample.
+    where it takes `LONG_CALL_US` or more (large prefill sizes), each sample is one call (more would only add
+    GPU time), and an eager sample starts behind one untimed call, which keeps the GPU busy while the timed one
+    is launched, so no launch gap enters it (a graph replay is one launch: it needs none).
     """
     for _ in range(warmup):
         fn()
@@ -158,8 +158,8 @@ def time_cuda_us(fn, warmup: int = 3, repeats: int = 15, inner: int = 5, graph: 
         run = captured.replay
     times = []
     for _ in range(repeats):
-        if long_call:
-            run()  # untimed: the GPU is busy while the timed call is launched
+        if long_call and not graph:
+            fn()  # untimed: the GPU is busy while the timed call is launched
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         if graph:
@@ -206,7 +206,7 @@ QUICK_PREFILL_HEURISTIC_IDS = 2  # later quick searches at prefill sizes also tr
 _SHAPE_RANKING: dict[tuple, list[int]] = {}
 QUICK_SPLIT_K_MAX_M = 256  # a quick search tries split-K at these token counts only (decode)
 # decode sizes: a search times dense and its finalists from CUDA graph replays too (`time_cuda_us(graph=True)`);
-# above, only the first pass over the candidates is graph-timed, and the winner is timed eagerly against dense
+# above, the candidates and finalists are graph-timed, and the winner is timed eagerly against dense
 GRAPH_TIMING_MAX_M = 256
 
 
@@ -359,18 +359,18 @@ def search_alg(
                 variants.append(AlgConfig(alg.alg_id, split_k, mode))
     if variants:
         measure(variants)
-    if (
-        outside_compiled and not graph
-    ):  # prefill: the GPU's fastest, built again on `handle`, against dense eagerly
+    prefill_outside_compiled = outside_compiled and not graph
+    if prefill_outside_compiled:  # the GPU's fastest, built again on `handle`, then against dense eagerly
         best, best_us, _ = pick_finalist(timings, runners, graph=True, inner=inner)
         plan = plans[best]
         if plan.handle is not handle:
             (plan,) = build_plans(handle, [spec(best)], make=MatmulPlan, threads=1)
             if plan is None:
                 raise CusparseLtError(f"cuSPARSELt refused {best} for N{n} K{k} M{m} on the caller's handle")
-        dense_us = None
+        dense_us, run_here = None, runner(plan, captured=False)
+        run_here()  # the plan built here runs once before any layer uses it
         if dense is not None:  # without dense there is nothing to decide: the GPU time is the one kept
-            final = time_interleaved({"sparse": runner(plan, captured=False), "dense": dense})
+            final = time_interleaved({"sparse": run_here, "dense": dense})
             best_us, dense_us = final["sparse"], final["dense"]
     else:
         best, best_us, dense_us = pick_finalist(timings, runners, dense, graph=graph)
