@@ -239,7 +239,6 @@ def test_cli_push_refuses_a_card_that_is_not_utf8_before_anything_is_sent(sparse
     [
         "# a card without metadata\n\nweights from `org/dense`\n",
         "---\n# a comment\nlicense: mit\nversion: 1.10\nmodel-index:\n- name: x\n---\n\n# card\n",
-        "\ufeff---\nlicense: mit\n---\n# a card saved with a byte-order mark\n",
     ],
 )
 def test_cli_push_sends_a_card_it_need_not_change_as_it_is(sparse_ckpt, monkeypatch, card):
@@ -286,11 +285,11 @@ def test_push_uploads_what_upload_folder_would(tmp_path):
         (tmp_path / name).write_text(name)
     (tmp_path / "broken").symlink_to(tmp_path / "missing")
     (tmp_path / "linked.json").symlink_to(tmp_path / "config.json")
+    from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS
+
     expected = HfApi()._prepare_upload_folder_additions(
-        tmp_path, "", ignore_patterns=["README.md", ".git", ".git/*", "*/.git", "**/.git/**",
-                                      ".cache/huggingface", ".cache/huggingface/*", "*/.cache/huggingface",
-                                      "**/.cache/huggingface/**"]
-    )  # fmt: skip
+        tmp_path, "", ignore_patterns=["README.md", *DEFAULT_IGNORE_PATTERNS]
+    )  # what upload_folder(ignore_patterns=["README.md"]) would send
     ours = _folder_operations(str(tmp_path), {"README.md": b"pointed"})
     assert [op.path_in_repo for op in ours[:-1]] == [op.path_in_repo for op in expected]
     assert {op.path_in_repo for op in ours[:-1]} == {
@@ -372,3 +371,48 @@ def test_cli_push_base_model_and_license_go_into_the_uploaded_copy_of_an_existin
     assert "MyCustomBert" not in card and "`from_pretrained` of its transformers class" in card
     assert main(["push", str(path), "me/bert-24", "--base-model", "no good!"]) == 2
     assert "--base-model 'no good!' is not a Hub repo id" in capsys.readouterr().err
+
+
+def test_cli_push_drops_a_byte_order_mark_and_refuses_a_readme_that_is_not_a_file(
+    sparse_ckpt, monkeypatch, capsys
+):
+    _, path = sparse_ckpt
+    (path / "README.md").write_text("\ufeff---\nlicense: mit\n---\n# card\n", encoding="utf-8")
+    uploaded = _commit_recorder(monkeypatch)
+    assert main(["push", str(path), "me/bert-24"]) == 0
+    assert uploaded["README.md"] == b"---\nlicense: mit\n---\n# card\n"  # the Hub reads metadata at the start
+    (path / "README.md").unlink()
+    (path / "README.md").mkdir()
+    assert main(["push", str(path), "me/bert-24"]) == 2
+    assert "README.md is not a file" in capsys.readouterr().err
+
+
+def test_a_card_written_where_the_folder_was_before_it_moved_is_pointed(tmp_path):
+    from hf_semisparse.hub import point_card_at
+
+    folder = tmp_path / "outputs" / "run" / "sparse"
+    folder.mkdir(parents=True)
+    card = (
+        'AutoSparseModel.from_pretrained("/workspace/outputs/run/sparse") '  # written in a container, say
+        'AutoSparseModel.from_pretrained("/data/dense-base") '  # another local model: not this folder
+        'AutoSparseModel.from_pretrained("outputs/run") '  # two parts: could be a Hub id
+        'AutoSparseModel.from_pretrained("org/base")'
+    )
+    assert point_card_at(card, "me/repo", folder) == (
+        'AutoSparseModel.from_pretrained("me/repo") AutoSparseModel.from_pretrained("/data/dense-base") '
+        'AutoSparseModel.from_pretrained("outputs/run") AutoSparseModel.from_pretrained("org/base")'
+    )
+
+
+def test_set_card_metadata_replaces_a_keys_whole_value_and_refuses_what_yaml_would_misread():
+    from hf_semisparse.hub import set_card_metadata
+
+    card = "---\nbase_model:\n- a/b\n\n# the other one\n- c/d\ndescription: x\u2028license: y\nlicense_name: z\n---\nbody\n"
+    assert set_card_metadata(card, base_model="org/base", license="mit") == (
+        "---\nbase_model: org/base\ndescription: x\u2028license: y\nlicense_name: z\nlicense: mit\n---\nbody\n"
+    )  # the list with its blank and comment lines replaced; a line break inside a value is not a line
+    for value in ("null", "true", "no", "1.0"):
+        with pytest.raises(ValueError, match="YAML would read it as"):
+            set_card_metadata(card, license=value)
+    with pytest.raises(ValueError, match="only a string"):
+        set_card_metadata(card, base_model=["a/b", "c/d"])

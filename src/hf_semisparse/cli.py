@@ -436,21 +436,8 @@ def _folder_operations(folder: str, replace: dict[str, bytes]) -> list:
     listing and default ignore patterns: `.git` and `.cache/huggingface` anywhere), with the bytes in `replace`
     (path in the repo -> content) in place of those files."""
     from huggingface_hub import CommitOperationAdd
-    from huggingface_hub.utils import filter_repo_objects
+    from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 
-    try:
-        from huggingface_hub.hf_api import DEFAULT_IGNORE_PATTERNS
-    except ImportError:  # where a later huggingface_hub moves it: its value in 2.4.0
-        DEFAULT_IGNORE_PATTERNS = [  # noqa: N806
-            ".git",
-            ".git/*",
-            "*/.git",
-            "**/.git/**",
-            ".cache/huggingface",
-            ".cache/huggingface/*",
-            "*/.cache/huggingface",
-            "**/.cache/huggingface/**",
-        ]
     root = Path(folder).expanduser().resolve()
     files = {path.relative_to(root).as_posix(): path for path in sorted(root.glob("**/*")) if path.is_file()}
     kept = filter_repo_objects(files, ignore_patterns=list(DEFAULT_IGNORE_PATTERNS) + list(replace))
@@ -470,6 +457,22 @@ def _push(args) -> int:
             set_card_metadata("", license=args.license)  # refuses a value that is not a plain id
     except ValueError as exc:
         raise CliInputError(str(exc)) from None
+    readme = os.path.join(args.path, "README.md")
+    text = None  # the folder's card, read (and refused where it cannot go up) before the long checks
+    if os.path.lexists(readme) and os.path.isdir(args.path):
+        if not os.path.isfile(readme):
+            raise CliInputError(
+                f"{readme} is not a file: a model card must be one (or absent: push writes one)"
+            )
+        with open(readme, "rb") as f:
+            raw = f.read()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise CliInputError(
+                f"{readme} is not UTF-8, which the Hub needs of a model card: convert it, or remove it and push "
+                "writes one"
+            ) from None
     report = inspect_checkpoint(args.path, verify_data=True)  # every time, whether or not a card exists
     if not _is_sparse(report):
         bad = [layer["module"] for layer in report["layers"] if not layer["is_24"]]
@@ -483,20 +486,11 @@ def _push(args) -> int:
     from .hub import point_card_at, render_model_card
     from .utils import atomic_write_text
 
-    readme = os.path.join(args.path, "README.md")
     card = pointed = None
     # a card of the examples loads the local folder: the uploaded copy loads the repo, the folder's is untouched
-    if os.path.isfile(readme):
-        with open(readme, "rb") as f:
-            raw = f.read()
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise CliInputError(
-                f"{readme} is not UTF-8, which the Hub needs of a model card: convert it, or remove it and push "
-                "writes one"
-            ) from None
-        pointed_text = point_card_at(text, args.repo_id, args.path)
+    if text is not None:
+        # a byte-order mark would hide the metadata from the Hub: dropped from the copy that goes up
+        pointed_text = point_card_at(text.removeprefix("\ufeff"), args.repo_id, args.path)
         if args.base_model or args.license:
             pointed_text = set_card_metadata(pointed_text, base_model=args.base_model, license=args.license)
         if pointed_text != text:

@@ -24,10 +24,11 @@ def point_card_at(card: str, repo_id: str, folder: str | os.PathLike) -> str:
     `folder` loading `repo_id` instead: a card rendered for a local folder (the examples write one) names the
     folder there, which means nothing on the Hub. Other names (a base model the card cites) are left alone.
 
-    A value names `folder` when it is its path as given or absolute (with forward slashes), a relative path that
-    its absolute path ends with and that could not be a Hub id (the card was written from another working
-    directory: `outputs/run/sparse` for `/home/me/proj/outputs/run/sparse`), or an existing folder that is the
-    same one.
+    A value names `folder` when it is its path as given or absolute (with forward slashes); a relative path that
+    could not be a Hub id and that its absolute path ends with (the card was written from another working
+    directory: `outputs/run/sparse` for `/home/me/proj/outputs/run/sparse`); an absolute path whose last part is
+    the folder's name (the folder has moved since: another machine or container); or an existing folder that is
+    the same one. A relative path of two parts (`outputs/run`) could be a Hub id, so it is left alone.
     """
     absolute = Path(os.path.abspath(folder)).as_posix()
     paths = {Path(os.path.normpath(folder)).as_posix(), absolute}
@@ -35,7 +36,10 @@ def point_card_at(card: str, repo_id: str, folder: str | os.PathLike) -> str:
     def names_folder(value: str) -> bool:
         if value in paths:
             return True
-        if value and not os.path.isabs(value) and not _could_be_repo_id(value):
+        if value and os.path.isabs(value):
+            if Path(value).name == Path(absolute).name:
+                return True
+        elif value and not _could_be_repo_id(value):
             tail = Path(os.path.normpath(value)).as_posix()
             if tail not in (".", "..") and not tail.startswith("../") and absolute.endswith("/" + tail):
                 return True
@@ -70,30 +74,34 @@ def check_repo_id(value: str, name: str | None = None) -> None:
 
 
 _SIMPLE_VALUE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]*")
+_CONTINUED = (" ", "\t", "-")  # the lines of a key's value after its own: indented, or list items
 
 
-def set_card_metadata(card: str, **fields) -> str:
+def set_card_metadata(card: str, **fields: str | None) -> str:
     """`card` (a model card's text) with each field given (not None) set in its YAML metadata, e.g.
     `base_model="org/name"` or `license="llama3.1"`; a card without metadata gets a header holding only those.
 
     Only the lines of those keys change (a key's old value, with its indented or list lines, is replaced; a new
     key goes at the end of the header): the rest of the header (comments, ordering, quoting) and the Markdown body
     are kept byte for byte, apart from a leading byte-order mark, which is dropped (the Hub reads metadata only at
-    the very start).
+    the very start). Values are single strings.
 
     Raises:
-        ValueError: a value is not a plain id (letters, digits, `.`, `_`, `-`, `/`), which could need YAML quoting.
+        ValueError: a value is not a plain id (letters, digits, `.`, `_`, `-`, `/`), or is one that YAML reads as
+            something other than that string (`null`, `true`, `1.0`).
     """
+    import yaml
+
     fields = {key: value for key, value in fields.items() if value is not None}
     for key, value in fields.items():
-        if not _SIMPLE_VALUE.fullmatch(value):
-            raise ValueError(
-                f"{key} {value!r}: only letters, digits and . _ - / are written into a card's metadata"
-            )
+        if not isinstance(value, str) or not _SIMPLE_VALUE.fullmatch(value):
+            raise ValueError(f"{key} {value!r}: only a string of letters, digits and . _ - / is written")
+        if yaml.safe_load(f"v: {value}") != {"v": value}:
+            raise ValueError(f"{key} {value!r}: YAML would read it as {yaml.safe_load(f'v: {value}')['v']!r}")
     card = card.removeprefix("\ufeff")
     if not fields:
         return card
-    lines = card.splitlines(keepends=True)
+    lines = re.findall(r"[^\n]*\n|[^\n]+$", card)  # on "\n" only: other line breaks stay inside a line
     end = None
     if lines and lines[0].rstrip("\r\n") == "---":
         end = next((i for i in range(1, len(lines)) if lines[i].rstrip("\r\n") == "---"), None)
@@ -106,9 +114,15 @@ def set_card_metadata(card: str, **fields) -> str:
         if start is None:
             header.append(f"{key}: {value}{newline}")
             continue
-        stop = start + 1
-        while stop < len(header) and header[stop][:1] in (" ", "\t", "-"):  # the old value's own lines
-            stop += 1
+        stop = scan = start + 1
+        while scan < len(header):  # the old value's lines, across blank and comment lines between them
+            line = header[scan]
+            if line[:1] in _CONTINUED and line.strip() and not line.lstrip().startswith("#"):
+                stop = scan = scan + 1
+            elif not line.strip() or line.lstrip().startswith("#"):
+                scan += 1
+            else:
+                break
         header[start:stop] = [f"{key}: {value}{newline}"]
     return "".join([lines[0], *header, *lines[end:]])
 

@@ -132,7 +132,8 @@ def time_cuda_us(fn, warmup: int = 3, repeats: int = 15, inner: int = 5, graph: 
     After the `warmup` calls (which may pay first-use costs, such as loading a kernel), one more call is timed:
     where it takes `LONG_CALL_US` or more (large prefill sizes), each sample is one call (more would only add
     GPU time), and an eager sample starts behind one untimed call, which keeps the GPU busy while the timed one
-    is launched, so no launch gap enters it (a graph replay is one launch: it needs none).
+    is launched, so no launch gap enters it (a graph replay has one launch, whose few microseconds of host time
+    against a millisecond or more are the same for every candidate: it has none).
     """
     for _ in range(warmup):
         fn()
@@ -206,7 +207,8 @@ QUICK_PREFILL_HEURISTIC_IDS = 2  # later quick searches at prefill sizes also tr
 _SHAPE_RANKING: dict[tuple, list[int]] = {}
 QUICK_SPLIT_K_MAX_M = 256  # a quick search tries split-K at these token counts only (decode)
 # decode sizes: a search times dense and its finalists from CUDA graph replays too (`time_cuda_us(graph=True)`);
-# above, the candidates and finalists are graph-timed, and the winner is timed eagerly against dense
+# above, the candidates and finalists are graph-timed, and the winner is timed eagerly against dense where a
+# dense weight is kept
 GRAPH_TIMING_MAX_M = 256
 
 
