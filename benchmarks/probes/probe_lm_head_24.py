@@ -54,9 +54,8 @@ def main() -> None:
     head = model.get_output_embeddings()
     tied = head.weight is model.get_input_embeddings().weight
     dense_head = head.weight.detach().clone()
-    head.weight = torch.nn.Parameter(
-        dense_head.clone(), requires_grad=False
-    )  # untied: the embedding stays dense
+    # untied: the embedding stays dense
+    head.weight = torch.nn.Parameter(dense_head.clone(), requires_grad=False)
 
     features = head.in_features
     hessian = torch.zeros(features, features, dtype=torch.float64)
