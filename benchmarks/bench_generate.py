@@ -4,7 +4,7 @@
 
 Model: Llama-3-8B's shapes (hidden 4096, MLP 14336, 32 heads, 8 KV heads, vocabulary 128256), `--layers` blocks
 (32 = the whole model), random weights pruned to 2:4 with `prune_24` (magnitude; speed does not depend on the
-values). Both models hold the same pruned weights:
+values; `lm_head` stays dense unless `--sparse-lm-head`). Both models hold the same pruned weights:
 - dense: the pruned model as it is (cuBLAS);
 - ours: a copy after `accelerate_24(model)` (a decoder: compressed weights only; q/k/v and gate/up each one
   joined 2:4 GEMM, unless `--no-fuse-projections`) and `prepare_token_counts(model, max_tokens)` (the warm-up, timed; `prepare_generation` with the
@@ -35,7 +35,9 @@ KV cache, activations, CUDA graphs).
 Accuracy: per decode step, ||logits - dense logits|| / ||dense logits|| (fp16 and bf16 models each against the
 dense model of the same dtype), over the steps before the first differing token, and the fraction of equal tokens;
 for `--reference-batches`, both models' logits also against the dense model in float32 (teacher-forced on each
-model's own tokens), which shows how much of the difference is fp16/bf16 rounding that dense has too.
+model's own tokens), which shows how much of the difference is fp16/bf16 rounding that dense has too, and the
+dense model's decode-step logits against its own teacher-forced forward (`dense_vs_itself`: the spread between
+two exact computations of one dense model, whose GEMMs differ only in shape and so in rounding).
 Per GEMM (`--gemm-table`): each projection of one block at decode sizes, dense and 2:4 replayed from CUDA graphs
 (100 calls per graph, inputs rotating), against the time to read the compressed weight at the measured copy
 bandwidth.
@@ -63,7 +65,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from bench_inference import env_info  # noqa: E402
 from dense_fp8 import DenseFp8Linear, to_dense_fp8  # noqa: E402
 
-from hf_semisparse import compute_nm_mask, prune_24  # noqa: E402
+from hf_semisparse import SparsityConfig, compute_nm_mask, prune_24  # noqa: E402
 from hf_semisparse.kernels import accelerate_24, prepare_token_counts, semi_sparse_layers  # noqa: E402
 from hf_semisparse.kernels.buckets import DECODE_MAX, ladder  # noqa: E402
 from hf_semisparse.kernels.fp8_linear import Fp8SemiSparseLinear  # noqa: E402
@@ -97,7 +99,12 @@ class StepClock(LogitsProcessor):
         return scores
 
 
-def build_model(layers: int, dtype: torch.dtype, seed: int = 0) -> LlamaForCausalLM:
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build_model(
+    layers: int, dtype: torch.dtype, seed: int = 0, sparse_lm_head: bool = False
+) -> LlamaForCausalLM:
     config = LlamaConfig(num_hidden_layers=layers, torch_dtype=dtype, **LLAMA3_8B)
     config.eos_token_id = None  # generate exactly the tokens asked for
     config.pad_token_id = 0
@@ -111,7 +118,13 @@ def build_model(layers: int, dtype: torch.dtype, seed: int = 0) -> LlamaForCausa
         torch.set_default_dtype(default)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
-    prune_24(model, show_progress=False)
+    # the output head stays dense unless named (exclude_modules' default, as SparseGPT and Wanda do)
+    config = (
+        SparsityConfig(target_modules=[*PROJECTIONS, "lm_head"], exclude_modules=[])
+        if sparse_lm_head
+        else None
+    )
+    prune_24(model, config, show_progress=False)
     return model.eval()
 
 
@@ -182,15 +195,15 @@ def logits_error(dense_logits, ours_logits, dense_tokens, ours_tokens) -> dict:
 
 
 @torch.no_grad()
-def reference_error(reference, sequences, logits, prompt: int, steps: int) -> dict:
+def reference_error(reference, sequences, logits, prompt: int, steps: int, first_step: int = 0) -> dict:
     """||logits - ref|| / ||ref|| per decode step against `reference` (the dense model in float32), teacher-forced
-    on `sequences` (`[batch, prompt + new]`), over the first `steps` steps; one sequence per forward."""
+    on `sequences` (`[batch, prompt + new]`), over steps `first_step` to `steps - 1`; one sequence per forward."""
     errors = []
     for row in range(sequences.shape[0]):
         ids = sequences[row : row + 1, : prompt + steps - 1]  # the logits at position p choose token p + 1
         ref = reference(ids, use_cache=False).logits[0, prompt - 1 :].float()  # [steps, V]
         got = torch.stack([step[row].float() for step in logits[:steps]])
-        errors.append((got - ref).norm(dim=-1) / ref.norm(dim=-1))
+        errors.append(((got - ref).norm(dim=-1) / ref.norm(dim=-1))[first_step:])
     errors = torch.cat(errors)
     return {"median_rel_error": float(errors.median()), "max_rel_error": float(errors.max())}
 
@@ -359,6 +372,13 @@ def measure_path(args, row: dict, path: str, models: dict, ids, batch: int, name
                     lab: reference_error(reference, out.sequences, out.logits, args.prompt, steps)
                     for lab, out in (("dense", d), (label, o))
                 }
+                # the spread between two exact fp16/bf16 computations of the same dense model: its decode
+                # steps against one teacher-forced forward of it (other GEMM shapes, other rounding), over
+                # every step after the first (whose logits the prefill computed: the same forward)
+                itself = reference_error(
+                    models["dense"], d.sequences, d.logits, args.prompt, len(d.logits), 1
+                )
+                row[key]["dense_vs_itself"] = itself
         else:
             row[key] = {"equal_tokens": float((d[:, args.prompt :] == o[:, args.prompt :]).float().mean())}
     del runs, d
@@ -419,7 +439,7 @@ def build_variants(args, name: str, result: dict) -> dict:
     """The models of one run (label -> model, `labels_of(name)`), built, converted and warmed up; what that took
     and reported goes into `result`."""
     t0 = time.perf_counter()
-    dense = build_model(args.layers, DTYPES[name])
+    dense = build_model(args.layers, DTYPES[name], sparse_lm_head=args.sparse_lm_head)
     result["build_s"] = time.perf_counter() - t0
     ours = copy.deepcopy(dense)
     fp8 = name == "fp8"
@@ -442,8 +462,9 @@ def build_variants(args, name: str, result: dict) -> dict:
     t0 = time.perf_counter()
     max_tokens = max(max(args.batches) * args.prompt, *(b * p for b, p in args.ttft), args.new_prompt)
     prep = []
-    if semi_sparse_layers(ours):
-        prep.append(str(prepare_token_counts(ours, max_tokens)))
+    if semi_sparse_layers(ours):  # a 2:4 lm_head computes the last position of each sequence only
+        head_tokens = max(*args.batches, *(b for b, _ in args.ttft), 1)
+        prep.append(str(prepare_token_counts(ours, max_tokens, head_max_tokens=head_tokens)))
     if fp8:
         counts = [*args.batches, *(b * args.prompt for b in args.batches), *(b * p for b, p in args.ttft)]
         prep.append(f"FP8 2:4: {prepare_fp8(ours, counts)}")
@@ -660,6 +681,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--no-fuse-projections", action="store_true", help="q/k/v and gate/up as separate 2:4 GEMMs"
     )
     parser.add_argument(
+        "--sparse-lm-head",
+        action="store_true",
+        help="prune lm_head 2:4 too (both models; named in target_modules), so ours runs it on 2:4 kernels",
+    )
+    parser.add_argument(
         "--pad-buffers",
         type=int,
         default=0,
@@ -690,6 +716,7 @@ def main(argv: list[str] | None = None) -> None:
         "new_tokens": args.new_tokens,
         "fuse_projections": not args.no_fuse_projections,
         "pad_buffers": args.pad_buffers,
+        "sparse_lm_head": args.sparse_lm_head,
         "runs": [],
     }
     if "fp8" in args.dtypes:

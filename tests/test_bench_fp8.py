@@ -4,6 +4,7 @@ arguments, JSON, ratios and tables with fake timings. Nothing here is timed; the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -530,3 +531,69 @@ def test_bench_inference_fp8_skips_each_model_with_its_reason(monkeypatch, capsy
         "bert-large: FP8 2:4 cannot run its 1024x1024 layers: not built in /nowhere",
     ]
     assert saved[-1] == rows and "FP8 rows skipped: bert-base" in capsys.readouterr().out
+
+
+def test_reference_error_lines_decode_steps_up_with_the_teacher_forced_positions():
+    """`dense_vs_itself` (and the float32 comparison) read the logits of position p for the token at p + 1: a model
+    against itself in float32 agrees to rounding, and a one-position shift would not."""
+    model = tiny_llama(torch.float32, layers=2)
+    ids = torch.randint(1, 96, (2, 5), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        out = model.generate(
+            ids,
+            max_new_tokens=4,
+            do_sample=False,
+            return_dict_in_generate=True,
+            output_logits=True,
+            attention_mask=torch.ones_like(ids),
+            pad_token_id=0,
+        )
+    same = bench_generate.reference_error(model, out.sequences, out.logits, prompt=5, steps=4)
+    assert same["max_rel_error"] < 1e-5
+    shifted = bench_generate.reference_error(model, out.sequences, out.logits[1:] + out.logits[:1], 5, 4)
+    assert shifted["median_rel_error"] > 0.1
+
+
+def test_the_dense_models_spread_against_itself_is_reported_for_reference_batches(tmp_path, monkeypatch):
+    FakeGPU(monkeypatch)
+    out = tmp_path / "gen.json"
+    argv = ["--layers", "1", "--dtypes", "bf16", "--batches", "1", "--eager-batches", "--prompt", "4"]
+    argv += ["--new-tokens", "6", "--ttft", "--reference-batches", "1", "--gemm-table", "--out", str(out)]
+    bench_generate.main(argv)
+    accuracy = json.loads(out.read_text())["runs"][0]["decode"][0]["compiled_accuracy"]
+    assert set(accuracy["vs_fp32"]) == {"dense", "ours"}
+    assert accuracy["dense_vs_itself"]["median_rel_error"] > 0  # the fake's logits are not the model's
+
+
+def test_sparse_lm_head_prunes_the_head_too(monkeypatch):
+    monkeypatch.setattr(
+        bench_generate,
+        "LLAMA3_8B",
+        {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "vocab_size": 96,
+        },
+    )
+    monkeypatch.setattr(torch, "device", lambda name: contextlib.nullcontext())
+    assert bench_generate.parse_args(["--sparse-lm-head"]).sparse_lm_head
+    for sparse in (False, True):
+        model = bench_generate.build_model(1, torch.float32, sparse_lm_head=sparse)
+        head = model.lm_head.weight.view(-1, 4)
+        assert bool(((head != 0).sum(-1) <= 2).all()) is sparse
+        assert bool(((model.model.layers[0].mlp.up_proj.weight.view(-1, 4) != 0).sum(-1) <= 2).all())
+
+
+def test_reference_error_can_leave_out_the_first_steps():
+    model = tiny_llama(torch.float32, layers=1)
+    ids = torch.randint(1, 96, (1, 5), generator=torch.Generator().manual_seed(4))
+    sequences = torch.cat([ids, torch.tensor([[5, 6, 7]])], 1)
+    with torch.no_grad():
+        ref = model(sequences[:, :7]).logits[0, 4:]  # the logits of steps 0, 1 and 2
+    logits = [torch.randn(1, 96) * 100, ref[1:2].clone(), ref[2:3].clone()]  # step 0 far off, then exact
+    assert bench_generate.reference_error(model, sequences, logits, 5, 3)["max_rel_error"] > 0.5
+    assert (
+        bench_generate.reference_error(model, sequences, logits, 5, 3, first_step=1)["max_rel_error"] < 1e-6
+    )

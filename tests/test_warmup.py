@@ -257,6 +257,50 @@ def test_prepare_generation_covers_prefill_and_decode(gpu_standins):
     assert report.token_counts[0] == 16 and report.token_counts[-1] == buckets.bucket_for(1200)
 
 
+class _TinyLM(nn.Module):
+    """A body layer and a 2:4 output head, with transformers' head accessor and (optionally) `logits_to_keep`."""
+
+    def __init__(self, logits_to_keep: bool):
+        super().__init__()
+        _, self.body = _layer(n=32, k=64, seed=0)
+        _, self.lm_head = _layer(n=48, k=32, seed=1)
+        self._keeps = logits_to_keep
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def _supports_logits_to_keep(self):
+        return self._keeps
+
+
+def _searched_sizes(backend, n):
+    return sorted(m for shape_n, _, m, _ in backend.searches if shape_n == n)
+
+
+def test_prepare_generation_prepares_a_24_head_for_the_last_positions_only(gpu_standins):
+    report = prepare_generation(_TinyLM(True), max_batch_size=40, max_prompt_length=300, progress=False)
+    body = sorted({buckets.anchor_of(m) for m in buckets.ladder(40 * 300)})
+    assert _searched_sizes(gpu_standins, 32) == body
+    assert _searched_sizes(gpu_standins, 48) == [16, 32, 64]  # the ladder up to 40 tokens
+    assert report.head_token_counts == [16, 32, 64] and report.shapes == 2
+    assert "output head up to 64 tokens" in str(report)
+    searches = len(gpu_standins.searches)
+    model = _TinyLM(True)  # same shapes: every decision comes from the tuning cache
+    prepare_generation(model, max_batch_size=40, max_prompt_length=300, progress=False)
+    assert len(gpu_standins.searches) == searches
+    for tokens in (1, 40):  # what generate passes the head runs without a search
+        _run_as_on_gpu(model.lm_head, torch.randn(tokens, 32))
+    assert len(gpu_standins.searches) == searches
+
+
+def test_a_head_that_computes_every_position_is_prepared_for_every_size(gpu_standins):
+    report = prepare_generation(_TinyLM(False), max_batch_size=4, max_prompt_length=300, progress=False)
+    assert _searched_sizes(gpu_standins, 48) == _searched_sizes(gpu_standins, 32)
+    assert report.head_token_counts is None and "output head" not in str(report)
+    with pytest.raises(ValueError, match="head_max_tokens"):
+        prepare_token_counts(_TinyLM(True), max_tokens=64, head_max_tokens=0, progress=False)
+
+
 def test_capture_of_an_unprepared_size_runs_without_search_and_says_so(gpu_standins, monkeypatch, caplog):
     lin, layer = _layer(keep_dense=False)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
@@ -624,7 +668,7 @@ def test_long_kernels_are_timed_one_call_per_sample(monkeypatch, first_ms, call_
                 call()
 
     @contextlib.contextmanager
-    def capture(graph, stream=None):
+    def capture(graph, stream=None, capture_error_mode="global"):
         capturing.append(graph)
         yield
         capturing.pop()
@@ -644,3 +688,65 @@ def test_long_kernels_are_timed_one_call_per_sample(monkeypatch, first_ms, call_
     monkeypatch.setattr(cuda, "current_stream", lambda *args: Stream())
     us = tuning.time_cuda_us(fn, warmup=1, repeats=3, inner=5, graph=graph)
     assert us == pytest.approx(call_ms * 1e3) and len(ran) == calls
+
+
+def test_graph_timed_searches_in_several_threads_capture_one_at_a_time(monkeypatch):
+    """torch registers its default CUDA generator with every capture and two captures at once fail (on an H200,
+    four threads meeting new token counts broke each other's captures and left the generator unusable): captures
+    are serialised, and in "thread_local" mode, so other threads' allocations do not break them."""
+    import threading
+    import time
+
+    from hf_semisparse.kernels import tuning
+
+    inside, most, modes = [0], [0], []
+    guard = threading.Lock()
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            pass
+
+        def record(self):
+            pass
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return 0.01
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    class Graph:
+        def replay(self):
+            pass
+
+    @contextlib.contextmanager
+    def capture(graph, stream=None, capture_error_mode="global"):
+        modes.append(capture_error_mode)
+        with guard:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        time.sleep(0.02)  # long enough for the other threads to try
+        yield
+        with guard:
+            inside[0] -= 1
+
+    cuda = tuning.torch.cuda
+    monkeypatch.setattr(cuda, "Event", Event)
+    monkeypatch.setattr(cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(cuda, "graph", capture)
+    monkeypatch.setattr(cuda, "Stream", Stream)
+    monkeypatch.setattr(cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(cuda, "current_stream", lambda *args: Stream())
+    threads = [
+        threading.Thread(target=tuning.time_cuda_us, args=(lambda: None,), kwargs={"graph": True})
+        for _ in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert modes == ["thread_local"] * 4 and most[0] == 1

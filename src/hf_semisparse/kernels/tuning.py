@@ -118,6 +118,9 @@ class TuningCache:
 
 
 LONG_CALL_US = 1000.0  # a call this long is a timed sample by itself (`time_cuda_us`)
+# torch registers its default CUDA generator with every capture, and two captures at once fail: searches in
+# several threads (a server whose threads meet new token counts) capture one after the other
+_CAPTURE_LOCK = threading.Lock()
 
 
 def time_cuda_us(fn, warmup: int = 3, repeats: int = 15, inner: int = 5, graph: bool = False) -> float:
@@ -152,7 +155,9 @@ def time_cuda_us(fn, warmup: int = 3, repeats: int = 15, inner: int = 5, graph: 
         captured = torch.cuda.CUDAGraph()
         with torch.cuda.stream(stream):
             fn()  # the side stream's own warm-up (per-stream workspaces)
-            with torch.cuda.graph(captured, stream=stream):
+            # one capture at a time in the process (searches in several threads); "thread_local": what other
+            # threads do meanwhile (allocate, synchronise their streams) neither fails nor breaks this capture
+            with _CAPTURE_LOCK, torch.cuda.graph(captured, stream=stream, capture_error_mode="thread_local"):
                 for _ in range(inner):
                     fn()
         torch.cuda.current_stream().wait_stream(stream)

@@ -37,16 +37,34 @@ class PrepareReport:
     shapes: int  # distinct (weight shape, dtype, bias, kernel library) groups, each searched once per anchor
     seconds: float
     pad_buffer_bytes: int = 0  # persistent decode pad buffers added (`prepare_generation(pad_buffers=True)`)
+    head_token_counts: list[int] | None = None  # the sizes of a 2:4 output head, where they differ
 
     def __str__(self) -> str:
-        return (
+        text = (
             f"prepared {len(self.token_counts)} token-count sizes ({self.token_counts[0]}..{self.token_counts[-1]}) "
             f"for {self.layers} 2:4 layers of {self.shapes} shapes in {self.seconds:.1f} s"
         )
+        if self.head_token_counts is not None:
+            text += f" (the 2:4 output head up to {self.head_token_counts[-1]} tokens)"
+        return text
+
+
+def output_head(model: nn.Module) -> nn.Module | None:
+    """The module that computes a language model's logits (transformers' `get_output_embeddings()`), or None."""
+    getter = getattr(unwrap_model(model), "get_output_embeddings", None)
+    try:
+        return getter() if callable(getter) else None
+    except (AttributeError, NotImplementedError):  # transformers' models without an output head
+        return None
 
 
 def prepare_token_counts(
-    model: nn.Module, max_tokens: int, min_tokens: int = 1, quick: bool = True, progress: bool = True
+    model: nn.Module,
+    max_tokens: int,
+    min_tokens: int = 1,
+    quick: bool = True,
+    progress: bool = True,
+    head_max_tokens: int | None = None,
 ) -> PrepareReport:
     """Decide and plan the 2:4 kernels of every ladder size from `min_tokens` to `max_tokens` tokens per GEMM.
 
@@ -56,12 +74,15 @@ def prepare_token_counts(
         min_tokens: the fewest (decode steps: the batch size).
         quick: search fewer kernel candidates per size (`tuning.search_alg`); False searches every algorithm.
         progress: show a progress bar.
+        head_max_tokens: where the output head (`get_output_embeddings()`) is a 2:4 layer, the most tokens it
+            passes, if fewer than `max_tokens` (`prepare_generation`: generate computes the logits of the last
+            position only). Default `max_tokens`.
 
     Returns:
         A `PrepareReport`.
 
     Raises:
-        ValueError: `max_tokens` below `min_tokens` or below 1, `model` has no 2:4 layers (call `accelerate_24`
+        ValueError: `max_tokens` below `min_tokens` or below 1, `head_max_tokens` below 1, `model` has no 2:4 layers (call `accelerate_24`
             first; where it could not accelerate, it said why), or `HF_SEMISPARSE_PLAN_THREADS` is not a positive
             integer.
 
@@ -73,13 +94,20 @@ def prepare_token_counts(
 
     if min_tokens < 1 or max_tokens < min_tokens:
         raise ValueError(f"need 1 <= min_tokens <= max_tokens, got {min_tokens} and {max_tokens}")
+    if head_max_tokens is not None and head_max_tokens < 1:
+        raise ValueError(f"head_max_tokens must be at least 1, got {head_max_tokens}")
     layers = semi_sparse_layers(unwrap_model(model))
     if not layers:
         raise ValueError("the model has no 2:4 layers on 2:4 kernels: call accelerate_24(model) first")
     sizes = ladder(max_tokens, min_tokens)
+    head = output_head(model)
+    head_sizes = None
+    if head in layers and head_max_tokens is not None and head_max_tokens < max_tokens:
+        head_sizes = ladder(max(head_max_tokens, min_tokens), min_tokens)
     groups: dict[tuple, list] = {}
     for layer in layers:
         key = (
+            tuple(head_sizes if layer is head and head_sizes is not None else sizes),
             layer.compressed.device,
             layer.out_features,
             layer.in_features,
@@ -93,22 +121,25 @@ def prepare_token_counts(
     start = time.perf_counter()
     backend = get_backend()
     with tqdm(
-        total=len(groups) * (len(sizes) + 1),
+        total=sum(len(key[0]) + 1 for key in groups),
         desc="hf_semisparse: preparing 2:4 kernels",
         disable=not progress,
     ) as bar:
-        for (_, n, k, *_), group in groups.items():
+        for (group_sizes, _, n, k, *_), group in groups.items():
             with torch.no_grad():
-                for m in sizes:  # the searches: once per group (layers of a group share the tuning cache)
+                for m in group_sizes:  # the searches: once per group (its layers share the tuning cache)
                     bar.set_postfix_str(f"{n}x{k}, {m} tokens")
                     group[0].decide([m], quick=quick)
                     bar.update(1)
                 bar.set_postfix_str(f"{n}x{k}, planning {len(group)} layers")
                 for layer in group:  # then the plans, from the decisions made
-                    layer.prepare(sizes, quick=quick)
+                    layer.prepare(list(group_sizes), quick=quick)
                 bar.update(1)
     backend.prepared = True
-    report = PrepareReport(sizes, len(layers), len(groups), time.perf_counter() - start)
+    shapes = len({key[1:] for key in groups})
+    report = PrepareReport(
+        sizes, len(layers), shapes, time.perf_counter() - start, head_token_counts=head_sizes
+    )
     logger.info("hf_semisparse: %s", report)
     return report
 
@@ -123,6 +154,11 @@ def prepare_generation(
     """`prepare_token_counts` for `model.generate`: prefill of up to `max_batch_size` prompts of up to
     `max_prompt_length` tokens, and decode steps of 1 to `max_batch_size` sequences. Keyword arguments go to
     `prepare_token_counts`.
+
+    A 2:4 output head (`lm_head` pruned with `exclude_modules=[]`) is prepared up to `max_batch_size` tokens only
+    where the model takes transformers' `logits_to_keep` (generate then computes the logits of each sequence's
+    last position, in prefill too); other calls of the head (a forward over whole sequences, assisted generation)
+    search at their first size, eagerly.
 
     `pad_buffers=True` (experimental, December 2026) also gives every 2:4 layer a persistent input buffer per
     decode size up to `max_batch_size` (16 rows at batch 1: about 26 MB for Llama-3-8B's 32 blocks), into which
@@ -140,6 +176,9 @@ def prepare_generation(
         raise ValueError(
             f"max_batch_size and max_prompt_length must be at least 1, got {max_batch_size} and {max_prompt_length}"
         )
+    supports_logits_to_keep = getattr(unwrap_model(model), "_supports_logits_to_keep", None)
+    if callable(supports_logits_to_keep) and supports_logits_to_keep():
+        kwargs.setdefault("head_max_tokens", max_batch_size)
     report = prepare_token_counts(
         model, max_tokens=max_batch_size * max_prompt_length, min_tokens=1, **kwargs
     )
