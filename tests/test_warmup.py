@@ -293,6 +293,17 @@ def test_prepare_generation_prepares_a_24_head_for_the_last_positions_only(gpu_s
     assert len(gpu_standins.searches) == searches
 
 
+def test_head_sizes_at_the_edges(gpu_standins):
+    model = _TinyLM(True)
+    _, model.lm_head = _layer(n=32, k=64, seed=1)  # the body's shape: two groups of sizes, one weight shape
+    report = prepare_token_counts(model, max_tokens=512, min_tokens=32, head_max_tokens=16, progress=False)
+    assert report.head_token_counts == [32] and report.shapes == 1  # never below min_tokens
+    report = prepare_token_counts(model, max_tokens=512, head_max_tokens=512, progress=False)
+    assert report.head_token_counts is None  # as many as the rest: no separate sizes
+    report = prepare_generation(model, max_batch_size=4, head_max_tokens=None, progress=False)
+    assert report.head_token_counts is None  # asked for every size
+
+
 def test_a_head_that_computes_every_position_is_prepared_for_every_size(gpu_standins):
     report = prepare_generation(_TinyLM(False), max_batch_size=4, max_prompt_length=300, progress=False)
     assert _searched_sizes(gpu_standins, 48) == _searched_sizes(gpu_standins, 32)
@@ -750,3 +761,21 @@ def test_graph_timed_searches_in_several_threads_capture_one_at_a_time(monkeypat
     for thread in threads:
         thread.join()
     assert modes == ["thread_local"] * 4 and most[0] == 1
+
+
+def test_search_inputs_come_from_a_generator_of_their_own(gpu_standins, monkeypatch):
+    """Not torch's default generator, which is in capture state while another thread's search captures."""
+    from hf_semisparse.kernels import tuning
+
+    drawn_with, real = [], torch.randn
+
+    def randn(*args, **kwargs):
+        drawn_with.append(kwargs.get("generator"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "randn", randn)
+    _, layer = _layer()
+    prepare_token_counts(nn.Sequential(layer), max_tokens=64, progress=False)
+    own = tuning.search_generator("cpu")
+    assert drawn_with and all(generator is own for generator in drawn_with)
+    assert own is not torch.default_generator and tuning.search_generator(torch.device("cpu")) is own

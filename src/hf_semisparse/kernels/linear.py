@@ -20,7 +20,16 @@ from torch import nn
 from . import cutlass_sm90
 from .buckets import DECODE_MAX, anchor_of, bucket_for, is_bucket, padded_tokens, split_into_buckets
 from .cusparselt import ALIGNMENT, AlgConfig, Handle, MatmulPlan, persistent_empty
-from .tuning import Decision, ShapeKey, TuningCache, choose, compiled_call, default_cache_path, search_alg
+from .tuning import (
+    Decision,
+    ShapeKey,
+    TuningCache,
+    choose,
+    compiled_call,
+    default_cache_path,
+    search_alg,
+    search_generator,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -452,7 +461,8 @@ class SemiSparseLinear(nn.Module):
         if backend.prepared and not inherit:  # inherit: prepare_token_counts itself is deciding
             _say_once(f"hf_semisparse: searching kernels for {key} at first use (outside the prepared sizes)")
         if x2 is None or x2.shape[0] != m:
-            x2 = torch.randn(m, self.in_features, dtype=dtype, device=handle.device)
+            generator = search_generator(handle.device)  # not the default one: see search_generator
+            x2 = torch.randn(m, self.in_features, dtype=dtype, device=handle.device, generator=generator)
         alg, sparse_us, dense_us = self._search(
             handle,
             self.out_features,

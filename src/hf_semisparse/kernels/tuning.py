@@ -121,6 +121,24 @@ LONG_CALL_US = 1000.0  # a call this long is a timed sample by itself (`time_cud
 # torch registers its default CUDA generator with every capture, and two captures at once fail: searches in
 # several threads (a server whose threads meet new token counts) capture one after the other
 _CAPTURE_LOCK = threading.Lock()
+_GENERATORS: dict[torch.device, torch.Generator] = {}
+_GENERATORS_LOCK = threading.Lock()
+
+
+def search_generator(device: torch.device | str) -> torch.Generator:
+    """The random number generator of search inputs on `device`: one of our own per device (seeded 0), never the
+    default one, which torch puts in capture state during every CUDA graph capture: a draw from it while another
+    thread's search captures fails ("Offset increment outside graph capture")."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    with _GENERATORS_LOCK:
+        generator = _GENERATORS.get(device)
+        if generator is None:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(0)
+            _GENERATORS[device] = generator
+        return generator
 
 
 def time_cuda_us(fn, warmup: int = 3, repeats: int = 15, inner: int = 5, graph: bool = False) -> float:

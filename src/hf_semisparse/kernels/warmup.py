@@ -82,9 +82,9 @@ def prepare_token_counts(
         A `PrepareReport`.
 
     Raises:
-        ValueError: `max_tokens` below `min_tokens` or below 1, `head_max_tokens` below 1, `model` has no 2:4 layers (call `accelerate_24`
-            first; where it could not accelerate, it said why), or `HF_SEMISPARSE_PLAN_THREADS` is not a positive
-            integer.
+        ValueError: `max_tokens` below `min_tokens` or below 1, `head_max_tokens` below 1, `model` has no 2:4
+            layers (call `accelerate_24` first; where it could not accelerate, it said why), or
+            `HF_SEMISPARSE_PLAN_THREADS` is not a positive integer.
 
     Example:
         >>> accelerate_24(model)
@@ -153,12 +153,14 @@ def prepare_generation(
 ) -> PrepareReport:
     """`prepare_token_counts` for `model.generate`: prefill of up to `max_batch_size` prompts of up to
     `max_prompt_length` tokens, and decode steps of 1 to `max_batch_size` sequences. Keyword arguments go to
-    `prepare_token_counts`.
+    `prepare_token_counts`. `max_batch_size` counts the sequences generate runs at once: with beam search or
+    `num_return_sequences`, prompts x beams x returned sequences.
 
-    A 2:4 output head (`lm_head` pruned with `exclude_modules=[]`) is prepared up to `max_batch_size` tokens only
-    where the model takes transformers' `logits_to_keep` (generate then computes the logits of each sequence's
-    last position, in prefill too); other calls of the head (a forward over whole sequences, assisted generation)
-    search at their first size, eagerly.
+    A 2:4 output head (`lm_head` named in `target_modules` and pruned with `exclude_modules=[]`) is prepared up to
+    `max_batch_size` tokens only where the model takes transformers' `logits_to_keep` (generate then computes the
+    logits of each sequence's last position, in prefill too); other calls of the head (a forward over whole
+    sequences, assisted generation) search at their first size, eagerly. `head_max_tokens=None` prepares it at
+    every size.
 
     `pad_buffers=True` (experimental, December 2026) also gives every 2:4 layer a persistent input buffer per
     decode size up to `max_batch_size` (16 rows at batch 1: about 26 MB for Llama-3-8B's 32 blocks), into which

@@ -105,9 +105,13 @@ using CoopEpi = cutlass::epilogue::TmaWarpSpecializedCooperative;
 using Ping = cutlass::gemm::KernelTmaWarpSpecializedPingpongFP8FastAccum;
 using PingEpi = cutlass::epilogue::TmaWarpSpecialized;
 
-template <class Tile_, class Cluster_, class Main_, class Epi_, class Scheduler_ = void>
+// Swizzle_: the tile scheduler's max_swizzle_size, a launch argument (1 = CUTLASS's default): tiles that share
+// operands run closer together in time, so more of them come from L2 at large token counts.  Configurations that
+// differ only in it share one kernel.
+template <class Tile_, class Cluster_, class Main_, class Epi_, class Scheduler_ = void, int Swizzle_ = 1>
 struct Config {
   using K = Kernel<Tile_, Cluster_, Main_, Epi_, Scheduler_>;
+  static constexpr int swizzle = Swizzle_;
 };
 // The tile configurations, by index (tile M x N x K in elements, cluster, schedule, tile scheduler).
 // M = out features, N = tokens: the 64-wide N tiles are for small token counts.
@@ -123,10 +127,16 @@ using Config5 = Config<Shape<_64, _64, _256>, Shape<_1, _1, _1>, Ping, PingEpi>;
 using Config6 = Config<Shape<_64, _32, _256>, Shape<_1, _1, _1>, Ping, PingEpi>;
 using Config7 = Config<Shape<_128, _64, _256>, Shape<_1, _1, _1>, Coop, CoopEpi, cutlass::gemm::StreamKScheduler>;
 using Config8 = Config<Shape<_128, _32, _256>, Shape<_1, _1, _1>, Coop, CoopEpi, cutlass::gemm::StreamKScheduler>;
+// Prefill (2,048+ tokens, December 2026): the two large tiles with a swizzle of 4, and 128 x 256 tiles in clusters
+// of two along M, whose CTAs share (multicast) each token tile they load.
+using Config9 = Config<Shape<_128, _256, _128>, Shape<_1, _1, _1>, Coop, CoopEpi, void, 4>;
+using Config10 = Config<Shape<_256, _128, _128>, Shape<_2, _1, _1>, Coop, CoopEpi, void, 4>;
+using Config11 = Config<Shape<_128, _256, _128>, Shape<_2, _1, _1>, Coop, CoopEpi>;
+using Config12 = Config<Shape<_128, _256, _128>, Shape<_2, _1, _1>, Coop, CoopEpi, void, 4>;
 #define HSS_FP8_CONFIGS(X) \
   X(0, Config0) X(1, Config1) X(2, Config2) X(3, Config3) X(4, Config4) X(5, Config5) X(6, Config6) X(7, Config7) \
-  X(8, Config8)
-constexpr int kNumConfigs = 9;
+  X(8, Config8) X(9, Config9) X(10, Config10) X(11, Config11) X(12, Config12)
+constexpr int kNumConfigs = 13;
 
 using Mainloop0 = Config0::K::Mainloop;
 using SparseConfig = typename Mainloop0::SparseConfig;
@@ -147,7 +157,7 @@ int sm_count(int device) {
   return counts[device];
 }
 
-template <class K>
+template <class K, int Swizzle>
 typename K::Gemm::Arguments make_arguments(const void* a_c, const void* e, const void* b, const float* scale_w,
                                            const float* scale_x, const void* bias, void* d, int m, int n, int k) {
   using Gemm = typename K::Gemm;
@@ -168,10 +178,11 @@ typename K::Gemm::Arguments make_arguments(const void* a_c, const void* e, const
       {K::Epi::arguments(scale_w, scale_x, static_cast<const ElementOut*>(bias)), nullptr, stride_c,
        static_cast<ElementOut*>(d), stride_d},
       hw};
+  if constexpr (Swizzle > 1) args.scheduler.max_swizzle_size = Swizzle;
   return args;
 }
 
-template <class K>
+template <class K, int Swizzle>
 int workspace(int m, int n, int k, size_t* bytes) {
   // Stream-K's workspace size divides by the SM count: without a GPU whose count can be read, refuse (15)
   // instead of dividing by zero.  (The GEMM itself passes 0 on to CUTLASS, which then queries the count.)
@@ -180,16 +191,16 @@ int workspace(int m, int n, int k, size_t* bytes) {
     cudaGetLastError();  // clear it: a later launch's own error check must not see it
     return 15;
   }
-  auto args = make_arguments<K>(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, m, n, k);
+  auto args = make_arguments<K, Swizzle>(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, m, n, k);
   *bytes = K::Gemm::get_workspace_size(args);
   return 0;
 }
 
-template <class K>
+template <class K, int Swizzle>
 int run(const void* a_c, const void* e, const void* b, const float* scale_w, const float* scale_x,
         const void* bias, void* d, int m, int n, int k, void* ws, size_t ws_bytes, cudaStream_t stream) {
   typename K::Gemm gemm;
-  auto args = make_arguments<K>(a_c, e, b, scale_w, scale_x, bias, d, m, n, k);
+  auto args = make_arguments<K, Swizzle>(a_c, e, b, scale_w, scale_x, bias, d, m, n, k);
   if (K::Gemm::get_workspace_size(args) > ws_bytes) return 10;
   if (gemm.can_implement(args) != cutlass::Status::kSuccess) return 11;
   if (gemm.initialize(args, ws, stream) != cutlass::Status::kSuccess) return 12;
@@ -307,7 +318,7 @@ size_t hss_fp8_compress_workspace(int m, int k) {
 
 #define HSS_FP8_DISPATCH(IDX, CONFIG) \
   case IDX:                           \
-    return FN<hss_fp8::CONFIG::K> ARGS;
+    return FN<hss_fp8::CONFIG::K, hss_fp8::CONFIG::swizzle> ARGS;
 
 // Workspace bytes for one configuration on one problem.
 int hss_fp8_gemm_workspace(int config, int m, int n, int k, size_t* bytes) {
