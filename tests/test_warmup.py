@@ -779,3 +779,16 @@ def test_search_inputs_come_from_a_generator_of_their_own(gpu_standins, monkeypa
     own = tuning.search_generator("cpu")
     assert drawn_with and all(generator is own for generator in drawn_with)
     assert own is not torch.default_generator and tuning.search_generator(torch.device("cpu")) is own
+
+
+def test_the_warm_up_compiles_the_gated_mlps_kernel_only_for_prefill_sizes(gpu_standins, monkeypatch):
+    from hf_semisparse.kernels import warmup
+
+    compiled = []
+    monkeypatch.setattr(warmup, "compile_silu_mul", lambda model: compiled.append(model))
+    _, layer = _layer()
+    model = nn.Sequential(layer)
+    prepare_token_counts(model, max_tokens=256, progress=False)
+    assert not compiled  # decode sizes only: the one-pass SiLU product never runs
+    prepare_token_counts(model, max_tokens=4096, progress=False)
+    assert compiled == [model]

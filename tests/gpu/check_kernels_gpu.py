@@ -566,3 +566,59 @@ def test_a_warm_up_searches_in_threads_and_the_layer_runs_plans_of_the_main_hand
         x = torch.randn(m, 1024, device=DEV, dtype=torch.float16)
         with torch.inference_mode():
             assert rel_err(layer(x), reference(lin, x)) < TOL[torch.float16]
+
+
+def _silu_mul_inputs(rows, dtype):
+    """(n, y): joined outputs of Llama-3-8B's width (14336, whole blocks of the kernel's 1024 columns) and of
+    Llama-2-7B's (11008: a masked last block), contiguous and as a column block of a wider buffer."""
+    for n in (14336, 11008):
+        wide = torch.randn(rows, 2 * n + 64, device=DEV, dtype=dtype) * 4
+        yield n, wide[:, : 2 * n].contiguous()
+        yield n, wide[:, : 2 * n]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 300, 2048])
+def test_silu_mul_matches_torchs_two_ops(dtype, rows):
+    """The gated MLP's one-pass SiLU product (`gated_mlp.silu_mul`, Triton) against float64 and against torch's
+    `F.silu(gate) * up`, on a joined output and on a column block of a wider buffer (row stride > 2n)."""
+    from hf_semisparse.kernels.gated_mlp import silu_mul
+
+    for n, y in _silu_mul_inputs(rows, dtype):
+        got = silu_mul(y)
+        assert got.is_contiguous() and got.shape == (rows, n) and got.dtype == dtype
+        exact = torch.nn.functional.silu(y[:, :n].double()) * y[:, n:].double()
+        assert rel_err(got, exact) < (4e-3 if dtype == torch.bfloat16 else 5e-4)
+        torch_ops = torch.nn.functional.silu(y[:, :n]) * y[:, n:]
+        assert rel_err(got, torch_ops.double()) < (4e-3 if dtype == torch.bfloat16 else 5e-4)
+
+
+def test_a_gated_mlp_over_joined_projections_runs_its_silu_product_in_one_pass(monkeypatch):
+    """A Llama with gate/up joined: at a prefill size its MLPs take `silu_mul` and give the model's logits."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hf_semisparse.kernels import gated_mlp
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1000,
+    )
+    model = LlamaForCausalLM(cfg).to(DEV, torch.float16).eval()
+    prune_24(model, show_progress=False)
+    fast = copy.deepcopy(model)
+    report = accelerate_24(fast)
+    assert len(report.fused_gated_mlps) == 2, report
+    calls = []
+    real = gated_mlp.silu_mul
+    monkeypatch.setattr(gated_mlp, "silu_mul", lambda y: calls.append(y.shape) or real(y))
+    ids = torch.randint(0, 1000, (2, 300), device=DEV)
+    with torch.inference_mode():
+        ref = model(input_ids=ids).logits.double()
+        out = fast(input_ids=ids).logits
+    assert calls == [(600, 2048)] * 2
+    assert rel_err(out, ref) < 2e-3

@@ -19,6 +19,7 @@ from ..masks import find_nm_violation
 from ..peft_structure import is_peft_model, is_tuner_layer, peft_base_model
 from ..utils import unwrap_model
 from .fp8_linear import Fp8SemiSparseLinear
+from .gated_mlp import fuse_gated_mlps
 from .graphs import CUDAGraphedModel
 from .model_dispatch import DispatchReport, tune_dispatch
 from .projections import ProjectionSlice, semi_sparse_layers
@@ -46,6 +47,7 @@ class AccelerationReport:
     fused_residual: list[str] = field(default_factory=list)  # blocks whose residual add is in the GEMM
     fused_projections: list[str] = field(default_factory=list)  # sibling projections run as one GEMM
     fused_gelu: list[str] = field(default_factory=list)  # intermediate blocks whose GELU may be in the GEMM
+    fused_gated_mlps: list[str] = field(default_factory=list)  # SiLU(gate) * up in one pass (gated_mlp.py)
     kernels: dict[str, int] = field(default_factory=dict)  # kernel library -> number of 2:4 layers on it
     keep_dense: bool = True  # whether a dense copy of each 2:4 weight is kept beside the compressed one
     reason: str = ""  # set when nothing could be accelerated at all
@@ -73,6 +75,10 @@ class AccelerationReport:
             lines.append(f"  residual add fused into the GEMM of {len(self.fused_residual)} blocks")
         if self.fused_gelu:
             lines.append(f"  GELU handed to the GEMM of {len(self.fused_gelu)} blocks")
+        if self.fused_gated_mlps:
+            lines.append(
+                f"  SiLU(gate) * up in one pass at prefill sizes in {len(self.fused_gated_mlps)} MLPs"
+            )
         lines += [f"  skipped {name}: {why}" for name, why in self.skipped.items()]
         return "\n".join(lines)
 
@@ -288,6 +294,7 @@ def accelerate_24(
             prefix = f"{parent_name}." if parent_name else ""
             joined.update(prefix + n for n in names)
             report.fused_projections.append(prefix + "+".join(names))
+        report.fused_gated_mlps = fuse_gated_mlps(root)
     for name in eligible:
         if name not in joined:
             parent, child = slot(name)

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..utils import unwrap_model
 from .buckets import DECODE_MAX, ladder
+from .gated_mlp import compile_silu_mul
 from .plan_threads import plan_threads
 from .projections import semi_sparse_layers
 
@@ -135,6 +136,8 @@ def prepare_token_counts(
                 for layer in group:  # then the plans, from the decisions made
                     layer.prepare(list(group_sizes), quick=quick)
                 bar.update(1)
+    if max_tokens > DECODE_MAX:  # gated MLPs' SiLU product at prefill sizes (gated_mlp.py): compiled now
+        compile_silu_mul(model)
     backend.prepared = True
     shapes = len({key[1:] for key in groups})
     report = PrepareReport(
