@@ -29,6 +29,15 @@ def _joined_llama():
     return model, reference
 
 
+@pytest.fixture(autouse=True)
+def triton_present(monkeypatch):
+    """Triton taken as installed (CPU builds of torch come without it; the kernel itself is replaced where it
+    would run), and no failure of it remembered from another test."""
+    if gated_mlp.triton is None:
+        monkeypatch.setattr(gated_mlp, "triton", object())
+    monkeypatch.setattr(gated_mlp, "_GAVE_UP", [])
+
+
 @pytest.fixture
 def fused_on_cpu(backend, monkeypatch):
     """The fused forward's device check lifted, and `silu_mul` counted and computed by torch."""
@@ -146,6 +155,20 @@ def test_the_fused_forward_starts_above_the_decode_sizes(fused_on_cpu, tokens, f
     assert bool(fused_on_cpu) is fused
 
 
+def test_a_global_forward_hook_takes_the_models_forward(fused_on_cpu):
+    model, reference = _joined_llama()
+    gated_mlp.fuse_gated_mlps(model)
+    seen = []
+    handle = nn.modules.module.register_module_forward_hook(lambda m, a, out: seen.append(type(m).__name__))
+    try:
+        with torch.inference_mode():
+            model(input_ids=torch.randint(3, 100, (1, 300)))
+    finally:
+        handle.remove()
+    assert not fused_on_cpu  # the hook sees every module, the activation too
+    assert any("SiLU" in name for name in seen)
+
+
 def test_hooks_on_the_activation_and_inputs_that_need_a_gradient_take_the_models_forward(fused_on_cpu):
     model, reference = _joined_llama()
     gated_mlp.fuse_gated_mlps(model)
@@ -165,22 +188,46 @@ def test_a_failing_kernel_sends_the_mlps_back_to_their_own_forward_for_good(back
     model, reference = _joined_llama()
     gated_mlp.fuse_gated_mlps(model)
     monkeypatch.setattr(gated_mlp, "_runs_triton", lambda x: True)
+    tried = []
 
     def broken(y):
+        tried.append(y.shape)
         raise RuntimeError("no C compiler for Triton's launcher (fake)")
 
     monkeypatch.setattr(gated_mlp, "silu_mul", broken)
-    monkeypatch.setattr(gated_mlp, "_SAID", [])
     ids = torch.randint(3, 100, (1, 300))
     with torch.inference_mode(), caplog.at_level("WARNING"):
         torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits)
-    assert all("forward" not in layer.mlp.__dict__ for layer in model.model.layers)
+        torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+    assert len(tried) == 1  # once in the process, not once per MLP or per call
     assert caplog.text.count("one-pass SiLU product of gated MLPs failed") == 1
+    assert gated_mlp.fuse_gated_mlps(_joined_llama()[0]) == []  # nor given to models accelerated later
+    monkeypatch.setattr(gated_mlp, "_GAVE_UP", [])
     other, _ = _joined_llama()
     gated_mlp.fuse_gated_mlps(other)
     monkeypatch.setattr(gated_mlp, "_on_gpu", lambda layer: True)
     assert gated_mlp.compile_silu_mul(other) == 0  # the warm-up's run failed: every MLP unfused
     assert all("forward" not in layer.mlp.__dict__ for layer in other.model.layers)
+
+
+def test_out_of_memory_is_raised_not_taken_for_a_broken_kernel(fused_on_cpu, monkeypatch):
+    model, _ = _joined_llama()
+    gated_mlp.fuse_gated_mlps(model)
+
+    def out_of_memory(y):
+        raise torch.OutOfMemoryError("fake")
+
+    monkeypatch.setattr(gated_mlp, "silu_mul", out_of_memory)
+    with torch.inference_mode(), pytest.raises(torch.OutOfMemoryError):
+        model(input_ids=torch.randint(3, 100, (1, 300)))
+    assert not gated_mlp._GAVE_UP
+
+
+def test_without_triton_no_mlp_is_given_the_fused_forward(backend, monkeypatch):
+    monkeypatch.setattr(gated_mlp, "triton", None)
+    model, _ = _joined_llama()
+    assert gated_mlp.fuse_gated_mlps(model) == []
+    assert all("forward" not in layer.mlp.__dict__ for layer in model.model.layers)
 
 
 def test_unfuse_and_mlps_patched_by_someone_else(backend):
@@ -204,15 +251,22 @@ def test_unfuse_and_mlps_patched_by_someone_else(backend):
             False,
         ),
         ("return self.down_proj(self.act_fn(self.up_proj(x)) * self.gate_proj(x))", False),
+        ("@decorated", False),
     ],
 )
 def test_the_mlps_forward_is_read_whole(body, fused, tmp_path, monkeypatch):
     import importlib.util
 
     path = tmp_path / "mlp_under_test.py"
+    decorator = ""
+    if body == "@decorated":  # a decorator may change what the forward computes
+        decorator, body = (
+            "    @staticmethod\n",
+            "return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))",
+        )
     path.write_text(
         "import torch.nn.functional as F\nfrom torch import nn\n\n\nclass MLP(nn.Module):\n"
-        f"    def forward(self, hidden_state):\n        {body.replace('(x)', '(hidden_state)')}\n"
+        f"{decorator}    def forward(self, hidden_state):\n        {body.replace('(x)', '(hidden_state)')}\n"
     )
     spec = importlib.util.spec_from_file_location("mlp_under_test", path)
     module = importlib.util.module_from_spec(spec)

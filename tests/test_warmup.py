@@ -690,13 +690,7 @@ def test_long_kernels_are_timed_one_call_per_sample(monkeypatch, first_ms, call_
         else:
             ran.append(first_ms if not ran else call_ms)
 
-    cuda = tuning.torch.cuda
-    monkeypatch.setattr(cuda, "Event", Event)
-    monkeypatch.setattr(cuda, "CUDAGraph", Graph)
-    monkeypatch.setattr(cuda, "graph", capture)
-    monkeypatch.setattr(cuda, "Stream", Stream)
-    monkeypatch.setattr(cuda, "stream", lambda stream: contextlib.nullcontext())
-    monkeypatch.setattr(cuda, "current_stream", lambda *args: Stream())
+    _fake_cuda_timing(monkeypatch, Event, Graph, capture, Stream)
     us = tuning.time_cuda_us(fn, warmup=1, repeats=3, inner=5, graph=graph)
     assert us == pytest.approx(call_ms * 1e3) and len(ran) == calls
 
@@ -745,13 +739,7 @@ def test_graph_timed_searches_in_several_threads_capture_one_at_a_time(monkeypat
         with guard:
             inside[0] -= 1
 
-    cuda = tuning.torch.cuda
-    monkeypatch.setattr(cuda, "Event", Event)
-    monkeypatch.setattr(cuda, "CUDAGraph", Graph)
-    monkeypatch.setattr(cuda, "graph", capture)
-    monkeypatch.setattr(cuda, "Stream", Stream)
-    monkeypatch.setattr(cuda, "stream", lambda stream: contextlib.nullcontext())
-    monkeypatch.setattr(cuda, "current_stream", lambda *args: Stream())
+    _fake_cuda_timing(monkeypatch, Event, Graph, capture, Stream)
     threads = [
         threading.Thread(target=tuning.time_cuda_us, args=(lambda: None,), kwargs={"graph": True})
         for _ in range(4)
@@ -792,3 +780,16 @@ def test_the_warm_up_compiles_the_gated_mlps_kernel_only_for_prefill_sizes(gpu_s
     assert not compiled  # decode sizes only: the one-pass SiLU product never runs
     prepare_token_counts(model, max_tokens=4096, progress=False)
     assert compiled == [model]
+
+
+def _fake_cuda_timing(monkeypatch, event, graph, capture, stream) -> None:
+    """torch.cuda's events, graphs, captures and streams replaced by a test's stand-ins (`time_cuda_us`)."""
+    from hf_semisparse.kernels import tuning
+
+    cuda = tuning.torch.cuda
+    monkeypatch.setattr(cuda, "Event", event)
+    monkeypatch.setattr(cuda, "CUDAGraph", graph)
+    monkeypatch.setattr(cuda, "graph", capture)
+    monkeypatch.setattr(cuda, "Stream", stream)
+    monkeypatch.setattr(cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(cuda, "current_stream", lambda *args: stream())

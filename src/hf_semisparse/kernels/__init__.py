@@ -163,7 +163,10 @@ def accelerate_24(
         fuse_projections: run sibling projections of one input (`query`/`key`/`value`, `q_proj`/`k_proj`/`v_proj`,
             `gate_proj`/`up_proj`) as one 2:4 GEMM over their joined weights (`kernels/projections.py`); their
             outputs become column views of the joined output (column copies under `torch.compile`, where the
-            first sibling to run computes the joined GEMM). State dict keys do not change.
+            first sibling to run computes the joined GEMM). State dict keys do not change. SiLU-gated MLPs over
+            joined gate/up projections (LLaMA, Mistral, Qwen) get a forward that computes `silu(gate) * up` in
+            one Triton kernel at prefill sizes (`kernels/gated_mlp.py`, `report.fused_gated_mlps`;
+            `gated_mlp.unfuse_gated_mlps` undoes it).
         fuse_gelu: in BERT-style intermediate blocks with exact GELU (`kernels/residual.py`), hand the GELU to the
             2:4 layer, which applies it in the GEMM's epilogue on our CUTLASS kernels where that measured faster
             (and as a separate `F.gelu` otherwise).

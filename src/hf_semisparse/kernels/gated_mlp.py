@@ -149,7 +149,7 @@ def _runs_triton(x: torch.Tensor) -> bool:
 def _fused_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The gated MLP's forward: `silu_mul` over the joined gate/up output in eager calls of more than
     `DECODE_MAX` tokens, the class's own forward otherwise (and from then on where `silu_mul` fails)."""
-    if _is_compiling():  # inductor fuses the SiLU product itself
+    if _is_compiling() or _GAVE_UP:  # compiled: inductor fuses the SiLU product itself
         return type(self).forward(self, x)
     gate, up = self.gate_proj, self.up_proj
     tokens = x.numel() // x.shape[-1] if x.dim() else 0
@@ -164,17 +164,18 @@ def _fused_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     y = gate.group.layer(x)
     try:
         h = silu_mul(y.reshape(tokens, y.shape[-1]))
+    except torch.OutOfMemoryError:
+        raise
     except Exception as exc:  # noqa: BLE001 - Triton could not compile or launch: the model's own forward
-        _give_up(self, exc)
+        _give_up(exc)
         return type(self).forward(self, x)
     return self.down_proj(h.view(*x.shape[:-1], h.shape[-1]))
 
 
-def _give_up(module: nn.Module, exc: Exception) -> None:
-    """Back to the class's forward for good, said once."""
-    module.__dict__.pop("forward", None)
-    if not _SAID:
-        _SAID.append(True)
+def _give_up(exc: Exception) -> None:
+    """Every fused gated MLP of the process back to its class's forward for good, said once."""
+    if not _GAVE_UP:
+        _GAVE_UP.append(repr(exc))
         logger.warning(
             "hf_semisparse: the one-pass SiLU product of gated MLPs failed (%r); they run their own forward, "
             "with torch's SiLU and product on the joined gate/up output (slower at prefill sizes)",
@@ -182,7 +183,7 @@ def _give_up(module: nn.Module, exc: Exception) -> None:
         )
 
 
-_SAID: list[bool] = []
+_GAVE_UP: list[str] = []  # not empty once silu_mul failed in this process
 
 
 def unfuse_gated_mlps(model: nn.Module) -> list[str]:
@@ -197,10 +198,12 @@ def unfuse_gated_mlps(model: nn.Module) -> list[str]:
 
 def fuse_gated_mlps(model: nn.Module) -> list[str]:
     """Give every SiLU-gated MLP of `model` whose gate/up projections are one joined group (and nothing else)
-    `_fused_forward`, in place. Returns the names of those MLPs."""
+    `_fused_forward`, in place, where Triton is installed. Returns the names of those MLPs."""
     from .projections import ProjectionSlice
 
     fused = []
+    if triton is None or _GAVE_UP:
+        return fused
     for name, module in model.named_modules():
         gate, up = getattr(module, "gate_proj", None), getattr(module, "up_proj", None)
         if not (isinstance(gate, ProjectionSlice) and isinstance(up, ProjectionSlice)):
@@ -241,7 +244,7 @@ def compile_silu_mul(model: nn.Module) -> int:
         try:
             silu_mul(torch.zeros(1, 2 * module.gate_proj.out_features, dtype=key[0], device=key[1]))
         except Exception as exc:  # noqa: BLE001 - Triton could not compile or launch: every MLP unfused
-            _give_up(module, exc)
+            _give_up(exc)
             unfuse_gated_mlps(model)
             return 0
         done.add(key)
