@@ -162,8 +162,8 @@ def accelerate_24(
             unfused add by fp16 rounding only (the sum is rounded once instead of twice).
         fuse_projections: run sibling projections of one input (`query`/`key`/`value`, `q_proj`/`k_proj`/`v_proj`,
             `gate_proj`/`up_proj`) as one 2:4 GEMM over their joined weights (`kernels/projections.py`); their
-            outputs become column views of the joined output (column copies under `torch.compile`, where the
-            first sibling to run computes the joined GEMM). State dict keys do not change. SiLU-gated MLPs over
+            outputs become column views of the joined output (under `torch.compile` too, where the first sibling
+            traced puts the joined GEMM into the graph). State dict keys do not change. SiLU-gated MLPs over
             joined gate/up projections (LLaMA, Mistral, Qwen) get a forward that computes `silu(gate) * up` in
             one Triton kernel at prefill sizes (`kernels/gated_mlp.py`, `report.fused_gated_mlps`;
             `gated_mlp.unfuse_gated_mlps` undoes it).

@@ -99,7 +99,11 @@ def prepare_token_counts(
         raise ValueError(f"head_max_tokens must be at least 1, got {head_max_tokens}")
     layers = semi_sparse_layers(unwrap_model(model))
     if not layers:
-        raise ValueError("the model has no 2:4 layers on 2:4 kernels: call accelerate_24(model) first")
+        raise ValueError(
+            "the model has no 2:4 layers on 2:4 kernels: call accelerate_24(model) first; if you did, it did not "
+            "accelerate this model and its report says why (for example a model on the CPU, fp32, or a GPU older "
+            "than compute capability 8.0)"
+        )
     sizes = ladder(max_tokens, min_tokens)
     head = output_head(model)
     head_sizes = None
