@@ -129,8 +129,9 @@ def test_silu_mul_refuses_what_it_cannot_take(monkeypatch):
 def test_the_warm_up_runs_the_kernel_once_per_dtype_and_device(fused_on_cpu, monkeypatch):
     model, _ = _joined_llama()
     gated_mlp.fuse_gated_mlps(model)
+    monkeypatch.setattr(gated_mlp, "_runs_triton", lambda x: x.is_cuda)  # as with Triton installed
     assert gated_mlp.compile_silu_mul(model) == 0  # CPU weights: nothing to compile
-    monkeypatch.setattr(gated_mlp, "_on_gpu", lambda layer: True)
+    monkeypatch.setattr(gated_mlp, "_runs_triton", lambda x: True)
     assert gated_mlp.compile_silu_mul(model) == 1  # two MLPs of one dtype and device: one run
     assert fused_on_cpu == [(1, 2 * model.config.intermediate_size)]
 
@@ -205,7 +206,7 @@ def test_a_failing_kernel_sends_the_mlps_back_to_their_own_forward_for_good(back
     monkeypatch.setattr(gated_mlp, "_GAVE_UP", [])
     other, _ = _joined_llama()
     gated_mlp.fuse_gated_mlps(other)
-    monkeypatch.setattr(gated_mlp, "_on_gpu", lambda layer: True)
+    monkeypatch.setattr(gated_mlp, "_runs_triton", lambda x: True)
     assert gated_mlp.compile_silu_mul(other) == 0  # the warm-up's run failed: every MLP unfused
     assert all("forward" not in layer.mlp.__dict__ for layer in other.model.layers)
 

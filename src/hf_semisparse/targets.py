@@ -11,7 +11,7 @@ from torch import nn
 
 from .config import DEFAULT_EXCLUDE_MODULES, SparsityConfig
 from .peft_structure import adapter_of, adapter_prefixes, base_name, peft_base_model
-from .utils import unwrap_model
+from .utils import output_head, unwrap_model
 
 try:  # transformers' GPT-2 style linear layer: weight stored [in, out]
     from transformers.pytorch_utils import Conv1D
@@ -240,11 +240,8 @@ def _head_prefixes(model: nn.Module) -> list[str]:
     heads = []
     if prefix and isinstance(getattr(model, prefix, None), nn.Module):
         heads = [name for name, _ in model.named_children() if name != prefix]
-    try:
-        output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    except (AttributeError, NotImplementedError):
-        output = None
-    if isinstance(output, nn.Module):
+    output = output_head(model)
+    if output is not None:
         heads += [name for name, module in model.named_modules() if module is output and name not in heads]
     return heads
 

@@ -47,6 +47,16 @@ def write_json(path: str | os.PathLike, obj, indent: int = 2) -> None:
     atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
 
 
+def output_head(model: nn.Module) -> nn.Module | None:
+    """The module that computes a language model's logits (transformers' `get_output_embeddings()`), or None."""
+    getter = getattr(model, "get_output_embeddings", None)
+    try:
+        output = getter() if callable(getter) else None
+    except (AttributeError, NotImplementedError):  # transformers' models without an output head
+        return None
+    return output if isinstance(output, nn.Module) else None
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """Strip DDP/DataParallel (`.module`) and torch.compile (`._orig_mod`) wrappers."""
     while True:

@@ -74,12 +74,10 @@ def silu_mul(y: torch.Tensor) -> torch.Tensor:
     out = torch.empty(rows, cols, dtype=y.dtype, device=y.device)
     if rows:
         block = 1024
-        grid = (rows, triton.cdiv(cols, block))
-        if y.device.index == torch.cuda.current_device():
-            _silu_mul_kernel[grid](y, out, cols, y.stride(0), out.stride(0), BLOCK=block)
-        else:  # Triton launches on the current device (and its current stream)
-            with torch.cuda.device(y.device):
-                _silu_mul_kernel[grid](y, out, cols, y.stride(0), out.stride(0), BLOCK=block)
+        with torch.cuda.device(y.device):  # Triton launches on the current device (and its current stream)
+            _silu_mul_kernel[(rows, triton.cdiv(cols, block))](
+                y, out, cols, y.stride(0), out.stride(0), BLOCK=block
+            )
     return out
 
 
@@ -186,11 +184,15 @@ def _give_up(exc: Exception) -> None:
 _GAVE_UP: list[str] = []  # not empty once silu_mul failed in this process
 
 
+def _is_fused(module: nn.Module) -> bool:
+    return getattr(module.__dict__.get("forward"), "__func__", None) is _fused_forward
+
+
 def unfuse_gated_mlps(model: nn.Module) -> list[str]:
     """Undo `fuse_gated_mlps`: every gated MLP of `model` runs its class's forward again. Returns their names."""
     names = []
     for name, module in model.named_modules():
-        if getattr(module.__dict__.get("forward"), "__func__", None) is _fused_forward:
+        if _is_fused(module):
             del module.__dict__["forward"]
             names.append(name)
     return names
@@ -234,12 +236,11 @@ def compile_silu_mul(model: nn.Module) -> int:
     (dtype, device) pairs run."""
     done = set()
     for module in model.modules():
-        forward = module.__dict__.get("forward")
-        if getattr(forward, "__func__", None) is not _fused_forward:
+        if not _is_fused(module):
             continue
         layer = module.gate_proj.group.layer
         key = (layer.compute_dtype, layer.compressed.device)
-        if key in done or not _on_gpu(layer):
+        if key in done or not _runs_triton(layer.compressed):
             continue
         try:
             silu_mul(torch.zeros(1, 2 * module.gate_proj.out_features, dtype=key[0], device=key[1]))
@@ -249,7 +250,3 @@ def compile_silu_mul(model: nn.Module) -> int:
             return 0
         done.add(key)
     return len(done)
-
-
-def _on_gpu(layer: nn.Module) -> bool:
-    return triton is not None and layer.compressed.device.type == "cuda"

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..utils import unwrap_model
+from ..utils import output_head, unwrap_model
 from .buckets import DECODE_MAX, ladder
 from .gated_mlp import compile_silu_mul
 from .plan_threads import plan_threads
@@ -48,15 +48,6 @@ class PrepareReport:
         if self.head_token_counts is not None:
             text += f" (the 2:4 output head up to {self.head_token_counts[-1]} tokens)"
         return text
-
-
-def output_head(model: nn.Module) -> nn.Module | None:
-    """The module that computes a language model's logits (transformers' `get_output_embeddings()`), or None."""
-    getter = getattr(unwrap_model(model), "get_output_embeddings", None)
-    try:
-        return getter() if callable(getter) else None
-    except (AttributeError, NotImplementedError):  # transformers' models without an output head
-        return None
 
 
 def prepare_token_counts(
@@ -105,7 +96,7 @@ def prepare_token_counts(
             "than compute capability 8.0)"
         )
     sizes = ladder(max_tokens, min_tokens)
-    head = output_head(model)
+    head = output_head(unwrap_model(model))
     head_sizes = None
     if head in layers and head_max_tokens is not None and head_max_tokens < max_tokens:
         head_sizes = ladder(max(head_max_tokens, min_tokens), min_tokens)
